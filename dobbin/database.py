@@ -1,0 +1,643 @@
+"""The database: objects by oid, catch-up, and the commit of checkouts.
+
+It keeps an index of oid -> offset of the object's latest record (built
+from record headers, never by unpickling), loads states lazily when an
+object is first touched, and turns a session's checkouts into one log
+record: lock, catch up, check conflicts, lay out, write, publish.
+"""
+
+import bisect
+import collections
+import logging
+import os
+import threading
+import weakref
+from array import array
+
+import transaction
+from zope.interface import implementer
+
+from dobbin.exc import (ConflictError, DobbinError, HistoryError, LoadError, ReadConflictError,
+                        ReadOnlyError, StorageError, WriteConflictError)
+from dobbin.interfaces import IDatabase
+from dobbin.lock import WriteLock
+from dobbin.log import (COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE, KIND_OBJECT,
+                        KIND_ROOT, STREAM_CHUNK, TX_HEADER_SIZE, Log, NoteEntry, ObjectEntry,
+                        RootEntry, StreamEntry)
+from dobbin.persistent import Persistent
+from dobbin.serialize import dump_state, load_state
+from dobbin.session import current_session
+from dobbin.stream import PersistentFile, PersistentStream
+
+__all__ = ["Database", "PersistentStream"]
+
+logger = logging.getLogger("dobbin")
+
+# Oids are handed out densely, so the index is an array; an oid far past
+# its end (only a hostile file has one) goes to a dict instead of making
+# us allocate gigabytes.
+_DENSE_SLACK = 1 << 24
+
+
+class _Synchronizer:
+    """Catches its database up whenever a thread that used it begins."""
+
+    def __init__(self, database):
+        self._database = weakref.ref(database)
+
+    def beforeCompletion(self, txn):
+        pass
+
+    def afterCompletion(self, txn):
+        pass
+
+    def newTransaction(self, txn):
+        database = self._database()
+        if database is not None and not database.closed:
+            database.sync()
+
+
+class _Commit:
+    """One database's part of a commit in progress."""
+
+    def __init__(self, known_tid, offset, oid_high):
+        self.known_tid = known_tid   # last tid known before catching up under the lock
+        self.offset = offset         # where the record will be written
+        self.oid_high = oid_high
+        self.locked = True
+        self.stored = []             # (obj, state, ObjectEntry)
+        self.streams = []            # StreamEntry, laid out first
+        self.stream_owners = []      # (PersistentFile or None, offset, size)
+        self.stream_offsets = {}     # id(source) -> offset of its S entry
+        self.new = []                # objects given an oid by this commit
+        self.adopted = []            # objects given this jar by this commit
+        self.root_oid = None
+        self.published = False
+
+
+class _Reference:
+    """A reference read from a record without touching any cache."""
+
+    __slots__ = ("oid", "cls")
+
+    def __init__(self, oid, cls):
+        self.oid = oid
+        self.cls = cls
+
+
+class _StreamReference:
+    """A stream reference read from a record, for copying."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self, offset):
+        self.offset = offset
+
+
+@implementer(IDatabase)
+class Database:
+    """Persistent objects connected to a root, stored in one log file.
+
+    `durability` is "fsync" (the default: a commit returns only once its
+    record is on disk) or "none" (the operating system writes it when it
+    likes: fast, for bulk loads and tests, and a crash may lose the
+    latest commits but never corrupts the file).  `lock_timeout` bounds
+    the wait for the write lock.  `repair` opens a file with damage in
+    the middle by cutting it at the damage (the cut bytes are kept).
+    """
+
+    def __init__(self, path, durability="fsync", lock_timeout=30.0, cache_size=None,
+                 read_only=False, repair=False):
+        self.path = os.fspath(path)
+        self.read_only = read_only
+        self.cache_size = cache_size
+        self.closed = False
+        self._log = Log(self.path, durability=durability, read_only=read_only)
+        self._lock = WriteLock(self._log.fd, self.path, lock_timeout)
+        self._pid = os.getpid()
+        self._state_lock = threading.RLock()
+        self._notify_lock = threading.Lock()
+        self._notes = collections.deque()
+        self._subscribers = []
+        self._offsets = array("Q")
+        self._sparse_offsets = {}
+        self._tx_offsets = array("Q")
+        self._roots = []             # (tid, oid) of every root change
+        self._count = 0
+        self._cache = weakref.WeakValueDictionary()
+        self._root = None
+        self._synchronizer = _Synchronizer(self)
+        self._threads = threading.local()
+        try:
+            self._open(repair)
+        except BaseException:
+            self._log.close()
+            raise
+        self._register_thread()
+
+    def _open(self, repair):
+        if self.read_only:
+            with self._state_lock:
+                for record in self._log.follow():
+                    self._apply(record)
+            self.recovery = None
+            return
+        self._lock.acquire()
+        try:
+            with self._state_lock:
+                for record in self._log.recover(repair=repair):
+                    self._apply(record)
+            self.recovery = self._log.dropped
+        finally:
+            self._lock.release()
+        self._notes.clear()
+        if self.recovery:
+            logger.warning("%s: cut %(bytes)d bytes at offset %(offset)d: %(reason)s; "
+                           "saved as %(saved_as)s" % self.recovery, self.path)
+
+    # -- public API ------------------------------------------------------
+
+    @property
+    def tx_count(self):
+        return self._log.last_tid
+
+    @property
+    def last_tid(self):
+        return self._log.last_tid
+
+    @property
+    def durability(self):
+        return self._log.durability
+
+    def __len__(self):
+        return self._count
+
+    def __repr__(self):
+        return "<%s %s>" % (type(self).__name__, self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    @property
+    def root(self):
+        self._register_thread()
+        with self._state_lock:
+            if not self._roots:
+                return None
+            oid = self._roots[-1][1]
+            root = self._root
+            if root is None or root._p_oid != oid:
+                root = self._root = self.get(oid)
+            return root
+
+    def elect(self, obj):
+        if not isinstance(obj, Persistent):
+            raise TypeError("the root must be a persistent object, not %r" % type(obj).__name__)
+        if obj._p_jar is not None and obj._p_jar is not self:
+            raise DobbinError("%r belongs to another database" % (obj,))
+        self._check_writable()
+        self._register_thread()
+        current_session().elect(self, obj)
+
+    def get(self, oid):
+        self._register_thread()
+        obj = self._cache.get(oid)
+        if obj is not None:
+            return obj
+        with self._state_lock:
+            obj = self._cache.get(oid)
+            if obj is not None:
+                return obj
+            offset = self._offset_of(oid)
+            if not offset:
+                raise KeyError(oid)
+            _previous, data = self._log.read_object(offset, oid)
+            cls, state = self._load(data, oid)
+            obj = self._new_ghost(oid, cls)
+            self._install(obj, state, self._tid_of(offset))
+            return obj
+
+    def sync(self):
+        if self.closed:
+            raise ReadOnlyError("%s is closed" % self.path)
+        with self._state_lock:
+            for record in self._log.follow():
+                self._apply(record)
+        self._flush_notes()
+        return self._log.last_tid
+
+    def subscribe(self, callback):
+        self._subscribers.append(callback)
+
+    def unsubscribe(self, callback):
+        self._subscribers.remove(callback)
+
+    def load_state(self, oid, tid=None):
+        with self._state_lock:
+            offset = self._offset_of(oid)
+        while offset:
+            serial = self._tid_of(offset)
+            previous, data = self._log.read_object(offset, oid)
+            if tid is None or serial <= tid:
+                return serial, self._load(data, oid)[1]
+            offset = previous
+        raise HistoryError("oid %d has no committed state as of transaction %s" % (oid, tid))
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self._log.close()
+
+    # -- loading -----------------------------------------------------------
+
+    def _register_thread(self):
+        # Synchronizers are per thread and held weakly by the manager.
+        if not getattr(self._threads, "registered", False):
+            self._threads.registered = True
+            transaction.manager.registerSynch(self._synchronizer)
+
+    _p_register_thread = _register_thread
+
+    def _p_activate(self, obj):
+        """Load a ghost's state from its latest record."""
+        with self._state_lock:
+            if not obj._p_ghost:
+                return
+            oid = obj._p_oid
+            offset = self._offset_of(oid)
+            if not offset:
+                raise DobbinError("oid %d has no stored state in %s" % (oid, self.path))
+            _previous, data = self._log.read_object(offset, oid)
+            self._install(obj, self._load(data, oid)[1], self._tid_of(offset))
+
+    def _load(self, data, oid):
+        return load_state(data, self._persistent_load, "of oid %d in %s" % (oid, self.path))
+
+    def _persistent_load(self, pid):
+        if type(pid) is tuple and len(pid) == 2:
+            key, value = pid
+            if key == "S" and type(value) is int:
+                return PersistentStream(self, value)
+            if type(key) is int and isinstance(value, type) and issubclass(value, Persistent):
+                with self._state_lock:
+                    obj = self._cache.get(key)
+                    if obj is None:
+                        obj = self._new_ghost(key, value)
+                        object.__setattr__(obj, "_p_ghost", True)
+                    return obj
+        raise LoadError("bad reference %r in %s" % (pid, self.path))
+
+    def _new_ghost(self, oid, cls):
+        obj = cls.__new__(cls)
+        obj._p_oid = oid
+        obj._p_jar = self
+        self._cache[oid] = obj
+        return obj
+
+    @staticmethod
+    def _install(obj, state, serial):
+        # Replace, never mutate: readers in other threads see the old
+        # dict or the new one, and checkouts keep the old one as `old`.
+        object.__setattr__(obj, "__dict__", state)
+        obj._p_serial = serial
+        obj._p_ghost = False
+
+    # -- the index -----------------------------------------------------
+
+    def _offset_of(self, oid):
+        if oid < len(self._offsets):
+            return self._offsets[oid]
+        return self._sparse_offsets.get(oid, 0)
+
+    def _set_offset(self, oid, offset):
+        offsets = self._offsets
+        if oid >= len(offsets) and oid < len(offsets) + _DENSE_SLACK:
+            grow = max(oid + 1 - len(offsets), len(offsets) // 2, 1024)
+            offsets.frombytes(bytes(8 * grow))
+        if oid < len(offsets):
+            if not offsets[oid]:
+                self._count += 1
+            offsets[oid] = offset
+        else:
+            if oid not in self._sparse_offsets:
+                self._count += 1
+            self._sparse_offsets[oid] = offset
+
+    def _oids(self):
+        offsets = self._offsets
+        for oid in range(len(offsets)):
+            if offsets[oid]:
+                yield oid
+        yield from sorted(self._sparse_offsets)
+
+    def _tid_of(self, offset):
+        return bisect.bisect_right(self._tx_offsets, offset)
+
+    def _apply(self, record, reload=True):
+        """Take a record into the index; caller holds the state lock."""
+        self._tx_offsets.append(record.offset)
+        if record.status != COMMITTED:
+            return
+        changed = []
+        for entry in record.entries:
+            if entry.kind == KIND_OBJECT:
+                self._set_offset(entry.oid, entry.offset)
+                changed.append(entry.oid)
+                if reload:
+                    obj = self._cache.get(entry.oid)
+                    if obj is not None and not obj._p_ghost:
+                        self._install(obj, self._load(entry.data, entry.oid)[1], record.tid)
+            elif entry.kind == KIND_ROOT:
+                self._roots.append((record.tid, entry.oid))
+        self._notes.append((record.tid, frozenset(changed)))
+
+    def _flush_notes(self):
+        if not self._notes:
+            return
+        # Notes are queued in tid order under the state lock; the notify
+        # lock keeps them in that order across threads.
+        with self._notify_lock:
+            while self._notes:
+                try:
+                    tid, oids = self._notes.popleft()
+                except IndexError:
+                    break
+                for callback in list(self._subscribers):
+                    try:
+                        callback(tid, oids)
+                    except Exception:
+                        logger.exception("subscriber %r failed on transaction %d", callback, tid)
+
+    # -- committing ------------------------------------------------------
+
+    def _check_writable(self):
+        if self.closed:
+            raise ReadOnlyError("%s is closed" % self.path)
+        if self.read_only:
+            raise ReadOnlyError("%s is open read-only" % self.path)
+        if os.getpid() != self._pid:
+            raise DobbinError("%s was opened in process %d; open it anew in process %d"
+                              % (self.path, self._pid, os.getpid()))
+        if self._log.broken is not None:
+            raise StorageError("%s refuses writes after an I/O error: %s"
+                               % (self.path, self._log.broken))
+
+    def _p_commit_begin(self):
+        """Lock and catch up; return the commit's bookkeeping."""
+        self._check_writable()
+        self._lock.acquire()
+        try:
+            with self._state_lock:
+                known = self._log.last_tid
+                for record in self._log.recover():
+                    self._apply(record)
+            self._flush_notes()
+        except BaseException:
+            self._lock.release()
+            raise
+        return _Commit(known, self._log.end, self._log.oid_high)
+
+    def _p_commit_prepare(self, commit, session):
+        """Check conflicts and lay out the record (nothing is written yet)."""
+        queue = collections.deque()
+        queued = set()
+
+        def enqueue(obj):
+            if id(obj) not in queued:
+                queued.add(id(obj))
+                queue.append(obj)
+
+        for entry in session.objects_of(self):
+            obj = entry.obj
+            if obj._p_oid is not None and obj._p_serial != entry.serial:
+                obj._p_local[session.thread] = self._resolve(entry, commit, session)
+            enqueue(obj)
+        root = session.elected.get(self)
+        if root is not None:
+            enqueue(root)
+
+        def persistent_id(value):
+            if isinstance(value, Persistent):
+                jar = value._p_jar
+                if jar is None:
+                    value._p_jar = self
+                    commit.adopted.append(value)
+                elif jar is not self:
+                    raise DobbinError("%r refers to %r of another database" % (obj, value))
+                if value._p_oid is None:
+                    self._assign_oid(value, commit)
+                    enqueue(value)
+                return (value._p_oid, type(value))
+            if isinstance(value, (PersistentFile, PersistentStream)):
+                return ("S", self._stream_offset(value, commit))
+            return None
+
+        while queue:
+            obj = queue.popleft()
+            if obj._p_oid is None:
+                self._assign_oid(obj, commit)
+            state = session.working_state(obj)
+            data = dump_state(type(obj), state, persistent_id)
+            entry = ObjectEntry(obj._p_oid, self._offset_of(obj._p_oid), data)
+            commit.stored.append((obj, state, entry))
+        if root is not None:
+            commit.root_oid = root._p_oid
+
+    def _assign_oid(self, obj, commit):
+        obj._p_oid = commit.oid_high
+        commit.oid_high += 1
+        commit.new.append(obj)
+
+    def _stream_offset(self, value, commit):
+        key = id(value)
+        if key in commit.stream_offsets:
+            return commit.stream_offsets[key]
+        if isinstance(value, PersistentStream):
+            if value._jar is self:
+                return value._offset
+            data = b"".join(value)  # another database's stream: copy its bytes
+            owner = None
+        else:
+            data = value._p_read()
+            owner = value
+        offset = commit.offset + TX_HEADER_SIZE + sum(
+            ENTRY_SIZE + len(stream.data) + 4 * -(-len(stream.data) // STREAM_CHUNK)
+            for stream in commit.streams)
+        commit.streams.append(StreamEntry(data))
+        commit.stream_owners.append((owner, offset, len(data)))
+        commit.stream_offsets[key] = offset
+        return offset
+
+    def _resolve(self, entry, commit, session):
+        obj = entry.obj
+        learned_now = obj._p_serial > commit.known_tid
+        error_class = ReadConflictError if learned_now else WriteConflictError
+        error = error_class(oid=obj._p_oid, class_name=type(obj).__qualname__,
+                            serials=(entry.serial, obj._p_serial))
+        resolver = getattr(type(obj), "_p_resolve_conflict", None)
+        if resolver is None:
+            raise error
+        if obj._p_ghost:
+            self._p_activate(obj)
+        try:
+            resolved = obj._p_resolve_conflict(entry.old, obj.__dict__,
+                                               session.working_state(obj))
+        except ConflictError:
+            raise error from None
+        if not isinstance(resolved, dict):
+            raise error
+        entry.serial = obj._p_serial
+        return resolved
+
+    def _p_record_failure(self, commit, error):
+        """Append a failed record saying why; it is counted, never applied."""
+        info = {"error": type(error).__name__, "message": str(error)[:1000]}
+        if getattr(error, "oid", None) is not None:
+            info["oid"] = error.oid
+        try:
+            with self._state_lock:
+                record = self._log.append(FAILED, commit.oid_high, [NoteEntry(info)])
+                self._apply(record)
+        except DobbinError:
+            logger.exception("could not record the failed commit in %s", self.path)
+        commit.offset = self._log.end
+
+    def _p_commit_finish(self, commit):
+        """Write, sync and publish the record; release the lock."""
+        entries = list(commit.streams)
+        entries.extend(entry for _obj, _state, entry in commit.stored)
+        if commit.root_oid is not None:
+            entries.append(RootEntry(commit.root_oid))
+        try:
+            with self._state_lock:
+                record = self._log.append(COMMITTED, commit.oid_high, entries)
+                for obj, state, _entry in commit.stored:
+                    self._install(obj, state, record.tid)
+                    self._cache[obj._p_oid] = obj
+                for owner, offset, size in commit.stream_owners:
+                    if owner is not None:
+                        owner._p_become_stream(self, offset, size)
+                commit.published = True
+                self._apply(record, reload=False)
+        finally:
+            commit.locked = False
+            self._lock.release()
+        self._flush_notes()
+
+    def _p_commit_abort(self, commit):
+        """Undo what a commit that won't happen gave to new objects."""
+        if not commit.published:
+            for obj in commit.new:
+                obj._p_oid = None
+            for obj in commit.adopted:
+                obj._p_jar = None
+        if commit.locked:
+            commit.locked = False
+            self._lock.release()
+
+    def _p_write_snapshot(self, entries, oid_high):
+        self._check_writable()
+        self._lock.acquire()
+        try:
+            with self._state_lock:
+                for record in self._log.recover():
+                    self._apply(record)
+                if self._log.last_tid:
+                    raise DobbinError("the snapshot target %s is not empty" % self.path)
+                record = self._log.append(COMMITTED, oid_high, entries)
+                self._apply(record)
+        finally:
+            self._lock.release()
+        self._flush_notes()
+
+    # -- snapshot and verify -----------------------------------------------
+
+    def snapshot(self, target, until=None):
+        if not isinstance(target, Database) or target is self:
+            raise TypeError("snapshot() needs another, empty Database as its target")
+        self.sync()
+        if target.sync():
+            raise DobbinError("the snapshot target %s is not empty" % target.path)
+        if until is None:
+            until = self.last_tid
+        if not isinstance(until, int) or not 0 <= until <= self.last_tid:
+            raise ValueError("until must be a transaction id from 0 to %d, not %r"
+                             % (self.last_tid, until))
+        streams, stream_offsets, objects = [], {}, []
+        position = [FILE_HEADER_SIZE + TX_HEADER_SIZE]
+
+        def reference(pid):
+            key, value = pid
+            return _StreamReference(value) if key == "S" else _Reference(key, value)
+
+        def rewrite(value):
+            if type(value) is _Reference:
+                return (value.oid, value.cls)
+            if type(value) is _StreamReference:
+                # Stream bytes are copied: the target must not point into us.
+                if value.offset not in stream_offsets:
+                    data = b"".join(PersistentStream(self, value.offset))
+                    stream_offsets[value.offset] = position[0]
+                    position[0] += ENTRY_SIZE + len(data) + 4 * -(-len(data) // STREAM_CHUNK)
+                    streams.append(StreamEntry(data))
+                return ("S", stream_offsets[value.offset])
+            return None
+
+        with self._state_lock:
+            oids = list(self._oids())
+            roots = [oid for tid, oid in self._roots if tid <= until]
+        for oid in oids:
+            try:
+                _serial, data = self._version_data(oid, until)
+            except HistoryError:
+                continue  # created after `until`
+            cls, state = load_state(data, reference, "of oid %d" % oid)
+            objects.append(ObjectEntry(oid, 0, dump_state(cls, state, rewrite)))
+        entries = streams + objects
+        if roots:
+            entries.append(RootEntry(roots[-1]))
+        target._p_write_snapshot(entries, self._log.oid_high)
+
+    def _version_data(self, oid, tid):
+        with self._state_lock:
+            offset = self._offset_of(oid)
+        while offset:
+            serial = self._tid_of(offset)
+            previous, data = self._log.read_object(offset, oid)
+            if serial <= tid:
+                return serial, data
+            offset = previous
+        raise HistoryError("oid %d has no committed state as of transaction %d" % (oid, tid))
+
+    def verify(self):
+        checker = Log(self.path, read_only=True)
+        try:
+            report = {"path": self.path, "records": 0, "committed": 0, "failed": 0,
+                      "objects": len(self), "streams": 0, "errors": []}
+            latest = {}
+            for record in checker.follow():
+                report["records"] += 1
+                report["committed" if record.status == COMMITTED else "failed"] += 1
+                for entry in record.entries:
+                    if entry.kind == KIND_OBJECT:
+                        latest[entry.oid] = entry.offset
+                    elif entry.kind != KIND_ROOT and record.status == COMMITTED:
+                        report["streams"] += 1
+            size = checker.size()
+            report["bytes"] = size
+            if checker.end != size:
+                report["errors"].append("unreadable record at offset %d: %s"
+                                        % (checker.end, checker.diagnose()))
+            with self._state_lock:
+                for oid, offset in latest.items():
+                    if offset <= self._log.end and self._offset_of(oid) != offset:
+                        report["errors"].append("index of oid %d points at %d, log says %d"
+                                                % (oid, self._offset_of(oid), offset))
+        finally:
+            checker.close()
+        report["ok"] = not report["errors"]
+        return report
+

@@ -1,0 +1,250 @@
+"""The contracts of the Dobbin store.
+
+Read top to bottom, this module describes the whole store: persistent
+objects (`IPersistent`) live in a database (`IDatabase`), which keeps
+them in a log file (`ILog`) guarded by a write lock (`IWriteLock`).  A
+thread changes objects through checkouts that a session (`ISession`)
+commits with the `transaction` package's two-phase commit.
+"""
+
+from transaction.interfaces import IDataManager, ISavepointDataManager
+from zope.interface import Attribute, Interface
+
+
+class IPersistent(Interface):
+    """An object stored in a database, shared read-only between threads.
+
+    Its committed state is shared by all threads and is never changed in
+    place.  Setting or deleting an attribute raises ``RuntimeError``
+    unless the calling thread has checked the object out
+    (`dobbin.persistent.checkout`), or the object is new and its
+    ``__init__`` is running.  A checked-out object shows the thread its
+    own working copy until the thread's transaction ends.
+    """
+
+    _p_oid = Attribute(
+        """The object id, an int unique for the life of the file, or None.
+
+        Assigned by the database when the object is first committed;
+        never reused, not even after a failed commit or a reopen.
+        """)
+
+    _p_jar = Attribute(
+        """The database the object belongs to, or None while it is new.""")
+
+    _p_serial = Attribute(
+        """The id of the transaction that committed the shared state; 0 if new.""")
+
+
+class IPersistentDict(IPersistent):
+    """A persistent mapping with the full `dict` API.
+
+    Items and attributes are independent.  Reading needs nothing; every
+    mutating method (``__setitem__``, ``__delitem__``, ``clear``, ``pop``,
+    ``popitem``, ``setdefault``, ``update``) raises ``RuntimeError``
+    unless the dict is checked out by the calling thread.  Changing one
+    item rewrites the whole dict: for large or hot mappings use
+    `dobbin.btree.OOBTree`.
+    """
+
+
+class IPersistentFile(Interface):
+    """A single-use wrapper storing an open file's remaining bytes.
+
+    At commit its bytes, from the file's position when it was wrapped to
+    the end, are written into the transaction, and the same object
+    becomes an `IPersistentStream`.  The caller closes the file.
+    """
+
+
+class IPersistentStream(Interface):
+    """Stored bytes, read back from the log chunk by checked chunk.
+
+    Damaged bytes raise `dobbin.exc.CorruptionError`; they are never
+    returned.  Iteration yields ``bytes`` chunks through a handle of its
+    own, independent of the file-like methods.
+    """
+
+    size = Attribute("Number of bytes in the stream.")
+    closed = Attribute("True unless the file-like view is open.")
+
+    def open():
+        """Open the file-like view at position 0."""
+
+    def read(size=-1):
+        """Return up to `size` bytes from the position (all if negative).
+
+        Never reads past the end of the stream.  Raises
+        `dobbin.exc.StreamError` if the view is closed.
+        """
+
+    def seek(offset, whence=0):
+        """Move the position as ``io.IOBase.seek`` would; clamp at the end."""
+
+    def tell():
+        """Return the position."""
+
+    def close():
+        """Close the file-like view."""
+
+    def __iter__():
+        """Yield the stream's bytes in chunks."""
+
+
+class IDatabase(Interface):
+    """Persistent objects connected to a root, kept in one log file.
+
+    A database may be shared by any number of threads.  Several
+    databases, in one process or several, may open one file: each sees
+    the others' commits from its next transaction (it catches up when a
+    thread that used it begins a transaction, and at every commit).
+    """
+
+    path = Attribute("The file's path.")
+    root = Attribute("The root object, or None while there is none.")
+    tx_count = Attribute(
+        """Transaction records in the file, committed and failed.""")
+    last_tid = Attribute("The id of the newest transaction known.")
+
+    def __len__():
+        """Return the number of objects stored."""
+
+    def elect(obj):
+        """Make `obj` the root object when the current transaction commits.
+
+        The object joins this database at once (``obj._p_jar``).
+        """
+
+    def get(oid):
+        """Return the object with id `oid`; raise ``KeyError`` if none."""
+
+    def sync():
+        """Catch up with other writers' commits now; return `last_tid`."""
+
+    def subscribe(callback):
+        """Call ``callback(tid, oids)`` for each committed transaction learned.
+
+        Called once per transaction, in order, after its changes are
+        visible, for this database's commits and for other writers'
+        commits found while catching up; ``oids`` is a frozenset of the
+        objects whose state changed.  It runs in the thread that
+        committed or caught up, must be quick, and must not raise
+        (errors are logged and dropped).
+        """
+
+    def unsubscribe(callback):
+        """Stop calling `callback`."""
+
+    def load_state(oid, tid=None):
+        """Return ``(serial, state)`` of `oid` as of transaction `tid`.
+
+        ``tid`` None means the latest.  Raises
+        `dobbin.exc.HistoryError` if the object had no committed state
+        then.  References in the state are live objects of this
+        database.
+        """
+
+    def snapshot(target, until=None):
+        """Write the state as of transaction `until` (default: now) into `target`.
+
+        `target` must be an empty database.  It receives one transaction
+        holding every object's full state, stream bytes copied, oids and
+        the oid counter preserved.
+        """
+
+    def verify():
+        """Check every record's checksums and the index; return a report dict."""
+
+    def close():
+        """Close the file.  Later reads of unloaded objects and commits fail."""
+
+
+class ILog(Interface):
+    """The file format layer: framed, checksummed transaction records.
+
+    Appending, recovering and truncating require the write lock; reading
+    does not.  See docs/format.txt for the byte layout.
+    """
+
+    path = Attribute("The file's path.")
+    end = Attribute("Offset just past the last record read or written.")
+    last_tid = Attribute("Id of the last record read or written.")
+    oid_high = Attribute("The next oid never handed out, per the records read.")
+    broken = Attribute("The I/O error that made the log refuse writes, or None.")
+
+    def append(status, oid_high, entries, time_ns=None):
+        """Write one record durably at the end and return it.
+
+        Returns only once the record is written and, with ``fsync``
+        durability, synced.  On an I/O error the record is cut off again,
+        the log refuses further writes, and `dobbin.exc.StorageError` is
+        raised.
+        """
+
+    def follow():
+        """Yield the valid records after `end`, advancing; stop quietly
+        before an incomplete or damaged one (it may still be being written)."""
+
+    def recover(repair=False):
+        """Yield the valid records after `end`, with the write lock held.
+
+        A torn tail is cut back and its bytes saved beside the file.
+        Damage followed by a valid record raises
+        `dobbin.exc.CorruptionError`, or with `repair` is cut away too.
+        """
+
+    def read_object(offset, oid=None):
+        """Return ``(previous, data)`` of the checked object entry at `offset`."""
+
+    def open_stream(offset):
+        """Return ``(size, chunk_crcs)`` of the checked stream entry at `offset`."""
+
+    def read_stream_chunk(offset, chunk_crcs, size, index):
+        """Return one checked chunk of a stream."""
+
+    def close():
+        """Close the file descriptor."""
+
+
+class IWriteLock(Interface):
+    """One writer at a time per file, across threads and processes.
+
+    Released by the kernel when its holder dies, even by SIGKILL.
+    """
+
+    held = Attribute("True when the calling thread holds the lock.")
+
+    def acquire(timeout=None):
+        """Take the lock, or raise `dobbin.exc.LockTimeoutError` after `timeout`.
+
+        Waiting is never an error by itself: only the timeout is.
+        """
+
+    def release():
+        """Give the lock up.  Only the holding thread may."""
+
+
+class ISession(IDataManager, ISavepointDataManager):
+    """The data manager of one thread's transaction.
+
+    It joins the transaction at the thread's first checkout (or elect).
+    In ``tpc_begin`` it locks each database involved, in a fixed order,
+    and each catches up; in ``commit`` each checks for conflicts (trying
+    ``_p_resolve_conflict``) and lays out its record; in ``tpc_vote``
+    every checked-out object must have been found connected to a graph;
+    ``tpc_finish`` writes, syncs and publishes.  A failure writes a
+    failed record to each database, which is counted in ``tx_count`` and
+    never applied; the checked-out objects then show the latest committed
+    state until the transaction is aborted.
+    """
+
+    checkouts = Attribute("id(obj) -> checkout record, for this thread.")
+
+    def add(obj, old, serial):
+        """Record that `obj` was checked out with shared state `old` at `serial`."""
+
+    def elect(database, obj):
+        """Make `obj` the root of `database` at commit."""
+
+    def working_state(obj):
+        """Return the state to store for `obj`."""

@@ -1,0 +1,86 @@
+"""The write lock: one writer at a time, across threads and processes.
+
+`flock` on the database's own file descriptor is the inter-process part.
+It belongs to the open file description, so it is released by the
+kernel the moment its holder dies (even by SIGKILL), two `Database`
+instances in one process exclude each other, and closing some other
+descriptor of the same file does not drop it (unlike POSIX `fcntl`
+locks).  Threads sharing one descriptor are ordered by a mutex first.
+"""
+
+import fcntl
+import threading
+import time
+
+from zope.interface import implementer
+
+from dobbin.exc import LockTimeoutError
+from dobbin.interfaces import IWriteLock
+
+# Poll interval bounds while another process holds the lock: short enough
+# that a handover costs little, long enough not to burn a core.
+_FIRST_WAIT = 0.00005
+_LONGEST_WAIT = 0.005
+
+
+@implementer(IWriteLock)
+class WriteLock:
+    """An exclusive lock on an open file, with a timeout."""
+
+    def __init__(self, fd, path, timeout=30.0):
+        self.fd = fd
+        self.path = path
+        self.timeout = timeout
+        self._mutex = threading.Lock()
+        self._owner = None
+
+    def acquire(self, timeout=None):
+        """Take the lock, waiting up to `timeout` seconds (default: ours)."""
+        if timeout is None:
+            timeout = self.timeout
+        if self._owner == threading.get_ident():
+            raise RuntimeError("the write lock of %s is not reentrant" % self.path)
+        deadline = time.monotonic() + timeout
+        if not self._mutex.acquire(timeout=max(timeout, 0)):
+            raise LockTimeoutError("another thread held the write lock of %s for more than %.3gs"
+                                   % (self.path, timeout))
+        try:
+            wait = _FIRST_WAIT
+            while True:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise LockTimeoutError(
+                            "another process held the write lock of %s for more than %.3gs"
+                            % (self.path, timeout)) from None
+                    time.sleep(min(wait, remaining))
+                    wait = min(wait * 2, _LONGEST_WAIT)
+        except BaseException:
+            self._mutex.release()
+            raise
+        self._owner = threading.get_ident()
+
+    def release(self):
+        """Give the lock up; only its holder may."""
+        if self._owner != threading.get_ident():
+            raise RuntimeError("the write lock of %s is not held by this thread" % self.path)
+        self._owner = None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self._mutex.release()
+
+    @property
+    def held(self):
+        """True when the calling thread holds the lock."""
+        return self._owner == threading.get_ident()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()

@@ -1,0 +1,540 @@
+"""The transaction log: Dobbin's file format (see docs/format.txt).
+
+This module knows bytes, offsets and checksums, nothing about objects.
+It appends framed, checksummed transaction records with one write and
+one fsync, reads them back, and tells a torn tail (cut back, bytes kept
+beside the file) from damage in the middle (`CorruptionError`).
+"""
+
+import json
+import os
+import struct
+import time
+import zlib
+from collections import namedtuple
+
+from zope.interface import implementer
+
+from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
+from dobbin.interfaces import ILog
+
+FILE_MAGIC = b"\x89DOBBIN\n"
+FORMAT_VERSION = 1
+FILE_HEADER = struct.Struct("<8sHHI16sQ20sI")
+FILE_HEADER_SIZE = FILE_HEADER.size  # 64
+
+TX_MAGIC = b"DTXR"
+TX_HEADER = struct.Struct("<4sc3sQQQQII")
+TX_HEADER_SIZE = TX_HEADER.size  # 48
+TRAILER_MAGIC = b"DEND"
+TRAILER = struct.Struct("<I4sQ")
+TRAILER_SIZE = TRAILER.size  # 16
+ENTRY = struct.Struct("<c3sIQQQ")
+ENTRY_SIZE = ENTRY.size  # 32
+
+COMMITTED = b"C"
+FAILED = b"F"
+KIND_OBJECT = b"O"
+KIND_STREAM = b"S"
+KIND_ROOT = b"R"
+KIND_NOTE = b"N"
+KINDS = frozenset((KIND_OBJECT, KIND_STREAM, KIND_ROOT, KIND_NOTE))
+
+STREAM_CHUNK = 65536
+_READ_AHEAD = 1 << 20
+DURABILITY = ("fsync", "none")
+
+# What one entry of a record read back from the file looks like.  `data`
+# is the object state for O entries (None for other kinds).
+Entry = namedtuple("Entry", "kind oid previous offset length data")
+Record = namedtuple("Record", "tid status offset length oid_high time entries")
+
+
+class ObjectEntry(namedtuple("ObjectEntry", "oid previous data")):
+    """An object's full pickled state, to be appended."""
+
+    kind = KIND_OBJECT
+
+
+class StreamEntry(namedtuple("StreamEntry", "data")):
+    """The bytes of a persistent stream, to be appended."""
+
+    kind = KIND_STREAM
+
+
+class RootEntry(namedtuple("RootEntry", "oid")):
+    """A new root object, to be appended."""
+
+    kind = KIND_ROOT
+
+
+class NoteEntry(namedtuple("NoteEntry", "info")):
+    """Why a commit failed (a JSON-able dict), for failed records."""
+
+    kind = KIND_NOTE
+
+
+def stream_size(length):
+    """Bytes of stream data in an S entry whose data is `length` bytes."""
+    chunks = -(-length // (STREAM_CHUNK + 4))
+    return length - 4 * chunks
+
+
+def _crc(data, value=0):
+    return zlib.crc32(data, value) & 0xFFFFFFFF
+
+
+class _Damaged(Exception):
+    """A record failed a check; internal, turned into a decision by Log."""
+
+    def __init__(self, reason, offset):
+        super().__init__(reason)
+        self.reason = reason
+        self.offset = offset
+
+
+class _Incomplete(Exception):
+    """The file ends inside a record (a commit in progress or torn)."""
+
+
+class _Reader:
+    """Sequential reads of one file region, with read-ahead."""
+
+    def __init__(self, fd, start, end):
+        self.fd = fd
+        self.pos = start
+        self.end = end
+        self._buffer = b""
+        self._buffer_start = start
+
+    def read(self, size):
+        if self.pos + size > self.end:
+            raise _Incomplete()
+        offset = self.pos - self._buffer_start
+        if offset + size <= len(self._buffer):
+            data = self._buffer[offset:offset + size]
+        elif size >= _READ_AHEAD:
+            data = _pread_exact(self.fd, size, self.pos)
+        else:
+            want = min(max(size, _READ_AHEAD), self.end - self.pos)
+            self._buffer = _pread_exact(self.fd, want, self.pos)
+            self._buffer_start = self.pos
+            data = self._buffer[:size]
+        self.pos += size
+        return data
+
+
+def _pread_exact(fd, size, offset):
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        # The file shrank under us (another process cut a torn tail).
+        raise _Incomplete()
+    return data
+
+
+@implementer(ILog)
+class Log:
+    """One Dobbin file, opened for appending and reading.
+
+    The caller (the database) holds the write lock around `append`,
+    `recover` and `truncate`; reads need no lock.
+    """
+
+    def __init__(self, path, durability="fsync", read_only=False):
+        if durability not in DURABILITY:
+            raise ValueError("durability must be one of %s, not %r" % (DURABILITY, durability))
+        self.path = os.fspath(path)
+        self.durability = durability
+        self.read_only = read_only
+        self.broken = None
+        flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
+        created = not os.path.exists(self.path)
+        if read_only and created:
+            raise FileNotFoundError(self.path)
+        self.fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            if os.fstat(self.fd).st_size == 0 and not read_only:
+                self._write_file_header()
+                if created:
+                    self._fsync_directory()
+            self.file_id = self._read_file_header()
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.end = FILE_HEADER_SIZE
+        self.last_tid = 0
+        self.oid_high = 1
+
+    # -- file header ---------------------------------------------------
+
+    def _write_file_header(self):
+        body = FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, 0, 0, os.urandom(16),
+                                time.time_ns(), bytes(20), 0)[:-4]
+        header = body + struct.pack("<I", _crc(body))
+        self._write(header, 0)
+        self._sync()
+
+    def _read_file_header(self):
+        data = os.pread(self.fd, FILE_HEADER_SIZE, 0)
+        if len(data) < FILE_HEADER_SIZE:
+            raise CorruptionError("file too short for a Dobbin header", self.path, 0)
+        magic, version, _flags, _res, file_id, _created, _res2, crc = FILE_HEADER.unpack(data)
+        if magic != FILE_MAGIC:
+            raise CorruptionError("not a Dobbin file (bad magic %r)" % magic, self.path, 0)
+        if crc != _crc(data[:-4]):
+            raise CorruptionError("file header checksum mismatch", self.path, 0)
+        if version != FORMAT_VERSION:
+            raise CorruptionError("unsupported format version %d" % version, self.path, 8)
+        return file_id
+
+    # -- I/O seams: tests replace these to inject failures -------------
+
+    def _write(self, data, offset):
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def _sync(self):
+        if self.durability == "fsync":
+            _fdatasync(self.fd)
+
+    def _truncate(self, size):
+        os.ftruncate(self.fd, size)
+
+    def _fsync_directory(self):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # -- writing -----------------------------------------------------------
+
+    def append(self, status, oid_high, entries, time_ns=None):
+        """Write one record at the end, durably; return it as a `Record`.
+
+        The caller holds the write lock and has read every record up to
+        the end (so `self.end` is the end of the file).  On an I/O error
+        the record is cut off again and the log refuses further writes.
+        """
+        self._check_writable()
+        tid = self.last_tid + 1
+        offset = self.end
+        stamp = time_ns or time.time_ns()
+        buffer, read_entries = _build_record(status, tid, oid_high, offset, entries, stamp)
+        try:
+            self._write(buffer, offset)
+            self._sync()
+        except OSError as error:
+            self._fail(error, offset)
+        record = Record(tid, status, offset, len(buffer), oid_high, stamp, read_entries)
+        self._advance(record)
+        return record
+
+    def _fail(self, error, offset):
+        # After a failed write or fsync the page cache can't be trusted
+        # (retrying fsync may "succeed" having lost the data), so cut the
+        # record back and refuse writes until the database is reopened.
+        try:
+            self._truncate(offset)
+            self._sync()
+        except OSError:
+            pass  # the tail is torn at worst; recovery on open cuts it
+        self.broken = error
+        raise StorageError("write to %s failed (%s); the database refuses further writes "
+                           "until reopened" % (self.path, error)) from error
+
+    def _check_writable(self):
+        if self.read_only:
+            raise ReadOnlyError("%s is open read-only" % self.path)
+        if self.fd is None:
+            raise ReadOnlyError("%s is closed" % self.path)
+        if self.broken is not None:
+            raise StorageError("%s refuses writes after an I/O error: %s"
+                               % (self.path, self.broken))
+
+    def _advance(self, record):
+        self.end = record.offset + record.length
+        self.last_tid = record.tid
+        self.oid_high = max(self.oid_high, record.oid_high)
+
+    # -- reading -------------------------------------------------------
+
+    def size(self):
+        return os.fstat(self.fd).st_size
+
+    def follow(self):
+        """Yield the complete, valid records after `self.end`, advancing.
+
+        Used to catch up without the write lock: it stops quietly before
+        a record that is incomplete or fails a check, which may be a
+        commit still being written; the next writer deals with it.
+        """
+        file_size = self.size()
+        while self.end < file_size:
+            try:
+                record = self._read_record(self.end, self.last_tid + 1, file_size)
+            except (_Incomplete, _Damaged):
+                return
+            self._advance(record)
+            yield record
+
+    def recover(self, repair=False):
+        """Yield every valid record after `self.end`, dealing with damage.
+
+        Called with the write lock held.  A torn tail is cut back, its
+        bytes saved beside the file.  Damage with a valid record after it
+        raises `CorruptionError`, or with `repair` is cut away (saved too).
+        After the last record, `self.dropped` tells what was cut.
+        """
+        self.dropped = None
+        file_size = self.size()
+        while self.end < file_size:
+            try:
+                record = self._read_record(self.end, self.last_tid + 1, file_size)
+            except _Incomplete:
+                self._cut("torn", "an incomplete record at the end of the file")
+                return
+            except _Damaged as damage:
+                survivor = self._find_valid_record_after(self.end + 1, file_size)
+                if survivor is None:
+                    self._cut("torn", "a damaged record at the end of the file (%s)"
+                              % damage.reason)
+                    return
+                if not repair:
+                    raise CorruptionError(
+                        "damaged transaction record (%s); a valid record follows at offset %d; "
+                        "open with repair=True to keep the %d transactions before it"
+                        % (damage.reason, survivor, self.last_tid), self.path, damage.offset)
+                self._cut("damaged", "damage at offset %d (%s)" % (damage.offset, damage.reason))
+                return
+            self._advance(record)
+            yield record
+
+    def _cut(self, label, reason):
+        if self.read_only:
+            return  # leave it; a writer will deal with it
+        saved = self._save_tail(label)
+        self._truncate(self.end)
+        self._sync()
+        self.dropped = {"offset": self.end, "bytes": self.size_before_cut,
+                        "saved_as": saved, "reason": reason}
+
+    def _save_tail(self, label):
+        self.size_before_cut = self.size() - self.end
+        n = 0
+        while True:
+            saved = "%s.%s-%d-%d" % (self.path, label, self.last_tid, n)
+            if not os.path.exists(saved):
+                break
+            n += 1
+        with open(saved, "xb") as out:
+            position = self.end
+            while True:
+                chunk = os.pread(self.fd, _READ_AHEAD, position)
+                if not chunk:
+                    break
+                out.write(chunk)
+                position += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        self._fsync_directory()
+        return saved
+
+    def _find_valid_record_after(self, start, file_size):
+        """Offset of the first valid record at or after `start`, or None."""
+        position = start
+        while position < file_size:
+            chunk = os.pread(self.fd, _READ_AHEAD + 4, position)
+            index = chunk.find(TX_MAGIC)
+            if index < 0:
+                position += max(len(chunk) - 3, 1)
+                continue
+            candidate = position + index
+            try:
+                self._read_record(candidate, None, file_size)
+            except (_Incomplete, _Damaged):
+                position = candidate + 1
+                continue
+            return candidate
+        return None
+
+    def _read_record(self, offset, expected_tid, file_size):
+        """Read and check the record at `offset`; raise _Incomplete/_Damaged."""
+        if offset + TX_HEADER_SIZE > file_size:
+            raise _Incomplete()
+        header = os.pread(self.fd, TX_HEADER_SIZE, offset)
+        if len(header) < TX_HEADER_SIZE:
+            raise _Incomplete()
+        (magic, status, _res, length, tid, oid_high, stamp, count,
+         header_crc) = TX_HEADER.unpack(header)
+        if magic != TX_MAGIC:
+            raise _Damaged("bad record magic %r" % magic, offset)
+        if header_crc != _crc(header[:44]):
+            raise _Damaged("record header checksum mismatch", offset)
+        if status not in (COMMITTED, FAILED):
+            raise _Damaged("unknown record status %r" % status, offset)
+        if length < TX_HEADER_SIZE + TRAILER_SIZE + count * ENTRY_SIZE:
+            raise _Damaged("record length %d too small for %d entries" % (length, count), offset)
+        if offset + length > file_size:
+            raise _Incomplete()
+        if expected_tid is not None and tid != expected_tid:
+            raise _Damaged("transaction id %d out of sequence (expected %d)"
+                           % (tid, expected_tid), offset)
+        reader = _Reader(self.fd, offset + TX_HEADER_SIZE, offset + length - TRAILER_SIZE)
+        binding = _crc(header)
+        entries = []
+        try:
+            for _ in range(count):
+                entry_offset = reader.pos
+                entry_header = reader.read(ENTRY_SIZE)
+                binding = _crc(entry_header, binding)
+                entries.append(self._read_entry(reader, entry_offset, entry_header))
+        except _Incomplete:
+            raise _Damaged("entries overrun the record", offset) from None
+        if reader.pos != reader.end:
+            raise _Damaged("entries do not fill the record", offset)
+        trailer = _pread_exact(self.fd, TRAILER_SIZE, reader.end)
+        trailer_crc, trailer_magic, trailer_length = TRAILER.unpack(trailer)
+        if trailer_magic != TRAILER_MAGIC or trailer_length != length:
+            raise _Damaged("bad record trailer", offset)
+        if trailer_crc != binding:
+            raise _Damaged("record checksum mismatch", offset)
+        return Record(tid, status, offset, length, oid_high, stamp, entries)
+
+    def _read_entry(self, reader, entry_offset, entry_header):
+        kind, _res, crc, oid, previous, length = ENTRY.unpack(entry_header)
+        if kind not in KINDS:
+            raise _Damaged("unknown entry kind %r" % kind, entry_offset)
+        if entry_offset + ENTRY_SIZE + length > reader.end:
+            raise _Damaged("entry length %d overruns its record" % length, entry_offset)
+        data = None
+        if kind == KIND_STREAM:
+            n = stream_size(length)
+            table_offset = reader.pos + n
+            table = _pread_exact(self.fd, length - n, table_offset)
+            if crc != _crc(table, _crc(entry_header[8:])):
+                raise _Damaged("stream entry checksum mismatch", entry_offset)
+            for index, (chunk_crc,) in enumerate(struct.iter_unpack("<I", table)):
+                chunk = reader.read(min(STREAM_CHUNK, n - index * STREAM_CHUNK))
+                if _crc(chunk) != chunk_crc:
+                    raise _Damaged("stream chunk %d checksum mismatch" % index, entry_offset)
+            reader.read(length - n)
+        else:
+            data = reader.read(length)
+            if crc != _crc(data, _crc(entry_header[8:])):
+                raise _Damaged("entry checksum mismatch", entry_offset)
+            if kind != KIND_OBJECT:
+                data = data if kind == KIND_NOTE else None
+        return Entry(kind, oid, previous, entry_offset, length, data)
+
+    def diagnose(self):
+        """Why the record at `end` can't be read, or None if it can."""
+        try:
+            self._read_record(self.end, self.last_tid + 1, self.size())
+        except _Incomplete:
+            return "incomplete record"
+        except _Damaged as damage:
+            return "%s (at offset %d)" % (damage.reason, damage.offset)
+        return None
+
+    # -- random access -------------------------------------------------
+
+    def read_object(self, offset, oid=None):
+        """Return `(previous, data)` of the O entry at `offset`, checked."""
+        header = os.pread(self.fd, ENTRY_SIZE, offset)
+        if len(header) < ENTRY_SIZE:
+            raise CorruptionError("object entry beyond the end of the file", self.path, offset)
+        kind, _res, crc, entry_oid, previous, length = ENTRY.unpack(header)
+        if kind != KIND_OBJECT or (oid is not None and entry_oid != oid):
+            raise CorruptionError("expected the object entry of oid %s, found kind %r oid %d"
+                                  % (oid, kind, entry_oid), self.path, offset)
+        if offset + ENTRY_SIZE + length > self.end:
+            raise CorruptionError("object entry length %d overruns the log" % length,
+                                  self.path, offset)
+        data = os.pread(self.fd, length, offset + ENTRY_SIZE)
+        if len(data) != length or crc != _crc(data, _crc(header[8:])):
+            raise CorruptionError("object entry checksum mismatch (oid %d)" % entry_oid,
+                                  self.path, offset)
+        return previous, data
+
+    def open_stream(self, offset):
+        """Return `(size, chunk_crcs)` of the S entry at `offset`, checked."""
+        header = os.pread(self.fd, ENTRY_SIZE, offset)
+        if len(header) < ENTRY_SIZE:
+            raise CorruptionError("stream entry beyond the end of the file", self.path, offset)
+        kind, _res, crc, _oid, _prev, length = ENTRY.unpack(header)
+        if kind != KIND_STREAM or offset + ENTRY_SIZE + length > self.end:
+            raise CorruptionError("no stream entry here", self.path, offset)
+        n = stream_size(length)
+        table = os.pread(self.fd, length - n, offset + ENTRY_SIZE + n)
+        if len(table) != length - n or crc != _crc(table, _crc(header[8:])):
+            raise CorruptionError("stream entry checksum mismatch", self.path, offset)
+        return n, [value for (value,) in struct.iter_unpack("<I", table)]
+
+    def read_stream_chunk(self, offset, chunk_crcs, size, index):
+        """Return chunk `index` of the stream whose S entry is at `offset`."""
+        start = index * STREAM_CHUNK
+        want = min(STREAM_CHUNK, size - start)
+        data = os.pread(self.fd, want, offset + ENTRY_SIZE + start)
+        if len(data) != want or _crc(data) != chunk_crcs[index]:
+            raise CorruptionError("stream chunk %d checksum mismatch" % index, self.path, offset)
+        return data
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _build_record(status, tid, oid_high, offset, entries, stamp):
+    """Lay out one record; return its bytes and its entries as read back."""
+    parts = [None]
+    position = offset + TX_HEADER_SIZE
+    entry_headers = []
+    laid_out = []
+    for entry in entries:
+        kind = entry.kind
+        oid = previous = 0
+        if kind == KIND_OBJECT:
+            oid, previous, data = entry.oid, entry.previous, entry.data
+            checked = data
+        elif kind == KIND_STREAM:
+            raw = entry.data
+            table = b"".join(struct.pack("<I", _crc(raw[i:i + STREAM_CHUNK]))
+                             for i in range(0, len(raw), STREAM_CHUNK))
+            data = (raw, table)
+            checked = table
+        elif kind == KIND_ROOT:
+            oid, data, checked = entry.oid, b"", b""
+        else:
+            data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
+        length = (len(data[0]) + len(data[1])) if kind == KIND_STREAM else len(data)
+        tail = struct.pack("<QQQ", oid, previous, length)
+        entry_header = struct.pack("<c3sI", kind, b"\0\0\0", _crc(checked, _crc(tail))) + tail
+        entry_headers.append(entry_header)
+        parts.append(entry_header)
+        if kind == KIND_STREAM:
+            parts.extend(data)
+        else:
+            parts.append(data)
+        kept = data if kind in (KIND_OBJECT, KIND_NOTE) else None
+        laid_out.append(Entry(kind, oid, previous, position, length, kept))
+        position += ENTRY_SIZE + length
+    length = position + TRAILER_SIZE - offset
+    head = TX_HEADER.pack(TX_MAGIC, status, b"\0\0\0", length, tid, oid_high, stamp,
+                          len(entries), 0)[:44]
+    header = head + struct.pack("<I", _crc(head))
+    parts[0] = header
+    binding = _crc(b"".join(entry_headers), _crc(header))
+    parts.append(TRAILER.pack(binding, TRAILER_MAGIC, length))
+    return b"".join(parts), laid_out
+
+
+def _fdatasync(fd):
+    # fdatasync covers the data and the file size of an append, which is
+    # all a reader needs; macOS lacks it.
+    getattr(os, "fdatasync", os.fsync)(fd)

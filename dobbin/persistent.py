@@ -1,0 +1,280 @@
+"""Persistent objects: shared read-only state, thread-private checkouts.
+
+An object's committed state is its instance `__dict__`, shared by every
+thread and never changed in place: a commit or a catch-up replaces the
+whole dict.  `checkout(obj)` gives the calling thread a deep copy (other
+persistent objects are kept by identity), stored in `obj._p_local`
+under the thread's id.  Attribute access finds that copy first, so the
+change is invisible to other threads until the transaction commits.
+"""
+
+import copy
+import functools
+import threading
+from collections.abc import MutableMapping
+
+from zope.interface import implementer
+
+from dobbin.interfaces import IPersistent, IPersistentDict
+from dobbin.session import current_session
+from dobbin.stream import PersistentFile  # noqa: F401  (public name, per the guide)
+
+_get_ident = threading.get_ident
+_object_getattribute = object.__getattribute__
+_object_setattr = object.__setattr__
+_MISSING = object()
+_READ_ONLY = "Can't set attribute in read-only mode."
+# Creating the per-object checkout table races between threads.
+_local_table_lock = threading.Lock()
+
+
+def _class_attribute(cls, name):
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    return _MISSING
+
+
+def _is_data_descriptor(attribute):
+    kind = type(attribute)
+    return hasattr(kind, "__set__") or hasattr(kind, "__delete__")
+
+
+def _local_state(obj):
+    """The calling thread's working copy of obj, or None."""
+    table = _object_getattribute(obj, "_p_local")
+    if table:
+        return table.get(_get_ident())
+    return None
+
+
+def _writable_state(obj):
+    state = _local_state(obj)
+    if state is not None:
+        return state
+    if (_object_getattribute(obj, "_p_init") == _get_ident()
+            and _object_getattribute(obj, "_p_oid") is None):
+        return _object_getattribute(obj, "__dict__")
+    raise RuntimeError(_READ_ONLY)
+
+
+def _wrap_init(init):
+    # Attributes set while __init__ runs go straight to the new object's
+    # state; afterwards the object is read-only like any other.
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        outer = _object_getattribute(self, "_p_init")
+        _object_setattr(self, "_p_init", _get_ident())
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            _object_setattr(self, "_p_init", outer)
+
+    __init__._p_wrapped = True
+    return __init__
+
+
+@implementer(IPersistent)
+class Persistent:
+    """Base class of objects stored in a Dobbin database."""
+
+    __slots__ = ("_p_oid", "_p_jar", "_p_serial", "_p_ghost", "_p_local", "_p_init",
+                 "__dict__", "__weakref__")
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        _object_setattr(obj, "_p_oid", None)
+        _object_setattr(obj, "_p_jar", None)
+        _object_setattr(obj, "_p_serial", 0)
+        _object_setattr(obj, "_p_ghost", False)
+        _object_setattr(obj, "_p_local", None)
+        _object_setattr(obj, "_p_init", None)
+        return obj
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_p_wrapped", False):
+            cls.__init__ = _wrap_init(init)
+
+    def __getattribute__(self, name):
+        if name[:3] == "_p_" or name[:2] == "__":
+            return _object_getattribute(self, name)
+        table = _object_getattribute(self, "_p_local")
+        if table:
+            state = table.get(_get_ident())
+            if state is not None:
+                return _lookup(self, state, name)
+        if _object_getattribute(self, "_p_ghost"):
+            _object_getattribute(self, "_p_jar")._p_activate(self)
+        return _object_getattribute(self, name)
+
+    def __setattr__(self, name, value):
+        if name[:3] == "_p_":
+            return _object_setattr(self, name, value)
+        state = _writable_state(self)
+        attribute = _class_attribute(type(self), name)
+        if attribute is not _MISSING and hasattr(type(attribute), "__set__"):
+            type(attribute).__set__(attribute, self, value)
+        else:
+            state[name] = value
+
+    def __delattr__(self, name):
+        if name[:3] == "_p_":
+            raise AttributeError("can't delete %s" % name)
+        state = _writable_state(self)
+        attribute = _class_attribute(type(self), name)
+        if attribute is not _MISSING and hasattr(type(attribute), "__delete__"):
+            type(attribute).__delete__(attribute, self)
+            return
+        try:
+            del state[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __deepcopy__(self, memo):
+        # Checkouts copy states deeply, but references to other persistent
+        # objects must keep their identity.
+        return self
+
+    def __reduce__(self):
+        raise TypeError("persistent objects are stored by the database, not pickled directly")
+
+
+def _lookup(obj, state, name):
+    """Attribute lookup with `state` standing in for the instance dict."""
+    cls = type(obj)
+    attribute = _class_attribute(cls, name)
+    if attribute is not _MISSING and _is_data_descriptor(attribute):
+        return type(attribute).__get__(attribute, obj, cls)
+    try:
+        return state[name]
+    except KeyError:
+        pass
+    if attribute is not _MISSING:
+        getter = getattr(type(attribute), "__get__", None)
+        return attribute if getter is None else getter(attribute, obj, cls)
+    fallback = _class_attribute(cls, "__getattr__")
+    if fallback is not _MISSING:
+        return fallback(obj, name)
+    raise AttributeError("%r object has no attribute %r" % (cls.__name__, name))
+
+
+def checkout(obj):
+    """Give the calling thread a private, writable copy of `obj`.
+
+    The copy lasts until the thread's transaction ends (commit or abort);
+    checking out twice in one transaction does nothing.  Returns None:
+    the object's identity never changes.
+    """
+    if not isinstance(obj, Persistent):
+        raise TypeError("only persistent objects can be checked out, not %r"
+                        % type(obj).__name__)
+    ident = _get_ident()
+    table = _object_getattribute(obj, "_p_local")
+    if table and ident in table:
+        return
+    session = current_session()
+    jar = _object_getattribute(obj, "_p_jar")
+    if jar is not None:
+        jar._p_register_thread()
+        if _object_getattribute(obj, "_p_ghost"):
+            jar._p_activate(obj)
+    # Serial first, then state: a racing publish (state, then serial) can
+    # only make us see a conflict that isn't one, never miss one.
+    serial = _object_getattribute(obj, "_p_serial")
+    shared = _object_getattribute(obj, "__dict__")
+    working = copy.deepcopy(shared)
+    if table is None:
+        with _local_table_lock:
+            table = _object_getattribute(obj, "_p_local")
+            if table is None:
+                table = {}
+                _object_setattr(obj, "_p_local", table)
+    table[ident] = working
+    session.add(obj, shared, serial)
+
+
+def checked_out(obj):
+    """True when the calling thread has `obj` checked out."""
+    return _local_state(obj) is not None
+
+
+@implementer(IPersistentDict)
+class PersistentDict(Persistent):
+    """A persistent mapping; items and attributes are independent.
+
+    It behaves like `dict`; every mutation needs a checkout.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._data = dict(*args, **kwargs)
+
+    def _items_for_writing(self):
+        return _writable_state(self)["_data"]
+
+    # -- reading -------------------------------------------------------
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __contains__(self, key):
+        return key in self._data
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self):
+        return len(self._data)
+
+    def __eq__(self, other):
+        if isinstance(other, PersistentDict):
+            other = other._data
+        return self._data == other
+
+    __hash__ = None
+
+    def __repr__(self):
+        return "%s(%r)" % (type(self).__name__, self._data)
+
+    def get(self, key, default=None):
+        return self._data.get(key, default)
+
+    def keys(self):
+        return self._data.keys()
+
+    def values(self):
+        return self._data.values()
+
+    def items(self):
+        return self._data.items()
+
+    def copy(self):
+        """A plain dict with the same items."""
+        return dict(self._data)
+
+    # -- writing (checkout required) -------------------------------------
+
+    def __setitem__(self, key, value):
+        self._items_for_writing()[key] = value
+
+    def __delitem__(self, key):
+        del self._items_for_writing()[key]
+
+    def clear(self):
+        self._items_for_writing().clear()
+
+    def pop(self, key, *default):
+        return self._items_for_writing().pop(key, *default)
+
+    def popitem(self):
+        return self._items_for_writing().popitem()
+
+    def setdefault(self, key, default=None):
+        return self._items_for_writing().setdefault(key, default)
+
+    def update(self, *args, **kwargs):
+        self._items_for_writing().update(*args, **kwargs)
+
+
+MutableMapping.register(PersistentDict)

@@ -1,0 +1,60 @@
+"""Object state <-> bytes.
+
+A record is the pickle of `(class, state)`, written by a fresh pickler
+so that no memo is shared between records (each record loads on its
+own).  References to other persistent objects and to streams are not
+pickled: the `persistent_id` hook of the caller turns them into small
+ids, and `persistent_load` turns the ids back into live objects.
+"""
+
+import io
+import pickle
+
+from dobbin.exc import DobbinError, LoadError
+
+PROTOCOL = 5
+
+
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file, persistent_id):
+        super().__init__(file, PROTOCOL)
+        self._persistent_id = persistent_id
+
+    def persistent_id(self, obj):
+        return self._persistent_id(obj)
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, persistent_load):
+        super().__init__(file)
+        self._persistent_load = persistent_load
+
+    def persistent_load(self, pid):
+        return self._persistent_load(pid)
+
+
+def dump_state(cls, state, persistent_id):
+    """Pickle `(cls, state)`; `persistent_id(obj)` returns an id or None."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, persistent_id).dump((cls, state))
+    return buffer.getvalue()
+
+
+def load_state(data, persistent_load, where=""):
+    """Unpickle a record into `(cls, state)`.
+
+    Any failure (a class that was renamed, a module that is gone) is
+    reported as `LoadError` naming the record.
+    """
+    try:
+        cls, state = _Unpickler(io.BytesIO(data), persistent_load).load()
+    except DobbinError:
+        raise
+    except Exception as error:
+        raise LoadError("cannot load the record %s: %s: %s"
+                        % (where, type(error).__name__, error)) from error
+    if not isinstance(cls, type) or not isinstance(state, dict):
+        raise LoadError("the record %s is not a (class, state) pair" % where)
+    return cls, state

@@ -1,0 +1,185 @@
+"""A thread's checkouts in one transaction, and their two-phase commit.
+
+`checkout` and `Database.elect` join the calling thread's transaction
+through one `Session`, the data manager the `transaction` package
+drives.  The session asks each database involved to lock, check for
+conflicts and write; the databases know the file, the session knows
+the thread.
+"""
+
+import copy
+import threading
+
+import transaction
+from zope.interface import implementer
+
+from dobbin.exc import DobbinError, ObjectGraphError
+from dobbin.interfaces import ISession
+
+_threads = threading.local()
+
+
+def current_session():
+    """The session of the calling thread's current transaction, joined."""
+    txn = transaction.get()
+    session = getattr(_threads, "session", None)
+    if session is None or session.transaction is not txn:
+        session = Session(txn)
+        txn.join(session)
+        _threads.session = session
+    return session
+
+
+class _Checkout:
+    """One checked-out object: its state and serial when checked out."""
+
+    __slots__ = ("obj", "old", "serial")
+
+    def __init__(self, obj, old, serial):
+        self.obj = obj
+        self.old = old
+        self.serial = serial
+
+
+@implementer(ISession)
+class Session:
+    """The data manager of one thread's transaction."""
+
+    def __init__(self, txn):
+        self.transaction = txn
+        self.transaction_manager = transaction.manager
+        self.thread = threading.get_ident()
+        self.checkouts = {}   # id(obj) -> _Checkout, in checkout order
+        self.elected = {}     # database -> new root object
+        self._adopted = []    # objects given a jar by elect(), undone on abort
+        self._commits = []    # (database, commit) pairs, locked, in lock order
+        self._committing = False
+
+    # -- building the transaction --------------------------------------
+
+    def add(self, obj, old, serial):
+        """Record that `obj` was checked out with state `old` at `serial`."""
+        self.checkouts[id(obj)] = _Checkout(obj, old, serial)
+
+    def elect(self, database, obj):
+        """Make `obj` the root of `database` when this transaction commits."""
+        if obj._p_jar is None:
+            obj._p_jar = database
+            self._adopted.append(obj)
+        self.elected[database] = obj
+
+    def working_state(self, obj):
+        """The state to store for `obj`: our copy if checked out, else shared."""
+        table = obj._p_local
+        if table:
+            state = table.get(self.thread)
+            if state is not None:
+                return state
+        return obj.__dict__
+
+    def objects_of(self, database):
+        """The checkouts whose object belongs to `database`."""
+        return [entry for entry in self.checkouts.values() if entry.obj._p_jar is database]
+
+    # -- IDataManager --------------------------------------------------
+
+    def sortKey(self):
+        return "dobbin.session:%d" % id(self)
+
+    def abort(self, txn):
+        if self._committing:
+            return  # a failed commit: tpc_abort follows and keeps the checkouts
+        self._release()
+
+    def tpc_begin(self, txn):
+        self._committing = True
+        databases = {entry.obj._p_jar for entry in self.checkouts.values()}
+        databases.update(self.elected)
+        databases.discard(None)
+        # A fixed order, so two threads locking two databases can't deadlock.
+        for database in sorted(databases, key=lambda db: (db.path, id(db))):
+            self._commits.append((database, database._p_commit_begin()))
+
+    def commit(self, txn):
+        try:
+            for database, pending in self._commits:
+                database._p_commit_prepare(pending, self)
+        except DobbinError as error:
+            self._record_failure(error)
+            raise
+
+    def tpc_vote(self, txn):
+        for entry in self.checkouts.values():
+            if entry.obj._p_oid is None:
+                error = ObjectGraphError("%r not connected to graph." % (entry.obj,))
+                self._record_failure(error)
+                raise error
+
+    def tpc_finish(self, txn):
+        try:
+            for database, pending in self._commits:
+                database._p_commit_finish(pending)
+        finally:
+            self._commits = []
+            self._committing = False
+            self._release()
+
+    def tpc_abort(self, txn):
+        commits, self._commits = self._commits, []
+        for database, pending in commits:
+            database._p_commit_abort(pending)
+        self._committing = False
+        self._refresh()
+
+    def savepoint(self, txn):
+        return _Savepoint(self)
+
+    # -- helpers -------------------------------------------------------
+
+    def _record_failure(self, error):
+        for database, pending in self._commits:
+            database._p_record_failure(pending, error)
+
+    def _refresh(self):
+        # After a failed commit the working copies show the latest
+        # committed state, still checked out until the transaction ends.
+        for entry in self.checkouts.values():
+            obj = entry.obj
+            if obj._p_oid is None or obj._p_jar is None:
+                continue
+            if obj._p_ghost:
+                obj._p_jar._p_activate(obj)
+            entry.serial = obj._p_serial
+            entry.old = obj.__dict__
+            obj._p_local[self.thread] = copy.deepcopy(entry.old)
+
+    def _release(self):
+        for entry in self.checkouts.values():
+            entry.obj._p_local.pop(self.thread, None)
+        for obj in self._adopted:
+            if obj._p_oid is None:
+                obj._p_jar = None
+        self.checkouts = {}
+        self.elected = {}
+        self._adopted = []
+
+
+class _Savepoint:
+    """A copy of a session's working states, to roll back to."""
+
+    def __init__(self, session):
+        self.session = session
+        self.checkouts = {key: (entry, copy.deepcopy(session.working_state(entry.obj)))
+                          for key, entry in session.checkouts.items()}
+        self.elected = dict(session.elected)
+
+    def rollback(self):
+        session = self.session
+        for key, entry in list(session.checkouts.items()):
+            if key not in self.checkouts:
+                entry.obj._p_local.pop(session.thread, None)
+                del session.checkouts[key]
+        for key, (entry, state) in self.checkouts.items():
+            session.checkouts[key] = entry
+            entry.obj._p_local[session.thread] = copy.deepcopy(state)
+        session.elected = dict(self.elected)

@@ -1,0 +1,148 @@
+"""Persistent files and streams.
+
+A `PersistentFile` wraps an open file for a single commit; its bytes
+(from the file's position at wrapping time to its end) are written into
+the transaction record.  After the commit the very same object becomes
+a `PersistentStream`, which reads those bytes back from the log, chunk
+by checked chunk.  Streams live inside the state of the object that
+refers to them; they are not objects with an oid of their own.
+"""
+
+import io
+
+from zope.interface import implementer
+
+from dobbin.exc import StreamError
+from dobbin.interfaces import IPersistentFile, IPersistentStream
+from dobbin.log import STREAM_CHUNK
+
+
+@implementer(IPersistentFile)
+class PersistentFile:
+    """A single-use wrapper that stores an open file's remaining bytes."""
+
+    def __init__(self, stream):
+        if not hasattr(stream, "read"):
+            raise TypeError("PersistentFile wraps an object with a read() method, not %r"
+                            % type(stream).__name__)
+        self._source = stream
+        self._data = None
+
+    def _p_read(self):
+        """The bytes to store: read once, so a retried commit stores the same."""
+        if self._data is None:
+            data = self._source.read()
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            if not isinstance(data, (bytes, bytearray)):
+                raise TypeError("the wrapped file's read() returned %r, not bytes"
+                                % type(data).__name__)
+            self._data = bytes(data)
+            self._source = None
+        return self._data
+
+    def _p_become_stream(self, jar, offset, size):
+        # Same identity, new class: the object now reads from the log.
+        self.__class__ = PersistentStream
+        self.__dict__.clear()
+        self._p_attach(jar, offset, size)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@implementer(IPersistentStream)
+class PersistentStream:
+    """Bytes stored in the log, read through a file-like API or iteration.
+
+    The file-like methods (`open`, `read`, `seek`, `tell`, `close`) share
+    one position per stream object; iteration opens its own handle, so it
+    is independent of them and safe to use from several threads.
+    """
+
+    # Its public home, as the user's guide shows it, is dobbin.database.
+    __module__ = "dobbin.database"
+
+    def __init__(self, jar, offset, size=None):
+        self._p_attach(jar, offset, size)
+
+    def _p_attach(self, jar, offset, size):
+        self._jar = jar
+        self._offset = offset
+        self._size = size
+        self._crcs = None
+        self._position = None
+
+    def _p_info(self):
+        if self._crcs is None:
+            self._size, self._crcs = self._jar._log.open_stream(self._offset)
+        return self._size, self._crcs
+
+    @property
+    def size(self):
+        """Number of bytes in the stream."""
+        return self._p_info()[0]
+
+    def _chunk(self, index):
+        size, crcs = self._p_info()
+        return self._jar._log.read_stream_chunk(self._offset, crcs, size, index)
+
+    # -- file-like API -------------------------------------------------
+
+    def open(self):
+        """Open the stream for reading at its start."""
+        self._p_info()
+        self._position = 0
+
+    @property
+    def closed(self):
+        return self._position is None
+
+    def _check_open(self):
+        if self._position is None:
+            raise StreamError("the stream is closed; call open() first")
+
+    def read(self, size=-1):
+        """Read up to `size` bytes (all that remain if negative)."""
+        self._check_open()
+        total = self.size
+        end = total if size is None or size < 0 else min(total, self._position + size)
+        parts = []
+        while self._position < end:
+            index, skip = divmod(self._position, STREAM_CHUNK)
+            chunk = self._chunk(index)[skip:skip + end - self._position]
+            parts.append(chunk)
+            self._position += len(chunk)
+        return b"".join(parts)
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        """Move the position, as `io.IOBase.seek` does (never past the end)."""
+        self._check_open()
+        if whence == io.SEEK_SET:
+            position = offset
+        elif whence == io.SEEK_CUR:
+            position = self._position + offset
+        elif whence == io.SEEK_END:
+            position = self.size + offset
+        else:
+            raise ValueError("invalid whence (%r, should be 0, 1 or 2)" % whence)
+        if position < 0:
+            raise ValueError("negative seek position %d" % position)
+        self._position = min(position, self.size)
+
+    def tell(self):
+        """The current position."""
+        self._check_open()
+        return self._position
+
+    def close(self):
+        """Close the file-like view; iteration is unaffected."""
+        self._position = None
+
+    def __iter__(self):
+        size, _crcs = self._p_info()
+        for index in range(-(-size // STREAM_CHUNK)):
+            yield self._chunk(index)
+
+    def __deepcopy__(self, memo):
+        return self
