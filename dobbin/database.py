@@ -6,10 +6,10 @@ object is first touched, and turns a session's checkouts into one log
 record: lock, catch up, check conflicts, lay out, write, publish.
 """
 
-import bisect
 import collections
 import logging
 import os
+import struct
 import threading
 import weakref
 from array import array
@@ -17,13 +17,13 @@ from array import array
 import transaction
 from zope.interface import implementer
 
-from dobbin.exc import (ConflictError, DobbinError, HistoryError, LoadError, ReadConflictError,
-                        ReadOnlyError, StorageError, WriteConflictError)
+from dobbin.exc import (ConflictError, CorruptionError, DobbinError, HistoryError, LoadError,
+                        ReadConflictError, ReadOnlyError, StorageError, WriteConflictError)
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock
-from dobbin.log import (COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE, KIND_OBJECT,
-                        KIND_ROOT, STREAM_CHUNK, TX_HEADER_SIZE, Log, NoteEntry, ObjectEntry,
-                        RootEntry, StreamEntry)
+from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
+                        KIND_OBJECT, KIND_ROOT, STREAM_CHUNK, TX_HEADER_SIZE, IndexEntry, Log,
+                        NoteEntry, ObjectEntry, RootEntry, StreamEntry)
 from dobbin.persistent import Persistent
 from dobbin.serialize import dump_state, load_state
 from dobbin.session import current_session
@@ -37,6 +37,9 @@ logger = logging.getLogger("dobbin")
 # its end (only a hostile file has one) goes to a dict instead of making
 # us allocate gigabytes.
 _DENSE_SLACK = 1 << 24
+# Write a checkpoint once the log has grown by this much and by more
+# than the index itself since the last one (see docs/format.txt).
+CHECKPOINT_MIN_BYTES = 1 << 16
 
 
 class _Synchronizer:
@@ -121,7 +124,6 @@ class Database:
         self._subscribers = []
         self._offsets = array("Q")
         self._sparse_offsets = {}
-        self._tx_offsets = array("Q")
         self._roots = []             # (tid, oid) of every root change
         self._count = 0
         self._cache = weakref.WeakValueDictionary()
@@ -136,6 +138,9 @@ class Database:
         self._register_thread()
 
     def _open(self, repair):
+        checkpoint = self._log.open_checkpoint()
+        if checkpoint is not None:
+            self._load_index(checkpoint.entries[0].data, checkpoint.offset)
         if self.read_only:
             with self._state_lock:
                 for record in self._log.follow():
@@ -214,10 +219,10 @@ class Database:
             offset = self._offset_of(oid)
             if not offset:
                 raise KeyError(oid)
-            _previous, data = self._log.read_object(offset, oid)
+            tid, _previous, data = self._log.read_object(offset, oid)
             cls, state = self._load(data, oid)
             obj = self._new_ghost(oid, cls)
-            self._install(obj, state, self._tid_of(offset))
+            self._install(obj, state, tid)
             return obj
 
     def sync(self):
@@ -239,8 +244,7 @@ class Database:
         with self._state_lock:
             offset = self._offset_of(oid)
         while offset:
-            serial = self._tid_of(offset)
-            previous, data = self._log.read_object(offset, oid)
+            serial, previous, data = self._log.read_object(offset, oid)
             if tid is None or serial <= tid:
                 return serial, self._load(data, oid)[1]
             offset = previous
@@ -270,8 +274,8 @@ class Database:
             offset = self._offset_of(oid)
             if not offset:
                 raise DobbinError("oid %d has no stored state in %s" % (oid, self.path))
-            _previous, data = self._log.read_object(offset, oid)
-            self._install(obj, self._load(data, oid)[1], self._tid_of(offset))
+            tid, _previous, data = self._log.read_object(offset, oid)
+            self._install(obj, self._load(data, oid)[1], tid)
 
     def _load(self, data, oid):
         return load_state(data, self._persistent_load, "of oid %d in %s" % (oid, self.path))
@@ -333,12 +337,51 @@ class Database:
                 yield oid
         yield from sorted(self._sparse_offsets)
 
-    def _tid_of(self, offset):
-        return bisect.bisect_right(self._tx_offsets, offset)
+    def _index_payload(self):
+        """The index as a checkpoint's I entry (layout in docs/format.txt)."""
+        dense = self._offsets[:min(len(self._offsets), self._log.oid_high)]
+        sparse = sorted(self._sparse_offsets.items())
+        parts = [struct.pack("<QQQ", self._count, len(self._roots), len(dense)), dense.tobytes(),
+                 struct.pack("<Q", len(sparse))]
+        parts.extend(struct.pack("<QQ", oid, offset) for oid, offset in sparse)
+        parts.extend(struct.pack("<QQ", tid, oid) for tid, oid in self._roots)
+        return b"".join(parts)
+
+    def _load_index(self, data, where):
+        try:
+            count, roots, dense = struct.unpack_from("<QQQ", data, 0)
+            position = 24 + 8 * dense
+            if position + 8 > len(data):
+                raise struct.error("dense part overruns the entry")
+            offsets = array("Q")
+            offsets.frombytes(data[24:position])
+            (sparse,) = struct.unpack_from("<Q", data, position)
+            position += 8
+            if position + 16 * (sparse + roots) != len(data):
+                raise struct.error("size does not match the counts")
+            pairs = list(struct.iter_unpack("<QQ", data[position:]))
+        except struct.error as error:
+            raise CorruptionError("malformed index checkpoint (%s)" % error, self.path,
+                                  where) from None
+        self._offsets = offsets
+        self._sparse_offsets = dict(pairs[:sparse])
+        self._roots = pairs[sparse:]
+        self._count = count
+
+    def _maybe_checkpoint(self):
+        """Append a checkpoint if the log outgrew the last one; lock held."""
+        log = self._log
+        if log.end - log.checkpoint_end <= max(CHECKPOINT_MIN_BYTES, 8 * len(self._offsets)):
+            return
+        try:
+            log.append(CHECKPOINT, log.oid_high, [IndexEntry(self._index_payload())])
+        except StorageError:
+            # The commit before it is durable already; only later writes
+            # are refused (the log is marked broken).
+            logger.exception("could not write an index checkpoint to %s", self.path)
 
     def _apply(self, record, reload=True):
         """Take a record into the index; caller holds the state lock."""
-        self._tx_offsets.append(record.offset)
         if record.status != COMMITTED:
             return
         changed = []
@@ -522,6 +565,7 @@ class Database:
                         owner._p_become_stream(self, offset, size)
                 commit.published = True
                 self._apply(record, reload=False)
+                self._maybe_checkpoint()
         finally:
             commit.locked = False
             self._lock.release()
@@ -605,8 +649,7 @@ class Database:
         with self._state_lock:
             offset = self._offset_of(oid)
         while offset:
-            serial = self._tid_of(offset)
-            previous, data = self._log.read_object(offset, oid)
+            serial, previous, data = self._log.read_object(offset, oid)
             if serial <= tid:
                 return serial, data
             offset = previous
@@ -616,11 +659,12 @@ class Database:
         checker = Log(self.path, read_only=True)
         try:
             report = {"path": self.path, "records": 0, "committed": 0, "failed": 0,
-                      "objects": len(self), "streams": 0, "errors": []}
+                      "checkpoints": 0, "objects": len(self), "streams": 0, "errors": []}
+            kinds = {COMMITTED: "committed", FAILED: "failed", CHECKPOINT: "checkpoints"}
             latest = {}
             for record in checker.follow():
                 report["records"] += 1
-                report["committed" if record.status == COMMITTED else "failed"] += 1
+                report[kinds[record.status]] += 1
                 for entry in record.entries:
                     if entry.kind == KIND_OBJECT:
                         latest[entry.oid] = entry.offset

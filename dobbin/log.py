@@ -24,30 +24,33 @@ FILE_HEADER = struct.Struct("<8sHHI16sQ20sI")
 FILE_HEADER_SIZE = FILE_HEADER.size  # 64
 
 TX_MAGIC = b"DTXR"
-TX_HEADER = struct.Struct("<4sc3sQQQQII")
-TX_HEADER_SIZE = TX_HEADER.size  # 48
+TX_HEADER = struct.Struct("<4sc3sQQQQQII")
+TX_HEADER_SIZE = TX_HEADER.size  # 56
 TRAILER_MAGIC = b"DEND"
 TRAILER = struct.Struct("<I4sQ")
 TRAILER_SIZE = TRAILER.size  # 16
-ENTRY = struct.Struct("<c3sIQQQ")
-ENTRY_SIZE = ENTRY.size  # 32
+ENTRY = struct.Struct("<c3sIQQQQ")
+ENTRY_SIZE = ENTRY.size  # 40
 
 COMMITTED = b"C"
 FAILED = b"F"
+CHECKPOINT = b"X"
 KIND_OBJECT = b"O"
 KIND_STREAM = b"S"
 KIND_ROOT = b"R"
 KIND_NOTE = b"N"
-KINDS = frozenset((KIND_OBJECT, KIND_STREAM, KIND_ROOT, KIND_NOTE))
+KIND_INDEX = b"I"
+KINDS = frozenset((KIND_OBJECT, KIND_STREAM, KIND_ROOT, KIND_NOTE, KIND_INDEX))
+_KEPT = (KIND_OBJECT, KIND_NOTE, KIND_INDEX)
 
 STREAM_CHUNK = 65536
 _READ_AHEAD = 1 << 20
 DURABILITY = ("fsync", "none")
 
 # What one entry of a record read back from the file looks like.  `data`
-# is the object state for O entries (None for other kinds).
-Entry = namedtuple("Entry", "kind oid previous offset length data")
-Record = namedtuple("Record", "tid status offset length oid_high time entries")
+# is kept for O, N and I entries (None for the others).
+Entry = namedtuple("Entry", "kind oid tid previous offset length data")
+Record = namedtuple("Record", "tid status offset length oid_high time checkpoint entries")
 
 
 class ObjectEntry(namedtuple("ObjectEntry", "oid previous data")):
@@ -74,6 +77,12 @@ class NoteEntry(namedtuple("NoteEntry", "info")):
     kind = KIND_NOTE
 
 
+class IndexEntry(namedtuple("IndexEntry", "data")):
+    """The serialized index, for checkpoint records."""
+
+    kind = KIND_INDEX
+
+
 def stream_size(length):
     """Bytes of stream data in an S entry whose data is `length` bytes."""
     chunks = -(-length // (STREAM_CHUNK + 4))
@@ -85,12 +94,17 @@ def _crc(data, value=0):
 
 
 class _Damaged(Exception):
-    """A record failed a check; internal, turned into a decision by Log."""
+    """A record failed a check; internal, turned into a decision by Log.
 
-    def __init__(self, reason, offset):
+    `skip_to` is set for a checkpoint whose header is sound: being
+    redundant, it can be stepped over.
+    """
+
+    def __init__(self, reason, offset, skip_to=None):
         super().__init__(reason)
         self.reason = reason
         self.offset = offset
+        self.skip_to = skip_to
 
 
 class _Incomplete(Exception):
@@ -164,6 +178,8 @@ class Log:
         self.end = FILE_HEADER_SIZE
         self.last_tid = 0
         self.oid_high = 1
+        self.checkpoint = 0        # offset of the newest checkpoint record
+        self.checkpoint_end = FILE_HEADER_SIZE
 
     # -- file header ---------------------------------------------------
 
@@ -221,16 +237,18 @@ class Log:
         the record is cut off again and the log refuses further writes.
         """
         self._check_writable()
-        tid = self.last_tid + 1
+        tid = self.last_tid if status == CHECKPOINT else self.last_tid + 1
         offset = self.end
         stamp = time_ns or time.time_ns()
-        buffer, read_entries = _build_record(status, tid, oid_high, offset, entries, stamp)
+        buffer, read_entries = _build_record(status, tid, oid_high, offset, self.checkpoint,
+                                             entries, stamp)
         try:
             self._write(buffer, offset)
             self._sync()
         except OSError as error:
             self._fail(error, offset)
-        record = Record(tid, status, offset, len(buffer), oid_high, stamp, read_entries)
+        record = Record(tid, status, offset, len(buffer), oid_high, stamp, self.checkpoint,
+                        read_entries)
         self._advance(record)
         return record
 
@@ -260,6 +278,69 @@ class Log:
         self.end = record.offset + record.length
         self.last_tid = record.tid
         self.oid_high = max(self.oid_high, record.oid_high)
+        if record.status == CHECKPOINT:
+            self.checkpoint = record.offset
+            self.checkpoint_end = self.end
+
+    def open_checkpoint(self):
+        """Start from the newest checkpoint: return its record, or None.
+
+        Reads the last record's header (found from the end of the file,
+        stepping back over a torn tail) for the checkpoint's offset, then
+        the checkpoint; afterwards `recover` or `follow` replay only the
+        records after it.  A damaged or missing checkpoint returns None,
+        and the caller replays from the start.
+        """
+        file_size = self.size()
+        last = self._find_last_header(file_size)
+        if last is None:
+            return None
+        offset, status, checkpoint = last
+        if status == CHECKPOINT:
+            checkpoint = offset
+        if not checkpoint:
+            return None
+        try:
+            record = self._read_record(checkpoint, None, file_size)
+        except (_Incomplete, _Damaged):
+            return None
+        if record.status != CHECKPOINT:
+            return None
+        self._advance(record)
+        return record
+
+    def _find_last_header(self, file_size):
+        """(offset, status, checkpoint) of the last sound record header."""
+        position = file_size
+        while position > FILE_HEADER_SIZE:
+            if position - TRAILER_SIZE >= FILE_HEADER_SIZE:
+                _crc_value, magic, length = TRAILER.unpack(
+                    os.pread(self.fd, TRAILER_SIZE, position - TRAILER_SIZE))
+                if magic == TRAILER_MAGIC and FILE_HEADER_SIZE <= position - length < position:
+                    header = self._sound_header(position - length)
+                    if header is not None and header[0] == length:
+                        return position - length, header[1], header[2]
+            # Not a clean end: search back for a record magic (a torn tail).
+            start = max(FILE_HEADER_SIZE, position - _READ_AHEAD)
+            chunk = os.pread(self.fd, position - start, start)
+            index = chunk.rfind(TX_MAGIC)
+            while index >= 0:
+                header = self._sound_header(start + index)
+                if header is not None and start + index + header[0] <= file_size:
+                    return start + index, header[1], header[2]
+                index = chunk.rfind(TX_MAGIC, 0, index)
+            position = start + 3 if start > FILE_HEADER_SIZE else FILE_HEADER_SIZE
+        return None
+
+    def _sound_header(self, offset):
+        header = os.pread(self.fd, TX_HEADER_SIZE, offset)
+        if len(header) < TX_HEADER_SIZE:
+            return None
+        (magic, status, _res, length, _tid, _oid_high, _stamp, checkpoint, _count,
+         header_crc) = TX_HEADER.unpack(header)
+        if magic != TX_MAGIC or header_crc != _crc(header[:52]):
+            return None
+        return length, status, checkpoint
 
     # -- reading -------------------------------------------------------
 
@@ -277,7 +358,12 @@ class Log:
         while self.end < file_size:
             try:
                 record = self._read_record(self.end, self.last_tid + 1, file_size)
-            except (_Incomplete, _Damaged):
+            except _Damaged as damage:
+                if damage.skip_to is None or not self._sound_at(damage.skip_to, file_size):
+                    return
+                self.end = damage.skip_to
+                continue
+            except _Incomplete:
                 return
             self._advance(record)
             yield record
@@ -299,6 +385,9 @@ class Log:
                 self._cut("torn", "an incomplete record at the end of the file")
                 return
             except _Damaged as damage:
+                if damage.skip_to is not None and self._sound_at(damage.skip_to, file_size):
+                    self.end = damage.skip_to  # a damaged checkpoint is only redundant
+                    continue
                 survivor = self._find_valid_record_after(self.end + 1, file_size)
                 if survivor is None:
                     self._cut("torn", "a damaged record at the end of the file (%s)"
@@ -344,6 +433,16 @@ class Log:
         self._fsync_directory()
         return saved
 
+    def _sound_at(self, offset, file_size):
+        """Is `offset` the end of the file or the start of a valid record?"""
+        if offset == file_size:
+            return True
+        try:
+            self._read_record(offset, None, file_size)
+        except (_Incomplete, _Damaged):
+            return False
+        return True
+
     def _find_valid_record_after(self, start, file_size):
         """Offset of the first valid record at or after `start`, or None."""
         position = start
@@ -369,21 +468,34 @@ class Log:
         header = os.pread(self.fd, TX_HEADER_SIZE, offset)
         if len(header) < TX_HEADER_SIZE:
             raise _Incomplete()
-        (magic, status, _res, length, tid, oid_high, stamp, count,
+        (magic, status, _res, length, tid, oid_high, stamp, checkpoint, count,
          header_crc) = TX_HEADER.unpack(header)
         if magic != TX_MAGIC:
             raise _Damaged("bad record magic %r" % magic, offset)
-        if header_crc != _crc(header[:44]):
+        if header_crc != _crc(header[:52]):
             raise _Damaged("record header checksum mismatch", offset)
-        if status not in (COMMITTED, FAILED):
+        if status not in (COMMITTED, FAILED, CHECKPOINT):
             raise _Damaged("unknown record status %r" % status, offset)
         if length < TX_HEADER_SIZE + TRAILER_SIZE + count * ENTRY_SIZE:
             raise _Damaged("record length %d too small for %d entries" % (length, count), offset)
         if offset + length > file_size:
             raise _Incomplete()
-        if expected_tid is not None and tid != expected_tid:
-            raise _Damaged("transaction id %d out of sequence (expected %d)"
-                           % (tid, expected_tid), offset)
+        if expected_tid is not None:
+            if status == CHECKPOINT:
+                expected_tid -= 1
+            if tid != expected_tid:
+                raise _Damaged("transaction id %d out of sequence (expected %d)"
+                               % (tid, expected_tid), offset)
+        try:
+            return self._read_body(offset, header, status, length, tid, oid_high, stamp,
+                                   checkpoint, count)
+        except _Damaged as damage:
+            if status == CHECKPOINT:
+                damage.skip_to = offset + length
+            raise
+
+    def _read_body(self, offset, header, status, length, tid, oid_high, stamp, checkpoint,
+                   count):
         reader = _Reader(self.fd, offset + TX_HEADER_SIZE, offset + length - TRAILER_SIZE)
         binding = _crc(header)
         entries = []
@@ -392,7 +504,11 @@ class Log:
                 entry_offset = reader.pos
                 entry_header = reader.read(ENTRY_SIZE)
                 binding = _crc(entry_header, binding)
-                entries.append(self._read_entry(reader, entry_offset, entry_header))
+                entry = self._read_entry(reader, entry_offset, entry_header)
+                if entry.tid != tid:
+                    raise _Damaged("entry of transaction %d in record %d" % (entry.tid, tid),
+                                   entry_offset)
+                entries.append(entry)
         except _Incomplete:
             raise _Damaged("entries overrun the record", offset) from None
         if reader.pos != reader.end:
@@ -403,10 +519,10 @@ class Log:
             raise _Damaged("bad record trailer", offset)
         if trailer_crc != binding:
             raise _Damaged("record checksum mismatch", offset)
-        return Record(tid, status, offset, length, oid_high, stamp, entries)
+        return Record(tid, status, offset, length, oid_high, stamp, checkpoint, entries)
 
     def _read_entry(self, reader, entry_offset, entry_header):
-        kind, _res, crc, oid, previous, length = ENTRY.unpack(entry_header)
+        kind, _res, crc, oid, tid, previous, length = ENTRY.unpack(entry_header)
         if kind not in KINDS:
             raise _Damaged("unknown entry kind %r" % kind, entry_offset)
         if entry_offset + ENTRY_SIZE + length > reader.end:
@@ -427,9 +543,9 @@ class Log:
             data = reader.read(length)
             if crc != _crc(data, _crc(entry_header[8:])):
                 raise _Damaged("entry checksum mismatch", entry_offset)
-            if kind != KIND_OBJECT:
-                data = data if kind == KIND_NOTE else None
-        return Entry(kind, oid, previous, entry_offset, length, data)
+            if kind not in _KEPT:
+                data = None
+        return Entry(kind, oid, tid, previous, entry_offset, length, data)
 
     def diagnose(self):
         """Why the record at `end` can't be read, or None if it can."""
@@ -444,11 +560,11 @@ class Log:
     # -- random access -------------------------------------------------
 
     def read_object(self, offset, oid=None):
-        """Return `(previous, data)` of the O entry at `offset`, checked."""
+        """Return `(tid, previous, data)` of the O entry at `offset`, checked."""
         header = os.pread(self.fd, ENTRY_SIZE, offset)
         if len(header) < ENTRY_SIZE:
             raise CorruptionError("object entry beyond the end of the file", self.path, offset)
-        kind, _res, crc, entry_oid, previous, length = ENTRY.unpack(header)
+        kind, _res, crc, entry_oid, tid, previous, length = ENTRY.unpack(header)
         if kind != KIND_OBJECT or (oid is not None and entry_oid != oid):
             raise CorruptionError("expected the object entry of oid %s, found kind %r oid %d"
                                   % (oid, kind, entry_oid), self.path, offset)
@@ -459,14 +575,14 @@ class Log:
         if len(data) != length or crc != _crc(data, _crc(header[8:])):
             raise CorruptionError("object entry checksum mismatch (oid %d)" % entry_oid,
                                   self.path, offset)
-        return previous, data
+        return tid, previous, data
 
     def open_stream(self, offset):
         """Return `(size, chunk_crcs)` of the S entry at `offset`, checked."""
         header = os.pread(self.fd, ENTRY_SIZE, offset)
         if len(header) < ENTRY_SIZE:
             raise CorruptionError("stream entry beyond the end of the file", self.path, offset)
-        kind, _res, crc, _oid, _prev, length = ENTRY.unpack(header)
+        kind, _res, crc, _oid, _tid, _prev, length = ENTRY.unpack(header)
         if kind != KIND_STREAM or offset + ENTRY_SIZE + length > self.end:
             raise CorruptionError("no stream entry here", self.path, offset)
         n = stream_size(length)
@@ -490,7 +606,7 @@ class Log:
             self.fd = None
 
 
-def _build_record(status, tid, oid_high, offset, entries, stamp):
+def _build_record(status, tid, oid_high, offset, checkpoint, entries, stamp):
     """Lay out one record; return its bytes and its entries as read back."""
     parts = [None]
     position = offset + TX_HEADER_SIZE
@@ -510,10 +626,12 @@ def _build_record(status, tid, oid_high, offset, entries, stamp):
             checked = table
         elif kind == KIND_ROOT:
             oid, data, checked = entry.oid, b"", b""
+        elif kind == KIND_INDEX:
+            data = checked = entry.data
         else:
             data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
         length = (len(data[0]) + len(data[1])) if kind == KIND_STREAM else len(data)
-        tail = struct.pack("<QQQ", oid, previous, length)
+        tail = struct.pack("<QQQQ", oid, tid, previous, length)
         entry_header = struct.pack("<c3sI", kind, b"\0\0\0", _crc(checked, _crc(tail))) + tail
         entry_headers.append(entry_header)
         parts.append(entry_header)
@@ -521,12 +639,12 @@ def _build_record(status, tid, oid_high, offset, entries, stamp):
             parts.extend(data)
         else:
             parts.append(data)
-        kept = data if kind in (KIND_OBJECT, KIND_NOTE) else None
-        laid_out.append(Entry(kind, oid, previous, position, length, kept))
+        kept = data if kind in _KEPT else None
+        laid_out.append(Entry(kind, oid, tid, previous, position, length, kept))
         position += ENTRY_SIZE + length
     length = position + TRAILER_SIZE - offset
     head = TX_HEADER.pack(TX_MAGIC, status, b"\0\0\0", length, tid, oid_high, stamp,
-                          len(entries), 0)[:44]
+                          checkpoint, len(entries), 0)[:52]
     header = head + struct.pack("<I", _crc(head))
     parts[0] = header
     binding = _crc(b"".join(entry_headers), _crc(header))
