@@ -39,7 +39,14 @@ logger = logging.getLogger("dobbin")
 _DENSE_SLACK = 1 << 24
 # Write a checkpoint once the log has grown by this much and by more
 # than the index itself since the last one (see docs/format.txt).
-CHECKPOINT_MIN_BYTES = 1 << 16
+CHECKPOINT_MIN_BYTES = 1 << 14
+DEFAULT_CACHE_SIZE = 128 << 20
+
+
+def _state_cost(pickled_size):
+    # In-memory size of an unpickled state: several times its pickle,
+    # plus the object's own overhead.  Good enough to bound the cache.
+    return 4 * pickled_size + 256
 
 
 class _Synchronizer:
@@ -105,12 +112,15 @@ class Database:
     record is on disk) or "none" (the operating system writes it when it
     likes: fast, for bulk loads and tests, and a crash may lose the
     latest commits but never corrupts the file).  `lock_timeout` bounds
-    the wait for the write lock.  `repair` opens a file with damage in
-    the middle by cutting it at the damage (the cut bytes are kept).
+    the wait for the write lock.  `cache_size` bounds, in bytes, the
+    loaded states kept in memory (None: no bound); the oldest loaded
+    states that no thread has checked out are dropped first and loaded
+    again when touched.  `repair` opens a file with damage in the middle
+    by cutting it at the damage (the cut bytes are kept).
     """
 
-    def __init__(self, path, durability="fsync", lock_timeout=30.0, cache_size=None,
-                 read_only=False, repair=False):
+    def __init__(self, path, durability="fsync", lock_timeout=30.0,
+                 cache_size=DEFAULT_CACHE_SIZE, read_only=False, repair=False):
         self.path = os.fspath(path)
         self.read_only = read_only
         self.cache_size = cache_size
@@ -127,6 +137,8 @@ class Database:
         self._roots = []             # (tid, oid) of every root change
         self._count = 0
         self._cache = weakref.WeakValueDictionary()
+        self._loaded = collections.OrderedDict()   # oid -> (obj, cost), oldest first
+        self._loaded_bytes = 0
         self._root = None
         self._synchronizer = _Synchronizer(self)
         self._threads = threading.local()
@@ -222,7 +234,7 @@ class Database:
             tid, _previous, data = self._log.read_object(offset, oid)
             cls, state = self._load(data, oid)
             obj = self._new_ghost(oid, cls)
-            self._install(obj, state, tid)
+            self._install(obj, state, tid, len(data))
             return obj
 
     def sync(self):
@@ -275,7 +287,7 @@ class Database:
             if not offset:
                 raise DobbinError("oid %d has no stored state in %s" % (oid, self.path))
             tid, _previous, data = self._log.read_object(offset, oid)
-            self._install(obj, self._load(data, oid)[1], tid)
+            self._install(obj, self._load(data, oid)[1], tid, len(data))
 
     def _load(self, data, oid):
         return load_state(data, self._persistent_load, "of oid %d in %s" % (oid, self.path))
@@ -301,13 +313,39 @@ class Database:
         self._cache[oid] = obj
         return obj
 
-    @staticmethod
-    def _install(obj, state, serial):
+    def _install(self, obj, state, serial, pickled_size):
+        """Make `state` the shared state of `obj`; caller holds the state lock."""
         # Replace, never mutate: readers in other threads see the old
         # dict or the new one, and checkouts keep the old one as `old`.
         object.__setattr__(obj, "__dict__", state)
         obj._p_serial = serial
         obj._p_ghost = False
+        oid = obj._p_oid
+        previous = self._loaded.pop(oid, None)
+        if previous is not None:
+            self._loaded_bytes -= previous[1]
+        cost = _state_cost(pickled_size)
+        self._loaded[oid] = (obj, cost)
+        self._loaded_bytes += cost
+        if self.cache_size is not None and self._loaded_bytes > self.cache_size:
+            self._evict()
+
+    def _evict(self):
+        kept = []
+        loaded = self._loaded
+        while self._loaded_bytes > self.cache_size and loaded:
+            oid, (obj, cost) = loaded.popitem(last=False)
+            self._loaded_bytes -= cost
+            if obj._p_local:
+                kept.append((oid, (obj, cost)))  # checked out: a thread relies on it
+                continue
+            # Ghost flag first, then the empty dict: see Persistent.__getattribute__.
+            obj._p_ghost = True
+            object.__setattr__(obj, "__dict__", {})
+        for oid, item in kept:
+            loaded[oid] = item
+            loaded.move_to_end(oid, last=False)
+            self._loaded_bytes += item[1]
 
     # -- the index -----------------------------------------------------
 
@@ -392,7 +430,8 @@ class Database:
                 if reload:
                     obj = self._cache.get(entry.oid)
                     if obj is not None and not obj._p_ghost:
-                        self._install(obj, self._load(entry.data, entry.oid)[1], record.tid)
+                        self._install(obj, self._load(entry.data, entry.oid)[1], record.tid,
+                                      len(entry.data))
             elif entry.kind == KIND_ROOT:
                 self._roots.append((record.tid, entry.oid))
         self._notes.append((record.tid, frozenset(changed)))
@@ -557,9 +596,9 @@ class Database:
         try:
             with self._state_lock:
                 record = self._log.append(COMMITTED, commit.oid_high, entries)
-                for obj, state, _entry in commit.stored:
-                    self._install(obj, state, record.tid)
+                for obj, state, entry in commit.stored:
                     self._cache[obj._p_oid] = obj
+                    self._install(obj, state, record.tid, len(entry.data))
                 for owner, offset, size in commit.stream_owners:
                     if owner is not None:
                         owner._p_become_stream(self, offset, size)

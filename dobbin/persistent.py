@@ -107,7 +107,17 @@ class Persistent:
                 return _lookup(self, state, name)
         if _object_getattribute(self, "_p_ghost"):
             _object_getattribute(self, "_p_jar")._p_activate(self)
-        return _object_getattribute(self, name)
+        try:
+            value = _object_getattribute(self, name)
+        except AttributeError:
+            if not _object_getattribute(self, "_p_ghost"):
+                raise
+            return self.__getattribute__(name)
+        # The cache may have evicted the state while we read it (ghost
+        # flag first, then an empty dict): then read again, loaded.
+        if _object_getattribute(self, "_p_ghost"):
+            return self.__getattribute__(name)
+        return value
 
     def __setattr__(self, name, value):
         if name[:3] == "_p_":
