@@ -25,7 +25,7 @@ from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_S
                         KIND_OBJECT, KIND_ROOT, STREAM_CHUNK, TX_HEADER_SIZE, IndexEntry, Log,
                         NoteEntry, ObjectEntry, RootEntry, StreamEntry)
 from dobbin.persistent import Persistent
-from dobbin.serialize import dump_state, load_state
+from dobbin.serialize import PLAIN_TYPES, dump_state, load_state
 from dobbin.session import current_session
 from dobbin.stream import PersistentFile, PersistentStream
 
@@ -165,6 +165,9 @@ class Database:
                 for record in self._log.recover(repair=repair):
                     self._apply(record)
             self.recovery = self._log.dropped
+            # What an earlier writer left unsynced is made durable before we
+            # build on it.
+            self._log.flush(self._log.end)
         finally:
             self._lock.release()
         self._notes.clear()
@@ -412,14 +415,18 @@ class Database:
         if log.end - log.checkpoint_end <= max(CHECKPOINT_MIN_BYTES, 8 * len(self._offsets)):
             return
         try:
-            log.append(CHECKPOINT, log.oid_high, [IndexEntry(self._index_payload())])
+            log.append(CHECKPOINT, log.oid_high, [IndexEntry(self._index_payload())],
+                       wait=False)
         except StorageError:
             # The commit before it is durable already; only later writes
             # are refused (the log is marked broken).
             logger.exception("could not write an index checkpoint to %s", self.path)
 
-    def _apply(self, record, reload=True):
-        """Take a record into the index; caller holds the state lock."""
+    def _apply(self, record, reload=True, durable_at=0):
+        """Take a record into the index; caller holds the state lock.
+
+        Subscribers hear of it once the file is durable up to `durable_at`.
+        """
         if record.status != COMMITTED:
             return
         changed = []
@@ -434,7 +441,7 @@ class Database:
                                       len(entry.data))
             elif entry.kind == KIND_ROOT:
                 self._roots.append((record.tid, entry.oid))
-        self._notes.append((record.tid, frozenset(changed)))
+        self._notes.append((durable_at, record.tid, frozenset(changed)))
 
     def _flush_notes(self):
         if not self._notes:
@@ -444,7 +451,10 @@ class Database:
         with self._notify_lock:
             while self._notes:
                 try:
-                    tid, oids = self._notes.popleft()
+                    durable_at, tid, oids = self._notes[0]
+                    if durable_at > self._log.synced_end and self.durability == "fsync":
+                        break  # its writer will flush it once the fsync is done
+                    self._notes.popleft()
                 except IndexError:
                     break
                 for callback in list(self._subscribers):
@@ -502,6 +512,8 @@ class Database:
             enqueue(root)
 
         def persistent_id(value):
+            if type(value) in PLAIN_TYPES:
+                return None
             if isinstance(value, Persistent):
                 jar = value._p_jar
                 if jar is None:
@@ -595,7 +607,7 @@ class Database:
             entries.append(RootEntry(commit.root_oid))
         try:
             with self._state_lock:
-                record = self._log.append(COMMITTED, commit.oid_high, entries)
+                record = self._log.append(COMMITTED, commit.oid_high, entries, wait=False)
                 for obj, state, entry in commit.stored:
                     self._cache[obj._p_oid] = obj
                     self._install(obj, state, record.tid, len(entry.data))
@@ -603,11 +615,14 @@ class Database:
                     if owner is not None:
                         owner._p_become_stream(self, offset, size)
                 commit.published = True
-                self._apply(record, reload=False)
+                self._apply(record, reload=False, durable_at=record.offset + record.length)
                 self._maybe_checkpoint()
         finally:
             commit.locked = False
             self._lock.release()
+        # Outside the lock: the next writer goes ahead while we wait, and
+        # one fsync serves both.
+        self._log.flush(record.offset + record.length)
         self._flush_notes()
 
     def _p_commit_abort(self, commit):

@@ -9,6 +9,7 @@ beside the file) from damage in the middle (`CorruptionError`).
 import json
 import os
 import struct
+import threading
 import time
 import zlib
 from collections import namedtuple
@@ -180,6 +181,9 @@ class Log:
         self.oid_high = 1
         self.checkpoint = 0        # offset of the newest checkpoint record
         self.checkpoint_end = FILE_HEADER_SIZE
+        self.synced_end = 0        # bytes known to be durable
+        self._sync_done = threading.Condition()
+        self._syncing = False
 
     # -- file header ---------------------------------------------------
 
@@ -229,12 +233,15 @@ class Log:
 
     # -- writing -----------------------------------------------------------
 
-    def append(self, status, oid_high, entries, time_ns=None):
-        """Write one record at the end, durably; return it as a `Record`.
+    def append(self, status, oid_high, entries, time_ns=None, wait=True):
+        """Write one record at the end; return it as a `Record`.
 
         The caller holds the write lock and has read every record up to
-        the end (so `self.end` is the end of the file).  On an I/O error
-        the record is cut off again and the log refuses further writes.
+        the end (so `self.end` is the end of the file).  With `wait` it
+        returns once the record is durable; without, the caller calls
+        `flush` after giving the lock up, so that one fsync can serve
+        several commits.  On a write error the record is cut off again
+        and the log refuses further writes.
         """
         self._check_writable()
         tid = self.last_tid if status == CHECKPOINT else self.last_tid + 1
@@ -244,13 +251,52 @@ class Log:
                                              entries, stamp)
         try:
             self._write(buffer, offset)
-            self._sync()
         except OSError as error:
             self._fail(error, offset)
         record = Record(tid, status, offset, len(buffer), oid_high, stamp, self.checkpoint,
                         read_entries)
         self._advance(record)
+        if wait:
+            self.flush(self.end)
         return record
+
+    def flush(self, end):
+        """Return once the file's first `end` bytes are durable.
+
+        Group commit: one fsync covers every record written before it
+        starts, so threads that commit together share it.  A failed fsync
+        leaves the page cache in an unknown state; retrying could report
+        success for lost data, so the log refuses writes from then on.
+        The bytes are not cut (another process may already hold the
+        lock): the commit's outcome is unknown until the file is reopened.
+        """
+        if self.durability != "fsync":
+            return
+        with self._sync_done:
+            while self.synced_end < end:
+                if self.broken is not None:
+                    raise StorageError("%s refuses writes after an I/O error: %s"
+                                       % (self.path, self.broken))
+                if self._syncing:
+                    self._sync_done.wait()
+                    continue
+                self._syncing = True
+                target = self.end
+                self._sync_done.release()
+                error = None
+                try:
+                    self._sync()
+                except OSError as failure:
+                    error = failure
+                finally:
+                    self._sync_done.acquire()
+                    self._syncing = False
+                    self._sync_done.notify_all()
+                if error is not None:
+                    self.broken = error
+                    raise StorageError("fsync of %s failed (%s); the database refuses further "
+                                       "writes until reopened" % (self.path, error)) from error
+                self.synced_end = max(self.synced_end, target)
 
     def _fail(self, error, offset):
         # After a failed write or fsync the page cache can't be trusted

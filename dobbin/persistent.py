@@ -8,7 +8,6 @@ under the thread's id.  Attribute access finds that copy first, so the
 change is invisible to other threads until the transaction commits.
 """
 
-import copy
 import functools
 import threading
 from collections.abc import MutableMapping
@@ -16,7 +15,7 @@ from collections.abc import MutableMapping
 from zope.interface import implementer
 
 from dobbin.interfaces import IPersistent, IPersistentDict
-from dobbin.session import current_session
+from dobbin.session import copy_state, current_session
 from dobbin.stream import PersistentFile  # noqa: F401  (public name, per the guide)
 
 _get_ident = threading.get_ident
@@ -194,7 +193,7 @@ def checkout(obj):
     # only make us see a conflict that isn't one, never miss one.
     serial = _object_getattribute(obj, "_p_serial")
     shared = _object_getattribute(obj, "__dict__")
-    working = copy.deepcopy(shared)
+    working = copy_state(shared)
     if table is None:
         with _local_table_lock:
             table = _object_getattribute(obj, "_p_local")

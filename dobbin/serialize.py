@@ -16,29 +16,18 @@ PROTOCOL = 5
 
 
 
-
-class _Pickler(pickle.Pickler):
-    def __init__(self, file, persistent_id):
-        super().__init__(file, PROTOCOL)
-        self._persistent_id = persistent_id
-
-    def persistent_id(self, obj):
-        return self._persistent_id(obj)
-
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, persistent_load):
-        super().__init__(file)
-        self._persistent_load = persistent_load
-
-    def persistent_load(self, pid):
-        return self._persistent_load(pid)
+# Values of these types are never persistent references; the pickler
+# asks about every value, so answering them first saves most of the work.
+PLAIN_TYPES = frozenset((str, bytes, int, float, bool, type(None), list, dict, tuple, set,
+                         frozenset, complex, bytearray))
 
 
 def dump_state(cls, state, persistent_id):
     """Pickle `(cls, state)`; `persistent_id(obj)` returns an id or None."""
     buffer = io.BytesIO()
-    _Pickler(buffer, persistent_id).dump((cls, state))
+    pickler = pickle.Pickler(buffer, PROTOCOL)
+    pickler.persistent_id = persistent_id
+    pickler.dump((cls, state))
     return buffer.getvalue()
 
 
@@ -48,8 +37,10 @@ def load_state(data, persistent_load, where=""):
     Any failure (a class that was renamed, a module that is gone) is
     reported as `LoadError` naming the record.
     """
+    unpickler = pickle.Unpickler(io.BytesIO(data))
+    unpickler.persistent_load = persistent_load
     try:
-        cls, state = _Unpickler(io.BytesIO(data), persistent_load).load()
+        cls, state = unpickler.load()
     except DobbinError:
         raise
     except Exception as error:

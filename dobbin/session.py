@@ -18,6 +18,22 @@ from dobbin.interfaces import ISession
 
 _threads = threading.local()
 
+_IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None), complex, frozenset))
+
+
+def copy_state(state):
+    """A deep copy of a state; persistent objects are kept, not copied."""
+    copied = {}
+    memo = None
+    for name, value in state.items():
+        if type(value) in _IMMUTABLE:
+            copied[name] = value
+        else:
+            if memo is None:
+                memo = {}  # one memo, so values shared inside the state stay shared
+            copied[name] = copy.deepcopy(value, memo)
+    return copied
+
 
 def current_session():
     """The session of the calling thread's current transaction, joined."""
@@ -151,7 +167,7 @@ class Session:
                 obj._p_jar._p_activate(obj)
             entry.serial = obj._p_serial
             entry.old = obj.__dict__
-            obj._p_local[self.thread] = copy.deepcopy(entry.old)
+            obj._p_local[self.thread] = copy_state(entry.old)
 
     def _release(self):
         for entry in self.checkouts.values():
@@ -169,7 +185,7 @@ class _Savepoint:
 
     def __init__(self, session):
         self.session = session
-        self.checkouts = {key: (entry, copy.deepcopy(session.working_state(entry.obj)))
+        self.checkouts = {key: (entry, copy_state(session.working_state(entry.obj)))
                           for key, entry in session.checkouts.items()}
         self.elected = dict(session.elected)
 
@@ -181,5 +197,5 @@ class _Savepoint:
                 del session.checkouts[key]
         for key, (entry, state) in self.checkouts.items():
             session.checkouts[key] = entry
-            entry.obj._p_local[session.thread] = copy.deepcopy(state)
+            entry.obj._p_local[session.thread] = copy_state(state)
         session.elected = dict(self.elected)
