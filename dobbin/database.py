@@ -24,8 +24,8 @@ from dobbin.lock import WriteLock
 from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
                         KIND_OBJECT, KIND_ROOT, STREAM_CHUNK, TX_HEADER_SIZE, IndexEntry, Log,
                         NoteEntry, ObjectEntry, RootEntry, StreamEntry)
-from dobbin.persistent import Persistent
-from dobbin.serialize import PLAIN_TYPES, dump_state, load_state
+from dobbin.persistent import Persistent, new_ghost
+from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.session import current_session
 from dobbin.stream import PersistentFile, PersistentStream
 
@@ -136,7 +136,8 @@ class Database:
         self._sparse_offsets = {}
         self._roots = []             # (tid, oid) of every root change
         self._count = 0
-        self._cache = weakref.WeakValueDictionary()
+        self._identities = {}   # oid -> weakref: one object per oid while reachable
+        self._identities_pruned_at = 1024
         self._loaded = collections.OrderedDict()   # oid -> (obj, cost), oldest first
         self._loaded_bytes = 0
         self._root = None
@@ -224,11 +225,11 @@ class Database:
 
     def get(self, oid):
         self._register_thread()
-        obj = self._cache.get(oid)
+        obj = self._cached(oid)
         if obj is not None:
             return obj
         with self._state_lock:
-            obj = self._cache.get(oid)
+            obj = self._cached(oid)
             if obj is not None:
                 return obj
             offset = self._offset_of(oid)
@@ -301,20 +302,33 @@ class Database:
             if key == "S" and type(value) is int:
                 return PersistentStream(self, value)
             if type(key) is int and isinstance(value, type) and issubclass(value, Persistent):
-                with self._state_lock:
-                    obj = self._cache.get(key)
-                    if obj is None:
-                        obj = self._new_ghost(key, value)
-                        object.__setattr__(obj, "_p_ghost", True)
+                obj = self._cached(key)
+                if obj is not None:
                     return obj
+                with self._state_lock:
+                    obj = self._cached(key)
+                    return self._new_ghost(key, value) if obj is None else obj
         raise LoadError("bad reference %r in %s" % (pid, self.path))
 
     def _new_ghost(self, oid, cls):
-        obj = cls.__new__(cls)
-        obj._p_oid = oid
-        obj._p_jar = self
-        self._cache[oid] = obj
+        obj = new_ghost(cls, oid, self)
+        self._remember(obj)
         return obj
+
+    def _cached(self, oid):
+        ref = self._identities.get(oid)
+        return None if ref is None else ref()
+
+    def _remember(self, obj):
+        """Keep `obj` as the object of its oid; caller holds the state lock."""
+        identities = self._identities
+        identities[obj._p_oid] = weakref.ref(obj)
+        if len(identities) > 2 * self._identities_pruned_at:
+            # Dropping dead references now and then costs less than a
+            # callback on every object's death.
+            for oid in [oid for oid, ref in identities.items() if ref() is None]:
+                del identities[oid]
+            self._identities_pruned_at = max(1024, len(identities))
 
     def _install(self, obj, state, serial, pickled_size):
         """Make `state` the shared state of `obj`; caller holds the state lock."""
@@ -435,7 +449,7 @@ class Database:
                 self._set_offset(entry.oid, entry.offset)
                 changed.append(entry.oid)
                 if reload:
-                    obj = self._cache.get(entry.oid)
+                    obj = self._cached(entry.oid)
                     if obj is not None and not obj._p_ghost:
                         self._install(obj, self._load(entry.data, entry.oid)[1], record.tid,
                                       len(entry.data))
@@ -529,12 +543,13 @@ class Database:
                 return ("S", self._stream_offset(value, commit))
             return None
 
+        writer = StateWriter(persistent_id)
         while queue:
             obj = queue.popleft()
             if obj._p_oid is None:
                 self._assign_oid(obj, commit)
             state = session.working_state(obj)
-            data = dump_state(type(obj), state, persistent_id)
+            data = writer.dump(type(obj), state)
             entry = ObjectEntry(obj._p_oid, self._offset_of(obj._p_oid), data)
             commit.stored.append((obj, state, entry))
         if root is not None:
@@ -609,7 +624,7 @@ class Database:
             with self._state_lock:
                 record = self._log.append(COMMITTED, commit.oid_high, entries, wait=False)
                 for obj, state, entry in commit.stored:
-                    self._cache[obj._p_oid] = obj
+                    self._remember(obj)
                     self._install(obj, state, record.tid, len(entry.data))
                 for owner, offset, size in commit.stream_owners:
                     if owner is not None:
@@ -684,6 +699,7 @@ class Database:
                 return ("S", stream_offsets[value.offset])
             return None
 
+        writer = StateWriter(rewrite)
         with self._state_lock:
             oids = list(self._oids())
             roots = [oid for tid, oid in self._roots if tid <= until]
@@ -693,7 +709,7 @@ class Database:
             except HistoryError:
                 continue  # created after `until`
             cls, state = load_state(data, reference, "of oid %d" % oid)
-            objects.append(ObjectEntry(oid, 0, dump_state(cls, state, rewrite)))
+            objects.append(ObjectEntry(oid, 0, writer.dump(cls, state)))
         entries = streams + objects
         if roots:
             entries.append(RootEntry(roots[-1]))

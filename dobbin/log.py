@@ -46,6 +46,7 @@ _KEPT = (KIND_OBJECT, KIND_NOTE, KIND_INDEX)
 
 STREAM_CHUNK = 65536
 _READ_AHEAD = 1 << 20
+_OBJECT_READ = 512
 DURABILITY = ("fsync", "none")
 
 # What one entry of a record read back from the file looks like.  `data`
@@ -607,7 +608,9 @@ class Log:
 
     def read_object(self, offset, oid=None):
         """Return `(tid, previous, data)` of the O entry at `offset`, checked."""
-        header = os.pread(self.fd, ENTRY_SIZE, offset)
+        # Most states are small: one read usually brings header and data.
+        block = os.pread(self.fd, _OBJECT_READ, offset)
+        header = block[:ENTRY_SIZE]
         if len(header) < ENTRY_SIZE:
             raise CorruptionError("object entry beyond the end of the file", self.path, offset)
         kind, _res, crc, entry_oid, tid, previous, length = ENTRY.unpack(header)
@@ -617,7 +620,10 @@ class Log:
         if offset + ENTRY_SIZE + length > self.end:
             raise CorruptionError("object entry length %d overruns the log" % length,
                                   self.path, offset)
-        data = os.pread(self.fd, length, offset + ENTRY_SIZE)
+        if ENTRY_SIZE + length <= len(block):
+            data = block[ENTRY_SIZE:ENTRY_SIZE + length]
+        else:
+            data = os.pread(self.fd, length, offset + ENTRY_SIZE)
         if len(data) != length or crc != _crc(data, _crc(header[8:])):
             raise CorruptionError("object entry checksum mismatch (oid %d)" % entry_oid,
                                   self.path, offset)
@@ -652,23 +658,28 @@ class Log:
             self.fd = None
 
 
+_ENTRY_HEAD = struct.Struct("<c3sI")
+_ENTRY_TAIL = struct.Struct("<QQQQ")
+
+
 def _build_record(status, tid, oid_high, offset, checkpoint, entries, stamp):
     """Lay out one record; return its bytes and its entries as read back."""
     parts = [None]
     position = offset + TX_HEADER_SIZE
     entry_headers = []
     laid_out = []
+    pack_head, pack_tail, crc32 = _ENTRY_HEAD.pack, _ENTRY_TAIL.pack, zlib.crc32
     for entry in entries:
         kind = entry.kind
         oid = previous = 0
         if kind == KIND_OBJECT:
-            oid, previous, data = entry.oid, entry.previous, entry.data
+            oid, previous, data = entry
             checked = data
         elif kind == KIND_STREAM:
             raw = entry.data
-            table = b"".join(struct.pack("<I", _crc(raw[i:i + STREAM_CHUNK]))
+            table = b"".join(struct.pack("<I", crc32(raw[i:i + STREAM_CHUNK]))
                              for i in range(0, len(raw), STREAM_CHUNK))
-            data = (raw, table)
+            data = raw + table
             checked = table
         elif kind == KIND_ROOT:
             oid, data, checked = entry.oid, b"", b""
@@ -676,24 +687,21 @@ def _build_record(status, tid, oid_high, offset, checkpoint, entries, stamp):
             data = checked = entry.data
         else:
             data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
-        length = (len(data[0]) + len(data[1])) if kind == KIND_STREAM else len(data)
-        tail = struct.pack("<QQQQ", oid, tid, previous, length)
-        entry_header = struct.pack("<c3sI", kind, b"\0\0\0", _crc(checked, _crc(tail))) + tail
+        length = len(data)
+        tail = pack_tail(oid, tid, previous, length)
+        entry_header = pack_head(kind, b"\0\0\0", crc32(checked, crc32(tail))) + tail
         entry_headers.append(entry_header)
         parts.append(entry_header)
-        if kind == KIND_STREAM:
-            parts.extend(data)
-        else:
-            parts.append(data)
-        kept = data if kind in _KEPT else None
-        laid_out.append(Entry(kind, oid, tid, previous, position, length, kept))
+        parts.append(data)
+        laid_out.append(Entry(kind, oid, tid, previous, position, length,
+                              data if kind in _KEPT else None))
         position += ENTRY_SIZE + length
     length = position + TRAILER_SIZE - offset
     head = TX_HEADER.pack(TX_MAGIC, status, b"\0\0\0", length, tid, oid_high, stamp,
                           checkpoint, len(entries), 0)[:52]
-    header = head + struct.pack("<I", _crc(head))
+    header = head + struct.pack("<I", crc32(head))
     parts[0] = header
-    binding = _crc(b"".join(entry_headers), _crc(header))
+    binding = crc32(b"".join(entry_headers), crc32(header))
     parts.append(TRAILER.pack(binding, TRAILER_MAGIC, length))
     return b"".join(parts), laid_out
 

@@ -34,6 +34,23 @@ def _class_attribute(cls, name):
     return _MISSING
 
 
+_setter_names = {}
+
+
+def _names_with_setters(cls):
+    """Names that a class's data descriptors (properties...) handle.
+
+    Computed once per class: a descriptor added to a class after its
+    first instance was written to is not seen.
+    """
+    names = _setter_names.get(cls)
+    if names is None:
+        names = frozenset(name for klass in cls.__mro__ for name, value in vars(klass).items()
+                          if hasattr(type(value), "__set__"))
+        _setter_names[cls] = names
+    return names
+
+
 def _is_data_descriptor(attribute):
     kind = type(attribute)
     return hasattr(kind, "__set__") or hasattr(kind, "__delete__")
@@ -81,14 +98,7 @@ class Persistent:
                  "__dict__", "__weakref__")
 
     def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        _object_setattr(obj, "_p_oid", None)
-        _object_setattr(obj, "_p_jar", None)
-        _object_setattr(obj, "_p_serial", 0)
-        _object_setattr(obj, "_p_ghost", False)
-        _object_setattr(obj, "_p_local", None)
-        _object_setattr(obj, "_p_init", None)
-        return obj
+        return _new_instance(cls, None, None, False)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -122,8 +132,8 @@ class Persistent:
         if name[:3] == "_p_":
             return _object_setattr(self, name, value)
         state = _writable_state(self)
-        attribute = _class_attribute(type(self), name)
-        if attribute is not _MISSING and hasattr(type(attribute), "__set__"):
+        if name in _names_with_setters(type(self)):
+            attribute = _class_attribute(type(self), name)
             type(attribute).__set__(attribute, self, value)
         else:
             state[name] = value
@@ -148,6 +158,37 @@ class Persistent:
 
     def __reduce__(self):
         raise TypeError("persistent objects are stored by the database, not pickled directly")
+
+
+# The slots' own setters: much cheaper than a generic setattr per slot.
+_set_oid = Persistent._p_oid.__set__
+_set_jar = Persistent._p_jar.__set__
+_set_serial = Persistent._p_serial.__set__
+_set_ghost = Persistent._p_ghost.__set__
+_set_local = Persistent._p_local.__set__
+_set_init = Persistent._p_init.__set__
+
+
+def _new_instance(cls, oid, jar, ghost):
+    obj = object.__new__(cls)
+    _set_oid(obj, oid)
+    _set_jar(obj, jar)
+    _set_serial(obj, 0)
+    _set_ghost(obj, ghost)
+    _set_local(obj, None)
+    _set_init(obj, None)
+    return obj
+
+
+def new_ghost(cls, oid, jar):
+    """An object of `cls` whose state `jar` loads on first access.
+
+    Its class's ``__new__`` and ``__init__`` are not called: the object
+    was built once already, when it was first created.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Persistent)):
+        raise TypeError("%r is not a persistent class" % (cls,))
+    return _new_instance(cls, oid, jar, True)
 
 
 def _lookup(obj, state, name):

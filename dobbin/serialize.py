@@ -19,16 +19,29 @@ PROTOCOL = 5
 # Values of these types are never persistent references; the pickler
 # asks about every value, so answering them first saves most of the work.
 PLAIN_TYPES = frozenset((str, bytes, int, float, bool, type(None), list, dict, tuple, set,
-                         frozenset, complex, bytearray))
+                         frozenset, complex, bytearray, type))
 
 
-def dump_state(cls, state, persistent_id):
-    """Pickle `(cls, state)`; `persistent_id(obj)` returns an id or None."""
-    buffer = io.BytesIO()
-    pickler = pickle.Pickler(buffer, PROTOCOL)
-    pickler.persistent_id = persistent_id
-    pickler.dump((cls, state))
-    return buffer.getvalue()
+class StateWriter:
+    """Pickles `(cls, state)` records, each on its own.
+
+    One pickler serves a whole commit (building one per record costs more
+    than the record), and its memo is cleared between records so that no
+    record depends on another.  `persistent_id(obj)` returns an id or None.
+    """
+
+    def __init__(self, persistent_id):
+        self._buffer = io.BytesIO()
+        self._pickler = pickle.Pickler(self._buffer, PROTOCOL)
+        self._pickler.persistent_id = persistent_id
+
+    def dump(self, cls, state):
+        buffer = self._buffer
+        buffer.seek(0)
+        buffer.truncate()
+        self._pickler.clear_memo()
+        self._pickler.dump((cls, state))
+        return buffer.getvalue()
 
 
 def load_state(data, persistent_load, where=""):

@@ -1,0 +1,99 @@
+"""The `dobbin` command line (also `python -m dobbin`).
+
+    dobbin serve PATH [--bind ADDR] [--app MODULE:FUNCTION] [--debug]
+        Serve the database at PATH (created if new) with the broker until
+        SIGINT or SIGTERM, then shut down cleanly.  --app names a function
+        called with the BrokerServer before it starts, to export classes
+        and add statics.  Prints one line, "serving PATH at ADDR", once the
+        server answers.
+    dobbin shell ADDR
+        An interactive Python prompt with `client` (a BrokerClient) and
+        `root` (its root proxy) bound.
+"""
+
+import argparse
+import code
+import importlib
+import signal
+import sys
+import threading
+
+DEFAULT_BIND = "tcp://127.0.0.1:5590"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="dobbin", description="Dobbin object database")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a database over ZeroMQ")
+    serve.add_argument("path", help="database file (created if missing)")
+    serve.add_argument("--bind", default=DEFAULT_BIND,
+                       help="request endpoint (default %(default)s; tcp://HOST:* for any port)")
+    serve.add_argument("--broadcast", default=None, help="broadcast (PUB) endpoint")
+    serve.add_argument("--app", default=None, metavar="MODULE:FUNCTION",
+                       help="called with the server before it starts, to configure exports")
+    serve.add_argument("--durability", choices=("fsync", "none"), default="fsync")
+    serve.add_argument("--debug", action="store_true", help="send server tracebacks to clients")
+    shell = commands.add_parser("shell", help="interactive prompt on a served database")
+    shell.add_argument("address", help="the server's request endpoint")
+    shell.add_argument("--timeout", type=float, default=2.5)
+    return parser
+
+
+def load_app(spec):
+    """Return the function named by "module:function"."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise SystemExit("--app wants MODULE:FUNCTION, got %r" % spec)
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def serve(args):
+    from broker.server import BrokerServer
+    from dobbin.database import Database
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    db = Database(args.path, durability=args.durability)
+    try:
+        server = BrokerServer(db, address=args.bind, broadcast=args.broadcast, debug=args.debug)
+        if args.app:
+            load_app(args.app)(server)
+        with server:
+            print("serving %s at %s (broadcasts at %s)"
+                  % (args.path, server.address, server.broadcast_address), flush=True)
+            while not stop.wait(0.5):
+                pass
+    finally:
+        db.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def shell(args):
+    from broker.client import BrokerClient
+
+    client = BrokerClient(args.address, timeout=args.timeout)
+    try:
+        banner = ("Dobbin shell on %s: `client` and `root` are bound; "
+                  "client.commit() sends your changes." % args.address)
+        code.interact(banner=banner, local={"client": client, "root": client.root},
+                      exitmsg="")
+    finally:
+        client.close()
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return shell(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
