@@ -606,10 +606,16 @@ class Log:
 
     # -- random access -------------------------------------------------
 
+    def _reading_fd(self):
+        if self.fd is None:
+            raise ReadOnlyError("%s is closed" % self.path)
+        return self.fd
+
     def read_object(self, offset, oid=None):
         """Return `(tid, previous, data)` of the O entry at `offset`, checked."""
+        fd = self._reading_fd()
         # Most states are small: one read usually brings header and data.
-        block = os.pread(self.fd, _OBJECT_READ, offset)
+        block = os.pread(fd, _OBJECT_READ, offset)
         header = block[:ENTRY_SIZE]
         if len(header) < ENTRY_SIZE:
             raise CorruptionError("object entry beyond the end of the file", self.path, offset)
@@ -623,7 +629,7 @@ class Log:
         if ENTRY_SIZE + length <= len(block):
             data = block[ENTRY_SIZE:ENTRY_SIZE + length]
         else:
-            data = os.pread(self.fd, length, offset + ENTRY_SIZE)
+            data = os.pread(fd, length, offset + ENTRY_SIZE)
         if len(data) != length or crc != _crc(data, _crc(header[8:])):
             raise CorruptionError("object entry checksum mismatch (oid %d)" % entry_oid,
                                   self.path, offset)
@@ -631,7 +637,7 @@ class Log:
 
     def open_stream(self, offset):
         """Return `(size, chunk_crcs)` of the S entry at `offset`, checked."""
-        header = os.pread(self.fd, ENTRY_SIZE, offset)
+        header = os.pread(self._reading_fd(), ENTRY_SIZE, offset)
         if len(header) < ENTRY_SIZE:
             raise CorruptionError("stream entry beyond the end of the file", self.path, offset)
         kind, _res, crc, _oid, _tid, _prev, length = ENTRY.unpack(header)
@@ -647,7 +653,7 @@ class Log:
         """Return chunk `index` of the stream whose S entry is at `offset`."""
         start = index * STREAM_CHUNK
         want = min(STREAM_CHUNK, size - start)
-        data = os.pread(self.fd, want, offset + ENTRY_SIZE + start)
+        data = os.pread(self._reading_fd(), want, offset + ENTRY_SIZE + start)
         if len(data) != want or _crc(data) != chunk_crcs[index]:
             raise CorruptionError("stream chunk %d checksum mismatch" % index, self.path, offset)
         return data

@@ -303,6 +303,25 @@ class PersistentDict(Persistent):
         """A plain dict with the same items."""
         return dict(self._data)
 
+    def __reversed__(self):
+        return reversed(self._data)
+
+    def __or__(self, other):
+        if isinstance(other, PersistentDict):
+            other = other._data
+        if not isinstance(other, dict):
+            return NotImplemented
+        return self._data | other
+
+    def __ror__(self, other):
+        if not isinstance(other, dict):
+            return NotImplemented
+        return other | self._data
+
+    @classmethod
+    def fromkeys(cls, iterable, value=None):
+        return cls(dict.fromkeys(iterable, value))
+
     # -- writing (checkout required) -------------------------------------
 
     def __setitem__(self, key, value):
@@ -325,6 +344,12 @@ class PersistentDict(Persistent):
 
     def update(self, *args, **kwargs):
         self._items_for_writing().update(*args, **kwargs)
+
+    def __ior__(self, other):
+        if isinstance(other, PersistentDict):
+            other = other._data
+        self._items_for_writing().update(other)
+        return self
 
 
 MutableMapping.register(PersistentDict)

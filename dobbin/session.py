@@ -13,7 +13,7 @@ import threading
 import transaction
 from zope.interface import implementer
 
-from dobbin.exc import DobbinError, ObjectGraphError
+from dobbin.exc import ObjectGraphError
 from dobbin.interfaces import ISession
 
 _threads = threading.local()
@@ -39,7 +39,7 @@ def current_session():
     """The session of the calling thread's current transaction, joined."""
     txn = transaction.get()
     session = getattr(_threads, "session", None)
-    if session is None or session.transaction is not txn:
+    if session is None or session.transaction is not txn or session.finished:
         session = Session(txn)
         txn.join(session)
         _threads.session = session
@@ -70,6 +70,10 @@ class Session:
         self._adopted = []    # objects given a jar by elect(), undone on abort
         self._commits = []    # (database, commit) pairs, locked, in lock order
         self._committing = False
+        # Set once the session has left its transaction (committed,
+        # aborted, or unjoined by a savepoint rollback): a later checkout
+        # in the same transaction joins a new session.
+        self.finished = False
 
     # -- building the transaction --------------------------------------
 
@@ -106,6 +110,7 @@ class Session:
         if self._committing:
             return  # a failed commit: tpc_abort follows and keeps the checkouts
         self._release()
+        self.finished = True
 
     def tpc_begin(self, txn):
         self._committing = True
@@ -120,7 +125,7 @@ class Session:
         try:
             for database, pending in self._commits:
                 database._p_commit_prepare(pending, self)
-        except DobbinError as error:
+        except Exception as error:  # an unpicklable state fails the commit too
             self._record_failure(error)
             raise
 
@@ -139,6 +144,7 @@ class Session:
             self._commits = []
             self._committing = False
             self._release()
+            self.finished = True
 
     def tpc_abort(self, txn):
         commits, self._commits = self._commits, []
@@ -147,7 +153,7 @@ class Session:
         self._committing = False
         self._refresh()
 
-    def savepoint(self, txn):
+    def savepoint(self):
         return _Savepoint(self)
 
     # -- helpers -------------------------------------------------------
