@@ -47,6 +47,8 @@ _KEPT = (KIND_OBJECT, KIND_NOTE, KIND_INDEX)
 STREAM_CHUNK = 65536
 _READ_AHEAD = 1 << 20
 _OBJECT_READ = 512
+_IOV_MAX = 512
+_SMALL_PART = 1 << 16
 DURABILITY = ("fsync", "none")
 
 # What one entry of a record read back from the file looks like.  `data`
@@ -210,12 +212,22 @@ class Log:
 
     # -- I/O seams: tests replace these to inject failures -------------
 
-    def _write(self, data, offset):
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view = view[written:]
+    def _write(self, buffers, offset):
+        """Write `buffers` (bytes, or a list of them) at `offset`, all of them.
+
+        A list goes out with ``pwritev``, so a large payload is written
+        from where it lies instead of being copied into one buffer first.
+        """
+        if isinstance(buffers, (bytes, bytearray, memoryview)):
+            buffers = [buffers]
+        pending = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
+        while pending:
+            written = os.pwritev(self.fd, pending[:_IOV_MAX], offset)
             offset += written
+            while pending and written >= len(pending[0]):
+                written -= len(pending.pop(0))
+            if written:
+                pending[0] = pending[0][written:]
 
     def _sync(self):
         if self.durability == "fsync":
@@ -248,13 +260,13 @@ class Log:
         tid = self.last_tid if status == CHECKPOINT else self.last_tid + 1
         offset = self.end
         stamp = time_ns or time.time_ns()
-        buffer, read_entries = _build_record(status, tid, oid_high, offset, self.checkpoint,
-                                             entries, stamp)
+        buffers, length, read_entries = _build_record(status, tid, oid_high, offset,
+                                                      self.checkpoint, entries, stamp)
         try:
-            self._write(buffer, offset)
+            self._write(buffers, offset)
         except OSError as error:
             self._fail(error, offset)
-        record = Record(tid, status, offset, len(buffer), oid_high, stamp, self.checkpoint,
+        record = Record(tid, status, offset, length, oid_high, stamp, self.checkpoint,
                         read_entries)
         self._advance(record)
         if wait:
@@ -669,7 +681,11 @@ _ENTRY_TAIL = struct.Struct("<QQQQ")
 
 
 def _build_record(status, tid, oid_high, offset, checkpoint, entries, stamp):
-    """Lay out one record; return its bytes and its entries as read back."""
+    """Lay out one record.
+
+    Returns the buffers to write (small parts joined, large payloads kept
+    as they are), the record's length, and its entries as read back.
+    """
     parts = [None]
     position = offset + TX_HEADER_SIZE
     entry_headers = []
@@ -682,10 +698,10 @@ def _build_record(status, tid, oid_high, offset, checkpoint, entries, stamp):
             oid, previous, data = entry
             checked = data
         elif kind == KIND_STREAM:
-            raw = entry.data
+            raw = memoryview(entry.data)
             table = b"".join(struct.pack("<I", crc32(raw[i:i + STREAM_CHUNK]))
                              for i in range(0, len(raw), STREAM_CHUNK))
-            data = raw + table
+            data = (raw, table)
             checked = table
         elif kind == KIND_ROOT:
             oid, data, checked = entry.oid, b"", b""
@@ -693,12 +709,15 @@ def _build_record(status, tid, oid_high, offset, checkpoint, entries, stamp):
             data = checked = entry.data
         else:
             data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
-        length = len(data)
+        length = len(data[0]) + len(data[1]) if kind == KIND_STREAM else len(data)
         tail = pack_tail(oid, tid, previous, length)
         entry_header = pack_head(kind, b"\0\0\0", crc32(checked, crc32(tail))) + tail
         entry_headers.append(entry_header)
         parts.append(entry_header)
-        parts.append(data)
+        if kind == KIND_STREAM:
+            parts.extend(data)
+        else:
+            parts.append(data)
         laid_out.append(Entry(kind, oid, tid, previous, position, length,
                               data if kind in _KEPT else None))
         position += ENTRY_SIZE + length
@@ -709,7 +728,23 @@ def _build_record(status, tid, oid_high, offset, checkpoint, entries, stamp):
     parts[0] = header
     binding = crc32(b"".join(entry_headers), crc32(header))
     parts.append(TRAILER.pack(binding, TRAILER_MAGIC, length))
-    return b"".join(parts), laid_out
+    return _coalesce(parts), length, laid_out
+
+
+def _coalesce(parts):
+    """Join runs of small parts; keep large ones as separate buffers."""
+    buffers, small = [], []
+    for part in parts:
+        if len(part) >= _SMALL_PART:
+            if small:
+                buffers.append(b"".join(small))
+                small = []
+            buffers.append(part)
+        else:
+            small.append(part)
+    if small:
+        buffers.append(b"".join(small))
+    return buffers
 
 
 def _fdatasync(fd):
