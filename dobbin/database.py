@@ -173,8 +173,9 @@ class Database:
             self._lock.release()
         self._notes.clear()
         if self.recovery:
-            logger.warning("%s: cut %(bytes)d bytes at offset %(offset)d: %(reason)s; "
-                           "saved as %(saved_as)s" % self.recovery, self.path)
+            logger.warning("%s: cut %d bytes at offset %d (%s); saved as %s", self.path,
+                           self.recovery["bytes"], self.recovery["offset"],
+                           self.recovery["reason"], self.recovery["saved_as"])
 
     # -- public API ------------------------------------------------------
 

@@ -1,0 +1,621 @@
+"""A persistent B-tree mapping: `OOBTree`.
+
+Items live in small persistent leaf `Bucket`s under persistent interior
+`Node`s, so changing a key rewrites one bucket (plus the `Length` counter),
+not the whole mapping, and reading loads only the buckets reached.
+
+Invariants: a node's child ``i`` holds the keys ``k`` with
+``keys[i-1] <= k < keys[i]`` and a linked node has children.  A bucket
+holds sorted `keys`, parallel `values`, `next` (the following bucket) and
+`high` (exclusive upper bound of its range; None is +infinity).  Emptied
+buckets and childless nodes are unlinked (buckets are marked `unlinked`),
+except new ones (see `_kept_alive`), so a linked bucket may be empty.
+
+Threads: another thread's commit replaces an object's state at any moment,
+even between two of our attribute reads.  So readers read per-object
+snapshots (`_bucket_state`), restart on meeting an unlinked object, and
+move right along `next` past a concurrent split, as in Lehman and Yao's
+B-link trees.  Writers check out what they change, re-check in their own
+copy that it is still the right object (key below `high`, child still in
+its parent) and start over if not.
+
+Transactions: `Bucket._p_resolve_conflict` merges changes to different keys
+of a bucket, `Length._p_resolve_conflict` merges counts.  A structural
+change rewrites every object whose shape it relied on, so a concurrent
+writer of those conflicts instead of losing items.
+"""
+
+import math
+from bisect import bisect_left, bisect_right
+from collections.abc import Mapping, MutableMapping
+
+from dobbin.bucket import Bucket, Length, Node
+from dobbin.exc import ConflictError
+from dobbin.persistent import Persistent, checked_out, checkout
+
+_MISSING = object()
+# Restarts allowed before a writer gives up; each one means another thread
+# committed a structural change during this very call.
+_RESTARTS = 100
+
+
+def _check_key(key):
+    """Raise TypeError unless `key` can be ordered against itself."""
+    if key is None:
+        raise TypeError("OOBTree keys may not be None")
+    try:
+        key < key
+    except TypeError:
+        raise TypeError("OOBTree keys must be totally ordered; %r (%s) has "
+                        "no ordering" % (key, type(key).__name__)) from None
+    if isinstance(key, float) and math.isnan(key):
+        raise TypeError("OOBTree keys may not be NaN: it is unordered")
+
+
+def _incomparable(key, exc):
+    return TypeError("key %r (%s) cannot be compared with the keys already "
+                     "in this OOBTree: %s" % (key, type(key).__name__, exc))
+
+
+def _kept_alive(obj):
+    """Must `obj`, which we are about to change, stay in the tree?"""
+    # The store refuses to commit a new object that this thread checked out
+    # and then left unreachable, and changing an object checks it out.
+    return obj._p_oid is None
+
+
+def _droppable(obj):
+    """May `obj` be cut loose from the tree without being changed?"""
+    return obj._p_oid is not None or not checked_out(obj)
+
+
+def _bucket_state(bucket):
+    """Return (keys, values, next, high, unlinked) from one state."""
+    # States are replaced whole, with fresh lists: if `keys` is the same
+    # list before and after, every read in between saw the same state.
+    while True:
+        keys = bucket.keys
+        state = (keys, bucket.values, bucket.next, bucket.high,
+                 bucket.unlinked)
+        if bucket.keys is keys:
+            return state
+
+
+def _node_state(node):
+    """Return (keys, children) from one state; no children: unlinked."""
+    while True:
+        keys, children = node.keys, node.children
+        if node.keys is keys:
+            return keys, children
+
+
+def _index_of(children, child):
+    """Position of `child` (by identity) in `children`, or -1."""
+    for index, candidate in enumerate(children):
+        if candidate is child:
+            return index
+    return -1
+
+
+def _leaves_backwards(node):
+    """Yield the buckets under `node`, last first."""
+    if isinstance(node, Node):
+        for child in reversed(_node_state(node)[1]):
+            yield from _leaves_backwards(child)
+    else:
+        yield node
+
+
+def _buckets_before(path):
+    """Yield the buckets left of the one `path` leads to, nearest first."""
+    for node, index in reversed(path):
+        for child in reversed(_node_state(node)[1][:index]):
+            yield from _leaves_backwards(child)
+
+
+def _last_key(buckets):
+    """The last key of the first non-empty bucket, or None."""
+    for bucket in buckets:
+        keys = _bucket_state(bucket)[0]
+        if keys:
+            return keys[-1]
+    return None
+
+
+class OOBTree(Persistent):
+    """A persistent, ordered mapping stored as a B-tree of small buckets.
+
+    Supports the full mutable mapping API plus ordered ranges
+    (`keys`/`values`/`items` with `min`, `max`, `excludemin`, `excludemax`)
+    and `minKey`/`maxKey`.  Iteration is in key order; `len()` is O(1).
+
+    Keys must be totally ordered and mutually comparable (all str, all
+    numbers, tuples of those...), immutable, and not None or NaN; a key
+    that cannot be compared with the keys present raises TypeError and
+    leaves the tree unchanged.  Values may be anything the store can save.
+
+    Mutating methods check out only the objects they change: an insert
+    rewrites one bucket and the `Length` counter, a split also the parent
+    node.  Do not mutate the tree while iterating over it: iterate over a
+    ``list(...)`` copy instead.
+    """
+
+    #: A bucket holding more items than this is split in two.
+    max_bucket_size = 64
+    #: A node holding more children than this is split in two.
+    max_node_size = 128
+
+    def __init__(self, items=None):
+        self._root = Bucket()
+        self._length = Length()
+        if items is not None:
+            self.update(items)
+
+    # -- finding things ----------------------------------------------------
+
+    def _find(self, key):
+        """Return (path, bucket, state): the leaf whose range holds `key`,
+        its `_bucket_state`, and the (node, index) pairs walked to it.
+
+        `key` is None for the first leaf.  The path may be stale; writers
+        verify it after checking out.
+        """
+        for _ in range(_RESTARTS):
+            path, node = [], self._root
+            try:
+                while isinstance(node, Node):
+                    keys, children = _node_state(node)
+                    if not children:
+                        break  # unlinked by a concurrent commit
+                    index = 0 if key is None else bisect_right(keys, key)
+                    path.append((node, index))
+                    node = children[index]
+                else:
+                    state = _bucket_state(node)
+                    # A concurrent split may have moved our key rightwards.
+                    while (key is not None and not state[4]
+                           and state[3] is not None and not key < state[3]
+                           and state[2] is not None):
+                        node = state[2]
+                        state = _bucket_state(node)
+                    if not state[4]:
+                        return path, node, state
+            except TypeError as exc:
+                raise _incomparable(key, exc) from None
+        raise self._gave_up(key)
+
+    def _gave_up(self, key):
+        return ConflictError("OOBTree oid %s changed under this thread on "
+                             "every try at key %r" % (self._p_oid, key),
+                             oid=self._p_oid, class_name=type(self).__name__)
+
+    def _lookup(self, key):
+        """Return (value, True), or (None, False) if `key` is absent."""
+        _check_key(key)
+        _, _, (keys, values, _, _, _) = self._find(key)
+        try:
+            index = bisect_left(keys, key)
+            if index < len(keys) and not key < keys[index]:
+                return values[index], True
+        except TypeError as exc:
+            raise _incomparable(key, exc) from None
+        return None, False
+
+    def _writable_bucket(self, key):
+        """Return (path, bucket, index, found) with `bucket` checked out and
+        verified to be the one for `key`; None if it must start over."""
+        path, bucket, _ = self._find(key)
+        checkout(bucket)
+        keys, high = bucket.keys, bucket.high
+        try:
+            if bucket.unlinked or (high is not None and not key < high):
+                return None  # split or unlinked before our checkout
+            index = bisect_left(keys, key)
+            found = index < len(keys) and not key < keys[index]
+        except TypeError as exc:
+            raise _incomparable(key, exc) from None
+        return path, bucket, index, found
+
+    # -- reading -----------------------------------------------------------
+
+    def __getitem__(self, key):
+        value, found = self._lookup(key)
+        if not found:
+            raise KeyError(key)
+        return value
+
+    def get(self, key, default=None):
+        """Return the value for `key`, or `default` if it is absent."""
+        value, found = self._lookup(key)
+        return value if found else default
+
+    def __contains__(self, key):
+        return self._lookup(key)[1]
+
+    def __len__(self):
+        return self._length.value
+
+    def __iter__(self):
+        return (key for key, _ in self._iter_range(None, None, False, False))
+
+    def keys(self, min=None, max=None, excludemin=False, excludemax=False):
+        """Return a lazy, re-iterable view of the keys in order.
+
+        With `min` and/or `max` only keys with ``min <= key <= max`` are
+        included; `excludemin`/`excludemax` make those bounds strict.
+        """
+        return RangeView(self, 0, min, max, excludemin, excludemax)
+
+    def values(self, min=None, max=None, excludemin=False, excludemax=False):
+        """Return a lazy view of the values in key order; see `keys`."""
+        return RangeView(self, 1, min, max, excludemin, excludemax)
+
+    def items(self, min=None, max=None, excludemin=False, excludemax=False):
+        """Return a lazy view of the (key, value) pairs; see `keys`."""
+        return RangeView(self, 2, min, max, excludemin, excludemax)
+
+    def _iter_range(self, min, max, excludemin, excludemax):
+        """Yield (key, value) pairs inside the bounds, leaf by leaf."""
+        for bound in (min, max):
+            if bound is not None:
+                _check_key(bound)
+        # Resume point: the last key yielded, so an unlinked bucket met on
+        # the way costs a fresh descent, never a repeat or a skip.
+        after, exclusive = min, excludemin
+        end_of = bisect_left if excludemax else bisect_right
+        _, _, state = self._find(after)
+        while True:
+            keys, values, next, _, unlinked = state
+            if unlinked:
+                _, _, state = self._find(after)
+                continue
+            start = 0
+            if after is not None:
+                start = (bisect_right if exclusive else bisect_left)(
+                    keys, after)
+            end = len(keys) if max is None else end_of(keys, max)
+            for at in range(start, end):
+                yield keys[at], values[at]
+            if end < len(keys) or next is None:
+                return
+            if end > start:
+                after, exclusive = keys[end - 1], True
+            state = _bucket_state(next)
+
+    def minKey(self, key=None):
+        """Return the smallest key (at least `key`, if given).
+
+        Raises ValueError when there is no such key.
+        """
+        for found, _ in self._iter_range(key, None, False, False):
+            return found
+        if key is None:
+            raise ValueError("empty OOBTree has no minimum key")
+        raise ValueError("no key in the OOBTree is >= %r" % (key,))
+
+    def maxKey(self, key=None):
+        """Return the largest key (at most `key`, if given).
+
+        Raises ValueError when there is no such key.
+        """
+        if key is None:
+            found = _last_key(_leaves_backwards(self._root))
+            if found is None:
+                raise ValueError("empty OOBTree has no maximum key")
+            return found
+        _check_key(key)
+        path, _, (keys, _, _, _, _) = self._find(key)
+        index = bisect_right(keys, key)
+        if index:
+            return keys[index - 1]
+        # Every key here is above `key`: take the last key of the leaves
+        # before, then scan forward from it in case a concurrent split
+        # (that _find moved right past) put keys in between.
+        found = _last_key(_buckets_before(path))
+        for found, _ in self._iter_range(found, key, True, False):
+            pass
+        if found is None:
+            raise ValueError("no key in the OOBTree is <= %r" % (key,))
+        return found
+
+    def __eq__(self, other):
+        """Equal to another OOBTree or any mapping with equal items."""
+        if not isinstance(other, (OOBTree, Mapping)):
+            return NotImplemented
+        if other is self:
+            return True
+        if len(self) != len(other):
+            return False
+        if isinstance(other, OOBTree):
+            return all(mine == theirs
+                       for mine, theirs in zip(self.items(), other.items()))
+        try:
+            return all(other[key] == value for key, value in self.items())
+        except (KeyError, TypeError):
+            return False
+
+    # Mutable and compared by value, like dict.
+    __hash__ = None
+
+    def __repr__(self):
+        return "<%s.%s with %d items>" % (
+            type(self).__module__, type(self).__name__, len(self))
+
+    # -- writing -----------------------------------------------------------
+
+    def __setitem__(self, key, value):
+        _check_key(key)
+        for _ in range(_RESTARTS):
+            found = self._writable_bucket(key)
+            if found is None:
+                continue
+            path, bucket, index, found = found
+            if found:
+                bucket.values[index] = value
+                return
+            if (len(bucket.keys) >= self.max_bucket_size
+                    and not self._checkout_for_split(path, bucket)):
+                continue
+            bucket.keys.insert(index, key)
+            bucket.values.insert(index, value)
+            self._length.change(1)
+            if len(bucket.keys) > self.max_bucket_size:
+                self._split_bucket(path, bucket)
+            return
+        raise self._gave_up(key)
+
+    def _checkout_for_split(self, path, child):
+        """Check out each ancestor a split of `child` will change; False
+        if one of them no longer holds the child we came through."""
+        for node, _ in reversed(path):
+            checkout(node)
+            if _index_of(node.children, child) < 0:
+                return False
+            if len(node.children) < self.max_node_size:
+                return True
+            child = node
+        checkout(self)
+        return self._root is child
+
+    def _split_bucket(self, path, bucket):
+        """Move the upper half of checked-out `bucket` to a new bucket."""
+        middle = len(bucket.keys) // 2
+        right = Bucket(bucket.keys[middle:], bucket.values[middle:],
+                       bucket.next, bucket.high)
+        del bucket.keys[middle:]
+        del bucket.values[middle:]
+        bucket.next = right
+        bucket.high = right.keys[0]
+        self._insert_child(path, bucket, right.keys[0], right)
+
+    def _insert_child(self, path, left, separator, right):
+        """Put `right` after `left` in the (checked-out) node `path` ends
+        at, splitting nodes upwards as they overflow."""
+        if not path:
+            self._root = Node([separator], [left, right])
+            return
+        node = path[-1][0]
+        index = _index_of(node.children, left)
+        node.keys.insert(index, separator)
+        node.children.insert(index + 1, right)
+        if len(node.children) > self.max_node_size:
+            middle = len(node.children) // 2
+            promoted = node.keys[middle - 1]
+            sibling = Node(node.keys[middle:], node.children[middle:])
+            del node.keys[middle - 1:]
+            del node.children[middle:]
+            self._insert_child(path[:-1], node, promoted, sibling)
+
+    def __delitem__(self, key):
+        _check_key(key)
+        for _ in range(_RESTARTS):
+            found = self._writable_bucket(key)
+            if found is None:
+                continue
+            path, bucket, index, found = found
+            if not found:
+                raise KeyError(key)
+            plan = None
+            if len(bucket.keys) == 1 and path:
+                plan = self._checkout_for_unlink(path, bucket)
+                if plan is None:
+                    continue
+            del bucket.keys[index]
+            del bucket.values[index]
+            self._length.change(-1)
+            if plan:
+                self._unlink(path, bucket, *plan)
+            return
+        raise self._gave_up(key)
+
+    def _checkout_for_unlink(self, path, bucket):
+        """Check out and verify what unlinking `bucket` changes.
+
+        Returns (level, previous): path[level] is the node that keeps
+        other children (-1: the root empties), previous the bucket before.
+        Returns False to keep the bucket (empty) instead, None to start
+        over after a concurrent change.
+        """
+        if _kept_alive(bucket):
+            return False
+        child, level = bucket, len(path) - 1
+        while level >= 0:
+            node = path[level][0]
+            checkout(node)
+            index = _index_of(node.children, child)
+            if index < 0:
+                return None
+            path[level] = (node, index)
+            if len(node.children) > 1:
+                break
+            if _kept_alive(node):
+                return False
+            child, level = node, level - 1
+        if level < 0:
+            checkout(self)
+            if self._root is not path[0][0]:
+                return None
+        previous = next(_buckets_before(path), None)
+        if previous is not None:
+            checkout(previous)
+            if previous.unlinked or previous.next is not bucket:
+                return None
+        return level, previous
+
+    def _unlink(self, path, bucket, level, previous):
+        """Cut emptied `bucket` (and nodes left childless) out of the tree;
+        every object involved is checked out by `_checkout_for_unlink`."""
+        bucket.unlinked = True
+        if previous is not None:
+            previous.next = bucket.next
+            if level >= 0 and path[level][1] > 0:
+                # The left neighbour takes over the range of the bucket.
+                previous.high = bucket.high
+        for node, _ in path[level + 1:]:
+            del node.children[:]  # an unlinked node has no children
+        if level < 0:
+            self._root = Bucket()
+            return
+        node, index = path[level]
+        del node.children[index]
+        # Child i's range joins its left neighbour's (or child 0's, the new
+        # first child's, which then reaches down to the node's lower bound).
+        del node.keys[index - 1 if index else 0]
+        if level == 0 and len(node.children) == 1:
+            self._collapse_root(node)
+
+    def _collapse_root(self, root):
+        """Replace checked-out root node `root`, which has a single child,
+        by that child (and so on down)."""
+        checkout(self)
+        if self._root is not root:
+            return  # a concurrent root split: root is an inner node now
+        while (isinstance(root, Node) and len(root.children) == 1
+               and not _kept_alive(root)):
+            checkout(root)
+            child = root.children[0]
+            # Rewritten, so a concurrent split into the node conflicts.
+            del root.children[:]
+            root = child
+        self._root = root
+
+    def pop(self, key, default=_MISSING):
+        """Remove `key` and return its value; if absent return `default`,
+        or raise KeyError when no default is given."""
+        value, found = self._lookup(key)
+        if not found:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        del self[key]
+        return value
+
+    def popitem(self):
+        """Remove and return the (key, value) pair with the smallest key.
+
+        Raises KeyError when the tree is empty.
+        """
+        for key, value in self._iter_range(None, None, False, False):
+            del self[key]
+            return key, value
+        raise KeyError("popitem(): OOBTree is empty")
+
+    def setdefault(self, key, default=None):
+        """Return the value for `key`, first storing `default` if absent."""
+        value, found = self._lookup(key)
+        if found:
+            return value
+        self[key] = default
+        return default
+
+    def update(self, other=(), **kwargs):
+        """Store every item of `other` (a mapping, or an iterable of
+        pairs) and then of `kwargs`, like dict.update."""
+        if isinstance(other, OOBTree):
+            pairs = list(other.items())  # other may be self
+        elif isinstance(other, Mapping) or hasattr(other, "keys"):
+            pairs = [(key, other[key]) for key in other.keys()]
+        else:
+            pairs = other
+        for key, value in pairs:
+            self[key] = value
+        for key, value in kwargs.items():
+            self[key] = value
+
+    def clear(self):
+        """Remove every item.
+
+        Usually rewrites only the tree object: the old buckets and counter
+        are dropped whole, whatever the size.  Buckets this transaction
+        created and changed are instead emptied one by one.
+        """
+        if not self._all_droppable(self._root):
+            for key in list(self.keys()):
+                del self[key]
+            return
+        checkout(self)
+        self._root = Bucket()
+        if _droppable(self._length):
+            # A fresh counter: a concurrent insert that lands in the dropped
+            # buckets must not bump the count of the emptied tree.
+            self._length = Length()
+        else:
+            # New in this transaction, so no other one can change it.
+            self._length.change(-self._length.value)
+
+    @staticmethod
+    def _all_droppable(node):
+        if not _droppable(node):
+            return False
+        if isinstance(node, Node):
+            return all(OOBTree._all_droppable(child)
+                       for child in _node_state(node)[1])
+        return True
+
+
+MutableMapping.register(OOBTree)
+
+
+class RangeView:
+    """A lazy, re-iterable view of an `OOBTree`'s keys, values or items
+    within optional bounds, reflecting the tree as it is when iterated.
+    `len()` is O(1) without bounds and counts the range otherwise.
+    """
+
+    _kinds = ("keys", "values", "items")
+
+    def __init__(self, tree, kind, min, max, excludemin, excludemax):
+        self._tree = tree
+        self._kind = kind
+        self._bounds = (min, max, excludemin, excludemax)
+
+    def __iter__(self):
+        pairs = self._tree._iter_range(*self._bounds)
+        if self._kind == 0:
+            return (key for key, _ in pairs)
+        if self._kind == 1:
+            return (value for _, value in pairs)
+        return pairs
+
+    def __len__(self):
+        if self._bounds[:2] == (None, None):
+            return len(self._tree)
+        return sum(1 for _ in self._tree._iter_range(*self._bounds))
+
+    def __contains__(self, item):
+        if self._kind == 0:
+            min, max, excludemin, excludemax = self._bounds
+            _check_key(item)
+            if min is not None and (item < min or excludemin
+                                    and not min < item):
+                return False
+            if max is not None and (max < item or excludemax
+                                    and not item < max):
+                return False
+            return item in self._tree
+        return any(item == found for found in self)
+
+    def __repr__(self):
+        min, max, excludemin, excludemax = self._bounds
+        return ("<OOBTree %s view min=%r max=%r excludemin=%r excludemax=%r>"
+                % (self._kinds[self._kind], min, max, excludemin, excludemax))

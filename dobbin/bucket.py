@@ -1,0 +1,179 @@
+"""The B-tree's persistent pieces and how their concurrent changes merge.
+
+`Bucket` (a leaf: sorted keys, parallel values, a `next` link and a `high`
+bound), `Node` (separator keys and children) and `Length` (the item
+count) are what `dobbin.btree.OOBTree` stores.  Each is its own record,
+so a change rewrites one small piece; `_p_resolve_conflict` on `Bucket`
+and `Length` lets concurrent changes of different keys both commit.
+"""
+
+from dobbin.exc import ConflictError
+from dobbin.persistent import Persistent, checkout
+
+_MISSING = object()
+
+
+def _same_ref(a, b):
+    """Are `a` and `b` the same persistent object (or both None)?"""
+    if a is b:
+        return True
+    oid = getattr(a, "_p_oid", None)
+    return oid is not None and oid == getattr(b, "_p_oid", None)
+
+
+def _same_value(a, b):
+    """Is `b` unchanged from `a`?  Unsure means changed (safe)."""
+    if a is b:
+        return True
+    if a is _MISSING or b is _MISSING:
+        return False
+    if isinstance(a, Persistent) or isinstance(b, Persistent):
+        return _same_ref(a, b)
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except (TypeError, ValueError):
+        return False
+
+
+class Length(Persistent):
+    """A persistent integer counter whose concurrent changes merge.
+
+    `value` is the count.  Transactions that change it concurrently do
+    not conflict: each one's delta is added to the committed value.
+    """
+
+    def __init__(self, value=0):
+        self.value = value
+
+    def __call__(self):
+        """Return the current value."""
+        return self.value
+
+    def change(self, delta):
+        """Add `delta` to the value, checking the counter out first."""
+        checkout(self)
+        self.value += delta
+
+    def _p_resolve_conflict(self, old, saved, new):
+        """Merge two concurrent changes: old + (saved - old) + (new - old)."""
+        try:
+            value = saved["value"] + new["value"] - old["value"]
+        except (KeyError, TypeError):
+            raise ConflictError(oid=self._p_oid,
+                                class_name=type(self).__name__) from None
+        resolved = dict(new)
+        resolved["value"] = value
+        return resolved
+
+
+class Bucket(Persistent):
+    """A leaf of an `OOBTree`: `keys`, `values`, `next`, `high`.
+
+    Only `OOBTree` should create or change buckets.  Concurrent changes to
+    different keys of one bucket merge at commit (see `_p_resolve_conflict`).
+    """
+
+    # Set on a bucket cut out of its tree, so stale readers start over.
+    unlinked = False
+
+    def __init__(self, keys=(), values=(), next=None, high=None):
+        self.keys = list(keys)
+        self.values = list(values)
+        self.next = next
+        self.high = high
+
+    def _p_resolve_conflict(self, old, saved, new):
+        """Three-way merge of a bucket's state dicts, or ConflictError.
+
+        `old` is the state both transactions started from, `saved` the one
+        committed meanwhile, `new` ours.  Changes to different keys merge.
+        Refused: both sides changed the same key; either side changed
+        `next`, `high` or `unlinked` (a split or an unlink, which other
+        objects depend on); either side emptied the bucket; or the merge
+        would empty it (an empty bucket should have been unlinked).  A
+        merged bucket may exceed the size limit until the next insert
+        into it splits it.
+        """
+        oid = self._p_oid
+
+        def refuse(reason):
+            return ConflictError(
+                "cannot merge concurrent changes to bucket oid %s: %s"
+                % (oid, reason), oid=oid, class_name=type(self).__name__)
+
+        try:
+            shapes = [(state["next"], state["high"],
+                       state.get("unlinked", False))
+                      for state in (old, saved, new)]
+            sides = [(state["keys"], state["values"])
+                     for state in (old, saved, new)]
+        except (KeyError, TypeError, AttributeError):
+            raise refuse("unexpected state layout") from None
+        for shape in shapes[1:]:
+            if not (_same_ref(shapes[0][0], shape[0])
+                    and _same_value(shapes[0][1], shape[1])
+                    and shapes[0][2] == shape[2]):
+                raise refuse("the bucket was split or unlinked")
+        if sides[0][0] and not (sides[1][0] and sides[2][0]):
+            raise refuse("the bucket was emptied")
+        try:
+            keys, values = _merge_sorted(*sides)
+        except TypeError as exc:
+            raise refuse("keys do not compare: %s" % exc) from None
+        except _BothChanged as exc:
+            raise refuse("both transactions changed key %r" % exc.args[0]) \
+                from None
+        if not keys:
+            raise refuse("the merge would empty the bucket")
+        resolved = dict(new)
+        resolved["keys"] = keys
+        resolved["values"] = values
+        return resolved
+
+
+class _BothChanged(Exception):
+    """Internal: both sides of a merge changed one key."""
+
+
+def _merge_sorted(old, saved, new):
+    """Three-way merge of sorted (keys, values) pairs; see Bucket."""
+    sides = (old, saved, new)
+    positions = [0, 0, 0]
+    out_keys, out_values = [], []
+    while True:
+        heads = [keys[positions[n]] for n, (keys, _) in enumerate(sides)
+                 if positions[n] < len(keys)]
+        if not heads:
+            return out_keys, out_values
+        key = min(heads)
+        found = []
+        for n, (keys, values) in enumerate(sides):
+            at = positions[n]
+            # key is the smallest head, so "not key < head" means equal.
+            if at < len(keys) and not key < keys[at]:
+                found.append(values[at])
+                positions[n] += 1
+            else:
+                found.append(_MISSING)
+        before, theirs, ours = found
+        if _same_value(before, theirs):
+            chosen = ours
+        elif _same_value(before, ours):
+            chosen = theirs
+        else:
+            raise _BothChanged(key)
+        if chosen is not _MISSING:
+            out_keys.append(key)
+            out_values.append(chosen)
+
+
+class Node(Persistent):
+    """An interior node of an `OOBTree`: separator `keys` and `children`.
+
+    Only `OOBTree` should create or change nodes.  Nodes change only when a
+    child splits or is unlinked; concurrent changes to one node conflict.
+    """
+
+    def __init__(self, keys=(), children=()):
+        self.keys = list(keys)
+        self.children = list(children)

@@ -1,0 +1,800 @@
+"""Tests of dobbin.btree: structure, ranges, a model-based random test,
+persistence through a real Database, conflict resolution (unit, across
+threads, and across two real processes)."""
+
+import multiprocessing
+import random
+import shutil
+import tempfile
+import threading
+import traceback
+
+import pytest
+import transaction
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
+                                 rule)
+
+from dobbin.btree import Bucket, Length, Node, OOBTree, RangeView
+from dobbin.database import Database
+from dobbin.exc import ConflictError
+
+
+class SmallTree(OOBTree):
+    """Tiny nodes so that a few dozen keys build a three-level tree."""
+
+    max_bucket_size = 4
+    max_node_size = 4
+
+
+@pytest.fixture(autouse=True)
+def clean_transaction():
+    transaction.abort()
+    yield
+    transaction.abort()
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = Database(str(tmp_path / "btree.dobbin"), durability="none")
+    yield database
+    transaction.abort()
+    database.close()
+
+
+def stored(db, tree):
+    """Make `tree` the root of `db` and commit it."""
+    db.elect(tree)
+    transaction.commit()
+    return tree
+
+
+def check_invariants(tree, allow_empty=False):
+    """Check every structural invariant of `tree`; return its leaves.
+
+    `allow_empty`: buckets created and emptied in one transaction stay
+    in the tree, so tests that do that allow empty buckets.
+    """
+    leaves = []
+    root = tree._root
+
+    def walk(node, low, high, level):
+        if isinstance(node, Node):
+            assert len(node.children) == len(node.keys) + 1
+            assert 1 <= len(node.children) <= tree.max_node_size
+            assert node.keys == sorted(set(node.keys))
+            for key in node.keys:
+                assert low is None or low <= key
+                assert high is None or key < high
+            bounds = [low] + list(node.keys) + [high]
+            levels = {walk(child, bounds[i], bounds[i + 1], level + 1)
+                      for i, child in enumerate(node.children)}
+            assert len(levels) == 1, "leaves at different depths"
+            return levels.pop()
+        assert isinstance(node, Bucket)
+        assert not node.unlinked
+        assert len(node.keys) == len(node.values)
+        assert node.keys == sorted(set(node.keys))
+        assert len(node.keys) <= tree.max_bucket_size
+        assert node.high == high, "bucket's high bound disagrees with tree"
+        if node is not root and not allow_empty:
+            assert node.keys, "empty bucket left linked in the tree"
+        for key in node.keys:
+            assert low is None or low <= key
+            assert high is None or key < high
+        leaves.append(node)
+        return level
+
+    walk(root, None, None, 0)
+    for left, right in zip(leaves, leaves[1:]):
+        assert left.next is right, "leaves not linked in order"
+    assert leaves[-1].next is None
+    assert sum(len(leaf.keys) for leaf in leaves) == len(tree)
+    return leaves
+
+
+def tree_depth(tree):
+    node, levels = tree._root, 0
+    while isinstance(node, Node):
+        node, levels = node.children[0], levels + 1
+    return levels
+
+
+def leaf_for(tree, key):
+    return tree._find(key)[1]
+
+
+# -- pure structure ---------------------------------------------------------
+
+def test_empty_tree():
+    tree = OOBTree()
+    assert len(tree) == 0
+    assert not tree
+    assert list(tree) == [] and list(tree.items()) == []
+    assert tree.get("a") is None and "a" not in tree
+    with pytest.raises(KeyError):
+        tree["a"]
+    with pytest.raises(KeyError):
+        del tree["a"]
+    with pytest.raises(KeyError):
+        tree.popitem()
+    with pytest.raises(ValueError):
+        tree.minKey()
+    with pytest.raises(ValueError):
+        tree.maxKey()
+    check_invariants(tree)
+
+
+def test_inserts_split_buckets_and_nodes():
+    tree = SmallTree()
+    keys = list(range(100))
+    random.Random(1).shuffle(keys)
+    for key in keys:
+        tree[key] = key * 10
+        check_invariants(tree)
+    assert len(tree) == 100
+    assert tree_depth(tree) >= 3
+    assert list(tree) == list(range(100))
+    assert list(tree.values()) == [k * 10 for k in range(100)]
+    assert tree[42] == 420 and 42 in tree and 100 not in tree
+
+
+def test_constructor_and_overwrite():
+    tree = SmallTree((k, k) for k in range(20))
+    check_invariants(tree)
+    tree[5] = "five"
+    assert len(tree) == 20 and tree[5] == "five"
+    check_invariants(tree)
+
+
+def test_deletes_unlink_buckets_and_collapse_root(db):
+    tree = stored(db, SmallTree((k, str(k)) for k in range(200)))
+    keys = list(range(200))
+    random.Random(2).shuffle(keys)
+    for count, key in enumerate(keys, 1):
+        del tree[key]
+        leaves = check_invariants(tree)
+        assert len(tree) == 200 - count
+        # Committed buckets are unlinked once empty: no leaf is wasted.
+        assert len(leaves) <= max(1, len(tree))
+        if count % 50 == 0:
+            transaction.commit()
+    transaction.commit()
+    assert isinstance(tree._root, Bucket) and tree_depth(tree) == 0
+    tree["again"] = 1
+    transaction.commit()
+    assert list(tree.items()) == [("again", 1)]
+
+
+def test_delete_from_the_middle_relinks_leaves(db):
+    tree = stored(db, SmallTree((k, k) for k in range(60)))
+    for key in range(20, 40):
+        del tree[key]
+        check_invariants(tree)
+    transaction.commit()
+    assert list(tree) == list(range(20)) + list(range(40, 60))
+    assert tree.maxKey(30) == 19 and tree.minKey(30) == 40
+    tree[30] = "refills the gap"
+    check_invariants(tree)
+    transaction.commit()
+
+
+def test_new_buckets_emptied_in_their_transaction_stay(db):
+    # The store refuses to commit a checked-out new object that became
+    # unreachable, so such buckets stay (empty) instead of being unlinked.
+    tree = stored(db, SmallTree())
+    for key in range(40):
+        tree[key] = key
+    for key in range(40):
+        del tree[key]
+    check_invariants(tree, allow_empty=True)
+    transaction.commit()
+    assert len(tree) == 0 and list(tree) == []
+    with pytest.raises(ValueError):
+        tree.maxKey()
+    for key in range(0, 40, 3):
+        tree[key] = key
+    check_invariants(tree, allow_empty=True)
+    transaction.commit()
+    assert list(tree) == list(range(0, 40, 3))
+    assert tree.maxKey(38) == 36 and tree.minKey(37) == 39
+
+
+def test_clear_after_inserts_in_one_transaction(db):
+    tree = stored(db, SmallTree((k, k) for k in range(30)))
+    for key in range(30, 60):
+        tree[key] = key
+    tree.clear()
+    check_invariants(tree, allow_empty=True)
+    transaction.commit()
+    assert len(tree) == 0 and list(tree) == []
+    tree.update((k, k) for k in range(10))
+    transaction.commit()
+    old_length = tree._length
+    tree.clear()  # nothing new and changed: drops the buckets whole
+    transaction.commit()
+    assert len(tree) == 0 and isinstance(tree._root, Bucket)
+    assert tree._length is not old_length
+
+
+def test_ranges():
+    tree = SmallTree((k, -k) for k in range(0, 100, 2))
+    assert list(tree.keys(10, 20)) == [10, 12, 14, 16, 18, 20]
+    assert list(tree.keys(10, 20, excludemin=True)) == [12, 14, 16, 18, 20]
+    assert list(tree.keys(10, 20, excludemax=True)) == [10, 12, 14, 16, 18]
+    assert list(tree.keys(10, 20, True, True)) == [12, 14, 16, 18]
+    assert list(tree.keys(9, 13)) == [10, 12]
+    assert list(tree.keys(min=95)) == [96, 98]
+    assert list(tree.keys(max=3)) == [0, 2]
+    assert list(tree.keys(-10, -1)) == [] and list(tree.keys(99, 200)) == []
+    assert list(tree.keys(20, 10)) == []
+    assert list(tree.keys(10, 10)) == [10]
+    assert list(tree.keys(10, 10, excludemax=True)) == []
+    assert list(tree.values(4, 8)) == [-4, -6, -8]
+    assert list(tree.items(4, 6)) == [(4, -4), (6, -6)]
+    view = tree.keys(10, 20)
+    assert isinstance(view, RangeView)
+    assert len(view) == 6 and list(view) == list(view)
+    assert 12 in view and 13 not in view and 22 not in view
+    assert 10 not in tree.keys(10, 20, excludemin=True)
+    assert (12, -12) in tree.items(10, 20)
+    assert len(tree.keys()) == len(tree) == 50
+
+
+def test_min_and_max_key():
+    tree = SmallTree((k, k) for k in range(10, 50, 5))
+    assert tree.minKey() == 10 and tree.maxKey() == 45
+    assert tree.minKey(11) == 15 and tree.minKey(15) == 15
+    assert tree.maxKey(44) == 40 and tree.maxKey(45) == 45
+    assert tree.maxKey(1000) == 45 and tree.minKey(-5) == 10
+    with pytest.raises(ValueError):
+        tree.minKey(46)
+    with pytest.raises(ValueError):
+        tree.maxKey(9)
+
+
+def test_mapping_api():
+    tree = SmallTree()
+    assert tree.setdefault("b", 2) == 2 and tree.setdefault("b", 3) == 2
+    tree.update({"a": 1, "c": 3}, d=4)
+    tree.update([("e", 5)])
+    assert list(tree.items()) == [("a", 1), ("b", 2), ("c", 3), ("d", 4),
+                                  ("e", 5)]
+    assert tree.pop("a") == 1 and tree.pop("a", None) is None
+    with pytest.raises(KeyError):
+        tree.pop("a")
+    assert tree.popitem() == ("b", 2)
+    assert tree == {"c": 3, "d": 4, "e": 5}
+    assert tree != {"c": 3, "d": 4, "e": 6}
+    assert tree != {"c": 3, "d": 4}
+    assert tree == SmallTree({"c": 3, "d": 4, "e": 5})
+    assert tree != SmallTree({"c": 3, "d": 4, "x": 5})
+    assert (tree == [1, 2]) is False
+    tree.update(tree)
+    assert len(tree) == 3
+    tree.clear()
+    assert len(tree) == 0 and list(tree) == []
+    check_invariants(tree, allow_empty=True)
+    with pytest.raises(TypeError):
+        hash(tree)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), object(), {}, 1j])
+def test_unorderable_keys_refused(bad):
+    tree = SmallTree((k, k) for k in range(10))
+    with pytest.raises(TypeError):
+        tree[bad] = 1
+    assert len(tree) == 10
+    check_invariants(tree)
+
+
+def test_mixed_key_types_refused_without_damage():
+    tree = SmallTree((k, k) for k in range(30))
+    for bad in ("x", (1,), b"x"):
+        with pytest.raises(TypeError, match="cannot be compared"):
+            tree[bad] = 1
+        with pytest.raises(TypeError):
+            tree.get(bad)
+        with pytest.raises(TypeError):
+            del tree[bad]
+    assert list(tree) == list(range(30))
+    check_invariants(tree)
+    tree[2.5] = "ints and floats do compare"
+    assert tree.minKey(2.1) == 2.5
+
+
+# -- model-based random testing ---------------------------------------------
+
+class TreeMachine(RuleBasedStateMachine):
+    """Random operations on a stored SmallTree, mirrored on a dict."""
+
+    keys = st.integers(min_value=0, max_value=120)
+
+    @initialize()
+    def start(self):
+        transaction.abort()
+        self.directory = tempfile.mkdtemp()
+        self.db = Database(self.directory + "/machine.dobbin",
+                           durability="none")
+        self.tree = stored(self.db, SmallTree())
+        self.model = {}
+
+    @rule(key=keys, value=st.integers())
+    def set(self, key, value):
+        self.tree[key] = value
+        self.model[key] = value
+
+    @rule(key=keys)
+    def delete(self, key):
+        if key in self.model:
+            del self.tree[key]
+            del self.model[key]
+        else:
+            with pytest.raises(KeyError):
+                del self.tree[key]
+
+    @rule(key=keys)
+    def get(self, key):
+        assert self.tree.get(key, "missing") == self.model.get(key, "missing")
+        assert (key in self.tree) == (key in self.model)
+
+    @rule(low=st.none() | keys, high=st.none() | keys,
+          excludemin=st.booleans(), excludemax=st.booleans())
+    def range(self, low, high, excludemin, excludemax):
+        expected = [
+            (k, v) for k, v in sorted(self.model.items())
+            if (low is None or k > low or (k == low and not excludemin))
+            and (high is None or k < high or (k == high and not excludemax))]
+        assert list(self.tree.items(low, high, excludemin, excludemax)) \
+            == expected
+
+    @rule(key=keys)
+    def max_key(self, key):
+        below = [k for k in self.model if k <= key]
+        if below:
+            assert self.tree.maxKey(key) == max(below)
+        else:
+            with pytest.raises(ValueError):
+                self.tree.maxKey(key)
+
+    @rule()
+    def popitem(self):
+        if self.model:
+            key = min(self.model)
+            assert self.tree.popitem() == (key, self.model.pop(key))
+
+    @rule()
+    def commit(self):
+        transaction.commit()
+
+    @rule()
+    def abort(self):
+        transaction.abort()
+        self.model = dict(self.tree.items())
+
+    @invariant()
+    def structure(self):
+        check_invariants(self.tree, allow_empty=True)
+        assert len(self.tree) == len(self.model)
+        assert list(self.tree.items()) == sorted(self.model.items())
+        if self.model:
+            assert self.tree.minKey() == min(self.model)
+            assert self.tree.maxKey() == max(self.model)
+
+    def teardown(self):
+        transaction.abort()
+        self.db.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+TreeMachine.TestCase.settings = settings(max_examples=60,
+                                         stateful_step_count=80,
+                                         deadline=None)
+test_tree_against_dict_model = TreeMachine.TestCase
+
+
+# -- persistence --------------------------------------------------------------
+
+def test_round_trip_through_a_database_file(tmp_path):
+    path = str(tmp_path / "round.dobbin")
+    rng = random.Random(3)
+    model = {rng.randrange(10 ** 6): rng.random() for _ in range(3000)}
+    with Database(path) as first:
+        tree = stored(first, OOBTree(model))
+        assert tree_depth(tree) >= 1
+    with Database(path) as second:
+        tree = second.root
+        assert isinstance(tree, OOBTree) and tree == model
+        assert list(tree.items()) == sorted(model.items())
+        check_invariants(tree)
+        for key in list(model)[:2000]:
+            del tree[key]
+            del model[key]
+        tree[-1] = "new"
+        model[-1] = "new"
+        transaction.commit()
+    with Database(path) as third:
+        tree = third.root
+        assert tree == model and len(tree) == len(model)
+        check_invariants(tree)
+
+
+def test_a_change_rewrites_one_bucket(db):
+    tree = stored(db, OOBTree((k, k) for k in range(5000)))
+    changed = []
+    db.subscribe(lambda tid, oids: changed.append(oids))
+    bucket = leaf_for(tree, 2500)
+    tree[2500] = "new value"
+    transaction.commit()
+    assert changed[-1] == {bucket._p_oid}
+    tree[2500.5] = "new key"
+    transaction.commit()
+    assert changed[-1] == {bucket._p_oid, tree._length._p_oid}
+    assert len(db) > 80  # thousands of items, yet two small records
+
+
+# -- conflict resolution, unit ---------------------------------------------
+
+def state(pairs, next=None, high=None):
+    pairs = sorted(pairs)
+    return {"keys": [k for k, _ in pairs], "values": [v for _, v in pairs],
+            "next": next, "high": high}
+
+
+def resolve(old, saved, new):
+    return Bucket()._p_resolve_conflict(state(old), state(saved), state(new))
+
+
+def test_resolve_merges_inserts_of_different_keys():
+    old = [(1, "a"), (5, "e")]
+    resolved = resolve(old, old + [(3, "c")], old + [(4, "d"), (9, "i")])
+    assert resolved == state([(1, "a"), (3, "c"), (4, "d"), (5, "e"),
+                              (9, "i")])
+
+
+def test_resolve_merges_deletes_and_updates_of_different_keys():
+    old = [(1, "a"), (2, "b"), (3, "c"), (4, "d")]
+    resolved = resolve(old, [(1, "A"), (2, "b"), (4, "d")],
+                       [(1, "a"), (3, "c"), (4, "d"), (6, "f")])
+    assert resolved == state([(1, "A"), (4, "d"), (6, "f")])
+
+
+def test_resolve_into_an_empty_root_bucket():
+    assert resolve([], [(1, 1)], [(2, 2)]) == state([(1, 1), (2, 2)])
+
+
+def test_resolve_keeps_other_attributes_of_ours():
+    old, saved, new = (state([(1, 1)]), state([(1, 1), (2, 2)]),
+                       state([(0, 0), (1, 1)]))
+    new["extra"] = "kept"
+    resolved = Bucket()._p_resolve_conflict(old, saved, new)
+    assert resolved["extra"] == "kept" and resolved["keys"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("saved, new", [
+    ([(1, "a"), (2, "x")], [(1, "a"), (2, "y")]),     # both insert 2
+    ([(1, "a"), (2, "x")], [(1, "a"), (2, "x")]),     # even identically
+    ([(1, "A")], [(1, "B")]),                         # both change 1
+    ([(1, "A")], [(2, "b")]),                         # change vs delete
+    ([(2, "b")], [(3, "c")]),                         # both delete 1
+])
+def test_resolve_refuses_same_key(saved, new):
+    with pytest.raises(ConflictError, match="both transactions changed"):
+        resolve([(1, "a")], saved, new)
+
+
+@pytest.mark.parametrize("changed", [
+    {"next": Bucket()}, {"high": 2}, {"unlinked": True}])
+def test_resolve_refuses_split_or_unlink(changed):
+    old = state([(1, 1), (2, 2)], high=10)
+    reshaped = dict(state([(1, 1)], high=10), **changed)
+    grown = state([(1, 1), (2, 2), (3, 3)], high=10)
+    with pytest.raises(ConflictError, match="split or unlinked"):
+        Bucket()._p_resolve_conflict(old, reshaped, grown)
+    with pytest.raises(ConflictError, match="split or unlinked"):
+        Bucket()._p_resolve_conflict(old, grown, reshaped)
+
+
+def test_resolve_refuses_emptied_bucket():
+    with pytest.raises(ConflictError, match="emptied"):
+        resolve([(1, 1)], [], [(1, 1), (2, 2)])
+    with pytest.raises(ConflictError, match="emptied"):
+        resolve([(1, 1)], [(1, 1), (2, 2)], [])
+
+
+def test_resolve_refuses_merge_that_empties():
+    with pytest.raises(ConflictError, match="empty the bucket"):
+        resolve([(1, 1), (2, 2)], [(2, 2)], [(1, 1)])
+
+
+def test_resolve_refusal_names_the_class():
+    with pytest.raises(ConflictError) as info:
+        resolve([(1, 1)], [(1, 2)], [(1, 3)])
+    assert info.value.class_name == "Bucket"
+
+
+def test_length_resolves_by_adding_deltas():
+    length = Length(10)
+    assert length() == 10
+    resolved = length._p_resolve_conflict({"value": 10}, {"value": 13},
+                                          {"value": 9})
+    assert resolved == {"value": 12}
+
+
+# -- concurrency: threads sharing one Database --------------------------------
+
+class ThreadTree(OOBTree):
+    """Small enough that concurrent inserts split and unlink a lot."""
+
+    max_bucket_size = 8
+    max_node_size = 6
+
+
+def test_threads_insert_and_delete_concurrently(db):
+    tree = stored(db, ThreadTree((-k, "old") for k in range(1, 101)))
+    writers, per_writer = 4, 240
+    errors = []
+    stop = threading.Event()
+
+    def write(number):
+        try:
+            mine = list(range(number, writers * per_writer, writers))
+            for batch_start in range(0, len(mine), 8):
+                batch = mine[batch_start:batch_start + 8]
+                for attempt in transaction.manager.attempts(100):
+                    with attempt:
+                        for key in batch:
+                            tree[key] = number
+            for batch_start in range(0, len(mine), 16):
+                batch = mine[batch_start:batch_start + 16:2]
+                for attempt in transaction.manager.attempts(100):
+                    with attempt:
+                        for key in batch:
+                            del tree[key]
+        except Exception:
+            errors.append(traceback.format_exc())
+
+    def read():
+        try:
+            while not stop.is_set():
+                transaction.begin()
+                keys = list(tree.keys())
+                # In order, no repeats, and old keys always there.
+                assert keys == sorted(set(keys)), "iteration out of order"
+                assert set(range(-100, 0)) <= set(keys)
+                for key in random.sample(range(-100, 0), 10):
+                    assert tree[key] == "old"
+                transaction.abort()
+        except Exception:
+            errors.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=write, args=(n,))
+               for n in range(writers)]
+    reader = threading.Thread(target=read)
+    reader.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    stop.set()
+    reader.join(60)
+    assert not errors, "\n".join(errors)
+    transaction.begin()
+    expected = {-k: "old" for k in range(1, 101)}
+    for number in range(writers):
+        mine = list(range(number, writers * per_writer, writers))
+        deleted = set()
+        for batch_start in range(0, len(mine), 16):
+            deleted.update(mine[batch_start:batch_start + 16:2])
+        expected.update((key, number) for key in mine if key not in deleted)
+    assert tree == expected
+    check_invariants(tree, allow_empty=True)
+
+
+def in_other_thread(work):
+    """Run `work` in another thread, in its own committed transaction."""
+    errors = []
+
+    def run():
+        try:
+            work()
+            transaction.commit()
+        except Exception:
+            errors.append(traceback.format_exc())
+            transaction.abort()
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    assert not errors, errors[0]
+
+
+class RacedTree(SmallTree):
+    """Runs `race` (once) between a writer's descent and its checkout."""
+
+    race = None
+
+    def _find(self, key):
+        found = super()._find(key)
+        race, type(self).race = type(self).race, None
+        if race is not None:
+            race()
+        return found
+
+
+@pytest.fixture
+def raced(db):
+    tree = stored(db, RacedTree((k, k) for k in range(0, 40, 2)))
+    yield tree
+    RacedTree.race = None
+
+
+def split_20s(tree):
+    """Grow bucket [20, 22] (high 24) to five keys: it splits at 21.5."""
+    tree.update({21: "theirs", 21.5: "theirs", 23: "theirs"})
+
+
+def test_insert_after_a_concurrent_split_of_its_bucket(raced):
+    bucket = leaf_for(raced, 22.5)
+    assert bucket.keys == [20, 22]
+    RacedTree.race = lambda: in_other_thread(lambda: split_20s(raced))
+    raced[22.5] = "ours"  # the path read predates the split
+    assert bucket.high == 21.5  # so the insert went to the new bucket
+    transaction.commit()
+    check_invariants(raced)
+    assert raced[22.5] == "ours" and len(raced) == 24
+
+
+def test_insert_after_a_concurrent_unlink_of_its_bucket(raced):
+    bucket = leaf_for(raced, 21)
+    doomed = list(bucket.keys)
+
+    def unlink():
+        for key in doomed:
+            del raced[key]
+    RacedTree.race = lambda: in_other_thread(unlink)
+    raced[21] = "ours"  # descended to a bucket about to be unlinked
+    transaction.commit()
+    assert bucket.unlinked
+    check_invariants(raced)
+    assert raced[21] == "ours" and len(raced) == 21 - len(doomed)
+
+
+def test_lookup_moves_right_past_a_concurrent_split(raced, monkeypatch):
+    import dobbin.btree
+    bucket = leaf_for(raced, 22)
+    real_node_state = dobbin.btree._node_state
+    pending = [lambda: in_other_thread(lambda: split_20s(raced))]
+
+    def node_state(node):
+        state = real_node_state(node)
+        if pending and any(child is bucket for child in state[1]):
+            pending.pop()()  # split the bucket after its parent was read
+        return state
+    monkeypatch.setattr(dobbin.btree, "_node_state", node_state)
+    assert raced[22] == 22  # found in the new right sibling
+    assert not pending and 22 not in bucket.keys
+
+
+# -- concurrency: two processes on one file -----------------------------------
+
+def _worker(path, key, value, first, events, results, name):
+    """Run in a child process: set tree[key] = value in one transaction,
+    committing first or second as told, retrying conflicts with
+    transaction.manager.attempts(); report to `results`."""
+    try:
+        mine, theirs, first_done = events
+        calls = {"Bucket": 0, "Length": 0}
+        for cls in (Bucket, Length):
+            original = cls._p_resolve_conflict
+
+            def counting(self, old, saved, new, _original=original,
+                         _name=cls.__name__):
+                calls[_name] += 1
+                return _original(self, old, saved, new)
+            cls._p_resolve_conflict = counting
+        database = Database(path)
+        attempts, conflicts = 0, []
+        for attempt in transaction.manager.attempts(5):
+            with attempt:
+                attempts += 1
+                tree = database.root
+                tree[key] = value
+                if attempts == 1:
+                    # Both hold their checkouts before either commits.
+                    mine.set()
+                    if not theirs.wait(60):
+                        raise RuntimeError("the other process never started")
+                    if not first and not first_done.wait(60):
+                        raise RuntimeError("the first commit never happened")
+                try:
+                    transaction.commit()
+                except ConflictError as error:
+                    conflicts.append(type(error).__name__)
+                    raise
+                finally:
+                    if first:
+                        first_done.set()
+        database.close()
+        results.put((name, "ok", attempts, conflicts, calls))
+    except Exception:
+        results.put((name, "error", traceback.format_exc()))
+
+
+def run_two_writers(path, first_write, second_write):
+    """Run two processes writing concurrently; return their reports."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ready_first, ready_second, first_done = (context.Event(), context.Event(),
+                                             context.Event())
+    processes = [
+        context.Process(target=_worker, args=(
+            path, *first_write, True, (ready_first, ready_second, first_done),
+            results, "first")),
+        context.Process(target=_worker, args=(
+            path, *second_write, False, (ready_second, ready_first,
+                                         first_done), results, "second")),
+    ]
+    for process in processes:
+        process.start()
+    reports = {}
+    for _ in processes:
+        report = results.get(timeout=120)
+        reports[report[0]] = report[1:]
+    for process in processes:
+        process.join(60)
+    for name, report in reports.items():
+        assert report[0] == "ok", "%s failed:\n%s" % (name, report[1])
+    return reports
+
+
+@pytest.fixture
+def shared_file(tmp_path):
+    """A database file holding an OOBTree of 200 even keys (7 buckets)."""
+    path = str(tmp_path / "shared.dobbin")
+    with Database(path) as database:
+        stored(database, OOBTree((k, "base") for k in range(0, 400, 2)))
+    return path
+
+
+def test_two_processes_insert_into_the_same_bucket(shared_file):
+    with Database(shared_file) as database:
+        tree = database.root
+        bucket = leaf_for(tree, 101)
+        assert leaf_for(tree, 103) is bucket
+        assert len(bucket.keys) <= tree.max_bucket_size - 2  # no split
+    reports = run_two_writers(shared_file, (101, "A"), (103, "B"))
+    assert reports["first"][1:3] == (1, [])
+    # The second commit merged into the first's bucket: no retry needed.
+    assert reports["second"][1:3] == (1, [])
+    assert reports["second"][3] == {"Bucket": 1, "Length": 1}
+    with Database(shared_file) as database:
+        tree = database.root
+        assert tree[101] == "A" and tree[103] == "B" and len(tree) == 202
+        check_invariants(tree)
+
+
+def test_two_processes_insert_into_different_buckets(shared_file):
+    with Database(shared_file) as database:
+        tree = database.root
+        assert leaf_for(tree, 1) is not leaf_for(tree, 391)
+    reports = run_two_writers(shared_file, (1, "A"), (391, "B"))
+    assert reports["second"][1:3] == (1, [])
+    # Only the counter was shared; no bucket needed resolution.
+    assert reports["second"][3] == {"Bucket": 0, "Length": 1}
+    with Database(shared_file) as database:
+        tree = database.root
+        assert tree[1] == "A" and tree[391] == "B" and len(tree) == 202
+        check_invariants(tree)
+
+
+def test_two_processes_set_the_same_key(shared_file):
+    reports = run_two_writers(shared_file, (101, "A"), (101, "B"))
+    assert reports["first"][1:3] == (1, [])
+    attempts, conflicts = reports["second"][1:3]
+    assert attempts == 2 and len(conflicts) == 1
+    assert conflicts[0] in ("ReadConflictError", "WriteConflictError")
+    with Database(shared_file) as database:
+        tree = database.root
+        assert tree[101] == "B" and len(tree) == 201
+        check_invariants(tree)
+        assert database.verify()["failed"] == 1
