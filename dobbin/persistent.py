@@ -34,20 +34,21 @@ def _class_attribute(cls, name):
     return _MISSING
 
 
-_setter_names = {}
+_descriptor_names = {}
 
 
-def _names_with_setters(cls):
-    """Names that a class's data descriptors (properties...) handle.
+def _data_descriptor_names(cls):
+    """Names of a class's data descriptors (properties, slots...).
 
-    Computed once per class: a descriptor added to a class after its
-    first instance was written to is not seen.
+    They take precedence over the instance state.  Computed once per
+    class: a data descriptor added to a class after its instances were
+    first used is not seen.
     """
-    names = _setter_names.get(cls)
+    names = _descriptor_names.get(cls)
     if names is None:
         names = frozenset(name for klass in cls.__mro__ for name, value in vars(klass).items()
-                          if hasattr(type(value), "__set__"))
-        _setter_names[cls] = names
+                          if _is_data_descriptor(value))
+        _descriptor_names[cls] = names
     return names
 
 
@@ -107,12 +108,19 @@ class Persistent:
             cls.__init__ = _wrap_init(init)
 
     def __getattribute__(self, name):
-        if name[:3] == "_p_" or name[:2] == "__":
+        if name[0] == "_" and (name[:3] == "_p_" or name[:2] == "__"):
             return _object_getattribute(self, name)
         table = _object_getattribute(self, "_p_local")
         if table:
             state = table.get(_get_ident())
             if state is not None:
+                if name not in _data_descriptor_names(type(self)):
+                    if name in state:
+                        return state[name]
+                    if name not in _object_getattribute(self, "__dict__"):
+                        # Not an attribute of ours at all (a method, a class
+                        # attribute): the ordinary lookup is right, and fast.
+                        return _object_getattribute(self, name)
                 return _lookup(self, state, name)
         if _object_getattribute(self, "_p_ghost"):
             _object_getattribute(self, "_p_jar")._p_activate(self)
@@ -132,11 +140,13 @@ class Persistent:
         if name[:3] == "_p_":
             return _object_setattr(self, name, value)
         state = _writable_state(self)
-        if name in _names_with_setters(type(self)):
+        if name in _data_descriptor_names(type(self)):
             attribute = _class_attribute(type(self), name)
-            type(attribute).__set__(attribute, self, value)
-        else:
-            state[name] = value
+            setter = getattr(type(attribute), "__set__", None)
+            if setter is not None:
+                setter(attribute, self, value)
+                return
+        state[name] = value
 
     def __delattr__(self, name):
         if name[:3] == "_p_":
@@ -195,7 +205,7 @@ def _lookup(obj, state, name):
     """Attribute lookup with `state` standing in for the instance dict."""
     cls = type(obj)
     attribute = _class_attribute(cls, name)
-    if attribute is not _MISSING and _is_data_descriptor(attribute):
+    if name in _data_descriptor_names(cls):
         return type(attribute).__get__(attribute, obj, cls)
     try:
         return state[name]
