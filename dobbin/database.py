@@ -248,8 +248,14 @@ class Database:
         with self._state_lock:
             for record in self._log.follow():
                 self._apply(record)
-        self._flush_notes()
-        return self._log.last_tid
+            last_tid = self._log.last_tid
+        self._flush_notes(wait=True)
+        return last_tid
+
+    @property
+    def committed_tid(self):
+        """The tid of the calling thread's latest commit here, or None."""
+        return getattr(self._threads, "committed_tid", None)
 
     def subscribe(self, callback):
         self._subscribers.append(callback)
@@ -351,7 +357,9 @@ class Database:
     def _evict(self):
         kept = []
         loaded = self._loaded
-        while self._loaded_bytes > self.cache_size and loaded:
+        # The newest state stays even if it alone outgrows the cache: its
+        # reader is about to use it.
+        while self._loaded_bytes > self.cache_size and len(loaded) > 1:
             oid, (obj, cost) = loaded.popitem(last=False)
             self._loaded_bytes -= cost
             if obj._p_local:
@@ -458,8 +466,10 @@ class Database:
                 self._roots.append((record.tid, entry.oid))
         self._notes.append((durable_at, record.tid, frozenset(changed)))
 
-    def _flush_notes(self):
-        if not self._notes:
+    def _flush_notes(self, wait=False):
+        # With `wait`, return only after callbacks another thread is still
+        # running have finished, so sync() can promise they have all run.
+        if not wait and not self._notes:
             return
         # Notes are queued in tid order under the state lock; the notify
         # lock keeps them in that order across threads.
@@ -639,6 +649,7 @@ class Database:
         # Outside the lock: the next writer goes ahead while we wait, and
         # one fsync serves both.
         self._log.flush(record.offset + record.length)
+        self._threads.committed_tid = record.tid
         self._flush_notes()
 
     def _p_commit_abort(self, commit):

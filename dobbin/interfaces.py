@@ -118,8 +118,15 @@ class IDatabase(Interface):
     def get(oid):
         """Return the object with id `oid`; raise ``KeyError`` if none."""
 
+    committed_tid = Attribute(
+        """The tid of the calling thread's latest successful commit, or None.""")
+
     def sync():
-        """Catch up with other writers' commits now; return `last_tid`."""
+        """Catch up with other writers' commits now; return `last_tid`.
+
+        When it returns T, the subscribers have been called for every
+        committed transaction up to T that is durable.
+        """
 
     def subscribe(callback):
         """Call ``callback(tid, oids)`` for each committed transaction learned.

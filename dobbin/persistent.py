@@ -15,7 +15,7 @@ from collections.abc import MutableMapping
 from zope.interface import implementer
 
 from dobbin.interfaces import IPersistent, IPersistentDict
-from dobbin.session import copy_state, current_session
+from dobbin.session import _threads, copy_state, current_session, current_thread_key, thread_key
 from dobbin.stream import PersistentFile  # noqa: F401  (public name, per the guide)
 
 _get_ident = threading.get_ident
@@ -61,7 +61,7 @@ def _local_state(obj):
     """The calling thread's working copy of obj, or None."""
     table = _object_getattribute(obj, "_p_local")
     if table:
-        return table.get(_get_ident())
+        return table.get(current_thread_key())
     return None
 
 
@@ -112,7 +112,7 @@ class Persistent:
             return _object_getattribute(self, name)
         table = _object_getattribute(self, "_p_local")
         if table:
-            state = table.get(_get_ident())
+            state = table.get(getattr(_threads, "key", None))  # current_thread_key(), inlined
             if state is not None:
                 if name not in _data_descriptor_names(type(self)):
                     if name in state:
@@ -230,7 +230,7 @@ def checkout(obj):
     if not isinstance(obj, Persistent):
         raise TypeError("only persistent objects can be checked out, not %r"
                         % type(obj).__name__)
-    ident = _get_ident()
+    ident = thread_key()
     table = _object_getattribute(obj, "_p_local")
     if table and ident in table:
         return

@@ -18,6 +18,24 @@ from dobbin.interfaces import ISession
 
 _threads = threading.local()
 
+
+def thread_key():
+    """A key for the calling thread's working copies (see `Persistent._p_local`).
+
+    Not the thread's id: ids are reused as soon as a thread ends, and a
+    new thread must never find a dead thread's checkouts.  This object is
+    unique for as long as any table holds it.
+    """
+    key = getattr(_threads, "key", None)
+    if key is None:
+        key = _threads.key = object()
+    return key
+
+
+def current_thread_key():
+    """The calling thread's key, or None if it never checked anything out."""
+    return getattr(_threads, "key", None)
+
 _IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None), complex, frozenset))
 
 
@@ -64,7 +82,7 @@ class Session:
     def __init__(self, txn):
         self.transaction = txn
         self.transaction_manager = transaction.manager
-        self.thread = threading.get_ident()
+        self.thread = thread_key()
         self.checkouts = {}   # id(obj) -> _Checkout, in checkout order
         self.elected = {}     # database -> new root object
         self._adopted = []    # objects given a jar by elect(), undone on abort
@@ -76,6 +94,12 @@ class Session:
         self.finished = False
 
     # -- building the transaction --------------------------------------
+
+    def __del__(self):
+        # A thread that died inside its transaction never ends it: free
+        # what it had checked out when its session goes.
+        if not self.finished:
+            self._release()
 
     def add(self, obj, old, serial):
         """Record that `obj` was checked out with state `old` at `serial`."""
