@@ -1,0 +1,496 @@
+"""The broker client: proxies of a remote Dobbin database, one transaction at a time.
+
+A client transaction reads one snapshot of the database, named by its tid.
+Object states are loaded at that tid and cached across transactions; at
+every boundary (begin, commit, abort) the client applies the invalidations
+it has learned since, and only then moves to the new snapshot, so objects
+never change under a running transaction.
+
+It learns invalidations two ways: from the server's broadcasts (drained
+at boundaries) and from the "changed" list of sync and commit replies,
+which covers everything since the last tid it knew.  When it cannot prove
+it knows every change (the server's history does not reach back, or the
+server restarted), it flushes its whole cache instead.
+"""
+
+import itertools
+import os
+import threading
+import weakref
+
+from zope.interface import implementer
+
+from broker import exc, protocol
+from broker.changes import DELETED, LocalChanges
+from broker.codec import ABSENT, Codec
+from broker.interfaces import IBrokerClient
+from broker.keys import Key
+from broker.proxy import MappingProxy, Proxy, RemoteMethod, RemoteStream
+from broker.transport import Connection
+
+PAGE = 1000
+MAPPING_METHODS = frozenset({"keys", "values", "items", "get"})
+
+
+@implementer(IBrokerClient)
+class BrokerClient:
+    """A connection to the broker server at `address`.
+
+    `timeout` and `retries` bound each request (lazy pirate: each retry uses
+    a fresh socket).  `curve` is (server public key, client public key,
+    client secret key) for a CURVE server.  `trace`, if given, is called
+    with (direction, frames) for every message sent and received.
+    """
+
+    def __init__(self, address, timeout=2.5, retries=3, curve=None, trace=None):
+        self.address = address
+        self._lock = threading.RLock()
+        self._codec = Codec(default=self._encode_object, on_key=self._decode_key)
+        self._cache = weakref.WeakValueDictionary()   # key token -> Proxy
+        self._metas = {}
+        self._searches = {}      # (mode, target, query bytes, limit) -> (result, deps)
+        self._watch = {}         # oid -> set of mapping proxies whose items depend on it
+        self._pending = []       # (tid, oids) broadcast, not yet applied
+        self._pending_statics = set()
+        self._gap = False        # broadcasts were missed since _known
+        self._flush_needed = False
+        self._known = None       # every invalidation up to this tid is applied or pending
+        self._tid = None         # the snapshot of the current transaction
+        self._server = None
+        self._seq = None
+        self._root = None
+        self._changes = LocalChanges()
+        self._numbers = itertools.count(1)
+        self._closed = False
+        self._conn = Connection(address, self._codec, timeout, retries, curve, trace)
+        try:
+            with self._lock:
+                self._hello()
+                self.begin()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- requests ------------------------------------------------------------
+
+    def _call(self, op, **fields):
+        if self._closed:
+            raise exc.ClientClosed("the client is closed")
+        server, ok, result = self._conn.request(op, fields)
+        if server != self._server and op != "hello":
+            self._server_changed()
+        if not ok:
+            raise exc.from_wire(result)
+        return protocol.check_result(op, result)
+
+    def _hello(self):
+        info = self._call("hello")
+        if info["version"] != protocol.VERSION:
+            raise exc.ProtocolError("server speaks protocol %r, we speak %d"
+                                    % (info["version"], protocol.VERSION))
+        if self._server is not None and info["server"] != self._server:
+            self._flush_needed = True
+        self._server = info["server"]
+        self._seq = info.get("seq")
+        self._root = info["root"]
+        self._conn.subscribe(info["broadcast"])
+
+    def _server_changed(self):
+        # Another server instance answered (a restart): what we know of
+        # invalidations may have holes, and the broadcast endpoint may move.
+        self._gap = True
+        self._flush_needed = True
+        self._hello()
+
+    # -- codec hooks -----------------------------------------------------------
+
+    def _encode_object(self, obj):
+        if isinstance(obj, Proxy) and obj._client is self:
+            return obj._key
+        if isinstance(obj, RemoteStream) and obj._client is self:
+            return obj._key
+        raise exc.EncodeError("cannot send %r" % (obj,))
+
+    def _decode_key(self, key):
+        if key.kind == "f":
+            return RemoteStream(self, key)
+        if key.kind == "n":
+            raise exc.ProtocolError("the server sent a client-side key")
+        proxy = self._cache.get(key.token)
+        if proxy is None:
+            proxy = self._cache[key.token] = Proxy(self, key)
+        return proxy
+
+    # -- transactions ------------------------------------------------------------
+
+    @property
+    def root(self):
+        with self._lock:
+            return self._root
+
+    @property
+    def tid(self):
+        return self._tid
+
+    def begin(self):
+        with self._lock:
+            self._changes.clear()
+            self._drain()
+            result = self._call("sync", since=self._known)
+            self._root = result["root"]
+            self._drain()
+            self._advance(result["tid"], result["changed"])
+            return self._tid
+
+    def abort(self):
+        with self._lock:
+            self._changes.clear()
+            self._drain()
+            if not self._gap and self._known is not None:
+                self._advance(self._known, [])
+
+    def commit(self):
+        with self._lock:
+            if not self._changes:
+                self.abort()
+                return self._tid
+            fields = self._changes.message()
+            new = dict(self._changes.new)
+            changed = self._changes.changed_proxies()
+            try:
+                result = self._call("commit", tx=self._tid, since=self._known,
+                                    token=os.urandom(16), **fields)
+            except BaseException:
+                for proxy in changed:
+                    proxy._ghostify()
+                self.abort()
+                raise
+            for number, decoded in result["created"]:
+                proxy, _class_name = new[number]
+                object.__setattr__(proxy, "_key", decoded._key)
+                self._cache[decoded._key.token] = proxy
+            for proxy in changed:
+                proxy._ghostify()
+            self._changes.clear()
+            self._root = result["root"]
+            self._drain()
+            self._advance(result["tid"], result["changed"])
+            return result["tid"]
+
+    def _drain(self):
+        """Take the waiting broadcasts into the pending invalidations."""
+        for message in self._conn.broadcasts():
+            self._receive(message)
+
+    def _receive(self, message):
+        if message["srv"] != self._server:
+            return  # another instance (before or after a restart): sync covers it
+        if self._seq is not None and message["seq"] != self._seq + 1:
+            self._gap = True
+            self._flush_needed = self._flush_needed or message["seq"] <= self._seq
+            self._pending_statics.add(None)  # unknown static changes: drop them all
+        self._seq = message["seq"]
+        tid = message["tid"]
+        if tid is None:
+            self._pending_statics.update(tuple(p) for p in message["statics"])
+            return
+        if self._known is not None and tid <= self._known:
+            return
+        self._pending.append((tid, frozenset(message["oids"])))
+        if not self._gap and message["prev"] == self._known:
+            self._known = tid
+        else:
+            self._gap = True
+
+    def _advance(self, tid, changed):
+        """Apply every invalidation up to `tid` and make it the snapshot."""
+        if changed is None or self._flush_needed:
+            self._flush()
+        else:
+            oids = set(changed)
+            for pending_tid, pending_oids in self._pending:
+                if pending_tid <= tid:
+                    oids.update(pending_oids)
+            self._invalidate(oids)
+        self._pending = [(t, o) for t, o in self._pending if t > tid]
+        if None in self._pending_statics:
+            for proxy in list(self._cache.values()):
+                if proxy._key.kind == "s":
+                    proxy._ghostify()
+        else:
+            for path in self._pending_statics:
+                proxy = self._cache.get(("s", path))
+                if proxy is not None:
+                    proxy._ghostify()
+        self._pending_statics = set()
+        self._tid = self._known = tid
+        self._gap = self._flush_needed = False
+
+    def _invalidate(self, oids):
+        if not oids:
+            return
+        for oid in oids:
+            proxy = self._cache.get(("o", oid))
+            if proxy is not None:
+                proxy._ghostify()
+            for watcher in self._watch.pop(oid, ()):
+                watcher._ghostify()
+        for entry, (_result, deps) in list(self._searches.items()):
+            if deps is None or not oids.isdisjoint(deps):
+                del self._searches[entry]
+
+    def _flush(self):
+        for proxy in list(self._cache.values()):
+            proxy._ghostify()
+        self._searches.clear()
+        self._watch.clear()
+        self._pending = []
+
+    def wait_for_broadcast(self, tid=None, timeout=1.0):
+        """Wait up to `timeout` s for a broadcast (of `tid` or later, if given).
+
+        Broadcasts received are kept for the next boundary; returns the
+        highest tid broadcast so far, or None if none came.
+        """
+        with self._lock:
+            waited = 0.0
+            while True:
+                for message in self._conn.broadcasts(timeout=0.02):
+                    self._receive(message)
+                seen = max((t for t, _o in self._pending), default=None)
+                if seen is not None and (tid is None or seen >= tid):
+                    return seen
+                waited += 0.02
+                if waited >= timeout:
+                    return seen
+
+    # -- objects ---------------------------------------------------------------
+
+    def _meta(self, class_name):
+        meta = self._metas.get(class_name)
+        if meta is None:
+            meta = self._metas[class_name] = self._call("meta", **{"class": class_name})
+        return meta
+
+    def _load(self, proxy):
+        state = proxy._state
+        if state is None:
+            if proxy._key.kind == "n":
+                return {}
+            result = self._call("load", key=proxy._key, tx=self._tid)
+            self._set_class(proxy, result["class"])
+            object.__setattr__(proxy, "_state", result["state"])
+            state = result["state"]
+        return state
+
+    def _set_class(self, proxy, class_name):
+        object.__setattr__(proxy, "_class", class_name)
+        if self._meta(class_name)["mapping"] and type(proxy) is Proxy:
+            object.__setattr__(proxy, "__class__", MappingProxy)
+
+    def _proxy_meta(self, proxy):
+        self._load(proxy)
+        return self._meta(proxy._class)
+
+    def _read_attr(self, proxy, name):
+        with self._lock:
+            value = self._changes.get_attr(proxy, name, ABSENT)
+            if value is DELETED:
+                raise AttributeError("%r has no attribute %r (deleted)" % (proxy, name))
+            if value is not ABSENT:
+                return value
+            state = self._load(proxy)
+            if name in state:
+                return state[name]
+            if isinstance(proxy, MappingProxy) and name in MAPPING_METHODS:
+                return getattr(proxy, name)  # it became a mapping proxy on load
+            if name in self._proxy_meta(proxy)["callables"]:
+                return RemoteMethod(proxy, name)
+            raise AttributeError("%r has no attribute %r" % (proxy, name))
+
+    def _check_writable(self, proxy, name):
+        meta = self._proxy_meta(proxy)
+        writable, readonly = meta["writable"], meta.get("readonly") or ()
+        if (name in meta["callables"] or readonly is True or name in readonly
+                or (writable is not None and name not in writable)):
+            raise AttributeError("%s.%s is not writable" % (meta["name"], name))
+
+    def _write_attr(self, proxy, name, value):
+        with self._lock:
+            self._check_writable(proxy, name)
+            old = self._load(proxy).get(name, ABSENT)
+            self._changes.set_attr(proxy, name, value, old)
+
+    def _delete_attr(self, proxy, name):
+        with self._lock:
+            self._check_writable(proxy, name)
+            state = self._load(proxy)
+            current = self._changes.get_attr(proxy, name, state.get(name, ABSENT))
+            if current is ABSENT or current is DELETED:
+                raise AttributeError("%r has no attribute %r" % (proxy, name))
+            self._changes.set_attr(proxy, name, DELETED, state.get(name, ABSENT))
+
+    def _invoke(self, proxy, name, args, kwargs):
+        with self._lock:
+            return self._call("invoke", key=proxy._key, tx=self._tid, method=name,
+                              args=list(args), kwargs=kwargs)
+
+    def _read_stream(self, key, offset, size):
+        with self._lock:
+            result = self._call("stream", key=key, tx=self._tid, offset=offset, size=size)
+            return result["data"], result["size"]
+
+    # -- mapping items -------------------------------------------------------------
+
+    def _is_mapping(self, proxy):
+        with self._lock:
+            return bool(self._proxy_meta(proxy)["mapping"])
+
+    def _check_mapping(self, proxy):
+        if not self._is_mapping(proxy):
+            raise TypeError("%r is not a mapping" % (proxy,))
+
+    def _remote_item(self, proxy, item):
+        """The item's value at the snapshot, or ABSENT (cached per transaction)."""
+        if proxy._key.kind == "n":
+            return ABSENT
+        if proxy._all is not None:
+            return dict(proxy._all).get(item, ABSENT)
+        if proxy._items is None:
+            object.__setattr__(proxy, "_items", {})
+        try:
+            if item in proxy._items:
+                return proxy._items[item]
+        except TypeError:
+            raise TypeError("unhashable mapping key %r" % (item,)) from None
+        result = self._call("item", key=proxy._key, tx=self._tid, item=item)
+        self._watch_deps(proxy, result["deps"])
+        value = result["value"][0] if result["value"] else ABSENT
+        proxy._items[item] = value
+        return value
+
+    def _watch_deps(self, proxy, deps):
+        for oid in deps or ():
+            self._watch.setdefault(oid, set()).add(proxy)
+
+    def _get_item(self, proxy, item):
+        with self._lock:
+            self._check_mapping(proxy)
+            value = self._changes.get_item(proxy, item, ABSENT)
+            if value is ABSENT:
+                value = self._remote_item(proxy, item)
+            if value is ABSENT or value is DELETED:
+                raise KeyError(item)
+            return value
+
+    def _has_item(self, proxy, item):
+        try:
+            self._get_item(proxy, item)
+        except KeyError:
+            return False
+        return True
+
+    def _set_item(self, proxy, item, value):
+        with self._lock:
+            self._check_mapping(proxy)
+            if not self._proxy_meta(proxy).get("items_writable"):
+                raise TypeError("items of %r are not writable" % (proxy,))
+            self._changes.set_item(proxy, item, value, self._remote_item(proxy, item))
+
+    def _delete_item(self, proxy, item):
+        with self._lock:
+            self._get_item(proxy, item)  # KeyError if there is none
+            if not self._proxy_meta(proxy).get("items_writable"):
+                raise TypeError("items of %r are not writable" % (proxy,))
+            self._changes.set_item(proxy, item, DELETED, self._remote_item(proxy, item))
+
+    def _listing(self, proxy):
+        """All (key, value) pairs of a mapping proxy, local changes included."""
+        with self._lock:
+            self._check_mapping(proxy)
+            if proxy._all is None:
+                pairs = []
+                if proxy._key.kind != "n":
+                    start = 0
+                    while True:
+                        page = self._call("items", key=proxy._key, tx=self._tid,
+                                          start=start, limit=PAGE)
+                        self._watch_deps(proxy, page["deps"])
+                        pairs.extend((k, v) for k, v in page["items"])
+                        start += len(page["items"])
+                        if not page["more"] or not page["items"]:
+                            break
+                object.__setattr__(proxy, "_all", pairs)
+            changes = self._changes.item_changes(proxy)
+            if not changes:
+                return list(proxy._all)
+            merged = dict(proxy._all)
+            for item, value in changes.items():
+                if value is DELETED:
+                    merged.pop(item, None)
+                else:
+                    merged[item] = value
+            return list(merged.items())
+
+    # -- application API -------------------------------------------------------------
+
+    def call(self, name, *args, **kwargs):
+        with self._lock:
+            return self._call("call", name=name, args=list(args), kwargs=kwargs)
+
+    def static(self, *path):
+        with self._lock:
+            return self._call("static", path=list(path))
+
+    def new(self, class_name, **fields):
+        with self._lock:
+            meta = self._meta(class_name)
+            if not meta.get("creatable"):
+                raise exc.AccessDenied("clients may not create %s objects" % class_name)
+            number = next(self._numbers)
+            proxy = Proxy(self, Key("n", number))
+            self._set_class(proxy, class_name)
+            object.__setattr__(proxy, "_state", {})
+            self._changes.add_new(number, proxy, class_name)
+            for name, value in fields.items():
+                self._check_writable(proxy, name)
+                self._changes.set_attr(proxy, name, value, ABSENT)
+            return proxy
+
+    def get(self, target, **query):
+        return self._search(target, "get", query, None)
+
+    def find(self, target, limit=None, **query):
+        return self._search(target, "find", query, limit)
+
+    def count(self, target, **query):
+        return self._search(target, "count", query, None)
+
+    def _search(self, target, mode, query, limit):
+        with self._lock:
+            if isinstance(target, Proxy):
+                wire_target, name = target._key, target._key.token
+            elif isinstance(target, str):
+                wire_target = name = target
+            else:
+                raise TypeError("search a mapping proxy or a class name, not %r" % (target,))
+            entry = (mode, name, self._codec.encode(query), limit)
+            hit = self._searches.get(entry)
+            if hit is None:
+                result = self._call("search", target=wire_target, tx=self._tid, mode=mode,
+                                    query=query, limit=limit)
+                hit = self._searches[entry] = (result["result"], result["deps"])
+            result = hit[0]
+            return list(result) if isinstance(result, list) else result
+
+    def close(self):
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()

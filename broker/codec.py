@@ -1,0 +1,355 @@
+"""msgpack encoding of broker messages, with shared and cyclic structures.
+
+Plain values travel as plain msgpack: None, bool, int (64 bit), float, str,
+bytes, lists and str-keyed dicts.  Everything else is a msgpack extension
+type whose payload is itself msgpack (docs/protocol.txt has the table):
+
+    1  TUPLE      packed list of the items
+    2  SET        packed list of the items
+    3  FROZENSET  packed list of the items
+    4  DICT       dict with a key that is not str: packed flat [k1, v1, k2, v2 ...]
+    5  DEF        a container that occurs more than once in the message:
+                  4-byte big-endian number, 1-byte kind (l t d D s f, see
+                  _KINDS), then the container as above
+    6  REF        4-byte number of a DEF seen earlier in the message
+    7  KEY        object key: 1-byte kind, MAC, packed ident (broker.keys)
+    8  ABSENT     empty payload: "no value" (an attribute that is not set)
+
+A container that occurs once is sent as itself, so messages without sharing
+are ordinary msgpack.  A container that occurs twice or more is sent once as
+DEF and then as REF, which carries both sharing and cycles.  A cycle through
+a tuple or frozenset cannot be rebuilt (the container would have to exist
+before its items) and is refused when encoding.
+
+Decoding never runs code chosen by the sender: unknown extension codes,
+non-str map keys in plain maps, oversize strings/arrays/maps, too deep
+nesting and trailing bytes all raise DecodeError.  Nothing here imports
+pickle.
+"""
+
+import struct
+
+import msgpack
+from zope.interface import implementer
+
+from broker.exc import AccessDenied, DecodeError, EncodeError
+from broker.interfaces import ICodec
+from broker.keys import MAC_SIZE, Key
+
+EXT_TUPLE, EXT_SET, EXT_FROZENSET, EXT_DICT, EXT_DEF, EXT_REF, EXT_KEY, EXT_ABSENT = range(1, 9)
+
+MAX_MESSAGE = 16 * 1024 * 1024
+MAX_DEPTH = 64
+MAX_ITEMS = 1000000
+_INT_MIN, _INT_MAX = -2 ** 63, 2 ** 64 - 1
+_NUM = struct.Struct(">I")
+_PLAIN = (str, bytes, bool, float, type(None))
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+_KINDS = {list: b"l", tuple: b"t", dict: b"D", set: b"s", frozenset: b"f"}
+
+
+class _Absent:
+    """The ABSENT marker: no value at all (not even None)."""
+
+    __slots__ = ()
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self):
+        return "ABSENT"
+
+    def __reduce__(self):
+        return (_Absent, ())
+
+
+ABSENT = _Absent()
+
+
+@implementer(ICodec)
+class Codec:
+    """Encoder and decoder for one side of a connection.
+
+    `default(obj)` is called for any value the codec cannot send as is and
+    must return a Key (or raise EncodeError); the server uses it to turn
+    persistent objects into signed keys, the client to turn proxies into
+    their keys.  `on_key(key)` is called for every Key decoded and its result
+    replaces the key; the server uses it to verify MACs, the client to make
+    proxies.
+    """
+
+    def __init__(self, default=None, on_key=None, max_message=MAX_MESSAGE,
+                 max_depth=MAX_DEPTH, max_items=MAX_ITEMS):
+        self.default = default
+        self.on_key = on_key
+        self.max_message = max_message
+        self.max_depth = max_depth
+        self.max_items = max_items
+
+    # -- encoding ---------------------------------------------------------
+
+    def encode(self, value):
+        shared = self._shared(value)
+        state = _EncodeState(shared)
+        try:
+            data = msgpack.packb(self._convert(value, state, 0), use_bin_type=True)
+        except (OverflowError, ValueError, TypeError) as e:
+            raise EncodeError("cannot encode message: %s" % e) from None
+        if len(data) > self.max_message:
+            raise EncodeError("message of %d bytes exceeds the limit of %d"
+                              % (len(data), self.max_message))
+        return data
+
+    def _shared(self, value):
+        """Return the ids of containers reached more than once from `value`."""
+        seen = {}
+        shared = set()
+        count = 0
+        stack = [(value, 0)]
+        while stack:
+            obj, depth = stack.pop()
+            if type(obj) not in _KINDS:
+                continue
+            i = id(obj)
+            if i in seen:
+                shared.add(i)
+                continue
+            seen[i] = obj
+            if depth >= self.max_depth:
+                raise EncodeError("value nested deeper than %d levels" % self.max_depth)
+            count += len(obj)
+            if count > self.max_items:
+                raise EncodeError("value has more than %d items" % self.max_items)
+            depth += 1
+            if type(obj) is dict:
+                for k, v in obj.items():
+                    stack.append((k, depth))
+                    stack.append((v, depth))
+            else:
+                stack.extend((x, depth) for x in obj)
+        return shared
+
+    def _convert(self, obj, state, depth):
+        t = type(obj)
+        if t in _PLAIN:
+            return obj
+        if t is int:
+            if not _INT_MIN <= obj <= _INT_MAX:
+                raise EncodeError("integer %d does not fit in 64 bits" % obj)
+            return obj
+        if t in _KINDS:
+            return self._convert_container(obj, t, state, depth)
+        if t is Key:
+            return _key_ext(obj)
+        if obj is ABSENT:
+            return msgpack.ExtType(EXT_ABSENT, b"")
+        if self.default is not None:
+            replacement = self.default(obj)
+            if type(replacement) is Key:
+                return _key_ext(replacement)
+        raise EncodeError("cannot send an object of type %s" % t.__name__)
+
+    def _convert_container(self, obj, t, state, depth):
+        i = id(obj)
+        if i in state.shared:
+            number = state.numbers.get(i)
+            if number is not None:
+                if i in state.building:
+                    raise EncodeError("cannot send a cycle through a %s" % t.__name__)
+                return msgpack.ExtType(EXT_REF, _NUM.pack(number))
+            number = state.numbers[i] = len(state.numbers)
+            if t in (tuple, frozenset):
+                state.building.add(i)
+            body = self._body(obj, t, state, depth)
+            state.building.discard(i)
+            payload = _NUM.pack(number) + _KINDS[t] + _pack(body)
+            return msgpack.ExtType(EXT_DEF, payload)
+        body = self._body(obj, t, state, depth)
+        if t is list:
+            return body
+        if t is dict:
+            return body if type(body) is dict else msgpack.ExtType(EXT_DICT, _pack(body))
+        code = EXT_TUPLE if t is tuple else EXT_SET if t is set else EXT_FROZENSET
+        return msgpack.ExtType(code, _pack(body))
+
+    def _body(self, obj, t, state, depth):
+        depth += 1
+        convert = self._convert
+        if t is dict:
+            if all(type(k) is str for k in obj):
+                return {k: convert(v, state, depth) for k, v in obj.items()}
+            flat = []
+            for k, v in obj.items():
+                flat.append(convert(k, state, depth))
+                flat.append(convert(v, state, depth))
+            return flat
+        return [convert(x, state, depth) for x in obj]
+
+    # -- decoding ---------------------------------------------------------
+
+    def decode(self, data):
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise DecodeError("expected bytes, got %s" % type(data).__name__)
+        if len(data) > self.max_message:
+            raise DecodeError("message of %d bytes exceeds the limit of %d"
+                              % (len(data), self.max_message))
+        state = _DecodeState(self)
+        try:
+            return state.unpack(data)
+        except (DecodeError, AccessDenied):
+            raise
+        except (ValueError, TypeError, msgpack.UnpackException,
+                RecursionError, struct.error) as e:
+            raise DecodeError("malformed message: %s" % (e or type(e).__name__)) from None
+
+
+class _EncodeState:
+    __slots__ = ("shared", "numbers", "building")
+
+    def __init__(self, shared):
+        self.shared = shared
+        self.numbers = {}
+        self.building = set()
+
+
+class _DecodeState:
+    """Per-message decoding state: the DEF table and the ext nesting depth."""
+
+    def __init__(self, codec):
+        self.codec = codec
+        self.defs = {}
+        self.depth = 0
+        self.size = codec.max_message
+        self.items = codec.max_items
+
+    def unpack(self, data):
+        n = min(len(data), self.items)
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, ext_hook=self.ext_hook,
+            max_str_len=len(data), max_bin_len=len(data), max_array_len=n,
+            max_map_len=n, max_ext_len=len(data))
+
+    def ext_hook(self, code, payload):
+        self.depth += 1
+        try:
+            if self.depth > self.codec.max_depth:
+                raise DecodeError("message nested deeper than %d levels" % self.codec.max_depth)
+            return self._ext(code, payload)
+        finally:
+            self.depth -= 1
+
+    def _ext(self, code, payload):
+        if code == EXT_KEY:
+            key = _key_from_payload(payload)
+            on_key = self.codec.on_key
+            return on_key(key) if on_key is not None else key
+        if code == EXT_REF:
+            if len(payload) != 4:
+                raise DecodeError("malformed REF")
+            number = _NUM.unpack(payload)[0]
+            try:
+                value = self.defs[number]
+            except KeyError:
+                raise DecodeError("REF to undefined container %d" % number) from None
+            if value is None:
+                raise DecodeError("REF to container %d before it is complete" % number)
+            return value
+        if code == EXT_DEF:
+            return self._def(payload)
+        if code == EXT_ABSENT:
+            if payload:
+                raise DecodeError("malformed ABSENT")
+            return ABSENT
+        if code in (EXT_TUPLE, EXT_SET, EXT_FROZENSET, EXT_DICT):
+            return _build(code, self._items(payload))
+        raise DecodeError("unknown extension type %d" % code)
+
+    def _items(self, payload):
+        items = self.unpack(payload)
+        if type(items) is not list:
+            raise DecodeError("malformed container payload")
+        return items
+
+    def _def(self, payload):
+        if len(payload) < 5:
+            raise DecodeError("malformed DEF")
+        number = _NUM.unpack(payload[:4])[0]
+        kind = payload[4:5]
+        if number in self.defs:
+            raise DecodeError("container %d defined twice" % number)
+        if kind in (b"l", b"D"):
+            # Mutable: exists before its items, so its items may refer to it.
+            container = [] if kind == b"l" else {}
+            self.defs[number] = container
+            items = self.unpack(payload[5:])
+            if kind == b"l" and type(items) is list:
+                container.extend(items)
+            elif kind == b"D" and type(items) in (list, dict):
+                _fill_dict(container, items)
+            else:
+                raise DecodeError("malformed DEF payload")
+            return container
+        code = {b"t": EXT_TUPLE, b"s": EXT_SET, b"f": EXT_FROZENSET}.get(kind)
+        if code is None:
+            raise DecodeError("unknown DEF kind %r" % kind)
+        self.defs[number] = None
+        container = _build(code, self._items(payload[5:]))
+        self.defs[number] = container
+        return container
+
+
+def _build(code, items):
+    if code == EXT_TUPLE:
+        return tuple(items)
+    if code == EXT_DICT:
+        result = {}
+        _fill_dict(result, items)
+        return result
+    try:
+        return set(items) if code == EXT_SET else frozenset(items)
+    except TypeError:
+        raise DecodeError("unhashable set member") from None
+
+
+def _fill_dict(target, flat):
+    if isinstance(flat, dict):
+        target.update(flat)
+        return
+    if len(flat) % 2:
+        raise DecodeError("dict payload has an odd number of items")
+    try:
+        for i in range(0, len(flat), 2):
+            target[flat[i]] = flat[i + 1]
+    except TypeError:
+        raise DecodeError("unhashable dict key") from None
+
+
+def _pack(value):
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _key_ext(key):
+    ident = key.ident
+    if type(ident) is tuple:
+        ident = list(ident)
+    return msgpack.ExtType(EXT_KEY, key.kind.encode() + key.mac + _pack(ident))
+
+
+def _key_from_payload(payload):
+    if len(payload) < 2:
+        raise DecodeError("malformed KEY")
+    kind = payload[:1].decode("ascii", "replace")
+    mac_len = 0 if kind == "n" else MAC_SIZE
+    mac = bytes(payload[1:1 + mac_len])
+    try:
+        ident = msgpack.unpackb(payload[1 + mac_len:], raw=False, strict_map_key=True,
+                                max_array_len=32, max_map_len=0, max_bin_len=0,
+                                max_ext_len=0, max_str_len=512)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        raise AccessDenied("malformed key") from None
+    if type(ident) is list:
+        ident = tuple(ident)
+    return Key(kind, ident, mac)

@@ -1,0 +1,187 @@
+"""What the server lets clients see, change and call.
+
+The rules, per class (looked up along the MRO, so subclasses inherit):
+
+- Without export_class, public attributes (no leading underscore) of
+  persistent objects are readable, none is writable, and only methods
+  decorated with `exported` are callable.
+- export_class(cls, fields=..., refs=..., callables=..., hidden=...,
+  readonly=..., creatable=...) narrows what is readable to `fields` + `refs`
+  (or keeps every public attribute when fields is None), makes the readable
+  ones writable except `readonly` (True: none), and makes `callables` plus
+  the decorated methods callable.
+- `hidden` names are never readable, writable or callable, and are never
+  sent, not even their names.
+- Names starting with "_" are never exported, whatever the configuration.
+"""
+
+import collections.abc
+
+from zope.interface import implementer
+
+from broker.exc import ExportError
+from broker.interfaces import IClassExport, IExportRegistry
+
+_MAPPING_METHODS = ("keys", "items", "__getitem__", "__len__", "__contains__", "__iter__")
+
+
+def exported(func):
+    """Mark a method as callable by clients (root.method(...) on a proxy)."""
+    func.__broker_exported__ = True
+    return func
+
+
+def is_exported(func):
+    """Return True if `func` was decorated with `exported`."""
+    return getattr(func, "__broker_exported__", False) is True
+
+
+def is_mapping_class(cls):
+    """Return True for classes with the Mapping protocol (PersistentDict, B-trees)."""
+    if issubclass(cls, collections.abc.Mapping):
+        return True
+    return all(callable(getattr(cls, name, None)) for name in _MAPPING_METHODS)
+
+
+def class_name(cls):
+    """Return the wire name of a class: "module.QualName"."""
+    return "%s.%s" % (cls.__module__, cls.__qualname__)
+
+
+def _names(value, what):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.split()
+    names = frozenset(value)
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ExportError("%s: %r is not an attribute name" % (what, name))
+        if name.startswith("_"):
+            raise ExportError("%s: private name %r cannot be exported" % (what, name))
+    return names
+
+
+@implementer(IClassExport)
+class ClassExport:
+    """The export rules of one class; see the module docstring."""
+
+    def __init__(self, cls, fields=None, refs=(), callables=(), hidden=(),
+                 readonly=True, creatable=False, extent=None):
+        self.cls = cls
+        self.name = class_name(cls)
+        self.fields = _names(fields, "fields")
+        self.refs = _names(refs, "refs") or frozenset()
+        self.hidden = _names(hidden, "hidden") or frozenset()
+        decorated = frozenset(
+            name for name in dir(cls)
+            if not name.startswith("_") and is_exported(getattr(cls, name, None)))
+        self.callables = ((_names(callables, "callables") or frozenset()) | decorated) - self.hidden
+        for name in self.callables:
+            if not callable(getattr(cls, name, None)):
+                raise ExportError("%s.%s is exported as callable but is not a method"
+                                  % (self.name, name))
+        if readonly is not True:
+            readonly = _names(readonly, "readonly") or frozenset()
+        self.readonly = readonly
+        self.creatable = bool(creatable)
+        self.extent = extent
+        self.mapping = is_mapping_class(cls)
+        self._meta = None
+
+    def readable(self, name):
+        if name.startswith("_") or name in self.hidden or name in self.callables:
+            return False
+        return self.fields is None or name in self.fields or name in self.refs
+
+    def writable(self, name):
+        if self.readonly is True or name in self.readonly:
+            return False
+        return self.readable(name)
+
+    def callable(self, name):
+        return name in self.callables
+
+    def filter_state(self, state):
+        result = {k: v for k, v in state.items()
+                  if type(k) is str and self.readable(k)}
+        if self.fields is not None:
+            # Declared fields fall back to class-level defaults.
+            for name in self.fields | self.refs:
+                if name not in result and name not in self.hidden:
+                    value = getattr(self.cls, name, None)
+                    if value is not None and not callable(value):
+                        result[name] = value
+        return result
+
+    def meta(self):
+        """Return the class description sent to clients (no hidden names)."""
+        if self._meta is None:
+            known = None if self.fields is None else sorted(
+                (self.fields | self.refs) - self.hidden)
+            if self.readonly is True:
+                writable = []
+            elif known is None:
+                writable = None
+            else:
+                writable = [n for n in known if self.writable(n)]
+            self._meta = {
+                "name": self.name,
+                "fields": known,
+                "writable": writable,
+                "callables": sorted(self.callables),
+                "readonly": (True if self.readonly is True
+                             else sorted(self.readonly - self.hidden)),
+                "mapping": self.mapping,
+                "items_writable": self.mapping and self.readonly is not True,
+                "creatable": self.creatable,
+            }
+        return self._meta
+
+
+@implementer(IExportRegistry)
+class ExportRegistry:
+    """Export rules of every class, with defaults for the rest."""
+
+    def __init__(self):
+        self._explicit = {}
+        self._cache = {}
+        self._by_name = {}
+
+    def export_class(self, cls, **options):
+        if not isinstance(cls, type):
+            raise ExportError("export_class needs a class, got %r" % (cls,))
+        rules = ClassExport(cls, readonly=options.pop("readonly", ()), **options)
+        self._explicit[cls] = rules
+        self._cache.clear()
+        self._by_name[rules.name] = rules
+        return rules
+
+    def lookup(self, cls):
+        rules = self._cache.get(cls)
+        if rules is None:
+            for base in cls.__mro__:
+                explicit = self._explicit.get(base)
+                if explicit is not None:
+                    rules = explicit if base is cls else self._inherit(cls, explicit)
+                    break
+            else:
+                rules = ClassExport(cls)
+            self._cache[cls] = rules
+            self._by_name.setdefault(rules.name, rules)
+        return rules
+
+    def by_name(self, name):
+        return self._by_name.get(name)
+
+    def explicit_classes(self):
+        """The classes configured with export_class (searchable by name)."""
+        return frozenset(self._explicit)
+
+    def _inherit(self, cls, parent):
+        return ClassExport(
+            cls, fields=parent.fields, refs=parent.refs,
+            callables=parent.callables - {n for n in parent.callables
+                                          if not callable(getattr(cls, n, None))},
+            hidden=parent.hidden, readonly=parent.readonly,
+            creatable=parent.creatable, extent=parent.extent)

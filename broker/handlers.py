@@ -1,0 +1,484 @@
+"""What the server does for each request op, against the database.
+
+One method per op of broker.protocol.REQUESTS, named op_<op>, taking the
+validated fields and returning the reply's "ok" value (or raising, which
+becomes the reply's "error").  Reads happen at the client's snapshot tid:
+object states come from db.load_state(oid, tid); mappings are read from
+the live object after checking that neither it nor its internal nodes
+changed after the snapshot.  Writes (commit, call, invoke) each run in one
+Dobbin transaction of the calling worker thread.
+"""
+
+import itertools
+
+import transaction
+
+from broker.codec import ABSENT
+from broker.exc import (AccessDenied, ConflictError, MultipleResultsError, NoResultError,
+                        ProtocolError, ReadConflictError)
+from broker.keys import Key
+from broker.protocol import VERSION
+from dobbin.exc import ConflictError as StoreConflictError
+from dobbin.exc import HistoryError
+from dobbin.persistent import Persistent, PersistentDict, checkout
+from dobbin.stream import PersistentStream
+
+COMMIT_ATTEMPTS = 3
+MAX_SCAN = 1000000
+
+
+def same_value(a, b):
+    """Is the current value `a` the value `b` a client read?  Unsure means no."""
+    if a is b:
+        return True
+    if a is ABSENT or b is ABSENT:
+        return False
+    if isinstance(a, Persistent) or isinstance(b, Persistent):
+        oid = getattr(a, "_p_oid", None)
+        return oid is not None and oid == getattr(b, "_p_oid", None)
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # an exotic __eq__: treat as changed, which is safe
+        return False
+
+
+def activate(obj):
+    """Make sure a persistent object's state is loaded (ghosts have none)."""
+    if obj._p_ghost:
+        obj._p_jar._p_activate(obj)
+
+
+class Handlers:
+    """The request handlers of one BrokerServer."""
+
+    def __init__(self, server):
+        self.server = server
+        self.db = server.db
+        self.exports = server.exports
+        self.keyring = server.keyring
+
+    # -- resolving keys ------------------------------------------------------
+
+    def resolve(self, key, created=None):
+        """Return the object a verified key names (new objects from `created`)."""
+        if key.kind == "o":
+            try:
+                return self.db.get(key.ident)
+            except KeyError:
+                raise KeyError("no object with %s" % key) from None
+        if key.kind == "s":
+            return self.server.static_object(key.ident)
+        if key.kind == "n" and created is not None:
+            try:
+                return created[key.ident]
+            except KeyError:
+                raise ProtocolError("commit refers to undeclared %s" % key) from None
+        raise AccessDenied("a %s key is not allowed here" % key)
+
+    def resolve_values(self, value, created=None, memo=None):
+        """Replace the keys inside a decoded value by the objects they name."""
+        t = type(value)
+        if t is Key:
+            return self.resolve(value, created)
+        if t not in (list, dict, tuple, set, frozenset):
+            return value
+        if memo is None:
+            memo = {}
+        done = memo.get(id(value))
+        if done is not None:
+            return done
+        if t is list:
+            memo[id(value)] = value
+            value[:] = [self.resolve_values(x, created, memo) for x in value]
+            return value
+        if t is dict:
+            memo[id(value)] = value
+            items = [(self.resolve_values(k, created, memo), self.resolve_values(v, created, memo))
+                     for k, v in value.items()]
+            value.clear()
+            value.update(items)
+            return value
+        result = t(self.resolve_values(x, created, memo) for x in value)
+        memo[id(value)] = result
+        return result
+
+    # -- reading at a snapshot ---------------------------------------------
+
+    def catch_up(self, tid):
+        """Make sure this server's database knows transaction `tid`."""
+        if tid > self.db.last_tid:
+            self.db.sync()
+            if tid > self.db.last_tid:
+                raise ProtocolError("transaction %d is unknown to this database" % tid)
+
+    def state_at(self, obj, tid):
+        """Return (rules, serial, readable state) of persistent `obj` at `tid`."""
+        self.catch_up(tid)
+        try:
+            serial, state = self.db.load_state(obj._p_oid, tid)
+        except HistoryError:
+            raise ReadConflictError("%s has no version as of transaction %d; begin() again"
+                                    % (self.keyring.sign("o", obj._p_oid), tid),
+                                    key=str(self.keyring.sign("o", obj._p_oid))) from None
+        rules = self.exports.lookup(type(obj))
+        return rules, serial, rules.filter_state(state)
+
+    def static_state(self, obj):
+        rules = self.exports.lookup(type(obj))
+        if rules.fields is None:
+            # Every public, non-callable attribute, class-level ones included.
+            state = {}
+            for name in dir(obj):
+                if not name.startswith("_"):
+                    value = getattr(obj, name, None)
+                    if not callable(value):
+                        state[name] = value
+        else:
+            state = {n: getattr(obj, n) for n in rules.fields | rules.refs if hasattr(obj, n)}
+        return rules, rules.filter_state(state)
+
+    def mapping_at(self, obj, tid):
+        """Return (items view, deps) of mapping `obj` as of `tid`.
+
+        `deps` lists the oids whose change invalidates what was read.
+        """
+        rules = self.exports.lookup(type(obj))
+        if not rules.mapping:
+            raise AccessDenied("%s objects are not mappings" % rules.name)
+        if not isinstance(obj, Persistent):
+            return obj, []
+        self.catch_up(tid)
+        activate(obj)
+        if isinstance(obj, PersistentDict):
+            _serial, state = self.db.load_state(obj._p_oid, tid)
+            return state.get("_data", {}), [obj._p_oid]
+        internal = self.internal_nodes(obj)
+        for node in internal:
+            if node._p_serial > tid:
+                raise ReadConflictError(
+                    "%s changed after transaction %d; begin() again"
+                    % (self.keyring.sign("o", obj._p_oid), tid),
+                    key=str(self.keyring.sign("o", obj._p_oid)))
+        return obj, [node._p_oid for node in internal]
+
+    def internal_nodes(self, mapping):
+        """The mapping itself and the persistent objects inside it that are not values."""
+        values = {id(v) for v in mapping.values() if isinstance(v, Persistent)}
+        found = [mapping]
+        seen = {id(mapping)}
+        stack = [mapping.__dict__]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, Persistent):
+                if id(value) in seen or id(value) in values:
+                    continue
+                seen.add(id(value))
+                found.append(value)
+                activate(value)
+                stack.append(value.__dict__)
+            elif isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                stack.extend(value)
+        return found
+
+    # -- ops -------------------------------------------------------------------
+
+    def op_ping(self, f):
+        return None
+
+    def op_hello(self, f):
+        server = self.server
+        return {"version": VERSION, "broadcast": server.broadcast_address,
+                "tid": self.db.last_tid, "root": self.root_key(),
+                "server": server.instance, "seq": server.broadcast_seq,
+                "name": server.name}
+
+    def root_key(self):
+        root = self.db.root
+        return None if root is None else self.keyring.sign("o", root._p_oid)
+
+    def op_sync(self, f):
+        tid = self.server.sync_database()
+        return {"tid": tid, "changed": self.server.history.changes(f["since"], tid),
+                "root": self.root_key()}
+
+    def op_meta(self, f):
+        rules = self.exports.by_name(f["class"])
+        if rules is None:
+            raise KeyError("no exported class %r" % f["class"])
+        return rules.meta()
+
+    def op_static(self, f):
+        obj = self.server.static_object(f["path"])
+        return self.server.key_for(obj)
+
+    def op_load(self, f):
+        key, tid = f["key"], f["tx"]
+        obj = self.resolve(key)
+        if key.kind == "s" and not isinstance(obj, Persistent):
+            rules, state = self.static_state(obj)
+            serial = None
+        else:
+            rules, serial, state = self.state_at(obj, tid)
+        for name, value in state.items():
+            if isinstance(value, PersistentStream):
+                state[name] = self.keyring.sign("f", (obj._p_oid, name))
+        return {"class": rules.name, "serial": serial, "state": state}
+
+    def op_item(self, f):
+        obj = self.resolve(f["key"])
+        items, deps = self.mapping_at(obj, f["tx"])
+        item = self.resolve_values(f["item"])
+        try:
+            value = [items[item]] if item in items else []
+        except TypeError:
+            raise KeyError(item) from None
+        return {"value": value, "deps": deps}
+
+    def op_items(self, f):
+        obj = self.resolve(f["key"])
+        items, deps = self.mapping_at(obj, f["tx"])
+        start, limit = f["start"], f["limit"] or 1000
+        page = [[k, v] for k, v in itertools.islice(items.items(), start, start + limit)]
+        length = len(items)
+        return {"items": page, "more": start + len(page) < length, "len": length,
+                "deps": deps}
+
+    def op_stream(self, f):
+        oid, field = f["key"].ident
+        obj = self.resolve(Key("o", oid))
+        _rules, _serial, state = self.state_at(obj, f["tx"])
+        stream = state.get(field)
+        if not isinstance(stream, PersistentStream):
+            raise KeyError("%s has no stream %r" % (f["key"], field))
+        stream.open()
+        try:
+            size = stream.size
+            stream.seek(min(f["offset"], size))
+            data = stream.read(f["size"])
+        finally:
+            stream.close()
+        return {"data": data, "size": size}
+
+    # -- writes ----------------------------------------------------------------
+
+    def op_commit(self, f):
+        for _attempt in range(COMMIT_ATTEMPTS):
+            transaction.begin()
+            try:
+                touched = self.apply_commit(f)
+                transaction.commit()
+            except StoreConflictError:
+                transaction.abort()
+                continue
+            except BaseException:
+                transaction.abort()
+                raise
+            break
+        else:
+            raise ConflictError("the commit kept conflicting with concurrent writers")
+        # A snapshot at or after our commit, with every change up to it known.
+        tid = self.server.sync_database()
+        created = [[num, self.keyring.sign("o", obj._p_oid)]
+                   for num, obj in touched.created.items() if obj._p_oid is not None]
+        return {"tid": tid, "created": created,
+                "changed": self.server.history.changes(f["since"], tid),
+                "root": self.root_key()}
+
+    def apply_commit(self, f):
+        """Check and apply one commit message in the current transaction."""
+        touched = _Touched()
+        created = touched.created
+        for num, cname, fields in f["new"]:
+            rules = self.exports.by_name(cname)
+            if rules is None or not rules.creatable:
+                raise AccessDenied("clients may not create %s objects" % cname)
+            if num in created:
+                raise ProtocolError("commit declares new object #%d twice" % num)
+            # __init__ is not run: the client supplies the fields; defaults
+            # belong in class attributes.
+            created[num] = obj = rules.cls.__new__(rules.cls)
+            checkout(obj)
+            touched.append(obj)
+        for num, cname, fields in f["new"]:
+            obj, rules = created[num], self.exports.by_name(cname)
+            for name, value in fields.items():
+                self._check_writable(rules, name, Key("n", num))
+                setattr(obj, name, self.resolve_values(value, created))
+        for key, name, old, new in f["set"]:
+            obj, rules = self._writable_object(key, created, touched)
+            self._check_writable(rules, name, key)
+            if key.kind != "n":
+                self._verify(key, name, getattr(obj, name, ABSENT),
+                             self.resolve_values(old, created))
+            setattr(obj, name, self.resolve_values(new, created))
+        for key, name, old in f["del"]:
+            obj, rules = self._writable_object(key, created, touched)
+            self._check_writable(rules, name, key)
+            current = getattr(obj, name, ABSENT)
+            self._verify(key, name, current, self.resolve_values(old, created))
+            if current is not ABSENT:
+                delattr(obj, name)
+        for key, item, old, new in f["setitem"]:
+            mapping = self._writable_mapping(key, created, touched)
+            item = self.resolve_values(item, created)
+            self._verify(key, item, mapping.get(item, ABSENT), self.resolve_values(old, created))
+            self._mutate(mapping, touched, lambda m: m.__setitem__(
+                item, self.resolve_values(new, created)))
+        for key, item, old in f["delitem"]:
+            mapping = self._writable_mapping(key, created, touched)
+            item = self.resolve_values(item, created)
+            current = mapping.get(item, ABSENT)
+            self._verify(key, item, current, self.resolve_values(old, created))
+            if current is not ABSENT:
+                self._mutate(mapping, touched, lambda m: m.__delitem__(item))
+        return touched
+
+    def _writable_object(self, key, created, touched):
+        obj = self.resolve(key, created)
+        if not isinstance(obj, Persistent):
+            raise AccessDenied("%s cannot be changed by clients" % key)
+        checkout(obj)
+        touched.append(obj)
+        return obj, self.exports.lookup(type(obj))
+
+    def _writable_mapping(self, key, created, touched):
+        obj = self.resolve(key, created)
+        rules = self.exports.lookup(type(obj))
+        if not isinstance(obj, Persistent) or not rules.mapping or rules.readonly is True:
+            raise AccessDenied("items of %s cannot be changed by clients" % key)
+        return obj
+
+    @staticmethod
+    def _mutate(mapping, touched, change):
+        try:
+            change(mapping)
+        except RuntimeError:
+            # Read-only: this mapping wants the whole object checked out
+            # (PersistentDict); B-trees check out their own buckets.
+            checkout(mapping)
+            change(mapping)
+        touched.append(mapping)
+
+    @staticmethod
+    def _check_writable(rules, name, key):
+        if not rules.writable(name):
+            if rules.readable(name):
+                raise AccessDenied("%s.%s of %s is read-only for clients"
+                                   % (rules.name, name, key))
+            # Never echo a name clients cannot see: that would confirm a hidden field.
+            raise AccessDenied("%s of %s has no such attribute for clients" % (rules.name, key))
+
+    @staticmethod
+    def _verify(key, field, current, old):
+        if not same_value(current, old):
+            raise ConflictError(key=str(key), field=field if isinstance(field, str)
+                                else repr(field))
+
+    def _run_in_transaction(self, func, args, kwargs):
+        transaction.begin()
+        try:
+            result = func(*args, **kwargs)
+            transaction.commit()
+        except BaseException:
+            transaction.abort()
+            raise
+        return result
+
+    def op_call(self, f):
+        method = getattr(self.server, "do_" + f["name"], None)
+        if method is None or not callable(method):
+            raise AttributeError("the server has no method %r" % f["name"])
+        return self._run_in_transaction(
+            method, self.resolve_values(f["args"]), self.resolve_values(f["kwargs"]))
+
+    def op_invoke(self, f):
+        obj = self.resolve(f["key"])
+        rules = self.exports.lookup(type(obj))
+        if not rules.callable(f["method"]):
+            raise AccessDenied("%s.%s is not exported" % (rules.name, f["method"]))
+        return self._run_in_transaction(
+            getattr(obj, f["method"]), self.resolve_values(f["args"]),
+            self.resolve_values(f["kwargs"]))
+
+    # -- search ------------------------------------------------------------------
+
+    def op_search(self, f):
+        tid, query = f["tx"], self.resolve_values(f["query"])
+        target = f["target"]
+        if type(target) is Key:
+            obj = self.resolve(target)
+            items, deps = self.mapping_at(obj, tid)
+            candidates = list(items.values())
+        else:
+            rules = self.exports.by_name(target)
+            if rules is None or rules.cls not in self.exports.explicit_classes():
+                raise AccessDenied("class %r is not exported for search" % target)
+            self.catch_up(tid)
+            candidates = list(rules.extent() if rules.extent is not None
+                              else self.scan(rules.cls))
+            deps = None
+        matches = []
+        for candidate in candidates:
+            if isinstance(candidate, Persistent) and candidate._p_oid is not None:
+                if deps is not None:
+                    deps.append(candidate._p_oid)
+                if self._matches(candidate, tid, query):
+                    matches.append(candidate)
+        mode = f["mode"]
+        if mode == "count":
+            result = len(matches)
+        elif mode == "get":
+            if not matches:
+                raise NoResultError("no object matches %r" % (sorted(query),))
+            if len(matches) > 1:
+                raise MultipleResultsError("%d objects match %r" % (len(matches), sorted(query)))
+            result = matches[0]
+        else:
+            result = matches[:f["limit"]] if f["limit"] else matches
+        return {"result": result, "deps": deps}
+
+    def _matches(self, obj, tid, query):
+        try:
+            rules, _serial, state = self.state_at(obj, tid)
+        except ReadConflictError:
+            return False  # did not exist yet at the snapshot
+        for name, wanted in query.items():
+            # A field clients cannot read matches nothing (no error: an error
+            # would tell hidden fields from absent ones).
+            if not rules.readable(name) or not same_value(state.get(name, ABSENT), wanted):
+                return False
+        return True
+
+    def scan(self, cls):
+        """Yield the stored instances of `cls` reachable from the root (a full walk)."""
+        root = self.db.root
+        if root is None:
+            return
+        seen = set()
+        stack = [root]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, Persistent):
+                if id(value) in seen:
+                    continue
+                seen.add(id(value))
+                if len(seen) > MAX_SCAN:
+                    raise ProtocolError("class search walked more than %d objects" % MAX_SCAN)
+                activate(value)
+                if isinstance(value, cls):
+                    yield value
+                stack.append(value.__dict__)
+            elif isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, (list, tuple, set, frozenset)):
+                stack.extend(value)
+
+
+class _Touched(list):
+    """Objects a commit changed, and its new objects by temporary number."""
+
+    def __init__(self):
+        super().__init__()
+        self.created = {}

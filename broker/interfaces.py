@@ -1,0 +1,299 @@
+"""The contracts of the broker's parts.
+
+Read this module first: it says who calls what, when, and what must never
+fail.  The broker serves a Dobbin database to remote clients over ZeroMQ:
+
+    client code -> IProxy -> IBrokerClient --request--> IBrokerServer -> Database
+                                 ^                            |
+                                 +------ broadcasts ----------+
+
+Requests and replies are maps encoded by an ICodec (msgpack); objects are
+named by keys that an IKeyRing signs and checks; what a client may read,
+write and call is decided by the IExportRegistry.  The message schema is in
+broker.protocol and docs/protocol.txt.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class ICodec(Interface):
+    """Turns message values into bytes and back.
+
+    One codec belongs to one side of one connection (its hooks know that
+    side's objects).  Encoding is called by whoever sends, decoding by the
+    thread that received; a codec holds no state between calls and may be
+    used by several threads at once.
+    """
+
+    default = Attribute(
+        """Called with any value the codec cannot send as is, or None.
+
+        Must return a Key naming that value, or raise EncodeError.  The
+        server uses it for persistent objects, the client for proxies.
+        """)
+
+    on_key = Attribute(
+        """Called with every Key decoded from a message, or None.
+
+        Its result replaces the key in the decoded value.  The server checks
+        the MAC here (raising AccessDenied for a forged key); the client
+        returns the proxy for the key.  It must not do I/O.
+        """)
+
+    def encode(value):
+        """Return the bytes of `value`.
+
+        Shared and cyclic containers are carried by reference.  Raises
+        EncodeError for a value of an unsupported type, a cycle through a
+        tuple or frozenset, or a message over the size or depth limits; no
+        other error escapes.
+        """
+
+    def decode(data):
+        """Return the value encoded in `data` (bytes from the network).
+
+        Raises DecodeError for anything that is not a valid message within
+        the limits, and AccessDenied when `on_key` refuses a key; no other
+        error escapes, whatever the bytes.  Never runs code chosen by the
+        sender.
+        """
+
+
+class IKeyRing(Interface):
+    """Signs object keys and checks them, under one server secret.
+
+    Called by the server only: `sign` when it sends a reference to an
+    object, `verify` for every key it receives.  Both are pure functions of
+    the secret, so every server sharing the secret file agrees on every key,
+    across restarts.
+    """
+
+    def sign(kind, ident):
+        """Return the Key of (kind, ident) with its MAC."""
+
+    def verify(key, kinds="osf"):
+        """Return `key.ident` if `key` is a Key of one of `kinds` with a valid MAC.
+
+        Raises AccessDenied otherwise.  Compares MACs in constant time.
+        """
+
+
+class IClassExport(Interface):
+    """The export rules of one class, decided once by the server's setup code.
+
+    Consulted by the server for every object it reads or changes for a
+    client.  Never changes after the server has started.
+    """
+
+    name = Attribute("The class's wire name, 'module.QualName'.")
+    cls = Attribute("The class itself.")
+    fields = Attribute("frozenset of readable attribute names, or None for every public one.")
+    refs = Attribute("frozenset of readable attributes that hold references.")
+    callables = Attribute("frozenset of method names clients may call.")
+    hidden = Attribute("frozenset of names never sent, read, written or called.")
+    readonly = Attribute("True (nothing writable) or a frozenset of read-only names.")
+    creatable = Attribute("True if clients may create instances in a commit.")
+    extent = Attribute(
+        """None, or a callable returning the instances to search when a client
+        searches this class by name.  Called by the server in a worker thread.
+        Without it a class search walks the object graph from the root.""")
+    mapping = Attribute("True if instances have the Mapping protocol (items are served).")
+
+    def readable(name):
+        """Return True if clients may read attribute `name`."""
+
+    def writable(name):
+        """Return True if clients may set or delete attribute `name`."""
+
+    def callable(name):
+        """Return True if clients may call method `name`."""
+
+    def filter_state(state):
+        """Return the readable part of a state dict (never a hidden name)."""
+
+    def meta():
+        """Return the description sent to clients (plain values, no hidden names)."""
+
+
+class IExportRegistry(Interface):
+    """Every class's export rules.  Filled by the application before start()."""
+
+    def export_class(cls, **options):
+        """Set the rules of `cls` (and its subclasses) and return its IClassExport.
+
+        Options: fields, refs, callables, hidden, readonly, creatable, extent;
+        see broker.export.  Raises ExportError for an inconsistent option.
+        """
+
+    def lookup(cls):
+        """Return the IClassExport for `cls`: its own, inherited, or the default."""
+
+    def by_name(name):
+        """Return the IClassExport with wire name `name`, or None if not seen yet."""
+
+
+class IBrokerServer(Interface):
+    """Serves one Dobbin database to remote clients.
+
+    The application builds it, configures exports and statics, then calls
+    start().  Requests are served by background threads: a front thread owns
+    the ROUTER socket and answers cheap reads itself; worker threads run
+    commits, calls and searches, each in its own Dobbin transaction; a poller
+    thread calls db.sync() every `poll_interval` seconds to notice other
+    writers and publishes invalidations.  Application methods named do_NAME
+    on a subclass are callable by clients as client.call("NAME", ...); they
+    run in a worker thread inside a transaction that commits when they return.
+    """
+
+    db = Attribute("The Database served.")
+    address = Attribute(
+        """The bound request endpoint, e.g. "tcp://127.0.0.1:53121".
+
+        Valid after start(); a "*" port in the constructor's address is
+        replaced by the actual port.""")
+    broadcast_address = Attribute("The bound PUB endpoint; clients learn it from hello.")
+    instance = Attribute("A random number naming this server process' run; changes on restart.")
+    exports = Attribute("The IExportRegistry.")
+    keyring = Attribute("The IKeyRing.")
+
+    def start():
+        """Bind the sockets, start the threads, and return self.
+
+        Raises zmq.ZMQError if the address cannot be bound, with nothing
+        left running.
+        """
+
+    def stop():
+        """Stop serving: stop and join every thread, close every socket.
+
+        Idempotent.  Requests in flight are answered or dropped; clients
+        retry them against the next server on the address.
+        """
+
+    def export_class(cls, **options):
+        """Shorthand for exports.export_class; call before start()."""
+
+    def add_static(obj, *path):
+        """Serve `obj` under the application-chosen key path (str/int parts).
+
+        Clients get it with client.static(*path); the key is stable across
+        restarts as long as the application registers the same path.
+        """
+
+    def del_static(*path):
+        """Stop serving the static object at `path`."""
+
+    def key_for(obj):
+        """Return the signed Key of a persistent (stored) or static object."""
+
+    def obj_new(cls, **fields):
+        """Create an instance of `cls`, check it out in the calling thread and set fields.
+
+        __init__ is not run (the fields are the whole state), as for objects
+        clients create.
+        It is stored by the next commit that makes it reachable (obj_update).
+        """
+
+    def obj_update(obj, **fields):
+        """Set fields of `obj` and commit the calling thread's transaction.
+
+        For a persistent object this is one Dobbin transaction (which clients
+        learn of through the usual invalidation broadcast); for a static
+        object, the attributes are set and a static invalidation is
+        broadcast.  Returns the new tid (None for statics).
+        """
+
+    def obj_delete(container, name):
+        """Delete item `name` of a mapping or attribute `name` of an object, and commit."""
+
+
+class IBrokerClient(Interface):
+    """A connection to a broker server, with one client transaction at a time.
+
+    Thread-safe: every method may be called from any thread; requests are
+    serialized.  The client transaction is shared by the client's threads.
+    """
+
+    address = Attribute("The server's request endpoint.")
+    root = Attribute("The proxy of db.root as of the current transaction (None if no root).")
+    tid = Attribute("The tid of the snapshot the current transaction reads.")
+
+    def begin():
+        """Start a new transaction that sees everything committed before this call.
+
+        Drops local changes, asks the server to sync, and applies every
+        invalidation up to the new snapshot (or flushes the cache when it
+        cannot prove it has them all).
+        """
+
+    def commit():
+        """Send the local changes as one verified update; return the new tid.
+
+        The server applies all of them in one Dobbin transaction or none.
+        Raises ConflictError (naming key and field) if a value this client
+        read has changed meanwhile; the local changes are then rolled back.
+        Either way the next transaction starts at once.
+        """
+
+    def abort():
+        """Drop local changes and apply the invalidations received so far."""
+
+    def call(name, *args, **kwargs):
+        """Call the server's do_NAME(*args, **kwargs) and return its result."""
+
+    def static(*path):
+        """Return the proxy of the static object the server registered at `path`."""
+
+    def new(class_name, **fields):
+        """Return a proxy of a new object of an exported, creatable class.
+
+        It is created on the server by the commit that includes it, if it is
+        then reachable from a stored object.
+        """
+
+    def get(target, **query):
+        """Return the one object in `target` whose fields equal `query`.
+
+        `target` is a mapping proxy, or an exported class name.  Raises
+        NoResultError or MultipleResultsError otherwise.
+        """
+
+    def find(target, limit=None, **query):
+        """Return a list of the objects in `target` whose fields equal `query`."""
+
+    def count(target, **query):
+        """Return how many objects in `target` have fields equal to `query`."""
+
+    def close():
+        """Close the sockets; the client cannot be used afterwards.  Idempotent."""
+
+
+class IProxy(Interface):
+    """The client-side stand-in of one server object.
+
+    Made by the client, one per key while cached.  Attribute reads come from
+    the object's state at the transaction's snapshot (loaded on first use);
+    writes are recorded in the client transaction; exported methods are
+    called remotely.  Mapping objects also support the mapping protocol.
+    """
+
+    _key = Attribute("The object's Key.")
+    _client = Attribute("The owning IBrokerClient.")
+
+
+class IRemoteStream(Interface):
+    """A file-like view of a PersistentStream attribute, read in chunks."""
+
+    size = Attribute("Total size in bytes.")
+
+    def read(size=-1):
+        """Return up to `size` bytes (all remaining if negative) from the position."""
+
+    def seek(offset, whence=0):
+        """Move the position, like io.RawIOBase.seek; return the new position."""
+
+    def tell():
+        """Return the position."""
+
+    def close():
+        """Close the view; further reads raise ValueError."""

@@ -1,0 +1,139 @@
+"""The client's sockets: requests with retries, and the broadcast feed.
+
+Requests go through a DEALER socket and follow the lazy pirate pattern: a
+request that gets no reply within `timeout` seconds is sent again on a
+fresh socket, up to `retries` times, so a server restarted on the same
+address is only a delay.  Replies carry the request id; a late reply to an
+earlier, abandoned request is dropped.  Broadcasts arrive on a SUB socket
+that the owner drains when it chooses (BrokerClient does so at transaction
+boundaries), so nothing here runs in a background thread.
+
+Not thread-safe on its own: BrokerClient serializes every call.
+"""
+
+import itertools
+import time
+
+import zmq
+
+from broker import protocol
+from broker.codec import Codec
+from broker.exc import BrokerTimeout, ClientClosed, DecodeError, ProtocolError
+
+
+class Connection:
+    """One client's DEALER and SUB sockets to one server address."""
+
+    def __init__(self, address, codec, timeout=2.5, retries=3, curve=None, trace=None):
+        self.address = address
+        self.codec = codec
+        self.timeout = timeout
+        self.retries = retries
+        self.curve = curve
+        self.trace = trace
+        self.reconnects = 0
+        self._broadcast_codec = Codec()
+        self._context = zmq.Context()
+        self._ids = itertools.count(1)
+        self._dealer = None
+        self._sub = None
+        self._sub_endpoint = None
+        self._closed = False
+        self._connect()
+
+    def _secure(self, sock):
+        if self.curve is not None:
+            server_key, public, secret = self.curve
+            sock.curve_serverkey = server_key
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+
+    def _connect(self):
+        if self._dealer is not None:
+            self._dealer.close(0)
+        self._dealer = self._context.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.LINGER, 0)
+        self._secure(self._dealer)
+        self._dealer.connect(self.address)
+
+    def subscribe(self, endpoint):
+        """Listen to the broadcasts at `endpoint` (reconnects if it changed)."""
+        if endpoint == self._sub_endpoint:
+            return
+        if self._sub is not None:
+            self._sub.close(0)
+        self._sub = self._context.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._secure(self._sub)
+        self._sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC)
+        self._sub.connect(endpoint)
+        self._sub_endpoint = endpoint
+
+    def request(self, op, fields):
+        """Send one request; return (server instance, ok, result or error wire).
+
+        Raises BrokerTimeout once every retry went unanswered.
+        """
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        rid = next(self._ids)
+        body = dict(fields)
+        body["id"] = rid
+        body["op"] = op
+        frames = [b"", protocol.MAGIC, self.codec.encode(body)]
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.reconnects += 1
+                self._connect()
+            if self.trace is not None:
+                self.trace("send", frames)
+            self._dealer.send_multipart(frames, copy=False)
+            reply = self._await(rid)
+            if reply is not None:
+                return reply
+        raise BrokerTimeout("no reply from %s to %s after %d attempt(s) of %.1f s"
+                            % (self.address, op, self.retries + 1, self.timeout))
+
+    def _await(self, rid):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._dealer.poll(remaining * 1000):
+                return None
+            frames = self._dealer.recv_multipart()
+            if self.trace is not None:
+                self.trace("recv", frames)
+            if len(frames) != 3 or frames[0] != b"" or frames[1] != protocol.MAGIC:
+                raise ProtocolError("malformed reply frames from %s" % self.address)
+            reply_id, server, ok, result = protocol.check_reply(self.codec.decode(frames[2]))
+            if reply_id == rid:
+                return server, ok, result
+            # A late reply to an abandoned request (or to a garbled one): drop it.
+
+    def broadcasts(self, timeout=0):
+        """Return the broadcasts waiting (decoded), waiting up to `timeout` s for one."""
+        if self._sub is None or self._closed:
+            return []
+        received = []
+        wait = int(timeout * 1000)
+        while self._sub.poll(wait):
+            frames = self._sub.recv_multipart()
+            wait = 0
+            if self.trace is not None:
+                self.trace("broadcast", frames)
+            if len(frames) != 2 or frames[0] != protocol.TOPIC:
+                continue
+            try:
+                received.append(protocol.check_broadcast(self._broadcast_codec.decode(frames[1])))
+            except (ProtocolError, DecodeError):
+                continue  # a garbled broadcast is a lost one: the gap check copes
+        return received
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        for sock in (self._dealer, self._sub):
+            if sock is not None:
+                sock.close(0)
+        self._context.term()

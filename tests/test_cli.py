@@ -1,0 +1,70 @@
+"""dobbin.cli: `dobbin serve` and `dobbin shell` as real processes."""
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from broker.client import BrokerClient
+from broker_fixtures import TIMEOUT, child_env
+from dobbin.cli import build_parser, load_app
+
+
+def start_serving(path, *extra):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dobbin", "serve", path, "--bind", "tcp://127.0.0.1:*",
+         "--durability", "none"] + list(extra),
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    assert line.startswith("serving"), process.stderr.read()
+    return process, line.split(" at ")[1].split()[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_creates_the_database_and_stops_cleanly(tmp_path, sig):
+    path = str(tmp_path / "new.dobbin")
+    process, address = start_serving(path)
+    try:
+        with BrokerClient(address, timeout=TIMEOUT) as client:
+            assert client.root is None  # a new, empty database
+        process.send_signal(sig)
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+    assert (tmp_path / "new.dobbin").exists()
+    assert (tmp_path / "new.dobbin.broker-secret").exists()
+
+
+def test_shell_binds_client_and_root(tmp_path):
+    path = str(tmp_path / "db.dobbin")
+    subprocess.run([sys.executable, "-c",
+                    "import broker_fixtures; broker_fixtures.make_database(%r).close()" % path],
+                   env=child_env(), check=True, timeout=30)
+    process, address = start_serving(path, "--app", "broker_fixtures:configure")
+    try:
+        shell = subprocess.run(
+            [sys.executable, "-m", "dobbin", "shell", address],
+            input="print('title=' + root.title)\nprint(type(client).__name__)\n",
+            env=child_env(), capture_output=True, text=True, timeout=30)
+        assert shell.returncode == 0, shell.stderr
+        assert "title=root" in shell.stdout and "BrokerClient" in shell.stdout
+    finally:
+        process.terminate()
+        process.wait(10)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_parser_and_app_loading():
+    args = build_parser().parse_args(["serve", "x.dobbin"])
+    assert args.bind.startswith("tcp://127.0.0.1:")
+    assert load_app("os.path:join") is __import__("os").path.join
+    with pytest.raises(SystemExit):
+        load_app("nocolon")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])

@@ -1,0 +1,362 @@
+"""broker.client and broker.proxy against a real server on loopback, and real processes."""
+
+import io
+import threading
+
+import pytest
+import transaction
+from zope.interface.verify import verifyObject
+
+from broker import exc
+from broker.interfaces import IBrokerClient, IProxy, IRemoteStream
+from broker.keys import Key
+from broker.proxy import STREAM_CHUNK, MappingProxy, Proxy
+from broker_fixtures import (TIMEOUT, BrokerClient, ServerProcess, broker, make_database,  # noqa
+                             run_python, served)
+from dobbin.persistent import PersistentFile, checkout
+
+
+def test_implements_interfaces(broker):
+    _db, _server, connect = broker
+    client = connect()
+    assert verifyObject(IBrokerClient, client)
+    assert verifyObject(IProxy, client.root)
+
+
+def test_reading_follows_references_with_one_proxy_per_key(broker):
+    _db, _server, connect = broker
+    root = connect().root
+    assert root.title == "root"
+    assert root.item.name == "first"
+    assert root.item is root.item
+    assert "oid" in repr(root.item)
+    with pytest.raises(AttributeError):
+        root.missing
+    with pytest.raises(AttributeError):
+        root.item.internal  # a method, not exported
+    assert root.item.shout("?") == "FIRST?"
+
+
+def test_two_clients_commit_and_begin(broker):
+    _db, _server, connect = broker
+    one, two = connect(), connect()
+    assert two.root.item.name == "first"
+    one.root.item.name = "changed"
+    assert one.root.item.name == "changed"      # visible locally at once
+    assert two.root.item.name == "first"
+    tid = one.commit()
+    assert tid == one.tid
+    assert two.root.item.name == "first"        # two's transaction is still running
+    two.wait_for_broadcast(tid)
+    assert two.root.item.name == "first"        # even with the invalidation received
+    two.begin()
+    assert two.root.item.name == "changed"
+
+
+def test_uncached_reads_return_the_snapshot_version(broker):
+    _db, _server, connect = broker
+    one, two = connect(), connect()
+    two.root.title  # two's snapshot is taken; root cached, item not loaded yet
+    one.root.item.name = "later"
+    one.commit()
+    assert two.root.item.name == "first"
+    two.begin()
+    assert two.root.item.name == "later"
+
+
+def test_version_missing_at_snapshot_is_a_read_conflict(broker):
+    _db, _server, connect = broker
+    one, two = connect(), connect()
+    two.root.title
+    one.root.things["new"] = one.new("broker_fixtures.Item", name="born later")
+    one.commit()
+    newest = two.call("newest")  # a live reference, newer than two's snapshot
+    with pytest.raises(exc.ReadConflictError, match="begin"):
+        newest.name
+    two.begin()
+    assert newest.name == "born later"
+
+
+def test_conflict_rolls_back_local_changes(broker):
+    _db, _server, connect = broker
+    one, two = connect(), connect()
+    one.root.item.name = "one"
+    two.root.item.name = "two"
+    two.root.title = "two's title"
+    one.commit()
+    with pytest.raises(exc.ConflictError) as info:
+        two.commit()
+    assert info.value.field == "name" and "oid" in info.value.key
+    two.begin()
+    assert two.root.item.name == "one"
+    assert two.root.title == "root"   # the whole commit was refused
+    two.root.item.name = "two again"
+    two.commit()
+    one.begin()
+    assert one.root.item.name == "two again"
+
+
+def test_changes_to_different_fields_do_not_conflict(broker):
+    _db, _server, connect = broker
+    one, two = connect(), connect()
+    one.root.item.name = "one"
+    two.root.title = "two"
+    one.commit()
+    two.commit()
+    one.begin()
+    assert (one.root.item.name, one.root.title) == ("one", "two")
+
+
+def test_abort_drops_local_changes(broker):
+    _db, _server, connect = broker
+    client = connect()
+    client.root.title = "draft"
+    client.abort()
+    assert client.root.title == "root"
+    assert client.commit() == client.tid  # nothing to send
+
+
+def test_forged_and_altered_keys_are_denied(broker):
+    _db, _server, connect = broker
+    client = connect()
+    real = client.root.item._key
+    for forged in (Key("o", real.ident + 1, real.mac), Key("o", real.ident, b"\x00" * 16)):
+        proxy = Proxy(client, forged)
+        with pytest.raises(exc.AccessDenied):
+            proxy.name
+    client.root.item.name = "still works"
+    client.commit()
+
+
+def test_new_objects_deletions_and_mapping_items(broker):
+    _db, _server, connect = broker
+    one, two = connect(), connect()
+    root = one.root
+    made = one.new("broker_fixtures.Item", name="made")
+    root.things["a"] = made
+    root.things["b"] = 2
+    root.tree["k1"] = made
+    root.tree["k2"] = "value"
+    root.extra = "temporary"
+    assert root.things["a"] is made and len(root.things) == 2 and "b" in root.things
+    assert sorted(root.things) == ["a", "b"]
+    one.commit()
+    assert made._key.kind == "o" and made.name == "made"
+    two.begin()
+    things = two.root.things
+    assert sorted(things.keys()) == ["a", "b"] and things["a"].name == "made"
+    assert isinstance(things, MappingProxy)  # became one when first loaded
+    assert two.root.tree["k1"] is things["a"] and two.root.tree.get("k2") == "value"
+    assert two.root.extra == "temporary"
+    del two.root.extra
+    del two.root.things["b"]
+    del two.root.tree["k2"]
+    with pytest.raises(KeyError):
+        del two.root.things["missing"]
+    two.commit()
+    one.begin()
+    with pytest.raises(AttributeError):
+        one.root.extra
+    assert one.root.things.items() == [("a", made)]
+    assert one.root.tree.keys() == ["k1"] and one.root.tree.get("k2") is None
+
+
+def test_new_object_of_a_class_not_creatable_is_refused(broker):
+    _db, _server, connect = broker
+    with pytest.raises(exc.AccessDenied):
+        connect().new("broker_fixtures.Folder")
+
+
+def test_unreachable_new_object_fails_the_commit(broker):
+    _db, _server, connect = broker
+    client = connect()
+    client.new("broker_fixtures.Item", name="orphan")
+    with pytest.raises(exc.RemoteError, match="ObjectGraphError"):
+        client.commit()
+
+
+def test_calls_and_methods(broker):
+    _db, _server, connect = broker
+    client = connect()
+    assert client.call("hello", "you") == "hello you"
+    assert client.root.item.shout() == "FIRST!"
+    with pytest.raises(exc.AccessDenied):
+        client._invoke(client.root.item, "internal", (), {})
+
+
+def test_search_get_find_count_and_invalidation(broker):
+    _db, _server, connect = broker
+    one, two = connect(), connect()
+    for n in range(5):
+        name = "even" if n % 2 == 0 else "odd"
+        one.root.things["i%d" % n] = one.new("broker_fixtures.Item", name=name)
+    one.commit()
+    two.begin()
+    things = two.root.things
+    assert two.count(things, name="even") == 3
+    assert len(two.find(things, name="even", limit=2)) == 2
+    with pytest.raises(exc.MultipleResultsError):
+        two.get(things, name="odd")
+    with pytest.raises(exc.NoResultError):
+        two.get(things, name="none")
+    assert two.count("broker_fixtures.Item", name="even") == 3
+    one.root.things["i1"].name = "unique"
+    one.commit()
+    assert two.count(things, name="odd") == 2   # cached for the running transaction
+    two.begin()
+    assert two.count(things, name="odd") == 1
+    assert two.get(things, name="unique").name == "unique"
+    with pytest.raises(exc.AccessDenied):
+        two.count("broker_fixtures.Unknown")
+
+
+def test_streams_are_read_in_chunks(broker):
+    db, _server, connect = broker
+    data = bytes(range(256)) * (3 * STREAM_CHUNK // 256 + 17)
+    transaction.begin()
+    checkout(db.root.item)
+    db.root.item.data = PersistentFile(io.BytesIO(data))
+    transaction.commit()
+    client = connect()
+    stream = client.root.item.data
+    assert verifyObject(IRemoteStream, stream)
+    assert stream.size == len(data)
+    assert stream.read(10) == data[:10] and stream.tell() == 10
+    stream.seek(-5, 2)
+    assert stream.read() == data[-5:]
+    stream.seek(0)
+    assert stream.read() == data
+    assert b"".join(stream) == data
+    stream.close()
+    with pytest.raises(ValueError):
+        stream.read()
+
+
+def test_client_is_thread_safe(broker):
+    _db, _server, connect = broker
+    client = connect()
+    errors = []
+
+    def read():
+        try:
+            for _ in range(30):
+                assert client.root.item.name == "first"
+                assert client.call("hello", "x") == "hello x"
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_gap_in_broadcasts_is_noticed_and_healed(broker):
+    _db, server, connect = broker
+    one, two = connect(), connect()
+    two.root.item.name
+    one.root.item.name = "missed"
+    one.commit()
+    # A broadcast two never saw: the next one does not chain to its last tid.
+    two._receive({"srv": server.instance, "seq": two._seq + 1, "tid": two._known + 5,
+                  "prev": two._known + 4, "oids": []})
+    assert two._gap
+    two.abort()
+    assert two.root.item.name == "first"   # no proof of completeness: snapshot kept
+    two.begin()
+    assert two.root.item.name == "missed"
+    assert not two._gap
+
+
+def test_client_flushes_when_server_history_is_short(tmp_path):
+    db = make_database(str(tmp_path / "d.dobbin"))
+    with served(db, history=1) as server:
+        with BrokerClient(server.address, timeout=TIMEOUT) as one, \
+                BrokerClient(server.address, timeout=TIMEOUT) as two:
+            unchanged = two.root.things
+            len(unchanged)
+            assert unchanged._state is not None
+            two._conn.broadcasts = lambda timeout=0: []   # two loses every broadcast
+            for n in range(3):
+                one.root.item.name = "name %d" % n
+                one.commit()
+            two.begin()
+            assert unchanged._state is None   # flushed, though it did not change
+            assert two.root.item.name == "name 2"
+    db.close()
+
+
+def test_embedded_writer_in_another_process_is_broadcast(broker):
+    db, _server, connect = broker
+    client = connect()
+    assert client.root.item.name == "first"
+    result = run_python(
+        "import transaction, broker_fixtures\n"
+        "from dobbin.database import Database\n"
+        "from dobbin.persistent import checkout\n"
+        "db = Database(%r, durability='none')\n"
+        "checkout(db.root.item); db.root.item.name = 'from another process'\n"
+        "transaction.commit(); print(db.last_tid); db.close()\n" % db.path)
+    assert result.returncode == 0, result.stderr
+    tid = int(result.stdout)
+    assert client.wait_for_broadcast(tid, timeout=5) == tid
+    assert client.root.item.name == "first"
+    client.begin()
+    assert client.root.item.name == "from another process"
+
+
+def test_begin_sees_other_writers_without_waiting_for_the_poller(tmp_path):
+    db = make_database(str(tmp_path / "d.dobbin"))
+    with served(db, poll_interval=30) as server:
+        with BrokerClient(server.address, timeout=TIMEOUT) as client:
+            client.root.item.name
+            result = run_python(
+                "import transaction, broker_fixtures\n"
+                "from dobbin.database import Database\n"
+                "from dobbin.persistent import checkout\n"
+                "db = Database(%r, durability='none')\n"
+                "checkout(db.root.item); db.root.item.name = 'outside'\n"
+                "transaction.commit(); db.close()\n" % db.path)
+            assert result.returncode == 0, result.stderr
+            client.begin()
+            assert client.root.item.name == "outside"
+    db.close()
+
+
+def test_server_killed_and_restarted_under_a_live_client(tmp_path):
+    path = str(tmp_path / "d.dobbin")
+    make_database(path).close()
+    address = "ipc://%s/broker.sock" % tmp_path
+    process = ServerProcess(path, address).start()
+    restarted = None
+    try:
+        client = BrokerClient(address, timeout=0.5, retries=20)
+        item = client.root.item
+        assert item.name == "first"
+        process.kill()
+        # While no server runs, another process changes the item: no broadcast
+        # can tell the client, so only its reconnect flush protects it.
+        result = run_python(
+            "import transaction, broker_fixtures\n"
+            "from dobbin.database import Database\n"
+            "from dobbin.persistent import checkout\n"
+            "db = Database(%r, durability='none')\n"
+            "checkout(db.root.item); db.root.item.name = 'changed while down'\n"
+            "transaction.commit(); db.close()\n" % path)
+        assert result.returncode == 0, result.stderr
+        restarted = ServerProcess(path, address)
+        starter = threading.Thread(target=restarted.start)
+        starter.start()
+        client.begin()   # a request that waits out the restart
+        starter.join()
+        assert item.name == "changed while down"
+        item.name = "after restart"
+        client.commit()
+        client.close()
+    finally:
+        if restarted is not None and restarted.process is not None:
+            assert restarted.stop() == 0   # clean shutdown on SIGTERM
+        if process.process.poll() is None:
+            process.stop()

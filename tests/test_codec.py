@@ -1,0 +1,215 @@
+"""broker.codec: values round-trip, sharing and cycles survive, bad bytes are refused."""
+
+import math
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zope.interface.verify import verifyObject
+
+from broker.codec import (ABSENT, EXT_DEF, EXT_DICT, EXT_KEY, EXT_REF, EXT_TUPLE, Codec)
+from broker.exc import AccessDenied, DecodeError, EncodeError
+from broker.interfaces import ICodec
+from broker.keys import Key, KeyRing
+
+codec = Codec()
+
+
+def roundtrip(value, c=codec):
+    return c.decode(c.encode(value))
+
+
+def test_implements_interface():
+    assert verifyObject(ICodec, Codec())
+
+
+@pytest.mark.parametrize("value", [
+    None, True, False, 0, -1, 2 ** 63 - 1, -2 ** 63, 2 ** 64 - 1, 1.5, "", "é€", b"\x00\xff",
+    [], {}, [1, [2, [3]]], {"a": {"b": None}},
+])
+def test_plain_values_roundtrip(value):
+    result = roundtrip(value)
+    assert result == value and type(result) is type(value)
+
+
+def test_plain_values_are_plain_msgpack():
+    value = {"op": "load", "n": [1, 2, "x"]}
+    assert msgpack.unpackb(codec.encode(value), raw=False) == value
+
+
+def test_nan_roundtrips():
+    assert math.isnan(roundtrip(float("nan")))
+
+
+def test_tuples_sets_frozensets_and_non_str_keys_keep_their_types():
+    value = {"t": (1, (2, 3)), "s": {1, 2}, "f": frozenset({"x"}), "d": {(1, 2): "a", 3: "b"}}
+    result = roundtrip(value)
+    assert result == value
+    assert type(result["t"]) is tuple and type(result["t"][1]) is tuple
+    assert type(result["s"]) is set and type(result["f"]) is frozenset
+
+
+def test_shared_containers_stay_shared():
+    shared = [1, 2]
+    tup = ("a",)
+    result = roundtrip({"x": shared, "y": shared, "z": [tup, tup], "d": {"k": shared}})
+    assert result["x"] is result["y"] is result["d"]["k"]
+    assert result["z"][0] is result["z"][1]
+
+
+def test_unshared_containers_use_no_references():
+    data = codec.encode([[1], [1]])
+    assert msgpack.unpackb(data, raw=False) == [[1], [1]]
+
+
+def test_cycles_through_lists_and_dicts():
+    a = [1]
+    a.append(a)
+    d = {"self": None}
+    d["self"] = d
+    d["list"] = a
+    result = roundtrip(d)
+    assert result["self"] is result
+    assert result["list"][1] is result["list"]
+
+
+def test_cycle_through_a_tuple_is_refused():
+    inner = []
+    t = (inner,)
+    inner.append(t)
+    with pytest.raises(EncodeError, match="cycle through a tuple"):
+        codec.encode(t)
+
+
+def test_keys_and_absent_roundtrip():
+    ring = KeyRing(b"k" * 32)
+    keys = [ring.sign("o", 7), ring.sign("s", ("root", 1)), ring.sign("f", (7, "data")),
+            Key("n", 3)]
+    assert roundtrip([keys, ABSENT]) == [keys, ABSENT]
+    assert roundtrip(ABSENT) is ABSENT
+
+
+def test_default_hook_turns_objects_into_keys():
+    class Thing:
+        pass
+
+    thing = Thing()
+    c = Codec(default=lambda obj: Key("n", 5) if obj is thing else None)
+    assert roundtrip([thing], c) == [Key("n", 5)]
+
+
+def test_on_key_replaces_keys_when_decoding():
+    c = Codec(on_key=lambda key: ("resolved", key.ident))
+    assert c.decode(c.encode({"k": Key("n", 9)})) == {"k": ("resolved", 9)}
+
+
+@pytest.mark.parametrize("value, message", [
+    (object(), "cannot send an object of type object"),
+    (2 ** 64, "does not fit in 64 bits"),
+    (-2 ** 63 - 1, "does not fit in 64 bits"),
+    (1j, "complex"),
+])
+def test_unsupported_values_raise_encode_error(value, message):
+    with pytest.raises(EncodeError, match=message):
+        codec.encode({"v": value})
+
+
+def test_depth_limit_when_encoding():
+    value = []
+    for _ in range(10):
+        value = [value]
+    with pytest.raises(EncodeError, match="deeper than 5"):
+        Codec(max_depth=5).encode(value)
+
+
+def test_item_limit_when_encoding():
+    with pytest.raises(EncodeError, match="more than 10 items"):
+        Codec(max_items=10).encode(list(range(11)))
+
+
+def test_size_limits():
+    small = Codec(max_message=100)
+    with pytest.raises(EncodeError, match="exceeds the limit"):
+        small.encode(b"x" * 200)
+    with pytest.raises(DecodeError, match="exceeds the limit"):
+        small.decode(codec.encode(b"x" * 200))
+
+
+def ext(code, payload):
+    return msgpack.packb(msgpack.ExtType(code, payload), use_bin_type=True)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "malformed"),
+    (b"\xc1", "malformed"),                               # never-used msgpack byte
+    (b"\x91", "malformed"),                               # truncated array
+    (msgpack.packb(1) + b"\x00", "malformed"),              # trailing bytes
+    (b"\xdd\xff\xff\xff\xff", "malformed"),                # array claiming 4G items
+    (b"\xdb\xff\xff\xff\xff", "malformed"),                # str claiming 4 GB
+    (msgpack.packb({1: 2}), "malformed"),                 # non-str key in a plain map
+    (ext(99, b""), "unknown extension type 99"),
+    (ext(EXT_REF, struct.pack(">I", 0)), "undefined container"),
+    (ext(EXT_REF, b"\x00"), "malformed REF"),
+    (ext(EXT_DEF, b"\x00"), "malformed DEF"),
+    (ext(EXT_DEF, struct.pack(">I", 0) + b"q" + msgpack.packb([])), "unknown DEF kind"),
+    (ext(EXT_DICT, msgpack.packb([1])), "odd number"),
+    (ext(EXT_DICT, msgpack.packb([[1], 2])), "unhashable"),
+    (ext(EXT_TUPLE, msgpack.packb(5)), "malformed container"),
+])
+def test_malformed_bytes_raise_decode_error(data, message):
+    with pytest.raises(DecodeError, match=message):
+        codec.decode(data)
+
+
+def test_ref_to_an_incomplete_tuple_is_refused():
+    # A tuple whose item refers to the tuple itself cannot exist.
+    inner = ext(EXT_REF, struct.pack(">I", 0))
+    data = ext(EXT_DEF, struct.pack(">I", 0) + b"t" + b"\x91" + inner)
+    with pytest.raises(DecodeError, match="before it is complete"):
+        codec.decode(data)
+
+
+def test_ext_nesting_depth_is_limited():
+    payload = msgpack.packb([])
+    for _ in range(10):
+        payload = msgpack.packb([msgpack.ExtType(EXT_TUPLE, payload)], use_bin_type=True)
+    with pytest.raises(DecodeError, match="deeper than 5"):
+        Codec(max_depth=5).decode(payload)
+
+
+def test_malformed_key_is_access_denied():
+    with pytest.raises(AccessDenied):
+        codec.decode(ext(EXT_KEY, b"o" + b"\x00" * 16 + b"\xc1"))
+    with pytest.raises(AccessDenied):
+        codec.decode(ext(EXT_KEY, b"z" + b"\x00" * 16 + msgpack.packb(1)))
+
+
+def test_decode_rejects_non_bytes():
+    with pytest.raises(DecodeError):
+        codec.decode("text")
+
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1) | st.text(max_size=5)
+    | st.binary(max_size=5) | st.floats(allow_nan=False),
+    lambda children: (st.lists(children, max_size=4) | st.tuples(children, children)
+                      | st.dictionaries(st.text(max_size=3), children, max_size=3)
+                      | st.frozensets(st.integers(-2 ** 63, 2 ** 63), max_size=3)),
+    max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values)
+def test_any_value_roundtrips(value):
+    assert roundtrip(value) == value
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes_never_raise_anything_but_ours(data):
+    try:
+        codec.decode(data)
+    except (DecodeError, AccessDenied):
+        pass

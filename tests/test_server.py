@@ -1,0 +1,301 @@
+"""broker.server: serving, hostile input, hidden fields, statics, several servers, clean stop."""
+
+import os
+import threading
+
+import msgpack
+import pytest
+import transaction
+import zmq
+from zope.interface.verify import verifyObject
+
+from broker import exc, protocol
+from broker.client import BrokerClient
+from broker.codec import Codec
+from broker.interfaces import IBrokerServer
+from broker.keys import Key
+from broker.server import InvalidationHistory
+from broker_fixtures import TIMEOUT, Item, broker, make_database, served  # noqa: F401
+from dobbin.database import Database
+from dobbin.persistent import checkout
+
+codec = Codec()
+
+
+class RawPeer:
+    """A bare DEALER socket speaking (or not) the protocol."""
+
+    def __init__(self, address):
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+
+    def send(self, *frames):
+        self.socket.send_multipart(list(frames))
+
+    def request(self, body):
+        self.send(b"", protocol.MAGIC, body if isinstance(body, bytes) else codec.encode(body))
+        return self.reply()
+
+    def reply(self, timeout=TIMEOUT):
+        if not self.socket.poll(timeout * 1000):
+            return None
+        frames = self.socket.recv_multipart()
+        assert frames[:2] == [b"", protocol.MAGIC] and len(frames) == 3
+        return codec.decode(frames[2])
+
+    def close(self):
+        self.socket.close(0)
+        self.context.term()
+
+
+@pytest.fixture
+def peer(broker):
+    _db, server, _connect = broker
+    p = RawPeer(server.address)
+    yield p
+    p.close()
+
+
+def test_implements_interface(broker):
+    _db, server, _connect = broker
+    assert verifyObject(IBrokerServer, server)
+
+
+def test_ping_and_hello(peer, broker):
+    _db, server, _connect = broker
+    assert peer.request({"id": 1, "op": "ping"}) == {"id": 1, "srv": server.instance, "ok": None}
+    hello = peer.request({"id": 2, "op": "hello"})["ok"]
+    assert hello["broadcast"] == server.broadcast_address and hello["version"] == 1
+    assert isinstance(hello["root"], Key)
+
+
+def error_of(reply):
+    assert reply is not None, "no reply"
+    assert "ok" not in reply
+    return reply["error"]["type"], reply["error"]["message"]
+
+
+HOSTILE_BODIES = [
+    (os.urandom(64), "DecodeError"),
+    (b"\xdd\xff\xff\xff\xff", "DecodeError"),                  # array of 4G items
+    (b"\xdb\xff\xff\xff\xff" + b"x" * 10, "DecodeError"),       # str of 4 GB
+    (b"\xc6\xff\xff\xff\xff", "DecodeError"),                  # bin of 4 GB
+    (msgpack.packb(msgpack.ExtType(77, b"??")), "DecodeError"),  # unknown ext type
+    (msgpack.packb([1, 2]), "ProtocolError"),
+    (msgpack.packb({"id": 1, "op": "drop_tables"}), "ProtocolError"),
+    (msgpack.packb({"id": 1, "op": "load", "key": 5, "tx": 1}), "ProtocolError"),
+    (msgpack.packb({"id": 1, "op": "ping", "evil": True}), "ProtocolError"),
+    (codec.encode({"id": 1, "op": "load", "key": Key("o", 1, b"\x00" * 16), "tx": 1}),
+     "AccessDenied"),
+    (codec.encode({"id": 1, "op": "call", "name": "__init__", "args": [], "kwargs": {}}),
+     "ProtocolError"),
+]
+
+
+@pytest.mark.parametrize("body, error_type", HOSTILE_BODIES)
+def test_hostile_bodies_get_an_error_and_the_server_keeps_serving(peer, body, error_type):
+    reply = peer.request(body)
+    assert error_of(reply)[0] == error_type
+    assert "Traceback" not in repr(reply)
+    assert peer.request({"id": 5, "op": "ping"})["ok"] is None
+
+
+@pytest.mark.parametrize("frames", [
+    [b"random"], [os.urandom(32), os.urandom(32)], [b"", protocol.MAGIC],
+    [b"", b"WRONG", b"x"], [b"", protocol.MAGIC, b"x", b"y"], [b"", protocol.MAGIC] + [b"z"] * 50,
+])
+def test_wrong_frame_counts_get_an_error(peer, frames):
+    peer.send(*frames)
+    error_type, message = error_of(peer.reply())
+    assert error_type == "ProtocolError" and "frame" in message
+    assert peer.request({"id": 5, "op": "ping"})["ok"] is None
+
+
+def test_a_burst_of_garbage_is_answered_message_by_message(peer):
+    for n in range(50):
+        peer.send(b"", protocol.MAGIC, os.urandom(n))
+    replies = [peer.reply() for _ in range(50)]
+    assert all(r is not None and "error" in r for r in replies)
+    assert peer.request({"id": 99, "op": "ping"})["ok"] is None
+
+
+def test_unknown_call_and_server_errors_are_typed(broker):
+    _db, _server, connect = broker
+    client = connect()
+    with pytest.raises(AttributeError, match="no method 'nothing'"):
+        client.call("nothing")
+    with pytest.raises(exc.RemoteError) as info:
+        client.call("fail")
+    assert info.value.type_name == "ValueError" and info.value.remote_traceback is None
+    assert client.call("hello", "you") == "hello you"
+
+
+def test_debug_server_sends_tracebacks(tmp_path):
+    db = make_database(str(tmp_path / "d.dobbin"))
+    with served(db, debug=True) as server:
+        with BrokerClient(server.address, timeout=TIMEOUT) as client:
+            with pytest.raises(exc.RemoteError) as info:
+                client.call("fail")
+            assert "Traceback" in info.value.remote_traceback
+    db.close()
+
+
+def test_oversize_message_drops_only_that_peer(tmp_path):
+    db = make_database(str(tmp_path / "d.dobbin"))
+    with served(db, max_message=2048) as server:
+        hostile = RawPeer(server.address)
+        hostile.send(b"", protocol.MAGIC, b"x" * 100000)
+        assert hostile.reply(timeout=0.3) is None
+        hostile.close()
+        with BrokerClient(server.address, timeout=TIMEOUT) as client:
+            assert client.root.title == "root"
+    db.close()
+
+
+def test_hidden_field_is_absent_from_every_message(broker):
+    db, server, connect = broker
+    frames = []  # everything the server sent: replies and broadcasts
+
+    def capture(direction, fs):
+        if direction != "send":
+            frames.extend(bytes(f) for f in fs)
+
+    client = connect(trace=capture)
+    item = client.root.item
+    assert item.name == "first"
+    with pytest.raises(AttributeError):
+        item.secret
+    assert item.shout() == "FIRST!"
+    assert client.find(client.root.things) == []
+    assert client.find("broker_fixtures.Item", secret="hidden-value-1234") == []
+    with pytest.raises(exc.AccessDenied, match="no such attribute"):
+        item.secret = "overwrite"
+        client.commit()
+    item.name = "renamed"
+    client.commit()
+    # A server-side change of the hidden field is broadcast without its value.
+    transaction.begin()
+    server.obj_update(db.root.item, secret="hidden-value-1234", name="again")
+    assert client.wait_for_broadcast(timeout=2) is not None
+    client.begin()
+    assert client.root.item.name == "again"
+    everything = b"".join(frames)
+    assert any(b"again" in f for f in frames) and any(b"inv" == f for f in frames)
+    assert b"hidden-value-1234" not in everything
+    assert b"secret" not in everything
+
+
+def test_statics(broker):
+    _db, server, connect = broker
+
+    class Status:
+        health = "OK"
+
+        def __init__(self):
+            self.load = 0.5
+
+    status = Status()
+    server.add_static(status, "status", 1)
+    client = connect()
+    proxy = client.static("status", 1)
+    assert proxy.load == 0.5 and client.static("status", 1) is proxy
+    assert server.key_for(status) == proxy._key
+    server.obj_update(status, load=2.5)
+    assert proxy.load == 0.5  # not inside a running transaction
+    client.wait_for_broadcast(timeout=1)
+    client.abort()
+    assert proxy.load == 2.5
+    with pytest.raises(KeyError):
+        client.static("nothing")
+    server.del_static("status", 1)
+    with pytest.raises(KeyError):
+        client.static("status", 1)
+
+
+def test_static_keys_survive_restart_and_other_servers(tmp_path):
+    db = make_database(str(tmp_path / "d.dobbin"))
+    with served(db) as first:
+        first.add_static(object(), "x")
+        key = first.keyring.sign("s", ("x",))
+        root_key = first.key_for(db.root)
+    with served(db) as second:
+        assert second.keyring.verify(key) == ("x",)
+        assert second.key_for(db.root) == root_key
+    db.close()
+
+
+def test_two_servers_on_one_file(tmp_path):
+    path = str(tmp_path / "d.dobbin")
+    db1 = make_database(path)
+    db2 = Database(path, durability="none")
+    with served(db1) as s1, served(db2) as s2:
+        with BrokerClient(s1.address, timeout=TIMEOUT) as c1, \
+                BrokerClient(s2.address, timeout=TIMEOUT) as c2:
+            c1.root.item.name = "via one"
+            tid = c1.commit()
+            assert c2.wait_for_broadcast(tid, timeout=2) == tid  # noticed by s2's poller
+            c2.begin()
+            assert c2.root.item.name == "via one"
+            c2.root.item.name = "via two"
+            c2.commit()
+            c1.begin()
+            assert c1.root.item.name == "via two"
+    db1.close()
+    db2.close()
+
+
+def test_stop_leaves_no_threads_and_is_idempotent(tmp_path):
+    before = set(threading.enumerate())
+    db = make_database(str(tmp_path / "d.dobbin"))
+    with served(db) as server:
+        with BrokerClient(server.address, timeout=TIMEOUT) as client:
+            client.root.title
+    server.stop()
+    assert set(threading.enumerate()) <= before
+    db.close()
+
+
+def test_bind_failure_leaves_nothing_running(tmp_path):
+    db = make_database(str(tmp_path / "d.dobbin"))
+    before = set(threading.enumerate())
+    with served(db) as server:
+        with pytest.raises(zmq.ZMQError):
+            served(db, address=server.address).__enter__()
+    assert set(threading.enumerate()) <= before
+    db.close()
+
+
+def test_server_side_new_and_delete(broker):
+    db, server, connect = broker
+    client = connect()
+    assert client.root.things.keys() == []
+    transaction.begin()
+    things = db.root.things
+    checkout(things)
+    things["made"] = server.obj_new(Item, name="server-made")
+    transaction.commit()
+    client.begin()
+    assert client.root.things["made"].name == "server-made"
+    transaction.begin()
+    server.obj_delete(db.root.things, "made")
+    client.begin()
+    assert "made" not in client.root.things
+
+
+def test_history():
+    history = InvalidationHistory(10, size=3)
+    assert history.changes(10, 10) == []
+    assert history.changes(9, 12) is None and history.changes(None, 12) is None
+    history.add(12, frozenset({1}))
+    history.add(13, frozenset({2, 1}))
+    history.add(13, frozenset({99}))  # duplicate notification ignored
+    assert history.changes(10, 13) == [1, 2]
+    assert history.changes(12, 13) == [1, 2]
+    assert history.changes(12, 12) == []
+    history.add(15, frozenset({3}))
+    history.add(16, frozenset({4}))
+    assert history.floor == 12
+    assert history.changes(11, 16) is None
+    assert history.changes(12, 16) == [1, 2, 3, 4]

@@ -1,0 +1,111 @@
+"""broker.transport: lazy pirate retries, stale replies, timeouts."""
+
+import threading
+
+import pytest
+import zmq
+
+from broker import protocol
+from broker.codec import Codec
+from broker.exc import BrokerTimeout, ClientClosed, ProtocolError
+from broker.transport import Connection
+
+codec = Codec()
+
+
+class FlakyServer(threading.Thread):
+    """A ROUTER on 127.0.0.1 that ignores the first `drop` requests and can send junk."""
+
+    def __init__(self, drop=0, stale_first=False, junk=False):
+        super().__init__(daemon=True)
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind("tcp://127.0.0.1:*")
+        self.address = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.drop = drop
+        self.stale_first = stale_first
+        self.junk = junk
+        self.seen = 0
+        self.running = True
+
+    def run(self):
+        while self.running:
+            if not self.socket.poll(50):
+                continue
+            routing, _empty, _magic, body = self.socket.recv_multipart()
+            self.seen += 1
+            if self.seen <= self.drop:
+                continue
+            rid = codec.decode(body)["id"]
+            if self.junk:
+                self.socket.send_multipart([routing, b"", b"junk"])
+                continue
+            if self.stale_first:
+                self.socket.send_multipart([routing, b"", protocol.MAGIC, codec.encode(
+                    protocol.ok_reply(rid + 1000, 7, "stale"))])
+            self.socket.send_multipart([routing, b"", protocol.MAGIC, codec.encode(
+                protocol.ok_reply(rid, 7, "fresh"))])
+
+    def close(self):
+        self.running = False
+        self.join()
+        self.socket.close(0)
+        self.context.term()
+
+
+@pytest.fixture
+def flaky(request):
+    servers = []
+
+    def make(**options):
+        server = FlakyServer(**options)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def test_retry_on_a_fresh_socket_after_a_lost_request(flaky):
+    server = flaky(drop=1)
+    connection = Connection(server.address, codec, timeout=0.2, retries=2)
+    try:
+        assert connection.request("ping", {}) == (7, True, "fresh")
+        assert connection.reconnects == 1 and server.seen == 2
+    finally:
+        connection.close()
+
+
+def test_stale_replies_are_dropped(flaky):
+    server = flaky(stale_first=True)
+    connection = Connection(server.address, codec, timeout=1, retries=0)
+    try:
+        assert connection.request("ping", {})[2] == "fresh"
+    finally:
+        connection.close()
+
+
+def test_malformed_reply_frames_raise_protocol_error(flaky):
+    server = flaky(junk=True)
+    connection = Connection(server.address, codec, timeout=1, retries=0)
+    try:
+        with pytest.raises(ProtocolError):
+            connection.request("ping", {})
+    finally:
+        connection.close()
+
+
+def test_timeout_after_every_retry(flaky):
+    server = flaky(drop=100)
+    connection = Connection(server.address, codec, timeout=0.05, retries=2)
+    try:
+        with pytest.raises(BrokerTimeout, match="3 attempt"):
+            connection.request("ping", {})
+    finally:
+        connection.close()
+    with pytest.raises(ClientClosed):
+        connection.request("ping", {})
+    connection.close()  # idempotent
