@@ -236,15 +236,26 @@ def checkout(obj):
         return
     session = current_session()
     jar = _object_getattribute(obj, "_p_jar")
-    if jar is not None:
-        jar._p_register_thread()
+    if jar is None:
+        _take_working_copy(obj, ident, session)
+        return
+    jar._p_register_thread()
+    # Under the database's state lock, which eviction takes too: once our
+    # copy is in the table the object can't be evicted, and until then it
+    # can't be emptied between loading and copying.
+    with jar._state_lock:
         if _object_getattribute(obj, "_p_ghost"):
             jar._p_activate(obj)
+        _take_working_copy(obj, ident, session)
+
+
+def _take_working_copy(obj, ident, session):
     # Serial first, then state: a racing publish (state, then serial) can
     # only make us see a conflict that isn't one, never miss one.
     serial = _object_getattribute(obj, "_p_serial")
     shared = _object_getattribute(obj, "__dict__")
     working = copy_state(shared)
+    table = _object_getattribute(obj, "_p_local")
     if table is None:
         with _local_table_lock:
             table = _object_getattribute(obj, "_p_local")

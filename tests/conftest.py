@@ -1,0 +1,85 @@
+"""Fixtures shared by the store's tests.
+
+Every test starts and ends outside any transaction, and the databases it
+opens through `open_db` are closed after it, so no test sees another's
+checkouts or file descriptors.  `start_thread` runs a step in another
+thread and hands its exception back to the test.
+"""
+
+import threading
+
+import pytest
+import transaction
+
+from dobbin.database import Database
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    """A path in a fresh directory where no database exists yet."""
+    return str(tmp_path / "test.dobbin")
+
+
+@pytest.fixture(autouse=True)
+def _opened_databases():
+    transaction.abort()
+    opened = []
+    yield opened
+    transaction.abort()
+    for database in opened:
+        database.close()
+
+
+@pytest.fixture
+def open_db(db_path, _opened_databases):
+    """Open a Database (on `db_path` unless told otherwise), closed after the test."""
+
+    def open_db(path=db_path, **options):
+        database = Database(path, **options)
+        _opened_databases.append(database)
+        return database
+
+    return open_db
+
+
+class _Thread(threading.Thread):
+    """Runs `target(*args)`; `join()` re-raises what it raised."""
+
+    def __init__(self, target, args):
+        super().__init__(daemon=True)
+        self._call = (target, args)
+        self.error = None
+        self.result = None
+
+    def run(self):
+        target, args = self._call
+        try:
+            self.result = target(*args)
+        except BaseException as error:
+            self.error = error
+        finally:
+            transaction.abort()  # a thread's checkouts end with it
+
+    def join(self, timeout=30):
+        super().join(timeout)
+        assert not self.is_alive(), "thread still running after %ss" % timeout
+        error, self.error = self.error, None  # raised once, to whoever joins first
+        if error is not None:
+            raise error
+        return self.result
+
+
+@pytest.fixture
+def start_thread():
+    """Start `target(*args)` in a thread; its `join()` returns or re-raises."""
+    started = []
+
+    def start_thread(target, *args):
+        thread = _Thread(target, args)
+        thread.start()
+        started.append(thread)
+        return thread
+
+    yield start_thread
+    for thread in started:
+        thread.join()

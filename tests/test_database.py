@@ -1,0 +1,624 @@
+"""Tests of dobbin.database: oids, failed records, snapshots, conflicts
+and their resolution, and the errors that wrong use of the API gets."""
+
+import io
+import multiprocessing
+import os
+import threading
+import traceback
+
+import pytest
+import transaction
+from transaction.interfaces import TransientError
+
+from dobbin.database import Database, PersistentStream
+from dobbin.exc import (ConflictError, DobbinError, ReadConflictError, ReadOnlyError,
+                        WriteConflictError)
+from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
+
+
+class Container(Persistent):
+    def __init__(self):
+        self.items = []
+
+
+class Recorded(Persistent):
+    """Remembers every oid the database ever hands to one of its kind."""
+
+    handed = []
+
+    def __setattr__(self, name, value):
+        if name == "_p_oid" and value is not None:
+            Recorded.handed.append(value)
+        super().__setattr__(name, value)
+
+
+class Counter(Persistent):
+    """Merges concurrent increments; records what the resolver was given."""
+
+    calls = []
+
+    def __init__(self):
+        self.value = 0
+
+    def _p_resolve_conflict(self, old, saved, new):
+        Counter.calls.append((dict(old), dict(saved), dict(new)))
+        return dict(new, value=saved["value"] + new["value"] - old["value"])
+
+
+class RefusingCounter(Counter):
+    def _p_resolve_conflict(self, old, saved, new):
+        raise ConflictError("refused")
+
+
+class UndecidedCounter(Counter):
+    def _p_resolve_conflict(self, old, saved, new):
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_records():
+    Recorded.handed = []
+    Counter.calls = []
+
+
+def new_container_db(open_db, path=None, **options):
+    db = open_db(**options) if path is None else open_db(path, **options)
+    root = Container()
+    db.elect(root)
+    transaction.commit()
+    return db, root
+
+
+def add_new(container, count, cls=Persistent):
+    """Append `count` new objects to a container in this transaction."""
+    checkout(container)
+    new = [cls() for _ in range(count)]
+    container.items.extend(new)
+    return new
+
+
+def all_oids(db):
+    """The oids of every object reachable from the root, by walking states."""
+    seen, todo = set(), [db.root._p_oid]
+    while todo:
+        oid = todo.pop()
+        if oid in seen:
+            continue
+        seen.add(oid)
+        for value in db.load_state(oid)[1].get("items", []):
+            todo.append(value._p_oid)
+    return seen
+
+
+def commit_in_thread(start_thread, obj, **changes):
+    def run():
+        checkout(obj)
+        for name, value in changes.items():
+            setattr(obj, name, value)
+        transaction.commit()
+
+    start_thread(run).join()
+
+
+# -- oids --------------------------------------------------------------------------------
+
+def test_oids_unique_across_reopens(open_db):
+    handed = []
+    for _round in range(3):
+        db = open_db()
+        if db.root is None:
+            db.elect(Container())
+            transaction.commit()
+            handed.append(db.root._p_oid)
+        for _ in range(2):
+            new = add_new(db.root, 3)
+            transaction.commit()
+            handed.extend(obj._p_oid for obj in new)
+        db.close()
+    assert all(isinstance(oid, int) for oid in handed)
+    assert len(handed) == len(set(handed)) == 1 + 3 * 2 * 3
+    db = open_db()
+    assert all_oids(db) == set(handed)
+    assert len(db) == len(handed)
+
+
+def test_oids_unique_across_two_databases_alternating_commits(open_db):
+    first, _root = new_container_db(open_db)
+    second = open_db()
+    handed = [first.root._p_oid]
+    for _round in range(3):
+        for db in (first, second):
+            transaction.begin()  # both catch up with each other
+            new = add_new(db.root, 2)
+            transaction.commit()
+            handed.extend(obj._p_oid for obj in new)
+    assert len(handed) == len(set(handed)) == 13
+    transaction.begin()
+    assert all_oids(first) == all_oids(second) == set(handed)
+
+
+def _add_objects_in_process(path, key, count, results):
+    try:
+        db = Database(path, durability="none")
+        oids = []
+        for _ in range(count):
+            for attempt in transaction.manager.attempts(50):
+                with attempt:
+                    new = add_new(db.root[key], 1)
+            oids.append(new[0]._p_oid)
+        db.close()
+        results.put((key, oids, None))
+    except BaseException:
+        results.put((key, None, traceback.format_exc()))
+
+
+def test_oids_unique_across_processes(open_db):
+    db = open_db()
+    root = PersistentDict(one=Container(), two=Container())
+    db.elect(root)
+    transaction.commit()
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_add_objects_in_process,
+                                 args=(db.path, key, 20, results))
+                 for key in ("one", "two")]
+    for process in processes:
+        process.start()
+    ours = []
+    for _ in range(10):  # this process adds objects meanwhile
+        for attempt in transaction.manager.attempts(50):
+            with attempt:
+                new = add_new(root["one"], 1)
+        ours.append(new[0]._p_oid)
+    reports = [results.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    handed = list(ours)
+    for key, oids, error in reports:
+        assert error is None, error
+        assert len(oids) == 20
+        handed.extend(oids)
+    assert len(handed) == len(set(handed))
+    transaction.begin()
+    stored = {obj._p_oid for key in root for obj in root[key].items}
+    assert set(handed) <= stored
+    assert len(db) == len(stored) + 3
+
+
+def test_oids_handed_out_by_failed_conflicting_commit_never_reused(
+        open_db, tmp_path, start_thread):
+    # Commits lock databases in path order: "a" hands the new object an
+    # oid before "b" finds the conflict.
+    path_a = str(tmp_path / "a.dobbin")
+    db_a, root_a = new_container_db(open_db, path_a)
+    _db_b, root_b = new_container_db(open_db, str(tmp_path / "b.dobbin"))
+    [lost] = add_new(root_a, 1, Recorded)
+    checkout(root_b)
+    root_b.items = ["ours"]
+    commit_in_thread(start_thread, root_b, items=["theirs"])
+    count_a = db_a.tx_count
+    with pytest.raises(ConflictError):
+        transaction.commit()
+    assert Recorded.handed, "the failed commit handed out no oid: nothing tested"
+    assert lost._p_oid is None
+    assert db_a.tx_count == count_a + 1  # a failed record in "a" too
+    failed = set(Recorded.handed)
+    transaction.abort()
+
+    later = add_new(root_a, 3) + [lost]
+    root_a.items.append(lost)
+    transaction.commit()
+    assert not failed & {obj._p_oid for obj in later}
+    db_a.close()
+    reopened = open_db(path_a)
+    more = add_new(reopened.root, 3)
+    transaction.commit()
+    assert not failed & {obj._p_oid for obj in more}
+    assert not failed & all_oids(reopened)
+
+
+def test_oids_handed_out_by_commit_failing_on_graph_never_reused(open_db):
+    db, root = new_container_db(open_db)
+    add_new(root, 2, Recorded)
+    checkout(Persistent())  # unconnected: the commit fails in tpc_vote
+    with pytest.raises(DobbinError, match="not connected to graph"):
+        transaction.commit()
+    assert len(Recorded.handed) == 2, "the failed commit handed out no oid: nothing tested"
+    failed = set(Recorded.handed)
+    transaction.abort()
+    later = add_new(root, 3)
+    transaction.commit()
+    assert not failed & {obj._p_oid for obj in later}
+    db.close()
+    reopened = open_db()
+    more = add_new(reopened.root, 3)
+    transaction.commit()
+    assert not failed & {obj._p_oid for obj in more}
+
+
+# -- failed commits leave a record that is never applied ---------------------------------------
+
+def test_failed_commit_is_counted_and_never_applied(open_db, start_thread):
+    db = open_db()
+    root = PersistentDict(a=Container(), b=Container())
+    db.elect(root)
+    transaction.commit()
+    watcher = open_db()  # reads the log later by following it
+    a, b = root["a"], root["b"]
+    checkout(a)
+    checkout(b)
+    a.items = ["ours"]
+    b.items = ["ours"]
+    commit_in_thread(start_thread, a, items=["theirs"])
+    count = db.tx_count
+    with pytest.raises(ConflictError):
+        transaction.commit()
+    assert db.tx_count == count + 1
+    transaction.abort()
+    assert (a.items, b.items) == (["theirs"], [])
+    report = db.verify()
+    assert (report["ok"], report["failed"], report["records"]) == (True, 1, count + 1)
+
+    assert watcher.sync() == count + 1
+    assert watcher.tx_count == count + 1
+    assert (watcher.root["a"].items, watcher.root["b"].items) == (["theirs"], [])
+    db.close()
+    watcher.close()
+    reopened = open_db()  # reads the log from the start, under the lock
+    assert reopened.tx_count == count + 1
+    assert (reopened.root["a"].items, reopened.root["b"].items) == (["theirs"], [])
+    assert reopened.load_state(reopened.root["b"]._p_oid)[1] == {"items": []}
+
+
+def test_commit_failing_on_unpicklable_state_writes_failed_record(open_db):
+    db, root = new_container_db(open_db)
+    count = db.tx_count
+    checkout(root)
+    root.items = [threading.Lock()]
+    with pytest.raises(TypeError, match="pickle"):
+        transaction.commit()
+    transaction.abort()
+    assert db.verify()["failed"] == 1
+    assert db.tx_count == count + 1
+
+
+# -- snapshots -----------------------------------------------------------------------------------
+
+def describe(db):
+    """Every object reachable from the root as {oid: (class, state)}, with
+    references as ("oid", n) and streams as ("stream", bytes)."""
+    described, todo = {}, [db.root._p_oid]
+
+    def plain(value):
+        if isinstance(value, Persistent):
+            todo.append(value._p_oid)
+            return ("oid", value._p_oid)
+        if isinstance(value, PersistentStream):
+            return ("stream", b"".join(value))
+        if isinstance(value, dict):
+            return {plain(key): plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, [plain(item) for item in value])
+        return value
+
+    while todo:
+        oid = todo.pop()
+        if oid not in described:
+            described[oid] = None
+            described[oid] = (type(db.get(oid)), plain(db.load_state(oid)[1]))
+    return described
+
+
+def build_graph(db):
+    """A root with a cycle, a dict, shared objects and two streams, over
+    several transactions."""
+    root = PersistentDict()
+    db.elect(root)
+    transaction.commit()
+    child, leaf = Container(), Container()
+    checkout(root)
+    root["child"] = child
+    root["leaf"] = leaf
+    root["numbers"] = (1, 2.5, "three", b"four", None)
+    transaction.commit()
+    checkout(child)
+    checkout(leaf)
+    child.items = [leaf, root, {"nested": [leaf]}]
+    leaf.items = [child]
+    leaf.big = PersistentFile(io.BytesIO(bytes(range(256)) * 300))  # crosses a chunk
+    leaf.small = PersistentFile(io.BytesIO(b"abc"))
+    transaction.commit()
+    checkout(root)
+    root["counter"] = 7
+    transaction.commit()
+    return root
+
+
+def test_snapshot_cold_reopen_gives_same_graph_in_one_transaction(open_db, tmp_path):
+    db = open_db()
+    build_graph(db)
+    target_path = str(tmp_path / "target.dobbin")
+    target = open_db(target_path)
+    db.snapshot(target)
+    target.close()
+    target = open_db(target_path)
+    assert target.tx_count == 1
+    assert len(target) == len(db) == 3
+    assert describe(target) == describe(db)
+    assert target.root._p_oid == db.root._p_oid
+    assert target.verify()["ok"]
+
+
+def test_snapshot_copies_stream_bytes_into_target(open_db, db_path, tmp_path):
+    db = open_db()
+    build_graph(db)
+    expected = describe(db)
+    target_path = str(tmp_path / "target.dobbin")
+    target = open_db(target_path)
+    db.snapshot(target)
+    db.close()
+    target.close()
+    os.remove(db_path)
+    with open(db_path, "wb") as garbage:  # whatever sits there now is not read
+        garbage.write(os.urandom(1 << 18))
+    target = open_db(target_path)
+    assert describe(target) == expected
+    leaf = target.root["leaf"]
+    leaf.big.open()
+    assert leaf.big.read() == bytes(range(256)) * 300
+    assert b"".join(leaf.small) == b"abc"
+
+
+def test_snapshot_until_gives_state_as_of_that_transaction(open_db, tmp_path):
+    db, root = new_container_db(open_db)
+    first = add_new(root, 2)
+    transaction.commit()
+    until = db.last_tid
+    expected = describe(db)
+    add_new(root, 1)
+    checkout(first[0])
+    first[0].changed = True
+    checkout(root)
+    root.stream = PersistentFile(io.BytesIO(b"later"))
+    transaction.commit()
+    other = Container()
+    db.elect(other)  # a new root, later still
+    transaction.commit()
+
+    target_path = str(tmp_path / "target.dobbin")
+    target = open_db(target_path)
+    db.snapshot(target, until=until)
+    target.close()
+    target = open_db(target_path)
+    assert target.tx_count == 1
+    assert len(target) == 3
+    assert describe(target) == expected
+    assert not hasattr(target.root, "stream")
+    assert not hasattr(target.get(first[0]._p_oid), "changed")
+
+
+def test_snapshot_into_non_empty_target_raises(open_db, tmp_path):
+    db, _root = new_container_db(open_db)
+    target = open_db(str(tmp_path / "target.dobbin"))
+    target.elect(Container())
+    transaction.commit()
+    with pytest.raises(DobbinError, match="not empty"):
+        db.snapshot(target)
+    assert target.tx_count == 1
+    assert target.verify()["records"] == 1
+
+
+# -- conflicts -----------------------------------------------------------------------------------
+
+def test_conflict_error_is_transient_and_names_oid_and_class(open_db, start_thread):
+    db, root = new_container_db(open_db)
+    checkout(root)
+    root.items = ["ours"]
+    commit_in_thread(start_thread, root, items=["theirs"])
+    with pytest.raises(ConflictError) as caught:
+        transaction.commit()
+    error = caught.value
+    assert isinstance(error, TransientError)
+    assert error.oid == root._p_oid
+    assert error.class_name == "Container"
+    assert "oid %d" % root._p_oid in str(error) and "Container" in str(error)
+
+
+def test_write_conflict_between_threads_of_one_database(open_db, start_thread):
+    db, root = new_container_db(open_db)
+    checkout(root)
+    root.items = ["ours"]
+    commit_in_thread(start_thread, root, items=["theirs"])
+    with pytest.raises(WriteConflictError):
+        transaction.commit()
+    transaction.abort()
+    assert root.items == ["theirs"]
+
+
+def test_read_conflict_across_database_instances(open_db, start_thread):
+    db, root = new_container_db(open_db)
+    other = open_db()
+    checkout(root)
+    root.items = ["ours"]
+    commit_in_thread(start_thread, other.root, items=["theirs"])
+    with pytest.raises(ReadConflictError):
+        transaction.commit()
+    transaction.abort()
+    assert root.items == ["theirs"]
+
+
+@pytest.mark.parametrize("where", ["same database", "other database"])
+def test_resolve_conflict_receives_committed_states(open_db, start_thread, where):
+    db = open_db()
+    counter = Counter()
+    db.elect(counter)
+    transaction.commit()
+    theirs = counter if where == "same database" else open_db().root
+    checkout(counter)
+    counter.value += 1
+    counter.note = "ours"
+    commit_in_thread(start_thread, theirs, value=5, note="theirs")
+    transaction.commit()
+    assert Counter.calls == [({"value": 0},                  # ours at checkout
+                              {"value": 5, "note": "theirs"},  # the other commit
+                              {"value": 1, "note": "ours"})]   # our working copy
+    assert (counter.value, counter.note) == (6, "ours")
+    db.close()
+    assert open_db().root.value == 6
+
+
+def test_resolved_conflict_commits_both_concurrent_increments(open_db, start_thread):
+    db = open_db()
+    counter = Counter()
+    db.elect(counter)
+    transaction.commit()
+    both_checked_out = threading.Barrier(2, timeout=10)
+
+    def increment():
+        checkout(counter)
+        counter.value += 1
+        both_checked_out.wait()
+        transaction.commit()
+
+    threads = [start_thread(increment) for _ in range(2)]
+    for thread in threads:
+        thread.join()
+    assert len(Counter.calls) == 1
+    assert counter.value == 2
+    db.close()
+    assert open_db().root.value == 2
+
+
+@pytest.mark.parametrize("cls", [RefusingCounter, UndecidedCounter])
+def test_resolver_refusing_fails_the_commit_with_conflict_error(open_db, start_thread, cls):
+    db = open_db()
+    counter = cls()
+    db.elect(counter)
+    transaction.commit()
+    checkout(counter)
+    counter.value += 1
+    commit_in_thread(start_thread, counter, value=5)
+    count = db.tx_count
+    with pytest.raises(WriteConflictError) as caught:
+        transaction.commit()
+    assert caught.value.oid == counter._p_oid
+    assert db.tx_count == count + 1
+    transaction.abort()
+    assert counter.value == 5
+
+
+# -- the bounded cache never changes what a reader or a checkout sees --------------------------
+
+def store_large_root(open_db):
+    """A root whose loaded state costs more than a 4 KiB cache; closed."""
+    db, root = new_container_db(open_db)
+    checkout(root)
+    root.big = "x" * 10000
+    root.n = 1
+    transaction.commit()
+    db.close()
+
+
+def test_object_larger_than_the_cache_stays_readable(open_db):
+    store_large_root(open_db)
+    small = open_db(cache_size=4096)
+    root = small.root
+    assert root.n == 1
+    assert len(root.big) == 10000
+
+
+def test_checkout_of_object_larger_than_the_cache_copies_its_whole_state(open_db):
+    store_large_root(open_db)
+    small = open_db(cache_size=4096)
+    root = small.root
+    checkout(root)
+    root.n = 2  # only n changes; big must be stored unchanged
+    transaction.commit()
+    small.close()
+    root = open_db().root
+    assert (root.n, len(root.big), root.items) == (2, 10000, [])
+
+
+# -- wrong use of the API -----------------------------------------------------------------------
+
+def test_elect_non_persistent_raises_type_error(open_db):
+    db = open_db()
+    for value in ({}, [], object()):
+        with pytest.raises(TypeError, match="persistent"):
+            db.elect(value)
+    assert db.root is None
+
+
+def test_reference_to_object_of_another_database_raises_dobbin_error(open_db, tmp_path):
+    db, root = new_container_db(open_db)
+    _other, foreign = new_container_db(open_db, str(tmp_path / "other.dobbin"))
+    with pytest.raises(DobbinError, match="another database"):
+        db.elect(foreign)
+    count = db.tx_count
+    checkout(root)
+    root.items = [foreign]
+    with pytest.raises(DobbinError, match="another database"):
+        transaction.commit()
+    transaction.abort()
+    assert db.tx_count == count + 1
+    assert root.items == []
+
+
+def test_bogus_durability_raises_value_error(db_path):
+    with pytest.raises(ValueError, match="durability"):
+        Database(db_path, durability="bogus")
+    assert not os.path.exists(db_path)
+
+
+def _commit_change(db, oid):
+    root = db.root
+    db.close()
+    checkout(root)
+    root.items = ["changed"]
+    transaction.commit()
+
+
+def _elect(db, oid):
+    db.close()
+    db.elect(Container())
+
+
+def _sync(db, oid):
+    db.close()
+    db.sync()
+
+
+def _get_unloaded(db, oid):
+    db.close()
+    db.get(oid)
+
+
+def _root_unloaded(db, oid):
+    db.close()
+    db.root
+
+
+@pytest.mark.parametrize("use", [
+    _commit_change, _elect, _sync,
+    _get_unloaded, _root_unloaded,
+], ids=lambda use: use.__name__.strip("_"))
+def test_closed_database_raises_read_only_error(open_db, use):
+    db, root = new_container_db(open_db)
+    [child] = add_new(root, 1)
+    transaction.commit()
+    with pytest.raises(ReadOnlyError, match="closed"):
+        use(open_db(), child._p_oid)
+
+
+def test_closed_database_stream_read_raises_read_only_error(open_db):
+    db, root = new_container_db(open_db)
+    checkout(root)
+    root.stream = PersistentFile(io.BytesIO(b"abc"))
+    transaction.commit()
+    reader = open_db()
+    stream = reader.root.stream
+    reader.close()
+    with pytest.raises(ReadOnlyError, match="closed"):
+        b"".join(stream)

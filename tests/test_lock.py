@@ -1,0 +1,172 @@
+"""Tests of dobbin.lock: one writer per file across threads and processes.
+
+The probes that must see another process's lock run in a real child
+process: POSIX record locks, unlike flock, never conflict within one
+process, so an in-process probe could not tell them apart."""
+
+import multiprocessing
+import os
+import signal
+import threading
+
+import pytest
+
+from dobbin.exc import LockTimeoutError
+from dobbin.lock import WriteLock
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def lock_file(db_path):
+    with open(db_path, "wb") as f:
+        f.write(b"x")
+    return db_path
+
+
+@pytest.fixture
+def new_lock(lock_file):
+    """A WriteLock on a descriptor of its own, closed after the test."""
+    fds = []
+
+    def new_lock(timeout=5.0):
+        fd = os.open(lock_file, os.O_RDWR)
+        fds.append(fd)
+        return WriteLock(fd, lock_file, timeout)
+
+    yield new_lock
+    for fd in fds:
+        os.close(fd)
+
+
+def _hold_forever(path, ready):
+    fd = os.open(path, os.O_RDWR)
+    WriteLock(fd, path).acquire()
+    ready.set()
+    threading.Event().wait()  # until killed
+
+
+def _probe(path, results):
+    """Report whether the lock can be had at once from this process."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        WriteLock(fd, path).acquire(timeout=0)
+    except LockTimeoutError as error:
+        results.put(("busy", str(error)))
+    else:
+        results.put(("free", None))
+    finally:
+        os.close(fd)
+
+
+def probe_from_another_process(path):
+    results = SPAWN.Queue()
+    child = SPAWN.Process(target=_probe, args=(path, results))
+    child.start()
+    outcome = results.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0
+    return outcome
+
+
+def test_lock_released_at_once_when_holder_is_sigkilled(lock_file, new_lock):
+    ready = SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_forever, args=(lock_file, ready))
+    lock = new_lock()
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(LockTimeoutError):
+            lock.acquire(timeout=0)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(60)
+    assert holder.exitcode == -signal.SIGKILL
+    lock.acquire(timeout=0)  # no waiting: the kernel dropped it with the process
+    assert lock.held
+    lock.release()
+
+
+def test_closing_another_descriptor_in_another_thread_keeps_the_lock(lock_file, new_lock):
+    lock = new_lock()
+    lock.acquire()
+
+    def open_and_close():
+        fd = os.open(lock_file, os.O_RDWR)
+        os.close(fd)
+
+    thread = threading.Thread(target=open_and_close)
+    thread.start()
+    thread.join(30)
+    assert probe_from_another_process(lock_file)[0] == "busy"
+    lock.release()
+    assert probe_from_another_process(lock_file)[0] == "free"
+
+
+def test_acquire_times_out_while_another_process_holds_the_lock(lock_file, new_lock):
+    lock = new_lock()
+    lock.acquire()
+    state, message = probe_from_another_process(lock_file)
+    assert state == "busy"
+    assert lock_file in message and "another process" in message
+    lock.release()
+
+
+def test_acquire_times_out_while_another_thread_holds_the_lock(lock_file, new_lock):
+    lock = new_lock(timeout=0.05)
+    taken, done = threading.Event(), threading.Event()
+
+    def hold():
+        lock.acquire()
+        taken.set()
+        done.wait(30)
+        lock.release()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert taken.wait(30)
+        with pytest.raises(LockTimeoutError, match="another thread") as caught:
+            lock.acquire()
+        assert lock_file in str(caught.value)
+        assert not lock.held
+        # A second descriptor in this process is excluded too (flock is per
+        # open file description, not per process).
+        with pytest.raises(LockTimeoutError, match="another process"):
+            new_lock().acquire(timeout=0.05)
+    finally:
+        done.set()
+        thread.join(30)
+    lock.acquire(timeout=0)
+    lock.release()
+
+
+def test_release_by_a_thread_that_does_not_hold_the_lock_raises(new_lock):
+    lock = new_lock()
+    with pytest.raises(RuntimeError, match="not held"):
+        lock.release()
+    lock.acquire()
+    errors = []
+
+    def release_elsewhere():
+        try:
+            lock.release()
+        except RuntimeError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=release_elsewhere)
+    thread.start()
+    thread.join(30)
+    assert len(errors) == 1 and "not held" in str(errors[0])
+    assert lock.held  # still ours
+    lock.release()
+    assert not lock.held
+
+
+def test_lock_is_not_reentrant(new_lock):
+    lock = new_lock()
+    with lock:
+        with pytest.raises(RuntimeError, match="not reentrant"):
+            lock.acquire(timeout=0)
+        assert lock.held
+    assert not lock.held

@@ -1,0 +1,328 @@
+"""Tests of dobbin.persistent: read-only shared state, per-thread
+checkouts, __init__ that runs once, deletions that persist, and the full
+dict API of PersistentDict."""
+
+import threading
+
+import pytest
+import transaction
+
+from dobbin.persistent import Persistent, PersistentDict, checked_out, checkout
+
+READ_ONLY = "Can't set attribute in read-only mode."
+
+
+class Counted(Persistent):
+    """Counts its __init__ calls, to prove they happen once per object."""
+
+    inits = 0
+
+    def __init__(self, value):
+        type(self).inits += 1
+        self.value = value
+
+
+class CountedChild(Counted):
+    def __init__(self, value, extra):
+        super().__init__(value)
+        self.extra = extra
+
+
+def stored_root(open_db, root=None):
+    """Elect `root` (a new Persistent by default) in a fresh db and commit."""
+    db = open_db()
+    root = Persistent() if root is None else root
+    db.elect(root)
+    transaction.commit()
+    return db, root
+
+
+# -- read-only unless checked out --------------------------------------------
+
+def test_new_object_outside_init_is_read_only():
+    obj = Persistent()
+    with pytest.raises(RuntimeError, match="^Can't set attribute in read-only mode.$"):
+        obj.name = "John"
+    with pytest.raises(RuntimeError, match=READ_ONLY):
+        del obj.name
+    assert not hasattr(obj, "name")
+
+
+def test_checkout_makes_object_writable_and_returns_none():
+    obj = Persistent()
+    assert checkout(obj) is None
+    assert checked_out(obj)
+    obj.name = "John"
+    assert obj.name == "John"
+    checkout(obj)  # a second checkout in one transaction keeps the working copy
+    assert obj.name == "John"
+    transaction.abort()
+    assert not checked_out(obj)
+    assert not hasattr(obj, "name")
+
+
+def test_checkout_of_non_persistent_object_raises_type_error():
+    class Plain:
+        pass
+
+    for value in (Plain(), {}, [], 42):
+        with pytest.raises(TypeError, match="only persistent objects can be checked out"):
+            checkout(value)
+
+
+# -- __init__ runs once ----------------------------------------------------------
+
+def test_init_runs_once_not_on_load_reopen_or_catch_up(open_db):
+    Counted.inits = 0
+    db, root = stored_root(open_db)
+    checkout(root)
+    root.child = Counted(1)
+    transaction.commit()
+    assert Counted.inits == 1
+    oid = root.child._p_oid
+
+    # Load: a fresh instance on the file loads the object without __init__.
+    reopened = open_db()
+    assert reopened.root.child.value == 1
+    assert reopened.get(oid).value == 1
+    # Reopen after closing everything.
+    reopened.close()
+    db.close()
+    db = open_db()
+    assert db.root.child.value == 1
+    # Catch-up: another instance adds an object; this one learns of it.
+    other = open_db()
+    checkout(other.root)
+    other.root.second = Counted(2)
+    transaction.commit()
+    assert Counted.inits == 2  # the new object's own __init__
+    transaction.begin()
+    assert db.root.second.value == 2
+    assert Counted.inits == 2
+
+
+def test_init_may_set_attributes_without_checkout(open_db):
+    db, root = stored_root(open_db)
+    child = CountedChild(3, extra="x")  # nested __init__ through super()
+    assert (child.value, child.extra) == (3, "x")
+    assert not checked_out(child)
+    checkout(root)
+    root.child = child  # the child itself is never checked out
+    transaction.commit()
+    db.close()
+    child = open_db().root.child
+    assert (type(child), child.value, child.extra) == (CountedChild, 3, "x")
+
+
+def test_object_is_read_only_after_init():
+    obj = CountedChild(1, extra=2)
+    with pytest.raises(RuntimeError, match=READ_ONLY):
+        obj.value = 5
+    with pytest.raises(RuntimeError, match=READ_ONLY):
+        obj.extra = 5
+    assert (obj.value, obj.extra) == (1, 2)
+
+
+# -- deletions persist ----------------------------------------------------------
+
+def test_deleted_attribute_stays_deleted_after_reopen(open_db):
+    db, root = stored_root(open_db)
+    checkout(root)
+    root.x, root.y = 1, 2
+    transaction.commit()
+    checkout(root)
+    del root.x
+    with pytest.raises(AttributeError):
+        del root.missing
+    transaction.commit()
+    assert not hasattr(root, "x")
+    db.close()
+    root = open_db().root
+    assert not hasattr(root, "x")
+    assert root.y == 2
+
+
+def test_deleted_dict_key_stays_deleted_after_reopen(open_db):
+    db, pdict = stored_root(open_db, PersistentDict(a=1, b=2))
+    checkout(pdict)
+    del pdict["a"]
+    transaction.commit()
+    assert "a" not in pdict
+    db.close()
+    assert open_db().root == {"b": 2}
+
+
+# -- per-thread checkouts ---------------------------------------------------------
+
+def test_checkouts_are_per_thread_and_end_with_each_threads_transaction(
+        open_db, start_thread):
+    db, root = stored_root(open_db)
+    checkout(root)
+    root.x = "shared"
+    transaction.commit()
+
+    checked_in_thread = threading.Event()
+    main_ended = threading.Event()
+    thread_ended = threading.Event()
+
+    def other():
+        checkout(root)
+        root.x = "thread"
+        checked_in_thread.set()
+        assert main_ended.wait(10)
+        # The main thread's transaction ended; ours holds its copy still.
+        assert checked_out(root)
+        assert root.x == "thread"
+        root.x = "thread, again"
+        transaction.abort()
+        assert not checked_out(root)
+        assert root.x == "shared"
+        with pytest.raises(RuntimeError, match=READ_ONLY):
+            root.x = "after abort"
+        thread_ended.set()
+
+    checkout(root)
+    root.x = "main"
+    thread = start_thread(other)
+    assert checked_in_thread.wait(10)
+    assert root.x == "main"  # each thread sees its own working copy
+    transaction.abort()
+    assert not checked_out(root)
+    assert root.x == "shared"
+    with pytest.raises(RuntimeError, match=READ_ONLY):
+        root.x = "main, after abort"
+    assert root._p_local  # the other thread still holds its copy
+    main_ended.set()
+    thread.join()
+    assert thread_ended.is_set()
+    assert not root._p_local  # nobody holds it: back to the shared state
+    assert root.x == "shared"
+
+
+# -- PersistentDict ---------------------------------------------------------------
+
+def test_dict_constructor_takes_mapping_pairs_and_keywords():
+    assert PersistentDict() == {}
+    assert PersistentDict({"a": 1}) == {"a": 1}
+    assert PersistentDict([("a", 1), ("b", 2)]) == {"a": 1, "b": 2}
+    assert PersistentDict(a=1, b=2) == {"a": 1, "b": 2}
+    assert PersistentDict({"a": 1}, b=2) == {"a": 1, "b": 2}
+    assert PersistentDict([("a", 1)], a=3) == {"a": 3}
+    assert PersistentDict(PersistentDict(a=1)) == {"a": 1}
+    with pytest.raises(TypeError):
+        PersistentDict(1)
+
+
+def test_dict_reading_api_matches_dict():
+    plain = {"a": 1, "b": 2, 3: "c"}
+    pdict = PersistentDict(plain)
+    assert len(pdict) == 3
+    assert pdict == plain and plain == pdict
+    assert pdict == PersistentDict(plain)
+    assert pdict != {"a": 1} and not pdict != plain
+    assert list(pdict) == list(plain)
+    assert list(pdict.keys()) == list(plain.keys())
+    assert list(pdict.values()) == list(plain.values())
+    assert list(pdict.items()) == list(plain.items())
+    assert pdict["a"] == 1 and pdict[3] == "c"
+    with pytest.raises(KeyError):
+        pdict["missing"]
+    assert pdict.get("a") == 1
+    assert pdict.get("missing") is None
+    assert pdict.get("missing", 7) == 7
+    assert "a" in pdict and "missing" not in pdict
+    assert pdict.copy() == plain and type(pdict.copy()) is dict
+
+
+def test_dict_mutating_api_matches_dict_when_checked_out():
+    pdict, plain = PersistentDict(a=1, b=2), {"a": 1, "b": 2}
+    checkout(pdict)
+    for target in (pdict, plain):
+        target["c"] = 3
+        del target["a"]
+        assert target.pop("b") == 2
+        assert target.pop("b", "default") == "default"
+        with pytest.raises(KeyError):
+            target.pop("b")
+        assert target.setdefault("c", 99) == 3
+        assert target.setdefault("d", 4) == 4
+        assert target.setdefault("e") is None
+        target.update({"f": 6})
+        target.update([("g", 7)])
+        target.update(h=8)
+        target.update({"i": 9}, j=10)
+        assert target.popitem() == ("j", 10)  # last in, first out
+    assert pdict == plain
+    assert list(pdict.items()) == list(plain.items())
+    pdict.clear()
+    assert pdict == {} and len(pdict) == 0
+    with pytest.raises(KeyError):
+        pdict.popitem()
+    with pytest.raises(KeyError):
+        del pdict["a"]
+
+
+MUTATIONS = {
+    "setitem": lambda d: d.__setitem__("a", 0),
+    "setitem new key": lambda d: d.__setitem__("new", 0),
+    "delitem": lambda d: d.__delitem__("a"),
+    "clear": lambda d: d.clear(),
+    "pop": lambda d: d.pop("a"),
+    "pop missing with default": lambda d: d.pop("missing", None),
+    "popitem": lambda d: d.popitem(),
+    "setdefault existing": lambda d: d.setdefault("a", 0),
+    "setdefault new": lambda d: d.setdefault("new", 0),
+    "update mapping": lambda d: d.update({"a": 0}),
+    "update pairs": lambda d: d.update([("a", 0)]),
+    "update keywords": lambda d: d.update(a=0),
+    "ior": lambda d: d.__ior__({"a": 0}),
+}
+
+
+@pytest.mark.parametrize("mutate", list(MUTATIONS.values()), ids=list(MUTATIONS))
+def test_dict_not_checked_out_refuses_every_mutation(mutate):
+    pdict = PersistentDict(a=1, b=2)
+    with pytest.raises(RuntimeError, match=READ_ONLY):
+        mutate(pdict)
+    assert pdict == {"a": 1, "b": 2}
+
+
+@pytest.mark.parametrize("mutate", list(MUTATIONS.values()), ids=list(MUTATIONS))
+def test_stored_dict_not_checked_out_refuses_every_mutation(mutate, open_db):
+    _db, pdict = stored_root(open_db, PersistentDict(a=1, b=2))
+    with pytest.raises(RuntimeError, match=READ_ONLY):
+        mutate(pdict)
+    assert pdict == {"a": 1, "b": 2}
+
+
+def test_dict_union_reversed_and_fromkeys_match_dict():
+    assert PersistentDict.fromkeys("xy") == {"x": None, "y": None}
+    pdict = PersistentDict(a=1, b=2)
+    assert pdict | {"c": 3} == {"a": 1, "b": 2, "c": 3}
+    assert {"c": 3} | pdict == {"c": 3, "a": 1, "b": 2}
+    assert list(reversed(pdict)) == ["b", "a"]
+    assert PersistentDict.fromkeys("xy", 0) == {"x": 0, "y": 0}
+    checkout(pdict)
+    pdict |= {"c": 3}
+    assert pdict == {"a": 1, "b": 2, "c": 3}
+
+
+def test_dict_items_and_attributes_stay_independent_through_reopen(open_db):
+    db, root = stored_root(open_db)
+    pdict = PersistentDict(name="item")
+    checkout(root)
+    checkout(pdict)
+    root.pdict = pdict
+    pdict.name = "attribute"
+    pdict["obj"] = root
+    transaction.commit()
+    assert pdict["name"] == "item" and pdict.name == "attribute"
+    db.close()
+    root = open_db().root
+    pdict = root.pdict
+    assert type(pdict) is PersistentDict
+    assert pdict.name == "attribute"
+    assert set(pdict) == {"name", "obj"}
+    assert pdict["name"] == "item"
+    assert pdict["obj"] is root
+    assert not hasattr(pdict, "obj")

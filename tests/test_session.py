@@ -1,0 +1,287 @@
+"""Tests of dobbin.session: a thread's transaction from first checkout to
+commit or abort, failed commits, savepoints, threads that commit under
+one another, and retries with transaction.manager.attempts()."""
+
+import threading
+
+import pytest
+import transaction
+
+from dobbin.exc import ConflictError, ObjectGraphError, WriteConflictError
+from dobbin.persistent import Persistent, checked_out, checkout
+
+READ_ONLY = "Can't set attribute in read-only mode."
+
+
+def stored_pair(open_db):
+    """A db whose root has two children a and b, with a.x == b.x == 0."""
+    db = open_db()
+    root, a, b = Persistent(), Persistent(), Persistent()
+    for obj in (root, a, b):
+        checkout(obj)
+    root.a, root.b = a, b
+    a.x = b.x = 0
+    db.elect(root)
+    transaction.commit()
+    return db, root, a, b
+
+
+def commit_in_thread(start_thread, obj, **changes):
+    """Check out `obj` in another thread, set `changes` and commit there."""
+
+    def run():
+        checkout(obj)
+        for name, value in changes.items():
+            setattr(obj, name, value)
+        transaction.commit()
+
+    start_thread(run).join()
+
+
+# -- abort -----------------------------------------------------------------------
+
+def test_abort_leaves_next_transaction_working(open_db):
+    db, _root, a, _b = stored_pair(open_db)
+    checkout(a)
+    a.x = 1
+    transaction.abort()
+    assert a.x == 0 and not checked_out(a)
+    checkout(a)
+    a.x = 2
+    transaction.commit()
+    assert a.x == 2
+    db.close()
+    assert open_db().root.a.x == 2
+
+
+# -- failed commits ------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["same database", "other database"])
+def test_failed_commit_shows_latest_committed_state_then_read_only_after_abort(
+        open_db, start_thread, where):
+    db, _root, a, b = stored_pair(open_db)
+    theirs = a if where == "same database" else open_db().root.a
+    checkout(a)
+    checkout(b)
+    a.x, b.x = "ours", "ours"
+    commit_in_thread(start_thread, theirs, x="theirs")
+    with pytest.raises(ConflictError):
+        transaction.commit()
+    # Still checked out, now showing the latest committed states.
+    assert checked_out(a) and checked_out(b)
+    assert (a.x, b.x) == ("theirs", 0)
+    transaction.abort()
+    for obj in (a, b):
+        assert not checked_out(obj)
+        with pytest.raises(RuntimeError, match="^Can't set attribute in read-only mode.$"):
+            obj.x = "after abort"
+    assert (a.x, b.x) == ("theirs", 0)
+
+
+def test_unconnected_new_object_raises_object_graph_error(open_db):
+    db, _root, a, _b = stored_pair(open_db)
+    count, objects = db.tx_count, len(db)
+    orphan = Persistent()
+    checkout(orphan)
+    orphan.name = "Karla"
+    with pytest.raises(ObjectGraphError, match="not connected to graph") as caught:
+        transaction.commit()
+    assert repr(orphan) in str(caught.value)
+    transaction.abort()
+
+    # With a stored object in the same commit: a failed record, nothing applied.
+    checkout(orphan)
+    checkout(a)
+    a.x = 1
+    with pytest.raises(ObjectGraphError, match="not connected to graph"):
+        transaction.commit()
+    assert db.tx_count == count + 1
+    assert len(db) == objects
+    assert orphan._p_oid is None and orphan._p_jar is None
+    transaction.abort()
+    assert a.x == 0
+
+
+# -- threads ----------------------------------------------------------------------------
+
+def test_other_threads_commit_never_discards_our_uncommitted_changes(
+        open_db, start_thread):
+    db, _root, a, b = stored_pair(open_db)
+    checkout(a)
+    a.x = "main"
+    new = Persistent()
+    checkout(new)
+    a.new = new
+    new.name = "new"
+    commit_in_thread(start_thread, b, x="thread")
+    assert (a.x, a.new.name) == ("main", "new")
+    assert b.x == "thread"
+    transaction.commit()
+    db.close()
+    root = open_db().root
+    assert (root.a.x, root.a.new.name, root.b.x) == ("main", "new", "thread")
+
+
+def test_checked_out_objects_do_not_change_until_transaction_ends(open_db, start_thread):
+    db, _root, a, _b = stored_pair(open_db)
+    checked = threading.Event()
+    committed = threading.Event()
+
+    def reader():
+        checkout(a)
+        a.y = "reader"
+        checked.set()
+        assert committed.wait(10)
+        seen = (a.x, a.y)
+        transaction.abort()
+        return seen, a.x, hasattr(a, "y")
+
+    thread = start_thread(reader)
+    assert checked.wait(10)
+    checkout(a)
+    a.x = "main"
+    transaction.commit()
+    committed.set()
+    seen_checked_out, seen_after, has_y = thread.join()
+    assert seen_checked_out == (0, "reader")  # the main thread's commit is invisible
+    assert seen_after == "main" and not has_y  # until the transaction ends
+
+
+def test_new_thread_never_inherits_checkouts_of_a_dead_thread(open_db):
+    # A thread that dies inside a transaction never ends it.  Thread ids
+    # are reused (on Linux at once), so a later thread may get the same
+    # id: it must still start with no checkout of its own.
+    db, _root, a, _b = stored_pair(open_db)
+    seen = {}
+
+    def leave_checked_out():
+        seen["dead"] = threading.get_ident()
+        checkout(a)
+        a.x = "uncommitted"
+
+    def start_afresh():
+        if threading.get_ident() != seen["dead"]:
+            return
+        seen["reused"] = True
+        seen["checked out"] = checked_out(a)
+        seen["x"] = a.x
+        checkout(a)
+        a.x = "new thread"
+        transaction.commit()
+
+    for _ in range(20):
+        for target in (leave_checked_out, start_afresh):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join(30)
+        if seen.get("reused"):
+            break
+    else:
+        pytest.skip("this platform did not reuse a thread id in 20 tries")
+    assert (seen["checked out"], seen["x"]) == (False, 0)
+    assert a.x == "new thread"
+    db.close()
+    assert open_db().root.a.x == "new thread"
+
+
+# -- savepoints ------------------------------------------------------------------------------
+
+def test_savepoint_rollback_restores_working_copies(open_db):
+    db, _root, a, b = stored_pair(open_db)
+    checkout(a)
+    a.x = 1
+    a.items = [1]
+    savepoint = transaction.savepoint()
+    a.x = 2
+    a.items.append(2)
+    del a.items
+    checkout(b)  # checked out after the savepoint
+    b.x = 2
+    savepoint.rollback()
+    assert (a.x, a.items) == (1, [1])
+    assert checked_out(a)
+    assert not checked_out(b) and b.x == 0
+    with pytest.raises(RuntimeError, match=READ_ONLY):
+        b.x = 3
+
+
+def test_commit_after_rollback_stores_rolled_back_state(open_db):
+    db, _root, a, b = stored_pair(open_db)
+    checkout(a)
+    a.x = 1
+    savepoint = transaction.savepoint()
+    a.x = 2
+    checkout(b)
+    b.x = 2
+    savepoint.rollback()
+    transaction.commit()
+    assert (a.x, b.x) == (1, 0)
+    db.close()
+    root = open_db().root
+    assert (root.a.x, root.b.x) == (1, 0)
+
+
+def test_nested_savepoints_roll_back_in_turn(open_db):
+    db, root, a, _b = stored_pair(open_db)
+    checkout(a)
+    a.x = 1
+    outer = transaction.savepoint()
+    a.x = 2
+    new = Persistent()
+    checkout(new)
+    new.name = "new"
+    a.new = new
+    inner = transaction.savepoint()
+    a.x = 3
+    new.name = "renamed"
+    inner.rollback()
+    assert (a.x, a.new.name) == (2, "new")
+    outer.rollback()
+    assert a.x == 1 and not hasattr(a, "new")
+    assert not checked_out(new)
+    transaction.commit()
+    db.close()
+    root = open_db().root
+    assert root.a.x == 1 and not hasattr(root.a, "new")
+
+
+def test_savepoint_before_first_checkout_then_changes_commit(open_db):
+    db, _root, a, _b = stored_pair(open_db)
+    count = db.tx_count
+    savepoint = transaction.savepoint()  # no data manager has joined yet
+    checkout(a)
+    a.x = 1
+    savepoint.rollback()
+    assert a.x == 0 and not checked_out(a)
+    checkout(a)
+    a.x = 2
+    transaction.commit()
+    assert db.tx_count == count + 1
+    assert not checked_out(a)
+    db.close()
+    assert open_db().root.a.x == 2
+
+
+# -- retrying conflicts ---------------------------------------------------------------------
+
+def test_attempts_retries_conflict_error(open_db, start_thread):
+    db, _root, a, _b = stored_pair(open_db)
+    errors = []
+    tries = 0
+    for attempt in transaction.manager.attempts(3):
+        with attempt:
+            tries += 1
+            checkout(a)
+            if tries == 1:  # lose a race, once
+                commit_in_thread(start_thread, a, x=a.x + 10)
+            a.x += 1
+            try:
+                transaction.commit()
+            except ConflictError as error:
+                errors.append(error)
+                raise
+    assert tries == 2
+    assert [type(error) for error in errors] == [WriteConflictError]
+    assert a.x == 11
+    db.close()
+    assert open_db().root.a.x == 11

@@ -1,0 +1,218 @@
+"""Tests of dobbin.stream: a PersistentFile becomes a PersistentStream at
+commit; the stream reads back exactly its bytes, never past its end, with
+io-like seek/tell and iteration independent of the file-like view."""
+
+import io
+import random
+
+import pytest
+import transaction
+
+from dobbin.exc import StreamError
+from dobbin.log import STREAM_CHUNK
+from dobbin.persistent import Persistent, PersistentFile, checkout
+from dobbin.stream import PersistentStream
+
+LARGE = 1024 * 1024 + 3  # 16 full chunks and 3 bytes
+
+
+def pattern(size):
+    """Bytes in which every offset is distinguishable from its neighbours."""
+    return bytes((i * 7 + i // 251) % 256 for i in range(size))
+
+
+def store(open_db, data, **options):
+    """Commit `data` as a stream on a new root; return (db, root, stream)."""
+    db = open_db(**options)
+    root = Persistent()
+    checkout(root)
+    root.file = PersistentFile(io.BytesIO(data))
+    db.elect(root)
+    transaction.commit()
+    return db, root, root.file
+
+
+def test_file_becomes_stream_reading_from_its_position_to_end(open_db):
+    source = io.BytesIO(b"skip:abc")
+    source.seek(5)
+    pfile = PersistentFile(source)
+    db = open_db()
+    root = Persistent()
+    checkout(root)
+    root.file = pfile
+    db.elect(root)
+    transaction.commit()
+    assert root.file is pfile
+    assert type(pfile) is PersistentStream
+    assert pfile.size == 3
+    assert b"".join(pfile) == b"abc"
+
+
+def test_read_never_runs_past_the_end(open_db):
+    _db, _root, stream = store(open_db, b"0123456789")
+    stream.open()
+    assert stream.read(0) == b""
+    assert stream.read(8) == b"01234567"
+    assert stream.read(5) == b"89"  # near the end: only what is left
+    assert stream.tell() == 10
+    assert stream.read(5) == b""  # at the end
+    assert stream.read() == b""
+    stream.seek(100)  # past the end
+    assert stream.read(1) == b"" and stream.read() == b""
+    stream.seek(4)
+    assert stream.read(-1) == b"456789"
+    stream.seek(4)
+    assert stream.read(None) == b"456789"
+
+
+def test_read_at_chunk_boundaries_stops_at_the_end(open_db):
+    data = pattern(2 * STREAM_CHUNK)  # ends exactly on a chunk boundary
+    _db, _root, stream = store(open_db, data)
+    stream.open()
+    stream.seek(STREAM_CHUNK - 2)
+    assert stream.read(4) == data[STREAM_CHUNK - 2:STREAM_CHUNK + 2]
+    stream.seek(-1, 2)
+    assert stream.read(10) == data[-1:]
+    assert stream.read(10) == b""
+
+
+def test_seek_honours_whence_and_tell_reports_position(open_db):
+    _db, _root, stream = store(open_db, b"0123456789")
+    stream.open()
+    assert stream.tell() == 0
+    stream.seek(3)
+    assert stream.tell() == 3
+    stream.seek(3, 0)
+    assert stream.read(2) == b"34"
+    stream.seek(2, 1)
+    assert stream.tell() == 7 and stream.read(1) == b"7"
+    stream.seek(-3, 1)
+    assert stream.read(1) == b"5"
+    stream.seek(0, 2)
+    assert stream.tell() == 10
+    stream.seek(-4, 2)
+    assert stream.read() == b"6789"
+    stream.seek(5, 2)  # past the end: clamped to the end
+    assert stream.tell() == 10
+
+
+@pytest.mark.parametrize("offset, whence", [(0, 3), (0, -1), (-1, 0), (-11, 2), (-1, 1)])
+def test_seek_rejects_bad_whence_and_negative_position(open_db, offset, whence):
+    _db, _root, stream = store(open_db, b"0123456789")
+    stream.open()
+    with pytest.raises(ValueError):
+        stream.seek(offset, whence)
+    assert stream.tell() == 0
+
+
+def test_file_view_needs_open_and_close_ends_it(open_db):
+    _db, _root, stream = store(open_db, b"abc")
+    assert stream.closed
+    for use in (stream.read, stream.tell, lambda: stream.seek(0)):
+        with pytest.raises(StreamError, match="closed"):
+            use()
+    stream.open()
+    assert not stream.closed
+    stream.read(2)
+    stream.open()  # open again: back at the start
+    assert stream.read() == b"abc"
+    stream.close()
+    assert stream.closed
+    with pytest.raises(StreamError):
+        stream.read()
+
+
+def test_iteration_is_independent_of_the_file_view(open_db):
+    data = pattern(STREAM_CHUNK + 10)
+    _db, _root, stream = store(open_db, data)
+    assert b"".join(stream) == data
+    assert stream.closed  # iterating did not open the file view
+    stream.open()
+    assert stream.read(5) == data[:5]
+    first = iter(stream)
+    assert next(first) == data[:STREAM_CHUNK]
+    assert b"".join(stream) == data  # a second iterator, from the start
+    assert stream.tell() == 5  # the file view's position is untouched
+    assert stream.read(5) == data[5:10]
+    assert next(first) == data[STREAM_CHUNK:]
+
+
+def test_large_stream_reads_back_exactly(open_db):
+    data = pattern(LARGE)
+    _db, _root, stream = store(open_db, data, durability="none")
+    assert stream.size == LARGE
+    chunks = list(stream)
+    assert [len(chunk) for chunk in chunks] == [STREAM_CHUNK] * 16 + [3]
+    assert b"".join(chunks) == data
+    stream.open()
+    assert stream.read() == data
+    stream.seek(0)
+    pieces = []
+    while True:
+        piece = stream.read(10000)  # reads that straddle chunk boundaries
+        if not piece:
+            break
+        pieces.append(piece)
+    assert b"".join(pieces) == data
+
+
+def test_large_stream_random_seeks(open_db):
+    data = pattern(LARGE)
+    _db, _root, stream = store(open_db, data, durability="none")
+    stream.open()
+    rng = random.Random(20240531)
+    for _ in range(300):
+        start = rng.randrange(LARGE + 10)
+        size = rng.choice([0, 1, 2, 3, rng.randrange(3 * STREAM_CHUNK)])
+        whence = rng.choice([0, 1, 2])
+        if whence == 0:
+            stream.seek(start)
+        elif whence == 1:
+            stream.seek(start - stream.tell(), 1)
+        else:
+            stream.seek(start - LARGE, 2)
+        assert stream.tell() == min(start, LARGE)
+        assert stream.read(size) == data[start:start + size]
+        assert stream.tell() == min(start + size, LARGE)
+
+
+def test_empty_stream(open_db):
+    _db, _root, stream = store(open_db, b"")
+    assert stream.size == 0
+    assert list(stream) == []
+    stream.open()
+    assert stream.read() == b"" and stream.read(1) == b""
+
+
+def test_several_streams_in_one_commit_each_read_back(open_db):
+    sizes = [STREAM_CHUNK + 1, 0, 5, 3 * STREAM_CHUNK]
+    blobs = [pattern(size + index) for index, size in enumerate(sizes)]
+    db = open_db()
+    root = Persistent()
+    checkout(root)
+    root.files = [PersistentFile(io.BytesIO(blob)) for blob in blobs]
+    db.elect(root)
+    transaction.commit()
+    assert [b"".join(stream) for stream in root.files] == blobs
+    db.close()
+    assert [b"".join(stream) for stream in open_db().root.files] == blobs
+
+
+def test_stream_readable_from_a_second_database_on_the_file(open_db):
+    data = pattern(3 * STREAM_CHUNK + 17)
+    db = open_db()
+    root = Persistent()
+    db.elect(root)
+    transaction.commit()
+    other = open_db()
+    other_root = other.root
+    checkout(root)
+    root.file = PersistentFile(io.BytesIO(data))
+    transaction.commit()
+    transaction.begin()  # the second database catches up
+    stream = other_root.file
+    assert stream is not root.file
+    assert b"".join(stream) == data
+    stream.open()
+    stream.seek(STREAM_CHUNK + 3)
+    assert stream.read(STREAM_CHUNK) == data[STREAM_CHUNK + 3:2 * STREAM_CHUNK + 3]
