@@ -412,6 +412,7 @@ class Database:
         return b"".join(parts)
 
     def _load_index(self, data, where):
+        """Take the index from a checkpoint (its place was checked by the log)."""
         try:
             count, roots, dense = struct.unpack_from("<QQQ", data, 0)
             position = 24 + 8 * dense
@@ -438,6 +439,9 @@ class Database:
         if log.end - log.checkpoint_end <= max(CHECKPOINT_MIN_BYTES, 8 * len(self._offsets)):
             return
         try:
+            # Only an index of durable records may be trusted on open: make
+            # them durable first (the checkpoint then says lag 0).
+            log.flush(log.end)
             log.append(CHECKPOINT, log.oid_high, [IndexEntry(self._index_payload())],
                        wait=False)
         except StorageError:

@@ -6,6 +6,7 @@ one fsync, reads them back, and tells a torn tail (cut back, bytes kept
 beside the file) from damage in the middle (`CorruptionError`).
 """
 
+import fcntl
 import json
 import os
 import struct
@@ -16,7 +17,7 @@ from collections import namedtuple
 
 from zope.interface import implementer
 
-from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
+from dobbin.exc import CorruptionError, LockTimeoutError, ReadOnlyError, StorageError
 from dobbin.interfaces import ILog
 
 FILE_MAGIC = b"\x89DOBBIN\n"
@@ -47,6 +48,10 @@ _KEPT = (KIND_OBJECT, KIND_NOTE, KIND_INDEX)
 STREAM_CHUNK = 65536
 _READ_AHEAD = 1 << 20
 _OBJECT_READ = 512
+_MAX_LAG = (1 << 24) - 1
+_CREATE_TIMEOUT = 30.0
+# No file system holds a file this large: a length beyond it is damage.
+_MAX_RECORD = 1 << 50
 _IOV_MAX = 512
 _SMALL_PART = 1 << 16
 DURABILITY = ("fsync", "none")
@@ -54,7 +59,25 @@ DURABILITY = ("fsync", "none")
 # What one entry of a record read back from the file looks like.  `data`
 # is kept for O, N and I entries (None for the others).
 Entry = namedtuple("Entry", "kind oid tid previous offset length data")
-Record = namedtuple("Record", "tid status offset length oid_high time checkpoint entries")
+Record = namedtuple("Record", "tid status offset length oid_high time checkpoint lag entries")
+
+
+class _Header(namedtuple("_Header", "status length tid oid_high time checkpoint lag count")):
+
+    @property
+    def vouched(self):
+        """The last tid its writer knew durable when writing this record."""
+        return self.tid - self.lag - (0 if self.status == CHECKPOINT else 1)
+
+
+def _parse_header(data):
+    """The fields of a record header whose magic and crc are sound, or None."""
+    (magic, status, lag, length, tid, oid_high, stamp, checkpoint, count,
+     header_crc) = TX_HEADER.unpack(data)
+    if magic != TX_MAGIC or header_crc != _crc(data[:52]):
+        return None
+    return _Header(status, length, tid, oid_high, stamp, checkpoint,
+                   int.from_bytes(lag, "little"), count)
 
 
 class ObjectEntry(namedtuple("ObjectEntry", "oid previous data")):
@@ -109,6 +132,7 @@ class _Damaged(Exception):
         self.reason = reason
         self.offset = offset
         self.skip_to = skip_to
+        self.span_end = None  # set when the header (so the length) is sound
 
 
 class _Incomplete(Exception):
@@ -171,10 +195,8 @@ class Log:
             raise FileNotFoundError(self.path)
         self.fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            if os.fstat(self.fd).st_size == 0 and not read_only:
-                self._write_file_header()
-                if created:
-                    self._fsync_directory()
+            if os.fstat(self.fd).st_size < FILE_HEADER_SIZE and not read_only:
+                self._create(created)
             self.file_id = self._read_file_header()
         except BaseException:
             os.close(self.fd)
@@ -185,10 +207,45 @@ class Log:
         self.checkpoint = 0        # offset of the newest checkpoint record
         self.checkpoint_end = FILE_HEADER_SIZE
         self.synced_end = 0        # bytes known to be durable
+        self.synced_tid = 0        # the last tid within them
         self._sync_done = threading.Condition()
         self._syncing = False
 
     # -- file header ---------------------------------------------------
+
+    def _create(self, created):
+        """Write the file header of a new file, or of one whose creation was torn.
+
+        A file shorter than its header holds no transaction, so starting it
+        afresh loses nothing (its bytes are kept beside it all the same).
+        Under the file lock: another process may be creating it too.
+        """
+        deadline = time.monotonic() + _CREATE_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockTimeoutError("could not lock %s to create it" % self.path) from None
+                time.sleep(0.001)
+        try:
+            size = os.fstat(self.fd).st_size
+            if size >= FILE_HEADER_SIZE:
+                return  # another process made it meanwhile
+            start = os.pread(self.fd, len(FILE_MAGIC), 0)
+            if start != FILE_MAGIC[:len(start)]:
+                raise CorruptionError("not a Dobbin file (bad magic %r)" % start, self.path, 0)
+            if size:
+                self.end = 0
+                self.last_tid = 0
+                self._save_tail("torn-header")
+                self._truncate(0)
+            self._write_file_header()
+            if created or size:
+                self._fsync_directory()
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def _write_file_header(self):
         body = FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, 0, 0, os.urandom(16),
@@ -260,13 +317,16 @@ class Log:
         tid = self.last_tid if status == CHECKPOINT else self.last_tid + 1
         offset = self.end
         stamp = time_ns or time.time_ns()
+        # Without fsync we never know what is durable: claim everything, so
+        # damage before a valid record is reported, never silently cut.
+        lag = 0 if self.durability != "fsync" else min(self.last_tid - self.synced_tid, _MAX_LAG)
         buffers, length, read_entries = _build_record(status, tid, oid_high, offset,
-                                                      self.checkpoint, entries, stamp)
+                                                      self.checkpoint, lag, entries, stamp)
         try:
             self._write(buffers, offset)
         except OSError as error:
             self._fail(error, offset)
-        record = Record(tid, status, offset, length, oid_high, stamp, self.checkpoint,
+        record = Record(tid, status, offset, length, oid_high, stamp, self.checkpoint, lag,
                         read_entries)
         self._advance(record)
         if wait:
@@ -294,6 +354,9 @@ class Log:
                     self._sync_done.wait()
                     continue
                 self._syncing = True
+                # Tid first, then end: a racing append can only make us
+                # claim less, never more.
+                target_tid = self.last_tid
                 target = self.end
                 self._sync_done.release()
                 error = None
@@ -310,6 +373,7 @@ class Log:
                     raise StorageError("fsync of %s failed (%s); the database refuses further "
                                        "writes until reopened" % (self.path, error)) from error
                 self.synced_end = max(self.synced_end, target)
+                self.synced_tid = max(self.synced_tid, target_tid)
 
     def _fail(self, error, offset):
         # After a failed write or fsync the page cache can't be trusted
@@ -363,10 +427,13 @@ class Log:
             record = self._read_record(checkpoint, None, file_size)
         except (_Incomplete, _Damaged):
             return None
-        if record.status != CHECKPOINT:
-            return None
+        if record.status != CHECKPOINT or record.lag:
+            return None  # a checkpoint is only written once all before it is durable
+        data = record.entries[0].data if len(record.entries) == 1 else b""
+        if data[:8] != struct.pack("<Q", record.offset):
+            return None  # a stale copy of a checkpoint, found where it was not written
         self._advance(record)
-        return record
+        return record._replace(entries=[record.entries[0]._replace(data=data[8:])])
 
     def _find_last_header(self, file_size):
         """(offset, status, checkpoint) of the last sound record header."""
@@ -395,11 +462,11 @@ class Log:
         header = os.pread(self.fd, TX_HEADER_SIZE, offset)
         if len(header) < TX_HEADER_SIZE:
             return None
-        (magic, status, _res, length, _tid, _oid_high, _stamp, checkpoint, _count,
-         header_crc) = TX_HEADER.unpack(header)
-        if magic != TX_MAGIC or header_crc != _crc(header[:52]):
+        fields = _parse_header(header)
+        if fields is None:
             return None
-        return length, status, checkpoint
+        return fields.length, fields.status, fields.checkpoint
+
 
     # -- reading -------------------------------------------------------
 
@@ -441,33 +508,46 @@ class Log:
             try:
                 record = self._read_record(self.end, self.last_tid + 1, file_size)
             except _Incomplete:
-                self._cut("torn", "an incomplete record at the end of the file")
+                # A sound header running past the end: the record was being
+                # written; what lies after its header is its own payload.
+                self._cut("torn", "an incomplete record at the end of what was durable")
                 return
             except _Damaged as damage:
                 if damage.skip_to is not None and self._sound_at(damage.skip_to, file_size):
                     self.end = damage.skip_to  # a damaged checkpoint is only redundant
                     continue
-                survivor = self._find_valid_record_after(self.end + 1, file_size)
-                if survivor is None:
-                    self._cut("torn", "a damaged record at the end of the file (%s)"
-                              % damage.reason)
-                    return
-                if not repair:
-                    raise CorruptionError(
-                        "damaged transaction record (%s); a valid record follows at offset %d; "
-                        "open with repair=True to keep the %d transactions before it"
-                        % (damage.reason, survivor, self.last_tid), self.path, damage.offset)
-                self._cut("damaged", "damage at offset %d (%s)" % (damage.offset, damage.reason))
-                return
-            self._advance(record)
-            yield record
+                reason, where = damage.reason, damage.offset
+                # Inside a record whose length we trust, record-like bytes
+                # are payload (a stored backup of a Dobbin file, say).
+                search_from = damage.span_end or self.end + 1
+            else:
+                self._advance(record)
+                yield record
+                continue
+            witness = self._find_witness(search_from, file_size)
+            if witness is None:
+                # Nothing later says this record was ever durable: a torn write.
+                self._cut("torn", "%s at the end of what was durable" % reason)
+            elif repair:
+                self._cut("damaged", "damage at offset %d (%s)" % (where, reason))
+            else:
+                raise CorruptionError(
+                    "damaged transaction record (%s); a valid record follows at offset %d and "
+                    "says it was durable; open with repair=True to keep the %d transactions "
+                    "before it" % (reason, witness, self.last_tid), self.path, where)
+            return
 
     def _cut(self, label, reason):
         if self.read_only:
             return  # leave it; a writer will deal with it
         saved = self._save_tail(label)
-        self._truncate(self.end)
-        self._sync()
+        try:
+            self._truncate(self.end)
+            self._sync()
+        except OSError as error:
+            self.broken = error
+            raise StorageError("cutting the torn tail of %s failed (%s); the database refuses "
+                               "writes until reopened" % (self.path, error)) from error
         self.dropped = {"offset": self.end, "bytes": self.size_before_cut,
                         "saved_as": saved, "reason": reason}
 
@@ -502,22 +582,36 @@ class Log:
             return False
         return True
 
-    def _find_valid_record_after(self, start, file_size):
-        """Offset of the first valid record at or after `start`, or None."""
+    def _find_witness(self, start, file_size):
+        """A valid later record that vouches for the record at `self.end`.
+
+        A record's lag says how many records before it its writer did not
+        yet know to be durable (see docs/format.txt).  If a valid later
+        record vouches for the damaged one, the damage happened to durable
+        bytes: corruption.  If none does, the damaged record was never
+        known durable: a write torn by a crash.  Headers are checked in
+        the buffer first, so the search stays linear in the file's size.
+        """
+        damaged_tid = self.last_tid + 1
         position = start
         while position < file_size:
-            chunk = os.pread(self.fd, _READ_AHEAD + 4, position)
+            chunk = os.pread(self.fd, _READ_AHEAD + TX_HEADER_SIZE, position)
             index = chunk.find(TX_MAGIC)
-            if index < 0:
-                position += max(len(chunk) - 3, 1)
-                continue
-            candidate = position + index
-            try:
-                self._read_record(candidate, None, file_size)
-            except (_Incomplete, _Damaged):
-                position = candidate + 1
-                continue
-            return candidate
+            while 0 <= index <= len(chunk) - TX_HEADER_SIZE:
+                header = _parse_header(chunk[index:index + TX_HEADER_SIZE])
+                # A successor of ours: a later tid that vouches for the damaged
+                # one, and a checkpoint pointer no older than ours.
+                if (header is not None and header.tid >= damaged_tid
+                        and header.vouched >= damaged_tid
+                        and self.checkpoint <= header.checkpoint < position + index):
+                    try:
+                        self._read_record(position + index, None, file_size)
+                    except (_Incomplete, _Damaged):
+                        pass
+                    else:
+                        return position + index
+                index = chunk.find(TX_MAGIC, index + 1)
+            position += _READ_AHEAD
         return None
 
     def _read_record(self, offset, expected_tid, file_size):
@@ -527,8 +621,9 @@ class Log:
         header = os.pread(self.fd, TX_HEADER_SIZE, offset)
         if len(header) < TX_HEADER_SIZE:
             raise _Incomplete()
-        (magic, status, _res, length, tid, oid_high, stamp, checkpoint, count,
+        (magic, status, lag, length, tid, oid_high, stamp, checkpoint, count,
          header_crc) = TX_HEADER.unpack(header)
+        lag = int.from_bytes(lag, "little")
         if magic != TX_MAGIC:
             raise _Damaged("bad record magic %r" % magic, offset)
         if header_crc != _crc(header[:52]):
@@ -537,23 +632,28 @@ class Log:
             raise _Damaged("unknown record status %r" % status, offset)
         if length < TX_HEADER_SIZE + TRAILER_SIZE + count * ENTRY_SIZE:
             raise _Damaged("record length %d too small for %d entries" % (length, count), offset)
-        if offset + length > file_size:
-            raise _Incomplete()
+        if length > _MAX_RECORD:
+            raise _Damaged("record length %d is impossible" % length, offset)
         if expected_tid is not None:
             if status == CHECKPOINT:
                 expected_tid -= 1
             if tid != expected_tid:
+                # Checked before the length is believed: a stale header from
+                # an older file layout has a plausible length but not our tid.
                 raise _Damaged("transaction id %d out of sequence (expected %d)"
                                % (tid, expected_tid), offset)
+        if offset + length > file_size:
+            raise _Incomplete()
         try:
             return self._read_body(offset, header, status, length, tid, oid_high, stamp,
-                                   checkpoint, count)
+                                   checkpoint, lag, count)
         except _Damaged as damage:
+            damage.span_end = offset + length
             if status == CHECKPOINT:
                 damage.skip_to = offset + length
             raise
 
-    def _read_body(self, offset, header, status, length, tid, oid_high, stamp, checkpoint,
+    def _read_body(self, offset, header, status, length, tid, oid_high, stamp, checkpoint, lag,
                    count):
         reader = _Reader(self.fd, offset + TX_HEADER_SIZE, offset + length - TRAILER_SIZE)
         binding = _crc(header)
@@ -578,7 +678,7 @@ class Log:
             raise _Damaged("bad record trailer", offset)
         if trailer_crc != binding:
             raise _Damaged("record checksum mismatch", offset)
-        return Record(tid, status, offset, length, oid_high, stamp, checkpoint, entries)
+        return Record(tid, status, offset, length, oid_high, stamp, checkpoint, lag, entries)
 
     def _read_entry(self, reader, entry_offset, entry_header):
         kind, _res, crc, oid, tid, previous, length = ENTRY.unpack(entry_header)
@@ -589,6 +689,8 @@ class Log:
         data = None
         if kind == KIND_STREAM:
             n = stream_size(length)
+            if n < 0 or length - n != 4 * -(-n // STREAM_CHUNK):
+                raise _Damaged("stream entry length %d fits no stream" % length, entry_offset)
             table_offset = reader.pos + n
             table = _pread_exact(self.fd, length - n, table_offset)
             if crc != _crc(table, _crc(entry_header[8:])):
@@ -656,6 +758,9 @@ class Log:
         if kind != KIND_STREAM or offset + ENTRY_SIZE + length > self.end:
             raise CorruptionError("no stream entry here", self.path, offset)
         n = stream_size(length)
+        if n < 0 or length - n != 4 * -(-n // STREAM_CHUNK):
+            raise CorruptionError("stream entry length %d fits no stream" % length,
+                                  self.path, offset)
         table = os.pread(self.fd, length - n, offset + ENTRY_SIZE + n)
         if len(table) != length - n or crc != _crc(table, _crc(header[8:])):
             raise CorruptionError("stream entry checksum mismatch", self.path, offset)
@@ -680,7 +785,7 @@ _ENTRY_HEAD = struct.Struct("<c3sI")
 _ENTRY_TAIL = struct.Struct("<QQQQ")
 
 
-def _build_record(status, tid, oid_high, offset, checkpoint, entries, stamp):
+def _build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp):
     """Lay out one record.
 
     Returns the buffers to write (small parts joined, large payloads kept
@@ -706,7 +811,8 @@ def _build_record(status, tid, oid_high, offset, checkpoint, entries, stamp):
         elif kind == KIND_ROOT:
             oid, data, checked = entry.oid, b"", b""
         elif kind == KIND_INDEX:
-            data = checked = entry.data
+            # Prefixed with where it is written, so a copy elsewhere is known stale.
+            data = checked = struct.pack("<Q", offset) + entry.data
         else:
             data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
         length = len(data[0]) + len(data[1]) if kind == KIND_STREAM else len(data)
@@ -722,8 +828,8 @@ def _build_record(status, tid, oid_high, offset, checkpoint, entries, stamp):
                               data if kind in _KEPT else None))
         position += ENTRY_SIZE + length
     length = position + TRAILER_SIZE - offset
-    head = TX_HEADER.pack(TX_MAGIC, status, b"\0\0\0", length, tid, oid_high, stamp,
-                          checkpoint, len(entries), 0)[:52]
+    head = TX_HEADER.pack(TX_MAGIC, status, lag.to_bytes(3, "little"), length, tid, oid_high,
+                          stamp, checkpoint, len(entries), 0)[:52]
     header = head + struct.pack("<I", crc32(head))
     parts[0] = header
     binding = crc32(b"".join(entry_headers), crc32(header))
