@@ -1,0 +1,110 @@
+"""The machine's limits, and a description of the machine.
+
+The limits are measured in the same run as the workloads and on the same
+file system, so each figure can be read as a fraction of what the disk
+allows: the rate of 4 KiB appends each followed by fsync (the ceiling
+of durable small commits), and the bandwidth of one large write followed
+by one fsync (the ceiling of storing a large file durably).
+"""
+
+import os
+import platform
+
+from bench.spec import MIB, clock
+
+FSYNC_BLOCK = 4096
+
+
+def fsync_rate(directory, count, sync=os.fsync):
+    """Appends of 4 KiB, each followed by `sync`, per second."""
+    path = os.path.join(directory, "limit-fsync")
+    block = os.urandom(FSYNC_BLOCK)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o644)
+    try:
+        sync(fd)
+        start = clock()
+        for _ in range(count):
+            os.write(fd, block)
+            sync(fd)
+        elapsed = clock() - start
+    finally:
+        os.close(fd)
+        os.remove(path)
+    return count / elapsed
+
+
+def write_bandwidth(directory, mib):
+    """MiB/s of one `mib` MiB write to a new file followed by one fsync."""
+    path = os.path.join(directory, "limit-write")
+    data = memoryview(os.urandom(mib * MIB))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        start = clock()
+        view = data
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        elapsed = clock() - start
+    finally:
+        os.close(fd)
+        os.remove(path)
+    return mib / elapsed
+
+
+def fsync_limits(directory, count):
+    """The small-commit ceilings, as a result dict (run in a child like a workload)."""
+    return {
+        "fsyncs_per_s": fsync_rate(directory, count),
+        "fdatasyncs_per_s": fsync_rate(directory, count, getattr(os, "fdatasync", os.fsync)),
+    }
+
+
+def write_limit(directory, mib):
+    """The large-write ceiling, as a result dict (run in a child like a workload)."""
+    return {"write_mib_s": write_bandwidth(directory, mib)}
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _filesystem(directory):
+    """(device, type) of the mount holding `directory`, best effort."""
+    best = ("?", "?", "")
+    directory = os.path.realpath(directory)
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                device, mount, kind = line.split()[:3]
+                if (directory == mount or directory.startswith(mount.rstrip("/") + "/")) \
+                        and len(mount) >= len(best[2]):
+                    best = (device, kind, mount)
+    except OSError:
+        pass
+    return best[0], best[1]
+
+
+def _memory_gib():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    except (ValueError, OSError, AttributeError):
+        return float("nan")
+
+
+def describe(directory):
+    """What the figures were measured on, as a dict of short strings."""
+    device, kind = _filesystem(directory)
+    return {
+        "cpu": "%s x %d" % (_cpu_model(), os.cpu_count() or 0),
+        "memory": "%.1f GiB" % _memory_gib(),
+        "os": platform.platform(),
+        "python": "%s %s" % (platform.python_implementation(), platform.python_version()),
+        "filesystem": "%s (%s) at %s" % (kind, device, directory),
+    }
