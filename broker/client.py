@@ -11,6 +11,13 @@ at boundaries) and from the "changed" list of sync and commit replies,
 which covers everything since the last tid it knew.  When it cannot prove
 it knows every change (the server's history does not reach back, or the
 server restarted), it flushes its whole cache instead.
+
+It also learns new states without loading them: a commit reply carries the
+states of the objects the commit wrote, and broadcasts carry the sealed
+states of small transactions' objects, which the client unseals with the
+keys it holds.  A broadcast state replaces a cached one only at a boundary,
+and only if the client has every broadcast up to the new snapshot (so it is
+sure that state is the newest as of the snapshot).
 """
 
 import itertools
@@ -26,6 +33,7 @@ from broker.codec import ABSENT, Codec
 from broker.interfaces import IBrokerClient
 from broker.keys import Key
 from broker.proxy import MappingProxy, Proxy, RemoteMethod, RemoteStream
+from broker.states import unseal
 from broker.transport import Connection
 
 PAGE = 1000
@@ -50,7 +58,7 @@ class BrokerClient:
         self._metas = {}
         self._searches = {}      # (mode, target, query bytes, limit) -> (result, deps)
         self._watch = {}         # oid -> set of mapping proxies whose items depend on it
-        self._pending = []       # (tid, oids) broadcast, not yet applied
+        self._pending = []       # (tid, oids, {oid: record}) broadcast, not yet applied
         self._pending_statics = set()
         self._gap = False        # broadcasts were missed since _known
         self._flush_needed = False
@@ -73,10 +81,10 @@ class BrokerClient:
 
     # -- requests ------------------------------------------------------------
 
-    def _call(self, op, **fields):
+    def _call(self, op, while_waiting=None, **fields):
         if self._closed:
             raise exc.ClientClosed("the client is closed")
-        server, ok, result = self._conn.request(op, fields)
+        server, ok, result = self._conn.request(op, fields, while_waiting)
         if server != self._server and op != "hello":
             self._server_changed()
         if not ok:
@@ -135,8 +143,8 @@ class BrokerClient:
     def begin(self):
         with self._lock:
             self._changes.clear()
-            self._drain()
-            result = self._call("sync", since=self._known)
+            # Broadcasts are taken in while the server works.
+            result = self._call("sync", since=self._known, while_waiting=self._drain)
             self._root = result["root"]
             self._drain()
             self._advance(result["tid"], result["changed"])
@@ -159,7 +167,7 @@ class BrokerClient:
             changed = self._changes.changed_proxies()
             try:
                 result = self._call("commit", tx=self._tid, since=self._known,
-                                    token=os.urandom(16), **fields)
+                                    token=os.urandom(16), while_waiting=self._drain, **fields)
             except BaseException:
                 for proxy in changed:
                     proxy._ghostify()
@@ -174,7 +182,9 @@ class BrokerClient:
             self._changes.clear()
             self._root = result["root"]
             self._drain()
-            self._advance(result["tid"], result["changed"])
+            # The reply has the states of what we wrote, as of the new snapshot.
+            self._advance(result["tid"], result["changed"],
+                          [(decoded._key.token, data) for decoded, data in result["states"]])
             return result["tid"]
 
     def _drain(self):
@@ -196,23 +206,38 @@ class BrokerClient:
             return
         if self._known is not None and tid <= self._known:
             return
-        self._pending.append((tid, frozenset(message["oids"])))
+        oids = frozenset(message["oids"])
+        states = {}
+        for oid, sealed in message.get("states", ()):
+            # For objects whose state we hold: unsealed now, applied at the
+            # next boundary if still the newest.
+            proxy = self._cache.get(("o", oid))
+            if proxy is not None and proxy._state is not None and oid in oids:
+                record = self._record(unseal(proxy._key.mac, message["srv"], tid, sealed), tid)
+                if record is not None:
+                    states[oid] = record
+        self._pending.append((tid, oids, states))
         if not self._gap and message["prev"] == self._known:
             self._known = tid
         else:
             self._gap = True
 
-    def _advance(self, tid, changed):
-        """Apply every invalidation up to `tid` and make it the snapshot."""
+    def _advance(self, tid, changed, states=()):
+        """Apply every invalidation up to `tid` and make it the snapshot.
+
+        `states` lists (key token, record) of objects as of `tid`.
+        """
         if changed is None or self._flush_needed:
+            pushed = {}
             self._flush()
         else:
+            pushed = self._pushed_states(tid)
             oids = set(changed)
-            for pending_tid, pending_oids in self._pending:
+            for pending_tid, pending_oids, _states in self._pending:
                 if pending_tid <= tid:
                     oids.update(pending_oids)
             self._invalidate(oids)
-        self._pending = [(t, o) for t, o in self._pending if t > tid]
+        self._pending = [p for p in self._pending if p[0] > tid]
         if None in self._pending_statics:
             for proxy in list(self._cache.values()):
                 if proxy._key.kind == "s":
@@ -225,6 +250,51 @@ class BrokerClient:
         self._pending_statics = set()
         self._tid = self._known = tid
         self._gap = self._flush_needed = False
+        for token, data in states:
+            proxy = self._cache.get(token)
+            if proxy is not None and proxy._state is None:
+                record = self._record(data, None)
+                if record is not None:
+                    self._take(proxy, record)
+        for oid, record in pushed.items():
+            proxy = self._cache.get(("o", oid))
+            if proxy is not None and proxy._state is None:
+                self._take(proxy, record)
+
+    def _pushed_states(self, tid):
+        """{oid: record} of broadcast states that are the newest as of `tid`.
+
+        Only when every broadcast up to `tid` is here: otherwise a newer
+        change of the object could be among those missed.
+        """
+        if self._gap or self._known is None or self._known < tid:
+            return {}
+        newest = {}
+        for pending_tid, oids, states in self._pending:
+            if pending_tid <= tid:
+                for oid in oids:
+                    # Changed: no state unless this broadcast brought it.
+                    newest[oid] = states.get(oid)
+        return {oid: record for oid, record in newest.items() if record is not None}
+
+    def _record(self, data, serial):
+        """The state record encoded in `data` (of transaction `serial`, if given), or None.
+
+        Anything unexpected (noise from a wrong key, a class whose
+        description we lack) gives None: the object is loaded as usual.
+        """
+        try:
+            record = protocol.check_result("load", self._codec.decode(data))
+        except exc.BrokerError:
+            return None
+        if record["class"] not in self._metas or (
+                serial is not None and record["serial"] != serial):
+            return None
+        return record
+
+    def _take(self, proxy, record):
+        self._set_class(proxy, record["class"])
+        object.__setattr__(proxy, "_state", record["state"])
 
     def _invalidate(self, oids):
         if not oids:
@@ -257,7 +327,7 @@ class BrokerClient:
             while True:
                 for message in self._conn.broadcasts(timeout=0.02):
                     self._receive(message)
-                seen = max((t for t, _o in self._pending), default=None)
+                seen = max((p[0] for p in self._pending), default=None)
                 if seen is not None and (tid is None or seen >= tid):
                     return seen
                 waited += 0.02
@@ -294,12 +364,15 @@ class BrokerClient:
 
     def _read_attr(self, proxy, name):
         with self._lock:
-            value = self._changes.get_attr(proxy, name, ABSENT)
-            if value is DELETED:
-                raise AttributeError("%r has no attribute %r (deleted)" % (proxy, name))
-            if value is not ABSENT:
-                return value
-            state = self._load(proxy)
+            if self._changes.attrs:
+                value = self._changes.get_attr(proxy, name, ABSENT)
+                if value is DELETED:
+                    raise AttributeError("%r has no attribute %r (deleted)" % (proxy, name))
+                if value is not ABSENT:
+                    return value
+            state = proxy._state
+            if state is None:
+                state = self._load(proxy)
             if name in state:
                 return state[name]
             if isinstance(proxy, MappingProxy) and name in MAPPING_METHODS:

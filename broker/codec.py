@@ -28,6 +28,7 @@ pickle.
 """
 
 import struct
+import threading
 
 import msgpack
 from zope.interface import implementer
@@ -67,6 +68,7 @@ class _Absent:
 
 
 ABSENT = _Absent()
+_ABSENT_EXT = msgpack.ExtType(EXT_ABSENT, b"")
 
 
 @implementer(ICodec)
@@ -82,20 +84,37 @@ class Codec:
     """
 
     def __init__(self, default=None, on_key=None, max_message=MAX_MESSAGE,
-                 max_depth=MAX_DEPTH, max_items=MAX_ITEMS):
+                 max_depth=MAX_DEPTH, max_items=MAX_ITEMS, key_cache=0):
         self.default = default
         self.on_key = on_key
         self.max_message = max_message
         self.max_depth = max_depth
         self.max_items = max_items
+        # With key_cache > 0, on_key is a pure function of the key's bytes
+        # (the server's MAC check): its results are remembered by payload,
+        # for the keys decoded and for the keys encoded (which are likely to
+        # come back).
+        self.key_cache = key_cache
+        self._keys = {}
 
     # -- encoding ---------------------------------------------------------
 
     def encode(self, value):
-        shared = self._shared(value)
-        state = _EncodeState(shared)
         try:
-            data = msgpack.packb(self._convert(value, state, 0), use_bin_type=True)
+            converted = _flat_map(value) if self.max_depth > 0 else None
+            if converted is None:
+                try:
+                    # Most other messages are simple: convert them in one pass.
+                    converted = self._convert_simple(value, _SimpleState(), 0)
+                except _NotSimple:
+                    converted = self._convert(value, _EncodeState(self._shared(value)), 0)
+            elif len(converted) > self.max_items:
+                raise EncodeError("value has more than %d items" % self.max_items)
+            else:
+                for k, v in converted.items():
+                    if type(v) is Key:
+                        converted[k] = self._convert_other(v, Key)
+            data = _pack(converted)
         except (OverflowError, ValueError, TypeError) as e:
             raise EncodeError("cannot encode message: %s" % e) from None
         if len(data) > self.max_message:
@@ -132,6 +151,49 @@ class Codec:
                 stack.extend((x, depth) for x in obj)
         return shared
 
+    def _convert_simple(self, obj, state, depth):
+        """_convert for a simple value: no container occurs twice, every dict key is str.
+
+        Raises _NotSimple otherwise.  Plain items are handled in line: most
+        values are flat records of them.
+        """
+        t = type(obj)
+        if t in _PLAIN:
+            return obj
+        if t is int:
+            if not _INT_MIN <= obj <= _INT_MAX:
+                raise EncodeError("integer %d does not fit in 64 bits" % obj)
+            return obj
+        if t not in _KINDS:
+            return self._convert_other(obj, t)
+        i = id(obj)
+        if i in state.seen:
+            raise _NotSimple
+        state.seen.add(i)
+        if depth >= self.max_depth:
+            raise EncodeError("value nested deeper than %d levels" % self.max_depth)
+        state.count += len(obj)
+        if state.count > self.max_items:
+            raise EncodeError("value has more than %d items" % self.max_items)
+        depth += 1
+        convert = self._convert_simple
+        if t is dict:
+            body = {}
+            for k, v in obj.items():
+                if type(k) is not str:
+                    raise _NotSimple
+                tv = type(v)
+                if tv in _PLAIN or (tv is int and _INT_MIN <= v <= _INT_MAX):
+                    body[k] = v
+                else:
+                    body[k] = convert(v, state, depth)
+            return body
+        body = [x if type(x) in _PLAIN else convert(x, state, depth) for x in obj]
+        if t is list:
+            return body
+        code = EXT_TUPLE if t is tuple else EXT_SET if t is set else EXT_FROZENSET
+        return msgpack.ExtType(code, _pack(body))
+
     def _convert(self, obj, state, depth):
         t = type(obj)
         if t in _PLAIN:
@@ -142,15 +204,22 @@ class Codec:
             return obj
         if t in _KINDS:
             return self._convert_container(obj, t, state, depth)
-        if t is Key:
-            return _key_ext(obj)
-        if obj is ABSENT:
-            return msgpack.ExtType(EXT_ABSENT, b"")
-        if self.default is not None:
-            replacement = self.default(obj)
-            if type(replacement) is Key:
-                return _key_ext(replacement)
-        raise EncodeError("cannot send an object of type %s" % t.__name__)
+        return self._convert_other(obj, t)
+
+    def _convert_other(self, obj, t):
+        if t is not Key:
+            if obj is ABSENT:
+                return _ABSENT_EXT
+            obj = self.default(obj) if self.default is not None else None
+            if type(obj) is not Key:
+                raise EncodeError("cannot send an object of type %s" % t.__name__)
+        wire = _key_ext(obj)
+        if self.key_cache and wire.data not in self._keys:
+            try:
+                self._remember_key(wire.data, obj)
+            except AccessDenied:
+                pass  # not a key on_key accepts: nothing to remember
+        return wire
 
     def _convert_container(self, obj, t, state, depth):
         i = id(obj)
@@ -188,6 +257,14 @@ class Codec:
             return flat
         return [convert(x, state, depth) for x in obj]
 
+    def _remember_key(self, payload, key):
+        """Return on_key(key) (which may raise), remembered under the key's payload."""
+        value = self.on_key(key) if self.on_key is not None else key
+        if len(self._keys) >= self.key_cache:
+            self._keys.clear()
+        self._keys[payload] = value
+        return value
+
     # -- decoding ---------------------------------------------------------
 
     def decode(self, data):
@@ -204,6 +281,18 @@ class Codec:
         except (ValueError, TypeError, msgpack.UnpackException,
                 RecursionError, struct.error) as e:
             raise DecodeError("malformed message: %s" % (e or type(e).__name__)) from None
+
+
+class _NotSimple(Exception):
+    """A container occurs twice (the message needs DEF and REF), or a dict key is not str."""
+
+
+class _SimpleState:
+    __slots__ = ("seen", "count")
+
+    def __init__(self):
+        self.seen = set()
+        self.count = 0
 
 
 class _EncodeState:
@@ -243,8 +332,14 @@ class _DecodeState:
 
     def _ext(self, code, payload):
         if code == EXT_KEY:
+            codec = self.codec
+            if codec.key_cache:
+                value = codec._keys.get(payload)
+                if value is None:
+                    value = codec._remember_key(payload, _key_from_payload(payload))
+                return value
             key = _key_from_payload(payload)
-            on_key = self.codec.on_key
+            on_key = codec.on_key
             return on_key(key) if on_key is not None else key
         if code == EXT_REF:
             if len(payload) != 4:
@@ -327,15 +422,42 @@ def _fill_dict(target, flat):
         raise DecodeError("unhashable dict key") from None
 
 
+_local = threading.local()
+
+
 def _pack(value):
-    return msgpack.packb(value, use_bin_type=True)
+    # A Packer per thread: reusing one costs a third of msgpack.packb.
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(value)
+
+
+def _flat_map(value):
+    """A copy of `value` if it is a str-keyed dict of plain values and keys, else None.
+
+    Requests and many replies are such maps: they need no walk.
+    """
+    if type(value) is not dict:
+        return None
+    for k, v in value.items():
+        t = type(v)
+        if type(k) is not str or not (t in _PLAIN or t is Key
+                                      or (t is int and _INT_MIN <= v <= _INT_MAX)):
+            return None
+    return dict(value)
 
 
 def _key_ext(key):
-    ident = key.ident
-    if type(ident) is tuple:
-        ident = list(ident)
-    return msgpack.ExtType(EXT_KEY, key.kind.encode() + key.mac + _pack(ident))
+    wire = key._wire
+    if wire is None:
+        ident = key.ident
+        if type(ident) is tuple:
+            ident = list(ident)
+        wire = msgpack.ExtType(EXT_KEY, key.kind.encode() + key.mac + _pack(ident))
+        object.__setattr__(key, "_wire", wire)  # keys are immutable: cache it
+    return wire
 
 
 def _key_from_payload(payload):

@@ -87,6 +87,7 @@ class ClassExport:
         self.creatable = bool(creatable)
         self.extent = extent
         self.mapping = is_mapping_class(cls)
+        self._unreadable = self.hidden | self.callables
         self._meta = None
 
     def readable(self, name):
@@ -103,8 +104,11 @@ class ClassExport:
         return name in self.callables
 
     def filter_state(self, state):
+        # readable(), in line: this runs for every state the server sends.
+        unreadable, fields = self._unreadable, self.fields
         result = {k: v for k, v in state.items()
-                  if type(k) is str and self.readable(k)}
+                  if type(k) is str and k[:1] != "_" and k not in unreadable
+                  and (fields is None or k in fields or k in self.refs)}
         if self.fields is not None:
             # Declared fields fall back to class-level defaults.
             for name in self.fields | self.refs:

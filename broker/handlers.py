@@ -3,13 +3,15 @@
 One method per op of broker.protocol.REQUESTS, named op_<op>, taking the
 validated fields and returning the reply's "ok" value (or raising, which
 becomes the reply's "error").  Reads happen at the client's snapshot tid:
-object states come from db.load_state(oid, tid); mappings are read from
+object states come from db.load_state(oid, tid), as encoded state records
+(broker.states) that the server's StateCache keeps; mappings are read from
 the live object after checking that neither it nor its internal nodes
 changed after the snapshot.  Writes (commit, call, invoke) each run in one
 Dobbin transaction of the calling worker thread.
 """
 
 import itertools
+import logging
 
 import transaction
 
@@ -18,10 +20,13 @@ from broker.exc import (AccessDenied, ConflictError, MultipleResultsError, NoRes
                         ProtocolError, ReadConflictError)
 from broker.keys import Key
 from broker.protocol import VERSION
+from broker.states import Record
 from dobbin.exc import ConflictError as StoreConflictError
 from dobbin.exc import HistoryError
 from dobbin.persistent import Persistent, PersistentDict, checkout
 from dobbin.stream import PersistentStream
+
+logger = logging.getLogger("broker.server")
 
 COMMIT_ATTEMPTS = 3
 MAX_SCAN = 1000000
@@ -114,14 +119,56 @@ class Handlers:
     def state_at(self, obj, tid):
         """Return (rules, serial, readable state) of persistent `obj` at `tid`."""
         self.catch_up(tid)
+        return self._readable_state(obj, tid)
+
+    def _readable_state(self, obj, tid):
         try:
             serial, state = self.db.load_state(obj._p_oid, tid)
         except HistoryError:
+            key = self.keyring.sign("o", obj._p_oid)
             raise ReadConflictError("%s has no version as of transaction %d; begin() again"
-                                    % (self.keyring.sign("o", obj._p_oid), tid),
-                                    key=str(self.keyring.sign("o", obj._p_oid))) from None
+                                    % (key, tid), key=str(key)) from None
         rules = self.exports.lookup(type(obj))
         return rules, serial, rules.filter_state(state)
+
+    def record(self, obj, tid):
+        """Return the encoded state record of persistent `obj` as of snapshot `tid`."""
+        oid = obj._p_oid
+        cache = self.server.states
+        data = cache.get(oid, tid)
+        if data is None:
+            top = cache.top
+            self.catch_up(tid)
+            serial, data = self.make_record(obj, tid)
+            if tid == top:
+                cache.put(oid, serial, data, top)
+        return data
+
+    def make_record(self, obj, tid):
+        """Return (serial, encoded record) of `obj` as of `tid`, which the database knows."""
+        oid = obj._p_oid
+        rules, serial, state = self._readable_state(obj, tid)
+        for name, value in state.items():
+            if isinstance(value, PersistentStream):
+                state[name] = self.keyring.sign("f", (oid, name))
+        return serial, self.server._codec.encode(
+            {"class": rules.name, "serial": serial, "state": state})
+
+    def records_of(self, tid, oids):
+        """Return {oid: record} of the objects transaction `tid` changed (those that can be read).
+
+        Called from the database's commit callback: no catching up here.
+        """
+        records = {}
+        for oid in oids:
+            try:
+                serial, data = self.make_record(self.db.get(oid), tid)
+            except Exception:
+                logger.debug("no state record of oid %d at %d", oid, tid, exc_info=True)
+                continue
+            if serial == tid:
+                records[oid] = data
+        return records
 
     def static_state(self, obj):
         rules = self.exports.lookup(type(obj))
@@ -218,13 +265,8 @@ class Handlers:
         obj = self.resolve(key)
         if key.kind == "s" and not isinstance(obj, Persistent):
             rules, state = self.static_state(obj)
-            serial = None
-        else:
-            rules, serial, state = self.state_at(obj, tid)
-        for name, value in state.items():
-            if isinstance(value, PersistentStream):
-                state[name] = self.keyring.sign("f", (obj._p_oid, name))
-        return {"class": rules.name, "serial": serial, "state": state}
+            return {"class": rules.name, "serial": None, "state": state}
+        return Record(self.record(obj, tid))
 
     def op_item(self, f):
         obj = self.resolve(f["key"])
@@ -284,7 +326,22 @@ class Handlers:
                    for num, obj in touched.created.items() if obj._p_oid is not None]
         return {"tid": tid, "created": created,
                 "changed": self.server.history.changes(f["since"], tid),
-                "root": self.root_key()}
+                "root": self.root_key(), "states": self.states_at(touched, tid)}
+
+    def states_at(self, objects, tid):
+        """[key, record] at `tid` of the stored ones among `objects` (for a commit reply)."""
+        states, seen = [], set()
+        for obj in objects:
+            oid = obj._p_oid
+            if oid is None or oid in seen:
+                continue
+            seen.add(oid)
+            try:
+                states.append([self.keyring.sign("o", oid), self.record(obj, tid)])
+            except Exception:
+                # The commit is done; a missing state only costs the client a load.
+                logger.debug("no state record of oid %d at %d", oid, tid, exc_info=True)
+        return states
 
     def apply_commit(self, f):
         """Check and apply one commit message in the current transaction."""

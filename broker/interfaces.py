@@ -138,11 +138,15 @@ class IBrokerServer(Interface):
     The application builds it, configures exports and statics, then calls
     start().  Requests are served by background threads: a front thread owns
     the ROUTER socket and answers cheap reads itself; worker threads run
-    commits, calls and searches, each in its own Dobbin transaction; a poller
+    commits, calls and searches, each in its own Dobbin transaction (several
+    commits at once, so the database syncs them to disk together); a poller
     thread calls db.sync() every `poll_interval` seconds to notice other
-    writers and publishes invalidations.  Application methods named do_NAME
-    on a subclass are callable by clients as client.call("NAME", ...); they
-    run in a worker thread inside a transaction that commits when they return.
+    writers.  Every committed transaction the database reports is broadcast
+    at once, from the thread that committed or caught up, with the sealed
+    states of the objects of small transactions.  Application methods named
+    do_NAME on a subclass are callable by clients as client.call("NAME",
+    ...); they run in a worker thread inside a transaction that commits when
+    they return.
     """
 
     db = Attribute("The Database served.")
@@ -155,6 +159,11 @@ class IBrokerServer(Interface):
     instance = Attribute("A random number naming this server process' run; changes on restart.")
     exports = Attribute("The IExportRegistry.")
     keyring = Attribute("The IKeyRing.")
+    requests = Attribute(
+        """A collections.Counter of the valid requests received, by op.
+
+        Counted by the front thread as each request arrives; for monitoring
+        and tests.""")
 
     def start():
         """Bind the sockets, start the threads, and return self.
@@ -223,7 +232,10 @@ class IBrokerClient(Interface):
 
         Drops local changes, asks the server to sync, and applies every
         invalidation up to the new snapshot (or flushes the cache when it
-        cannot prove it has them all).
+        cannot prove it has them all).  A cached object changed by a
+        broadcast transaction takes the new state the broadcast carried,
+        if the client holds every broadcast up to the new snapshot; other
+        changed objects are loaded again when next read.
         """
 
     def commit():
@@ -232,7 +244,8 @@ class IBrokerClient(Interface):
         The server applies all of them in one Dobbin transaction or none.
         Raises ConflictError (naming key and field) if a value this client
         read has changed meanwhile; the local changes are then rolled back.
-        Either way the next transaction starts at once.
+        Either way the next transaction starts at once, with the written
+        objects' new states (from the reply) in the cache.
         """
 
     def abort():

@@ -14,7 +14,9 @@ The MAC is HMAC-SHA256 over a canonical encoding of (kind, ident) under the
 server secret, cut to its first 16 bytes (HMAC-SHA256-128).  The secret lives
 in a file of mode 0600, by default beside the database file, so every server
 on the same database hands out and accepts the same keys, also after a
-restart.  Checking uses hmac.compare_digest, in constant time.
+restart.  Checking uses hmac.compare_digest, in constant time.  A KeyRing
+remembers the MACs it computed lately (MEMO_SIZE of them), because the same
+objects are named again and again.
 """
 
 import hashlib
@@ -33,6 +35,7 @@ SECRET_SUFFIX = ".broker-secret"
 KINDS = frozenset("osfn")
 MAX_PATH_PARTS = 16
 MAX_PART_LEN = 256
+MEMO_SIZE = 65536
 
 
 class Key:
@@ -42,7 +45,7 @@ class Key:
     from the network proves nothing until `KeyRing.verify` accepts it.
     """
 
-    __slots__ = ("kind", "ident", "mac", "_hash")
+    __slots__ = ("kind", "ident", "mac", "_hash", "_wire")
 
     def __init__(self, kind, ident, mac=b""):
         if kind not in KINDS:
@@ -54,6 +57,7 @@ class Key:
         object.__setattr__(self, "ident", ident)
         object.__setattr__(self, "mac", mac)
         object.__setattr__(self, "_hash", hash((kind, ident, mac)))
+        object.__setattr__(self, "_wire", None)  # the codec's encoding, once made
 
     def __setattr__(self, name, value):
         raise AttributeError("Key is immutable")
@@ -121,21 +125,33 @@ class KeyRing:
         if not isinstance(secret, bytes) or len(secret) < 16:
             raise SecretFileError("the broker secret must be at least 16 bytes")
         self._secret = secret
+        self._signed = {}   # (kind, ident) -> Key, the latest MEMO_SIZE signed or verified
 
     def _mac(self, kind, ident):
         return hmac.digest(self._secret, _canonical(kind, ident), hashlib.sha256)[:MAC_SIZE]
 
+    def _key(self, kind, ident):
+        # Dict operations are atomic: threads may race here and at worst
+        # compute a MAC twice.
+        key = self._signed.get((kind, ident))
+        if key is None:
+            key = Key(kind, ident, self._mac(kind, ident))
+            if len(self._signed) >= MEMO_SIZE:
+                self._signed.clear()
+            self._signed[(kind, ident)] = key
+        return key
+
     def sign(self, kind, ident):
         if kind == "n":
             raise AccessDenied("client-side keys are not signed")
-        return Key(kind, ident, self._mac(kind, ident))
+        return self._key(kind, ident)
 
     def verify(self, key, kinds="osf"):
         if not isinstance(key, Key):
             raise AccessDenied("expected an object key, got %s" % type(key).__name__)
         if key.kind not in kinds:
             raise AccessDenied("a %r key is not allowed here" % key.kind)
-        if not hmac.compare_digest(self._mac(key.kind, key.ident), key.mac):
+        if not hmac.compare_digest(self._key(key.kind, key.ident).mac, key.mac):
             raise AccessDenied("invalid key for %s" % key)
         return key.ident
 

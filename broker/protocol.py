@@ -231,8 +231,8 @@ def check_request(body):
         if field not in body:
             raise ProtocolError("%s: missing field %r" % (op, field))
         fields[field] = validate(op, field, body[field])
-    extra = set(body) - set(schema) - {"id", "op"}
-    if extra:
+    if len(body) != len(fields) + 2:  # every field of the schema is there, plus id and op
+        extra = set(body) - set(schema) - {"id", "op"}
         raise ProtocolError("%s: unknown field(s) %s"
                             % (op, ", ".join(sorted(repr(e)[:40] for e in extra))))
     return rid, op, fields
@@ -286,26 +286,32 @@ def check_reply(body):
     raise ProtocolError("malformed reply")
 
 
-# Result shapes the client checks: op -> (description, predicate).
+# Result shapes the client checks: op -> predicate.
 def _is_map_with(*names):
-    return lambda v: type(v) is dict and all(n in v for n in names)
+    names = frozenset(names)
+    return lambda v: type(v) is dict and names.issubset(v)
 
+
+_SYNC = _is_map_with("tid", "changed", "root")
+_LOAD = _is_map_with("class", "serial", "state")
+_COMMIT = _is_map_with("tid", "created", "changed", "states")
+_ITEMS = _is_map_with("items", "more", "len")
+_STREAM = _is_map_with("data", "size")
+_ITEM = _is_map_with("value", "deps")
 
 REPLIES = {
     "hello": _is_map_with("version", "broadcast", "tid", "root", "server"),
-    "sync": lambda v: (_is_map_with("tid", "changed", "root")(v) and type(v["tid"]) is int
+    "sync": lambda v: (_SYNC(v) and type(v["tid"]) is int
                        and (v["changed"] is None or type(v["changed"]) is list)),
-    "load": lambda v: (_is_map_with("class", "serial", "state")(v)
-                       and type(v["state"]) is dict and type(v["class"]) is str),
+    "load": lambda v: (_LOAD(v) and type(v["state"]) is dict and type(v["class"]) is str),
     "meta": _is_map_with("name", "fields", "writable", "callables", "mapping"),
-    "items": lambda v: (_is_map_with("items", "more", "len")(v)
-                        and type(v["items"]) is list),
-    "commit": lambda v: (_is_map_with("tid", "created", "changed")(v)
-                         and type(v["tid"]) is int and type(v["created"]) is list),
+    "items": lambda v: _ITEMS(v) and type(v["items"]) is list,
+    "commit": lambda v: (_COMMIT(v)
+                         and type(v["tid"]) is int and type(v["created"]) is list
+                         and type(v["states"]) is list),
     "search": _is_map_with("result", "deps"),
-    "stream": lambda v: _is_map_with("data", "size")(v) and type(v["data"]) is bytes,
-    "item": lambda v: (_is_map_with("value", "deps")(v) and type(v["value"]) is list
-                       and len(v["value"]) <= 1),
+    "stream": lambda v: _STREAM(v) and type(v["data"]) is bytes,
+    "item": lambda v: _ITEM(v) and type(v["value"]) is list and len(v["value"]) <= 1,
 }
 
 
@@ -319,15 +325,17 @@ def check_result(op, result):
 
 # -- broadcasts ----------------------------------------------------------------
 
-def invalidation(server, seq, tid, prev, oids):
+def invalidation(server, seq, tid, prev, oids, states=()):
     """Return the map of a broadcast for committed transaction `tid`.
 
     `prev` is the tid of the previous committed transaction this server
     broadcast (or knew of when it started); a client whose last known tid is
     not `prev` has missed something and flushes.  `seq` numbers every
-    broadcast of this server instance (1, 2, 3, ...).
+    broadcast of this server instance (1, 2, 3, ...).  `states` is a list of
+    [oid, sealed record] for some of `oids` (broker.states).
     """
-    return {"srv": server, "seq": seq, "tid": tid, "prev": prev, "oids": oids}
+    return {"srv": server, "seq": seq, "tid": tid, "prev": prev, "oids": oids,
+            "states": list(states)}
 
 
 def static_invalidation(server, seq, paths):
@@ -347,4 +355,10 @@ def check_broadcast(body):
     elif (type(body["tid"]) is not int or type(body.get("prev")) is not int
           or type(body.get("oids")) is not list):
         raise ProtocolError("malformed invalidation broadcast")
+    else:
+        states = body.get("states", [])   # optional: absent means none
+        if type(states) is not list or not all(
+                type(row) is list and len(row) == 2 and type(row[0]) is int
+                and type(row[1]) is bytes for row in states):
+            raise ProtocolError("malformed states in invalidation broadcast")
     return body

@@ -2,30 +2,43 @@
 
 Threads (all started by start(), all joined by stop()):
 
-    front      owns the ROUTER socket; decodes and validates every request,
-               answers cheap reads (protocol.INLINE) itself and queues the
-               rest for the workers; forwards the workers' replies.
-    worker-N   run commits, calls, searches, syncs, each in its own Dobbin
-               transaction; reply through an inproc PUSH to the front.
-    publisher  owns the PUB socket; publishes every committed transaction
-               the database reports (db.subscribe) and calls db.sync()
-               every poll_interval seconds to notice other writers.
+    front      owns the ROUTER socket and blocks on it alone: decodes and
+               validates every request, answers cheap reads (protocol.INLINE)
+               itself and queues the rest for the workers.  The workers'
+               replies come back to it through the same ROUTER (an inproc
+               endpoint, under routing ids only this process knows), so one
+               blocking receive serves both and no poll is needed.
+    worker-N   run commits, calls, searches, each in its own Dobbin
+               transaction; several commits run at once, so the database
+               syncs them to disk together (group commit).
+    poller     calls db.sync() every poll_interval seconds to notice other
+               writers.
 
-Each broadcast carries the tid of the committed transaction and the tid of
-the previous one this server broadcast ("prev"), so a client that misses
-one notices the gap; failed transactions are never broadcast.  The server
-also remembers the last `history` committed transactions, so a client's
-sync request gets exactly the oids changed since its last known tid (or
-"flush" when the history does not reach back that far).
+Broadcasts are published by whichever thread learns of a committed
+transaction: the database calls the server back (db.subscribe) in the
+thread that committed or caught up, so a commit made through this server
+is broadcast before its commit reply leaves.  Each broadcast carries the
+tid of the committed transaction and the tid of the previous one this
+server broadcast ("prev"), so a client that misses one notices the gap;
+failed transactions are never broadcast.  For small transactions it also
+carries each changed object's state record, sealed under that object's key
+(broker.states), so a client holding the key can take the new state at
+its next begin() without loading it.  The server also remembers the last
+`history` committed transactions, so a client's sync request gets exactly
+the oids changed since its last known tid (or "flush" when the history
+does not reach back that far).
 """
 
 import bisect
+import collections
+import contextlib
 import logging
 import queue
 import random
 import threading
 import traceback
 
+import msgpack
 import transaction
 import zmq
 from zope.interface import implementer
@@ -36,11 +49,18 @@ from broker.export import ExportRegistry
 from broker.handlers import Handlers
 from broker.interfaces import IBrokerServer
 from broker.keys import KeyRing, load_or_create_secret, secret_path_for
+from broker.states import Record, StateCache, seal
+from broker.transport import recv_frames, send_frames
 from dobbin.persistent import Persistent, checkout
 
 logger = logging.getLogger("broker.server")
 
-_STOP = b"stop"
+# Broadcast the records of transactions that changed at most this many
+# objects, each record up to PUSH_RECORD bytes, up to PUSH_TOTAL per broadcast.
+PUSH_OBJECTS = 32
+PUSH_RECORD = 16 * 1024
+PUSH_TOTAL = 256 * 1024
+KEY_CACHE = 65536
 
 
 class InvalidationHistory:
@@ -96,12 +116,14 @@ class BrokerServer:
     `broadcast` is the PUB endpoint (default: same host, any port; for
     ipc://PATH, ipc://PATH.pub).  `secret_file` defaults to the database
     path + ".broker-secret".  `debug` sends server tracebacks with errors.
+    `state_cache` bounds, in bytes, the state records kept for loads.
     Subclass it and add do_NAME methods to serve client.call("NAME", ...).
     """
 
     def __init__(self, db, address="tcp://127.0.0.1:*", broadcast=None, secret_file=None,
                  workers=4, poll_interval=0.03, history=10000, debug=False, name=None,
-                 max_message=MAX_MESSAGE, curve_secret_key=None, curve_allow=None):
+                 max_message=MAX_MESSAGE, curve_secret_key=None, curve_allow=None,
+                 state_cache=32 * 1024 * 1024):
         self.db = db
         self.requested_address = address
         self.requested_broadcast = broadcast or _default_broadcast(address)
@@ -118,21 +140,33 @@ class BrokerServer:
             secret_file = secret_path_for(db.path)
         self.keyring = KeyRing(load_or_create_secret(secret_file))
         self.history = InvalidationHistory(0, history)
+        self.states = StateCache(0, state_cache)
         self.broadcast_seq = 0
+        self.requests = collections.Counter()
         self.curve_secret_key = curve_secret_key
         self.curve_allow = curve_allow
         self._statics = {}
         self._static_paths = {}
         self._handlers = Handlers(self)
+        self._ops = {op: getattr(self._handlers, "op_" + op) for op in protocol.REQUESTS}
+        # The MAC check is a pure function of a key's bytes: remember its results.
         self._codec = Codec(default=self._encode_object, on_key=self._check_key,
-                            max_message=max_message)
+                            max_message=max_message, key_cache=KEY_CACHE)
         self._unchecked_codec = Codec(max_message=max_message)
+        self._reply_head = (b"\xa3srv" + msgpack.packb(self.instance) + b"\xa2ok")
         self._work = queue.Queue()
-        self._outbox = []
-        self._outbox_ready = threading.Condition()
         self._threads = []
         self._context = None
-        self._results_endpoint = "inproc://broker-results-%x" % self.instance
+        self._pub = None
+        self._pub_lock = threading.Lock()
+        self._last_broadcast = 0
+        # Workers reach the front thread through the ROUTER itself; their
+        # routing ids are random, so no remote peer can pose as one.
+        self._front_endpoint = "inproc://broker-front-%x" % self.instance
+        token = random.SystemRandom().getrandbits(128).to_bytes(16, "big")
+        self._control_id = token + b"stop"
+        self._worker_ids = [token + b"w%d" % n for n in range(workers)]
+        self._internal_ids = frozenset(self._worker_ids) | {self._control_id}
         self._running = False
         self._auth = None
 
@@ -188,7 +222,7 @@ class BrokerServer:
                 setattr(obj, name, value)
             path = self._static_paths.get(id(obj))
             if path is not None:
-                self._enqueue(("static", [list(path)]))
+                self._broadcast_statics([list(path)])
             return None
         checkout(obj)
         for name, value in fields.items():
@@ -208,7 +242,7 @@ class BrokerServer:
             return container._p_serial
         path = self._static_paths.get(id(container))
         if path is not None:
-            self._enqueue(("static", [list(path)]))
+            self._broadcast_statics([list(path)])
         return None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -223,7 +257,7 @@ class BrokerServer:
         if self._running:
             return self
         self._context = zmq.Context()
-        router = pub = results = None
+        router = pub = None
         try:
             if self.curve_secret_key is not None:
                 self._start_curve()
@@ -232,31 +266,35 @@ class BrokerServer:
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             router.bind(self.requested_address)
             self.address = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            router.bind(self._front_endpoint)
             pub = self._socket(zmq.PUB)
             pub.bind(self.requested_broadcast)
             self.broadcast_address = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
-            results = self._context.socket(zmq.PULL)
-            results.setsockopt(zmq.LINGER, 0)
-            results.bind(self._results_endpoint)
         except BaseException:
-            for sock in (router, pub, results):
+            for sock in (router, pub):
                 if sock is not None:
                     sock.close(0)
             self._stop_curve()
             self._context.term()
             self._context = None
             raise
-        # Subscribe before reading the tid: nothing committed after it is missed.
-        self.db.subscribe(self._on_commit)
-        tid = self.sync_database()
-        self.history = InvalidationHistory(tid, self.history.size)
-        self._last_broadcast = tid
+        self.db.sync()
+        # No callback runs while the database's notify lock is held (a private
+        # lock of dobbin.database.Database): every transaction after `tid`
+        # reaches _on_commit, and none up to it is mistaken for a new one.
+        with getattr(self.db, "_notify_lock", None) or contextlib.nullcontext():
+            tid = self.db.last_tid
+            self.history = InvalidationHistory(tid, self.history.size)
+            self.states = StateCache(tid, self.states.max_bytes)
+            self._last_broadcast = tid
+            self._pub = pub
+            self.db.subscribe(self._on_commit)
         self._running = True
         self._stopping = threading.Event()
-        self._spawn("broker-front", self._front, router, results)
+        self._spawn("broker-front", self._front, router)
         for n in range(self.workers):
-            self._spawn("broker-worker-%d" % n, self._worker)
-        self._spawn("broker-publisher", self._publisher, pub)
+            self._spawn("broker-worker-%d" % n, self._worker, self._worker_ids[n])
+        self._spawn("broker-poller", self._poller)
         return self
 
     def stop(self):
@@ -264,14 +302,13 @@ class BrokerServer:
             return
         self._running = False
         self._stopping.set()
-        with self._outbox_ready:
-            self._outbox_ready.notify_all()
         for _ in range(self.workers):
             self._work.put(None)
-        control = self._context.socket(zmq.PUSH)
+        control = self._context.socket(zmq.DEALER)
         control.setsockopt(zmq.LINGER, 1000)
-        control.connect(self._results_endpoint)
-        control.send(_STOP)
+        control.setsockopt(zmq.ROUTING_ID, self._control_id)
+        control.connect(self._front_endpoint)
+        control.send(b"stop")
         control.close()
         for thread in self._threads:
             thread.join()
@@ -280,6 +317,9 @@ class BrokerServer:
             self.db.unsubscribe(self._on_commit)
         except ValueError:
             pass
+        with self._pub_lock:
+            self._pub.close(0)
+            self._pub = None
         self._stop_curve()
         self._context.term()
         self._context = None
@@ -314,25 +354,21 @@ class BrokerServer:
 
     # -- the front thread ---------------------------------------------------------------
 
-    def _front(self, router, results):
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(results, zmq.POLLIN)
+    def _front(self, router):
+        internal, control = self._internal_ids, self._control_id
         try:
             while True:
-                for sock, _event in poller.poll():
-                    if sock is results:
-                        frames = results.recv_multipart()
-                        if frames == [_STOP]:
-                            return
-                        router.send_multipart(frames)
-                    else:
-                        reply = self._receive(router.recv_multipart())
-                        if reply is not None:
-                            router.send_multipart(reply)
+                frames = recv_frames(router)
+                if frames[0] in internal:
+                    if frames[0] == control:
+                        return
+                    send_frames(router, frames[1:])  # a worker's reply to a client
+                    continue
+                reply = self._receive(frames)
+                if reply is not None:
+                    send_frames(router, reply)
         finally:
             router.close(0)
-            results.close(0)
 
     def _receive(self, frames):
         """Handle one ROUTER message; return the reply frames, or None if queued."""
@@ -340,16 +376,16 @@ class BrokerServer:
             routing, data = protocol.split_request(frames)
         except exc.ProtocolError as error:
             return self._error_frames(error.routing, None, error)
-        rid = None
+        body = None
         try:
             body = self._codec.decode(data)
-            rid = protocol.request_id(body)
             rid, op, fields = protocol.check_request(body)
         except exc.AccessDenied as error:
             # A forged key stopped the decoding; find the id to answer it.
             return self._error_frames(routing, self._request_id_of(data), error)
         except exc.ProtocolError as error:
-            return self._error_frames(routing, rid, error)
+            return self._error_frames(routing, protocol.request_id(body), error)
+        self.requests[op] += 1
         if op in protocol.INLINE:
             return self._answer(routing, rid, op, fields)
         self._work.put((routing, rid, op, fields))
@@ -367,8 +403,12 @@ class BrokerServer:
 
     def _answer(self, routing, rid, op, fields):
         try:
-            result = getattr(self._handlers, "op_" + op)(fields)
-            data = self._codec.encode(protocol.ok_reply(rid, self.instance, result))
+            result = self._ops[op](fields)
+            if type(result) is Record:
+                # {"id": rid, "srv": ..., "ok": record}, the record spliced in as encoded.
+                data = b"\x83\xa2id" + msgpack.packb(rid) + self._reply_head + result.data
+            else:
+                data = self._codec.encode(protocol.ok_reply(rid, self.instance, result))
         except Exception as error:
             tb = traceback.format_exc() if self.debug else None
             if not isinstance(error, (exc.BrokerError, KeyError, AttributeError)):
@@ -379,73 +419,74 @@ class BrokerServer:
 
     # -- workers -----------------------------------------------------------------------
 
-    def _worker(self):
-        push = self._context.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(self._results_endpoint)
+    def _worker(self, ident):
+        front = self._context.socket(zmq.DEALER)
+        front.setsockopt(zmq.LINGER, 0)
+        front.setsockopt(zmq.ROUTING_ID, ident)
+        front.connect(self._front_endpoint)
         try:
             while True:
                 job = self._work.get()
                 if job is None:
                     return
-                push.send_multipart(self._answer(*job))
+                send_frames(front, self._answer(*job))
         finally:
-            push.close(0)
+            front.close(0)
 
     # -- invalidations -------------------------------------------------------------------
 
     def sync_database(self):
-        """Catch the database up; return its tid once every callback up to it has run."""
-        tid = self.db.sync()
-        # sync() can return while another thread still runs the callbacks of
-        # the notes it took; its notify lock is held until they are done.
-        lock = getattr(self.db, "_notify_lock", None)
-        if lock is not None:
-            with lock:
-                pass
-        return tid
+        """Catch the database up; return the newest tid whose callbacks have all run.
+
+        That tid is a consistent snapshot: every transaction up to it is in
+        the history.  (db.sync() may return a newer tid whose commit is not
+        yet durable and whose subscribers have not run yet.)
+        """
+        self.db.sync()  # returns once the subscribers of every durable commit have run
+        return self.history.top
 
     def _on_commit(self, tid, oids):
-        # Called by Dobbin in whatever thread committed or caught up: be quick.
+        # Called by Dobbin, in tid order, in whatever thread committed or
+        # caught up: must not raise, and should be quick.
         self.history.add(tid, oids)
-        self._enqueue(("tid", tid, oids))
-
-    def _enqueue(self, item):
-        with self._outbox_ready:
-            self._outbox.append(item)
-            self._outbox_ready.notify()
-
-    def _publisher(self, pub):
         try:
-            while not self._stopping.is_set():
-                with self._outbox_ready:
-                    if not self._outbox:
-                        self._outbox_ready.wait(self.poll_interval)
-                    items, self._outbox = self._outbox, []
-                if not items and not self._stopping.is_set():
-                    try:
-                        self.sync_database()
-                    except Exception:
-                        logger.exception("catching up with %s failed", self.db.path)
-                    continue
-                for item in items:
-                    self._publish(pub, item)
-        finally:
-            pub.close(0)
+            records = self._handlers.records_of(tid, oids) if len(oids) <= PUSH_OBJECTS else {}
+            self.states.changed(tid, oids, records)
+            self._broadcast_commit(tid, oids, records)
+        except Exception:
+            logger.exception("broadcasting transaction %d failed", tid)
+            self.states.changed(tid, oids)
 
-    def _publish(self, pub, item):
-        self.broadcast_seq += 1
-        if item[0] == "tid":
-            _kind, tid, oids = item
-            if tid <= self._last_broadcast:
-                self.broadcast_seq -= 1
+    def _broadcast_commit(self, tid, oids, records):
+        with self._pub_lock:
+            if self._pub is None or tid <= self._last_broadcast:
                 return
+            sealed, total = [], 0
+            for oid, record in records.items():
+                if len(record) <= PUSH_RECORD and total + len(record) <= PUSH_TOTAL:
+                    total += len(record)
+                    mac = self.keyring.sign("o", oid).mac
+                    sealed.append([oid, seal(mac, self.instance, tid, record)])
+            self.broadcast_seq += 1
             body = protocol.invalidation(self.instance, self.broadcast_seq, tid,
-                                         self._last_broadcast, sorted(oids))
+                                         self._last_broadcast, sorted(oids), sealed)
             self._last_broadcast = tid
-        else:
-            body = protocol.static_invalidation(self.instance, self.broadcast_seq, item[1])
-        pub.send_multipart([protocol.TOPIC, self._codec.encode(body)])
+            send_frames(self._pub, [protocol.TOPIC, self._codec.encode(body)])
+
+    def _broadcast_statics(self, paths):
+        with self._pub_lock:
+            if self._pub is None:
+                return
+            self.broadcast_seq += 1
+            body = protocol.static_invalidation(self.instance, self.broadcast_seq, paths)
+            send_frames(self._pub, [protocol.TOPIC, self._codec.encode(body)])
+
+    def _poller(self):
+        while not self._stopping.wait(self.poll_interval):
+            try:
+                self.sync_database()
+            except Exception:
+                logger.exception("catching up with %s failed", self.db.path)
 
 
 class _AllowList:

@@ -12,7 +12,7 @@ from broker.interfaces import IBrokerClient, IProxy, IRemoteStream
 from broker.keys import Key
 from broker.proxy import STREAM_CHUNK, MappingProxy, Proxy
 from broker_fixtures import (TIMEOUT, BrokerClient, ServerProcess, broker, make_database,  # noqa
-                             run_python, served)
+                             run_python, served, wait_until)
 from dobbin.persistent import PersistentFile, checkout
 
 
@@ -360,3 +360,75 @@ def test_server_killed_and_restarted_under_a_live_client(tmp_path):
             assert restarted.stop() == 0   # clean shutdown on SIGTERM
         if process.process.poll() is None:
             process.stop()
+
+
+def test_begin_takes_broadcast_states_without_loading(broker):
+    _db, server, connect = broker
+    one, two = connect(), connect()
+    item = two.root.item
+    assert item.name == "first"
+    one.root.item.name = "pushed"
+    tid = one.commit()
+    assert two.wait_for_broadcast(tid, timeout=2) == tid
+    assert item.name == "first"            # snapshot isolation: not before begin()
+    loads = server.requests["load"]
+    two.begin()
+    assert item.name == "pushed"
+    assert server.requests["load"] == loads   # the state came with the broadcast
+    with pytest.raises(AttributeError):
+        item.secret                           # and the hidden field did not
+    assert "secret" not in item._state
+
+
+def test_commit_reply_carries_the_written_states(broker):
+    _db, server, connect = broker
+    client = connect()
+    item = client.root.item
+    item.name = "written"
+    made = client.new("broker_fixtures.Item", name="created")
+    client.root.things["made"] = made
+    client.commit()
+    loads = server.requests["load"]
+    assert item.name == "written" and made.name == "created"
+    item.name = "again"                       # the old value is known: no load either
+    client.commit()
+    assert item.name == "again"
+    assert server.requests["load"] == loads
+
+
+def test_a_missed_broadcast_means_loading_again(broker):
+    _db, server, connect = broker
+    one, two = connect(), connect()
+    item = two.root.item
+    item.name
+    one.root.item.name = "first change"
+    tid = one.commit()
+    assert wait_until(lambda: any(                # two misses this broadcast...
+        message["tid"] == tid for message in two._conn.broadcasts(timeout=0.1)))
+    one.root.item.name = "second change"
+    tid = one.commit()
+    assert two.wait_for_broadcast(tid, timeout=2) == tid
+    assert two._gap
+    loads = server.requests["load"]
+    two.begin()                               # ...so it cannot trust the newer one
+    assert item.name == "second change"
+    assert server.requests["load"] == loads + 1
+
+
+def test_a_state_pushed_before_a_newer_change_is_not_used(broker):
+    _db, server, connect = broker
+    one, two = connect(), connect()
+    item = two.root.item
+    item.name
+    one.root.item.name = "old"
+    tid = one.commit()
+    assert two.wait_for_broadcast(tid, timeout=2) == tid
+    # A later transaction changes the item but its broadcast carries no state
+    # (as for a big transaction): the pushed "old" is not the newest any more.
+    one.root.item.name = "new"
+    tid = one.commit()
+    assert two.wait_for_broadcast(tid, timeout=2) == tid
+    newest = two._pending[-1]
+    two._pending[-1] = (newest[0], newest[1], {})
+    two.begin()
+    assert item.name == "new"

@@ -213,3 +213,36 @@ def test_random_bytes_never_raise_anything_but_ours(data):
         codec.decode(data)
     except (DecodeError, AccessDenied):
         pass
+
+
+def test_key_cache_checks_each_key_once():
+    ring = KeyRing(b"k" * 32)
+    checked = []
+
+    def check(key):
+        checked.append(key)
+        ring.verify(key)
+        return key
+
+    c = Codec(on_key=check, key_cache=3)
+    good, other = ring.sign("o", 1), ring.sign("o", 2)
+    data = codec.encode({"k": good})
+    assert c.decode(data) == {"k": good} and c.decode(data) == {"k": good}
+    assert checked == [good]
+    c.encode([other])                        # keys sent are checked and remembered too
+    assert c.decode(codec.encode(other)) == other and checked == [good, other]
+    forged = codec.encode(Key("o", 1, b"\x00" * 16))
+    for _ in range(2):                       # a refused key is never remembered
+        with pytest.raises(AccessDenied):
+            c.decode(forged)
+    assert len(checked) == 4
+    for n in range(3, 10):                   # the cache stays within its size
+        c.decode(codec.encode(ring.sign("o", n)))
+        assert len(c._keys) <= 3
+
+
+def test_encoding_a_key_the_checker_refuses_is_not_an_error():
+    c = Codec(on_key=lambda key: KeyRing(b"k" * 32).verify(key) and key, key_cache=5)
+    forged = Key("o", 1, b"\x00" * 16)
+    assert codec.decode(c.encode([forged])) == [forged]
+    assert c._keys == {}

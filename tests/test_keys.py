@@ -118,3 +118,16 @@ def test_concurrent_creation_agrees_on_one_secret(tmp_path):
     for t in threads:
         t.join()
     assert len(results) == 8 and len(set(results)) == 1
+
+
+def test_recent_keys_are_remembered_within_a_bound(monkeypatch):
+    import broker.keys
+    ring = KeyRing(b"m" * 32)
+    assert ring.sign("o", 1) is ring.sign("o", 1)
+    assert ring.verify(ring.sign("o", 1)) == 1
+    with pytest.raises(AccessDenied):
+        ring.verify(Key("o", 1, b"\x01" * 16))   # remembered MAC, forged key: still refused
+    monkeypatch.setattr(broker.keys, "MEMO_SIZE", 4)
+    for n in range(10):
+        assert ring.verify(ring.sign("o", n)) == n
+    assert len(ring._signed) <= 4
