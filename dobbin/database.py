@@ -166,9 +166,6 @@ class Database:
                 for record in self._log.recover(repair=repair):
                     self._apply(record)
             self.recovery = self._log.dropped
-            # What an earlier writer left unsynced is made durable before we
-            # build on it.
-            self._log.flush(self._log.end)
         finally:
             self._lock.release()
         self._notes.clear()
@@ -436,7 +433,8 @@ class Database:
     def _maybe_checkpoint(self):
         """Append a checkpoint if the log outgrew the last one; lock held."""
         log = self._log
-        if log.end - log.checkpoint_end <= max(CHECKPOINT_MIN_BYTES, 8 * len(self._offsets)):
+        index_bytes = 8 * min(len(self._offsets), log.oid_high)
+        if log.end - log.checkpoint_end <= max(CHECKPOINT_MIN_BYTES, index_bytes):
             return
         try:
             # Only an index of durable records may be trusted on open: make
@@ -515,6 +513,11 @@ class Database:
                 known = self._log.last_tid
                 for record in self._log.recover():
                     self._apply(record)
+            if not self._log.synced_end:
+                # Our records will vouch for the ones before them (see
+                # docs/format.txt): make sure what an earlier writer left is
+                # durable first.  Once per database, at its first commit.
+                self._log.flush(self._log.end)
             self._flush_notes()
         except BaseException:
             self._lock.release()
