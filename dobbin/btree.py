@@ -31,7 +31,7 @@ from collections.abc import Mapping, MutableMapping
 
 from dobbin.bucket import Bucket, Length, Node
 from dobbin.exc import ConflictError
-from dobbin.persistent import Persistent, checked_out, checkout
+from dobbin.persistent import Persistent, checked_out, checkout, state_of
 
 _MISSING = object()
 # Restarts allowed before a writer gives up; each one means another thread
@@ -71,22 +71,15 @@ def _droppable(obj):
 
 def _bucket_state(bucket):
     """Return (keys, values, next, high, unlinked) from one state."""
-    # States are replaced whole, with fresh lists: if `keys` is the same
-    # list before and after, every read in between saw the same state.
-    while True:
-        keys = bucket.keys
-        state = (keys, bucket.values, bucket.next, bucket.high,
-                 bucket.unlinked)
-        if bucket.keys is keys:
-            return state
+    state = state_of(bucket)  # one dict: one consistent state
+    return (state["keys"], state["values"], state["next"], state["high"],
+            state.get("unlinked", False))
 
 
 def _node_state(node):
     """Return (keys, children) from one state; no children: unlinked."""
-    while True:
-        keys, children = node.keys, node.children
-        if node.keys is keys:
-            return keys, children
+    state = state_of(node)
+    return state["keys"], state["children"]
 
 
 def _index_of(children, child):

@@ -138,7 +138,7 @@ class Database:
         self._count = 0
         self._identities = {}   # oid -> weakref: one object per oid while reachable
         self._identities_pruned_at = 1024
-        self._loaded = collections.OrderedDict()   # oid -> (obj, cost), oldest first
+        self._loaded = collections.OrderedDict()   # oid -> obj, oldest first
         self._loaded_bytes = 0
         self._root = None
         self._synchronizer = _Synchronizer(self)
@@ -342,11 +342,10 @@ class Database:
         obj._p_serial = serial
         obj._p_ghost = False
         oid = obj._p_oid
-        previous = self._loaded.pop(oid, None)
-        if previous is not None:
-            self._loaded_bytes -= previous[1]
-        cost = _state_cost(pickled_size)
-        self._loaded[oid] = (obj, cost)
+        if self._loaded.pop(oid, None) is not None:
+            self._loaded_bytes -= obj._p_size
+        cost = obj._p_size = _state_cost(pickled_size)
+        self._loaded[oid] = obj
         self._loaded_bytes += cost
         if self.cache_size is not None and self._loaded_bytes > self.cache_size:
             self._evict()
@@ -357,18 +356,18 @@ class Database:
         # The newest state stays even if it alone outgrows the cache: its
         # reader is about to use it.
         while self._loaded_bytes > self.cache_size and len(loaded) > 1:
-            oid, (obj, cost) = loaded.popitem(last=False)
-            self._loaded_bytes -= cost
+            oid, obj = loaded.popitem(last=False)
+            self._loaded_bytes -= obj._p_size
             if obj._p_local:
-                kept.append((oid, (obj, cost)))  # checked out: a thread relies on it
+                kept.append((oid, obj))  # checked out: a thread relies on it
                 continue
             # Ghost flag first, then the empty dict: see Persistent.__getattribute__.
             obj._p_ghost = True
             object.__setattr__(obj, "__dict__", {})
-        for oid, item in kept:
-            loaded[oid] = item
+        for oid, obj in kept:
+            loaded[oid] = obj
             loaded.move_to_end(oid, last=False)
-            self._loaded_bytes += item[1]
+            self._loaded_bytes += obj._p_size
 
     # -- the index -----------------------------------------------------
 

@@ -96,7 +96,7 @@ class Persistent:
     """Base class of objects stored in a Dobbin database."""
 
     __slots__ = ("_p_oid", "_p_jar", "_p_serial", "_p_ghost", "_p_local", "_p_init",
-                 "__dict__", "__weakref__")
+                 "_p_size", "__dict__", "__weakref__")
 
     def __new__(cls, *args, **kwargs):
         return _new_instance(cls, None, None, False)
@@ -114,7 +114,8 @@ class Persistent:
         if table:
             state = table.get(getattr(_threads, "key", None))  # current_thread_key(), inlined
             if state is not None:
-                if name not in _data_descriptor_names(type(self)):
+                names = _descriptor_names.get(type(self)) or _data_descriptor_names(type(self))
+                if name not in names:
                     if name in state:
                         return state[name]
                     if name not in _object_getattribute(self, "__dict__"):
@@ -177,6 +178,7 @@ _set_serial = Persistent._p_serial.__set__
 _set_ghost = Persistent._p_ghost.__set__
 _set_local = Persistent._p_local.__set__
 _set_init = Persistent._p_init.__set__
+_set_size = Persistent._p_size.__set__
 
 
 def _new_instance(cls, oid, jar, ghost):
@@ -187,6 +189,7 @@ def _new_instance(cls, oid, jar, ghost):
     _set_ghost(obj, ghost)
     _set_local(obj, None)
     _set_init(obj, None)
+    _set_size(obj, 0)
     return obj
 
 
@@ -264,6 +267,27 @@ def _take_working_copy(obj, ident, session):
                 _object_setattr(obj, "_p_local", table)
     table[ident] = working
     session.add(obj, shared, serial)
+
+
+def state_of(obj):
+    """The state `obj` shows the calling thread, as one dict.
+
+    Its working copy if the thread has `obj` checked out (which it may
+    change), else the shared committed state (which it must not).  One
+    dict is one consistent state: a commit replaces states whole.  For
+    code that reads many attributes of one object, such as containers.
+    """
+    table = _object_getattribute(obj, "_p_local")
+    if table:
+        state = table.get(getattr(_threads, "key", None))
+        if state is not None:
+            return state
+    while True:
+        if _object_getattribute(obj, "_p_ghost"):
+            _object_getattribute(obj, "_p_jar")._p_activate(obj)
+        state = _object_getattribute(obj, "__dict__")
+        if not _object_getattribute(obj, "_p_ghost"):
+            return state  # not evicted while we took it
 
 
 def checked_out(obj):

@@ -9,6 +9,7 @@ ids, and `persistent_load` turns the ids back into live objects.
 
 import io
 import pickle
+from sys import intern
 
 from dobbin.exc import DobbinError, LoadError
 
@@ -61,4 +62,7 @@ def load_state(data, persistent_load, where=""):
                         % (where, type(error).__name__, error)) from error
     if not isinstance(cls, type) or not isinstance(state, dict):
         raise LoadError("the record %s is not a (class, state) pair" % where)
-    return cls, state
+    # Attribute names are interned, as Python does for names in code: a
+    # million loaded states then share their key strings.
+    return cls, {(intern(name) if type(name) is str else name): value
+                 for name, value in state.items()}
