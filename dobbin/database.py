@@ -24,7 +24,7 @@ from dobbin.lock import WriteLock
 from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
                         KIND_OBJECT, KIND_ROOT, STREAM_CHUNK, TX_HEADER_SIZE, IndexEntry, Log,
                         NoteEntry, ObjectEntry, RootEntry, StreamEntry)
-from dobbin.persistent import Persistent, new_ghost
+from dobbin.persistent import Persistent, install_state, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.session import current_session
 from dobbin.stream import PersistentFile, PersistentStream
@@ -336,15 +336,11 @@ class Database:
 
     def _install(self, obj, state, serial, pickled_size):
         """Make `state` the shared state of `obj`; caller holds the state lock."""
-        # Replace, never mutate: readers in other threads see the old
-        # dict or the new one, and checkouts keep the old one as `old`.
-        object.__setattr__(obj, "__dict__", state)
-        obj._p_serial = serial
-        obj._p_ghost = False
         oid = obj._p_oid
         if self._loaded.pop(oid, None) is not None:
             self._loaded_bytes -= obj._p_size
-        cost = obj._p_size = _state_cost(pickled_size)
+        cost = _state_cost(pickled_size)
+        install_state(obj, state, serial, cost)
         self._loaded[oid] = obj
         self._loaded_bytes += cost
         if self.cache_size is not None and self._loaded_bytes > self.cache_size:

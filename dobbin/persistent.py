@@ -193,6 +193,16 @@ def _new_instance(cls, oid, jar, ghost):
     return obj
 
 
+def install_state(obj, state, serial, size):
+    """Make `state` the committed state of `obj` (for its database only)."""
+    # Replace, never mutate: readers in other threads see the old dict or
+    # the new one, and checkouts keep the old one as `old`.
+    _object_setattr(obj, "__dict__", state)
+    _set_serial(obj, serial)
+    _set_size(obj, size)
+    _set_ghost(obj, False)
+
+
 def new_ghost(cls, oid, jar):
     """An object of `cls` whose state `jar` loads on first access.
 
