@@ -9,11 +9,15 @@
     dobbin shell ADDR
         An interactive Python prompt with `client` (a BrokerClient) and
         `root` (its root proxy) bound.
+    dobbin verify PATH
+        Check every record's checksums and the index; print the report and
+        exit 0 if the file is sound, 1 if not.
 """
 
 import argparse
 import code
 import importlib
+import json
 import signal
 import sys
 import threading
@@ -36,6 +40,8 @@ def build_parser():
     shell = commands.add_parser("shell", help="interactive prompt on a served database")
     shell.add_argument("address", help="the server's request endpoint")
     shell.add_argument("--timeout", type=float, default=2.5)
+    verify = commands.add_parser("verify", help="check a database file's checksums and index")
+    verify.add_argument("path", help="database file")
     return parser
 
 
@@ -88,11 +94,22 @@ def shell(args):
     return 0
 
 
+def verify(args):
+    from dobbin.database import Database
+    from dobbin.exc import DobbinError
+
+    try:
+        with Database(args.path, read_only=True) as db:
+            report = db.verify()
+    except (DobbinError, OSError) as error:
+        report = {"path": args.path, "ok": False, "errors": [str(error)]}
+    print(json.dumps(report, indent=2, sort_keys=True))
+    return 0 if report["ok"] else 1
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    return shell(args)
+    return {"serve": serve, "shell": shell, "verify": verify}[args.command](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

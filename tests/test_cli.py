@@ -68,3 +68,32 @@ def test_parser_and_app_loading():
         load_app("nocolon")
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
+
+
+def test_verify_reports_a_sound_file_and_a_damaged_one(tmp_path):
+    import json
+
+    import transaction
+
+    from dobbin.cli import main
+    from dobbin.database import Database
+    from dobbin.persistent import PersistentDict, checkout
+
+    path = str(tmp_path / "v.dobbin")
+    with Database(path) as db:
+        root = PersistentDict()
+        checkout(root)
+        db.elect(root)
+        root["a"] = 1
+        transaction.commit()
+        checkout(root)
+        root["b"] = 2
+        transaction.commit()
+    assert main(["verify", path]) == 0
+    with open(path, "r+b") as f:
+        f.seek(100)  # inside the first record, which the second vouches for
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    assert main(["verify", path]) == 1
+    assert main(["verify", str(tmp_path / "missing.dobbin")]) == 1
