@@ -7,171 +7,30 @@ beside the file) from damage in the middle (`CorruptionError`).
 """
 
 import fcntl
-import json
 import os
 import struct
 import threading
 import time
-import zlib
-from collections import namedtuple
 
 from zope.interface import implementer
 
 from dobbin.exc import CorruptionError, LockTimeoutError, ReadOnlyError, StorageError
 from dobbin.interfaces import ILog
+# The layout's names are part of the log's API, so they are importable here too.
+from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,  # noqa: F401
+                           FILE_HEADER, FILE_HEADER_SIZE, FILE_MAGIC, FORMAT_VERSION, KEPT_KINDS,
+                           KIND_INDEX, KIND_NOTE, KIND_OBJECT, KIND_ROOT, KIND_STREAM, KINDS,
+                           MAX_LAG, STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER,
+                           TX_HEADER_SIZE, TX_MAGIC, Entry, IndexEntry, NoteEntry, ObjectEntry,
+                           Record, RootEntry, StreamEntry, build_record, parse_header,
+                           stream_size)
+from dobbin.reader import READ_AHEAD, Damaged, Incomplete, read_record
+from dobbin.record import crc as _crc
 
-FILE_MAGIC = b"\x89DOBBIN\n"
-FORMAT_VERSION = 1
-FILE_HEADER = struct.Struct("<8sHHI16sQ20sI")
-FILE_HEADER_SIZE = FILE_HEADER.size  # 64
-
-TX_MAGIC = b"DTXR"
-TX_HEADER = struct.Struct("<4sc3sQQQQQII")
-TX_HEADER_SIZE = TX_HEADER.size  # 56
-TRAILER_MAGIC = b"DEND"
-TRAILER = struct.Struct("<I4sQ")
-TRAILER_SIZE = TRAILER.size  # 16
-ENTRY = struct.Struct("<c3sIQQQQ")
-ENTRY_SIZE = ENTRY.size  # 40
-
-COMMITTED = b"C"
-FAILED = b"F"
-CHECKPOINT = b"X"
-KIND_OBJECT = b"O"
-KIND_STREAM = b"S"
-KIND_ROOT = b"R"
-KIND_NOTE = b"N"
-KIND_INDEX = b"I"
-KINDS = frozenset((KIND_OBJECT, KIND_STREAM, KIND_ROOT, KIND_NOTE, KIND_INDEX))
-_KEPT = (KIND_OBJECT, KIND_NOTE, KIND_INDEX)
-
-STREAM_CHUNK = 65536
-_READ_AHEAD = 1 << 20
 _OBJECT_READ = 512
-_MAX_LAG = (1 << 24) - 1
 _CREATE_TIMEOUT = 30.0
-# No file system holds a file this large: a length beyond it is damage.
-_MAX_RECORD = 1 << 50
 _IOV_MAX = 512
-_SMALL_PART = 1 << 16
 DURABILITY = ("fsync", "none")
-
-# What one entry of a record read back from the file looks like.  `data`
-# is kept for O, N and I entries (None for the others).
-Entry = namedtuple("Entry", "kind oid tid previous offset length data")
-Record = namedtuple("Record", "tid status offset length oid_high time checkpoint lag entries")
-
-
-class _Header(namedtuple("_Header", "status length tid oid_high time checkpoint lag count")):
-
-    @property
-    def vouched(self):
-        """The last tid its writer knew durable when writing this record."""
-        return self.tid - self.lag - (0 if self.status == CHECKPOINT else 1)
-
-
-def _parse_header(data):
-    """The fields of a record header whose magic and crc are sound, or None."""
-    (magic, status, lag, length, tid, oid_high, stamp, checkpoint, count,
-     header_crc) = TX_HEADER.unpack(data)
-    if magic != TX_MAGIC or header_crc != _crc(data[:52]):
-        return None
-    return _Header(status, length, tid, oid_high, stamp, checkpoint,
-                   int.from_bytes(lag, "little"), count)
-
-
-class ObjectEntry(namedtuple("ObjectEntry", "oid previous data")):
-    """An object's full pickled state, to be appended."""
-
-    kind = KIND_OBJECT
-
-
-class StreamEntry(namedtuple("StreamEntry", "data")):
-    """The bytes of a persistent stream, to be appended."""
-
-    kind = KIND_STREAM
-
-
-class RootEntry(namedtuple("RootEntry", "oid")):
-    """A new root object, to be appended."""
-
-    kind = KIND_ROOT
-
-
-class NoteEntry(namedtuple("NoteEntry", "info")):
-    """Why a commit failed (a JSON-able dict), for failed records."""
-
-    kind = KIND_NOTE
-
-
-class IndexEntry(namedtuple("IndexEntry", "data")):
-    """The serialized index, for checkpoint records."""
-
-    kind = KIND_INDEX
-
-
-def stream_size(length):
-    """Bytes of stream data in an S entry whose data is `length` bytes."""
-    chunks = -(-length // (STREAM_CHUNK + 4))
-    return length - 4 * chunks
-
-
-def _crc(data, value=0):
-    return zlib.crc32(data, value) & 0xFFFFFFFF
-
-
-class _Damaged(Exception):
-    """A record failed a check; internal, turned into a decision by Log.
-
-    `skip_to` is set for a checkpoint whose header is sound: being
-    redundant, it can be stepped over.
-    """
-
-    def __init__(self, reason, offset, skip_to=None):
-        super().__init__(reason)
-        self.reason = reason
-        self.offset = offset
-        self.skip_to = skip_to
-        self.span_end = None  # set when the header (so the length) is sound
-
-
-class _Incomplete(Exception):
-    """The file ends inside a record (a commit in progress or torn)."""
-
-
-class _Reader:
-    """Sequential reads of one file region, with read-ahead."""
-
-    def __init__(self, fd, start, end):
-        self.fd = fd
-        self.pos = start
-        self.end = end
-        self._buffer = b""
-        self._buffer_start = start
-
-    def read(self, size):
-        if self.pos + size > self.end:
-            raise _Incomplete()
-        offset = self.pos - self._buffer_start
-        if offset + size <= len(self._buffer):
-            data = self._buffer[offset:offset + size]
-        elif size >= _READ_AHEAD:
-            data = _pread_exact(self.fd, size, self.pos)
-        else:
-            want = min(max(size, _READ_AHEAD), self.end - self.pos)
-            self._buffer = _pread_exact(self.fd, want, self.pos)
-            self._buffer_start = self.pos
-            data = self._buffer[:size]
-        self.pos += size
-        return data
-
-
-def _pread_exact(fd, size, offset):
-    data = os.pread(fd, size, offset)
-    if len(data) != size:
-        # The file shrank under us (another process cut a torn tail).
-        raise _Incomplete()
-    return data
 
 
 @implementer(ILog)
@@ -319,8 +178,8 @@ class Log:
         stamp = time_ns or time.time_ns()
         # Without fsync we never know what is durable: claim everything, so
         # damage before a valid record is reported, never silently cut.
-        lag = 0 if self.durability != "fsync" else min(self.last_tid - self.synced_tid, _MAX_LAG)
-        buffers, length, read_entries = _build_record(status, tid, oid_high, offset,
+        lag = 0 if self.durability != "fsync" else min(self.last_tid - self.synced_tid, MAX_LAG)
+        buffers, length, read_entries = build_record(status, tid, oid_high, offset,
                                                       self.checkpoint, lag, entries, stamp)
         try:
             self._write(buffers, offset)
@@ -424,8 +283,8 @@ class Log:
         if not checkpoint:
             return None
         try:
-            record = self._read_record(checkpoint, None, file_size)
-        except (_Incomplete, _Damaged):
+            record = read_record(self.fd, checkpoint, None, file_size)
+        except (Incomplete, Damaged):
             return None
         if record.status != CHECKPOINT or record.lag:
             return None  # a checkpoint is only written once all before it is durable
@@ -447,7 +306,7 @@ class Log:
                     if header is not None and header[0] == length:
                         return position - length, header[1], header[2]
             # Not a clean end: search back for a record magic (a torn tail).
-            start = max(FILE_HEADER_SIZE, position - _READ_AHEAD)
+            start = max(FILE_HEADER_SIZE, position - READ_AHEAD)
             chunk = os.pread(self.fd, position - start, start)
             index = chunk.rfind(TX_MAGIC)
             while index >= 0:
@@ -462,7 +321,7 @@ class Log:
         header = os.pread(self.fd, TX_HEADER_SIZE, offset)
         if len(header) < TX_HEADER_SIZE:
             return None
-        fields = _parse_header(header)
+        fields = parse_header(header)
         if fields is None:
             return None
         return fields.length, fields.status, fields.checkpoint
@@ -483,13 +342,13 @@ class Log:
         file_size = self.size()
         while self.end < file_size:
             try:
-                record = self._read_record(self.end, self.last_tid + 1, file_size)
-            except _Damaged as damage:
+                record = read_record(self.fd, self.end, self.last_tid + 1, file_size)
+            except Damaged as damage:
                 if damage.skip_to is None or not self._sound_at(damage.skip_to, file_size):
                     return
                 self.end = damage.skip_to
                 continue
-            except _Incomplete:
+            except Incomplete:
                 return
             self._advance(record)
             yield record
@@ -506,13 +365,13 @@ class Log:
         file_size = self.size()
         while self.end < file_size:
             try:
-                record = self._read_record(self.end, self.last_tid + 1, file_size)
-            except _Incomplete:
+                record = read_record(self.fd, self.end, self.last_tid + 1, file_size)
+            except Incomplete:
                 # A sound header running past the end: the record was being
                 # written; what lies after its header is its own payload.
                 self._cut("torn", "an incomplete record at the end of what was durable")
                 return
-            except _Damaged as damage:
+            except Damaged as damage:
                 if damage.skip_to is not None and self._sound_at(damage.skip_to, file_size):
                     self.end = damage.skip_to  # a damaged checkpoint is only redundant
                     continue
@@ -562,7 +421,7 @@ class Log:
         with open(saved, "xb") as out:
             position = self.end
             while True:
-                chunk = os.pread(self.fd, _READ_AHEAD, position)
+                chunk = os.pread(self.fd, READ_AHEAD, position)
                 if not chunk:
                     break
                 out.write(chunk)
@@ -577,8 +436,8 @@ class Log:
         if offset == file_size:
             return True
         try:
-            self._read_record(offset, None, file_size)
-        except (_Incomplete, _Damaged):
+            read_record(self.fd, offset, None, file_size)
+        except (Incomplete, Damaged):
             return False
         return True
 
@@ -595,126 +454,32 @@ class Log:
         damaged_tid = self.last_tid + 1
         position = start
         while position < file_size:
-            chunk = os.pread(self.fd, _READ_AHEAD + TX_HEADER_SIZE, position)
+            chunk = os.pread(self.fd, READ_AHEAD + TX_HEADER_SIZE, position)
             index = chunk.find(TX_MAGIC)
             while 0 <= index <= len(chunk) - TX_HEADER_SIZE:
-                header = _parse_header(chunk[index:index + TX_HEADER_SIZE])
+                header = parse_header(chunk[index:index + TX_HEADER_SIZE])
                 # A successor of ours: a later tid that vouches for the damaged
                 # one, and a checkpoint pointer no older than ours.
                 if (header is not None and header.tid >= damaged_tid
                         and header.vouched >= damaged_tid
                         and self.checkpoint <= header.checkpoint < position + index):
                     try:
-                        self._read_record(position + index, None, file_size)
-                    except (_Incomplete, _Damaged):
+                        read_record(self.fd, position + index, None, file_size)
+                    except (Incomplete, Damaged):
                         pass
                     else:
                         return position + index
                 index = chunk.find(TX_MAGIC, index + 1)
-            position += _READ_AHEAD
+            position += READ_AHEAD
         return None
-
-    def _read_record(self, offset, expected_tid, file_size):
-        """Read and check the record at `offset`; raise _Incomplete/_Damaged."""
-        if offset + TX_HEADER_SIZE > file_size:
-            raise _Incomplete()
-        header = os.pread(self.fd, TX_HEADER_SIZE, offset)
-        if len(header) < TX_HEADER_SIZE:
-            raise _Incomplete()
-        (magic, status, lag, length, tid, oid_high, stamp, checkpoint, count,
-         header_crc) = TX_HEADER.unpack(header)
-        lag = int.from_bytes(lag, "little")
-        if magic != TX_MAGIC:
-            raise _Damaged("bad record magic %r" % magic, offset)
-        if header_crc != _crc(header[:52]):
-            raise _Damaged("record header checksum mismatch", offset)
-        if status not in (COMMITTED, FAILED, CHECKPOINT):
-            raise _Damaged("unknown record status %r" % status, offset)
-        if length < TX_HEADER_SIZE + TRAILER_SIZE + count * ENTRY_SIZE:
-            raise _Damaged("record length %d too small for %d entries" % (length, count), offset)
-        if length > _MAX_RECORD:
-            raise _Damaged("record length %d is impossible" % length, offset)
-        if expected_tid is not None:
-            if status == CHECKPOINT:
-                expected_tid -= 1
-            if tid != expected_tid:
-                # Checked before the length is believed: a stale header from
-                # an older file layout has a plausible length but not our tid.
-                raise _Damaged("transaction id %d out of sequence (expected %d)"
-                               % (tid, expected_tid), offset)
-        if offset + length > file_size:
-            raise _Incomplete()
-        try:
-            return self._read_body(offset, header, status, length, tid, oid_high, stamp,
-                                   checkpoint, lag, count)
-        except _Damaged as damage:
-            damage.span_end = offset + length
-            if status == CHECKPOINT:
-                damage.skip_to = offset + length
-            raise
-
-    def _read_body(self, offset, header, status, length, tid, oid_high, stamp, checkpoint, lag,
-                   count):
-        reader = _Reader(self.fd, offset + TX_HEADER_SIZE, offset + length - TRAILER_SIZE)
-        binding = _crc(header)
-        entries = []
-        try:
-            for _ in range(count):
-                entry_offset = reader.pos
-                entry_header = reader.read(ENTRY_SIZE)
-                binding = _crc(entry_header, binding)
-                entry = self._read_entry(reader, entry_offset, entry_header)
-                if entry.tid != tid:
-                    raise _Damaged("entry of transaction %d in record %d" % (entry.tid, tid),
-                                   entry_offset)
-                entries.append(entry)
-        except _Incomplete:
-            raise _Damaged("entries overrun the record", offset) from None
-        if reader.pos != reader.end:
-            raise _Damaged("entries do not fill the record", offset)
-        trailer = _pread_exact(self.fd, TRAILER_SIZE, reader.end)
-        trailer_crc, trailer_magic, trailer_length = TRAILER.unpack(trailer)
-        if trailer_magic != TRAILER_MAGIC or trailer_length != length:
-            raise _Damaged("bad record trailer", offset)
-        if trailer_crc != binding:
-            raise _Damaged("record checksum mismatch", offset)
-        return Record(tid, status, offset, length, oid_high, stamp, checkpoint, lag, entries)
-
-    def _read_entry(self, reader, entry_offset, entry_header):
-        kind, _res, crc, oid, tid, previous, length = ENTRY.unpack(entry_header)
-        if kind not in KINDS:
-            raise _Damaged("unknown entry kind %r" % kind, entry_offset)
-        if entry_offset + ENTRY_SIZE + length > reader.end:
-            raise _Damaged("entry length %d overruns its record" % length, entry_offset)
-        data = None
-        if kind == KIND_STREAM:
-            n = stream_size(length)
-            if n < 0 or length - n != 4 * -(-n // STREAM_CHUNK):
-                raise _Damaged("stream entry length %d fits no stream" % length, entry_offset)
-            table_offset = reader.pos + n
-            table = _pread_exact(self.fd, length - n, table_offset)
-            if crc != _crc(table, _crc(entry_header[8:])):
-                raise _Damaged("stream entry checksum mismatch", entry_offset)
-            for index, (chunk_crc,) in enumerate(struct.iter_unpack("<I", table)):
-                chunk = reader.read(min(STREAM_CHUNK, n - index * STREAM_CHUNK))
-                if _crc(chunk) != chunk_crc:
-                    raise _Damaged("stream chunk %d checksum mismatch" % index, entry_offset)
-            reader.read(length - n)
-        else:
-            data = reader.read(length)
-            if crc != _crc(data, _crc(entry_header[8:])):
-                raise _Damaged("entry checksum mismatch", entry_offset)
-            if kind not in _KEPT:
-                data = None
-        return Entry(kind, oid, tid, previous, entry_offset, length, data)
 
     def diagnose(self):
         """Why the record at `end` can't be read, or None if it can."""
         try:
-            self._read_record(self.end, self.last_tid + 1, self.size())
-        except _Incomplete:
+            read_record(self.fd, self.end, self.last_tid + 1, self.size())
+        except Incomplete:
             return "incomplete record"
-        except _Damaged as damage:
+        except Damaged as damage:
             return "%s (at offset %d)" % (damage.reason, damage.offset)
         return None
 
@@ -779,78 +544,6 @@ class Log:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-_ENTRY_HEAD = struct.Struct("<c3sI")
-_ENTRY_TAIL = struct.Struct("<QQQQ")
-
-
-def _build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp):
-    """Lay out one record.
-
-    Returns the buffers to write (small parts joined, large payloads kept
-    as they are), the record's length, and its entries as read back.
-    """
-    parts = [None]
-    position = offset + TX_HEADER_SIZE
-    entry_headers = []
-    laid_out = []
-    pack_head, pack_tail, crc32 = _ENTRY_HEAD.pack, _ENTRY_TAIL.pack, zlib.crc32
-    for entry in entries:
-        kind = entry.kind
-        oid = previous = 0
-        if kind == KIND_OBJECT:
-            oid, previous, data = entry
-            checked = data
-        elif kind == KIND_STREAM:
-            raw = memoryview(entry.data)
-            table = b"".join(struct.pack("<I", crc32(raw[i:i + STREAM_CHUNK]))
-                             for i in range(0, len(raw), STREAM_CHUNK))
-            data = (raw, table)
-            checked = table
-        elif kind == KIND_ROOT:
-            oid, data, checked = entry.oid, b"", b""
-        elif kind == KIND_INDEX:
-            # Prefixed with where it is written, so a copy elsewhere is known stale.
-            data = checked = struct.pack("<Q", offset) + entry.data
-        else:
-            data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
-        length = len(data[0]) + len(data[1]) if kind == KIND_STREAM else len(data)
-        tail = pack_tail(oid, tid, previous, length)
-        entry_header = pack_head(kind, b"\0\0\0", crc32(checked, crc32(tail))) + tail
-        entry_headers.append(entry_header)
-        parts.append(entry_header)
-        if kind == KIND_STREAM:
-            parts.extend(data)
-        else:
-            parts.append(data)
-        laid_out.append(Entry(kind, oid, tid, previous, position, length,
-                              data if kind in _KEPT else None))
-        position += ENTRY_SIZE + length
-    length = position + TRAILER_SIZE - offset
-    head = TX_HEADER.pack(TX_MAGIC, status, lag.to_bytes(3, "little"), length, tid, oid_high,
-                          stamp, checkpoint, len(entries), 0)[:52]
-    header = head + struct.pack("<I", crc32(head))
-    parts[0] = header
-    binding = crc32(b"".join(entry_headers), crc32(header))
-    parts.append(TRAILER.pack(binding, TRAILER_MAGIC, length))
-    return _coalesce(parts), length, laid_out
-
-
-def _coalesce(parts):
-    """Join runs of small parts; keep large ones as separate buffers."""
-    buffers, small = [], []
-    for part in parts:
-        if len(part) >= _SMALL_PART:
-            if small:
-                buffers.append(b"".join(small))
-                small = []
-            buffers.append(part)
-        else:
-            small.append(part)
-    if small:
-        buffers.append(b"".join(small))
-    return buffers
 
 
 def _fdatasync(fd):

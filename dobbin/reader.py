@@ -1,0 +1,171 @@
+"""Reading a record back and checking every byte of it.
+
+`read_record` parses the record at an offset and checks what
+docs/format.txt promises: header crc, sane length, tid sequence, every
+entry's crc and stream chunk crcs, the trailer.  It raises `Incomplete`
+when the file ends inside the record and `Damaged` when a check fails;
+`dobbin.log.Log` decides whether that is a commit still being written,
+a torn write or corruption.
+"""
+
+import os
+import struct
+
+from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED, KEPT_KINDS, KINDS,
+                           KIND_STREAM, STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE,
+                           TX_HEADER, TX_HEADER_SIZE, TX_MAGIC, Entry, Record, stream_size)
+from dobbin.record import crc as _crc
+
+READ_AHEAD = 1 << 20
+# No file system holds a file this large: a length beyond it is damage.
+_MAX_RECORD = 1 << 50
+
+
+class Damaged(Exception):
+    """A record failed a check; `dobbin.log.Log` decides what that means.
+
+    `skip_to` is set for a checkpoint whose header is sound: being
+    redundant, it can be stepped over.
+    """
+
+    def __init__(self, reason, offset, skip_to=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.offset = offset
+        self.skip_to = skip_to
+        self.span_end = None  # set when the header (so the length) is sound
+
+
+class Incomplete(Exception):
+    """The file ends inside a record (a commit in progress or torn)."""
+
+
+class SequentialReader:
+    """Sequential reads of one file region, with read-ahead."""
+
+    def __init__(self, fd, start, end):
+        self.fd = fd
+        self.pos = start
+        self.end = end
+        self._buffer = b""
+        self._buffer_start = start
+
+    def read(self, size):
+        if self.pos + size > self.end:
+            raise Incomplete()
+        offset = self.pos - self._buffer_start
+        if offset + size <= len(self._buffer):
+            data = self._buffer[offset:offset + size]
+        elif size >= READ_AHEAD:
+            data = pread_exact(self.fd, size, self.pos)
+        else:
+            want = min(max(size, READ_AHEAD), self.end - self.pos)
+            self._buffer = pread_exact(self.fd, want, self.pos)
+            self._buffer_start = self.pos
+            data = self._buffer[:size]
+        self.pos += size
+        return data
+
+
+def pread_exact(fd, size, offset):
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        # The file shrank under us (another process cut a torn tail).
+        raise Incomplete()
+    return data
+
+
+
+def read_record(fd, offset, expected_tid, file_size):
+    """Read and check the record at `offset`; raise Incomplete/Damaged."""
+    if offset + TX_HEADER_SIZE > file_size:
+        raise Incomplete()
+    header = os.pread(fd, TX_HEADER_SIZE, offset)
+    if len(header) < TX_HEADER_SIZE:
+        raise Incomplete()
+    (magic, status, lag, length, tid, oid_high, stamp, checkpoint, count,
+     header_crc) = TX_HEADER.unpack(header)
+    lag = int.from_bytes(lag, "little")
+    if magic != TX_MAGIC:
+        raise Damaged("bad record magic %r" % magic, offset)
+    if header_crc != _crc(header[:52]):
+        raise Damaged("record header checksum mismatch", offset)
+    if status not in (COMMITTED, FAILED, CHECKPOINT):
+        raise Damaged("unknown record status %r" % status, offset)
+    if length < TX_HEADER_SIZE + TRAILER_SIZE + count * ENTRY_SIZE:
+        raise Damaged("record length %d too small for %d entries" % (length, count), offset)
+    if length > _MAX_RECORD:
+        raise Damaged("record length %d is impossible" % length, offset)
+    if expected_tid is not None:
+        if status == CHECKPOINT:
+            expected_tid -= 1
+        if tid != expected_tid:
+            # Checked before the length is believed: a stale header from
+            # an older file layout has a plausible length but not our tid.
+            raise Damaged("transaction id %d out of sequence (expected %d)"
+                           % (tid, expected_tid), offset)
+    if offset + length > file_size:
+        raise Incomplete()
+    try:
+        return _read_body(fd, offset, header, status, length, tid, oid_high, stamp,
+                               checkpoint, lag, count)
+    except Damaged as damage:
+        damage.span_end = offset + length
+        if status == CHECKPOINT:
+            damage.skip_to = offset + length
+        raise
+
+def _read_body(fd, offset, header, status, length, tid, oid_high, stamp, checkpoint, lag,
+               count):
+    reader = SequentialReader(fd, offset + TX_HEADER_SIZE, offset + length - TRAILER_SIZE)
+    binding = _crc(header)
+    entries = []
+    try:
+        for _ in range(count):
+            entry_offset = reader.pos
+            entry_header = reader.read(ENTRY_SIZE)
+            binding = _crc(entry_header, binding)
+            entry = _read_entry(fd, reader, entry_offset, entry_header)
+            if entry.tid != tid:
+                raise Damaged("entry of transaction %d in record %d" % (entry.tid, tid),
+                               entry_offset)
+            entries.append(entry)
+    except Incomplete:
+        raise Damaged("entries overrun the record", offset) from None
+    if reader.pos != reader.end:
+        raise Damaged("entries do not fill the record", offset)
+    trailer = pread_exact(fd, TRAILER_SIZE, reader.end)
+    trailer_crc, trailer_magic, trailer_length = TRAILER.unpack(trailer)
+    if trailer_magic != TRAILER_MAGIC or trailer_length != length:
+        raise Damaged("bad record trailer", offset)
+    if trailer_crc != binding:
+        raise Damaged("record checksum mismatch", offset)
+    return Record(tid, status, offset, length, oid_high, stamp, checkpoint, lag, entries)
+
+def _read_entry(fd, reader, entry_offset, entry_header):
+    kind, _res, crc, oid, tid, previous, length = ENTRY.unpack(entry_header)
+    if kind not in KINDS:
+        raise Damaged("unknown entry kind %r" % kind, entry_offset)
+    if entry_offset + ENTRY_SIZE + length > reader.end:
+        raise Damaged("entry length %d overruns its record" % length, entry_offset)
+    data = None
+    if kind == KIND_STREAM:
+        n = stream_size(length)
+        if n < 0 or length - n != 4 * -(-n // STREAM_CHUNK):
+            raise Damaged("stream entry length %d fits no stream" % length, entry_offset)
+        table_offset = reader.pos + n
+        table = pread_exact(fd, length - n, table_offset)
+        if crc != _crc(table, _crc(entry_header[8:])):
+            raise Damaged("stream entry checksum mismatch", entry_offset)
+        for index, (chunk_crc,) in enumerate(struct.iter_unpack("<I", table)):
+            chunk = reader.read(min(STREAM_CHUNK, n - index * STREAM_CHUNK))
+            if _crc(chunk) != chunk_crc:
+                raise Damaged("stream chunk %d checksum mismatch" % index, entry_offset)
+        reader.read(length - n)
+    else:
+        data = reader.read(length)
+        if crc != _crc(data, _crc(entry_header[8:])):
+            raise Damaged("entry checksum mismatch", entry_offset)
+        if kind not in KEPT_KINDS:
+            data = None
+    return Entry(kind, oid, tid, previous, entry_offset, length, data)

@@ -1,0 +1,177 @@
+"""The byte layout of Dobbin records (see docs/format.txt).
+
+The constants and structs of the file header, transaction records and
+entries, the entries a writer appends, the tuples a reader gets back, and
+`build_record`, which lays one record out.  No I/O here: `dobbin.log`
+reads and writes.
+"""
+
+import json
+import struct
+import zlib
+from collections import namedtuple
+
+FILE_MAGIC = b"\x89DOBBIN\n"
+FORMAT_VERSION = 1
+FILE_HEADER = struct.Struct("<8sHHI16sQ20sI")
+FILE_HEADER_SIZE = FILE_HEADER.size  # 64
+
+TX_MAGIC = b"DTXR"
+TX_HEADER = struct.Struct("<4sc3sQQQQQII")
+TX_HEADER_SIZE = TX_HEADER.size  # 56
+TRAILER_MAGIC = b"DEND"
+TRAILER = struct.Struct("<I4sQ")
+TRAILER_SIZE = TRAILER.size  # 16
+ENTRY = struct.Struct("<c3sIQQQQ")
+ENTRY_SIZE = ENTRY.size  # 40
+
+COMMITTED = b"C"
+FAILED = b"F"
+CHECKPOINT = b"X"
+KIND_OBJECT = b"O"
+KIND_STREAM = b"S"
+KIND_ROOT = b"R"
+KIND_NOTE = b"N"
+KIND_INDEX = b"I"
+KINDS = frozenset((KIND_OBJECT, KIND_STREAM, KIND_ROOT, KIND_NOTE, KIND_INDEX))
+KEPT_KINDS = (KIND_OBJECT, KIND_NOTE, KIND_INDEX)
+
+STREAM_CHUNK = 65536
+MAX_LAG = (1 << 24) - 1
+_SMALL_PART = 1 << 16
+
+
+# What one entry of a record read back from the file looks like.  `data`
+# is kept for O, N and I entries (None for the others).
+Entry = namedtuple("Entry", "kind oid tid previous offset length data")
+Record = namedtuple("Record", "tid status offset length oid_high time checkpoint lag entries")
+
+
+class Header(namedtuple("_Header", "status length tid oid_high time checkpoint lag count")):
+
+    @property
+    def vouched(self):
+        """The last tid its writer knew durable when writing this record."""
+        return self.tid - self.lag - (0 if self.status == CHECKPOINT else 1)
+
+
+def parse_header(data):
+    """The fields of a record header whose magic and crc are sound, or None."""
+    (magic, status, lag, length, tid, oid_high, stamp, checkpoint, count,
+     header_crc) = TX_HEADER.unpack(data)
+    if magic != TX_MAGIC or header_crc != crc(data[:52]):
+        return None
+    return Header(status, length, tid, oid_high, stamp, checkpoint,
+                   int.from_bytes(lag, "little"), count)
+
+
+class ObjectEntry(namedtuple("ObjectEntry", "oid previous data")):
+    """An object's full pickled state, to be appended."""
+
+    kind = KIND_OBJECT
+
+
+class StreamEntry(namedtuple("StreamEntry", "data")):
+    """The bytes of a persistent stream, to be appended."""
+
+    kind = KIND_STREAM
+
+
+class RootEntry(namedtuple("RootEntry", "oid")):
+    """A new root object, to be appended."""
+
+    kind = KIND_ROOT
+
+
+class NoteEntry(namedtuple("NoteEntry", "info")):
+    """Why a commit failed (a JSON-able dict), for failed records."""
+
+    kind = KIND_NOTE
+
+
+class IndexEntry(namedtuple("IndexEntry", "data")):
+    """The serialized index, for checkpoint records."""
+
+    kind = KIND_INDEX
+
+
+def stream_size(length):
+    """Bytes of stream data in an S entry whose data is `length` bytes."""
+    chunks = -(-length // (STREAM_CHUNK + 4))
+    return length - 4 * chunks
+
+
+def crc(data, value=0):
+    return zlib.crc32(data, value) & 0xFFFFFFFF
+
+
+_ENTRY_HEAD = struct.Struct("<c3sI")
+_ENTRY_TAIL = struct.Struct("<QQQQ")
+
+
+def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp):
+    """Lay out one record.
+
+    Returns the buffers to write (small parts joined, large payloads kept
+    as they are), the record's length, and its entries as read back.
+    """
+    parts = [None]
+    position = offset + TX_HEADER_SIZE
+    entry_headers = []
+    laid_out = []
+    pack_head, pack_tail, crc32 = _ENTRY_HEAD.pack, _ENTRY_TAIL.pack, zlib.crc32
+    for entry in entries:
+        kind = entry.kind
+        oid = previous = 0
+        if kind == KIND_OBJECT:
+            oid, previous, data = entry
+            checked = data
+        elif kind == KIND_STREAM:
+            raw = memoryview(entry.data)
+            table = b"".join(struct.pack("<I", crc32(raw[i:i + STREAM_CHUNK]))
+                             for i in range(0, len(raw), STREAM_CHUNK))
+            data = (raw, table)
+            checked = table
+        elif kind == KIND_ROOT:
+            oid, data, checked = entry.oid, b"", b""
+        elif kind == KIND_INDEX:
+            # Prefixed with where it is written, so a copy elsewhere is known stale.
+            data = checked = struct.pack("<Q", offset) + entry.data
+        else:
+            data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
+        length = len(data[0]) + len(data[1]) if kind == KIND_STREAM else len(data)
+        tail = pack_tail(oid, tid, previous, length)
+        entry_header = pack_head(kind, b"\0\0\0", crc32(checked, crc32(tail))) + tail
+        entry_headers.append(entry_header)
+        parts.append(entry_header)
+        if kind == KIND_STREAM:
+            parts.extend(data)
+        else:
+            parts.append(data)
+        laid_out.append(Entry(kind, oid, tid, previous, position, length,
+                              data if kind in KEPT_KINDS else None))
+        position += ENTRY_SIZE + length
+    length = position + TRAILER_SIZE - offset
+    head = TX_HEADER.pack(TX_MAGIC, status, lag.to_bytes(3, "little"), length, tid, oid_high,
+                          stamp, checkpoint, len(entries), 0)[:52]
+    header = head + struct.pack("<I", crc32(head))
+    parts[0] = header
+    binding = crc32(b"".join(entry_headers), crc32(header))
+    parts.append(TRAILER.pack(binding, TRAILER_MAGIC, length))
+    return _coalesce(parts), length, laid_out
+
+
+def _coalesce(parts):
+    """Join runs of small parts; keep large ones as separate buffers."""
+    buffers, small = [], []
+    for part in parts:
+        if len(part) >= _SMALL_PART:
+            if small:
+                buffers.append(b"".join(small))
+                small = []
+            buffers.append(part)
+        else:
+            small.append(part)
+    if small:
+        buffers.append(b"".join(small))
+    return buffers
