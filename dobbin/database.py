@@ -9,34 +9,31 @@ record: lock, catch up, check conflicts, lay out, write, publish.
 import collections
 import logging
 import os
-import struct
 import threading
 import weakref
-from array import array
 
 import transaction
 from zope.interface import implementer
 
-from dobbin.exc import (ConflictError, CorruptionError, DobbinError, HistoryError, LoadError,
+from dobbin.exc import (ConflictError, DobbinError, HistoryError, LoadError,
                         ReadConflictError, ReadOnlyError, StorageError, WriteConflictError)
+from dobbin.index import Index
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock
-from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
-                        KIND_OBJECT, KIND_ROOT, STREAM_CHUNK, TX_HEADER_SIZE, IndexEntry, Log,
-                        NoteEntry, ObjectEntry, RootEntry, StreamEntry)
+from dobbin.log import Log
+from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, KIND_OBJECT, KIND_ROOT,
+                           STREAM_CHUNK, TX_HEADER_SIZE, IndexEntry, NoteEntry, ObjectEntry,
+                           RootEntry, StreamEntry)
 from dobbin.persistent import Persistent, install_state, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.session import current_session
+from dobbin.snapshot import snapshot, verify
 from dobbin.stream import PersistentFile, PersistentStream
 
 __all__ = ["Database", "PersistentStream"]
 
 logger = logging.getLogger("dobbin")
 
-# Oids are handed out densely, so the index is an array; an oid far past
-# its end (only a hostile file has one) goes to a dict instead of making
-# us allocate gigabytes.
-_DENSE_SLACK = 1 << 24
 # Write a checkpoint once the log has grown by this much and by more
 # than the index itself since the last one (see docs/format.txt).
 CHECKPOINT_MIN_BYTES = 1 << 14
@@ -85,25 +82,6 @@ class _Commit:
         self.published = False
 
 
-class _Reference:
-    """A reference read from a record without touching any cache."""
-
-    __slots__ = ("oid", "cls")
-
-    def __init__(self, oid, cls):
-        self.oid = oid
-        self.cls = cls
-
-
-class _StreamReference:
-    """A stream reference read from a record, for copying."""
-
-    __slots__ = ("offset",)
-
-    def __init__(self, offset):
-        self.offset = offset
-
-
 @implementer(IDatabase)
 class Database:
     """Persistent objects connected to a root, stored in one log file.
@@ -132,10 +110,7 @@ class Database:
         self._notify_lock = threading.Lock()
         self._notes = collections.deque()
         self._subscribers = []
-        self._offsets = array("Q")
-        self._sparse_offsets = {}
-        self._roots = []             # (tid, oid) of every root change
-        self._count = 0
+        self._index = Index()
         self._identities = {}   # oid -> weakref: one object per oid while reachable
         self._identities_pruned_at = 1024
         self._loaded = collections.OrderedDict()   # oid -> obj, oldest first
@@ -153,7 +128,8 @@ class Database:
     def _open(self, repair):
         checkpoint = self._log.open_checkpoint()
         if checkpoint is not None:
-            self._load_index(checkpoint.entries[0].data, checkpoint.offset)
+            self._index = Index.from_payload(checkpoint.entries[0].data, self.path,
+                                             checkpoint.offset)
         if self.read_only:
             with self._state_lock:
                 for record in self._log.follow():
@@ -189,7 +165,7 @@ class Database:
         return self._log.durability
 
     def __len__(self):
-        return self._count
+        return self._index.count
 
     def __repr__(self):
         return "<%s %s>" % (type(self).__name__, self.path)
@@ -204,9 +180,9 @@ class Database:
     def root(self):
         self._register_thread()
         with self._state_lock:
-            if not self._roots:
+            oid = self._index.root_oid()
+            if oid is None:
                 return None
-            oid = self._roots[-1][1]
             root = self._root
             if root is None or root._p_oid != oid:
                 root = self._root = self.get(oid)
@@ -230,7 +206,7 @@ class Database:
             obj = self._cached(oid)
             if obj is not None:
                 return obj
-            offset = self._offset_of(oid)
+            offset = self._index.offset_of(oid)
             if not offset:
                 raise KeyError(oid)
             tid, _previous, data = self._log.read_object(offset, oid)
@@ -261,14 +237,8 @@ class Database:
         self._subscribers.remove(callback)
 
     def load_state(self, oid, tid=None):
-        with self._state_lock:
-            offset = self._offset_of(oid)
-        while offset:
-            serial, previous, data = self._log.read_object(offset, oid)
-            if tid is None or serial <= tid:
-                return serial, self._load(data, oid)[1]
-            offset = previous
-        raise HistoryError("oid %d has no committed state as of transaction %s" % (oid, tid))
+        serial, data = self._version_data(oid, tid)
+        return serial, self._load(data, oid)[1]
 
     def close(self):
         if not self.closed:
@@ -291,7 +261,7 @@ class Database:
             if not obj._p_ghost:
                 return
             oid = obj._p_oid
-            offset = self._offset_of(oid)
+            offset = self._index.offset_of(oid)
             if not offset:
                 raise DobbinError("oid %d has no stored state in %s" % (oid, self.path))
             tid, _previous, data = self._log.read_object(offset, oid)
@@ -365,77 +335,17 @@ class Database:
             loaded.move_to_end(oid, last=False)
             self._loaded_bytes += obj._p_size
 
-    # -- the index -----------------------------------------------------
-
-    def _offset_of(self, oid):
-        if oid < len(self._offsets):
-            return self._offsets[oid]
-        return self._sparse_offsets.get(oid, 0)
-
-    def _set_offset(self, oid, offset):
-        offsets = self._offsets
-        if oid >= len(offsets) and oid < len(offsets) + _DENSE_SLACK:
-            grow = max(oid + 1 - len(offsets), len(offsets) // 2, 1024)
-            offsets.frombytes(bytes(8 * grow))
-        if oid < len(offsets):
-            if not offsets[oid]:
-                self._count += 1
-            offsets[oid] = offset
-        else:
-            if oid not in self._sparse_offsets:
-                self._count += 1
-            self._sparse_offsets[oid] = offset
-
-    def _oids(self):
-        offsets = self._offsets
-        for oid in range(len(offsets)):
-            if offsets[oid]:
-                yield oid
-        yield from sorted(self._sparse_offsets)
-
-    def _index_payload(self):
-        """The index as a checkpoint's I entry (layout in docs/format.txt)."""
-        dense = self._offsets[:min(len(self._offsets), self._log.oid_high)]
-        sparse = sorted(self._sparse_offsets.items())
-        parts = [struct.pack("<QQQ", self._count, len(self._roots), len(dense)), dense.tobytes(),
-                 struct.pack("<Q", len(sparse))]
-        parts.extend(struct.pack("<QQ", oid, offset) for oid, offset in sparse)
-        parts.extend(struct.pack("<QQ", tid, oid) for tid, oid in self._roots)
-        return b"".join(parts)
-
-    def _load_index(self, data, where):
-        """Take the index from a checkpoint (its place was checked by the log)."""
-        try:
-            count, roots, dense = struct.unpack_from("<QQQ", data, 0)
-            position = 24 + 8 * dense
-            if position + 8 > len(data):
-                raise struct.error("dense part overruns the entry")
-            offsets = array("Q")
-            offsets.frombytes(data[24:position])
-            (sparse,) = struct.unpack_from("<Q", data, position)
-            position += 8
-            if position + 16 * (sparse + roots) != len(data):
-                raise struct.error("size does not match the counts")
-            pairs = list(struct.iter_unpack("<QQ", data[position:]))
-        except struct.error as error:
-            raise CorruptionError("malformed index checkpoint (%s)" % error, self.path,
-                                  where) from None
-        self._offsets = offsets
-        self._sparse_offsets = dict(pairs[:sparse])
-        self._roots = pairs[sparse:]
-        self._count = count
-
     def _maybe_checkpoint(self):
         """Append a checkpoint if the log outgrew the last one; lock held."""
         log = self._log
-        index_bytes = 8 * min(len(self._offsets), log.oid_high)
+        index_bytes = self._index.size(log.oid_high)
         if log.end - log.checkpoint_end <= max(CHECKPOINT_MIN_BYTES, index_bytes):
             return
         try:
             # Only an index of durable records may be trusted on open: make
             # them durable first (the checkpoint then says lag 0).
             log.flush(log.end)
-            log.append(CHECKPOINT, log.oid_high, [IndexEntry(self._index_payload())],
+            log.append(CHECKPOINT, log.oid_high, [IndexEntry(self._index.payload(log.oid_high))],
                        wait=False)
         except StorageError:
             # The commit before it is durable already; only later writes
@@ -452,7 +362,7 @@ class Database:
         changed = []
         for entry in record.entries:
             if entry.kind == KIND_OBJECT:
-                self._set_offset(entry.oid, entry.offset)
+                self._index.set_offset(entry.oid, entry.offset)
                 changed.append(entry.oid)
                 if reload:
                     obj = self._cached(entry.oid)
@@ -460,7 +370,7 @@ class Database:
                         self._install(obj, self._load(entry.data, entry.oid)[1], record.tid,
                                       len(entry.data))
             elif entry.kind == KIND_ROOT:
-                self._roots.append((record.tid, entry.oid))
+                self._index.roots.append((record.tid, entry.oid))
         self._notes.append((durable_at, record.tid, frozenset(changed)))
 
     def _flush_notes(self, wait=False):
@@ -563,7 +473,7 @@ class Database:
                 self._assign_oid(obj, commit)
             state = session.working_state(obj)
             data = writer.dump(type(obj), state)
-            entry = ObjectEntry(obj._p_oid, self._offset_of(obj._p_oid), data)
+            entry = ObjectEntry(obj._p_oid, self._index.offset_of(obj._p_oid), data)
             commit.stored.append((obj, state, entry))
         if root is not None:
             commit.root_oid = root._p_oid
@@ -680,92 +590,21 @@ class Database:
             self._lock.release()
         self._flush_notes()
 
-    # -- snapshot and verify -----------------------------------------------
-
-    def snapshot(self, target, until=None):
-        if not isinstance(target, Database) or target is self:
-            raise TypeError("snapshot() needs another, empty Database as its target")
-        self.sync()
-        if target.sync():
-            raise DobbinError("the snapshot target %s is not empty" % target.path)
-        if until is None:
-            until = self.last_tid
-        if not isinstance(until, int) or not 0 <= until <= self.last_tid:
-            raise ValueError("until must be a transaction id from 0 to %d, not %r"
-                             % (self.last_tid, until))
-        streams, stream_offsets, objects = [], {}, []
-        position = [FILE_HEADER_SIZE + TX_HEADER_SIZE]
-
-        def reference(pid):
-            key, value = pid
-            return _StreamReference(value) if key == "S" else _Reference(key, value)
-
-        def rewrite(value):
-            if type(value) is _Reference:
-                return (value.oid, value.cls)
-            if type(value) is _StreamReference:
-                # Stream bytes are copied: the target must not point into us.
-                if value.offset not in stream_offsets:
-                    data = b"".join(PersistentStream(self, value.offset))
-                    stream_offsets[value.offset] = position[0]
-                    position[0] += ENTRY_SIZE + len(data) + 4 * -(-len(data) // STREAM_CHUNK)
-                    streams.append(StreamEntry(data))
-                return ("S", stream_offsets[value.offset])
-            return None
-
-        writer = StateWriter(rewrite)
-        with self._state_lock:
-            oids = list(self._oids())
-            roots = [oid for tid, oid in self._roots if tid <= until]
-        for oid in oids:
-            try:
-                _serial, data = self._version_data(oid, until)
-            except HistoryError:
-                continue  # created after `until`
-            cls, state = load_state(data, reference, "of oid %d" % oid)
-            objects.append(ObjectEntry(oid, 0, writer.dump(cls, state)))
-        entries = streams + objects
-        if roots:
-            entries.append(RootEntry(roots[-1]))
-        target._p_write_snapshot(entries, self._log.oid_high)
+    # -- history, snapshot and verify ----------------------------------------
 
     def _version_data(self, oid, tid):
+        """`(serial, data)` of `oid`'s newest record as of `tid` (None: latest)."""
         with self._state_lock:
-            offset = self._offset_of(oid)
+            offset = self._index.offset_of(oid)
         while offset:
             serial, previous, data = self._log.read_object(offset, oid)
-            if serial <= tid:
+            if tid is None or serial <= tid:
                 return serial, data
             offset = previous
-        raise HistoryError("oid %d has no committed state as of transaction %d" % (oid, tid))
+        raise HistoryError("oid %d has no committed state as of transaction %s" % (oid, tid))
+
+    def snapshot(self, target, until=None):
+        snapshot(self, target, until)
 
     def verify(self):
-        checker = Log(self.path, read_only=True)
-        try:
-            report = {"path": self.path, "records": 0, "committed": 0, "failed": 0,
-                      "checkpoints": 0, "objects": len(self), "streams": 0, "errors": []}
-            kinds = {COMMITTED: "committed", FAILED: "failed", CHECKPOINT: "checkpoints"}
-            latest = {}
-            for record in checker.follow():
-                report["records"] += 1
-                report[kinds[record.status]] += 1
-                for entry in record.entries:
-                    if entry.kind == KIND_OBJECT:
-                        latest[entry.oid] = entry.offset
-                    elif entry.kind != KIND_ROOT and record.status == COMMITTED:
-                        report["streams"] += 1
-            size = checker.size()
-            report["bytes"] = size
-            if checker.end != size:
-                report["errors"].append("unreadable record at offset %d: %s"
-                                        % (checker.end, checker.diagnose()))
-            with self._state_lock:
-                for oid, offset in latest.items():
-                    if offset <= self._log.end and self._offset_of(oid) != offset:
-                        report["errors"].append("index of oid %d points at %d, log says %d"
-                                                % (oid, self._offset_of(oid), offset))
-        finally:
-            checker.close()
-        report["ok"] = not report["errors"]
-        return report
-
+        return verify(self)

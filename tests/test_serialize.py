@@ -87,7 +87,7 @@ def test_objects_sharing_a_list_are_stored_in_separate_records(open_db):
 
     records = {}
     for obj in (first, second):
-        _tid, _previous, data = db._log.read_object(db._offset_of(obj._p_oid), obj._p_oid)
+        _tid, _previous, data = db._log.read_object(db._index.offset_of(obj._p_oid), obj._p_oid)
         records[obj._p_oid] = data
     # Each record's bytes load with pickle alone, without the other's.
     for data in records.values():

@@ -1,0 +1,115 @@
+"""Snapshots and verification of a whole database.
+
+`snapshot` writes a database's state as of one transaction into an empty
+database as a single transaction: every object's full state, oids and
+the oid counter kept, stream bytes copied.  `verify` reads the whole file
+back through a fresh reader and checks every checksum and the index.
+"""
+
+from dobbin.exc import DobbinError, HistoryError
+from dobbin.log import Log
+from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
+                           KIND_OBJECT, KIND_ROOT, STREAM_CHUNK, TX_HEADER_SIZE, ObjectEntry,
+                           RootEntry, StreamEntry)
+from dobbin.serialize import StateWriter, load_state
+from dobbin.stream import PersistentStream
+
+
+class _Reference:
+    """A reference read from a record without touching any cache."""
+
+    __slots__ = ("oid", "cls")
+
+    def __init__(self, oid, cls):
+        self.oid = oid
+        self.cls = cls
+
+
+class _StreamReference:
+    """A stream reference read from a record, for copying."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self, offset):
+        self.offset = offset
+
+
+def snapshot(source, target, until=None):
+    """Write `source`'s state as of `until` into the empty database `target`."""
+    if type(target) is not type(source) or target is source:
+        raise TypeError("snapshot() needs another, empty Database as its target")
+    source.sync()
+    if target.sync():
+        raise DobbinError("the snapshot target %s is not empty" % target.path)
+    if until is None:
+        until = source.last_tid
+    if not isinstance(until, int) or not 0 <= until <= source.last_tid:
+        raise ValueError("until must be a transaction id from 0 to %d, not %r"
+                         % (source.last_tid, until))
+    streams, stream_offsets, objects = [], {}, []
+    position = [FILE_HEADER_SIZE + TX_HEADER_SIZE]
+
+    def reference(pid):
+        key, value = pid
+        return _StreamReference(value) if key == "S" else _Reference(key, value)
+
+    def rewrite(value):
+        if type(value) is _Reference:
+            return (value.oid, value.cls)
+        if type(value) is _StreamReference:
+            # Stream bytes are copied: the target must not point into us.
+            if value.offset not in stream_offsets:
+                data = b"".join(PersistentStream(source, value.offset))
+                stream_offsets[value.offset] = position[0]
+                position[0] += ENTRY_SIZE + len(data) + 4 * -(-len(data) // STREAM_CHUNK)
+                streams.append(StreamEntry(data))
+            return ("S", stream_offsets[value.offset])
+        return None
+
+    writer = StateWriter(rewrite)
+    with source._state_lock:
+        oids = list(source._index.oids())
+        root = source._index.root_oid(until)
+    for oid in oids:
+        try:
+            _serial, data = source._version_data(oid, until)
+        except HistoryError:
+            continue  # created after `until`
+        cls, state = load_state(data, reference, "of oid %d" % oid)
+        objects.append(ObjectEntry(oid, 0, writer.dump(cls, state)))
+    entries = streams + objects
+    if root is not None:
+        entries.append(RootEntry(root))
+    target._p_write_snapshot(entries, source._log.oid_high)
+
+
+def verify(db):
+    """Check every record of `db`'s file and its index; return a report dict."""
+    checker = Log(db.path, read_only=True)
+    try:
+        report = {"path": db.path, "records": 0, "committed": 0, "failed": 0,
+                  "checkpoints": 0, "objects": len(db), "streams": 0, "errors": []}
+        kinds = {COMMITTED: "committed", FAILED: "failed", CHECKPOINT: "checkpoints"}
+        latest = {}
+        for record in checker.follow():
+            report["records"] += 1
+            report[kinds[record.status]] += 1
+            for entry in record.entries:
+                if entry.kind == KIND_OBJECT:
+                    latest[entry.oid] = entry.offset
+                elif entry.kind != KIND_ROOT and record.status == COMMITTED:
+                    report["streams"] += 1
+        size = checker.size()
+        report["bytes"] = size
+        if checker.end != size:
+            report["errors"].append("unreadable record at offset %d: %s"
+                                    % (checker.end, checker.diagnose()))
+        with db._state_lock:
+            for oid, offset in latest.items():
+                if offset <= db._log.end and db._index.offset_of(oid) != offset:
+                    report["errors"].append("index of oid %d points at %d, log says %d"
+                                            % (oid, db._index.offset_of(oid), offset))
+    finally:
+        checker.close()
+    report["ok"] = not report["errors"]
+    return report
