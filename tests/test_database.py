@@ -622,3 +622,59 @@ def test_closed_database_stream_read_raises_read_only_error(open_db):
     reader.close()
     with pytest.raises(ReadOnlyError, match="closed"):
         b"".join(stream)
+
+
+# -- lazy loading and the bounded cache --------------------------------------------------------
+
+def test_opening_unpickles_no_state(open_db, monkeypatch):
+    db = open_db()
+    root = PersistentDict()
+    checkout(root)
+    db.elect(root)
+    for n in range(200):
+        root[n] = PersistentDict(n=n)
+    transaction.commit()
+    db.close()
+    loads = []
+    import dobbin.database as module
+    real = module.load_state
+    monkeypatch.setattr(module, "load_state", lambda *a, **k: loads.append(1) or real(*a, **k))
+    db = open_db()
+    assert loads == [] and len(db) == 201
+    assert db.root[7]["n"] == 7
+    assert len(loads) == 2  # the root and the one child touched
+
+
+def test_a_database_larger_than_its_cache_works_and_stays_bounded(open_db):
+    db = open_db()
+    root = PersistentDict()
+    checkout(root)
+    db.elect(root)
+    for n in range(300):
+        root[n] = PersistentDict(payload="x" * 1000, n=n)
+    transaction.commit()
+    db.close()
+    small = open_db(cache_size=50_000)
+    total = sum(small.root[n]["n"] for n in range(300))
+    assert total == sum(range(300))
+    assert small._loaded_bytes <= 50_000 or len(small._loaded) == 1
+    assert len(small._loaded) < 300
+    # Evicted states load again, right, when touched.
+    assert [small.root[n]["payload"][:3] for n in (0, 150, 299)] == ["xxx"] * 3
+
+
+def test_identity_holds_while_reachable_even_after_eviction(open_db):
+    db = open_db()
+    root = PersistentDict()
+    checkout(root)
+    db.elect(root)
+    for n in range(100):
+        root[n] = PersistentDict(payload="y" * 2000)
+    transaction.commit()
+    db.close()
+    small = open_db(cache_size=20_000)
+    held = small.root[5]
+    for n in range(100):
+        small.root[n]["payload"]
+    assert small.root[5] is held
+    assert small.get(held._p_oid) is held
