@@ -125,10 +125,18 @@ def args(op, field, value):
     return value
 
 
-def kwargs(op, field, value):
-    if type(value) is not dict or not all(type(k) is str and k.isidentifier() for k in value):
-        _fail(op, field, "a map of identifiers to values", value)
-    return value
+def _identifier_map(description):
+    """Validator for a map whose keys are Python identifiers."""
+    def validate(op, field, value):
+        if type(value) is not dict or not all(type(k) is str and k.isidentifier()
+                                              for k in value):
+            _fail(op, field, description, value)
+        return value
+    return validate
+
+
+kwargs = _identifier_map("a map of identifiers to values")
+fields_map = _identifier_map("a map of attribute names to values")
 
 
 def query(op, field, value):
@@ -155,12 +163,6 @@ def _rows(width, *checks):
 def new_key(op, field, value):
     if type(value) is not Key:
         _fail(op, field, "an object key", value)
-    return value
-
-
-def fields_map(op, field, value):
-    if type(value) is not dict or not all(type(k) is str and k.isidentifier() for k in value):
-        _fail(op, field, "a map of attribute names to values", value)
     return value
 
 
