@@ -12,6 +12,7 @@ import pytest
 import transaction
 
 from dobbin.database import Database
+from dobbin.persistent import checkout
 
 
 @pytest.fixture
@@ -83,3 +84,15 @@ def start_thread():
     yield start_thread
     for thread in started:
         thread.join()
+
+
+def commit_in_thread(start_thread, obj, **changes):
+    """Check out `obj` in another thread, set `changes` and commit there."""
+
+    def run():
+        checkout(obj)
+        for name, value in changes.items():
+            setattr(obj, name, value)
+        transaction.commit()
+
+    start_thread(run).join()

@@ -11,6 +11,7 @@ import pytest
 import transaction
 from transaction.interfaces import TransientError
 
+from conftest import commit_in_thread
 from dobbin.database import Database, PersistentStream
 from dobbin.exc import (ConflictError, DobbinError, ReadConflictError, ReadOnlyError,
                         WriteConflictError)
@@ -89,16 +90,6 @@ def all_oids(db):
         for value in db.load_state(oid)[1].get("items", []):
             todo.append(value._p_oid)
     return seen
-
-
-def commit_in_thread(start_thread, obj, **changes):
-    def run():
-        checkout(obj)
-        for name, value in changes.items():
-            setattr(obj, name, value)
-        transaction.commit()
-
-    start_thread(run).join()
 
 
 # -- oids --------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import threading
 import pytest
 import transaction
 
+from conftest import commit_in_thread
 from dobbin.exc import ConflictError, ObjectGraphError, WriteConflictError
 from dobbin.persistent import Persistent, checked_out, checkout
 
@@ -24,18 +25,6 @@ def stored_pair(open_db):
     db.elect(root)
     transaction.commit()
     return db, root, a, b
-
-
-def commit_in_thread(start_thread, obj, **changes):
-    """Check out `obj` in another thread, set `changes` and commit there."""
-
-    def run():
-        checkout(obj)
-        for name, value in changes.items():
-            setattr(obj, name, value)
-        transaction.commit()
-
-    start_thread(run).join()
 
 
 # -- abort -----------------------------------------------------------------------
