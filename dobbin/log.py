@@ -17,7 +17,7 @@ from zope.interface import implementer
 from dobbin.exc import CorruptionError, LockTimeoutError, ReadOnlyError, StorageError
 from dobbin.interfaces import ILog
 # The layout's names are part of the log's API, so they are importable here too.
-from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,  # noqa: F401
+from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            FILE_HEADER, FILE_HEADER_SIZE, FILE_MAGIC, FORMAT_VERSION, KEPT_KINDS,
                            KIND_INDEX, KIND_NOTE, KIND_OBJECT, KIND_ROOT, KIND_STREAM, KINDS,
                            MAX_LAG, STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER,
@@ -26,6 +26,13 @@ from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,  # 
                            stream_size)
 from dobbin.reader import READ_AHEAD, Damaged, Incomplete, read_record
 from dobbin.record import crc as _crc
+
+__all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE", "FAILED",
+           "FILE_HEADER", "FILE_HEADER_SIZE", "FILE_MAGIC", "FORMAT_VERSION", "KEPT_KINDS",
+           "KIND_INDEX", "KIND_NOTE", "KIND_OBJECT", "KIND_ROOT", "KIND_STREAM", "KINDS", "MAX_LAG",
+           "STREAM_CHUNK", "TRAILER", "TRAILER_MAGIC", "TRAILER_SIZE", "TX_HEADER",
+           "TX_HEADER_SIZE", "TX_MAGIC", "Entry", "IndexEntry", "NoteEntry", "ObjectEntry",
+           "Record", "RootEntry", "StreamEntry", "build_record", "parse_header", "stream_size"]
 
 _OBJECT_READ = 512
 _CREATE_TIMEOUT = 30.0
