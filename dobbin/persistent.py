@@ -16,7 +16,11 @@ from zope.interface import implementer
 
 from dobbin.interfaces import IPersistent, IPersistentDict
 from dobbin.session import _threads, copy_state, current_session, current_thread_key, thread_key
-from dobbin.stream import PersistentFile  # noqa: F401  (public name, per the guide)
+from dobbin.stream import PersistentFile
+
+# PersistentFile lives in dobbin.stream; the user's guide imports it from here.
+__all__ = ["Persistent", "PersistentDict", "PersistentFile", "checkout", "checked_out",
+           "state_of"]
 
 _get_ident = threading.get_ident
 _object_getattribute = object.__getattribute__
