@@ -21,9 +21,9 @@ from dobbin.index import Index
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock
 from dobbin.log import Log
-from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, KIND_OBJECT, KIND_ROOT,
-                           STREAM_CHUNK, TX_HEADER_SIZE, IndexEntry, NoteEntry, ObjectEntry,
-                           RootEntry, StreamEntry)
+from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT,
+                           TX_HEADER_SIZE, IndexEntry, NoteEntry, ObjectEntry, RootEntry,
+                           StreamEntry, stream_entry_size)
 from dobbin.persistent import Persistent, install_state, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.session import current_session
@@ -497,7 +497,7 @@ class Database:
             data = value._p_read()
             owner = value
         offset = commit.offset + TX_HEADER_SIZE + sum(
-            ENTRY_SIZE + len(stream.data) + 4 * -(-len(stream.data) // STREAM_CHUNK)
+            stream_entry_size(len(stream.data))
             for stream in commit.streams)
         commit.streams.append(StreamEntry(data))
         commit.stream_owners.append((owner, offset, len(data)))

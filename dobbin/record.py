@@ -95,6 +95,11 @@ class IndexEntry(namedtuple("IndexEntry", "data")):
     kind = KIND_INDEX
 
 
+def stream_entry_size(size):
+    """Bytes an S entry holding `size` stream bytes takes: header, data, crc table."""
+    return ENTRY_SIZE + size + 4 * -(-size // STREAM_CHUNK)
+
+
 def stream_size(length):
     """Bytes of stream data in an S entry whose data is `length` bytes."""
     chunks = -(-length // (STREAM_CHUNK + 4))

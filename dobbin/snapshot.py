@@ -8,9 +8,9 @@ back through a fresh reader and checks every checksum and the index.
 
 from dobbin.exc import DobbinError, HistoryError
 from dobbin.log import Log
-from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
-                           KIND_OBJECT, KIND_ROOT, STREAM_CHUNK, TX_HEADER_SIZE, ObjectEntry,
-                           RootEntry, StreamEntry)
+from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, FILE_HEADER_SIZE, KIND_OBJECT,
+                           KIND_ROOT, TX_HEADER_SIZE, ObjectEntry, RootEntry, StreamEntry,
+                           stream_entry_size)
 from dobbin.serialize import StateWriter, load_state
 from dobbin.stream import PersistentStream
 
@@ -61,7 +61,7 @@ def snapshot(source, target, until=None):
             if value.offset not in stream_offsets:
                 data = b"".join(PersistentStream(source, value.offset))
                 stream_offsets[value.offset] = position[0]
-                position[0] += ENTRY_SIZE + len(data) + 4 * -(-len(data) // STREAM_CHUNK)
+                position[0] += stream_entry_size(len(data))
                 streams.append(StreamEntry(data))
             return ("S", stream_offsets[value.offset])
         return None
