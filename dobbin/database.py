@@ -40,6 +40,12 @@ CHECKPOINT_MIN_BYTES = 1 << 14
 DEFAULT_CACHE_SIZE = 128 << 20
 
 
+# The slots read directly: eviction touches every cached object and must
+# not pay for Persistent.__getattribute__.
+_size_of = Persistent._p_size.__get__
+_checkouts_of = Persistent._p_local.__get__
+_set_ghost = Persistent._p_ghost.__set__
+
 def _state_cost(pickled_size):
     # In-memory size of an unpickled state: several times its pickle, plus
     # the object's own overhead (calibrated on the scale benchmark, where
@@ -116,6 +122,7 @@ class Database:
         self._identities_pruned_at = 1024
         self._loaded = collections.OrderedDict()   # oid -> obj, oldest first
         self._loaded_bytes = 0
+        self._evict_retry_at = 0
         self._root = None
         self._synchronizer = _Synchronizer(self)
         self._threads = threading.local()
@@ -314,27 +321,34 @@ class Database:
         install_state(obj, state, serial, cost)
         self._loaded[oid] = obj
         self._loaded_bytes += cost
-        if self.cache_size is not None and self._loaded_bytes > self.cache_size:
+        if (self.cache_size is not None and self._loaded_bytes > self.cache_size
+                and self._loaded_bytes > self._evict_retry_at):
             self._evict()
 
     def _evict(self):
         kept = []
         loaded = self._loaded
+        cache_size = self.cache_size
         # The newest state stays even if it alone outgrows the cache: its
         # reader is about to use it.
-        while self._loaded_bytes > self.cache_size and len(loaded) > 1:
+        while self._loaded_bytes > cache_size and len(loaded) > 1:
             oid, obj = loaded.popitem(last=False)
-            self._loaded_bytes -= obj._p_size
-            if obj._p_local:
+            self._loaded_bytes -= _size_of(obj)
+            if _checkouts_of(obj):
                 kept.append((oid, obj))  # checked out: a thread relies on it
                 continue
             # Ghost flag first, then the empty dict: see Persistent.__getattribute__.
-            obj._p_ghost = True
+            _set_ghost(obj, True)
             object.__setattr__(obj, "__dict__", {})
-        for oid, obj in kept:
+        for oid, obj in reversed(kept):
             loaded[oid] = obj
             loaded.move_to_end(oid, last=False)
-            self._loaded_bytes += obj._p_size
+            self._loaded_bytes += _size_of(obj)
+        # States that stayed because they are checked out would be scanned
+        # again on every load (quadratic in a big commit): try again only
+        # once the cache has grown by another eighth.
+        self._evict_retry_at = (self._loaded_bytes + cache_size // 8
+                                if self._loaded_bytes > cache_size else 0)
 
     def _maybe_checkpoint(self):
         """Append a checkpoint if the log outgrew the last one; lock held."""

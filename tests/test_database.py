@@ -654,6 +654,27 @@ def test_a_database_larger_than_its_cache_works_and_stays_bounded(open_db):
     assert [small.root[n]["payload"][:3] for n in (0, 150, 299)] == ["xxx"] * 3
 
 
+def test_commit_larger_than_the_cache_is_evicted_once_no_longer_checked_out(open_db):
+    small = open_db(cache_size=50_000)
+    root = PersistentDict()
+    checkout(root)
+    small.elect(root)
+    for n in range(300):
+        root[n] = PersistentDict(payload="x" * 1000, n=n)
+    transaction.commit()  # every state checked out while it is installed
+    assert small._loaded_bytes > 50_000
+    # Later loads find the committed states evictable and bring the cache
+    # back within its bound.
+    other = open_db()
+    checkout(other.root)
+    for n in range(300, 400):
+        other.root[n] = PersistentDict(payload="z" * 1000, n=n)
+    transaction.commit()
+    transaction.begin()  # small catches up
+    assert sum(small.root[n]["n"] for n in range(400)) == sum(range(400))
+    assert small._loaded_bytes <= 50_000 or len(small._loaded) == 1
+
+
 def test_identity_holds_while_reachable_even_after_eviction(open_db):
     db = open_db()
     root = PersistentDict()
