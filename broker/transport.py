@@ -92,8 +92,23 @@ class Connection:
         self._sub.setsockopt(zmq.LINGER, 0)
         self._secure(self._sub)
         self._sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC)
-        self._sub.connect(endpoint)
+        self._connect_and_wait(self._sub, endpoint)
         self._sub_endpoint = endpoint
+
+    def _connect_and_wait(self, sub, endpoint):
+        # A PUB socket drops what it sends before our subscription reaches
+        # it, so a commit made right after we connect would be missed (the
+        # client stays correct, but learns of it only at its next begin()).
+        # Wait, up to the request timeout, for the handshake: the
+        # subscription follows it at once.
+        monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            sub.connect(endpoint)
+            if monitor.poll(int(self.timeout * 1000)):
+                monitor.recv_multipart()
+        finally:
+            sub.disable_monitor()
+            monitor.close(0)
 
     def request(self, op, fields, while_waiting=None):
         """Send one request; return (server instance, ok, result or error wire).
