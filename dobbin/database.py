@@ -120,7 +120,7 @@ class Database:
         self._index = Index()
         self._identities = {}   # oid -> weakref: one object per oid while reachable
         self._identities_pruned_at = 1024
-        self._loaded = collections.OrderedDict()   # oid -> obj, oldest first
+        self._loaded = {}   # oid -> obj, oldest load first
         self._loaded_bytes = 0
         self._evict_retry_at = 0
         self._root = None
@@ -298,6 +298,11 @@ class Database:
         return obj
 
     def _cached(self, oid):
+        # A loaded object is held by the cache; only the others (ghosts)
+        # need a weak reference, which would cost 130 bytes per object.
+        obj = self._loaded.get(oid)
+        if obj is not None:
+            return obj
         ref = self._identities.get(oid)
         return None if ref is None else ref()
 
@@ -320,30 +325,39 @@ class Database:
         cost = _state_cost(pickled_size)
         install_state(obj, state, serial, cost)
         self._loaded[oid] = obj
+        self._identities.pop(oid, None)  # after the line above: see _cached
         self._loaded_bytes += cost
         if (self.cache_size is not None and self._loaded_bytes > self.cache_size
                 and self._loaded_bytes > self._evict_retry_at):
             self._evict()
 
     def _evict(self):
-        kept = []
         loaded = self._loaded
         cache_size = self.cache_size
+        # Down to 15/16 of the bound, so that evictions come in batches: a
+        # dict gives up its oldest entries cheaply only in bulk.
+        excess = self._loaded_bytes - (cache_size - cache_size // 16)
+        victims = []
         # The newest state stays even if it alone outgrows the cache: its
         # reader is about to use it.
-        while self._loaded_bytes > cache_size and len(loaded) > 1:
-            oid, obj = loaded.popitem(last=False)
-            self._loaded_bytes -= _size_of(obj)
+        candidates = len(loaded) - 1
+        for oid, obj in loaded.items():
+            if excess <= 0 or len(victims) == candidates:
+                break
+            victims.append((oid, obj))
+            excess -= _size_of(obj)
+        identities = self._identities
+        for oid, obj in victims:
             if _checkouts_of(obj):
-                kept.append((oid, obj))  # checked out: a thread relies on it
+                del loaded[oid]
+                loaded[oid] = obj  # checked out, so in use: now the newest
                 continue
+            identities[oid] = weakref.ref(obj)  # before it leaves the cache: see _cached
+            del loaded[oid]
+            self._loaded_bytes -= _size_of(obj)
             # Ghost flag first, then the empty dict: see Persistent.__getattribute__.
             _set_ghost(obj, True)
             object.__setattr__(obj, "__dict__", {})
-        for oid, obj in reversed(kept):
-            loaded[oid] = obj
-            loaded.move_to_end(oid, last=False)
-            self._loaded_bytes += _size_of(obj)
         # States that stayed because they are checked out would be scanned
         # again on every load (quadratic in a big commit): try again only
         # once the cache has grown by another eighth.
@@ -562,7 +576,6 @@ class Database:
             with self._state_lock:
                 record = self._log.append(COMMITTED, commit.oid_high, entries, wait=False)
                 for obj, state, entry in commit.stored:
-                    self._remember(obj)
                     self._install(obj, state, record.tid, len(entry.data))
                 for owner, offset, size in commit.stream_owners:
                     if owner is not None:
