@@ -200,11 +200,6 @@ class ILog(Interface):
         `dobbin.exc.CorruptionError`, or with `repair` is cut away too.
         """
 
-    def only_zeros_after_end(file_size=None):
-        """Is everything after `end`, up to `file_size` (default: the
-        file's size), zero bytes preallocated for later records?  False
-        means an unreadable record follows."""
-
     def read_object(offset, oid=None):
         """Return ``(previous, data)`` of the checked object entry at `offset`."""
 

@@ -30,15 +30,11 @@ from dobbin.record import crc as _crc
 __all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE", "FAILED",
            "FILE_HEADER", "FILE_HEADER_SIZE", "FILE_MAGIC", "FORMAT_VERSION", "KEPT_KINDS",
            "KIND_INDEX", "KIND_NOTE", "KIND_OBJECT", "KIND_ROOT", "KIND_STREAM", "KINDS", "MAX_LAG",
-           "PREALLOCATE", "STREAM_CHUNK", "TRAILER", "TRAILER_MAGIC", "TRAILER_SIZE", "TX_HEADER",
+           "STREAM_CHUNK", "TRAILER", "TRAILER_MAGIC", "TRAILER_SIZE", "TX_HEADER",
            "TX_HEADER_SIZE", "TX_MAGIC", "Entry", "IndexEntry", "NoteEntry", "ObjectEntry",
            "Record", "RootEntry", "StreamEntry", "build_record", "parse_header", "stream_size"]
 
 _OBJECT_READ = 512
-# Zeros written after a record that outgrows the file (docs/format.txt,
-# "Preallocated space").
-PREALLOCATE = 1 << 18
-_ZEROS = bytes(PREALLOCATE)
 _CREATE_TIMEOUT = 30.0
 _IOV_MAX = 512
 DURABILITY = ("fsync", "none")
@@ -78,7 +74,6 @@ class Log:
         self.checkpoint_end = FILE_HEADER_SIZE
         self.synced_end = 0        # bytes known to be durable
         self.synced_tid = 0        # the last tid within them
-        self._tail_checked = False  # the preallocated space holds only zeros
         self._sync_done = threading.Condition()
         self._syncing = False
 
@@ -193,8 +188,6 @@ class Log:
         lag = 0 if self.durability != "fsync" else min(self.last_tid - self.synced_tid, MAX_LAG)
         buffers, length, read_entries = build_record(status, tid, oid_high, offset,
                                                       self.checkpoint, lag, entries, stamp)
-        if self.durability == "fsync" and offset + length > self.size():
-            buffers = list(buffers) + [_ZEROS]
         try:
             self._write(buffers, offset)
         except OSError as error:
@@ -310,18 +303,15 @@ class Log:
 
     def _find_last_header(self, file_size):
         """(offset, status, checkpoint) of the last sound record header."""
-        # Step back over preallocated zeros: the trailer's last non-zero
-        # byte is at most 8 bytes (its length's high bytes) before its end.
-        data_end = self._end_of_data(file_size)
-        for position in range(data_end, min(data_end + 8, file_size) + 1):
-            found = self._record_ending_at(position)
-            if found is not None:
-                return found
-        position = min(data_end + 8, file_size)
+        position = file_size
         while position > FILE_HEADER_SIZE:
-            found = self._record_ending_at(position)
-            if found is not None:
-                return found
+            if position - TRAILER_SIZE >= FILE_HEADER_SIZE:
+                _crc_value, magic, length = TRAILER.unpack(
+                    os.pread(self.fd, TRAILER_SIZE, position - TRAILER_SIZE))
+                if magic == TRAILER_MAGIC and FILE_HEADER_SIZE <= position - length < position:
+                    header = self._sound_header(position - length)
+                    if header is not None and header[0] == length:
+                        return position - length, header[1], header[2]
             # Not a clean end: search back for a record magic (a torn tail).
             start = max(FILE_HEADER_SIZE, position - READ_AHEAD)
             chunk = os.pread(self.fd, position - start, start)
@@ -333,29 +323,6 @@ class Log:
                 index = chunk.rfind(TX_MAGIC, 0, index)
             position = start + 3 if start > FILE_HEADER_SIZE else FILE_HEADER_SIZE
         return None
-
-    def _record_ending_at(self, position):
-        """(offset, status, checkpoint) of a sound record ending at `position`, or None."""
-        if position - TRAILER_SIZE < FILE_HEADER_SIZE:
-            return None
-        _crc_value, magic, length = TRAILER.unpack(
-            os.pread(self.fd, TRAILER_SIZE, position - TRAILER_SIZE))
-        if magic == TRAILER_MAGIC and FILE_HEADER_SIZE <= position - length < position:
-            header = self._sound_header(position - length)
-            if header is not None and header[0] == length:
-                return position - length, header[1], header[2]
-        return None
-
-    def _end_of_data(self, file_size):
-        """The offset after the last non-zero byte of the file (header excluded)."""
-        position = file_size
-        while position > FILE_HEADER_SIZE:
-            start = max(FILE_HEADER_SIZE, position - (1 << 16))
-            chunk = os.pread(self.fd, position - start, start).rstrip(b"\0")
-            if chunk:
-                return start + len(chunk)
-            position = start
-        return FILE_HEADER_SIZE
 
     def _sound_header(self, offset):
         header = os.pread(self.fd, TX_HEADER_SIZE, offset)
@@ -380,7 +347,7 @@ class Log:
         commit still being written; the next writer deals with it.
         """
         file_size = self.size()
-        while self.end < file_size and not self._zero_header_at(self.end):
+        while self.end < file_size:
             try:
                 record = read_record(self.fd, self.end, self.last_tid + 1, file_size)
             except Damaged as damage:
@@ -404,9 +371,6 @@ class Log:
         self.dropped = None
         file_size = self.size()
         while self.end < file_size:
-            if self._zero_header_at(self.end):
-                self._check_tail(file_size)
-                return
             try:
                 record = read_record(self.fd, self.end, self.last_tid + 1, file_size)
             except Incomplete:
@@ -438,31 +402,6 @@ class Log:
                     "says it was durable; open with repair=True to keep the %d transactions "
                     "before it" % (reason, witness, self.last_tid), self.path, where)
             return
-
-    def _zero_header_at(self, offset):
-        """Does the log end at `offset`, before preallocated zeros?"""
-        return not os.pread(self.fd, TX_HEADER_SIZE, offset).strip(b"\0")
-
-    def _check_tail(self, file_size):
-        # Once per open: only a machine crash leaves bytes after a zero
-        # header (docs/format.txt), and then they are a torn write.
-        if self._tail_checked:
-            return
-        if not self.only_zeros_after_end(file_size):
-            self._cut("torn", "bytes of a torn write after the end of the log")
-            return
-        self._tail_checked = True
-
-    def only_zeros_after_end(self, file_size=None):
-        """Is everything after the last record read preallocated zeros (or nothing)?"""
-        position = self.end
-        file_size = self.size() if file_size is None else file_size
-        while position < file_size:
-            chunk = os.pread(self.fd, min(READ_AHEAD, file_size - position), position)
-            if not chunk or chunk.strip(b"\0"):
-                return False
-            position += len(chunk)
-        return True
 
     def _cut(self, label, reason):
         if self.read_only:

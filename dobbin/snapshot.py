@@ -99,8 +99,9 @@ def verify(db):
                     latest[entry.oid] = entry.offset
                 elif entry.kind != KIND_ROOT and record.status == COMMITTED:
                     report["streams"] += 1
-        report["bytes"] = checker.end
-        if not checker.only_zeros_after_end():
+        size = checker.size()
+        report["bytes"] = size
+        if checker.end != size:
             report["errors"].append("unreadable record at offset %d: %s"
                                     % (checker.end, checker.diagnose()))
         with db._state_lock:

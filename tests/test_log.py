@@ -16,7 +16,7 @@ import pytest
 
 from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
 from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
-                        PREALLOCATE, STREAM_CHUNK, TRAILER_SIZE, TX_HEADER_SIZE, IndexEntry, Log, NoteEntry,
+                        STREAM_CHUNK, TRAILER_SIZE, TX_HEADER_SIZE, IndexEntry, Log, NoteEntry,
                         ObjectEntry, RootEntry, StreamEntry)
 
 # Field offsets, from docs/format.txt.
@@ -744,81 +744,6 @@ def test_durability_values(path):
     for durability in ("sync", "", None, "FSYNC"):
         with pytest.raises(ValueError, match="durability"):
             Log(path, durability=durability)
-
-
-# -- preallocated space (docs/format.txt) ------------------------------------------
-
-
-def test_fsync_durability_writes_zeros_after_a_record_that_outgrows_the_file(path):
-    log = Log(path)
-    first = log.append(COMMITTED, 2, [object_entry(1)])
-    size = os.path.getsize(path)
-    assert size == first.offset + first.length + PREALLOCATE
-    second = log.append(COMMITTED, 3, [object_entry(2)])
-    assert os.path.getsize(path) == size, "the second record overwrites zeros"
-    assert read_file(path)[second.offset + second.length:] == bytes(size - log.end)
-    log.close()
-    reopened = Log(path)
-    assert [record.tid for record in reopened.recover()] == [1, 2]
-    assert reopened.append(COMMITTED, 4, [object_entry(3)]).tid == 3
-    reopened.close()
-    assert os.path.getsize(path) == size
-
-
-def test_no_durability_preallocates_nothing(path):
-    log = Log(path, durability="none")
-    record = log.append(COMMITTED, 2, [object_entry(1)])
-    assert os.path.getsize(path) == record.offset + record.length
-    log.close()
-
-
-def test_the_log_ends_before_preallocated_zeros(path):
-    log = Log(path)
-    ends = [log.append(COMMITTED, 2, [object_entry(tid)]).tid for tid in (1, 2, 3)]
-    end = log.end
-    log.close()
-    assert ends == [1, 2, 3]
-    assert follow(path) == ([1, 2, 3], end)
-    tids, dropped = recover(path)
-    assert (tids, dropped) == ([1, 2, 3], None)
-    assert os.path.getsize(path) > end, "the zeros are kept for the next records"
-    checker = Log(path, read_only=True)
-    list(checker.follow())
-    assert checker.only_zeros_after_end()
-    checker.close()
-
-
-def test_opening_finds_the_newest_checkpoint_before_preallocated_zeros(tmp_path, path):
-    log = Log(path)
-    for tid in range(1, 4):
-        log.append(COMMITTED, 100, [object_entry(tid)])
-    checkpoint = log.append(CHECKPOINT, 100, [IndexEntry(b"index as of 3")])
-    log.append(COMMITTED, 100, [object_entry(4, size=256)])  # a trailer length ending in 0x00
-    log.close()
-    assert os.path.getsize(path) > log.end
-    reopened = Log(path, durability="none")
-    assert reopened.open_checkpoint().offset == checkpoint.offset
-    assert [record.tid for record in reopened.recover()] == [4]
-    reopened.close()
-
-
-def test_bytes_after_a_zero_header_are_a_torn_write_cut_on_open(path):
-    log = Log(path)
-    log.append(COMMITTED, 2, [object_entry(1)])
-    end = log.end
-    log.close()
-    # A machine crash persisted a later page of a record, not its first.
-    with open(path, "r+b") as f:
-        f.seek(end + 4096)
-        f.write(b"later page of a torn record")
-    reader = Log(path, read_only=True)
-    assert [record.tid for record in reader.follow()] == [1]
-    assert not reader.only_zeros_after_end()
-    reader.close()
-    tids, dropped = recover(path)
-    assert tids == [1] and dropped["offset"] == end
-    assert os.path.getsize(path) == end
-    assert b"later page of a torn record" in read_file(dropped["saved_as"])
 
 
 def count_syncs(monkeypatch):
