@@ -15,6 +15,7 @@ import weakref
 import transaction
 from zope.interface import implementer
 
+from dobbin.cache import ObjectCache
 from dobbin.exc import (ConflictError, DobbinError, HistoryError, LoadError,
                         ReadConflictError, ReadOnlyError, StorageError, WriteConflictError)
 from dobbin.index import Index
@@ -24,7 +25,7 @@ from dobbin.log import Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT,
                            TX_HEADER_SIZE, IndexEntry, NoteEntry, ObjectEntry, RootEntry,
                            StreamEntry, stream_entry_size)
-from dobbin.persistent import Persistent, install_state, new_ghost
+from dobbin.persistent import Persistent, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.session import current_session
 from dobbin.snapshot import snapshot, verify
@@ -38,19 +39,6 @@ logger = logging.getLogger("dobbin")
 # than the index itself since the last one (see docs/format.txt).
 CHECKPOINT_MIN_BYTES = 1 << 14
 DEFAULT_CACHE_SIZE = 128 << 20
-
-
-# The slots read directly: eviction touches every cached object and must
-# not pay for Persistent.__getattribute__.
-_size_of = Persistent._p_size.__get__
-_checkouts_of = Persistent._p_local.__get__
-_set_ghost = Persistent._p_ghost.__set__
-
-def _state_cost(pickled_size):
-    # In-memory size of an unpickled state: several times its pickle, plus
-    # the object's own overhead (calibrated on the scale benchmark, where
-    # RSS grew by twice what 4x + 256 predicted).
-    return 8 * pickled_size + 512
 
 
 class _Synchronizer:
@@ -108,7 +96,6 @@ class Database:
                  cache_size=DEFAULT_CACHE_SIZE, read_only=False, repair=False):
         self.path = os.fspath(path)
         self.read_only = read_only
-        self.cache_size = cache_size
         self.closed = False
         self._log = Log(self.path, durability=durability, read_only=read_only)
         self._lock = WriteLock(self._log.fd, self.path, lock_timeout)
@@ -118,11 +105,7 @@ class Database:
         self._notes = collections.deque()
         self._subscribers = []
         self._index = Index()
-        self._identities = {}   # oid -> weakref: one object per oid while reachable
-        self._identities_pruned_at = 1024
-        self._loaded = {}   # oid -> obj, oldest load first
-        self._loaded_bytes = 0
-        self._evict_retry_at = 0
+        self._cache = ObjectCache(cache_size)
         self._root = None
         self._synchronizer = _Synchronizer(self)
         self._threads = threading.local()
@@ -172,6 +155,11 @@ class Database:
     def durability(self):
         return self._log.durability
 
+    @property
+    def cache_size(self):
+        """The bound, in bytes, of the loaded states (None: no bound)."""
+        return self._cache.cache_size
+
     def __len__(self):
         return self._index.count
 
@@ -207,11 +195,11 @@ class Database:
 
     def get(self, oid):
         self._register_thread()
-        obj = self._cached(oid)
+        obj = self._cache.get(oid)
         if obj is not None:
             return obj
         with self._state_lock:
-            obj = self._cached(oid)
+            obj = self._cache.get(oid)
             if obj is not None:
                 return obj
             offset = self._index.offset_of(oid)
@@ -220,7 +208,7 @@ class Database:
             tid, _previous, data = self._log.read_object(offset, oid)
             cls, state = self._load(data, oid)
             obj = self._new_ghost(oid, cls)
-            self._install(obj, state, tid, len(data))
+            self._cache.install(obj, state, tid, len(data))
             return obj
 
     def sync(self):
@@ -273,7 +261,7 @@ class Database:
             if not offset:
                 raise DobbinError("oid %d has no stored state in %s" % (oid, self.path))
             tid, _previous, data = self._log.read_object(offset, oid)
-            self._install(obj, self._load(data, oid)[1], tid, len(data))
+            self._cache.install(obj, self._load(data, oid)[1], tid, len(data))
 
     def _load(self, data, oid):
         return load_state(data, self._persistent_load, "of oid %d in %s" % (oid, self.path))
@@ -284,85 +272,18 @@ class Database:
             if key == "S" and type(value) is int:
                 return PersistentStream(self, value)
             if type(key) is int and isinstance(value, type) and issubclass(value, Persistent):
-                obj = self._cached(key)
+                obj = self._cache.get(key)
                 if obj is not None:
                     return obj
                 with self._state_lock:
-                    obj = self._cached(key)
+                    obj = self._cache.get(key)
                     return self._new_ghost(key, value) if obj is None else obj
         raise LoadError("bad reference %r in %s" % (pid, self.path))
 
     def _new_ghost(self, oid, cls):
         obj = new_ghost(cls, oid, self)
-        self._remember(obj)
+        self._cache.remember(obj)
         return obj
-
-    def _cached(self, oid):
-        # A loaded object is held by the cache; only the others (ghosts)
-        # need a weak reference, which would cost 130 bytes per object.
-        obj = self._loaded.get(oid)
-        if obj is not None:
-            return obj
-        ref = self._identities.get(oid)
-        return None if ref is None else ref()
-
-    def _remember(self, obj):
-        """Keep `obj` as the object of its oid; caller holds the state lock."""
-        identities = self._identities
-        identities[obj._p_oid] = weakref.ref(obj)
-        if len(identities) > 2 * self._identities_pruned_at:
-            # Dropping dead references now and then costs less than a
-            # callback on every object's death.
-            for oid in [oid for oid, ref in identities.items() if ref() is None]:
-                del identities[oid]
-            self._identities_pruned_at = max(1024, len(identities))
-
-    def _install(self, obj, state, serial, pickled_size):
-        """Make `state` the shared state of `obj`; caller holds the state lock."""
-        oid = obj._p_oid
-        if self._loaded.pop(oid, None) is not None:
-            self._loaded_bytes -= obj._p_size
-        cost = _state_cost(pickled_size)
-        install_state(obj, state, serial, cost)
-        self._loaded[oid] = obj
-        self._identities.pop(oid, None)  # after the line above: see _cached
-        self._loaded_bytes += cost
-        if (self.cache_size is not None and self._loaded_bytes > self.cache_size
-                and self._loaded_bytes > self._evict_retry_at):
-            self._evict()
-
-    def _evict(self):
-        loaded = self._loaded
-        cache_size = self.cache_size
-        # Down to 15/16 of the bound, so that evictions come in batches: a
-        # dict gives up its oldest entries cheaply only in bulk.
-        excess = self._loaded_bytes - (cache_size - cache_size // 16)
-        victims = []
-        # The newest state stays even if it alone outgrows the cache: its
-        # reader is about to use it.
-        candidates = len(loaded) - 1
-        for oid, obj in loaded.items():
-            if excess <= 0 or len(victims) == candidates:
-                break
-            victims.append((oid, obj))
-            excess -= _size_of(obj)
-        identities = self._identities
-        for oid, obj in victims:
-            if _checkouts_of(obj):
-                del loaded[oid]
-                loaded[oid] = obj  # checked out, so in use: now the newest
-                continue
-            identities[oid] = weakref.ref(obj)  # before it leaves the cache: see _cached
-            del loaded[oid]
-            self._loaded_bytes -= _size_of(obj)
-            # Ghost flag first, then the empty dict: see Persistent.__getattribute__.
-            _set_ghost(obj, True)
-            object.__setattr__(obj, "__dict__", {})
-        # States that stayed because they are checked out would be scanned
-        # again on every load (quadratic in a big commit): try again only
-        # once the cache has grown by another eighth.
-        self._evict_retry_at = (self._loaded_bytes + cache_size // 8
-                                if self._loaded_bytes > cache_size else 0)
 
     def _maybe_checkpoint(self):
         """Append a checkpoint if the log outgrew the last one; lock held."""
@@ -394,9 +315,9 @@ class Database:
                 self._index.set_offset(entry.oid, entry.offset)
                 changed.append(entry.oid)
                 if reload:
-                    obj = self._cached(entry.oid)
+                    obj = self._cache.get(entry.oid)
                     if obj is not None and not obj._p_ghost:
-                        self._install(obj, self._load(entry.data, entry.oid)[1], record.tid,
+                        self._cache.install(obj, self._load(entry.data, entry.oid)[1], record.tid,
                                       len(entry.data))
             elif entry.kind == KIND_ROOT:
                 self._index.roots.append((record.tid, entry.oid))
@@ -576,7 +497,7 @@ class Database:
             with self._state_lock:
                 record = self._log.append(COMMITTED, commit.oid_high, entries, wait=False)
                 for obj, state, entry in commit.stored:
-                    self._install(obj, state, record.tid, len(entry.data))
+                    self._cache.install(obj, state, record.tid, len(entry.data))
                 for owner, offset, size in commit.stream_owners:
                     if owner is not None:
                         owner._p_become_stream(self, offset, size)

@@ -648,8 +648,8 @@ def test_a_database_larger_than_its_cache_works_and_stays_bounded(open_db):
     small = open_db(cache_size=50_000)
     total = sum(small.root[n]["n"] for n in range(300))
     assert total == sum(range(300))
-    assert small._loaded_bytes <= 50_000 or len(small._loaded) == 1
-    assert len(small._loaded) < 300
+    assert small._cache.loaded_bytes <= 50_000 or len(small._cache.loaded) == 1
+    assert len(small._cache.loaded) < 300
     # Evicted states load again, right, when touched.
     assert [small.root[n]["payload"][:3] for n in (0, 150, 299)] == ["xxx"] * 3
 
@@ -662,7 +662,7 @@ def test_commit_larger_than_the_cache_is_evicted_once_no_longer_checked_out(open
     for n in range(300):
         root[n] = PersistentDict(payload="x" * 1000, n=n)
     transaction.commit()  # every state checked out while it is installed
-    assert small._loaded_bytes > 50_000
+    assert small._cache.loaded_bytes > 50_000
     # Later loads find the committed states evictable and bring the cache
     # back within its bound.
     other = open_db()
@@ -672,7 +672,7 @@ def test_commit_larger_than_the_cache_is_evicted_once_no_longer_checked_out(open
     transaction.commit()
     transaction.begin()  # small catches up
     assert sum(small.root[n]["n"] for n in range(400)) == sum(range(400))
-    assert small._loaded_bytes <= 50_000 or len(small._loaded) == 1
+    assert small._cache.loaded_bytes <= 50_000 or len(small._cache.loaded) == 1
 
 
 def test_identity_holds_while_reachable_even_after_eviction(open_db):

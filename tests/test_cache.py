@@ -1,0 +1,100 @@
+"""Tests of dobbin.cache: identity, the byte bound, and what eviction spares."""
+
+import gc
+
+from dobbin.cache import ObjectCache, state_cost
+from dobbin.persistent import Persistent, new_ghost
+
+
+class Thing(Persistent):
+    pass
+
+
+def ghost(oid):
+    return new_ghost(Thing, oid, None)
+
+
+def loaded(cache, oid, size=10):
+    obj = ghost(oid)
+    cache.remember(obj)
+    cache.install(obj, {"n": oid}, 1, size)
+    return obj
+
+
+def test_a_loaded_object_is_held_and_counted():
+    cache = ObjectCache(None)
+    obj = loaded(cache, 1, size=10)
+    del obj
+    gc.collect()
+    assert cache.get(1).n == 1
+    assert cache.loaded_bytes == state_cost(10)
+
+
+def test_a_ghost_is_the_object_of_its_oid_only_while_reachable():
+    cache = ObjectCache(None)
+    obj = ghost(7)
+    cache.remember(obj)
+    assert cache.get(7) is obj
+    del obj
+    gc.collect()
+    assert cache.get(7) is None
+
+
+def test_reinstalling_a_state_replaces_its_cost():
+    cache = ObjectCache(None)
+    obj = loaded(cache, 1, size=10)
+    cache.install(obj, {"n": 2}, 2, 30)
+    assert (obj.n, obj._p_serial, cache.loaded_bytes) == (2, 2, state_cost(30))
+
+
+def test_the_oldest_states_are_evicted_past_the_bound():
+    cache = ObjectCache(3 * state_cost(10))
+    objects = [loaded(cache, oid) for oid in range(1, 6)]
+    assert cache.loaded_bytes <= cache.cache_size
+    # Evicted in a batch, oldest first, down to 15/16 of the bound.
+    assert [obj._p_ghost for obj in objects] == [True, True, False, False, False]
+    assert list(cache.loaded) == [3, 4, 5]
+    # Evicted objects keep their identity while held.
+    assert cache.get(1) is objects[0]
+
+
+def test_an_evicted_object_nobody_holds_is_forgotten():
+    cache = ObjectCache(state_cost(10))
+    loaded(cache, 1)
+    loaded(cache, 2)
+    gc.collect()
+    assert cache.get(1) is None and cache.get(2) is not None
+
+
+def test_the_newest_state_stays_even_if_it_outgrows_the_bound():
+    cache = ObjectCache(100)
+    obj = loaded(cache, 1, size=1000)
+    assert not obj._p_ghost and list(cache.loaded) == [1]
+
+
+def test_checked_out_states_are_spared_and_become_the_newest():
+    cache = ObjectCache(2 * state_cost(10))
+    first = loaded(cache, 1)
+    first._p_local = {"a thread": {"n": 1}}
+    for oid in range(2, 5):
+        loaded(cache, oid)
+    assert not first._p_ghost
+    assert 1 in cache.loaded and list(cache.loaded)[0] != 1
+
+
+def test_a_cache_full_of_checked_out_states_is_not_rescanned_on_every_install():
+    cost = state_cost(10)
+    cache = ObjectCache(16 * cost)
+    pinned = []
+    for oid in range(1, 18):  # the 17th install finds nothing to evict
+        obj = loaded(cache, oid)
+        obj._p_local = {"a thread": {}}
+        pinned.append(obj)
+    order = list(cache.loaded)
+    loaded(cache, 18)  # an eighth of the bound has not been added since
+    assert list(cache.loaded) == order + [18], "no second pass over the pinned states"
+    for obj in pinned:
+        obj._p_local = None
+    loaded(cache, 19)
+    loaded(cache, 20)  # past the eighth: evicts what is no longer checked out
+    assert cache.loaded_bytes <= cache.cache_size
