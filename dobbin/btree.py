@@ -156,7 +156,7 @@ class OOBTree(Persistent):
         for _ in range(_RESTARTS):
             path, node = [], self._root
             try:
-                while isinstance(node, Node):
+                while type(node) is Node:  # isinstance() would ask a Bucket its __class__
                     keys, children = _node_state(node)
                     if not children:
                         break  # unlinked by a concurrent commit
@@ -195,19 +195,23 @@ class OOBTree(Persistent):
         return None, False
 
     def _writable_bucket(self, key):
-        """Return (path, bucket, index, found) with `bucket` checked out and
-        verified to be the one for `key`; None if it must start over."""
+        """Return (path, bucket, state, index, found) with `bucket` checked
+        out and verified to be the one for `key`, `state` its working copy;
+        None if it must start over."""
         path, bucket, _ = self._find(key)
         checkout(bucket)
-        keys, high = bucket.keys, bucket.high
+        # Its working dict, not its attributes: an insert into a big tree
+        # is mostly attribute lookups otherwise.
+        state = state_of(bucket)
+        keys, high = state["keys"], state["high"]
         try:
-            if bucket.unlinked or (high is not None and not key < high):
+            if state.get("unlinked", False) or (high is not None and not key < high):
                 return None  # split or unlinked before our checkout
             index = bisect_left(keys, key)
             found = index < len(keys) and not key < keys[index]
         except TypeError as exc:
             raise _incomparable(key, exc) from None
-        return path, bucket, index, found
+        return path, bucket, state, index, found
 
     # -- reading -----------------------------------------------------------
 
@@ -247,8 +251,13 @@ class OOBTree(Persistent):
         """Return a lazy view of the (key, value) pairs; see `keys`."""
         return RangeView(self, 2, min, max, excludemin, excludemax)
 
-    def _iter_range(self, min, max, excludemin, excludemax):
-        """Yield (key, value) pairs inside the bounds, leaf by leaf."""
+    def _iter_range(self, min, max, excludemin, excludemax, prefetch=False):
+        """Yield (key, value) pairs inside the bounds, leaf by leaf.
+
+        With `prefetch`, the values of each leaf are loaded together as
+        it is reached (see `Database.prefetch`), for callers that use them.
+        """
+        jar = self._p_jar if prefetch else None
         for bound in (min, max):
             if bound is not None:
                 _check_key(bound)
@@ -267,6 +276,8 @@ class OOBTree(Persistent):
                 start = (bisect_right if exclusive else bisect_left)(
                     keys, after)
             end = len(keys) if max is None else end_of(keys, max)
+            if jar is not None and end > start:
+                jar.prefetch(values[start:end])
             for at in range(start, end):
                 yield keys[at], values[at]
             if end < len(keys) or next is None:
@@ -342,17 +353,18 @@ class OOBTree(Persistent):
             found = self._writable_bucket(key)
             if found is None:
                 continue
-            path, bucket, index, found = found
+            path, bucket, state, index, found = found
+            keys, values = state["keys"], state["values"]
             if found:
-                bucket.values[index] = value
+                values[index] = value
                 return
-            if (len(bucket.keys) >= self.max_bucket_size
-                    and not self._checkout_for_split(path, bucket)):
+            limit = self.max_bucket_size
+            if len(keys) >= limit and not self._checkout_for_split(path, bucket):
                 continue
-            bucket.keys.insert(index, key)
-            bucket.values.insert(index, value)
+            keys.insert(index, key)
+            values.insert(index, value)
             self._length.change(1)
-            if len(bucket.keys) > self.max_bucket_size:
+            if len(keys) > limit:
                 self._split_bucket(path, bucket)
             return
         raise self._gave_up(key)
@@ -405,16 +417,17 @@ class OOBTree(Persistent):
             found = self._writable_bucket(key)
             if found is None:
                 continue
-            path, bucket, index, found = found
+            path, bucket, state, index, found = found
             if not found:
                 raise KeyError(key)
+            keys, values = state["keys"], state["values"]
             plan = None
-            if len(bucket.keys) == 1 and path:
+            if len(keys) == 1 and path:
                 plan = self._checkout_for_unlink(path, bucket)
                 if plan is None:
                     continue
-            del bucket.keys[index]
-            del bucket.values[index]
+            del keys[index]
+            del values[index]
             self._length.change(-1)
             if plan:
                 self._unlink(path, bucket, *plan)
@@ -583,7 +596,7 @@ class RangeView:
         self._bounds = (min, max, excludemin, excludemax)
 
     def __iter__(self):
-        pairs = self._tree._iter_range(*self._bounds)
+        pairs = self._tree._iter_range(*self._bounds, prefetch=self._kind != 0)
         if self._kind == 0:
             return (key for key, _ in pairs)
         if self._kind == 1:

@@ -8,7 +8,7 @@ and `Length` lets concurrent changes of different keys both commit.
 """
 
 from dobbin.exc import ConflictError
-from dobbin.persistent import Persistent, checkout
+from dobbin.persistent import Persistent, checkout, state_of
 
 _MISSING = object()
 
@@ -52,7 +52,7 @@ class Length(Persistent):
     def change(self, delta):
         """Add `delta` to the value, checking the counter out first."""
         checkout(self)
-        self.value += delta
+        state_of(self)["value"] += delta  # one lookup, not a get and a set
 
     def _p_resolve_conflict(self, old, saved, new):
         """Merge two concurrent changes: old + (saved - old) + (new - old)."""

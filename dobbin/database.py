@@ -25,7 +25,7 @@ from dobbin.log import Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT,
                            TX_HEADER_SIZE, IndexEntry, NoteEntry, ObjectEntry, RootEntry,
                            StreamEntry, stream_entry_size)
-from dobbin.persistent import Persistent, new_ghost
+from dobbin.persistent import Persistent, ghost_oid, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.session import current_session
 from dobbin.snapshot import snapshot, verify
@@ -211,6 +211,21 @@ class Database:
             self._cache.install(obj, state, tid, len(data))
             return obj
 
+    def prefetch(self, objects):
+        with self._state_lock:
+            ghosts = {}
+            for obj in objects:
+                oid = ghost_oid(obj, self)
+                if oid is not None:
+                    offset = self._index.offset_of(oid)
+                    if offset:
+                        ghosts[offset] = (obj, oid)
+            wanted = [(offset, oid) for offset, (_obj, oid) in ghosts.items()]
+            for offset, (tid, _previous, data) in self._log.read_objects(wanted).items():
+                obj, oid = ghosts[offset]
+                if obj._p_ghost:
+                    self._cache.install(obj, self._load(data, oid)[1], tid, len(data))
+
     def sync(self):
         if self.closed:
             raise ReadOnlyError("%s is closed" % self.path)
@@ -264,7 +279,7 @@ class Database:
             self._cache.install(obj, self._load(data, oid)[1], tid, len(data))
 
     def _load(self, data, oid):
-        return load_state(data, self._persistent_load, "of oid %d in %s" % (oid, self.path))
+        return load_state(data, self._persistent_load, "of oid %d in %s", oid, self.path)
 
     def _persistent_load(self, pid):
         if type(pid) is tuple and len(pid) == 2:

@@ -118,6 +118,14 @@ class IDatabase(Interface):
     def get(oid):
         """Return the object with id `oid`; raise ``KeyError`` if none."""
 
+    def prefetch(objects):
+        """Load the states of the ghosts of this database among `objects`
+        now, together (one read for states stored close together).
+
+        Anything else in `objects` is ignored.  A hint: the same states
+        would load one by one on first access.
+        """
+
     committed_tid = Attribute(
         """The tid of the calling thread's latest successful commit, or None.""")
 
@@ -201,7 +209,13 @@ class ILog(Interface):
         """
 
     def read_object(offset, oid=None):
-        """Return ``(previous, data)`` of the checked object entry at `offset`."""
+        """Return ``(tid, previous, data)`` of the checked object entry at
+        `offset`; `CorruptionError` if it is not `oid`'s or fails its crc."""
+
+    def read_objects(wanted):
+        """Return ``{offset: (tid, previous, data)}`` for the ``(offset, oid)``
+        pairs `wanted`, checked like `read_object`, with one read for
+        entries that lie close together."""
 
     def open_stream(offset):
         """Return ``(size, chunk_crcs)`` of the checked stream entry at `offset`."""

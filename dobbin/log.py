@@ -35,6 +35,7 @@ __all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE"
            "Record", "RootEntry", "StreamEntry", "build_record", "parse_header", "stream_size"]
 
 _OBJECT_READ = 512
+_BATCH_READ = 64 * 1024
 _CREATE_TIMEOUT = 30.0
 _IOV_MAX = 512
 DURABILITY = ("fsync", "none")
@@ -499,24 +500,50 @@ class Log:
 
     def read_object(self, offset, oid=None):
         """Return `(tid, previous, data)` of the O entry at `offset`, checked."""
-        fd = self._reading_fd()
         # Most states are small: one read usually brings header and data.
-        block = os.pread(fd, _OBJECT_READ, offset)
-        header = block[:ENTRY_SIZE]
-        if len(header) < ENTRY_SIZE:
+        block = os.pread(self._reading_fd(), _OBJECT_READ, offset)
+        return self._object_in(block, 0, offset, oid)
+
+    def read_objects(self, wanted):
+        """Return `{offset: (tid, previous, data)}` for the O entries `wanted`
+        (`(offset, oid)` pairs), each checked as by `read_object`.
+
+        Entries less than `_BATCH_READ` bytes apart come in one read: the
+        states one commit wrote together are usually read together.
+        """
+        fd = self._reading_fd()
+        wanted = sorted(wanted)
+        found = {}
+        first = 0
+        while first < len(wanted):
+            start = wanted[first][0]
+            last = first + 1
+            while last < len(wanted) and wanted[last][0] - start < _BATCH_READ:
+                last += 1
+            block = os.pread(fd, wanted[last - 1][0] - start + _OBJECT_READ, start)
+            for offset, oid in wanted[first:last]:
+                found[offset] = self._object_in(block, offset - start, offset, oid)
+            first = last
+        return found
+
+    def _object_in(self, block, at, offset, oid):
+        """Check and take apart the O entry at `offset`, which `block` holds
+        from its index `at` on (its data may run past the block's end)."""
+        if len(block) < at + ENTRY_SIZE:
             raise CorruptionError("object entry beyond the end of the file", self.path, offset)
-        kind, _res, crc, entry_oid, tid, previous, length = ENTRY.unpack(header)
+        kind, _res, crc, entry_oid, tid, previous, length = ENTRY.unpack_from(block, at)
         if kind != KIND_OBJECT or (oid is not None and entry_oid != oid):
             raise CorruptionError("expected the object entry of oid %s, found kind %r oid %d"
                                   % (oid, kind, entry_oid), self.path, offset)
         if offset + ENTRY_SIZE + length > self.end:
             raise CorruptionError("object entry length %d overruns the log" % length,
                                   self.path, offset)
-        if ENTRY_SIZE + length <= len(block):
-            data = block[ENTRY_SIZE:ENTRY_SIZE + length]
+        begin = at + ENTRY_SIZE
+        if begin + length <= len(block):
+            data = block[begin:begin + length]
         else:
-            data = os.pread(fd, length, offset + ENTRY_SIZE)
-        if len(data) != length or crc != _crc(data, _crc(header[8:])):
+            data = os.pread(self._reading_fd(), length, offset + ENTRY_SIZE)
+        if len(data) != length or crc != _crc(data, _crc(block[at + 8:begin])):
             raise CorruptionError("object entry checksum mismatch (oid %d)" % entry_oid,
                                   self.path, offset)
         return tid, previous, data

@@ -144,8 +144,16 @@ class Persistent:
     def __setattr__(self, name, value):
         if name[:3] == "_p_":
             return _object_setattr(self, name, value)
-        state = _writable_state(self)
-        if name in _data_descriptor_names(type(self)):
+        # _writable_state(), inlined: every attribute an __init__ sets comes here.
+        table = _object_getattribute(self, "_p_local")
+        state = table.get(getattr(_threads, "key", None)) if table else None
+        if state is None:
+            if (_object_getattribute(self, "_p_init") != _get_ident()
+                    or _object_getattribute(self, "_p_oid") is not None):
+                raise RuntimeError(_READ_ONLY)
+            state = _object_getattribute(self, "__dict__")  # a new object in its __init__
+        names = _descriptor_names.get(type(self)) or _data_descriptor_names(type(self))
+        if name in names:
             attribute = _class_attribute(type(self), name)
             setter = getattr(type(attribute), "__set__", None)
             if setter is not None:
@@ -216,6 +224,15 @@ def new_ghost(cls, oid, jar):
     if not (isinstance(cls, type) and issubclass(cls, Persistent)):
         raise TypeError("%r is not a persistent class" % (cls,))
     return _new_instance(cls, oid, jar, True)
+
+
+def ghost_oid(obj, jar):
+    """The oid of `obj` if it is a ghost of `jar`, else None (also for
+    values that are not persistent objects)."""
+    if (isinstance(obj, Persistent) and _object_getattribute(obj, "_p_ghost")
+            and _object_getattribute(obj, "_p_jar") is jar):
+        return _object_getattribute(obj, "_p_oid")
+    return None
 
 
 def _lookup(obj, state, name):

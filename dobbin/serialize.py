@@ -9,6 +9,7 @@ ids, and `persistent_load` turns the ids back into live objects.
 
 import io
 import pickle
+import sys
 from sys import intern
 
 from dobbin.exc import DobbinError, LoadError
@@ -45,13 +46,35 @@ class StateWriter:
         return buffer.getvalue()
 
 
-def load_state(data, persistent_load, where=""):
+class _StateUnpickler(pickle.Unpickler):
+    """An unpickler that finds a record's class without the import system.
+
+    Every record names its class, and `pickle` resolves each through
+    `__import__` (half the cost of loading a small state).  A module
+    already imported is asked directly; anything else takes the usual way.
+    """
+
+    def find_class(self, module, name):
+        loaded = _modules.get(module)
+        if loaded is not None and "." not in name:
+            found = getattr(loaded, name, _MISSING)
+            if found is not _MISSING:
+                return found
+        return super().find_class(module, name)
+
+
+_modules = sys.modules
+_MISSING = object()
+
+
+def load_state(data, persistent_load, where="", *where_args):
     """Unpickle a record into `(cls, state)`.
 
     Any failure (a class that was renamed, a module that is gone) is
-    reported as `LoadError` naming the record.
+    reported as `LoadError` naming the record (``where % where_args``,
+    formatted only then).
     """
-    unpickler = pickle.Unpickler(io.BytesIO(data))
+    unpickler = _StateUnpickler(io.BytesIO(data))
     unpickler.persistent_load = persistent_load
     try:
         cls, state = unpickler.load()
@@ -59,9 +82,9 @@ def load_state(data, persistent_load, where=""):
         raise
     except Exception as error:
         raise LoadError("cannot load the record %s: %s: %s"
-                        % (where, type(error).__name__, error)) from error
+                        % (where % where_args, type(error).__name__, error)) from error
     if not isinstance(cls, type) or not isinstance(state, dict):
-        raise LoadError("the record %s is not a (class, state) pair" % where)
+        raise LoadError("the record %s is not a (class, state) pair" % (where % where_args))
     # Attribute names are interned, as Python does for names in code: a
     # million loaded states then share their key strings.
     return cls, {(intern(name) if type(name) is str else name): value

@@ -7,7 +7,9 @@ conflicts and write; the databases know the file, the session knows
 the thread.
 """
 
+import contextlib
 import copy
+import gc
 import threading
 
 import transaction
@@ -35,6 +37,37 @@ def thread_key():
 def current_thread_key():
     """The calling thread's key, or None if it never checked anything out."""
     return getattr(_threads, "key", None)
+
+
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Hold off the cyclic garbage collector while the block runs.
+
+    Writing or installing a big commit allocates many containers and
+    frees none, so every collection the allocations trigger only scans
+    (a quarter of a 100k-object commit's time).  Nested and concurrent
+    pauses count: the collector comes back when the last one ends, and
+    only if it was on when the first one began.
+    """
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
+
 
 _IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None), complex, frozenset))
 
@@ -147,8 +180,9 @@ class Session:
 
     def commit(self, txn):
         try:
-            for database, pending in self._commits:
-                database._p_commit_prepare(pending, self)
+            with gc_paused():
+                for database, pending in self._commits:
+                    database._p_commit_prepare(pending, self)
         except Exception as error:  # an unpicklable state fails the commit too
             self._record_failure(error)
             raise
@@ -162,8 +196,9 @@ class Session:
 
     def tpc_finish(self, txn):
         try:
-            for database, pending in self._commits:
-                database._p_commit_finish(pending)
+            with gc_paused():
+                for database, pending in self._commits:
+                    database._p_commit_finish(pending)
         finally:
             self._commits = []
             self._committing = False

@@ -75,7 +75,7 @@ def snapshot(source, target, until=None):
             _serial, data = source._version_data(oid, until)
         except HistoryError:
             continue  # created after `until`
-        cls, state = load_state(data, reference, "of oid %d" % oid)
+        cls, state = load_state(data, reference, "of oid %d", oid)
         objects.append(ObjectEntry(oid, 0, writer.dump(cls, state)))
     entries = streams + objects
     if root is not None:

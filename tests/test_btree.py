@@ -419,6 +419,29 @@ def test_round_trip_through_a_database_file(tmp_path):
         check_invariants(tree)
 
 
+def test_values_and_items_load_each_leafs_values_together(tmp_path):
+    path = str(tmp_path / "prefetch.dobbin")
+    with Database(path) as first:
+        tree = stored(first, SmallTree())
+        for key in range(12):
+            tree[key] = Length(key)
+        transaction.commit()
+    with Database(path) as second:
+        tree = second.root
+
+        def ghosts(key):
+            return [object.__getattribute__(value, "_p_ghost")
+                    for value in leaf_for(tree, key).values]
+
+        assert list(tree.keys()) == list(range(12))
+        assert all(ghosts(0)) and all(ghosts(11))  # keys alone load no value
+        for view in (tree.items(), tree.values()):
+            next(iter(view))
+            assert not any(ghosts(0))  # the first leaf's values came in together...
+            assert all(ghosts(11))     # ...and no other leaf's
+        assert [value.value for value in tree.values()] == list(range(12))
+
+
 def test_a_change_rewrites_one_bucket(db):
     tree = stored(db, OOBTree((k, k) for k in range(5000)))
     changed = []

@@ -636,6 +636,38 @@ def test_opening_unpickles_no_state(open_db, monkeypatch):
     assert len(loads) == 2  # the root and the one child touched
 
 
+def _children_reopened(open_db, path, count):
+    db = open_db(path)
+    root = PersistentDict()
+    checkout(root)
+    db.elect(root)
+    for n in range(count):
+        root[n] = PersistentDict(n=n)
+    transaction.commit()
+    db.close()
+    db = open_db(path)
+    return db, [db.root[n] for n in range(count)]
+
+
+def test_prefetch_loads_the_ghosts_among_its_arguments_in_one_read(open_db, db_path,
+                                                                   monkeypatch):
+    db, children = _children_reopened(open_db, db_path, 20)
+    _other, strangers = _children_reopened(open_db, db_path + ".other", 1)
+    reads = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda *args: reads.append(args) or real(*args))
+    db.prefetch(children[:10] + [1, "not persistent", None, PersistentDict(), strangers[0],
+                                 children[0]])
+    assert len(reads) == 1  # ten small states written together: one read
+    ghosts = [object.__getattribute__(child, "_p_ghost") for child in children]
+    assert ghosts == [False] * 10 + [True] * 10
+    assert object.__getattribute__(strangers[0], "_p_ghost")  # another database's: left alone
+    assert [child["n"] for child in children] == list(range(20))
+    reads.clear()
+    db.prefetch(children)  # all loaded now: nothing to read
+    assert reads == []
+
+
 def test_a_database_larger_than_its_cache_works_and_stays_bounded(open_db):
     db = open_db()
     root = PersistentDict()

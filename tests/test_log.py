@@ -836,3 +836,30 @@ def test_a_failed_fsync_refuses_further_writes(path, monkeypatch):
     with pytest.raises(StorageError):
         log.append(COMMITTED, 2, [object_entry(2)])
     log.close()
+
+
+def test_read_objects_reads_entries_near_and_far_alike(path):
+    log = Log(path, durability="none")
+    near = log.append(COMMITTED, 100, [ObjectEntry(oid, 0, b"state %d" % oid) for oid in (1, 2, 3)])
+    log.append(COMMITTED, 100, [StreamEntry(bytes(200 * 1024))])  # far beyond one batch read
+    big = b"x" * 5000  # longer than what is read ahead of an entry
+    far = log.append(COMMITTED, 100, [ObjectEntry(4, 0, big), ObjectEntry(5, 0, b"last")])
+    wanted = [(entry.offset, entry.oid) for entry in far.entries + near.entries]
+    found = log.read_objects(wanted)
+    assert found == {offset: log.read_object(offset, oid) for offset, oid in wanted}
+    assert [found[offset][2] for offset, _ in wanted] == [big, b"last", b"state 1", b"state 2",
+                                                          b"state 3"]
+    assert log.read_objects([]) == {}
+    log.close()
+
+
+def test_read_objects_checks_every_entry(stored, path):
+    log, obj, stream = stored
+    with pytest.raises(CorruptionError, match="oid 2"):
+        log.read_objects([(obj, 2)])
+    with pytest.raises(CorruptionError):
+        log.read_objects([(obj, 1), (stream, 1)])
+    damage(path, obj + ENTRY_SIZE + 2)
+    with pytest.raises(CorruptionError, match="checksum") as caught:
+        log.read_objects([(obj, 1)])
+    assert caught.value.offset == obj

@@ -4,6 +4,7 @@ records that can't be loaded are reported as LoadError."""
 
 import io
 import pickle
+import sys
 
 import pytest
 import transaction
@@ -104,3 +105,27 @@ def test_objects_sharing_a_list_are_stored_in_separate_records(open_db):
     first.items.append("three")
     transaction.commit()
     assert second.items == ["one", "two"]
+
+
+class Outer:
+    class Inner(Persistent):
+        """A nested class: its pickle names it by a dotted qualified name."""
+
+
+def test_classes_load_from_imported_modules_and_by_import(tmp_path, monkeypatch):
+    module = tmp_path / "dobbin_test_fresh_module.py"
+    module.write_text("from dobbin.persistent import Persistent\n"
+                      "class Fresh(Persistent):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    fresh = importlib.import_module("dobbin_test_fresh_module").Fresh
+    writer = StateWriter(lambda value: None)
+    records = [writer.dump(cls, {"n": 1}) for cls in (Persistent, Outer.Inner, fresh)]
+    missing = records[2].replace(b"Fresh", b"Gone!")
+    monkeypatch.delitem(sys.modules, "dobbin_test_fresh_module")  # not imported yet
+    loaded = [load_state(data, lambda pid: pid)[0] for data in records]
+    assert loaded[:2] == [Persistent, Outer.Inner]
+    assert loaded[2].__module__ == "dobbin_test_fresh_module" and loaded[2].__name__ == "Fresh"
+    assert "dobbin_test_fresh_module" in sys.modules  # imported on demand
+    with pytest.raises(LoadError, match="oid 9.*Gone!"):
+        load_state(missing, lambda pid: pid, "of oid %d", 9)
