@@ -19,6 +19,7 @@ from dobbin.persistent import Persistent, install_state
 # The slots read directly: eviction touches every cached object and must
 # not pay for Persistent.__getattribute__.
 _size_of = Persistent._p_size.__get__
+_oid_of = Persistent._p_oid.__get__
 _checkouts_of = Persistent._p_local.__get__
 _set_ghost = Persistent._p_ghost.__set__
 
@@ -54,7 +55,7 @@ class ObjectCache:
     def remember(self, obj):
         """Make ghost `obj` the object of its oid while it is reachable."""
         weak = self._weak
-        weak[obj._p_oid] = weakref.ref(obj)
+        weak[_oid_of(obj)] = weakref.ref(obj)
         if len(weak) > 2 * self._weak_pruned_at:
             # Dropping dead references now and then costs less than a
             # callback on every object's death.
@@ -64,7 +65,7 @@ class ObjectCache:
 
     def install(self, obj, state, serial, pickled_size):
         """Make `state` the shared state of `obj`, evicting older states if needed."""
-        oid = obj._p_oid
+        oid = _oid_of(obj)
         loaded = self.loaded
         if loaded.pop(oid, None) is not None:
             self.loaded_bytes -= _size_of(obj)

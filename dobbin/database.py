@@ -33,6 +33,13 @@ from dobbin.stream import PersistentFile, PersistentStream
 
 __all__ = ["Database", "PersistentStream"]
 
+# Slot accessors: the commit path reads these for every object it
+# stores, and Persistent.__getattribute__ is a Python call.
+_oid_of = Persistent._p_oid.__get__
+_jar_of = Persistent._p_jar.__get__
+_set_oid = Persistent._p_oid.__set__
+_set_jar = Persistent._p_jar.__set__
+
 logger = logging.getLogger("dobbin")
 
 # Write a checkpoint once the log has grown by this much and by more
@@ -417,16 +424,17 @@ class Database:
             if type(value) in PLAIN_TYPES:
                 return None
             if isinstance(value, Persistent):
-                jar = value._p_jar
+                jar = _jar_of(value)
                 if jar is None:
-                    value._p_jar = self
+                    _set_jar(value, self)
                     commit.adopted.append(value)
                 elif jar is not self:
                     raise DobbinError("%r refers to %r of another database" % (obj, value))
-                if value._p_oid is None:
-                    self._assign_oid(value, commit)
+                oid = _oid_of(value)
+                if oid is None:
+                    oid = self._assign_oid(value, commit)
                     enqueue(value)
-                return (value._p_oid, type(value))
+                return (oid, type(value))
             if isinstance(value, (PersistentFile, PersistentStream)):
                 return ("S", self._stream_offset(value, commit))
             return None
@@ -434,19 +442,22 @@ class Database:
         writer = StateWriter(persistent_id)
         while queue:
             obj = queue.popleft()
-            if obj._p_oid is None:
-                self._assign_oid(obj, commit)
+            oid = _oid_of(obj)
+            if oid is None:
+                oid = self._assign_oid(obj, commit)
             state = session.working_state(obj)
             data = writer.dump(type(obj), state)
-            entry = ObjectEntry(obj._p_oid, self._index.offset_of(obj._p_oid), data)
+            entry = ObjectEntry(oid, self._index.offset_of(oid), data)
             commit.stored.append((obj, state, entry))
         if root is not None:
             commit.root_oid = root._p_oid
 
     def _assign_oid(self, obj, commit):
-        obj._p_oid = commit.oid_high
-        commit.oid_high += 1
+        oid = commit.oid_high
+        _set_oid(obj, oid)
+        commit.oid_high = oid + 1
         commit.new.append(obj)
+        return oid
 
     def _stream_offset(self, value, commit):
         key = id(value)

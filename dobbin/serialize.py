@@ -3,13 +3,21 @@
 A record is the pickle of `(class, state)`, written by a fresh pickler
 so that no memo is shared between records (each record loads on its
 own).  References to other persistent objects and to streams are not
-pickled: the `persistent_id` hook of the caller turns them into small
-ids, and `persistent_load` turns the ids back into live objects.
+pickled: the caller's `reference_id` hook turns them into small ids,
+stored as calls of `reference(*id)`, and the loader's `persistent_load`
+turns the ids back into live objects.
+
+Why calls and not pickle's own persistent ids: the pickler asks its
+`persistent_id` hook about every value, strings and ints included,
+while `reducer_override` only hears of objects of other classes, so
+saving a small state costs a fraction of the Python calls.  Records
+with persistent ids (files written before) load all the same.
 """
 
 import io
 import pickle
 import sys
+import types
 from sys import intern
 
 from dobbin.exc import DobbinError, LoadError
@@ -17,11 +25,31 @@ from dobbin.exc import DobbinError, LoadError
 PROTOCOL = 5
 
 
-
-# Values of these types are never persistent references; the pickler
-# asks about every value, so answering them first saves most of the work.
+# Values of these types are never persistent references: a hook asked
+# about them answers first.
 PLAIN_TYPES = frozenset((str, bytes, int, float, bool, type(None), list, dict, tuple, set,
-                         frozenset, complex, bytearray, type))
+                         frozenset, complex, bytearray, type, types.FunctionType))
+
+
+def reference(*pid):
+    """How a record names a persistent object or a stream: ``reference(*id)``.
+
+    A database's loader resolves the call to the live object; plain
+    `pickle` (a tool reading a record) gets the id tuple back.
+    """
+    return pid
+
+
+class _StatePickler(pickle.Pickler):
+    def __init__(self, file, reference_id):
+        super().__init__(file, PROTOCOL)
+        self._reference_id = reference_id
+
+    def reducer_override(self, obj):
+        pid = self._reference_id(obj)
+        if pid is None:
+            return NotImplemented
+        return reference, tuple(pid)
 
 
 class StateWriter:
@@ -29,13 +57,13 @@ class StateWriter:
 
     One pickler serves a whole commit (building one per record costs more
     than the record), and its memo is cleared between records so that no
-    record depends on another.  `persistent_id(obj)` returns an id or None.
+    record depends on another.  `reference_id(obj)` returns the id (a
+    tuple) of a persistent reference, or None for a value to pickle.
     """
 
-    def __init__(self, persistent_id):
+    def __init__(self, reference_id):
         self._buffer = io.BytesIO()
-        self._pickler = pickle.Pickler(self._buffer, PROTOCOL)
-        self._pickler.persistent_id = persistent_id
+        self._pickler = _StatePickler(self._buffer, reference_id)
 
     def dump(self, cls, state):
         buffer = self._buffer
@@ -55,12 +83,17 @@ class _StateUnpickler(pickle.Unpickler):
     """
 
     def find_class(self, module, name):
+        if name == "reference" and module == __name__:
+            return self._resolve
         loaded = _modules.get(module)
         if loaded is not None and "." not in name:
             found = getattr(loaded, name, _MISSING)
             if found is not _MISSING:
                 return found
         return super().find_class(module, name)
+
+    def _resolve(self, *pid):
+        return self.persistent_load(pid)
 
 
 _modules = sys.modules

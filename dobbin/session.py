@@ -19,6 +19,7 @@ from dobbin.exc import ObjectGraphError
 from dobbin.interfaces import ISession
 
 _threads = threading.local()
+_object_getattribute = object.__getattribute__
 
 
 def thread_key():
@@ -147,12 +148,12 @@ class Session:
 
     def working_state(self, obj):
         """The state to store for `obj`: our copy if checked out, else shared."""
-        table = obj._p_local
+        table = _object_getattribute(obj, "_p_local")
         if table:
             state = table.get(self.thread)
             if state is not None:
                 return state
-        return obj.__dict__
+        return _object_getattribute(obj, "__dict__")
 
     def objects_of(self, database):
         """The checkouts whose object belongs to `database`."""

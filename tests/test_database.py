@@ -24,14 +24,10 @@ class Container(Persistent):
 
 
 class Recorded(Persistent):
-    """Remembers every oid the database ever hands to one of its kind."""
+    """Remembers every oid the database ever hands to one of its kind
+    (see `_fresh_records`)."""
 
     handed = []
-
-    def __setattr__(self, name, value):
-        if name == "_p_oid" and value is not None:
-            Recorded.handed.append(value)
-        super().__setattr__(name, value)
 
 
 class Counter(Persistent):
@@ -58,9 +54,18 @@ class UndecidedCounter(Counter):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_records():
+def _fresh_records(monkeypatch):
     Recorded.handed = []
     Counter.calls = []
+    assign_oid = Database._assign_oid
+
+    def recording_assign_oid(self, obj, commit):
+        oid = assign_oid(self, obj, commit)
+        if isinstance(obj, Recorded):
+            Recorded.handed.append(oid)
+        return oid
+
+    monkeypatch.setattr(Database, "_assign_oid", recording_assign_oid)
 
 
 def new_container_db(open_db, path=None, **options):

@@ -4,6 +4,7 @@ records that can't be loaded are reported as LoadError."""
 
 import io
 import pickle
+import pickletools
 import sys
 
 import pytest
@@ -129,3 +130,36 @@ def test_classes_load_from_imported_modules_and_by_import(tmp_path, monkeypatch)
     assert "dobbin_test_fresh_module" in sys.modules  # imported on demand
     with pytest.raises(LoadError, match="oid 9.*Gone!"):
         load_state(missing, lambda pid: pid, "of oid %d", 9)
+
+
+def test_references_are_calls_and_older_persistent_ids_load_the_same():
+    target = object()
+    resolved = []
+
+    def persistent_load(pid):
+        resolved.append(pid)
+        return target
+
+    data = StateWriter(ref_id).dump(Persistent, {"other": Ref(3), "n": 1})
+    opcodes = {op.name for op, _arg, _pos in pickletools.genops(data)}
+    assert "REDUCE" in opcodes and "BINPERSID" not in opcodes
+    older = io.BytesIO()
+    pickler = pickle.Pickler(older, 5)
+    pickler.persistent_id = ref_id
+    pickler.dump((Persistent, {"other": Ref(3), "n": 1}))
+    for record in (data, older.getvalue()):
+        assert load_state(record, persistent_load) == (Persistent, {"other": target, "n": 1})
+    assert resolved == [("ref", 3), ("ref", 3)]
+
+
+def test_only_values_of_other_classes_are_asked_about():
+    asked = []
+
+    def reference_id(value):
+        asked.append(type(value).__name__)
+        return ("ref", value.oid) if isinstance(value, Ref) else None
+
+    StateWriter(reference_id).dump(Persistent, {"name": "x", "n": 1, "tags": ["a", "b"],
+                                                "pair": (1.5, None), "other": Ref(2)})
+    # The record's class, the reference, and the function that stands for it.
+    assert sorted(asked) == ["Ref", "function", "type"]
