@@ -80,11 +80,26 @@ def copy_state(state):
     for name, value in state.items():
         if type(value) in _IMMUTABLE:
             copied[name] = value
-        else:
-            if memo is None:
-                memo = {}  # one memo, so values shared inside the state stay shared
-            copied[name] = copy.deepcopy(value, memo)
+            continue
+        if memo is None:
+            memo = {}  # one memo, so values shared inside the state stay shared
+        copy_ = memo.get(id(value))
+        if copy_ is None:
+            if type(value) is list and all(map(_kept_as_is, value)):
+                # A list of plain values and references, like a B-tree
+                # bucket's: deepcopy would visit every item in Python.
+                copy_ = memo[id(value)] = value[:]
+            else:
+                copy_ = copy.deepcopy(value, memo)
+        copied[name] = copy_
     return copied
+
+
+def _kept_as_is(value):
+    # Immutable, or persistent (only Persistent has a _p_oid slot), which
+    # copies keep by identity.
+    kind = type(value)
+    return kind in _IMMUTABLE or hasattr(kind, "_p_oid")
 
 
 def current_session():

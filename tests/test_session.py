@@ -328,3 +328,22 @@ def test_gc_paused_nests_and_restores_the_collector(start_thread):
         with gc_paused():
             raise ValueError("the pause ends anyway")
     assert gc.isenabled()
+
+
+def test_copy_state_copies_values_and_keeps_references_and_sharing():
+    from dobbin.session import copy_state
+
+    other = Persistent()
+    flat = [1, "two", other, None]
+    nested = [flat, {"deep": [3]}]
+    state = {"n": 1, "flat": flat, "again": flat, "nested": nested, "pair": (flat, 2)}
+    copied = copy_state(state)
+    assert copied == state
+    assert copied["flat"] is not flat and copied["flat"][2] is other
+    assert copied["again"] is copied["flat"]  # shared inside the state: still shared
+    assert copied["nested"][0] is copied["flat"]
+    assert copied["nested"][1]["deep"] is not nested[1]["deep"]
+    assert copied["pair"][0] is copied["flat"]
+    copied["flat"].append("mine")
+    copied["nested"][1]["deep"].append(4)
+    assert flat == [1, "two", other, None] and nested[1] == {"deep": [3]}
