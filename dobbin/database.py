@@ -213,9 +213,11 @@ class Database:
             if not offset:
                 raise KeyError(oid)
             tid, _previous, data = self._log.read_object(offset, oid)
+            made = self._cache.ghosts_made
             cls, state = self._load(data, oid)
+            made = self._cache.ghosts_made - made
             obj = self._new_ghost(oid, cls)
-            self._cache.install(obj, state, tid, len(data))
+            self._cache.install(obj, state, tid, len(data), made)
             return obj
 
     def prefetch(self, objects):
@@ -231,7 +233,7 @@ class Database:
             for offset, (tid, _previous, data) in self._log.read_objects(wanted).items():
                 obj, oid = ghosts[offset]
                 if obj._p_ghost:
-                    self._cache.install(obj, self._load(data, oid)[1], tid, len(data))
+                    self._install_loaded(obj, oid, tid, data)
 
     def sync(self):
         if self.closed:
@@ -283,7 +285,13 @@ class Database:
             if not offset:
                 raise DobbinError("oid %d has no stored state in %s" % (oid, self.path))
             tid, _previous, data = self._log.read_object(offset, oid)
-            self._cache.install(obj, self._load(data, oid)[1], tid, len(data))
+            self._install_loaded(obj, oid, tid, data)
+
+    def _install_loaded(self, obj, oid, tid, data):
+        """Load `data` as `obj`'s state; the ghosts it makes are billed to it."""
+        made = self._cache.ghosts_made
+        state = self._load(data, oid)[1]
+        self._cache.install(obj, state, tid, len(data), self._cache.ghosts_made - made)
 
     def _load(self, data, oid):
         return load_state(data, self._persistent_load, "of oid %d in %s", oid, self.path)
@@ -339,8 +347,7 @@ class Database:
                 if reload:
                     obj = self._cache.get(entry.oid)
                     if obj is not None and not obj._p_ghost:
-                        self._cache.install(obj, self._load(entry.data, entry.oid)[1], record.tid,
-                                      len(entry.data))
+                        self._install_loaded(obj, entry.oid, record.tid, entry.data)
             elif entry.kind == KIND_ROOT:
                 self._index.roots.append((record.tid, entry.oid))
         self._notes.append((durable_at, record.tid, frozenset(changed)))

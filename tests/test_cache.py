@@ -98,3 +98,28 @@ def test_a_cache_full_of_checked_out_states_is_not_rescanned_on_every_install():
     loaded(cache, 19)
     loaded(cache, 20)  # past the eighth: evicts what is no longer checked out
     assert cache.loaded_bytes <= cache.cache_size
+
+
+def test_a_state_is_billed_for_the_ghosts_its_load_made(tmp_path):
+    import transaction
+
+    from dobbin.cache import GHOST_COST
+    from dobbin.database import Database
+    from dobbin.persistent import PersistentDict, checkout
+
+    assert state_cost(10, 3) == state_cost(10) + 3 * GHOST_COST
+    path = str(tmp_path / "ghosts.dobbin")
+    with Database(path) as db:
+        root = PersistentDict()
+        checkout(root)
+        db.elect(root)
+        for n in range(40):
+            root[n] = Thing()
+        transaction.commit()
+    with Database(path) as db:
+        root = db.root
+        cache = db._cache
+        assert cache.ghosts_made == 1 + 40  # the root, then its children
+        data = db._log.read_object(db._index.offset_of(root._p_oid), root._p_oid)[2]
+        assert cache.loaded_bytes == state_cost(len(data), 40)
+        transaction.abort()

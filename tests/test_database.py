@@ -698,6 +698,11 @@ def test_commit_larger_than_the_cache_is_evicted_once_no_longer_checked_out(open
     small.elect(root)
     for n in range(300):
         root[n] = PersistentDict(payload="x" * 1000, n=n)
+    transaction.commit()
+    for n in range(300):
+        child = root[n]
+        checkout(child)
+        child["payload"] = "y" * 1000
     transaction.commit()  # every state checked out while it is installed
     assert small._cache.loaded_bytes > 50_000
     # Later loads find the committed states evictable and bring the cache
