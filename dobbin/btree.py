@@ -154,7 +154,7 @@ class OOBTree(Persistent):
         verify it after checking out.
         """
         for _ in range(_RESTARTS):
-            path, node = [], self._root
+            path, node = [], state_of(self)["_root"]
             try:
                 while type(node) is Node:  # isinstance() would ask a Bucket its __class__
                     keys, children = _node_state(node)
@@ -198,7 +198,7 @@ class OOBTree(Persistent):
         """Return (path, bucket, state, index, found) with `bucket` checked
         out and verified to be the one for `key`, `state` its working copy;
         None if it must start over."""
-        path, bucket, _ = self._find(key)
+        path, bucket, _ = type(self)._find(self, key)
         checkout(bucket)
         # Its working dict, not its attributes: an insert into a big tree
         # is mostly attribute lookups otherwise.
@@ -349,8 +349,11 @@ class OOBTree(Persistent):
 
     def __setitem__(self, key, value):
         _check_key(key)
+        # Methods through type(self), state through state_of: every
+        # attribute of a persistent object is a Python-level lookup.
+        writable_bucket = type(self)._writable_bucket
         for _ in range(_RESTARTS):
-            found = self._writable_bucket(key)
+            found = writable_bucket(self, key)
             if found is None:
                 continue
             path, bucket, state, index, found = found
@@ -363,7 +366,7 @@ class OOBTree(Persistent):
                 continue
             keys.insert(index, key)
             values.insert(index, value)
-            self._length.change(1)
+            Length.change(state_of(self)["_length"], 1)
             if len(keys) > limit:
                 self._split_bucket(path, bucket)
             return
