@@ -29,7 +29,8 @@ import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, MutableMapping
 
-from dobbin.bucket import Bucket, Length, Node
+from dobbin.bucket import (Bucket, Length, Node, _bucket_state, _buckets_before, _index_of,
+                           _last_key, _leaves_backwards, _node_state)
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checked_out, checkout, state_of
 
@@ -67,52 +68,6 @@ def _kept_alive(obj):
 def _droppable(obj):
     """May `obj` be cut loose from the tree without being changed?"""
     return obj._p_oid is not None or not checked_out(obj)
-
-
-def _bucket_state(bucket):
-    """Return (keys, values, next, high, unlinked) from one state."""
-    state = state_of(bucket)  # one dict: one consistent state
-    return (state["keys"], state["values"], state["next"], state["high"],
-            state.get("unlinked", False))
-
-
-def _node_state(node):
-    """Return (keys, children) from one state; no children: unlinked."""
-    state = state_of(node)
-    return state["keys"], state["children"]
-
-
-def _index_of(children, child):
-    """Position of `child` (by identity) in `children`, or -1."""
-    for index, candidate in enumerate(children):
-        if candidate is child:
-            return index
-    return -1
-
-
-def _leaves_backwards(node):
-    """Yield the buckets under `node`, last first."""
-    if isinstance(node, Node):
-        for child in reversed(_node_state(node)[1]):
-            yield from _leaves_backwards(child)
-    else:
-        yield node
-
-
-def _buckets_before(path):
-    """Yield the buckets left of the one `path` leads to, nearest first."""
-    for node, index in reversed(path):
-        for child in reversed(_node_state(node)[1][:index]):
-            yield from _leaves_backwards(child)
-
-
-def _last_key(buckets):
-    """The last key of the first non-empty bucket, or None."""
-    for bucket in buckets:
-        keys = _bucket_state(bucket)[0]
-        if keys:
-            return keys[-1]
-    return None
 
 
 class OOBTree(Persistent):

@@ -1,10 +1,13 @@
-"""The B-tree's persistent pieces and how their concurrent changes merge.
+"""The B-tree's persistent pieces, how readers see them, and how their
+concurrent changes merge.
 
 `Bucket` (a leaf: sorted keys, parallel values, a `next` link and a `high`
 bound), `Node` (separator keys and children) and `Length` (the item
 count) are what `dobbin.btree.OOBTree` stores.  Each is its own record,
 so a change rewrites one small piece; `_p_resolve_conflict` on `Bucket`
 and `Length` lets concurrent changes of different keys both commit.
+Readers take each piece's state as one dict (`_bucket_state`,
+`_node_state`), which a concurrent commit replaces but never changes.
 """
 
 from dobbin.exc import ConflictError
@@ -177,3 +180,52 @@ class Node(Persistent):
     def __init__(self, keys=(), children=()):
         self.keys = list(keys)
         self.children = list(children)
+
+
+# -- reading: one consistent state per piece (see dobbin.btree) ------------
+
+
+def _bucket_state(bucket):
+    """Return (keys, values, next, high, unlinked) from one state."""
+    state = state_of(bucket)  # one dict: one consistent state
+    return (state["keys"], state["values"], state["next"], state["high"],
+            state.get("unlinked", False))
+
+
+def _node_state(node):
+    """Return (keys, children) from one state; no children: unlinked."""
+    state = state_of(node)
+    return state["keys"], state["children"]
+
+
+def _index_of(children, child):
+    """Position of `child` (by identity) in `children`, or -1."""
+    for index, candidate in enumerate(children):
+        if candidate is child:
+            return index
+    return -1
+
+
+def _leaves_backwards(node):
+    """Yield the buckets under `node`, last first."""
+    if isinstance(node, Node):
+        for child in reversed(_node_state(node)[1]):
+            yield from _leaves_backwards(child)
+    else:
+        yield node
+
+
+def _buckets_before(path):
+    """Yield the buckets left of the one `path` leads to, nearest first."""
+    for node, index in reversed(path):
+        for child in reversed(_node_state(node)[1][:index]):
+            yield from _leaves_backwards(child)
+
+
+def _last_key(buckets):
+    """The last key of the first non-empty bucket, or None."""
+    for bucket in buckets:
+        keys = _bucket_state(bucket)[0]
+        if keys:
+            return keys[-1]
+    return None

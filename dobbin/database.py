@@ -39,6 +39,7 @@ _oid_of = Persistent._p_oid.__get__
 _jar_of = Persistent._p_jar.__get__
 _set_oid = Persistent._p_oid.__set__
 _set_jar = Persistent._p_jar.__set__
+_is_ghost = Persistent._p_ghost.__get__
 
 logger = logging.getLogger("dobbin")
 
@@ -213,9 +214,7 @@ class Database:
             if not offset:
                 raise KeyError(oid)
             tid, _previous, data = self._log.read_object(offset, oid)
-            made = self._cache.ghosts_made
-            cls, state = self._load(data, oid)
-            made = self._cache.ghosts_made - made
+            cls, state, made = self._load_billed(data, oid)
             obj = self._new_ghost(oid, cls)
             self._cache.install(obj, state, tid, len(data), made)
             return obj
@@ -232,7 +231,7 @@ class Database:
             wanted = [(offset, oid) for offset, (_obj, oid) in ghosts.items()]
             for offset, (tid, _previous, data) in self._log.read_objects(wanted).items():
                 obj, oid = ghosts[offset]
-                if obj._p_ghost:
+                if _is_ghost(obj):
                     self._install_loaded(obj, oid, tid, data)
 
     def sync(self):
@@ -289,9 +288,14 @@ class Database:
 
     def _install_loaded(self, obj, oid, tid, data):
         """Load `data` as `obj`'s state; the ghosts it makes are billed to it."""
+        _cls, state, made = self._load_billed(data, oid)
+        self._cache.install(obj, state, tid, len(data), made)
+
+    def _load_billed(self, data, oid):
+        """`(cls, state, ghosts)`: a record loaded, and the new ghosts it made."""
         made = self._cache.ghosts_made
-        state = self._load(data, oid)[1]
-        self._cache.install(obj, state, tid, len(data), self._cache.ghosts_made - made)
+        cls, state = self._load(data, oid)
+        return cls, state, self._cache.ghosts_made - made
 
     def _load(self, data, oid):
         return load_state(data, self._persistent_load, "of oid %d in %s", oid, self.path)
