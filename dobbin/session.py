@@ -7,7 +7,6 @@ conflicts and write; the databases know the file, the session knows
 the thread.
 """
 
-import contextlib
 import copy
 import gc
 import threading
@@ -40,34 +39,37 @@ def current_thread_key():
     return getattr(_threads, "key", None)
 
 
-_gc_lock = threading.Lock()
-_gc_pausers = 0
-_gc_was_enabled = False
-
-
-@contextlib.contextmanager
-def gc_paused():
-    """Hold off the cyclic garbage collector while the block runs.
+class _CollectorPause:
+    """``with gc_paused:`` holds off the cyclic garbage collector.
 
     Writing or installing a big commit allocates many containers and
     frees none, so every collection the allocations trigger only scans
     (a quarter of a 100k-object commit's time).  Nested and concurrent
     pauses count: the collector comes back when the last one ends, and
-    only if it was on when the first one began.
+    only if it was on when the first one began.  A class, not a
+    generator: a small commit enters it twice.
     """
-    global _gc_pausers, _gc_was_enabled
-    with _gc_lock:
-        if _gc_pausers == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pausers = 0
+        self._was_enabled = False
+
+    def __enter__(self):
+        with self._lock:
+            if self._pausers == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._pausers += 1
+
+    def __exit__(self, *exc_info):
+        with self._lock:
+            self._pausers -= 1
+            if self._pausers == 0 and self._was_enabled:
                 gc.enable()
+
+
+gc_paused = _CollectorPause()
 
 
 _IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None), complex, frozenset))
@@ -196,7 +198,7 @@ class Session:
 
     def commit(self, txn):
         try:
-            with gc_paused():
+            with gc_paused:
                 for database, pending in self._commits:
                     database._p_commit_prepare(pending, self)
         except Exception as error:  # an unpicklable state fails the commit too
@@ -212,7 +214,7 @@ class Session:
 
     def tpc_finish(self, txn):
         try:
-            with gc_paused():
+            with gc_paused:
                 for database, pending in self._commits:
                     database._p_commit_finish(pending)
         finally:

@@ -305,11 +305,11 @@ def test_gc_paused_nests_and_restores_the_collector(start_thread):
     leave = threading.Event()
 
     def pause_in_thread():
-        with gc_paused():
+        with gc_paused:
             inside.set()
             leave.wait(10)
 
-    with gc_paused():
+    with gc_paused:
         assert not gc.isenabled()
         thread = start_thread(pause_in_thread)
         inside.wait(10)
@@ -319,13 +319,13 @@ def test_gc_paused_nests_and_restores_the_collector(start_thread):
     assert gc.isenabled()
     gc.disable()
     try:
-        with gc_paused():
+        with gc_paused:
             pass
         assert not gc.isenabled()  # off before: stays off
     finally:
         gc.enable()
     with pytest.raises(ValueError):
-        with gc_paused():
+        with gc_paused:
             raise ValueError("the pause ends anyway")
     assert gc.isenabled()
 
