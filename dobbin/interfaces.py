@@ -186,6 +186,8 @@ class ILog(Interface):
     last_tid = Attribute("Id of the last record read or written.")
     oid_high = Attribute("The next oid never handed out, per the records read.")
     broken = Attribute("The I/O error that made the log refuse writes, or None.")
+    skipped = Attribute("""``(offset, reason)`` of each damaged index checkpoint read
+        past: being redundant, one is stepped over, never trusted.""")
 
     def append(status, oid_high, entries, time_ns=None):
         """Write one record durably at the end and return it.

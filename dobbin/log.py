@@ -72,6 +72,7 @@ class Log:
         self.last_tid = 0
         self.oid_high = 1
         self.checkpoint = 0        # offset of the newest checkpoint record
+        self.skipped = []          # (offset, reason) of damaged checkpoints stepped over
         self.checkpoint_end = FILE_HEADER_SIZE
         self.synced_end = 0        # bytes known to be durable
         self.synced_tid = 0        # the last tid within them
@@ -354,12 +355,16 @@ class Log:
             except Damaged as damage:
                 if damage.skip_to is None or not self._sound_at(damage.skip_to, file_size):
                     return
-                self.end = damage.skip_to
+                self._skip(damage)
                 continue
             except Incomplete:
                 return
             self._advance(record)
             yield record
+
+    def _skip(self, damage):
+        self.skipped.append((self.end, damage.reason))  # the checkpoint record's offset
+        self.end = damage.skip_to
 
     def recover(self, repair=False):
         """Yield every valid record after `self.end`, dealing with damage.
@@ -381,7 +386,7 @@ class Log:
                 return
             except Damaged as damage:
                 if damage.skip_to is not None and self._sound_at(damage.skip_to, file_size):
-                    self.end = damage.skip_to  # a damaged checkpoint is only redundant
+                    self._skip(damage)  # a damaged checkpoint is only redundant
                     continue
                 reason, where = damage.reason, damage.offset
                 # Inside a record whose length we trust, record-like bytes

@@ -99,6 +99,10 @@ def verify(db):
                     latest[entry.oid] = entry.offset
                 elif entry.kind != KIND_ROOT and record.status == COMMITTED:
                     report["streams"] += 1
+        for offset, reason in checker.skipped:
+            # Redundant, so nothing is lost; but the disk damaged it.
+            report["errors"].append("damaged index checkpoint at offset %d (skipped; the "
+                                    "log rebuilds it): %s" % (offset, reason))
         size = checker.size()
         report["bytes"] = size
         if checker.end != size:

@@ -97,3 +97,38 @@ def test_verify_reports_a_sound_file_and_a_damaged_one(tmp_path):
         f.write(bytes([byte[0] ^ 1]))
     assert main(["verify", path]) == 1
     assert main(["verify", str(tmp_path / "missing.dobbin")]) == 1
+
+
+def test_verify_reports_a_damaged_checkpoint_it_stepped_over(tmp_path):
+    import transaction
+
+    from dobbin.cli import main
+    from dobbin.database import Database
+    from dobbin.log import CHECKPOINT, Log
+    from dobbin.persistent import PersistentDict, checkout
+
+    path = str(tmp_path / "c.dobbin")
+    with Database(path) as db:
+        root = PersistentDict()
+        checkout(root)
+        db.elect(root)
+        root["payload"] = "x" * 300_000  # past the size that triggers a checkpoint
+        transaction.commit()
+        checkout(root)
+        root["b"] = 2
+        transaction.commit()
+    log = Log(path, read_only=True)
+    checkpoints = [record.offset for record in log.follow() if record.status == CHECKPOINT]
+    log.close()
+    assert checkpoints, "no checkpoint written: nothing to test"
+    with open(path, "r+b") as f:
+        f.seek(checkpoints[0] + 120)  # inside the index it carries
+        byte = f.read(1)
+        f.seek(checkpoints[0] + 120)
+        f.write(bytes([byte[0] ^ 1]))
+    with Database(path) as db:
+        report = db.verify()
+        assert db.root["b"] == 2  # nothing lost
+    assert not report["ok"]
+    assert any("checkpoint at offset %d" % checkpoints[0] in e for e in report["errors"])
+    assert main(["verify", path]) == 1

@@ -611,6 +611,7 @@ def test_a_damaged_checkpoint_is_stepped_over(tmp_path, path):
     assert log.open_checkpoint() is None
     assert [record.tid for record in log.recover()] == [1, 2, 3, 4, 5]
     assert log.dropped is None
+    assert [offset for offset, _reason in log.skipped] == [spans[3][0]]
     log.close()
 
 
