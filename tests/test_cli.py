@@ -5,10 +5,14 @@ import subprocess
 import sys
 
 import pytest
+import transaction
 
 from broker.client import BrokerClient
 from broker_fixtures import TIMEOUT, child_env
-from dobbin.cli import build_parser, load_app
+from dobbin.cli import build_parser, load_app, main
+from dobbin.database import Database
+from dobbin.log import CHECKPOINT, Log
+from dobbin.persistent import PersistentDict, checkout
 
 
 def start_serving(path, *extra):
@@ -70,62 +74,44 @@ def test_parser_and_app_loading():
         build_parser().parse_args([])
 
 
-def test_verify_reports_a_sound_file_and_a_damaged_one(tmp_path):
-    import json
-
-    import transaction
-
-    from dobbin.cli import main
-    from dobbin.database import Database
-    from dobbin.persistent import PersistentDict, checkout
-
-    path = str(tmp_path / "v.dobbin")
+def _two_commits(path, first):
+    """A file of two commits to one root: `first` (a dict of items), then b=2."""
     with Database(path) as db:
         root = PersistentDict()
         checkout(root)
         db.elect(root)
-        root["a"] = 1
+        root.update(first)
         transaction.commit()
         checkout(root)
         root["b"] = 2
         transaction.commit()
-    assert main(["verify", path]) == 0
+
+
+def _flip_a_bit(path, offset):
     with open(path, "r+b") as f:
-        f.seek(100)  # inside the first record, which the second vouches for
+        f.seek(offset)
         byte = f.read(1)
-        f.seek(100)
+        f.seek(offset)
         f.write(bytes([byte[0] ^ 1]))
+
+
+def test_verify_reports_a_sound_file_and_a_damaged_one(tmp_path):
+    path = str(tmp_path / "v.dobbin")
+    _two_commits(path, {"a": 1})
+    assert main(["verify", path]) == 0
+    _flip_a_bit(path, 100)  # inside the first record, which the second vouches for
     assert main(["verify", path]) == 1
     assert main(["verify", str(tmp_path / "missing.dobbin")]) == 1
 
 
 def test_verify_reports_a_damaged_checkpoint_it_stepped_over(tmp_path):
-    import transaction
-
-    from dobbin.cli import main
-    from dobbin.database import Database
-    from dobbin.log import CHECKPOINT, Log
-    from dobbin.persistent import PersistentDict, checkout
-
     path = str(tmp_path / "c.dobbin")
-    with Database(path) as db:
-        root = PersistentDict()
-        checkout(root)
-        db.elect(root)
-        root["payload"] = "x" * 300_000  # past the size that triggers a checkpoint
-        transaction.commit()
-        checkout(root)
-        root["b"] = 2
-        transaction.commit()
+    _two_commits(path, {"payload": "x" * 300_000})  # big enough to bring a checkpoint
     log = Log(path, read_only=True)
     checkpoints = [record.offset for record in log.follow() if record.status == CHECKPOINT]
     log.close()
     assert checkpoints, "no checkpoint written: nothing to test"
-    with open(path, "r+b") as f:
-        f.seek(checkpoints[0] + 120)  # inside the index it carries
-        byte = f.read(1)
-        f.seek(checkpoints[0] + 120)
-        f.write(bytes([byte[0] ^ 1]))
+    _flip_a_bit(path, checkpoints[0] + 120)  # inside the index it carries
     with Database(path) as db:
         report = db.verify()
         assert db.root["b"] == 2  # nothing lost
