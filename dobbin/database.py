@@ -228,6 +228,8 @@ class Database:
                     offset = self._index.offset_of(oid)
                     if offset:
                         ghosts[offset] = (obj, oid)
+            if not ghosts:
+                return  # nothing to read: fine on a closed database too
             wanted = [(offset, oid) for offset, (_obj, oid) in ghosts.items()]
             for offset, (tid, _previous, data) in self._log.read_objects(wanted).items():
                 obj, oid = ghosts[offset]

@@ -671,6 +671,9 @@ def test_prefetch_loads_the_ghosts_among_its_arguments_in_one_read(open_db, db_p
     reads.clear()
     db.prefetch(children)  # all loaded now: nothing to read
     assert reads == []
+    db.close()
+    db.prefetch(children)  # nor on a closed database, whose loaded states still read
+    assert [child["n"] for child in children] == list(range(20))
 
 
 def test_a_database_larger_than_its_cache_works_and_stays_bounded(open_db):
