@@ -11,7 +11,7 @@ Why calls and not pickle's own persistent ids: the pickler asks its
 `persistent_id` hook about every value, strings and ints included,
 while `reducer_override` only hears of objects of other classes, so
 saving a small state costs a fraction of the Python calls.  Records
-with persistent ids (files written before) load all the same.
+with persistent ids (written by earlier versions) load all the same.
 """
 
 import io
@@ -75,7 +75,8 @@ class StateWriter:
 
 
 class _StateUnpickler(pickle.Unpickler):
-    """An unpickler that finds a record's class without the import system.
+    """An unpickler that resolves `reference` calls through its
+    `persistent_load`, and finds a record's class without the import system.
 
     Every record names its class, and `pickle` resolves each through
     `__import__` (half the cost of loading a small state).  A module
