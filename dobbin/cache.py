@@ -42,6 +42,20 @@ def state_cost(pickled_size, ghosts=0):
     return 4 * pickled_size + 256 + GHOST_COST * ghosts
 
 
+_shared_numbers = {}
+
+
+def _shared(number):
+    """One int object per value: the states of a big commit share its tid,
+    and most states' costs repeat.  Each int is 28 bytes otherwise."""
+    found = _shared_numbers.get(number)
+    if found is None:
+        if len(_shared_numbers) >= 65536:
+            _shared_numbers.clear()  # bounded; sharing is only a saving
+        found = _shared_numbers[number] = number
+    return found
+
+
 class ObjectCache:
     """The identity map and the bounded set of loaded states of one database."""
 
@@ -83,8 +97,8 @@ class ObjectCache:
         loaded = self.loaded
         if loaded.pop(oid, None) is not None:
             self.loaded_bytes -= _size_of(obj)
-        cost = state_cost(pickled_size, ghosts)
-        install_state(obj, state, serial, cost)
+        cost = _shared(state_cost(pickled_size, ghosts))
+        install_state(obj, state, _shared(serial), cost)
         loaded[oid] = obj
         self._weak.pop(oid, None)  # after the line above, so `get` always finds it
         self.loaded_bytes += cost
