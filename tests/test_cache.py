@@ -123,3 +123,15 @@ def test_a_state_is_billed_for_the_ghosts_its_load_made(tmp_path):
         data = db._log.read_object(db._index.offset_of(root._p_oid), root._p_oid)[2]
         assert cache.loaded_bytes == state_cost(len(data), 40)
         transaction.abort()
+
+
+def test_states_share_their_serial_and_cost_int_objects():
+    cache = ObjectCache(None)
+    big = 10 ** 6  # beyond the ints Python itself shares
+    first, second = ghost(1), ghost(2)
+    for obj in (first, second):
+        cache.remember(obj)
+        cache.install(obj, {"n": 1}, int(str(big)), 10 ** 5 + 3)  # a fresh int each time
+    assert first._p_serial == second._p_serial == big
+    assert first._p_serial is second._p_serial
+    assert first._p_size is second._p_size
