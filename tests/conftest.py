@@ -3,7 +3,8 @@
 Every test starts and ends outside any transaction, and the databases it
 opens through `open_db` are closed after it, so no test sees another's
 checkouts or file descriptors.  `start_thread` runs a step in another
-thread and hands its exception back to the test.
+thread and hands its exception back to the test; `flip_bit` damages a
+file.
 """
 
 import threading
@@ -96,3 +97,12 @@ def commit_in_thread(start_thread, obj, **changes):
         transaction.commit()
 
     start_thread(run).join()
+
+
+def flip_bit(path, offset):
+    """Damage a file: flip the lowest bit of its byte at `offset`."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))

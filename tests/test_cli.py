@@ -9,6 +9,7 @@ import transaction
 
 from broker.client import BrokerClient
 from broker_fixtures import TIMEOUT, child_env
+from conftest import flip_bit
 from dobbin.cli import build_parser, load_app, main
 from dobbin.database import Database
 from dobbin.log import CHECKPOINT, Log
@@ -87,19 +88,11 @@ def _two_commits(path, first):
         transaction.commit()
 
 
-def _flip_a_bit(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 1]))
-
-
 def test_verify_reports_a_sound_file_and_a_damaged_one(tmp_path):
     path = str(tmp_path / "v.dobbin")
     _two_commits(path, {"a": 1})
     assert main(["verify", path]) == 0
-    _flip_a_bit(path, 100)  # inside the first record, which the second vouches for
+    flip_bit(path, 100)  # inside the first record, which the second vouches for
     assert main(["verify", path]) == 1
     assert main(["verify", str(tmp_path / "missing.dobbin")]) == 1
 
@@ -111,7 +104,7 @@ def test_verify_reports_a_damaged_checkpoint_it_stepped_over(tmp_path):
     checkpoints = [record.offset for record in log.follow() if record.status == CHECKPOINT]
     log.close()
     assert checkpoints, "no checkpoint written: nothing to test"
-    _flip_a_bit(path, checkpoints[0] + 120)  # inside the index it carries
+    flip_bit(path, checkpoints[0] + 120)  # inside the index it carries
     with Database(path) as db:
         report = db.verify()
         assert db.root["b"] == 2  # nothing lost

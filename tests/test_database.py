@@ -622,14 +622,21 @@ def test_closed_database_stream_read_raises_read_only_error(open_db):
 
 # -- lazy loading and the bounded cache --------------------------------------------------------
 
-def test_opening_unpickles_no_state(open_db, monkeypatch):
-    db = open_db()
+def root_of_children(db, count, **fields):
+    """Commit a PersistentDict root holding `count` PersistentDicts of `fields`
+    plus ``n``; return the root."""
     root = PersistentDict()
     checkout(root)
     db.elect(root)
-    for n in range(200):
-        root[n] = PersistentDict(n=n)
+    for n in range(count):
+        root[n] = PersistentDict(fields, n=n)
     transaction.commit()
+    return root
+
+
+def test_opening_unpickles_no_state(open_db, monkeypatch):
+    db = open_db()
+    root_of_children(db, 200)
     db.close()
     loads = []
     import dobbin.database as module
@@ -643,12 +650,7 @@ def test_opening_unpickles_no_state(open_db, monkeypatch):
 
 def _children_reopened(open_db, path, count):
     db = open_db(path)
-    root = PersistentDict()
-    checkout(root)
-    db.elect(root)
-    for n in range(count):
-        root[n] = PersistentDict(n=n)
-    transaction.commit()
+    root_of_children(db, count)
     db.close()
     db = open_db(path)
     return db, [db.root[n] for n in range(count)]
@@ -678,12 +680,7 @@ def test_prefetch_loads_the_ghosts_among_its_arguments_in_one_read(open_db, db_p
 
 def test_a_database_larger_than_its_cache_works_and_stays_bounded(open_db):
     db = open_db()
-    root = PersistentDict()
-    checkout(root)
-    db.elect(root)
-    for n in range(300):
-        root[n] = PersistentDict(payload="x" * 1000, n=n)
-    transaction.commit()
+    root_of_children(db, 300, payload="x" * 1000)
     db.close()
     small = open_db(cache_size=50_000)
     total = sum(small.root[n]["n"] for n in range(300))
@@ -696,12 +693,7 @@ def test_a_database_larger_than_its_cache_works_and_stays_bounded(open_db):
 
 def test_commit_larger_than_the_cache_is_evicted_once_no_longer_checked_out(open_db):
     small = open_db(cache_size=50_000)
-    root = PersistentDict()
-    checkout(root)
-    small.elect(root)
-    for n in range(300):
-        root[n] = PersistentDict(payload="x" * 1000, n=n)
-    transaction.commit()
+    root = root_of_children(small, 300, payload="x" * 1000)
     for n in range(300):
         child = root[n]
         checkout(child)
@@ -722,12 +714,7 @@ def test_commit_larger_than_the_cache_is_evicted_once_no_longer_checked_out(open
 
 def test_identity_holds_while_reachable_even_after_eviction(open_db):
     db = open_db()
-    root = PersistentDict()
-    checkout(root)
-    db.elect(root)
-    for n in range(100):
-        root[n] = PersistentDict(payload="y" * 2000)
-    transaction.commit()
+    root_of_children(db, 100, payload="y" * 2000)
     db.close()
     small = open_db(cache_size=20_000)
     held = small.root[5]

@@ -14,6 +14,7 @@ import zlib
 
 import pytest
 
+from conftest import flip_bit
 from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
 from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
                         STREAM_CHUNK, TRAILER_SIZE, TX_HEADER_SIZE, IndexEntry, Log, NoteEntry,
@@ -674,18 +675,10 @@ def stored(tmp_path, path):
     log.close()
 
 
-def damage(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
-
-
 def test_read_object_checks_its_entry(stored, path):
     log, obj, _stream = stored
     assert log.read_object(obj, 1)[1:] == (0, b"the state")
-    damage(path, obj + ENTRY_SIZE + 2)
+    flip_bit(path, obj + ENTRY_SIZE + 2)
     with pytest.raises(CorruptionError, match="checksum") as caught:
         log.read_object(obj, 1)
     assert caught.value.offset == obj
@@ -713,7 +706,7 @@ def test_read_object_refuses_a_length_past_the_log(stored, path):
 def test_open_stream_checks_the_chunk_table(stored, path):
     log, _obj, stream = stored
     assert log.open_stream(stream)[0] == STREAM_CHUNK + 10
-    damage(path, stream + ENTRY_SIZE + STREAM_CHUNK + 10 + 1)
+    flip_bit(path, stream + ENTRY_SIZE + STREAM_CHUNK + 10 + 1)
     with pytest.raises(CorruptionError, match="stream entry checksum"):
         log.open_stream(stream)
 
@@ -728,7 +721,7 @@ def test_read_stream_chunk_checks_the_chunk(stored, path):
     log, _obj, stream = stored
     size, crcs = log.open_stream(stream)
     assert log.read_stream_chunk(stream, crcs, size, 1) == bytes(10)
-    damage(path, stream + ENTRY_SIZE + STREAM_CHUNK + 3)
+    flip_bit(path, stream + ENTRY_SIZE + STREAM_CHUNK + 3)
     assert log.read_stream_chunk(stream, crcs, size, 0) == bytes(STREAM_CHUNK)
     with pytest.raises(CorruptionError, match="stream chunk 1"):
         log.read_stream_chunk(stream, crcs, size, 1)
@@ -860,7 +853,7 @@ def test_read_objects_checks_every_entry(stored, path):
         log.read_objects([(obj, 2)])
     with pytest.raises(CorruptionError):
         log.read_objects([(obj, 1), (stream, 1)])
-    damage(path, obj + ENTRY_SIZE + 2)
+    flip_bit(path, obj + ENTRY_SIZE + 2)
     with pytest.raises(CorruptionError, match="checksum") as caught:
         log.read_objects([(obj, 1)])
     assert caught.value.offset == obj
