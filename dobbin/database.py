@@ -27,6 +27,7 @@ from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT
                            StreamEntry, stream_entry_size)
 from dobbin.persistent import Persistent, ghost_oid, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
+from dobbin.commit import BIG_COMMIT, Commit
 from dobbin.session import current_session
 from dobbin.snapshot import snapshot, verify
 from dobbin.stream import PersistentFile, PersistentStream
@@ -65,24 +66,6 @@ class _Synchronizer:
         database = self._database()
         if database is not None and not database.closed:
             database.sync()
-
-
-class _Commit:
-    """One database's part of a commit in progress."""
-
-    def __init__(self, known_tid, offset, oid_high):
-        self.known_tid = known_tid   # last tid known before catching up under the lock
-        self.offset = offset         # where the record will be written
-        self.oid_high = oid_high
-        self.locked = True
-        self.stored = []             # (obj, state, ObjectEntry)
-        self.streams = []            # StreamEntry, laid out first
-        self.stream_owners = []      # (PersistentFile or None, offset, size)
-        self.stream_offsets = {}     # id(source) -> offset of its S entry
-        self.new = []                # objects given an oid by this commit
-        self.adopted = []            # objects given this jar by this commit
-        self.root_oid = None
-        self.published = False
 
 
 @implementer(IDatabase)
@@ -412,7 +395,7 @@ class Database:
         except BaseException:
             self._lock.release()
             raise
-        return _Commit(known, self._log.end, self._log.oid_high)
+        return Commit(known, self._log.end, self._log.oid_high)
 
     def _p_commit_prepare(self, commit, session):
         """Check conflicts and lay out the record (nothing is written yet)."""
@@ -462,6 +445,10 @@ class Database:
             data = writer.dump(type(obj), state)
             entry = ObjectEntry(oid, self._index.offset_of(oid), data)
             commit.stored.append((obj, state, entry))
+            if len(commit.stored) == BIG_COMMIT:
+                # Paused under the commit lock only: small commits, and the
+                # fsyncs of big ones, never keep the collector off.
+                commit.pause_collector()
         if root is not None:
             commit.root_oid = root._p_oid
 
@@ -544,6 +531,7 @@ class Database:
                 self._apply(record, reload=False, durable_at=record.offset + record.length)
                 self._maybe_checkpoint()
         finally:
+            commit.resume_collector()
             commit.locked = False
             self._lock.release()
         # Outside the lock: the next writer goes ahead while we wait, and
@@ -554,6 +542,7 @@ class Database:
 
     def _p_commit_abort(self, commit):
         """Undo what a commit that won't happen gave to new objects."""
+        commit.resume_collector()
         if not commit.published:
             for obj in commit.new:
                 obj._p_oid = None

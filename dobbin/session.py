@@ -8,7 +8,6 @@ the thread.
 """
 
 import copy
-import gc
 import threading
 
 import transaction
@@ -37,39 +36,6 @@ def thread_key():
 def current_thread_key():
     """The calling thread's key, or None if it never checked anything out."""
     return getattr(_threads, "key", None)
-
-
-class _CollectorPause:
-    """``with gc_paused:`` holds off the cyclic garbage collector.
-
-    Writing or installing a big commit allocates many containers and
-    frees none, so every collection the allocations trigger only scans
-    (a quarter of a 100k-object commit's time).  Nested and concurrent
-    pauses count: the collector comes back when the last one ends, and
-    only if it was on when the first one began.  A class, not a
-    generator: a small commit enters it twice.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._pausers = 0
-        self._was_enabled = False
-
-    def __enter__(self):
-        with self._lock:
-            if self._pausers == 0:
-                self._was_enabled = gc.isenabled()
-                gc.disable()
-            self._pausers += 1
-
-    def __exit__(self, *exc_info):
-        with self._lock:
-            self._pausers -= 1
-            if self._pausers == 0 and self._was_enabled:
-                gc.enable()
-
-
-gc_paused = _CollectorPause()
 
 
 _IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None), complex, frozenset))
@@ -198,9 +164,8 @@ class Session:
 
     def commit(self, txn):
         try:
-            with gc_paused:
-                for database, pending in self._commits:
-                    database._p_commit_prepare(pending, self)
+            for database, pending in self._commits:
+                database._p_commit_prepare(pending, self)
         except Exception as error:  # an unpicklable state fails the commit too
             self._record_failure(error)
             raise
@@ -214,9 +179,8 @@ class Session:
 
     def tpc_finish(self, txn):
         try:
-            with gc_paused:
-                for database, pending in self._commits:
-                    database._p_commit_finish(pending)
+            for database, pending in self._commits:
+                database._p_commit_finish(pending)
         finally:
             self._commits = []
             self._committing = False

@@ -2,7 +2,6 @@
 commit or abort, failed commits, savepoints, threads that commit under
 one another, and retries with transaction.manager.attempts()."""
 
-import gc
 import threading
 
 import pytest
@@ -11,7 +10,6 @@ import transaction
 from conftest import commit_in_thread
 from dobbin.exc import ConflictError, ObjectGraphError, WriteConflictError
 from dobbin.persistent import Persistent, checked_out, checkout
-from dobbin.session import gc_paused
 
 READ_ONLY = "Can't set attribute in read-only mode."
 
@@ -276,58 +274,6 @@ def test_attempts_retries_conflict_error(open_db, start_thread):
     assert a.x == 11
     db.close()
     assert open_db().root.a.x == 11
-
-
-class _SeesTheCollector:
-    """Pickles as itself, noting whether the cyclic collector was on."""
-
-    seen = []
-
-    def __reduce__(self):
-        _SeesTheCollector.seen.append(gc.isenabled())
-        return _SeesTheCollector, ()
-
-
-def test_commit_pickles_with_the_collector_paused(open_db):
-    db = open_db()
-    root = Persistent()
-    checkout(root)
-    root.value = _SeesTheCollector()
-    db.elect(root)
-    transaction.commit()
-    assert _SeesTheCollector.seen == [False]
-    assert gc.isenabled()
-
-
-def test_gc_paused_nests_and_restores_the_collector(start_thread):
-    assert gc.isenabled()
-    inside = threading.Event()
-    leave = threading.Event()
-
-    def pause_in_thread():
-        with gc_paused:
-            inside.set()
-            leave.wait(10)
-
-    with gc_paused:
-        assert not gc.isenabled()
-        thread = start_thread(pause_in_thread)
-        inside.wait(10)
-    assert not gc.isenabled()  # the other thread's pause still holds
-    leave.set()
-    thread.join()
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        with gc_paused:
-            pass
-        assert not gc.isenabled()  # off before: stays off
-    finally:
-        gc.enable()
-    with pytest.raises(ValueError):
-        with gc_paused:
-            raise ValueError("the pause ends anyway")
-    assert gc.isenabled()
 
 
 def test_copy_state_copies_values_and_keeps_references_and_sharing():

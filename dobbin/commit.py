@@ -1,0 +1,77 @@
+"""One database's part of a commit in progress, and the GC pause of big ones.
+
+`Database` makes a `Commit` when it takes its commit lock and fills it
+while the record is laid out (`_p_commit_prepare`), written and
+published (`_p_commit_finish`) or given up (`_p_commit_abort`).
+"""
+
+import gc
+import threading
+
+# A commit storing this many objects pauses the cyclic GC until its
+# states are installed.
+BIG_COMMIT = 1000
+
+
+class _CollectorPause:
+    """``with gc_paused:`` holds off the cyclic garbage collector.
+
+    Writing or installing a big commit allocates many containers and
+    frees none, so every collection the allocations trigger only scans
+    (a quarter of a 100k-object commit's time).  Nested and concurrent
+    pauses count: the collector comes back when the last one ends, and
+    only if it was on when the first one began.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pausers = 0
+        self._was_enabled = False
+
+    def __enter__(self):
+        with self._lock:
+            if self._pausers == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._pausers += 1
+
+    def __exit__(self, *exc_info):
+        with self._lock:
+            self._pausers -= 1
+            if self._pausers == 0 and self._was_enabled:
+                gc.enable()
+
+
+gc_paused = _CollectorPause()
+
+
+class Commit:
+    """One database's part of a commit in progress."""
+
+    def __init__(self, known_tid, offset, oid_high):
+        self.known_tid = known_tid   # last tid known before catching up under the lock
+        self.offset = offset         # where the record will be written
+        self.oid_high = oid_high
+        self.locked = True
+        self.stored = []             # (obj, state, ObjectEntry)
+        self.streams = []            # StreamEntry, laid out first
+        self.stream_owners = []      # (PersistentFile or None, offset, size)
+        self.stream_offsets = {}     # id(source) -> offset of its S entry
+        self.new = []                # objects given an oid by this commit
+        self.adopted = []            # objects given this jar by this commit
+        self.root_oid = None
+        self.published = False
+        self.collector_paused = False
+
+    def pause_collector(self):
+        """Hold off the cyclic GC until `resume_collector` (a big commit's
+        allocations free nothing, so collections would only scan)."""
+        if not self.collector_paused:
+            gc_paused.__enter__()
+            self.collector_paused = True
+
+    def resume_collector(self):
+        """End this commit's pause, if it took one (done at most once)."""
+        if self.collector_paused:
+            self.collector_paused = False
+            gc_paused.__exit__()

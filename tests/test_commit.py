@@ -1,0 +1,99 @@
+"""Tests of dobbin.commit: a big commit pauses the cyclic GC while it holds
+the commit lock, a small one never does, and pauses nest across threads."""
+
+import gc
+import threading
+
+import pytest
+import transaction
+
+from dobbin.commit import BIG_COMMIT, gc_paused
+from dobbin.exc import ObjectGraphError
+from dobbin.persistent import Persistent, checkout
+
+
+class SeesTheCollector:
+    """Pickles as itself, noting whether the cyclic collector was on."""
+
+    seen = []
+
+    def __reduce__(self):
+        SeesTheCollector.seen.append(gc.isenabled())
+        return SeesTheCollector, ()
+
+
+def watched_objects(count):
+    objects = []
+    for _ in range(count):
+        obj = Persistent()
+        checkout(obj)
+        obj.watch = SeesTheCollector()
+        objects.append(obj)
+    return objects
+
+
+def test_only_a_big_commit_pauses_the_collector(open_db):
+    db = open_db()
+    root = Persistent()
+    checkout(root)
+    root.children = watched_objects(1)
+    db.elect(root)
+    SeesTheCollector.seen = []
+    transaction.commit()
+    assert SeesTheCollector.seen == [True]  # small: the collector stays on
+    checkout(root)
+    root.children = watched_objects(BIG_COMMIT + 10)
+    SeesTheCollector.seen = []
+    transaction.commit()
+    assert SeesTheCollector.seen[:BIG_COMMIT - 1] == [True] * (BIG_COMMIT - 1)
+    assert SeesTheCollector.seen[-10:] == [False] * 10  # paused from the thousandth on
+    assert gc.isenabled()
+
+
+def test_a_big_commit_that_fails_resumes_the_collector(open_db):
+    db = open_db()
+    root = Persistent()
+    checkout(root)
+    root.children = watched_objects(BIG_COMMIT + 10)
+    db.elect(root)
+    stray = Persistent()
+    checkout(stray)  # never connected: the vote fails after the states are laid out
+    SeesTheCollector.seen = []
+    with pytest.raises(ObjectGraphError):
+        transaction.commit()
+    assert SeesTheCollector.seen[-1] is False  # it did pause
+    assert gc.isenabled()
+    transaction.abort()
+
+
+def test_gc_paused_nests_and_restores_the_collector(start_thread):
+    assert gc.isenabled()
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def pause_in_thread():
+        with gc_paused:
+            inside.set()
+            leave.wait(10)
+
+    with gc_paused:
+        assert not gc.isenabled()
+        thread = start_thread(pause_in_thread)
+        inside.wait(10)
+    assert not gc.isenabled()  # the other thread's pause still holds
+    leave.set()
+    thread.join()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused:
+            pass
+        assert not gc.isenabled()  # off before: stays off
+    finally:
+        gc.enable()
+    with pytest.raises(ValueError):
+        with gc_paused:
+            raise ValueError("the pause ends anyway")
+    assert gc.isenabled()
+
+
