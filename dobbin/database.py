@@ -92,6 +92,7 @@ class Database:
         self._lock = WriteLock(self._log.fd, self.path, lock_timeout)
         self._pid = os.getpid()
         self._state_lock = threading.RLock()
+        self._writer = StateWriter(None)  # reused: a pickler costs more than a small record
         self._notify_lock = threading.Lock()
         self._notes = collections.deque()
         self._subscribers = []
@@ -435,20 +436,24 @@ class Database:
                 return ("S", self._stream_offset(value, commit))
             return None
 
-        writer = StateWriter(persistent_id)
-        while queue:
-            obj = queue.popleft()
-            oid = _oid_of(obj)
-            if oid is None:
-                oid = self._assign_oid(obj, commit)
-            state = session.working_state(obj)
-            data = writer.dump(type(obj), state)
-            entry = ObjectEntry(oid, self._index.offset_of(oid), data)
-            commit.stored.append((obj, state, entry))
-            if len(commit.stored) == BIG_COMMIT:
-                # Paused under the commit lock only: small commits, and the
-                # fsyncs of big ones, never keep the collector off.
-                commit.pause_collector()
+        writer = self._writer  # under the commit lock: one commit at a time
+        writer.reference_id = persistent_id
+        try:
+            while queue:
+                obj = queue.popleft()
+                oid = _oid_of(obj)
+                if oid is None:
+                    oid = self._assign_oid(obj, commit)
+                state = session.working_state(obj)
+                data = writer.dump(type(obj), state)
+                entry = ObjectEntry(oid, self._index.offset_of(oid), data)
+                commit.stored.append((obj, state, entry))
+                if len(commit.stored) == BIG_COMMIT:
+                    # Paused under the commit lock only: small commits, and
+                    # the fsyncs of big ones, never keep the collector off.
+                    commit.pause_collector()
+        finally:
+            writer.reference_id = None  # the hook holds this commit's states
         if root is not None:
             commit.root_oid = root._p_oid
 

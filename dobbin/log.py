@@ -145,6 +145,8 @@ class Log:
         """
         if isinstance(buffers, (bytes, bytearray, memoryview)):
             buffers = [buffers]
+        if len(buffers) == 1 and os.pwrite(self.fd, buffers[0], offset) == len(buffers[0]):
+            return  # a small record: one buffer, written whole (the usual case)
         pending = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
         while pending:
             written = os.pwritev(self.fd, pending[:_IOV_MAX], offset)

@@ -43,10 +43,10 @@ def reference(*pid):
 class _StatePickler(pickle.Pickler):
     def __init__(self, file, reference_id):
         super().__init__(file, PROTOCOL)
-        self._reference_id = reference_id
+        self.reference_id = reference_id
 
     def reducer_override(self, obj):
-        pid = self._reference_id(obj)
+        pid = self.reference_id(obj)
         if pid is None:
             return NotImplemented
         return reference, tuple(pid)
@@ -64,6 +64,16 @@ class StateWriter:
     def __init__(self, reference_id):
         self._buffer = io.BytesIO()
         self._pickler = _StatePickler(self._buffer, reference_id)
+
+    @property
+    def reference_id(self):
+        """The hook asked about each non-builtin value (settable, so that
+        one writer can serve commit after commit)."""
+        return self._pickler.reference_id
+
+    @reference_id.setter
+    def reference_id(self, hook):
+        self._pickler.reference_id = hook
 
     def dump(self, cls, state):
         buffer = self._buffer

@@ -158,8 +158,10 @@ class Session:
         databases = {entry.obj._p_jar for entry in self.checkouts.values()}
         databases.update(self.elected)
         databases.discard(None)
-        # A fixed order, so two threads locking two databases can't deadlock.
-        for database in sorted(databases, key=lambda db: (db.path, id(db))):
+        if len(databases) > 1:
+            # A fixed order, so two threads locking two databases can't deadlock.
+            databases = sorted(databases, key=lambda db: (db.path, id(db)))
+        for database in databases:
             self._commits.append((database, database._p_commit_begin()))
 
     def commit(self, txn):

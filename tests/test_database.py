@@ -268,6 +268,21 @@ def test_failed_commit_is_counted_and_never_applied(open_db, start_thread):
     assert reopened.load_state(reopened.root["b"]._p_oid)[1] == {"items": []}
 
 
+def test_a_commit_leaves_nothing_of_itself_in_the_reused_writer(open_db):
+    db = open_db()
+    root = PersistentDict(big=["x" * 1000] * 100)
+    db.elect(root)
+    transaction.commit()
+    # The writer's hook would hold the commit (all its states) until the next one.
+    assert db._writer.reference_id is None
+    checkout(root)
+    root["bad"] = threading.Lock()  # unpicklable: the commit fails while pickling
+    with pytest.raises(TypeError, match="pickle"):
+        transaction.commit()
+    transaction.abort()
+    assert db._writer.reference_id is None
+
+
 def test_commit_failing_on_unpicklable_state_writes_failed_record(open_db):
     db, root = new_container_db(open_db)
     count = db.tx_count

@@ -163,3 +163,12 @@ def test_only_values_of_other_classes_are_asked_about():
                                                 "pair": (1.5, None), "other": Ref(2)})
     # The record's class, the reference, and the function that stands for it.
     assert sorted(asked) == ["Ref", "function", "type"]
+
+
+def test_one_writer_serves_commit_after_commit_with_its_hook_swapped():
+    writer = StateWriter(ref_id)
+    first = writer.dump(Persistent, {"other": Ref(1)})
+    writer.reference_id = lambda value: ("other", value.oid) if isinstance(value, Ref) else None
+    second = writer.dump(Persistent, {"other": Ref(1)})
+    assert load_alone(first)[1] == {"other": ("ref", 1)}
+    assert load_alone(second)[1] == {"other": ("other", 1)}
