@@ -405,6 +405,16 @@ def build_history(path, commits, seed=0, big=True):
     return history
 
 
+def key_history(path, seed, commits, size):
+    """A closed History of a root and then `commits` set_key(`size`) commits."""
+    history = History(path, seed=seed)
+    history.commit()
+    for _ in range(commits):
+        history.set_key(size)
+    history.close()
+    return history
+
+
 def expected_at(spans, cut):
     """(tid, end of the last whole record) of a file cut at `cut` bytes."""
     tid, end = 0, min(cut, 64)

@@ -18,7 +18,7 @@ from dobbin.exc import CorruptionError
 from dobbin.log import ENTRY_SIZE, TX_HEADER_SIZE
 from dobbin.persistent import checkout
 
-from .conftest import History, layout, open_state, read, snapshot, write
+from .conftest import History, key_history, layout, open_state, read, snapshot, write
 
 
 @pytest.fixture
@@ -26,11 +26,7 @@ def built(tmp_path, monkeypatch):
     """20 commits with no checkpoint; (path, history, records)."""
     monkeypatch.setattr("dobbin.database.CHECKPOINT_MIN_BYTES", 1 << 30)
     path = str(tmp_path / "db.dobbin")
-    history = History(path, seed=7)
-    history.commit()
-    for _ in range(19):
-        history.set_key(50)
-    history.close()
+    history = key_history(path, seed=7, commits=19, size=50)
     return path, history, layout(path)
 
 

@@ -21,8 +21,8 @@ from dobbin.database import Database
 from dobbin.log import ENTRY_SIZE, FILE_HEADER_SIZE, STREAM_CHUNK, TX_HEADER_SIZE
 from dobbin.persistent import PersistentFile
 
-from .conftest import (FULL, History, OpenError, build_history, expected_at, figures, layout,
-                       open_state, read, remove_saved_tails, saved_tails)
+from .conftest import (FULL, History, OpenError, build_history, expected_at, figures, key_history,
+                       layout, open_state, read, remove_saved_tails, saved_tails)
 
 COMMITS = 200
 MAX_REPORTED = 20
@@ -180,11 +180,7 @@ def test_a_cut_inside_a_stream_holding_a_dobbin_file(tmp_path, scratch_dir, monk
     # file stored in a Dobbin file): they must never be taken for ours.
     monkeypatch.setattr("dobbin.database.CHECKPOINT_MIN_BYTES", 2048)
     inner = str(tmp_path / "inner.dobbin")
-    inner_history = History(inner, seed=5)
-    inner_history.commit()
-    for _ in range(60):
-        inner_history.set_key(200)
-    inner_history.close()
+    key_history(inner, seed=5, commits=60, size=200)
     inner_bytes = read(inner)
     inner_spans = layout(inner)
     assert any(span.status == b"X" for span in inner_spans), "the inner file has no checkpoint"
