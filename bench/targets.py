@@ -35,6 +35,8 @@ MEASURES = [
     Measure("W7.read_mib_s", "W7", "read it back after reopening", "MiB/s", True),
     Measure("limits.fsyncs_per_s", "limits", "4 KiB append + fsync", "ops/s", True),
     Measure("limits.fdatasyncs_per_s", "limits", "4 KiB append + fdatasync", "ops/s", True),
+    Measure("limits.reserved_fdatasyncs_per_s", "limits",
+            "4 KiB write into allocated space + fdatasync", "ops/s", True),
     Measure("limits.write_mib_s", "limits", "one large write + fsync", "MiB/s", True),
 ]
 MEASURE = {measure.key: measure for measure in MEASURES}
@@ -47,6 +49,10 @@ Check = namedtuple("Check", "name measure variant reference op bound against",
 CHECKS = [
     Check("W1 durable vs machine fsync rate", "W1.commits_per_s", "dobbin",
           ("limits.fsyncs_per_s", "machine"), "ge", 0.9),
+    # Ours, stricter: the ceiling of the technique the log uses (no new
+    # file size per commit), so beating the append limit is not the point.
+    Check("W1 durable vs allocated-space fdatasync rate", "W1.commits_per_s", "dobbin",
+          ("limits.reserved_fdatasyncs_per_s", "machine"), "ge", 0.9),
     Check("W1 durable vs ZODB", "W1.commits_per_s", "dobbin", ("W1.commits_per_s", "zodb"),
           "ge", 1.15),
     Check("W1 durability=\"none\" vs Durus (no fsync)", "W1.commits_per_s", "dobbin-nofsync",

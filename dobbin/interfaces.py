@@ -210,6 +210,10 @@ class ILog(Interface):
         `dobbin.exc.CorruptionError`, or with `repair` is cut away too.
         """
 
+    def at_end():
+        """Whether `end` is the end of the records: the end of the file, or
+        only zero bytes of reserved space after it (see docs/format.txt)."""
+
     def read_object(offset, oid=None):
         """Return ``(tid, previous, data)`` of the checked object entry at
         `offset`; `CorruptionError` if it is not `oid`'s or fails its crc."""

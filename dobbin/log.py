@@ -24,7 +24,8 @@ from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            TX_HEADER_SIZE, TX_MAGIC, Entry, IndexEntry, NoteEntry, ObjectEntry,
                            Record, RootEntry, StreamEntry, build_record, parse_header,
                            stream_size)
-from dobbin.reader import READ_AHEAD, Damaged, Incomplete, read_record
+from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete, find_last_header,
+                           find_witness, read_record, records_end, zeros_from)
 from dobbin.record import crc as _crc
 
 __all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE", "FAILED",
@@ -38,6 +39,8 @@ _OBJECT_READ = 512
 _BATCH_READ = 64 * 1024
 _CREATE_TIMEOUT = 30.0
 _IOV_MAX = 512
+# Space reserved ahead of the records at a time (see docs/format.txt).
+RESERVE = 256 * 1024
 DURABILITY = ("fsync", "none")
 
 
@@ -56,6 +59,9 @@ class Log:
         self.durability = durability
         self.read_only = read_only
         self.broken = None
+        self._reserved = 0          # the file's space is allocated up to here
+        self._reserving = durability == "fsync" and not read_only
+        self._tail_checked = False  # the bytes after the records were found zero to the end
         flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
         created = not os.path.exists(self.path)
         if read_only and created:
@@ -162,6 +168,10 @@ class Log:
 
     def _truncate(self, size):
         os.ftruncate(self.fd, size)
+        self._reserved = min(self._reserved, size)
+
+    def _allocate(self, offset, length):
+        os.posix_fallocate(self.fd, offset, length)
 
     def _fsync_directory(self):
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -177,7 +187,7 @@ class Log:
         """Write one record at the end; return it as a `Record`.
 
         The caller holds the write lock and has read every record up to
-        the end (so `self.end` is the end of the file).  With `wait` it
+        the end (so `self.end` is the end of the records).  With `wait` it
         returns once the record is durable; without, the caller calls
         `flush` after giving the lock up, so that one fsync can serve
         several commits.  On a write error the record is cut off again
@@ -192,6 +202,7 @@ class Log:
         lag = 0 if self.durability != "fsync" else min(self.last_tid - self.synced_tid, MAX_LAG)
         buffers, length, read_entries = build_record(status, tid, oid_high, offset,
                                                       self.checkpoint, lag, entries, stamp)
+        self._reserve(offset, length)
         try:
             self._write(buffers, offset)
         except OSError as error:
@@ -202,6 +213,23 @@ class Log:
         if wait:
             self.flush(self.end)
         return record
+
+    def _reserve(self, offset, length):
+        """Allocate space ahead of a small record, so that its fsync need not
+        also make a new file size durable (see docs/format.txt)."""
+        if not self._reserving or offset + length <= self._reserved or length > RESERVE:
+            return
+        self._reserved = self.size()  # space reserved before we opened, or by another writer
+        if offset + length <= self._reserved:
+            return
+        try:
+            self._allocate(offset, length + RESERVE)
+        except OSError:
+            # No fallocate on this file system, or no space to spare: append
+            # as without reserving (a full disk fails the write itself).
+            self._reserving = False
+            return
+        self._reserved = offset + length + RESERVE
 
     def flush(self, end):
         """Return once the file's first `end` bytes are durable.
@@ -279,13 +307,14 @@ class Log:
         """Start from the newest checkpoint: return its record, or None.
 
         Reads the last record's header (found from the end of the file,
-        stepping back over a torn tail) for the checkpoint's offset, then
+        stepping back over reserved space and a torn tail) for the
+        checkpoint's offset, then
         the checkpoint; afterwards `recover` or `follow` replay only the
         records after it.  A damaged or missing checkpoint returns None,
         and the caller replays from the start.
         """
         file_size = self.size()
-        last = self._find_last_header(file_size)
+        last = find_last_header(self.fd, records_end(self.fd, file_size))
         if last is None:
             return None
         offset, status, checkpoint = last
@@ -305,43 +334,35 @@ class Log:
         self._advance(record)
         return record._replace(entries=[record.entries[0]._replace(data=data[8:])])
 
-    def _find_last_header(self, file_size):
-        """(offset, status, checkpoint) of the last sound record header."""
-        position = file_size
-        while position > FILE_HEADER_SIZE:
-            if position - TRAILER_SIZE >= FILE_HEADER_SIZE:
-                _crc_value, magic, length = TRAILER.unpack(
-                    os.pread(self.fd, TRAILER_SIZE, position - TRAILER_SIZE))
-                if magic == TRAILER_MAGIC and FILE_HEADER_SIZE <= position - length < position:
-                    header = self._sound_header(position - length)
-                    if header is not None and header[0] == length:
-                        return position - length, header[1], header[2]
-            # Not a clean end: search back for a record magic (a torn tail).
-            start = max(FILE_HEADER_SIZE, position - READ_AHEAD)
-            chunk = os.pread(self.fd, position - start, start)
-            index = chunk.rfind(TX_MAGIC)
-            while index >= 0:
-                header = self._sound_header(start + index)
-                if header is not None and start + index + header[0] <= file_size:
-                    return start + index, header[1], header[2]
-                index = chunk.rfind(TX_MAGIC, 0, index)
-            position = start + 3 if start > FILE_HEADER_SIZE else FILE_HEADER_SIZE
-        return None
-
-    def _sound_header(self, offset):
-        header = os.pread(self.fd, TX_HEADER_SIZE, offset)
-        if len(header) < TX_HEADER_SIZE:
-            return None
-        fields = parse_header(header)
-        if fields is None:
-            return None
-        return fields.length, fields.status, fields.checkpoint
-
-
     # -- reading -------------------------------------------------------
 
     def size(self):
         return os.fstat(self.fd).st_size
+
+    def at_end(self):
+        """Have the records been read to their end (reserved space aside)?"""
+        size = self.size()
+        return self.end >= size or zeros_from(self.fd, self.end, size)
+
+    def _peek(self):
+        """The bytes where the next record would start (b"" at the end of the file).
+
+        Catching up peeks instead of asking the file's size: on Linux 6.13
+        and later a stat makes the next write update the inode's times, and
+        that alone cost a small commit's fdatasync a third more.
+        """
+        return os.pread(self.fd, TX_HEADER_SIZE, self.end)
+
+    def _reserved_space_here(self):
+        """Do the records end at `self.end`, before reserved space?
+
+        With the write lock held: the first time, every byte after is
+        checked to be zero (a non-zero one is a write torn by a crash);
+        since only lock holders write, and whole records, that holds.
+        """
+        if not self._tail_checked:
+            self._tail_checked = zeros_from(self.fd, self.end, self.size())
+        return self._tail_checked
 
     def follow(self):
         """Yield the complete, valid records after `self.end`, advancing.
@@ -350,8 +371,11 @@ class Log:
         a record that is incomplete or fails a check, which may be a
         commit still being written; the next writer deals with it.
         """
-        file_size = self.size()
-        while self.end < file_size:
+        while True:
+            head = self._peek()
+            if len(head) < TX_HEADER_SIZE or head == ZERO_HEADER:
+                return  # the end, reserved space, or a record still being written
+            file_size = self.size()
             try:
                 record = read_record(self.fd, self.end, self.last_tid + 1, file_size)
             except Damaged as damage:
@@ -377,8 +401,11 @@ class Log:
         After the last record, `self.dropped` tells what was cut.
         """
         self.dropped = None
-        file_size = self.size()
-        while self.end < file_size:
+        while True:
+            head = self._peek()
+            if not head or head == ZERO_HEADER and self._reserved_space_here():
+                return
+            file_size = self.size()
             try:
                 record = read_record(self.fd, self.end, self.last_tid + 1, file_size)
             except Incomplete:
@@ -398,7 +425,8 @@ class Log:
                 self._advance(record)
                 yield record
                 continue
-            witness = self._find_witness(search_from, file_size)
+            witness = find_witness(self.fd, search_from, file_size, self.last_tid + 1,
+                                   self.checkpoint)
             if witness is None:
                 # Nothing later says this record was ever durable: a torn write.
                 self._cut("torn", "%s at the end of what was durable" % reason)
@@ -455,38 +483,6 @@ class Log:
         except (Incomplete, Damaged):
             return False
         return True
-
-    def _find_witness(self, start, file_size):
-        """A valid later record that vouches for the record at `self.end`.
-
-        A record's lag says how many records before it its writer did not
-        yet know to be durable (see docs/format.txt).  If a valid later
-        record vouches for the damaged one, the damage happened to durable
-        bytes: corruption.  If none does, the damaged record was never
-        known durable: a write torn by a crash.  Headers are checked in
-        the buffer first, so the search stays linear in the file's size.
-        """
-        damaged_tid = self.last_tid + 1
-        position = start
-        while position < file_size:
-            chunk = os.pread(self.fd, READ_AHEAD + TX_HEADER_SIZE, position)
-            index = chunk.find(TX_MAGIC)
-            while 0 <= index <= len(chunk) - TX_HEADER_SIZE:
-                header = parse_header(chunk[index:index + TX_HEADER_SIZE])
-                # A successor of ours: a later tid that vouches for the damaged
-                # one, and a checkpoint pointer no older than ours.
-                if (header is not None and header.tid >= damaged_tid
-                        and header.vouched >= damaged_tid
-                        and self.checkpoint <= header.checkpoint < position + index):
-                    try:
-                        read_record(self.fd, position + index, None, file_size)
-                    except (Incomplete, Damaged):
-                        pass
-                    else:
-                        return position + index
-                index = chunk.find(TX_MAGIC, index + 1)
-            position += READ_AHEAD
-        return None
 
     def diagnose(self):
         """Why the record at `end` can't be read, or None if it can."""

@@ -5,18 +5,26 @@ docs/format.txt promises: header crc, sane length, tid sequence, every
 entry's crc and stream chunk crcs, the trailer.  It raises `Incomplete`
 when the file ends inside the record and `Damaged` when a check fails;
 `dobbin.log.Log` decides whether that is a commit still being written,
-a torn write or corruption.
+a torn write or corruption.  The searches it decides with are here too:
+where the records end (before reserved space), the last sound record
+header, and a later record that vouches for a damaged one.
 """
 
 import os
 import struct
 
-from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED, KEPT_KINDS, KINDS,
-                           KIND_STREAM, STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE,
-                           TX_HEADER, TX_HEADER_SIZE, TX_MAGIC, Entry, Record, stream_size)
+from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
+                           KEPT_KINDS, KINDS, KIND_STREAM, STREAM_CHUNK, TRAILER, TRAILER_MAGIC,
+                           TRAILER_SIZE, TX_HEADER, TX_HEADER_SIZE, TX_MAGIC, Entry, Record,
+                           parse_header, stream_size)
 from dobbin.record import crc as _crc
 
 READ_AHEAD = 1 << 20
+# Where a record would start, these bytes mean reserved space: the records
+# end here (see "Reserved space after the records" in docs/format.txt).
+ZERO_HEADER = bytes(TX_HEADER_SIZE)
+_ZERO_BLOCK = bytes(64 * 1024)
+_PAGE = 4096
 # No file system holds a file this large: a length beyond it is damage.
 _MAX_RECORD = 1 << 50
 
@@ -75,6 +83,122 @@ def pread_exact(fd, size, offset):
     return data
 
 
+# -- the end of the records --------------------------------------------------
+
+def zeros_from(fd, start, file_size):
+    """Are the bytes from `start` to `file_size` all zero (reserved space)?"""
+    position = start
+    while position < file_size:
+        block = os.pread(fd, min(len(_ZERO_BLOCK), file_size - position), position)
+        if not block:
+            break  # the file shrank: nothing there at all
+        if block != _ZERO_BLOCK[:len(block)]:
+            return False
+        position += len(block)
+    return True
+
+
+def records_end(fd, file_size):
+    """Where the records seem to end: before the zero bytes of reserved space.
+
+    The last record's trailer ends in the zero high bytes of its length,
+    so its ``DEND`` is looked for just before the last non-zero byte.
+    """
+    position = file_size
+    while position > FILE_HEADER_SIZE:
+        start = max(FILE_HEADER_SIZE, position - len(_ZERO_BLOCK))
+        block = os.pread(fd, position - start, start)
+        last = _last_non_zero(block)
+        if last:
+            last += start
+            window_start = max(FILE_HEADER_SIZE, last - 12)
+            found = os.pread(fd, last - window_start, window_start).rfind(TRAILER_MAGIC)
+            return min(file_size, window_start + found + 12) if found >= 0 else last
+        position = start
+    return FILE_HEADER_SIZE
+
+
+def _last_non_zero(block):
+    """One past the last non-zero byte of `block`, or 0 if it is all zero."""
+    end = len(block)
+    while end > 0:
+        start = max(0, end - _PAGE)
+        page = block[start:end]
+        if page != _ZERO_BLOCK[:len(page)]:  # pages compare whole, fast; strip only one
+            return start + len(page.rstrip(b"\0"))
+        end = start
+    return 0
+
+
+def find_last_header(fd, file_size):
+    """(offset, status, checkpoint) of the last sound record header, or None.
+
+    Reads the trailer just before `file_size`; if that is not a clean
+    record end (a torn tail), searches back for a record magic.
+    """
+    position = file_size
+    while position > FILE_HEADER_SIZE:
+        if position - TRAILER_SIZE >= FILE_HEADER_SIZE:
+            _crc_value, magic, length = TRAILER.unpack(
+                os.pread(fd, TRAILER_SIZE, position - TRAILER_SIZE))
+            if magic == TRAILER_MAGIC and FILE_HEADER_SIZE <= position - length < position:
+                header = _sound_header(fd, position - length)
+                if header is not None and header.length == length:
+                    return position - length, header.status, header.checkpoint
+        start = max(FILE_HEADER_SIZE, position - READ_AHEAD)
+        chunk = os.pread(fd, position - start, start)
+        index = chunk.rfind(TX_MAGIC)
+        while index >= 0:
+            header = _sound_header(fd, start + index)
+            if header is not None and start + index + header.length <= file_size:
+                return start + index, header.status, header.checkpoint
+            index = chunk.rfind(TX_MAGIC, 0, index)
+        position = start + 3 if start > FILE_HEADER_SIZE else FILE_HEADER_SIZE
+    return None
+
+
+def _sound_header(fd, offset):
+    header = os.pread(fd, TX_HEADER_SIZE, offset)
+    if len(header) < TX_HEADER_SIZE:
+        return None
+    return parse_header(header)
+
+
+def find_witness(fd, start, file_size, damaged_tid, checkpoint):
+    """The offset of a valid record after `start` that vouches for the
+    damaged record of `damaged_tid`, or None.
+
+    A record's lag says how many records before it its writer did not
+    yet know to be durable (see docs/format.txt).  If a valid later
+    record vouches for the damaged one, the damage happened to durable
+    bytes: corruption.  If none does, the damaged record was never
+    known durable: a write torn by a crash.  Headers are checked in the
+    buffer first, so the search stays linear in the file's size.
+    `checkpoint` is the newest checkpoint before the damage.
+    """
+    position = start
+    while position < file_size:
+        chunk = os.pread(fd, READ_AHEAD + TX_HEADER_SIZE, position)
+        index = chunk.find(TX_MAGIC)
+        while 0 <= index <= len(chunk) - TX_HEADER_SIZE:
+            header = parse_header(chunk[index:index + TX_HEADER_SIZE])
+            # A successor: a later tid that vouches for the damaged one,
+            # and a checkpoint pointer no older than the last one before it.
+            if (header is not None and header.tid >= damaged_tid
+                    and header.vouched >= damaged_tid
+                    and checkpoint <= header.checkpoint < position + index):
+                try:
+                    read_record(fd, position + index, None, file_size)
+                except (Incomplete, Damaged):
+                    pass
+                else:
+                    return position + index
+            index = chunk.find(TX_MAGIC, index + 1)
+        position += READ_AHEAD
+    return None
+
+
+# -- one record ----------------------------------------------------------------
 
 def read_record(fd, offset, expected_tid, file_size):
     """Read and check the record at `offset`; raise Incomplete/Damaged."""

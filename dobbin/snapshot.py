@@ -103,9 +103,8 @@ def verify(db):
             # Redundant, so nothing is lost; but the disk damaged it.
             report["errors"].append("damaged index checkpoint at offset %d (skipped; the "
                                     "log rebuilds it): %s" % (offset, reason))
-        size = checker.size()
-        report["bytes"] = size
-        if checker.end != size:
+        report["bytes"] = checker.end
+        if not checker.at_end():
             report["errors"].append("unreadable record at offset %d: %s"
                                     % (checker.end, checker.diagnose()))
         with db._state_lock:

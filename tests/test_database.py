@@ -1,6 +1,7 @@
 """Tests of dobbin.database: oids, failed records, snapshots, conflicts
 and their resolution, and the errors that wrong use of the API gets."""
 
+import glob
 import io
 import multiprocessing
 import os
@@ -134,9 +135,9 @@ def test_oids_unique_across_two_databases_alternating_commits(open_db):
     assert all_oids(first) == all_oids(second) == set(handed)
 
 
-def _add_objects_in_process(path, key, count, results):
+def _add_objects_in_process(path, key, count, results, durability):
     try:
-        db = Database(path, durability="none")
+        db = Database(path, durability=durability)
         oids = []
         for _ in range(count):
             for attempt in transaction.manager.attempts(50):
@@ -149,7 +150,10 @@ def _add_objects_in_process(path, key, count, results):
         results.put((key, None, traceback.format_exc()))
 
 
-def test_oids_unique_across_processes(open_db):
+@pytest.mark.parametrize("durability", ["none", "fsync"])
+def test_oids_unique_across_processes(open_db, durability):
+    # With fsync every writer also reserves space after the records, and
+    # writes its records into space another one reserved.
     db = open_db()
     root = PersistentDict(one=Container(), two=Container())
     db.elect(root)
@@ -157,7 +161,7 @@ def test_oids_unique_across_processes(open_db):
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     processes = [context.Process(target=_add_objects_in_process,
-                                 args=(db.path, key, 20, results))
+                                 args=(db.path, key, 20, results, durability))
                  for key in ("one", "two")]
     for process in processes:
         process.start()
@@ -181,6 +185,7 @@ def test_oids_unique_across_processes(open_db):
     stored = {obj._p_oid for key in root for obj in root[key].items}
     assert set(handed) <= stored
     assert len(db) == len(stored) + 3
+    assert db.verify()["ok"] and glob.glob(db.path + ".*") == []
 
 
 def test_oids_handed_out_by_failed_conflicting_commit_never_reused(

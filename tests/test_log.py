@@ -16,9 +16,10 @@ import pytest
 
 from conftest import flip_bit
 from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
-from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
+from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE, RESERVE,
                         STREAM_CHUNK, TRAILER_SIZE, TX_HEADER_SIZE, IndexEntry, Log, NoteEntry,
                         ObjectEntry, RootEntry, StreamEntry)
+from dobbin.reader import records_end
 
 # Field offsets, from docs/format.txt.
 H_STATUS, H_LAG, H_LENGTH, H_TID, H_COUNT, H_CRC = 4, 5, 8, 16, 48, 52
@@ -857,3 +858,117 @@ def test_read_objects_checks_every_entry(stored, path):
     with pytest.raises(CorruptionError, match="checksum") as caught:
         log.read_objects([(obj, 1)])
     assert caught.value.offset == obj
+
+
+# -- space reserved after the records (docs/format.txt) ------------------------
+
+
+def small_commits(log, count):
+    return [log.append(COMMITTED, 2, [object_entry(tid)]) for tid in range(1, count + 1)]
+
+
+def test_an_fsync_log_reserves_zeroed_space_after_its_records(path):
+    log = Log(path)
+    records = small_commits(log, 3)
+    end = log.end
+    log.close()
+    size = os.path.getsize(path)
+    assert size >= FILE_HEADER_SIZE + RESERVE > end
+    with open(path, "rb") as f:
+        f.seek(end)
+        assert f.read() == bytes(size - end)
+    reader = Log(path, read_only=True)
+    assert [r.tid for r in reader.follow()] == [1, 2, 3]
+    assert reader.end == end and reader.at_end()
+    reader.close()
+    writer = Log(path)
+    assert [r.tid for r in writer.recover()] == [1, 2, 3]
+    assert writer.dropped is None and os.path.getsize(path) == size, "nothing is cut"
+    assert writer.append(COMMITTED, 2, [object_entry(4)]).offset == end
+    assert os.path.getsize(path) == size, "the record went into the reserved space"
+    writer.close()
+    assert records[-1].offset + records[-1].length == end
+
+
+def test_a_log_without_fsync_reserves_nothing(path):
+    log = Log(path, durability="none")
+    small_commits(log, 3)
+    assert os.path.getsize(path) == log.end
+    log.close()
+
+
+def test_a_big_record_is_appended_without_reserving(path):
+    log = Log(path)
+    log.append(COMMITTED, 2, [ObjectEntry(oid=1, previous=0, data=bytes(RESERVE + 1))])
+    assert os.path.getsize(path) == log.end
+    log.close()
+
+
+def test_without_fallocate_the_log_appends_as_before(path, monkeypatch):
+    def unsupported(self, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(Log, "_allocate", unsupported)
+    log = Log(path)
+    small_commits(log, 2)
+    assert os.path.getsize(path) == log.end
+    log.close()
+
+
+def test_opening_finds_the_last_checkpoint_across_reserved_space(path):
+    log = Log(path)
+    small_commits(log, 2)
+    log.append(CHECKPOINT, 2, [IndexEntry(b"")])
+    checkpoint = log.checkpoint
+    small_commits(log, 1)
+    end = log.end
+    log.close()
+    reader = Log(path, read_only=True)
+    assert reader.open_checkpoint().offset == checkpoint
+    assert [r.tid for r in reader.follow()] == [3]
+    assert reader.end == end
+    reader.close()
+
+
+@pytest.mark.parametrize("trailer_length_low_byte", [0, 7])
+def test_records_end_steps_back_over_zeros_to_the_last_trailer(path, trailer_length_low_byte):
+    # A trailer ends in its length's zero high bytes (and, for a length of
+    # 256 * k, a zero low byte): the search must not stop short of them.
+    log = Log(path)
+    size = 256 * 2 - TX_HEADER_SIZE - ENTRY_SIZE - TRAILER_SIZE + trailer_length_low_byte
+    log.append(COMMITTED, 2, [ObjectEntry(oid=1, previous=0, data=b"x" * size)])
+    assert log.end - FILE_HEADER_SIZE == 512 + trailer_length_low_byte
+    assert records_end(log.fd, log.size()) == log.end
+    assert records_end(log.fd, log.end) == log.end
+    log.close()
+
+
+def test_a_page_landed_in_reserved_space_without_its_header_is_cut_as_torn(path):
+    # A crash wrote a later page of a record but not its first one.
+    log = Log(path)
+    small_commits(log, 2)
+    end = log.end
+    log.close()
+    with open(path, "r+b") as f:
+        f.seek(end + 4096)
+        f.write(b"\xffstray page")
+    writer = Log(path)
+    assert [r.tid for r in writer.recover()] == [1, 2]
+    assert writer.dropped["offset"] == end and os.path.getsize(path) == end
+    with open(writer.dropped["saved_as"], "rb") as saved:
+        assert saved.read()[4096:4107] == b"\xffstray page"
+    assert writer.append(COMMITTED, 2, [object_entry(3)]).offset == end
+    writer.close()
+
+
+def test_a_reader_stops_before_reserved_space_and_takes_records_written_into_it(path):
+    writer = Log(path)
+    small_commits(writer, 1)
+    reader = Log(path, read_only=True)
+    assert [r.tid for r in reader.follow()] == [1]
+    assert [r.tid for r in reader.follow()] == []
+    writer.append(COMMITTED, 2, [object_entry(2)])
+    assert [r.tid for r in reader.follow()] == [2]
+    assert reader.end == writer.end < writer.size()
+    reader.close()
+    writer.close()

@@ -161,7 +161,7 @@ def layout(path):
     try:
         spans = [Span(record.tid, record.status, record.offset, record.offset + record.length)
                  for record in log.follow()]
-        assert log.end == log.size(), "the workload's own file has an unreadable tail"
+        assert log.at_end(), "the workload's own file has an unreadable tail"
     finally:
         log.close()
     return spans

@@ -78,8 +78,17 @@ class Faults:
 
 
 def leave_torn_tail(path):
-    """Another writer died half-way through a record."""
-    with open(path, "ab") as f:
+    """Another writer died half-way through a record, written where the
+    records end (before any space reserved after them)."""
+    log = Log(path, read_only=True)
+    try:
+        for _record in log.follow():
+            pass
+    finally:
+        log.close()
+    end = log.end
+    with open(path, "r+b") as f:
+        f.seek(end)
         f.write(b"DTXRC\0\0\0" + bytes(30))
 
 

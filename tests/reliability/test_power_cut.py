@@ -61,7 +61,7 @@ class Disk:
     def sync(self):
         if self._power_goes_now():
             raise PowerCut()
-        size = self.log.size()
+        size = self.log.end  # the records written so far; not space reserved after them
         self._sync()
         self.synced = size
 
@@ -267,7 +267,7 @@ class SharedDisk:
     def sync(self):
         if self._power_goes_now():
             raise PowerCut()
-        size = self.log.size()
+        size = self.log.end  # the records written so far; not space reserved after them
         self._sync()
         with self.lock:
             if self.image is None:
