@@ -308,9 +308,8 @@ class Log:
 
         Reads the last record's header (found from the end of the file,
         stepping back over reserved space and a torn tail) for the
-        checkpoint's offset, then
-        the checkpoint; afterwards `recover` or `follow` replay only the
-        records after it.  A damaged or missing checkpoint returns None,
+        checkpoint's offset, then the checkpoint; afterwards `recover` or
+        `follow` replay only the records after it.  A damaged or missing checkpoint returns None,
         and the caller replays from the start.
         """
         file_size = self.size()
@@ -404,7 +403,7 @@ class Log:
         self.dropped = None
         while True:
             head = self._peek()
-            if not head or head == ZERO_HEADER and self._reserved_space_here():
+            if not head or (head == ZERO_HEADER and self._reserved_space_here()):
                 return
             file_size = self.size()
             try:
