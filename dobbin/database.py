@@ -28,7 +28,7 @@ from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT
 from dobbin.persistent import Persistent, ghost_oid, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.commit import BIG_COMMIT, Commit
-from dobbin.session import current_session
+from dobbin.session import copy_state, current_session
 from dobbin.snapshot import snapshot, verify
 from dobbin.stream import PersistentFile, PersistentStream
 
@@ -41,6 +41,8 @@ _jar_of = Persistent._p_jar.__get__
 _set_oid = Persistent._p_oid.__set__
 _set_jar = Persistent._p_jar.__set__
 _is_ghost = Persistent._p_ghost.__get__
+_serial_of = Persistent._p_serial.__get__
+_committed_state = Persistent.__dict__["__dict__"].__get__  # never a thread's working copy
 
 logger = logging.getLogger("dobbin")
 
@@ -242,6 +244,13 @@ class Database:
         self._subscribers.remove(callback)
 
     def load_state(self, oid, tid=None):
+        with self._state_lock:
+            # A loaded state is the newest version, right for any snapshot
+            # from its serial on; copying it costs less than reading and
+            # unpickling its record again (a broker's loads do both).
+            obj = self._cache.loaded.get(oid)
+            if obj is not None and (tid is None or _serial_of(obj) <= tid):
+                return _serial_of(obj), copy_state(_committed_state(obj))
         serial, data = self._version_data(oid, tid)
         return serial, self._load(data, oid)[1]
 

@@ -14,8 +14,8 @@ from transaction.interfaces import TransientError
 
 from conftest import commit_in_thread
 from dobbin.database import Database, PersistentStream
-from dobbin.exc import (ConflictError, DobbinError, ReadConflictError, ReadOnlyError,
-                        WriteConflictError)
+from dobbin.exc import (ConflictError, DobbinError, HistoryError, ReadConflictError,
+                        ReadOnlyError, WriteConflictError)
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
 
 
@@ -742,3 +742,48 @@ def test_identity_holds_while_reachable_even_after_eviction(open_db):
         small.root[n]["payload"]
     assert small.root[5] is held
     assert small.get(held._p_oid) is held
+
+
+# -- load_state: versions as of a transaction ---------------------------------
+
+
+def two_versions(open_db):
+    """A database where a Container's `items` went from [] to [child]."""
+    db = open_db()
+    container = Container()
+    db.elect(PersistentDict(c=container))
+    transaction.commit()
+    first = db.tx_count
+    child = Persistent()
+    checkout(container)
+    container.items.append(child)
+    transaction.commit()
+    return db, container, child, first
+
+
+def test_load_state_gives_each_version_as_of_a_transaction(open_db):
+    db, container, child, first = two_versions(open_db)
+    oid = container._p_oid
+    assert db.load_state(oid, first) == (first, {"items": []})
+    assert db.load_state(oid, db.tx_count) == (db.tx_count, {"items": [child]})
+    assert db.load_state(oid) == (db.tx_count, {"items": [child]})
+    with pytest.raises(HistoryError):
+        db.load_state(oid, first - 1)
+
+
+def test_load_state_of_a_loaded_object_is_an_independent_copy(open_db, monkeypatch):
+    db, container, child, first = two_versions(open_db)
+    assert container.items == [child]  # loaded: its state is the newest version
+
+    def no_reading(*args):
+        raise AssertionError("the loaded state should have been copied")
+
+    monkeypatch.setattr(db._log, "read_object", no_reading)
+    serial, state = db.load_state(container._p_oid, db.tx_count)
+    assert serial == db.tx_count and state == {"items": [child]}
+    assert state["items"][0] is child, "references stay the live objects"
+    state["items"].clear()
+    assert container.items == [child], "the shared state is untouched"
+    monkeypatch.undo()
+    assert db.load_state(container._p_oid, first) == (first, {"items": []}), \
+        "an older snapshot still reads the log"
