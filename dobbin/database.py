@@ -16,7 +16,7 @@ import transaction
 from zope.interface import implementer
 
 from dobbin.cache import ObjectCache
-from dobbin.exc import (ConflictError, DobbinError, HistoryError, LoadError,
+from dobbin.exc import (ConflictError, DobbinError, LoadError, LockTimeoutError,
                         ReadConflictError, ReadOnlyError, StorageError, WriteConflictError)
 from dobbin.index import Index
 from dobbin.interfaces import IDatabase
@@ -29,7 +29,7 @@ from dobbin.persistent import Persistent, ghost_oid, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.commit import BIG_COMMIT, Commit
 from dobbin.session import copy_state, current_session
-from dobbin.snapshot import snapshot, verify
+from dobbin.snapshot import snapshot, verify, version_data
 from dobbin.stream import PersistentFile, PersistentStream
 
 __all__ = ["Database", "PersistentStream"]
@@ -251,13 +251,28 @@ class Database:
             obj = self._cache.loaded.get(oid)
             if obj is not None and (tid is None or _serial_of(obj) <= tid):
                 return _serial_of(obj), copy_state(_committed_state(obj))
-        serial, data = self._version_data(oid, tid)
+        serial, data = version_data(self, oid, tid)
         return serial, self._load(data, oid)[1]
 
     def close(self):
         if not self.closed:
             self.closed = True
+            self._give_back_reserved_space()
             self._log.close()
+
+    def _give_back_reserved_space(self):
+        # Many small databases should not each keep a reserve of disk blocks.
+        # Skipped while another writer works; it reserves anew when it needs.
+        if self.read_only or os.getpid() != self._pid or self._lock.held:
+            return
+        try:
+            self._lock.acquire(timeout=0)
+        except LockTimeoutError:
+            return
+        try:
+            self._log.trim()
+        finally:
+            self._lock.release()
 
     # -- loading -----------------------------------------------------------
 
@@ -582,17 +597,6 @@ class Database:
         self._flush_notes()
 
     # -- history, snapshot and verify ----------------------------------------
-
-    def _version_data(self, oid, tid):
-        """`(serial, data)` of `oid`'s newest record as of `tid` (None: latest)."""
-        with self._state_lock:
-            offset = self._index.offset_of(oid)
-        while offset:
-            serial, previous, data = self._log.read_object(offset, oid)
-            if tid is None or serial <= tid:
-                return serial, data
-            offset = previous
-        raise HistoryError("oid %d has no committed state as of transaction %s" % (oid, tid))
 
     def snapshot(self, target, until=None):
         snapshot(self, target, until)

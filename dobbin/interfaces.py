@@ -210,6 +210,11 @@ class ILog(Interface):
         `dobbin.exc.CorruptionError`, or with `repair` is cut away too.
         """
 
+    def trim():
+        """Give the space reserved after the records back to the file
+        system, with the write lock held; never past a record this log has
+        not read."""
+
     def at_end():
         """Whether `end` is the end of the records: the end of the file, or
         only zero bytes of reserved space after it (see docs/format.txt)."""

@@ -2,7 +2,8 @@
 
 `snapshot` writes a database's state as of one transaction into an empty
 database as a single transaction: every object's full state, oids and
-the oid counter kept, stream bytes copied.  `verify` reads the whole file
+the oid counter kept, stream bytes copied; `version_data` finds the
+record of an object's version as of a transaction.  `verify` reads the whole file
 back through a fresh reader and checks every checksum and the index.
 """
 
@@ -32,6 +33,18 @@ class _StreamReference:
 
     def __init__(self, offset):
         self.offset = offset
+
+
+def version_data(db, oid, tid):
+    """`(serial, data)` of `oid`'s newest record in `db` as of `tid` (None: latest)."""
+    with db._state_lock:
+        offset = db._index.offset_of(oid)
+    while offset:
+        serial, previous, data = db._log.read_object(offset, oid)
+        if tid is None or serial <= tid:
+            return serial, data
+        offset = previous
+    raise HistoryError("oid %d has no committed state as of transaction %s" % (oid, tid))
 
 
 def snapshot(source, target, until=None):
@@ -72,7 +85,7 @@ def snapshot(source, target, until=None):
         root = source._index.root_oid(until)
     for oid in oids:
         try:
-            _serial, data = source._version_data(oid, until)
+            _serial, data = version_data(source, oid, until)
         except HistoryError:
             continue  # created after `until`
         cls, state = load_state(data, reference, "of oid %d", oid)

@@ -787,3 +787,19 @@ def test_load_state_of_a_loaded_object_is_an_independent_copy(open_db, monkeypat
     monkeypatch.undo()
     assert db.load_state(container._p_oid, first) == (first, {"items": []}), \
         "an older snapshot still reads the log"
+
+
+def test_closing_gives_back_the_reserved_space_after_the_last_records(open_db):
+    first = open_db()
+    first.elect(PersistentDict(n=1))
+    transaction.commit()
+    second = open_db()
+    checkout(second.root)
+    second.root["n"] = 2
+    transaction.commit()
+    first.close()  # it has not read the second's commit: nothing is cut
+    assert os.path.getsize(first.path) > second._log.end
+    second.close()
+    assert os.path.getsize(first.path) == second._log.end
+    reopened = open_db()
+    assert reopened.root["n"] == 2 and reopened.verify()["ok"]

@@ -972,3 +972,20 @@ def test_a_reader_stops_before_reserved_space_and_takes_records_written_into_it(
     assert reader.end == writer.end < writer.size()
     reader.close()
     writer.close()
+
+
+def test_trim_gives_back_reserved_space_but_never_a_record_it_has_not_read(path):
+    first = Log(path)
+    small_commits(first, 1)
+    second = Log(path)
+    assert [r.tid for r in second.recover()] == [1]
+    second.append(COMMITTED, 2, [object_entry(2)])
+    first.trim()  # behind: the second log's record lies where it would cut
+    reader = Log(path, read_only=True)
+    assert [r.tid for r in reader.follow()] == [1, 2]
+    reader.close()
+    assert [r.tid for r in first.recover()] == [2]
+    first.trim()
+    assert os.path.getsize(path) == first.end == second.end
+    first.close()
+    second.close()
