@@ -3,8 +3,9 @@
 `snapshot` writes a database's state as of one transaction into an empty
 database as a single transaction: every object's full state, oids and
 the oid counter kept, stream bytes copied; `version_data` finds the
-record of an object's version as of a transaction.  `verify` reads the whole file
-back through a fresh reader and checks every checksum and the index.
+record of an object's version as of a transaction.  `verify` reads the
+whole file back through a fresh reader and checks every checksum and
+the index.
 """
 
 from dobbin.exc import DobbinError, HistoryError

@@ -753,7 +753,7 @@ def two_versions(open_db):
     container = Container()
     db.elect(PersistentDict(c=container))
     transaction.commit()
-    first = db.tx_count
+    first = db.last_tid
     child = Persistent()
     checkout(container)
     container.items.append(child)
@@ -765,8 +765,8 @@ def test_load_state_gives_each_version_as_of_a_transaction(open_db):
     db, container, child, first = two_versions(open_db)
     oid = container._p_oid
     assert db.load_state(oid, first) == (first, {"items": []})
-    assert db.load_state(oid, db.tx_count) == (db.tx_count, {"items": [child]})
-    assert db.load_state(oid) == (db.tx_count, {"items": [child]})
+    assert db.load_state(oid, db.last_tid) == (db.last_tid, {"items": [child]})
+    assert db.load_state(oid) == (db.last_tid, {"items": [child]})
     with pytest.raises(HistoryError):
         db.load_state(oid, first - 1)
 
@@ -779,8 +779,8 @@ def test_load_state_of_a_loaded_object_is_an_independent_copy(open_db, monkeypat
         raise AssertionError("the loaded state should have been copied")
 
     monkeypatch.setattr(db._log, "read_object", no_reading)
-    serial, state = db.load_state(container._p_oid, db.tx_count)
-    assert serial == db.tx_count and state == {"items": [child]}
+    serial, state = db.load_state(container._p_oid, db.last_tid)
+    assert serial == db.last_tid and state == {"items": [child]}
     assert state["items"][0] is child, "references stay the live objects"
     state["items"].clear()
     assert container.items == [child], "the shared state is untouched"
