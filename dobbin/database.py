@@ -498,7 +498,7 @@ class Database:
             data = b"".join(value)  # another database's stream: copy its bytes
             owner = None
         else:
-            data = value._p_read()
+            data = value._p_content()
             owner = value
         offset = commit.offset + TX_HEADER_SIZE + sum(
             stream_entry_size(len(stream.data))

@@ -14,7 +14,8 @@ import time
 
 from zope.interface import implementer
 
-from dobbin.exc import CorruptionError, LockTimeoutError, ReadOnlyError, StorageError
+from dobbin.exc import (CorruptionError, LockTimeoutError, ReadOnlyError, StorageError,
+                        StreamError)
 from dobbin.interfaces import ILog
 # The layout's names are part of the log's API, so they are importable here too.
 from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
@@ -24,8 +25,8 @@ from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            TX_HEADER_SIZE, TX_MAGIC, Entry, IndexEntry, NoteEntry, ObjectEntry,
                            Record, RootEntry, StreamEntry, build_record, parse_header,
                            stream_size)
-from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete, find_last_header,
-                           find_witness, read_record, records_end, zeros_from)
+from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete, find_witness,
+                           newest_checkpoint, read_record, zeros_from)
 from dobbin.record import crc as _crc
 
 __all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE", "FAILED",
@@ -200,13 +201,21 @@ class Log:
         # Without fsync we never know what is durable: claim everything, so
         # damage before a valid record is reported, never silently cut.
         lag = 0 if self.durability != "fsync" else min(self.last_tid - self.synced_tid, MAX_LAG)
-        buffers, length, read_entries = build_record(status, tid, oid_high, offset,
-                                                      self.checkpoint, lag, entries, stamp)
-        self._reserve(offset, length)
         try:
-            self._write(buffers, offset)
+            segments, length, read_entries = build_record(
+                status, tid, oid_high, offset, self.checkpoint, lag, entries, stamp,
+                lambda span, at: span.copy_to(self._write, at))
+            self._reserve(offset, length)
+            for at, buffers in segments:
+                self._write(buffers, at)
         except OSError as error:
             self._fail(error, offset)
+        except StreamError:  # the stored file failed, not the disk: take its bytes back
+            try:
+                self._truncate(offset)
+            except OSError as error:
+                self._fail(error, offset)
+            raise
         record = Record(tid, status, offset, length, oid_high, stamp, self.checkpoint, lag,
                         read_entries)
         self._advance(record)
@@ -318,34 +327,13 @@ class Log:
             self.checkpoint_end = self.end
 
     def open_checkpoint(self):
-        """Start from the newest checkpoint: return its record, or None.
-
-        Reads the last record's header (found from the end of the file,
-        stepping back over reserved space and a torn tail) for the
-        checkpoint's offset, then the checkpoint; afterwards `recover` or
-        `follow` replay only the records after it.  A damaged or missing checkpoint returns None,
-        and the caller replays from the start.
-        """
-        file_size = self.size()
-        last = find_last_header(self.fd, records_end(self.fd, file_size))
-        if last is None:
-            return None
-        offset, status, checkpoint = last
-        if status == CHECKPOINT:
-            checkpoint = offset
-        if not checkpoint:
-            return None
-        try:
-            record = read_record(self.fd, checkpoint, None, file_size)
-        except (Incomplete, Damaged):
-            return None
-        if record.status != CHECKPOINT or record.lag:
-            return None  # a checkpoint is only written once all before it is durable
-        data = record.entries[0].data if len(record.entries) == 1 else b""
-        if data[:8] != struct.pack("<Q", record.offset):
-            return None  # a stale copy of a checkpoint, found where it was not written
-        self._advance(record)
-        return record._replace(entries=[record.entries[0]._replace(data=data[8:])])
+        """Start from the newest checkpoint: return its record (see
+        `dobbin.reader.newest_checkpoint`), or None; afterwards `recover` or
+        `follow` replay only the records after it."""
+        record = newest_checkpoint(self.fd, self.size())
+        if record is not None:
+            self._advance(record)
+        return record
 
     # -- reading -------------------------------------------------------
 

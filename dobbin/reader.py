@@ -7,7 +7,8 @@ when the file ends inside the record and `Damaged` when a check fails;
 `dobbin.log.Log` decides whether that is a commit still being written,
 a torn write or corruption.  The searches it decides with are here too:
 where the records end (before reserved space), the last sound record
-header, and a later record that vouches for a damaged one.
+header, the newest checkpoint, and a later record that vouches for a
+damaged one.
 """
 
 import os
@@ -162,6 +163,34 @@ def _sound_header(fd, offset):
     if len(header) < TX_HEADER_SIZE:
         return None
     return parse_header(header)
+
+
+def newest_checkpoint(fd, file_size):
+    """The newest sound checkpoint record, its index entry's data without
+    its offset prefix, or None (then the caller replays from the start).
+
+    Reads the last record's header (found from the end of the file,
+    stepping back over reserved space and a torn tail) for the
+    checkpoint's offset, then the checkpoint.
+    """
+    last = find_last_header(fd, records_end(fd, file_size))
+    if last is None:
+        return None
+    offset, status, checkpoint = last
+    if status == CHECKPOINT:
+        checkpoint = offset
+    if not checkpoint:
+        return None
+    try:
+        record = read_record(fd, checkpoint, None, file_size)
+    except (Incomplete, Damaged):
+        return None
+    if record.status != CHECKPOINT or record.lag:
+        return None  # a checkpoint is only written once all before it is durable
+    data = record.entries[0].data if len(record.entries) == 1 else b""
+    if data[:8] != struct.pack("<Q", record.offset):
+        return None  # a stale copy of a checkpoint, found where it was not written
+    return record._replace(entries=[record.entries[0]._replace(data=data[8:])])
 
 
 def find_witness(fd, start, file_size, damaged_tid, checkpoint):
