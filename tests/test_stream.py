@@ -32,16 +32,22 @@ def store(open_db, data, **options):
     return db, root, root.file
 
 
-def test_file_becomes_stream_reading_from_its_position_to_end(open_db):
-    source = io.BytesIO(b"skip:abc")
-    source.seek(5)
-    pfile = PersistentFile(source)
+def commit_file(open_db, pfile):
+    """Commit PersistentFile `pfile` on a new root; return (db, root)."""
     db = open_db()
     root = Persistent()
     checkout(root)
     root.file = pfile
     db.elect(root)
     transaction.commit()
+    return db, root
+
+
+def test_file_becomes_stream_reading_from_its_position_to_end(open_db):
+    source = io.BytesIO(b"skip:abc")
+    source.seek(5)
+    pfile = PersistentFile(source)
+    _db, root = commit_file(open_db, pfile)
     assert root.file is pfile
     assert type(pfile) is PersistentStream
     assert pfile.size == 3
@@ -233,23 +239,13 @@ class WholeReadRefused(io.FileIO):
         raise AssertionError("the stored file was read whole")
 
 
-def commit_file(open_db, source):
-    db = open_db()
-    root = Persistent()
-    checkout(root)
-    root.file = PersistentFile(source)
-    db.elect(root)
-    transaction.commit()
-    return db, root
-
-
 def test_a_real_file_is_copied_block_by_block_from_its_position(open_db, tmp_path):
     data = pattern(3 * BLOCK + 5)
     path = tmp_path / "upload.bin"
     path.write_bytes(b"header:" + data)
     with WholeReadRefused(str(path)) as source:
         source.seek(7)
-        db, root = commit_file(open_db, source)
+        db, root = commit_file(open_db, PersistentFile(source))
     assert type(root.file) is PersistentStream and root.file.size == len(data)
     assert b"".join(root.file) == data
     assert db.verify()["ok"]
@@ -263,12 +259,7 @@ def test_a_file_that_grew_after_wrapping_is_stored_to_its_end_at_commit(open_db,
         source.seek(0, io.SEEK_END)
         source.write(b"def")
         source.flush()
-        db = open_db()
-        root = Persistent()
-        checkout(root)
-        root.file = pfile
-        db.elect(root)
-        transaction.commit()
+        _db, root = commit_file(open_db, pfile)
     assert b"".join(root.file) == b"abcdef"
 
 
@@ -306,12 +297,12 @@ def test_a_text_file_or_a_plain_reader_is_read_whole(open_db, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("héllo", encoding="utf-8")
     with open(path, encoding="utf-8") as text:
-        _db, root = commit_file(open_db, text)
+        _db, root = commit_file(open_db, PersistentFile(text))
     assert b"".join(root.file) == "héllo".encode("utf-8")
 
     class Reader:
         def read(self):
             return b"plain"
 
-    _db, root = commit_file(open_db, Reader())
+    _db, root = commit_file(open_db, PersistentFile(Reader()))
     assert b"".join(root.file) == b"plain"
