@@ -257,8 +257,10 @@ class Database:
     def close(self):
         if not self.closed:
             self.closed = True
-            self._give_back_reserved_space()
-            self._log.close()
+            try:
+                self._give_back_reserved_space()
+            finally:
+                self._log.close()
 
     def _give_back_reserved_space(self):
         # Many small databases should not each keep a reserve of disk blocks.
@@ -498,7 +500,7 @@ class Database:
             data = b"".join(value)  # another database's stream: copy its bytes
             owner = None
         else:
-            data = value._p_content()
+            data = value._p_read()
             owner = value
         offset = commit.offset + TX_HEADER_SIZE + sum(
             stream_entry_size(len(stream.data))

@@ -53,11 +53,7 @@ class IPersistentFile(Interface):
 
     At commit its bytes, from the file's position when it was wrapped to
     the end, are written into the transaction, and the same object
-    becomes an `IPersistentStream`.  A seekable binary file is copied
-    block by block, never held whole in memory (if it ends short of the
-    size it had at the commit's start, the commit fails with
-    `dobbin.exc.StreamError` and leaves nothing behind); anything else
-    is read whole, once.  The caller closes the file.
+    becomes an `IPersistentStream`.  The caller closes the file.
     """
 
 

@@ -14,8 +14,7 @@ import time
 
 from zope.interface import implementer
 
-from dobbin.exc import (CorruptionError, LockTimeoutError, ReadOnlyError, StorageError,
-                        StreamError)
+from dobbin.exc import CorruptionError, LockTimeoutError, ReadOnlyError, StorageError
 from dobbin.interfaces import ILog
 # The layout's names are part of the log's API, so they are importable here too.
 from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
@@ -201,21 +200,13 @@ class Log:
         # Without fsync we never know what is durable: claim everything, so
         # damage before a valid record is reported, never silently cut.
         lag = 0 if self.durability != "fsync" else min(self.last_tid - self.synced_tid, MAX_LAG)
+        buffers, length, read_entries = build_record(status, tid, oid_high, offset,
+                                                      self.checkpoint, lag, entries, stamp)
+        self._reserve(offset, length)
         try:
-            segments, length, read_entries = build_record(
-                status, tid, oid_high, offset, self.checkpoint, lag, entries, stamp,
-                lambda span, at: span.copy_to(self._write, at))
-            self._reserve(offset, length)
-            for at, buffers in segments:
-                self._write(buffers, at)
+            self._write(buffers, offset)
         except OSError as error:
             self._fail(error, offset)
-        except StreamError:  # the stored file failed, not the disk: take its bytes back
-            try:
-                self._truncate(offset)
-            except OSError as error:
-                self._fail(error, offset)
-            raise
         record = Record(tid, status, offset, length, oid_high, stamp, self.checkpoint, lag,
                         read_entries)
         self._advance(record)
@@ -243,16 +234,16 @@ class Log:
     def trim(self):
         """Give back the space reserved after the records (write lock held).
         Only from a zero header at `end`: no other writer's records follow."""
-        if (self.fd is None or self.read_only or self.broken is not None
-                or self._peek() != ZERO_HEADER or not self._reserved_space_here()):
+        if self.fd is None or self.read_only or self.broken is not None:
             return
         try:
-            # Not the I/O seam, and no fsync: only zeros go, so a failed or
-            # lost cut leaves the file as valid as a done one.
-            os.ftruncate(self.fd, self.end)
+            if self._peek() == ZERO_HEADER and self._reserved_space_here():
+                # Not the I/O seam, and no fsync: only zeros go, so a failed
+                # or lost cut leaves the file as valid as a done one.
+                os.ftruncate(self.fd, self.end)
+                self._reserved = self.end
         except OSError:
-            return
-        self._reserved = self.end
+            pass  # only space is at stake
 
     def flush(self, end):
         """Return once the file's first `end` bytes are durable.
@@ -474,8 +465,9 @@ class Log:
         return saved
 
     def _sound_at(self, offset, file_size):
-        """Is `offset` the end of the file or the start of a valid record?"""
-        if offset == file_size:
+        """Is `offset` the end of the records (the file's end, or reserved
+        space) or the start of a valid record?"""
+        if offset == file_size or zeros_from(self.fd, offset, file_size):
             return True
         try:
             read_record(self.fd, offset, None, file_size)

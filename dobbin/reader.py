@@ -111,12 +111,26 @@ def records_end(fd, file_size):
         block = os.pread(fd, position - start, start)
         last = _last_non_zero(block)
         if last:
-            last += start
-            window_start = max(FILE_HEADER_SIZE, last - 12)
-            found = os.pread(fd, last - window_start, window_start).rfind(TRAILER_MAGIC)
-            return min(file_size, window_start + found + 12) if found >= 0 else last
+            return _trailer_end(fd, start + last, file_size)
         position = start
     return FILE_HEADER_SIZE
+
+
+def _trailer_end(fd, last, file_size):
+    """The end of the trailer whose length's zero high bytes follow the
+    non-zero byte before `last`, or `last` if none does (a torn tail)."""
+    window_start = max(FILE_HEADER_SIZE, last - 12)
+    window = os.pread(fd, last - window_start, window_start)
+    found = window.rfind(TRAILER_MAGIC)
+    while found >= 0:
+        # A length whose bytes spell "END" after the magic's "D" makes a
+        # second "DEND"; the true one is followed by a plausible length.
+        length = int.from_bytes(window[found + 4:found + 12], "little")
+        end = window_start + found + 12
+        if TX_HEADER_SIZE + TRAILER_SIZE <= length <= end - FILE_HEADER_SIZE:
+            return min(file_size, end)
+        found = window.rfind(TRAILER_MAGIC, 0, found + len(TRAILER_MAGIC) - 1)
+    return last
 
 
 def _last_non_zero(block):

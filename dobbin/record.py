@@ -3,8 +3,7 @@
 The constants and structs of the file header, transaction records and
 entries, the entries a writer appends, the tuples a reader gets back, and
 `build_record`, which lays one record out.  No I/O here: `dobbin.log`
-reads and writes (the bytes of a file stored as a stream it copies
-through the function it hands `build_record`).
+reads and writes.
 """
 
 import json
@@ -115,19 +114,13 @@ _ENTRY_HEAD = struct.Struct("<c3sI")
 _ENTRY_TAIL = struct.Struct("<QQQQ")
 
 
-def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp,
-                 copy_stream=None):
+def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp):
     """Lay out one record.
 
-    Returns the segments to write, `(offset, buffers)` pairs (small parts
-    joined, large payloads kept as they are), the record's length, and its
-    entries as read back.  A stream entry's data is bytes, or a file span
-    (`dobbin.stream.FileSpan`): `copy_stream(span, offset)` writes those
-    bytes at their place and returns their crc table, and the record's
-    other parts then come in two segments, before and after them.
+    Returns the buffers to write (small parts joined, large payloads kept
+    as they are), the record's length, and its entries as read back.
     """
     parts = [None]
-    segments = [(offset, parts)]
     position = offset + TX_HEADER_SIZE
     entry_headers = []
     laid_out = []
@@ -139,14 +132,9 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp,
             oid, previous, data = entry
             checked = data
         elif kind == KIND_STREAM:
-            source = entry.data
-            if isinstance(source, (bytes, bytearray, memoryview)):
-                raw = memoryview(source)
-                table = b"".join(struct.pack("<I", crc32(raw[i:i + STREAM_CHUNK]))
-                                 for i in range(0, len(raw), STREAM_CHUNK))
-            else:  # a file: copied in place now, never held whole in memory
-                raw = None
-                table = copy_stream(source, position + ENTRY_SIZE)
+            raw = memoryview(entry.data)
+            table = b"".join(struct.pack("<I", crc32(raw[i:i + STREAM_CHUNK]))
+                             for i in range(0, len(raw), STREAM_CHUNK))
             data = (raw, table)
             checked = table
         elif kind == KIND_ROOT:
@@ -156,15 +144,12 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp,
             data = checked = struct.pack("<Q", offset) + entry.data
         else:
             data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
-        length = len(entry.data) + len(data[1]) if kind == KIND_STREAM else len(data)
+        length = len(data[0]) + len(data[1]) if kind == KIND_STREAM else len(data)
         tail = pack_tail(oid, tid, previous, length)
         entry_header = pack_head(kind, b"\0\0\0", crc32(checked, crc32(tail))) + tail
         entry_headers.append(entry_header)
         parts.append(entry_header)
-        if kind == KIND_STREAM and data[0] is None:
-            parts = [data[1]]  # its bytes are written: the rest follows them
-            segments.append((position + ENTRY_SIZE + len(entry.data), parts))
-        elif kind == KIND_STREAM:
+        if kind == KIND_STREAM:
             parts.extend(data)
         else:
             parts.append(data)
@@ -175,10 +160,10 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp,
     head = TX_HEADER.pack(TX_MAGIC, status, lag.to_bytes(3, "little"), length, tid, oid_high,
                           stamp, checkpoint, len(entries), 0)[:52]
     header = head + struct.pack("<I", crc32(head))
-    segments[0][1][0] = header
+    parts[0] = header
     binding = crc32(b"".join(entry_headers), crc32(header))
     parts.append(TRAILER.pack(binding, TRAILER_MAGIC, length))
-    return [(at, _coalesce(chunk)) for at, chunk in segments], length, laid_out
+    return _coalesce(parts), length, laid_out
 
 
 def _coalesce(parts):

@@ -2,70 +2,19 @@
 
 A `PersistentFile` wraps an open file for a single commit; its bytes
 (from the file's position at wrapping time to its end) are written into
-the transaction record.  A seekable binary file is copied block by block
-as the record is written (a `FileSpan`), so a file larger than memory can
-be stored; other streams are read whole.  After the commit the very same
-object becomes a `PersistentStream`, which reads those bytes back from
-the log, chunk by checked chunk.  Streams live inside the state of the
-object that refers to them; they are not objects with an oid of their own.
+the transaction record.  After the commit the very same object becomes
+a `PersistentStream`, which reads those bytes back from the log, chunk
+by checked chunk.  Streams live inside the state of the object that
+refers to them; they are not objects with an oid of their own.
 """
 
 import io
-import struct
 
 from zope.interface import implementer
 
 from dobbin.exc import StreamError
 from dobbin.interfaces import IPersistentFile, IPersistentStream
 from dobbin.log import STREAM_CHUNK
-from dobbin.record import crc
-
-# Bytes read from a stored file at a time: whole chunks, so each block's
-# crcs are its own.
-BLOCK = 16 * STREAM_CHUNK
-
-
-class FileSpan:
-    """`size` bytes of a seekable binary file from `start`, copied into the
-    log block by block when the record is written, at each commit attempt."""
-
-    def __init__(self, source, start, size):
-        self.source = source
-        self.start = start
-        self.size = size
-
-    def __len__(self):
-        return self.size
-
-    def copy_to(self, write, at):
-        """`write(block, offset)` each block from `at` on; return the crc table."""
-        crcs = []
-        for block in self._blocks():
-            crcs.extend(crc(block[i:i + STREAM_CHUNK]) for i in range(0, len(block), STREAM_CHUNK))
-            write(block, at)
-            at += len(block)
-        return struct.pack("<%dI" % len(crcs), *crcs)
-
-    def _blocks(self):
-        # One buffer, refilled: each block is written before the next is read.
-        buffer = memoryview(bytearray(min(BLOCK, self.size)))
-        remaining = self.size
-        try:
-            self.source.seek(self.start)
-            while remaining:
-                block = buffer[:min(BLOCK, remaining)]
-                filled = 0
-                while filled < len(block):
-                    got = self.source.readinto(block[filled:])
-                    if not got:
-                        raise StreamError("the file being stored ended %d bytes short of the %d "
-                                          "it had when the commit began"
-                                          % (remaining - filled, self.size))
-                    filled += got
-                yield block
-                remaining -= len(block)
-        except (OSError, ValueError) as error:  # ValueError: the file was closed
-            raise StreamError("reading the file being stored failed: %s" % error) from error
 
 
 @implementer(IPersistentFile)
@@ -78,18 +27,9 @@ class PersistentFile:
                             % type(stream).__name__)
         self._source = stream
         self._data = None
-        self._start = _start_of_span(stream)
 
-    def _p_content(self):
-        """What to store: a `FileSpan` of a seekable binary file (from where
-        it was when wrapped to its end now), else the bytes, read once so
-        that a retried commit stores the same."""
-        if self._start is not None:
-            try:
-                end = self._source.seek(0, io.SEEK_END)
-            except (OSError, ValueError) as error:
-                raise StreamError("the file to store cannot be read: %s" % error) from error
-            return FileSpan(self._source, self._start, max(0, end - self._start))
+    def _p_read(self):
+        """The bytes to store: read once, so a retried commit stores the same."""
         if self._data is None:
             data = self._source.read()
             if isinstance(data, str):
@@ -109,16 +49,6 @@ class PersistentFile:
 
     def __deepcopy__(self, memo):
         return self
-
-
-def _start_of_span(stream):
-    """The position of a seekable binary file with `readinto`, else None."""
-    if isinstance(stream, io.TextIOBase) or not hasattr(stream, "readinto"):
-        return None
-    try:
-        return stream.tell() if stream.seekable() else None
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 @implementer(IPersistentStream)

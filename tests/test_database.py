@@ -803,3 +803,16 @@ def test_closing_gives_back_the_reserved_space_after_the_last_records(open_db):
     assert os.path.getsize(first.path) == second._log.end
     reopened = open_db()
     assert reopened.root["n"] == 2 and reopened.verify()["ok"]
+
+
+def test_close_closes_the_file_even_if_giving_space_back_fails(open_db, monkeypatch):
+    db = open_db()
+    db.elect(PersistentDict(n=1))
+    transaction.commit()
+
+    def failing(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(db._log, "_peek", failing)
+    db.close()  # only space was at stake: no error
+    assert db._log.fd is None

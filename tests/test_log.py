@@ -989,3 +989,36 @@ def test_trim_gives_back_reserved_space_but_never_a_record_it_has_not_read(path)
     assert os.path.getsize(path) == first.end == second.end
     first.close()
     second.close()
+
+
+def test_records_end_is_not_fooled_by_a_length_that_spells_end(path):
+    # A length whose low bytes are "END" (0x444E45) puts a second "DEND"
+    # three bytes after the real one.
+    length = 0x444E45
+    log = Log(path)
+    data = b"x" * (length - TX_HEADER_SIZE - ENTRY_SIZE - TRAILER_SIZE)
+    log.append(COMMITTED, 2, [ObjectEntry(oid=1, previous=0, data=data)])
+    end = log.end
+    log.close()
+    os.truncate(path, end + 4096)  # zeros after it, as reserved space leaves
+    with open(path, "rb") as f:
+        f.seek(end - 12)
+        assert f.read(12) == b"DENDEND\0\0\0\0\0"
+    reader = Log(path, read_only=True)
+    assert records_end(reader.fd, reader.size()) == end
+    reader.close()
+
+
+def test_a_damaged_last_checkpoint_before_reserved_space_is_stepped_over(path):
+    writer = Log(path)
+    small_commits(writer, 2)
+    writer.append(CHECKPOINT, 2, [IndexEntry(b"\0" * 64)])
+    checkpoint, end = writer.checkpoint, writer.end
+    writer.close()
+    flip_bit(path, checkpoint + TX_HEADER_SIZE + ENTRY_SIZE + 20)
+    opener = Log(path)
+    assert [r.tid for r in opener.recover()] == [1, 2]
+    assert opener.dropped is None and opener.end == end, "redundant: skipped, never cut"
+    assert [offset for offset, _reason in opener.skipped] == [checkpoint]
+    assert os.path.getsize(path) > end
+    opener.close()

@@ -11,7 +11,7 @@ import transaction
 from dobbin.exc import StreamError
 from dobbin.log import STREAM_CHUNK
 from dobbin.persistent import Persistent, PersistentFile, checkout
-from dobbin.stream import BLOCK, FileSpan, PersistentStream
+from dobbin.stream import PersistentStream
 
 LARGE = 1024 * 1024 + 3  # 16 full chunks and 3 bytes
 
@@ -32,22 +32,16 @@ def store(open_db, data, **options):
     return db, root, root.file
 
 
-def commit_file(open_db, pfile):
-    """Commit PersistentFile `pfile` on a new root; return (db, root)."""
+def test_file_becomes_stream_reading_from_its_position_to_end(open_db):
+    source = io.BytesIO(b"skip:abc")
+    source.seek(5)
+    pfile = PersistentFile(source)
     db = open_db()
     root = Persistent()
     checkout(root)
     root.file = pfile
     db.elect(root)
     transaction.commit()
-    return db, root
-
-
-def test_file_becomes_stream_reading_from_its_position_to_end(open_db):
-    source = io.BytesIO(b"skip:abc")
-    source.seek(5)
-    pfile = PersistentFile(source)
-    _db, root = commit_file(open_db, pfile)
     assert root.file is pfile
     assert type(pfile) is PersistentStream
     assert pfile.size == 3
@@ -222,87 +216,3 @@ def test_stream_readable_from_a_second_database_on_the_file(open_db):
     stream.open()
     stream.seek(STREAM_CHUNK + 3)
     assert stream.read(STREAM_CHUNK) == data[STREAM_CHUNK + 3:2 * STREAM_CHUNK + 3]
-
-
-# -- files stored block by block (FileSpan) -------------------------------------
-
-
-class WholeReadRefused(io.FileIO):
-    """A real file that refuses to be read whole: only readinto() may serve."""
-
-    def read(self, size=-1):
-        if size is None or size < 0:
-            raise AssertionError("the stored file was read whole")
-        return super().read(size)
-
-    def readall(self):
-        raise AssertionError("the stored file was read whole")
-
-
-def test_a_real_file_is_copied_block_by_block_from_its_position(open_db, tmp_path):
-    data = pattern(3 * BLOCK + 5)
-    path = tmp_path / "upload.bin"
-    path.write_bytes(b"header:" + data)
-    with WholeReadRefused(str(path)) as source:
-        source.seek(7)
-        db, root = commit_file(open_db, PersistentFile(source))
-    assert type(root.file) is PersistentStream and root.file.size == len(data)
-    assert b"".join(root.file) == data
-    assert db.verify()["ok"]
-
-
-def test_a_file_that_grew_after_wrapping_is_stored_to_its_end_at_commit(open_db, tmp_path):
-    path = tmp_path / "growing.bin"
-    path.write_bytes(b"abc")
-    with open(path, "r+b") as source:
-        pfile = PersistentFile(source)
-        source.seek(0, io.SEEK_END)
-        source.write(b"def")
-        source.flush()
-        _db, root = commit_file(open_db, pfile)
-    assert b"".join(root.file) == b"abcdef"
-
-
-def test_a_file_that_shrinks_while_stored_fails_the_commit_and_leaves_no_trace(
-        open_db, tmp_path, monkeypatch):
-    path = tmp_path / "shrinking.bin"
-    path.write_bytes(pattern(2 * BLOCK))
-    db = open_db()
-    db.elect(Persistent())
-    transaction.commit()
-    end = db._log.end
-    real_copy = FileSpan.copy_to
-
-    def shrink_first(span, write, at):
-        span.source.truncate(BLOCK + 10)  # after the size was taken at prepare
-        return real_copy(span, write, at)
-
-    monkeypatch.setattr(FileSpan, "copy_to", shrink_first)
-    with open(path, "r+b") as source:
-        root = db.root
-        checkout(root)
-        root.file = PersistentFile(source)
-        with pytest.raises(StreamError, match="short"):
-            transaction.commit()
-    transaction.abort()
-    monkeypatch.undo()
-    assert db._log.end == end and db._log.at_end(), "nothing of the failed record is left"
-    checkout(db.root)
-    db.root.n = 1
-    transaction.commit()
-    assert db.verify()["ok"] and not hasattr(db.root, "file")
-
-
-def test_a_text_file_or_a_plain_reader_is_read_whole(open_db, tmp_path):
-    path = tmp_path / "notes.txt"
-    path.write_text("héllo", encoding="utf-8")
-    with open(path, encoding="utf-8") as text:
-        _db, root = commit_file(open_db, PersistentFile(text))
-    assert b"".join(root.file) == "héllo".encode("utf-8")
-
-    class Reader:
-        def read(self):
-            return b"plain"
-
-    _db, root = commit_file(open_db, PersistentFile(Reader()))
-    assert b"".join(root.file) == b"plain"
