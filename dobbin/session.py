@@ -180,11 +180,18 @@ class Session:
                 raise error
 
     def tpc_finish(self, txn):
+        commits, self._commits = self._commits, []
         try:
-            for database, pending in self._commits:
-                database._p_commit_finish(pending)
+            for index, (database, pending) in enumerate(commits):
+                try:
+                    database._p_commit_finish(pending)
+                except BaseException:
+                    # The databases after it write nothing now: release their
+                    # locks and take back the oids they handed out.
+                    for later, later_pending in commits[index + 1:]:
+                        later._p_commit_abort(later_pending)
+                    raise
         finally:
-            self._commits = []
             self._committing = False
             self._release()
             self.finished = True

@@ -8,7 +8,7 @@ import pytest
 import transaction
 
 from conftest import commit_in_thread
-from dobbin.exc import ConflictError, ObjectGraphError, WriteConflictError
+from dobbin.exc import ConflictError, ObjectGraphError, StorageError, WriteConflictError
 from dobbin.persistent import Persistent, checked_out, checkout
 
 READ_ONLY = "Can't set attribute in read-only mode."
@@ -293,3 +293,31 @@ def test_copy_state_copies_values_and_keeps_references_and_sharing():
     copied["flat"].append("mine")
     copied["nested"][1]["deep"].append(4)
     assert flat == [1, "two", other, None] and nested[1] == {"deep": [3]}
+
+
+def test_a_failed_write_to_one_database_lets_the_others_of_the_transaction_go(
+        tmp_path, open_db, monkeypatch):
+    first = open_db(str(tmp_path / "a.dobbin"))   # finished first: paths are sorted
+    second = open_db(str(tmp_path / "b.dobbin"))
+    for db in (first, second):
+        db.elect(Persistent())
+    transaction.commit()
+    for db in (first, second):
+        checkout(db.root)
+        db.root.child = Persistent()
+    new_child = second.root.child
+
+    def no_space(buffers, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(first._log, "_write", no_space)
+    with pytest.raises(StorageError):
+        transaction.commit()
+    transaction.abort()
+    assert new_child._p_oid is None, "the second database took its oid back"
+    second._lock.acquire(timeout=0)  # not left held
+    second._lock.release()
+    checkout(second.root)
+    second.root.n = 1
+    transaction.commit()
+    assert second.root.n == 1
