@@ -6,6 +6,7 @@ one fsync, reads them back, and tells a torn tail (cut back, bytes kept
 beside the file) from damage in the middle (`CorruptionError`).
 """
 
+import errno
 import fcntl
 import os
 import struct
@@ -41,6 +42,7 @@ _CREATE_TIMEOUT = 30.0
 _IOV_MAX = 512
 # Space reserved ahead of the records at a time (see docs/format.txt).
 RESERVE = 256 * 1024
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 DURABILITY = ("fsync", "none")
 
 
@@ -224,10 +226,11 @@ class Log:
             return
         try:
             self._allocate(offset, length + RESERVE)
-        except OSError:
-            # No fallocate on this file system, or no space to spare: append
-            # as without reserving (a full disk fails the write itself).
-            self._reserving = False
+        except OSError as error:
+            # Append as without reserving: for good where the file system has
+            # no fallocate, this time only if the disk is full (the write
+            # itself then tells).
+            self._reserving = error.errno not in _NO_FALLOCATE
             return
         self._reserved = offset + length + RESERVE
 

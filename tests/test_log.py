@@ -1022,3 +1022,20 @@ def test_a_damaged_last_checkpoint_before_reserved_space_is_stepped_over(path):
     assert [offset for offset, _reason in opener.skipped] == [checkpoint]
     assert os.path.getsize(path) > end
     opener.close()
+
+
+def test_a_full_disk_skips_reserving_once_and_tries_again_later(path, monkeypatch):
+    calls = []
+    real = Log._allocate
+
+    def full_once(self, offset, length):
+        calls.append(offset)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, offset, length)
+
+    monkeypatch.setattr(Log, "_allocate", full_once)
+    log = Log(path)
+    small_commits(log, 2)
+    assert len(calls) == 2 and os.path.getsize(path) > log.end, "reserved at the second commit"
+    log.close()
