@@ -8,6 +8,8 @@ published (`_p_commit_finish`) or given up (`_p_commit_abort`).
 import gc
 import threading
 
+from dobbin.record import TX_HEADER_SIZE, StreamEntry, stream_entry_size
+
 # A commit storing this many objects pauses the cyclic GC until its
 # states are installed.
 BIG_COMMIT = 1000
@@ -57,11 +59,23 @@ class Commit:
         self.streams = []            # StreamEntry, laid out first
         self.stream_owners = []      # (PersistentFile or None, offset, size)
         self.stream_offsets = {}     # id(source) -> offset of its S entry
+        self.streams_end = offset + TX_HEADER_SIZE  # where the next S entry goes
         self.new = []                # objects given an oid by this commit
         self.adopted = []            # objects given this jar by this commit
         self.root_oid = None
         self.published = False
         self.collector_paused = False
+
+    def add_stream(self, key, data, owner):
+        """Lay out `data` as a stream of this record (streams come first);
+        return the offset of its S entry.  `owner` is the PersistentFile
+        that becomes its stream at publication, or None."""
+        offset = self.streams_end
+        self.streams_end += stream_entry_size(len(data))
+        self.streams.append(StreamEntry(data))
+        self.stream_owners.append((owner, offset, len(data)))
+        self.stream_offsets[key] = offset
+        return offset
 
     def pause_collector(self):
         """Hold off the cyclic GC until `resume_collector` (a big commit's

@@ -22,9 +22,8 @@ from dobbin.index import Index
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock
 from dobbin.log import Log
-from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT,
-                           TX_HEADER_SIZE, IndexEntry, NoteEntry, ObjectEntry, RootEntry,
-                           StreamEntry, stream_entry_size)
+from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT, IndexEntry,
+                           NoteEntry, ObjectEntry, RootEntry)
 from dobbin.persistent import Persistent, ghost_oid, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.commit import BIG_COMMIT, Commit
@@ -491,24 +490,14 @@ class Database:
         return oid
 
     def _stream_offset(self, value, commit):
-        key = id(value)
-        if key in commit.stream_offsets:
-            return commit.stream_offsets[key]
-        if isinstance(value, PersistentStream):
-            if value._jar is self:
-                return value._offset
-            data = b"".join(value)  # another database's stream: copy its bytes
-            owner = None
-        else:
-            data = value._p_read()
-            owner = value
-        offset = commit.offset + TX_HEADER_SIZE + sum(
-            stream_entry_size(len(stream.data))
-            for stream in commit.streams)
-        commit.streams.append(StreamEntry(data))
-        commit.stream_owners.append((owner, offset, len(data)))
-        commit.stream_offsets[key] = offset
-        return offset
+        offset = commit.stream_offsets.get(id(value))
+        if offset is not None:
+            return offset
+        if not isinstance(value, PersistentStream):
+            return commit.add_stream(id(value), value._p_read(), value)
+        if value._jar is self:
+            return value._offset
+        return commit.add_stream(id(value), b"".join(value), None)  # another database's: copied
 
     def _resolve(self, entry, commit, session):
         obj = entry.obj

@@ -1,5 +1,6 @@
 """Tests of dobbin.commit: a big commit pauses the cyclic GC while it holds
-the commit lock, a small one never does, and pauses nest across threads."""
+the commit lock, a small one never does, and pauses nest across threads;
+streams are laid out first in the record."""
 
 import gc
 import threading
@@ -7,9 +8,10 @@ import threading
 import pytest
 import transaction
 
-from dobbin.commit import BIG_COMMIT, gc_paused
+from dobbin.commit import BIG_COMMIT, Commit, gc_paused
 from dobbin.exc import ObjectGraphError
 from dobbin.persistent import Persistent, checkout
+from dobbin.record import TX_HEADER_SIZE, stream_entry_size
 
 
 class SeesTheCollector:
@@ -97,3 +99,14 @@ def test_gc_paused_nests_and_restores_the_collector(start_thread):
     assert gc.isenabled()
 
 
+
+
+def test_streams_are_laid_out_first_one_after_another():
+    commit = Commit(known_tid=3, offset=1000, oid_high=7)
+    first = commit.add_stream("a", b"x" * 10, None)
+    second = commit.add_stream("b", b"", "owner")
+    assert first == 1000 + TX_HEADER_SIZE
+    assert second == first + stream_entry_size(10)
+    assert commit.stream_offsets == {"a": first, "b": second}
+    assert [entry.data for entry in commit.streams] == [b"x" * 10, b""]
+    assert commit.stream_owners == [(None, first, 10), ("owner", second, 0)]
