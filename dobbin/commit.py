@@ -9,6 +9,7 @@ import gc
 import threading
 
 from dobbin.record import TX_HEADER_SIZE, StreamEntry, stream_entry_size
+from dobbin.stream import FileSpan
 
 # A commit storing this many objects pauses the cyclic GC until its
 # states are installed.
@@ -60,22 +61,35 @@ class Commit:
         self.stream_owners = []      # (PersistentFile or None, offset, size)
         self.stream_offsets = {}     # id(source) -> offset of its S entry
         self.streams_end = offset + TX_HEADER_SIZE  # where the next S entry goes
+        self.staged = False          # stored files' bytes were copied to the file
         self.new = []                # objects given an oid by this commit
         self.adopted = []            # objects given this jar by this commit
         self.root_oid = None
         self.published = False
         self.collector_paused = False
 
-    def add_stream(self, key, data, owner):
+    def add_stream(self, key, data, owner, log=None):
         """Lay out `data` as a stream of this record (streams come first);
         return the offset of its S entry.  `owner` is the PersistentFile
-        that becomes its stream at publication, or None."""
+        that becomes its stream at publication, or None.  A `FileSpan` is
+        copied to its place in `log` now, not held in memory (see
+        `Log.stage_stream`)."""
+        if isinstance(data, FileSpan):
+            self.staged = True
+            data = log.stage_stream(self.offset, self.streams_end, data, self.oid_high,
+                                    len(self.streams) + 1)
         offset = self.streams_end
         self.streams_end += stream_entry_size(len(data))
         self.streams.append(StreamEntry(data))
         self.stream_owners.append((owner, offset, len(data)))
         self.stream_offsets[key] = offset
         return offset
+
+    def unstage(self, log):
+        """Cut back what `stage` wrote, unless the record was published."""
+        if self.staged and not self.published:
+            self.staged = False
+            log.unstage(self.offset)
 
     def pause_collector(self):
         """Hold off the cyclic GC until `resume_collector` (a big commit's

@@ -262,8 +262,7 @@ class Database:
                 self._log.close()
 
     def _give_back_reserved_space(self):
-        # Many small databases should not each keep a reserve of disk blocks.
-        # Skipped while another writer works; it reserves anew when it needs.
+        # Small databases need no reserve of disk blocks while closed.
         if self.read_only or os.getpid() != self._pid or self._lock.held:
             return
         try:
@@ -494,7 +493,7 @@ class Database:
         if offset is not None:
             return offset
         if not isinstance(value, PersistentStream):
-            return commit.add_stream(id(value), value._p_read(), value)
+            return commit.add_stream(id(value), value._p_source(), value, self._log)
         if value._jar is self:
             return value._offset
         return commit.add_stream(id(value), b"".join(value), None)  # another database's: copied
@@ -522,6 +521,7 @@ class Database:
 
     def _p_record_failure(self, commit, error):
         """Append a failed record saying why; it is counted, never applied."""
+        commit.unstage(self._log)  # the failed record goes where this one would have
         info = {"error": type(error).__name__, "message": str(error)[:1000]}
         if getattr(error, "oid", None) is not None:
             info["oid"] = error.oid
@@ -539,6 +539,7 @@ class Database:
         entries.extend(entry for _obj, _state, entry in commit.stored)
         if commit.root_oid is not None:
             entries.append(RootEntry(commit.root_oid))
+        record = None
         try:
             with self._state_lock:
                 record = self._log.append(COMMITTED, commit.oid_high, entries, wait=False)
@@ -551,6 +552,8 @@ class Database:
                 self._apply(record, reload=False, durable_at=record.offset + record.length)
                 self._maybe_checkpoint()
         finally:
+            if record is None:
+                commit.unstage(self._log)
             commit.resume_collector()
             commit.locked = False
             self._lock.release()
@@ -569,6 +572,7 @@ class Database:
             for obj in commit.adopted:
                 obj._p_jar = None
         if commit.locked:
+            commit.unstage(self._log)
             commit.locked = False
             self._lock.release()
 

@@ -23,10 +23,11 @@ from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            KIND_INDEX, KIND_NOTE, KIND_OBJECT, KIND_ROOT, KIND_STREAM, KINDS,
                            MAX_LAG, STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER,
                            TX_HEADER_SIZE, TX_MAGIC, Entry, IndexEntry, NoteEntry, ObjectEntry,
-                           Record, RootEntry, StreamEntry, build_record, parse_header,
-                           stream_size)
+                           Record, RootEntry, StagedStream, StreamEntry, build_record,
+                           parse_header, record_header, stream_size)
 from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete, find_witness,
-                           newest_checkpoint, read_record, zeros_from)
+                           newest_checkpoint, object_entry_in, read_record, stream_entry_at,
+                           zeros_from)
 from dobbin.record import crc as _crc
 
 __all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE", "FAILED",
@@ -202,11 +203,12 @@ class Log:
         # Without fsync we never know what is durable: claim everything, so
         # damage before a valid record is reported, never silently cut.
         lag = 0 if self.durability != "fsync" else min(self.last_tid - self.synced_tid, MAX_LAG)
-        buffers, length, read_entries = build_record(status, tid, oid_high, offset,
-                                                      self.checkpoint, lag, entries, stamp)
+        segments, length, read_entries = build_record(status, tid, oid_high, offset,
+                                                       self.checkpoint, lag, entries, stamp)
         self._reserve(offset, length)
         try:
-            self._write(buffers, offset)
+            for at, buffers in segments:
+                self._write(buffers, at)
         except OSError as error:
             self._fail(error, offset)
         record = Record(tid, status, offset, length, oid_high, stamp, self.checkpoint, lag,
@@ -215,6 +217,48 @@ class Log:
         if wait:
             self.flush(self.end)
         return record
+
+    def stage_stream(self, record_offset, entry_offset, source, oid_high, count):
+        """Copy a stored file's bytes to their place in the record coming at
+        `record_offset` (its S entry at `entry_offset`, the `count`-th
+        stream), behind a synced staging header; return a `StagedStream`.
+
+        The caller holds the write lock and prepares a commit (see "Stored
+        files: staged first" in docs/format.txt).  `source` has a length
+        and yields its bytes in `blocks()` of whole chunks.  A failing
+        source is cut back and re-raised; a failing write, as in `append`.
+        """
+        self._check_writable()
+        size = len(source)
+        staged_end = entry_offset + ENTRY_SIZE + size + 4 * -(-size // STREAM_CHUNK)
+        header = record_header(COMMITTED, 0, staged_end + TRAILER_SIZE - record_offset,
+                               self.last_tid + 1, oid_high, time.time_ns(), self.checkpoint,
+                               count)
+        crcs = []
+        try:
+            self._write(header, record_offset)
+            self._sync()  # no staged byte may reach the disk without it
+            at = entry_offset + ENTRY_SIZE
+            for block in source.blocks():
+                crcs.extend(_crc(block[i:i + STREAM_CHUNK])
+                            for i in range(0, len(block), STREAM_CHUNK))
+                self._write(block, at)
+                at += len(block)
+        except OSError as error:
+            self._fail(error, record_offset)
+        except BaseException:
+            self.unstage(record_offset)
+            raise
+        return StagedStream(size, struct.pack("<%dI" % len(crcs), *crcs))
+
+    def unstage(self, record_offset):
+        """Cut back what `stage_stream` wrote for a commit that will not be
+        written (write lock held).  A failed cut leaves bytes after the
+        records: the log then refuses writes, and the next opener cuts them."""
+        try:
+            self._truncate(record_offset)
+        except OSError as error:
+            self.broken = error
 
     def _reserve(self, offset, length):
         """Allocate space ahead of a small record, so that its fsync need not
@@ -524,43 +568,11 @@ class Log:
         return found
 
     def _object_in(self, block, at, offset, oid):
-        """Check and take apart the O entry at `offset`, which `block` holds
-        from its index `at` on (its data may run past the block's end)."""
-        if len(block) < at + ENTRY_SIZE:
-            raise CorruptionError("object entry beyond the end of the file", self.path, offset)
-        kind, _res, crc, entry_oid, tid, previous, length = ENTRY.unpack_from(block, at)
-        if kind != KIND_OBJECT or (oid is not None and entry_oid != oid):
-            raise CorruptionError("expected the object entry of oid %s, found kind %r oid %d"
-                                  % (oid, kind, entry_oid), self.path, offset)
-        if offset + ENTRY_SIZE + length > self.end:
-            raise CorruptionError("object entry length %d overruns the log" % length,
-                                  self.path, offset)
-        begin = at + ENTRY_SIZE
-        if begin + length <= len(block):
-            data = block[begin:begin + length]
-        else:
-            data = os.pread(self._reading_fd(), length, offset + ENTRY_SIZE)
-        if len(data) != length or crc != _crc(data, _crc(block[at + 8:begin])):
-            raise CorruptionError("object entry checksum mismatch (oid %d)" % entry_oid,
-                                  self.path, offset)
-        return tid, previous, data
+        return object_entry_in(self._reading_fd(), block, at, offset, oid, self.end, self.path)
 
     def open_stream(self, offset):
         """Return `(size, chunk_crcs)` of the S entry at `offset`, checked."""
-        header = os.pread(self._reading_fd(), ENTRY_SIZE, offset)
-        if len(header) < ENTRY_SIZE:
-            raise CorruptionError("stream entry beyond the end of the file", self.path, offset)
-        kind, _res, crc, _oid, _tid, _prev, length = ENTRY.unpack(header)
-        if kind != KIND_STREAM or offset + ENTRY_SIZE + length > self.end:
-            raise CorruptionError("no stream entry here", self.path, offset)
-        n = stream_size(length)
-        if n < 0 or length - n != 4 * -(-n // STREAM_CHUNK):
-            raise CorruptionError("stream entry length %d fits no stream" % length,
-                                  self.path, offset)
-        table = os.pread(self.fd, length - n, offset + ENTRY_SIZE + n)
-        if len(table) != length - n or crc != _crc(table, _crc(header[8:])):
-            raise CorruptionError("stream entry checksum mismatch", self.path, offset)
-        return n, [value for (value,) in struct.iter_unpack("<I", table)]
+        return stream_entry_at(self._reading_fd(), offset, self.end, self.path)
 
     def read_stream_chunk(self, offset, chunk_crcs, size, index):
         """Return chunk `index` of the stream whose S entry is at `offset`."""

@@ -8,16 +8,19 @@ when the file ends inside the record and `Damaged` when a check fails;
 a torn write or corruption.  The searches it decides with are here too:
 where the records end (before reserved space), the last sound record
 header, the newest checkpoint, and a later record that vouches for a
-damaged one.
+damaged one; and the checked reading of one object or stream entry by
+its offset.
 """
 
 import os
 import struct
 
+from dobbin.exc import CorruptionError
+
 from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
-                           KEPT_KINDS, KINDS, KIND_STREAM, STREAM_CHUNK, TRAILER, TRAILER_MAGIC,
-                           TRAILER_SIZE, TX_HEADER, TX_HEADER_SIZE, TX_MAGIC, Entry, Record,
-                           parse_header, stream_size)
+                           KEPT_KINDS, KINDS, KIND_OBJECT, KIND_STREAM, STREAM_CHUNK, TRAILER,
+                           TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER, TX_HEADER_SIZE, TX_MAGIC, Entry,
+                           Record, parse_header, stream_size)
 from dobbin.record import crc as _crc
 
 READ_AHEAD = 1 << 20
@@ -336,3 +339,44 @@ def _read_entry(fd, reader, entry_offset, entry_header):
         if kind not in KEPT_KINDS:
             data = None
     return Entry(kind, oid, tid, previous, entry_offset, length, data)
+
+
+# -- one entry, by offset (random access) ----------------------------------------
+
+def object_entry_in(fd, block, at, offset, oid, end, path):
+    """Check and take apart the O entry at `offset` of the log `path` whose
+    records end at `end`; `block` holds it from index `at` on (its data may
+    run past the block's end).  Returns `(tid, previous, data)`."""
+    if len(block) < at + ENTRY_SIZE:
+        raise CorruptionError("object entry beyond the end of the file", path, offset)
+    kind, _res, crc, entry_oid, tid, previous, length = ENTRY.unpack_from(block, at)
+    if kind != KIND_OBJECT or (oid is not None and entry_oid != oid):
+        raise CorruptionError("expected the object entry of oid %s, found kind %r oid %d"
+                              % (oid, kind, entry_oid), path, offset)
+    if offset + ENTRY_SIZE + length > end:
+        raise CorruptionError("object entry length %d overruns the log" % length, path, offset)
+    begin = at + ENTRY_SIZE
+    if begin + length <= len(block):
+        data = block[begin:begin + length]
+    else:
+        data = os.pread(fd, length, offset + ENTRY_SIZE)
+    if len(data) != length or crc != _crc(data, _crc(block[at + 8:begin])):
+        raise CorruptionError("object entry checksum mismatch (oid %d)" % entry_oid, path, offset)
+    return tid, previous, data
+
+
+def stream_entry_at(fd, offset, end, path):
+    """Check the S entry at `offset`; return `(size, chunk_crcs)`."""
+    header = os.pread(fd, ENTRY_SIZE, offset)
+    if len(header) < ENTRY_SIZE:
+        raise CorruptionError("stream entry beyond the end of the file", path, offset)
+    kind, _res, crc, _oid, _tid, _prev, length = ENTRY.unpack(header)
+    if kind != KIND_STREAM or offset + ENTRY_SIZE + length > end:
+        raise CorruptionError("no stream entry here", path, offset)
+    n = stream_size(length)
+    if n < 0 or length - n != 4 * -(-n // STREAM_CHUNK):
+        raise CorruptionError("stream entry length %d fits no stream" % length, path, offset)
+    table = os.pread(fd, length - n, offset + ENTRY_SIZE + n)
+    if len(table) != length - n or crc != _crc(table, _crc(header[8:])):
+        raise CorruptionError("stream entry checksum mismatch", path, offset)
+    return n, [value for (value,) in struct.iter_unpack("<I", table)]

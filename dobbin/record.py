@@ -114,13 +114,39 @@ _ENTRY_HEAD = struct.Struct("<c3sI")
 _ENTRY_TAIL = struct.Struct("<QQQQ")
 
 
+class StagedStream:
+    """A stream's bytes already copied to their place in the file (see
+    "Stored files: staged first" in docs/format.txt): only their length
+    and chunk crc table are left to lay out."""
+
+    __slots__ = ("size", "table")
+
+    def __init__(self, size, table):
+        self.size = size
+        self.table = table
+
+    def __len__(self):
+        return self.size
+
+
+def record_header(status, lag, length, tid, oid_high, stamp, checkpoint, count):
+    """The 56 bytes of a record header, its crc included."""
+    head = TX_HEADER.pack(TX_MAGIC, status, lag.to_bytes(3, "little"), length, tid, oid_high,
+                          stamp, checkpoint, count, 0)[:52]
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
 def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp):
     """Lay out one record.
 
-    Returns the buffers to write (small parts joined, large payloads kept
-    as they are), the record's length, and its entries as read back.
+    Returns the segments to write, `(offset, buffers)` pairs in file
+    order (small parts joined, large payloads kept as they are; the bytes
+    of a `StagedStream` are in place already, so the parts around them
+    form separate segments), the record's length, and its entries as read
+    back.
     """
     parts = [None]
+    segments = [(offset, parts)]
     position = offset + TX_HEADER_SIZE
     entry_headers = []
     laid_out = []
@@ -132,9 +158,12 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
             oid, previous, data = entry
             checked = data
         elif kind == KIND_STREAM:
-            raw = memoryview(entry.data)
-            table = b"".join(struct.pack("<I", crc32(raw[i:i + STREAM_CHUNK]))
-                             for i in range(0, len(raw), STREAM_CHUNK))
+            if type(entry.data) is StagedStream:
+                raw, table = None, entry.data.table
+            else:
+                raw = memoryview(entry.data)
+                table = b"".join(struct.pack("<I", crc32(raw[i:i + STREAM_CHUNK]))
+                                 for i in range(0, len(raw), STREAM_CHUNK))
             data = (raw, table)
             checked = table
         elif kind == KIND_ROOT:
@@ -144,12 +173,15 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
             data = checked = struct.pack("<Q", offset) + entry.data
         else:
             data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
-        length = len(data[0]) + len(data[1]) if kind == KIND_STREAM else len(data)
+        length = len(entry.data) + len(data[1]) if kind == KIND_STREAM else len(data)
         tail = pack_tail(oid, tid, previous, length)
         entry_header = pack_head(kind, b"\0\0\0", crc32(checked, crc32(tail))) + tail
         entry_headers.append(entry_header)
         parts.append(entry_header)
-        if kind == KIND_STREAM:
+        if kind == KIND_STREAM and data[0] is None:
+            parts = [data[1]]  # after the staged bytes
+            segments.append((position + ENTRY_SIZE + len(entry.data), parts))
+        elif kind == KIND_STREAM:
             parts.extend(data)
         else:
             parts.append(data)
@@ -157,13 +189,11 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
                               data if kind in KEPT_KINDS else None))
         position += ENTRY_SIZE + length
     length = position + TRAILER_SIZE - offset
-    head = TX_HEADER.pack(TX_MAGIC, status, lag.to_bytes(3, "little"), length, tid, oid_high,
-                          stamp, checkpoint, len(entries), 0)[:52]
-    header = head + struct.pack("<I", crc32(head))
-    parts[0] = header
+    header = record_header(status, lag, length, tid, oid_high, stamp, checkpoint, len(entries))
+    segments[0][1][0] = header
     binding = crc32(b"".join(entry_headers), crc32(header))
     parts.append(TRAILER.pack(binding, TRAILER_MAGIC, length))
-    return _coalesce(parts), length, laid_out
+    return [(at, _coalesce(chunk)) for at, chunk in segments], length, laid_out
 
 
 def _coalesce(parts):

@@ -2,10 +2,13 @@
 
 A `PersistentFile` wraps an open file for a single commit; its bytes
 (from the file's position at wrapping time to its end) are written into
-the transaction record.  After the commit the very same object becomes
-a `PersistentStream`, which reads those bytes back from the log, chunk
-by checked chunk.  Streams live inside the state of the object that
-refers to them; they are not objects with an oid of their own.
+the transaction record.  A seekable binary file is copied into the log
+block by block while the commit is prepared (a `FileSpan`; see "Stored
+files: staged first" in docs/format.txt), so it may be larger than
+memory; anything else is read whole.  After the commit the very same
+object becomes a `PersistentStream`, which reads those bytes back from
+the log, chunk by checked chunk.  Streams live inside the state of the
+object that refers to them; they are not objects with an oid of their own.
 """
 
 import io
@@ -15,6 +18,44 @@ from zope.interface import implementer
 from dobbin.exc import StreamError
 from dobbin.interfaces import IPersistentFile, IPersistentStream
 from dobbin.log import STREAM_CHUNK
+
+# Bytes read from a stored file at a time: whole chunks, so that each
+# block's chunk crcs are its own.
+BLOCK = 16 * STREAM_CHUNK
+
+
+class FileSpan:
+    """`size` bytes of a seekable binary file from `start`, read in blocks."""
+
+    def __init__(self, source, start, size):
+        self.source = source
+        self.start = start
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def blocks(self):
+        """Yield the bytes in blocks of `BLOCK` through one reused buffer (so
+        each block must be used before the next is asked for)."""
+        buffer = memoryview(bytearray(min(BLOCK, self.size)))
+        remaining = self.size
+        try:
+            self.source.seek(self.start)
+            while remaining:
+                block = buffer[:min(BLOCK, remaining)]
+                filled = 0
+                while filled < len(block):
+                    got = self.source.readinto(block[filled:])
+                    if not got:
+                        raise StreamError("the file being stored ended %d bytes short of the "
+                                          "%d it had when the commit began"
+                                          % (remaining - filled, self.size))
+                    filled += got
+                yield block
+                remaining -= len(block)
+        except (OSError, ValueError) as error:  # ValueError: the file was closed
+            raise StreamError("reading the file being stored failed: %s" % error) from error
 
 
 @implementer(IPersistentFile)
@@ -27,9 +68,19 @@ class PersistentFile:
                             % type(stream).__name__)
         self._source = stream
         self._data = None
+        self._start = _span_start(stream)
 
-    def _p_read(self):
-        """The bytes to store: read once, so a retried commit stores the same."""
+    def _p_source(self):
+        """What to store: a `FileSpan` of a seekable binary file, from where it
+        was when wrapped to its end now (read at every commit attempt), else
+        the bytes, read once so that a retried commit stores the same."""
+        if self._start is not None:
+            try:
+                self._source.seek(0, io.SEEK_END)
+                end = self._source.tell()
+            except (OSError, ValueError) as error:
+                raise StreamError("the file to store cannot be read: %s" % error) from error
+            return FileSpan(self._source, self._start, max(0, end - self._start))
         if self._data is None:
             data = self._source.read()
             if isinstance(data, str):
@@ -49,6 +100,16 @@ class PersistentFile:
 
     def __deepcopy__(self, memo):
         return self
+
+
+def _span_start(stream):
+    """The position of a seekable binary file that has `readinto`, else None."""
+    if isinstance(stream, io.TextIOBase) or not hasattr(stream, "readinto"):
+        return None
+    try:
+        return stream.tell() if stream.seekable() else None
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 @implementer(IPersistentStream)

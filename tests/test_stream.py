@@ -3,15 +3,22 @@ commit; the stream reads back exactly its bytes, never past its end, with
 io-like seek/tell and iteration independent of the file-like view."""
 
 import io
+import os
+import pathlib
 import random
+import subprocess
+import sys
 
 import pytest
 import transaction
 
+from dobbin.database import Database
 from dobbin.exc import StreamError
 from dobbin.log import STREAM_CHUNK
-from dobbin.persistent import Persistent, PersistentFile, checkout
-from dobbin.stream import PersistentStream
+from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
+from dobbin.stream import BLOCK, FileSpan, PersistentStream
+
+REPO = str(pathlib.Path(__file__).resolve().parent.parent)
 
 LARGE = 1024 * 1024 + 3  # 16 full chunks and 3 bytes
 
@@ -216,3 +223,169 @@ def test_stream_readable_from_a_second_database_on_the_file(open_db):
     stream.open()
     stream.seek(STREAM_CHUNK + 3)
     assert stream.read(STREAM_CHUNK) == data[STREAM_CHUNK + 3:2 * STREAM_CHUNK + 3]
+
+
+# -- files staged block by block (FileSpan; docs/format.txt) ----------------------
+
+
+class WholeReadRefused(io.FileIO):
+    """A real file that refuses to be read whole: only readinto() may serve."""
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            raise AssertionError("the stored file was read whole")
+        return super().read(size)
+
+    def readall(self):
+        raise AssertionError("the stored file was read whole")
+
+
+def commit_file(db, pfile, name="file"):
+    """Commit PersistentFile `pfile` as `name` of a new root of `db`; return the root."""
+    root = Persistent()
+    checkout(root)
+    setattr(root, name, pfile)
+    db.elect(root)
+    transaction.commit()
+    return root
+
+
+def test_a_real_file_is_copied_block_by_block_from_its_position(open_db, tmp_path):
+    data = pattern(3 * BLOCK + 5)
+    path = tmp_path / "upload.bin"
+    path.write_bytes(b"header:" + data)
+    db = open_db()
+    with WholeReadRefused(str(path)) as source:
+        source.seek(7)
+        root = commit_file(db, PersistentFile(source))
+    assert type(root.file) is PersistentStream and root.file.size == len(data)
+    assert b"".join(root.file) == data
+    assert db.verify()["ok"]
+
+
+def test_a_file_is_stored_to_its_end_when_the_commit_begins(open_db, tmp_path):
+    path = tmp_path / "growing.bin"
+    path.write_bytes(b"abc")
+    with open(path, "r+b") as source:
+        pfile = PersistentFile(source)
+        source.seek(0, io.SEEK_END)
+        source.write(b"def")
+        source.flush()
+        root = commit_file(open_db(), pfile)
+    assert b"".join(root.file) == b"abcdef"
+
+
+def test_a_file_that_ends_short_fails_the_commit_in_its_first_phase(
+        open_db, tmp_path, monkeypatch):
+    path = tmp_path / "shrinking.bin"
+    path.write_bytes(pattern(2 * BLOCK))
+    db = open_db()
+    db.elect(Persistent())
+    transaction.commit()
+    count_before = db.tx_count
+    real_blocks = FileSpan.blocks
+
+    def shrink_first(span):
+        span.source.truncate(BLOCK + 10)  # after its size was taken
+        return real_blocks(span)
+
+    monkeypatch.setattr(FileSpan, "blocks", shrink_first)
+    with open(path, "r+b") as source:
+        checkout(db.root)
+        db.root.file = PersistentFile(source)
+        db.root.child = child = Persistent()
+        with pytest.raises(StreamError, match="short"):
+            transaction.commit()
+    transaction.abort()
+    monkeypatch.undo()
+    assert db.tx_count == count_before + 1, "recorded and counted as a failed commit"
+    assert child._p_oid is None and db._log.at_end(), "nothing of it is left"
+    checkout(db.root)
+    db.root.n = 1
+    transaction.commit()
+    assert db.verify()["ok"] and not hasattr(db.root, "file")
+
+
+def test_a_failing_file_fails_every_database_of_the_transaction(open_db, tmp_path):
+    first = open_db(str(tmp_path / "a.dobbin"))
+    second = open_db(str(tmp_path / "b.dobbin"))
+    for db in (first, second):
+        db.elect(Persistent())
+    transaction.commit()
+    source = open(tmp_path / "closed.bin", "w+b")
+    source.write(b"data")
+    pfile = PersistentFile(source)
+    source.close()  # too early: reading it at commit fails
+    checkout(first.root)
+    first.root.paid = True
+    checkout(second.root)
+    second.root.file = pfile
+    with pytest.raises(StreamError):
+        transaction.commit()
+    transaction.abort()
+    assert not hasattr(first.root, "paid") and not hasattr(second.root, "file")
+    for db in (first, second):
+        checkout(db.root)
+        db.root.n = 1
+    transaction.commit()
+    assert first.verify()["ok"] and second.verify()["ok"]
+
+
+def test_a_text_file_or_a_plain_reader_is_read_whole(open_db, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("héllo", encoding="utf-8")
+    db = open_db()
+    with open(path, encoding="utf-8") as text:
+        root = commit_file(db, PersistentFile(text))
+    assert b"".join(root.file) == "héllo".encode("utf-8")
+
+    class Reader:
+        def read(self):
+            return b"plain"
+
+    root = commit_file(db, PersistentFile(Reader()))
+    assert b"".join(root.file) == b"plain"
+
+
+KILLED_WHILE_STAGING = """
+import os, sys, transaction
+from dobbin.database import Database
+from dobbin.log import Log
+from dobbin.persistent import PersistentFile, checkout
+writes = [0]
+real = Log._write
+def write(self, buffers, offset):
+    real(self, buffers, offset)
+    writes[0] += 1
+    if writes[0] == 3:  # the staging header and two blocks of the file are in
+        os._exit(9)
+Log._write = write
+db = Database(sys.argv[1])
+checkout(db.root)
+db.root["backup"] = PersistentFile(open(sys.argv[2], "rb"))
+transaction.commit()
+"""
+
+
+def test_a_writer_killed_while_staging_a_stored_dobbin_file_leaves_a_torn_tail(
+        open_db, tmp_path):
+    # The payload is itself a Dobbin file: its records must never be taken
+    # for ours (as witnesses that would make the torn tail look like damage).
+    backup = Database(str(tmp_path / "backup.dobbin"), durability="none")
+    backup.elect(PersistentDict())
+    transaction.commit()
+    for n in range(2500):
+        checkout(backup.root)
+        backup.root[n] = "x" * 500
+        transaction.commit()
+    backup.close()
+    db = open_db()
+    db.elect(PersistentDict(kept=1))
+    transaction.commit()
+    db.close()
+    child = subprocess.run([sys.executable, "-c", KILLED_WHILE_STAGING, db.path,
+                            str(tmp_path / "backup.dobbin")], env=dict(os.environ, PYTHONPATH=REPO))
+    assert child.returncode == 9
+    reopened = open_db(db.path)
+    assert ".torn-" in reopened.recovery["saved_as"], "cut as torn, not taken for damage"
+    assert dict(reopened.root) == {"kept": 1} and reopened.verify()["ok"]
