@@ -53,7 +53,12 @@ class IPersistentFile(Interface):
 
     At commit its bytes, from the file's position when it was wrapped to
     the end, are written into the transaction, and the same object
-    becomes an `IPersistentStream`.  The caller closes the file.
+    becomes an `IPersistentStream`.  A seekable binary file is copied
+    block by block while the commit is prepared, never held whole in
+    memory; if reading it fails (it ends short of its size when the
+    commit began, say), the commit fails with `dobbin.exc.StreamError`
+    before anything is written.  Anything else is read whole, once.
+    The caller closes the file.
     """
 
 
