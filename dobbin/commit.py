@@ -86,7 +86,7 @@ class Commit:
         return offset
 
     def unstage(self, log):
-        """Cut back what `stage` wrote, unless the record was published."""
+        """Cut back what `add_stream` staged, unless the record was published."""
         if self.staged and not self.published:
             self.staged = False
             log.unstage(self.offset)

@@ -262,7 +262,7 @@ class Database:
                 self._log.close()
 
     def _give_back_reserved_space(self):
-        # Small databases need no reserve of disk blocks while closed.
+        # Closed, a database keeps no disk reserve (unless another writer works).
         if self.read_only or os.getpid() != self._pid or self._lock.held:
             return
         try:
@@ -546,7 +546,7 @@ class Database:
                 for obj, state, entry in commit.stored:
                     self._cache.install(obj, state, record.tid, len(entry.data))
                 for owner, offset, size in commit.stream_owners:
-                    if owner is not None:
+                    if isinstance(owner, PersistentFile):  # not yet another db's stream
                         owner._p_become_stream(self, offset, size)
                 commit.published = True
                 self._apply(record, reload=False, durable_at=record.offset + record.length)

@@ -253,10 +253,12 @@ class Log:
 
     def unstage(self, record_offset):
         """Cut back what `stage_stream` wrote for a commit that will not be
-        written (write lock held).  A failed cut leaves bytes after the
-        records: the log then refuses writes, and the next opener cuts them."""
+        written (write lock held), synced: the next record goes where the
+        staged bytes were.  A failed cut leaves bytes after the records: the
+        log then refuses writes, and the next opener cuts them."""
         try:
             self._truncate(record_offset)
+            self._sync()
         except OSError as error:
             self.broken = error
 
@@ -395,7 +397,8 @@ class Log:
 
         With the write lock held: the first time, every byte after is
         checked to be zero (a non-zero one is a write torn by a crash);
-        since only lock holders write, and whole records, that holds.
+        since only lock holders write, at the end of the records (staged
+        bytes of a failed commit are cut back), that holds.
         """
         if not self._tail_checked:
             self._tail_checked = zeros_from(self.fd, self.end, self.size())

@@ -22,6 +22,8 @@ from dobbin.log import STREAM_CHUNK
 # Bytes read from a stored file at a time: whole chunks, so that each
 # block's chunk crcs are its own.
 BLOCK = 16 * STREAM_CHUNK
+# Smaller files are read whole: staging one costs a sync.
+STAGE_MIN = BLOCK
 
 
 class FileSpan:
@@ -71,16 +73,20 @@ class PersistentFile:
         self._start = _span_start(stream)
 
     def _p_source(self):
-        """What to store: a `FileSpan` of a seekable binary file, from where it
-        was when wrapped to its end now (read at every commit attempt), else
-        the bytes, read once so that a retried commit stores the same."""
+        """What to store: a `FileSpan` of a seekable binary file of a block or
+        more, from where it was when wrapped to its end now (read at every
+        commit attempt), else the bytes, read once so that a retried commit
+        stores the same (files under `STAGE_MIN` too: staging costs a sync)."""
         if self._start is not None:
             try:
                 self._source.seek(0, io.SEEK_END)
-                end = self._source.tell()
+                size = max(0, self._source.tell() - self._start)
+                self._source.seek(self._start)
             except (OSError, ValueError) as error:
                 raise StreamError("the file to store cannot be read: %s" % error) from error
-            return FileSpan(self._source, self._start, max(0, end - self._start))
+            if size >= STAGE_MIN:
+                return FileSpan(self._source, self._start, size)
+            self._start = None
         if self._data is None:
             data = self._source.read()
             if isinstance(data, str):

@@ -13,10 +13,10 @@ import pytest
 import transaction
 
 from dobbin.database import Database
-from dobbin.exc import StreamError
-from dobbin.log import STREAM_CHUNK
+from dobbin.exc import ObjectGraphError, StreamError
+from dobbin.log import STREAM_CHUNK, Log
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
-from dobbin.stream import BLOCK, FileSpan, PersistentStream
+from dobbin.stream import BLOCK, STAGE_MIN, FileSpan, PersistentStream
 
 REPO = str(pathlib.Path(__file__).resolve().parent.parent)
 
@@ -389,3 +389,54 @@ def test_a_writer_killed_while_staging_a_stored_dobbin_file_leaves_a_torn_tail(
     reopened = open_db(db.path)
     assert ".torn-" in reopened.recovery["saved_as"], "cut as torn, not taken for damage"
     assert dict(reopened.root) == {"kept": 1} and reopened.verify()["ok"]
+
+
+def test_only_files_of_a_block_or_more_are_staged(open_db, monkeypatch):
+    staged = []
+    real = Log.stage_stream
+
+    def counting(self, *args):
+        staged.append(len(args[2]))
+        return real(self, *args)
+
+    monkeypatch.setattr(Log, "stage_stream", counting)
+    db = open_db()
+    root = commit_file(db, PersistentFile(io.BytesIO(pattern(STAGE_MIN - 1))), "small")
+    checkout(root)
+    root.big = PersistentFile(io.BytesIO(pattern(STAGE_MIN)))
+    transaction.commit()
+    assert staged == [STAGE_MIN]
+    assert b"".join(root.small) == pattern(STAGE_MIN - 1)
+    assert b"".join(root.big) == pattern(STAGE_MIN)
+
+
+def test_a_commit_failing_after_staging_cuts_the_staged_bytes_back(open_db):
+    db = open_db()
+    db.elect(Persistent())
+    transaction.commit()
+    count = db.tx_count
+    checkout(db.root)
+    db.root.file = PersistentFile(io.BytesIO(pattern(STAGE_MIN)))
+    loose = Persistent()
+    checkout(loose)  # checked out, never connected: the vote fails after staging
+    with pytest.raises(ObjectGraphError):
+        transaction.commit()
+    transaction.abort()
+    assert db.tx_count == count + 1 and db._log.at_end()
+    assert db.verify()["ok"]
+
+
+def test_one_file_stored_in_two_databases_at_once(open_db, tmp_path):
+    first = open_db(str(tmp_path / "a.dobbin"))
+    second = open_db(str(tmp_path / "b.dobbin"))
+    pfile = PersistentFile(io.BytesIO(b"shared"))
+    for db in (first, second):
+        root = Persistent()
+        checkout(root)
+        root.file = pfile
+        db.elect(root)
+    transaction.commit()
+    for db in (first, second):
+        reopened = Database(db.path, read_only=True)
+        assert b"".join(reopened.root.file) == b"shared"
+        reopened.close()

@@ -182,6 +182,7 @@ def plans():
 
 def test_io_errors_never_lose_or_half_apply_a_commit(scratch_dir, monkeypatch):
     monkeypatch.setattr("dobbin.database.CHECKPOINT_MIN_BYTES", 4096)
+    monkeypatch.setattr("dobbin.stream.STAGE_MIN", 1)  # its stored files are staged
     reference_path = os.path.join(scratch_dir, "reference.dobbin")
     Database(reference_path).close()
     reference = History(reference_path, seed=SEED, durability="fsync")

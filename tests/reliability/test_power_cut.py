@@ -120,6 +120,7 @@ def run_until_cut(path, cut_at, rng):
 def test_a_power_cut_loses_no_returned_commit_and_applies_none_partly(scratch_dir,
                                                                       monkeypatch, ordering):
     monkeypatch.setattr("dobbin.database.CHECKPOINT_MIN_BYTES", 4096)
+    monkeypatch.setattr("dobbin.stream.STAGE_MIN", 1)  # its stored files are staged
     reference_path = os.path.join(scratch_dir, "reference.dobbin")
     _, reference_disk, _, reference = run_until_cut(reference_path, 0, random.Random(0))
     states = reference.states
@@ -181,6 +182,7 @@ def test_a_checkpoint_never_reaches_the_disk_before_the_records_it_indexes(tmp_p
     # The power goes at each I/O call of that commit; then each page not yet
     # synced goes missing in turn.
     monkeypatch.setattr("dobbin.database.CHECKPOINT_MIN_BYTES", 1024)
+    monkeypatch.setattr("dobbin.stream.STAGE_MIN", 1)  # its stored files are staged
 
     def run(path, cut_at):
         history = History(path, seed=5, durability="fsync")
