@@ -24,7 +24,7 @@ from dobbin.lock import WriteLock
 from dobbin.log import Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT, IndexEntry,
                            NoteEntry, ObjectEntry, RootEntry)
-from dobbin.persistent import Persistent, ghost_oid, new_ghost
+from dobbin.persistent import Persistent, _set_jar, _set_oid, ghost_oid, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.commit import BIG_COMMIT, Commit
 from dobbin.session import copy_state, current_session
@@ -37,8 +37,6 @@ __all__ = ["Database", "PersistentStream"]
 # stores, and Persistent.__getattribute__ is a Python call.
 _oid_of = Persistent._p_oid.__get__
 _jar_of = Persistent._p_jar.__get__
-_set_oid = Persistent._p_oid.__set__
-_set_jar = Persistent._p_jar.__set__
 _is_ghost = Persistent._p_ghost.__get__
 _serial_of = Persistent._p_serial.__get__
 _committed_state = Persistent.__dict__["__dict__"].__get__  # never a thread's working copy

@@ -24,7 +24,8 @@ from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            MAX_LAG, STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER,
                            TX_HEADER_SIZE, TX_MAGIC, Entry, IndexEntry, NoteEntry, ObjectEntry,
                            Record, RootEntry, StagedStream, StreamEntry, build_record,
-                           parse_header, record_header, stream_size)
+                           chunk_table, parse_header, record_header, stream_entry_size,
+                           stream_size)
 from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete, find_witness,
                            newest_checkpoint, object_entry_in, read_record, stream_entry_at,
                            zeros_from)
@@ -229,19 +230,17 @@ class Log:
         source is cut back and re-raised; a failing write, as in `append`.
         """
         self._check_writable()
-        size = len(source)
-        staged_end = entry_offset + ENTRY_SIZE + size + 4 * -(-size // STREAM_CHUNK)
+        staged_end = entry_offset + stream_entry_size(len(source))
         header = record_header(COMMITTED, 0, staged_end + TRAILER_SIZE - record_offset,
                                self.last_tid + 1, oid_high, time.time_ns(), self.checkpoint,
                                count)
-        crcs = []
+        tables = []
         try:
             self._write(header, record_offset)
             self._sync()  # no staged byte may reach the disk without it
             at = entry_offset + ENTRY_SIZE
-            for block in source.blocks():
-                crcs.extend(_crc(block[i:i + STREAM_CHUNK])
-                            for i in range(0, len(block), STREAM_CHUNK))
+            for block in source.blocks():  # whole chunks: each block's crcs are its own
+                tables.append(chunk_table(block))
                 self._write(block, at)
                 at += len(block)
         except OSError as error:
@@ -249,7 +248,7 @@ class Log:
         except BaseException:
             self.unstage(record_offset)
             raise
-        return StagedStream(size, struct.pack("<%dI" % len(crcs), *crcs))
+        return StagedStream(len(source), b"".join(tables))
 
     def unstage(self, record_offset):
         """Cut back what `stage_stream` wrote for a commit that will not be

@@ -95,6 +95,13 @@ class IndexEntry(namedtuple("IndexEntry", "data")):
     kind = KIND_INDEX
 
 
+def chunk_table(data):
+    """The crc table of stream bytes `data`: a u32 per chunk of `STREAM_CHUNK`."""
+    view = memoryview(data)
+    return b"".join(struct.pack("<I", zlib.crc32(view[i:i + STREAM_CHUNK]))
+                    for i in range(0, len(view), STREAM_CHUNK))
+
+
 def stream_entry_size(size):
     """Bytes an S entry holding `size` stream bytes takes: header, data, crc table."""
     return ENTRY_SIZE + size + 4 * -(-size // STREAM_CHUNK)
@@ -162,8 +169,7 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
                 raw, table = None, entry.data.table
             else:
                 raw = memoryview(entry.data)
-                table = b"".join(struct.pack("<I", crc32(raw[i:i + STREAM_CHUNK]))
-                                 for i in range(0, len(raw), STREAM_CHUNK))
+                table = chunk_table(raw)
             data = (raw, table)
             checked = table
         elif kind == KIND_ROOT:
