@@ -173,7 +173,15 @@ class IDatabase(Interface):
         """
 
     def verify():
-        """Check every record's checksums and the index; return a report dict."""
+        """Check every record's checksums and the index; return a report dict.
+
+        "ok" is false when "errors" lists damage.  Counts of records,
+        commits, failed commits, checkpoints, objects and streams come
+        with it.  A file that ends inside a record (a commit still being
+        written, or one a crash tore before it was durable, which the
+        next writer cuts back) is not damage: "incomplete_tail" then
+        gives its offset and the bytes written of it.
+        """
 
     def close():
         """Close the file.  Later reads of unloaded objects and commits fail."""

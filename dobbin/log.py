@@ -48,6 +48,9 @@ _NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 DURABILITY = ("fsync", "none")
 
 
+INCOMPLETE = "incomplete record"  # diagnose(): being written or torn, not damage
+
+
 @implementer(ILog)
 class Log:
     """One Dobbin file, opened for appending and reading.
@@ -525,11 +528,11 @@ class Log:
         return True
 
     def diagnose(self):
-        """Why the record at `end` can't be read, or None if it can."""
+        """Why the record at `end` can't be read (maybe INCOMPLETE), or None if it can."""
         try:
             read_record(self.fd, self.end, self.last_tid + 1, self.size())
         except Incomplete:
-            return "incomplete record"
+            return INCOMPLETE
         except Damaged as damage:
             return "%s (at offset %d)" % (damage.reason, damage.offset)
         return None

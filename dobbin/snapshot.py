@@ -9,7 +9,7 @@ the index.
 """
 
 from dobbin.exc import DobbinError, HistoryError
-from dobbin.log import Log
+from dobbin.log import INCOMPLETE, Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, FILE_HEADER_SIZE, KIND_OBJECT,
                            KIND_ROOT, TX_HEADER_SIZE, ObjectEntry, RootEntry, StreamEntry,
                            stream_entry_size)
@@ -119,8 +119,16 @@ def verify(db):
                                     "log rebuilds it): %s" % (offset, reason))
         report["bytes"] = checker.end
         if not checker.at_end():
-            report["errors"].append("unreadable record at offset %d: %s"
-                                    % (checker.end, checker.diagnose()))
+            problem = checker.diagnose()
+            if problem == INCOMPLETE:
+                # Not damage: a commit still being written (staging a large
+                # file takes a while), or one a crash tore before it was
+                # durable, which the next writer cuts back.
+                report["incomplete_tail"] = {"offset": checker.end,
+                                             "bytes": checker.size() - checker.end}
+            else:
+                report["errors"].append("unreadable record at offset %d: %s"
+                                        % (checker.end, problem))
         with db._state_lock:
             for oid, offset in latest.items():
                 if offset <= db._log.end and db._index.offset_of(oid) != offset:

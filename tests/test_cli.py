@@ -1,5 +1,6 @@
 """dobbin.cli: `dobbin serve` and `dobbin shell` as real processes."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -95,6 +96,19 @@ def test_verify_reports_a_sound_file_and_a_damaged_one(tmp_path):
     flip_bit(path, 100)  # inside the first record, which the second vouches for
     assert main(["verify", path]) == 1
     assert main(["verify", str(tmp_path / "missing.dobbin")]) == 1
+
+
+def test_verify_tells_an_incomplete_last_record_from_damage(tmp_path, capsys):
+    path = str(tmp_path / "t.dobbin")
+    _two_commits(path, {"a": 1})
+    with open(path, "r+b") as f:
+        size = f.seek(0, 2)
+        f.write(b"DTXRC\0\0\0" + bytes(30))  # a writer died inside its record header
+    capsys.readouterr()
+    assert main(["verify", path]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["incomplete_tail"] == {"offset": size, "bytes": 38}
+    assert report["committed"] == 2 and report["errors"] == []
 
 
 def test_verify_reports_a_damaged_checkpoint_it_stepped_over(tmp_path):

@@ -8,6 +8,7 @@ import pathlib
 import random
 import subprocess
 import sys
+import threading
 
 import pytest
 import transaction
@@ -424,6 +425,59 @@ def test_a_commit_failing_after_staging_cuts_the_staged_bytes_back(open_db):
     transaction.abort()
     assert db.tx_count == count + 1 and db._log.at_end()
     assert db.verify()["ok"]
+
+
+class HeldFile(io.BytesIO):
+    """A file whose reading stops after its first block until `go` is set."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.first_block_read = threading.Event()
+        self.go = threading.Event()
+
+    def readinto(self, buffer):
+        if self.tell() >= BLOCK:
+            self.first_block_read.set()
+            if not self.go.wait(10):
+                raise OSError("the test never let the copy go on")
+        return super().readinto(buffer)
+
+
+def test_verify_while_a_file_is_being_staged_reports_an_incomplete_tail(open_db):
+    db = open_db()
+    db.elect(Persistent())
+    transaction.commit()
+    source = HeldFile(pattern(3 * BLOCK))
+    outcome = []
+
+    def commit_the_file():
+        try:
+            checkout(db.root)
+            db.root.file = PersistentFile(source)
+            transaction.commit()
+            outcome.append("committed")
+        except BaseException as error:  # reported by the main thread
+            outcome.append(error)
+            transaction.abort()
+
+    writer = threading.Thread(target=commit_the_file)
+    writer.start()
+    try:
+        assert source.first_block_read.wait(10), "the file was never staged"
+        watcher = Database(db.path, read_only=True)
+        report = watcher.verify()
+        watcher.close()
+    finally:
+        source.go.set()
+        writer.join(10)
+    assert outcome == ["committed"]
+    # The staging header is sound and the file ends inside its record.
+    assert report["ok"] and report["errors"] == []
+    assert report["incomplete_tail"]["bytes"] >= BLOCK
+    assert report["records"] == 1
+    after = db.verify()
+    assert after["ok"] and "incomplete_tail" not in after and after["streams"] == 1
+    assert b"".join(db.root.file) == pattern(3 * BLOCK)
 
 
 def test_one_file_stored_in_two_databases_at_once(open_db, tmp_path):
