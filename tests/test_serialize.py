@@ -26,11 +26,24 @@ def ref_id(value):
     return ("ref", value.oid) if isinstance(value, Ref) else None
 
 
+class IdsUnpickler(pickle.Unpickler):
+    """Plain pickle, references left as ids.  (Python 3.13 made the hooks of
+    pickle's own Pickler and Unpickler instances read-only: subclass them.)"""
+
+    def persistent_load(self, pid):
+        return pid
+
+
+class IdsPickler(pickle.Pickler):
+    """Plain pickle, references written as persistent ids (the older form)."""
+
+    def persistent_id(self, value):
+        return ref_id(value)
+
+
 def load_alone(data):
     """Unpickle one record with pickle only, references left as ids."""
-    unpickler = pickle.Unpickler(io.BytesIO(data))
-    unpickler.persistent_load = lambda pid: pid
-    return unpickler.load()
+    return IdsUnpickler(io.BytesIO(data)).load()
 
 
 def test_records_written_by_one_writer_load_alone():
@@ -144,9 +157,7 @@ def test_references_are_calls_and_older_persistent_ids_load_the_same():
     opcodes = {op.name for op, _arg, _pos in pickletools.genops(data)}
     assert "REDUCE" in opcodes and "BINPERSID" not in opcodes
     older = io.BytesIO()
-    pickler = pickle.Pickler(older, 5)
-    pickler.persistent_id = ref_id
-    pickler.dump((Persistent, {"other": Ref(3), "n": 1}))
+    IdsPickler(older, 5).dump((Persistent, {"other": Ref(3), "n": 1}))
     for record in (data, older.getvalue()):
         assert load_state(record, persistent_load) == (Persistent, {"other": target, "n": 1})
     assert resolved == [("ref", 3), ("ref", 3)]
