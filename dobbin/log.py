@@ -24,8 +24,8 @@ from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            MAX_LAG, STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER,
                            TX_HEADER_SIZE, TX_MAGIC, Entry, IndexEntry, NoteEntry, ObjectEntry,
                            Record, RootEntry, StagedStream, StreamEntry, build_record,
-                           chunk_table, parse_header, record_header, stream_entry_size,
-                           stream_size)
+                           chunk_table, header_last, parse_header, record_header,
+                           stream_entry_size, stream_size)
 from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete, find_witness,
                            newest_checkpoint, object_entry_in, read_record, stream_entry_at,
                            zeros_from)
@@ -209,6 +209,8 @@ class Log:
         lag = 0 if self.durability != "fsync" else min(self.last_tid - self.synced_tid, MAX_LAG)
         segments, length, read_entries = build_record(status, tid, oid_high, offset,
                                                        self.checkpoint, lag, entries, stamp)
+        if status == CHECKPOINT:
+            segments = header_last(segments)
         self._reserve(offset, length)
         try:
             for at, buffers in segments:

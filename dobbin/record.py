@@ -202,6 +202,22 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
     return [(at, _coalesce(chunk)) for at, chunk in segments], length, laid_out
 
 
+def header_last(segments):
+    """The writes of `build_record`, the record header moved to the end.
+
+    For checkpoints: one is large, so a writer killed while writing it
+    can leave it half written, and reserved zeros after it.  Without its
+    header that is an ordinary torn tail, which the next writer cuts; with
+    a sound header it could only be stepped over (a damaged checkpoint may
+    be one that a live reader has read past), and verify() would report it
+    for ever.
+    """
+    (offset, buffers), later = segments[0], segments[1:]
+    first = memoryview(buffers[0])
+    body = [first[TX_HEADER_SIZE:]] + buffers[1:]
+    return [(offset + TX_HEADER_SIZE, body)] + later + [(offset, [first[:TX_HEADER_SIZE]])]
+
+
 def _coalesce(parts):
     """Join runs of small parts; keep large ones as separate buffers."""
     buffers, small = [], []

@@ -1024,6 +1024,39 @@ def test_a_damaged_last_checkpoint_before_reserved_space_is_stepped_over(path):
     opener.close()
 
 
+class Killed(BaseException):
+    """The writing process died: nothing after this write happens."""
+
+
+def test_a_writer_killed_inside_a_checkpoint_leaves_a_torn_tail_not_damage(path, monkeypatch):
+    writer = Log(path)
+    records = small_commits(writer, 2)
+    end = writer.end
+    budget = [100_000]  # bytes written before the process dies, in the order issued
+    real = Log._write
+
+    def dying_write(self, buffers, offset):
+        for buffer in [buffers] if isinstance(buffers, bytes) else buffers:
+            buffer = bytes(buffer)[:budget[0]]
+            real(self, buffer, offset)
+            offset += len(buffer)
+            budget[0] -= len(buffer)
+            if not budget[0]:
+                raise Killed()
+
+    monkeypatch.setattr(Log, "_write", dying_write)
+    with pytest.raises(Killed):
+        writer.append(CHECKPOINT, 2, [IndexEntry(bytes(range(256)) * 800)])  # 200 KiB
+    monkeypatch.undo()
+    os.close(writer.fd)  # as the process's death would
+    assert os.path.getsize(path) > end + 100_000, "the checkpoint went into reserved space"
+    opener = Log(path)
+    assert [r.tid for r in opener.recover()] == [r.tid for r in records]
+    assert opener.skipped == [], "no half-written checkpoint may stay in the file"
+    assert opener.dropped["offset"] == end and "torn" in opener.dropped["saved_as"]
+    opener.close()
+
+
 def test_a_full_disk_skips_reserving_once_and_tries_again_later(path, monkeypatch):
     calls = []
     real = Log._allocate
