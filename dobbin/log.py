@@ -12,6 +12,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 
 from zope.interface import implementer
 
@@ -81,6 +82,9 @@ class Log:
         except BaseException:
             os.close(self.fd)
             raise
+        # Dropped unclosed, it gives the descriptor back when collected.
+        self._closer = weakref.finalize(self, os.close, self.fd)
+        self._closer.atexit = False
         self.end = FILE_HEADER_SIZE
         self.last_tid = 0
         self.oid_high = 1
@@ -391,9 +395,8 @@ class Log:
 
     def _peek(self):
         """The bytes where the next record would start (b"" at the end of the file).
-        Peeking, not asking the size: on Linux 6.18 an fstat before each small
-        write made its fdatasync a third slower (likely the multigrain
-        timestamps of 6.13+: a queried ctime makes the next write dirty the inode)."""
+        Not asking the size: on Linux 6.18 an fstat before each small write
+        made its fdatasync a third slower (multigrain timestamps, likely)."""
         return os.pread(self.fd, TX_HEADER_SIZE, self.end)
 
     def _reserved_space_here(self):
@@ -592,8 +595,8 @@ class Log:
 
     def close(self):
         if self.fd is not None:
-            os.close(self.fd)
             self.fd = None
+            self._closer()
 
 
 def _fdatasync(fd):

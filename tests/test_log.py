@@ -7,6 +7,7 @@ damaged bytes, durability, and the writer's refusals.
 """
 
 import errno
+import gc
 import os
 import struct
 import time
@@ -1024,6 +1025,26 @@ def test_a_damaged_last_checkpoint_before_reserved_space_is_stepped_over(path):
     opener.close()
 
 
+def open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_a_log_dropped_unclosed_gives_its_descriptor_back(path):
+    Log(path).close()
+    before = open_descriptors()
+    for _ in range(20):
+        log = Log(path, read_only=True)
+        log.cycle = log  # only the cyclic collector can free it
+        del log
+    gc.collect()
+    assert open_descriptors() == before
+    log = Log(path)
+    log.close()
+    log.close()  # twice is harmless
+    assert open_descriptors() == before
+
+
 class Killed(BaseException):
     """The writing process died: nothing after this write happens."""
 
@@ -1048,7 +1069,7 @@ def test_a_writer_killed_inside_a_checkpoint_leaves_a_torn_tail_not_damage(path,
     with pytest.raises(Killed):
         writer.append(CHECKPOINT, 2, [IndexEntry(bytes(range(256)) * 800)])  # 200 KiB
     monkeypatch.undo()
-    os.close(writer.fd)  # as the process's death would
+    writer.close()  # its descriptor goes, as at the process's death
     assert os.path.getsize(path) > end + 100_000, "the checkpoint went into reserved space"
     opener = Log(path)
     assert [r.tid for r in opener.recover()] == [r.tid for r in records]
