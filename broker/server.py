@@ -64,19 +64,22 @@ KEY_CACHE = 65536
 
 
 class InvalidationHistory:
-    """The oids changed by each committed transaction, for the last `size` of them.
+    """The oids changed by each committed transaction, for the last `size` of
+    them and at most `max_oids` oids in all (the oldest go first).
 
     Fed by the database's subscribe callback (any thread), read by sync and
     commit handlers.  It knows every committed tid in (floor, top].
     """
 
-    def __init__(self, floor, size=10000):
+    def __init__(self, floor, size=10000, max_oids=1000000):
         self._lock = threading.Lock()
         self._tids = []
         self._oids = []
+        self._held = 0  # oids in _oids
         self.floor = floor
         self.top = floor
         self.size = size
+        self.max_oids = max_oids
 
     def add(self, tid, oids):
         with self._lock:
@@ -84,9 +87,14 @@ class InvalidationHistory:
                 return  # already known (a duplicate notification)
             self._tids.append(tid)
             self._oids.append(oids)
+            self._held += len(oids)
             self.top = tid
-            if len(self._tids) > self.size:
-                drop = len(self._tids) - self.size
+            drop = 0
+            while drop < len(self._tids) and (len(self._tids) - drop > self.size
+                                              or self._held > self.max_oids):
+                self._held -= len(self._oids[drop])
+                drop += 1
+            if drop:
                 self.floor = self._tids[drop - 1]
                 del self._tids[:drop], self._oids[:drop]
 
@@ -155,7 +163,7 @@ class BrokerServer:
         self._unchecked_codec = Codec(max_message=max_message)
         self._reply_head = (b"\xa3srv" + msgpack.packb(self.instance) + b"\xa2ok")
         self._work = queue.Queue()
-        self._threads = []
+        self._threads = {}
         self._context = None
         self._pub = None
         self._pub_lock = threading.Lock()
@@ -284,17 +292,18 @@ class BrokerServer:
         # reaches _on_commit, and none up to it is mistaken for a new one.
         with getattr(self.db, "_notify_lock", None) or contextlib.nullcontext():
             tid = self.db.last_tid
-            self.history = InvalidationHistory(tid, self.history.size)
+            self.history = InvalidationHistory(tid, self.history.size, self.history.max_oids)
             self.states = StateCache(tid, self.states.max_bytes)
             self._last_broadcast = tid
             self._pub = pub
             self.db.subscribe(self._on_commit)
         self._running = True
         self._stopping = threading.Event()
-        self._spawn("broker-front", self._front, router)
-        for n in range(self.workers):
-            self._spawn("broker-worker-%d" % n, self._worker, self._worker_ids[n])
-        self._spawn("broker-poller", self._poller)
+        self._threads = {"front": self._spawn("broker-front", self._front, router),
+                         "workers": [self._spawn("broker-worker-%d" % n, self._worker,
+                                                 self._worker_ids[n])
+                                     for n in range(self.workers)],
+                         "poller": self._spawn("broker-poller", self._poller)}
         return self
 
     def stop(self):
@@ -302,17 +311,21 @@ class BrokerServer:
             return
         self._running = False
         self._stopping.set()
+        # Workers first, while the front thread still forwards their
+        # replies: a reply sent after it had gone would wait for ever.
         for _ in range(self.workers):
             self._work.put(None)
+        for thread in self._threads["workers"]:
+            thread.join()
         control = self._context.socket(zmq.DEALER)
         control.setsockopt(zmq.LINGER, 1000)
         control.setsockopt(zmq.ROUTING_ID, self._control_id)
         control.connect(self._front_endpoint)
         control.send(b"stop")
         control.close()
-        for thread in self._threads:
-            thread.join()
-        self._threads = []
+        self._threads["front"].join()
+        self._threads["poller"].join()
+        self._threads = {}
         try:
             self.db.unsubscribe(self._on_commit)
         except ValueError:
@@ -350,7 +363,7 @@ class BrokerServer:
     def _spawn(self, name, target, *args):
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         thread.start()
-        self._threads.append(thread)
+        return thread
 
     # -- the front thread ---------------------------------------------------------------
 

@@ -20,6 +20,9 @@ import threading
 
 SEAL_CONTEXT = b"dobbin-broker-seal-v1"
 _NONCE = struct.Struct(">QQ")
+# What an entry costs beyond its record's bytes (its dict slot, tuple, int
+# and bytes headers), so that many small records stay within max_bytes.
+ENTRY_OVERHEAD = 200
 
 
 class Record:
@@ -55,7 +58,8 @@ class StateCache:
     record.  `changed` is called for every committed transaction, in tid
     order (the server's db.subscribe callback): it drops the entries of the
     oids the transaction changed before moving `top`, so an entry present
-    is right for every snapshot in [serial, top].  Bounded by `max_bytes`;
+    is right for every snapshot in [serial, top].  Bounded by `max_bytes`
+    (records and their bookkeeping);
     the oldest entries go first.  Thread-safe.
     """
 
@@ -100,7 +104,7 @@ class StateCache:
     def _put(self, oid, serial, record):
         self._drop(oid)
         self._entries[oid] = (serial, record)
-        self._bytes += len(record)
+        self._bytes += len(record) + ENTRY_OVERHEAD
         if self._bytes > self.max_bytes:
             for old in list(self._entries)[:max(1, len(self._entries) // 4)]:
                 self._drop(old)
@@ -108,4 +112,4 @@ class StateCache:
     def _drop(self, oid):
         entry = self._entries.pop(oid, None)
         if entry is not None:
-            self._bytes -= len(entry[1])
+            self._bytes -= len(entry[1]) + ENTRY_OVERHEAD

@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 
 import msgpack
 import pytest
@@ -332,6 +333,33 @@ def test_stop_leaves_no_threads_and_is_idempotent(tmp_path):
     db.close()
 
 
+def test_stop_waits_for_a_request_still_running_and_returns(tmp_path):
+    from broker.server import BrokerServer
+    started, finish = threading.Event(), threading.Event()
+
+    class SlowServer(BrokerServer):
+        def do_slow(self):
+            started.set()
+            finish.wait(10)
+            return "done"
+
+    before = set(threading.enumerate())
+    db = make_database(str(tmp_path / "d.dobbin"))
+    server = SlowServer(db, address="tcp://127.0.0.1:*").start()
+    with BrokerClient(server.address, timeout=0.2, retries=0) as client:
+        with pytest.raises(exc.BrokerTimeout):
+            client.call("slow")
+    assert started.wait(10)
+    stopper = threading.Thread(target=server.stop, daemon=True)
+    stopper.start()
+    time.sleep(0.2)
+    finish.set()  # the worker replies after the stop began, to a client gone
+    stopper.join(10)
+    assert not stopper.is_alive(), "stop() hung on the worker's reply"
+    assert set(threading.enumerate()) <= before
+    db.close()
+
+
 def test_bind_failure_leaves_nothing_running(tmp_path):
     db = make_database(str(tmp_path / "d.dobbin"))
     before = set(threading.enumerate())
@@ -374,6 +402,18 @@ def test_history():
     assert history.floor == 12
     assert history.changes(11, 16) is None
     assert history.changes(12, 16) == [1, 2, 3, 4]
+
+
+def test_history_holds_a_bounded_number_of_oids():
+    history = InvalidationHistory(0, size=100, max_oids=10)
+    history.add(1, frozenset(range(4)))
+    history.add(2, frozenset(range(4, 8)))
+    history.add(3, frozenset(range(8, 12)))  # 12 oids: the first transaction goes
+    assert history.floor == 1 and history.changes(1, 3) == list(range(4, 12))
+    assert history.changes(0, 3) is None  # a client that far behind flushes
+    history.add(4, frozenset(range(100, 120)))  # alone over the bound: nothing is kept
+    assert history.floor == history.top == 4 and history.changes(3, 4) is None
+    assert history.changes(4, 4) == []
 
 
 def test_curve_server_answers_worker_requests(tmp_path):

@@ -3,7 +3,7 @@
 import os
 
 from broker.keys import KeyRing
-from broker.states import StateCache, seal, unseal
+from broker.states import ENTRY_OVERHEAD, StateCache, seal, unseal
 
 RING = KeyRing(b"s" * 32)
 
@@ -48,6 +48,13 @@ def test_cache_refuses_a_put_after_top_moved():
     cache.changed(11, {1})             # a commit learned while the record was made
     cache.put(1, 7, b"r7", as_of=top)
     assert cache.get(1, 10) is None and len(cache) == 0
+
+
+def test_tiny_records_count_their_bookkeeping_too():
+    cache = StateCache(top=1, max_bytes=100 * ENTRY_OVERHEAD)
+    for oid in range(1000):
+        cache.put(oid, 1, b"r", as_of=1)
+    assert len(cache) <= 100 and cache._bytes <= cache.max_bytes
 
 
 def test_cache_is_bounded_dropping_the_oldest():
