@@ -38,6 +38,11 @@ from broker.transport import Connection
 
 PAGE = 1000
 MAPPING_METHODS = frozenset({"keys", "values", "items", "get"})
+# Bounds of what is kept across transactions: search results (the oldest
+# go first), and the items looked up one by one in each mapping (misses
+# included: dropped all at once when full).
+SEARCH_CACHE = 256
+ITEM_CACHE = 1024
 
 
 @implementer(IBrokerClient)
@@ -439,6 +444,8 @@ class BrokerClient:
         result = self._call("item", key=proxy._key, tx=self._tid, item=item)
         self._watch_deps(proxy, result["deps"])
         value = result["value"][0] if result["value"] else ABSENT
+        if len(proxy._items) >= ITEM_CACHE:
+            proxy._items.clear()
         proxy._items[item] = value
         return value
 
@@ -552,6 +559,8 @@ class BrokerClient:
             if hit is None:
                 result = self._call("search", target=wire_target, tx=self._tid, mode=mode,
                                     query=query, limit=limit)
+                if len(self._searches) >= SEARCH_CACHE:
+                    del self._searches[next(iter(self._searches))]
                 hit = self._searches[entry] = (result["result"], result["deps"])
             result = hit[0]
             return list(result) if isinstance(result, list) else result

@@ -13,6 +13,7 @@ Not thread-safe on its own: BrokerClient serializes every call.
 
 import itertools
 import time
+import weakref
 
 import zmq
 
@@ -57,6 +58,12 @@ class Connection:
         self.reconnects = 0
         self._broadcast_codec = Codec()
         self._context = zmq.Context()
+        # Open sockets, closed with the context by close() or, for a
+        # connection dropped unclosed, when it is collected: left to the
+        # cyclic collector, pyzmq would end the context with the sockets
+        # still open, and wait for them for ever.
+        self._sockets = []
+        self._shutdown = weakref.finalize(self, _shutdown, self._context, self._sockets)
         self._ids = itertools.count(1)
         self._dealer = None
         self._sub = None
@@ -71,26 +78,28 @@ class Connection:
             sock.curve_publickey = public
             sock.curve_secretkey = secret
 
+    def _socket(self, kind, replacing=None):
+        if replacing is not None:
+            self._sockets.remove(replacing)
+            replacing.close(0)
+        sock = self._context.socket(kind)
+        self._sockets.append(sock)
+        sock.setsockopt(zmq.LINGER, 0)
+        self._secure(sock)
+        return sock
+
     def _connect(self):
-        if self._dealer is not None:
-            self._dealer.close(0)
-        self._dealer = self._context.socket(zmq.DEALER)
-        self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer = self._socket(zmq.DEALER, replacing=self._dealer)
         # A blocking receive with a timeout costs one wake-up less than poll + recv.
         self._wait_ms = max(1, int(self.timeout * 1000))
         self._dealer.setsockopt(zmq.RCVTIMEO, self._wait_ms)
-        self._secure(self._dealer)
         self._dealer.connect(self.address)
 
     def subscribe(self, endpoint):
         """Listen to the broadcasts at `endpoint` (reconnects if it changed)."""
         if endpoint == self._sub_endpoint:
             return
-        if self._sub is not None:
-            self._sub.close(0)
-        self._sub = self._context.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._secure(self._sub)
+        self._sub = self._socket(zmq.SUB, replacing=self._sub)
         self._sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC)
         self._connect_and_wait(self._sub, endpoint)
         self._sub_endpoint = endpoint
@@ -190,10 +199,12 @@ class Connection:
         return received
 
     def close(self):
-        if self._closed:
-            return
         self._closed = True
-        for sock in (self._dealer, self._sub):
-            if sock is not None:
-                sock.close(0)
-        self._context.term()
+        self._shutdown()  # once only
+
+
+def _shutdown(context, sockets):
+    for sock in sockets:
+        sock.close(0)
+    sockets.clear()
+    context.term()

@@ -210,6 +210,26 @@ def test_search_get_find_count_and_invalidation(broker):
         two.count("broker_fixtures.Unknown")
 
 
+def test_what_is_kept_across_transactions_is_bounded(broker, monkeypatch):
+    import broker.client as client_module
+    monkeypatch.setattr(client_module, "SEARCH_CACHE", 4)
+    monkeypatch.setattr(client_module, "ITEM_CACHE", 8)
+    _db, server, connect = broker
+    client = connect()
+    things, tree = client.root.things, client.root.tree
+    for n in range(50):
+        assert client.count(things, name="n%d" % n) == 0
+        assert "missing-%d" % n not in things and tree.get("missing-%d" % n) is None
+        client.begin()
+    assert len(client._searches) == 4
+    assert 0 < len(things._items) <= 8 and 0 < len(tree._items) <= 8
+    asked = server.requests["search"]
+    assert client.count(things, name="n49") == 0  # the newest are still there
+    assert server.requests["search"] == asked
+    assert client.count(things, name="n0") == 0  # the oldest went
+    assert server.requests["search"] == asked + 1 and len(client._searches) == 4
+
+
 def test_streams_are_read_in_chunks(broker):
     db, _server, connect = broker
     data = bytes(range(256)) * (3 * STREAM_CHUNK // 256 + 17)

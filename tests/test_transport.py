@@ -9,6 +9,7 @@ from broker import protocol
 from broker.codec import Codec
 from broker.exc import BrokerTimeout, ClientClosed, ProtocolError
 from broker.transport import Connection
+from broker_fixtures import run_python
 
 codec = Codec()
 
@@ -109,3 +110,34 @@ def test_timeout_after_every_retry(flaky):
     with pytest.raises(ClientClosed):
         connection.request("ping", {})
     connection.close()  # idempotent
+
+
+DROPPED_UNCLOSED = """
+import gc
+from broker.codec import Codec
+from broker.transport import Connection
+from broker_fixtures import run_python
+gc.disable()
+for _ in range(3):
+    connection = Connection("%s", Codec())
+    connection.cycle = connection  # only the cyclic collector can free it
+    del connection
+gc.collect()
+print("collected")
+"""
+
+
+def test_a_connection_dropped_unclosed_is_collected_without_hanging(flaky):
+    server = flaky()
+    # Left to the collector alone, pyzmq ended the context with its
+    # sockets still open and waited for them for ever.
+    done = run_python(DROPPED_UNCLOSED % server.address, timeout=20)
+    assert done.returncode == 0 and done.stdout.strip() == "collected", done.stderr
+
+
+def test_close_twice_is_harmless():
+    connection = Connection("tcp://127.0.0.1:9", codec, timeout=0.1, retries=0)
+    connection.close()
+    connection.close()
+    with pytest.raises(ClientClosed):
+        connection.request("ping", {})
