@@ -42,6 +42,7 @@ EXT_TUPLE, EXT_SET, EXT_FROZENSET, EXT_DICT, EXT_DEF, EXT_REF, EXT_KEY, EXT_ABSE
 MAX_MESSAGE = 16 * 1024 * 1024
 MAX_DEPTH = 64
 MAX_ITEMS = 1000000
+_KEEP_PACKER = 1024 * 1024
 _INT_MIN, _INT_MAX = -2 ** 63, 2 ** 64 - 1
 _NUM = struct.Struct(">I")
 _PLAIN = (str, bytes, bool, float, type(None))
@@ -426,12 +427,16 @@ _local = threading.local()
 
 
 def _pack(value):
-    # A Packer per thread: reusing one costs a third of msgpack.packb.
+    # A Packer per thread: reusing one costs a third of msgpack.packb.  It
+    # keeps the largest buffer it ever grew, so not after a large message.
     try:
         packer = _local.packer
     except AttributeError:
         packer = _local.packer = msgpack.Packer(use_bin_type=True)
-    return packer.pack(value)
+    data = packer.pack(value)
+    if len(data) > _KEEP_PACKER:
+        del _local.packer
+    return data
 
 
 def _flat_map(value):

@@ -246,3 +246,12 @@ def test_encoding_a_key_the_checker_refuses_is_not_an_error():
     forged = Key("o", 1, b"\x00" * 16)
     assert codec.decode(c.encode([forged])) == [forged]
     assert c._keys == {}
+
+
+def test_a_large_message_leaves_no_large_buffer_behind():
+    from broker import codec as codec_module
+    Codec().encode({"small": 1})
+    assert hasattr(codec_module._local, "packer")  # reused: the common case
+    Codec().encode({"big": bytes(4 * 1024 * 1024)})
+    assert not hasattr(codec_module._local, "packer")  # dropped with its 4 MiB buffer
+    assert Codec().decode(Codec().encode({"small": 1})) == {"small": 1}
