@@ -4,10 +4,14 @@ Built from record headers as the log is read (never by unpickling), and
 saved whole in checkpoint records so that opening needs no replay.
 """
 
+import bisect
+import operator
 import struct
 from array import array
 
 from dobbin.exc import CorruptionError
+
+_tid_of = operator.itemgetter(0)
 
 # Oids are handed out densely, so the index is an array; an oid far past
 # its end (only a hostile file has one) goes to a dict instead of making
@@ -54,8 +58,10 @@ class Index:
 
     def root_oid(self, tid=None):
         """The root's oid as of transaction `tid` (default: now), or None."""
-        roots = [oid for root_tid, oid in self.roots if tid is None or root_tid <= tid]
-        return roots[-1] if roots else None
+        # `roots` is in tid order: a search, not a scan of every election.
+        at = len(self.roots) if tid is None else bisect.bisect_right(self.roots, tid,
+                                                                   key=_tid_of)
+        return self.roots[at - 1][1] if at else None
 
     def size(self, oid_high):
         """Roughly the bytes of a checkpoint of this index."""

@@ -23,6 +23,8 @@ def test_offsets_count_and_roots():
     assert (index.offset_of(3), index.offset_of(7), index.offset_of(4)) == (200, 300, 0)
     assert index.count == 2 and list(index.oids()) == [3, 7]
     assert (index.root_oid(), index.root_oid(4), index.root_oid(0)) == (7, 3, None)
+    assert (index.root_oid(1), index.root_oid(5), index.root_oid(99)) == (3, 7, 7)
+    assert Index().root_oid() is None and Index().root_oid(3) is None
 
 
 def test_a_far_oid_does_not_allocate_a_huge_array():
