@@ -31,6 +31,7 @@ from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete, find_wi
                            newest_checkpoint, object_entry_in, read_record, stream_entry_at,
                            zeros_from)
 from dobbin.record import crc as _crc
+from dobbin.writeback import EVERY, EarlySync
 
 __all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE", "FAILED",
            "FILE_HEADER", "FILE_HEADER_SIZE", "FILE_MAGIC", "FORMAT_VERSION", "KEPT_KINDS",
@@ -233,25 +234,29 @@ class Log:
         `record_offset` (its S entry at `entry_offset`, the `count`-th
         stream), behind a synced staging header; return a `StagedStream`.
 
-        The caller holds the write lock and prepares a commit (see "Stored
-        files: staged first" in docs/format.txt).  `source` has a length
-        and yields its bytes in `blocks()` of whole chunks.  A failing
-        source is cut back and re-raised; a failing write, as in `append`.
-        """
+        Write lock held, commit being prepared ("Stored files: staged first"
+        in docs/format.txt).  `source` has a length and `blocks()` of whole
+        chunks.  A failing source is cut back and re-raised; a failing
+        write, as in `append`."""
         self._check_writable()
         staged_end = entry_offset + stream_entry_size(len(source))
         header = record_header(COMMITTED, 0, staged_end + TRAILER_SIZE - record_offset,
                                self.last_tid + 1, oid_high, time.time_ns(), self.checkpoint,
                                count)
         tables = []
+        early = EarlySync(self._sync, EVERY if self.durability == "fsync" else None)
         try:
             self._write(header, record_offset)
             self._sync()  # no staged byte may reach the disk without it
             at = entry_offset + ENTRY_SIZE
-            for block in source.blocks():  # whole chunks: each block's crcs are its own
-                tables.append(chunk_table(block))
-                self._write(block, at)
-                at += len(block)
+            try:
+                for block in source.blocks():  # whole chunks: each block's crcs are its own
+                    tables.append(chunk_table(block))
+                    self._write(block, at)
+                    at += len(block)
+                    early.wrote(len(block))
+            finally:
+                early.finish()  # no sync of ours may outlive the copy
         except OSError as error:
             self._fail(error, record_offset)
         except BaseException:
@@ -260,10 +265,9 @@ class Log:
         return StagedStream(len(source), b"".join(tables))
 
     def unstage(self, record_offset):
-        """Cut back what `stage_stream` wrote for a commit that will not be
-        written (write lock held), synced: the next record goes where the
-        staged bytes were.  A failed cut leaves bytes after the records: the
-        log then refuses writes, and the next opener cuts them."""
+        """Cut back, synced, what `stage_stream` wrote for a commit that will
+        not be written (write lock held).  A failed cut leaves bytes after
+        the records: the log refuses writes, and the next opener cuts them."""
         try:
             self._truncate(record_offset)
             self._sync()
