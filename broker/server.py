@@ -299,6 +299,7 @@ class BrokerServer:
             self.db.subscribe(self._on_commit)
         self._running = True
         self._stopping = threading.Event()
+        self._work = queue.Queue()  # nothing queued before a stop runs after it
         self._threads = {"front": self._spawn("broker-front", self._front, router),
                          "workers": [self._spawn("broker-worker-%d" % n, self._worker,
                                                  self._worker_ids[n])
@@ -401,7 +402,10 @@ class BrokerServer:
         self.requests[op] += 1
         if op in protocol.INLINE:
             return self._answer(routing, rid, op, fields)
-        self._work.put((routing, rid, op, fields))
+        if not self._stopping.is_set():
+            # Stopping: no worker would take it.  Unanswered, the client
+            # retries it, on this address's next server if there is one.
+            self._work.put((routing, rid, op, fields))
         return None
 
     def _request_id_of(self, data):

@@ -360,6 +360,42 @@ def test_stop_waits_for_a_request_still_running_and_returns(tmp_path):
     db.close()
 
 
+def test_a_request_that_comes_while_stopping_never_runs_later(tmp_path):
+    from broker.server import BrokerServer
+    started, finish, ran = threading.Event(), threading.Event(), []
+
+    class SlowServer(BrokerServer):
+        def do_slow(self):
+            started.set()
+            finish.wait(10)
+
+        def do_effect(self, tag):
+            ran.append(tag)
+
+    db = make_database(str(tmp_path / "d.dobbin"))
+    server = SlowServer(db, address="tcp://127.0.0.1:*", workers=1).start()
+    busy = BrokerClient(server.address, timeout=0.2, retries=0)
+    late = BrokerClient(server.address, timeout=0.2, retries=0)
+    threading.Thread(target=lambda: pytest.raises(exc.BrokerTimeout, busy.call, "slow"),
+                     daemon=True).start()
+    assert started.wait(10)
+    stopper = threading.Thread(target=server.stop, daemon=True)
+    stopper.start()
+    time.sleep(0.1)  # stop() waits for the busy worker; the front thread still reads
+    with pytest.raises(exc.BrokerTimeout):
+        late.call("effect", "sent while stopping")
+    finish.set()
+    stopper.join(10)
+    server.start()  # the same object, serving again
+    with BrokerClient(server.address, timeout=TIMEOUT) as client:
+        client.call("effect", "after the restart")
+    server.stop()
+    busy.close()
+    late.close()
+    db.close()
+    assert ran == ["after the restart"]
+
+
 def test_bind_failure_leaves_nothing_running(tmp_path):
     db = make_database(str(tmp_path / "d.dobbin"))
     before = set(threading.enumerate())
