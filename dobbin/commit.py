@@ -8,6 +8,7 @@ published (`_p_commit_finish`) or given up (`_p_commit_abort`).
 import gc
 import threading
 
+from dobbin import staging
 from dobbin.record import TX_HEADER_SIZE, StreamEntry, stream_entry_size
 from dobbin.stream import FileSpan
 
@@ -73,11 +74,11 @@ class Commit:
         return the offset of its S entry.  `owner` is the PersistentFile
         that becomes its stream at publication, or None.  A `FileSpan` is
         copied to its place in `log` now, not held in memory (see
-        `Log.stage_stream`)."""
+        `dobbin.staging`)."""
         if isinstance(data, FileSpan):
             self.staged = True
-            data = log.stage_stream(self.offset, self.streams_end, data, self.oid_high,
-                                    len(self.streams) + 1)
+            data = staging.stage(log, self.offset, self.streams_end, data, self.oid_high,
+                                 len(self.streams) + 1)
         offset = self.streams_end
         self.streams_end += stream_entry_size(len(data))
         self.streams.append(StreamEntry(data))
@@ -89,7 +90,7 @@ class Commit:
         """Cut back what `add_stream` staged, unless the record was published."""
         if self.staged and not self.published:
             self.staged = False
-            log.unstage(self.offset)
+            staging.unstage(log, self.offset)
 
     def pause_collector(self):
         """Hold off the cyclic GC until `resume_collector` (a big commit's

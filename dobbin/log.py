@@ -24,14 +24,12 @@ from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            KIND_INDEX, KIND_NOTE, KIND_OBJECT, KIND_ROOT, KIND_STREAM, KINDS,
                            MAX_LAG, STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER,
                            TX_HEADER_SIZE, TX_MAGIC, Entry, IndexEntry, NoteEntry, ObjectEntry,
-                           Record, RootEntry, StagedStream, StreamEntry, build_record,
-                           chunk_table, header_last, parse_header, record_header,
-                           stream_entry_size, stream_size)
-from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete, find_witness,
-                           newest_checkpoint, object_entry_in, read_record, stream_entry_at,
-                           zeros_from)
+                           Record, RootEntry, StreamEntry, build_record,
+                           header_last, parse_header, stream_size)
+from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete,
+                           checkpoint_without_header, find_witness, newest_checkpoint,
+                           object_entry_in, read_record, stream_entry_at, zeros_from)
 from dobbin.record import crc as _crc
-from dobbin.writeback import EVERY, EarlySync
 
 __all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE", "FAILED",
            "FILE_HEADER", "FILE_HEADER_SIZE", "FILE_MAGIC", "FORMAT_VERSION", "KEPT_KINDS",
@@ -178,6 +176,25 @@ class Log:
         if self.durability == "fsync":
             _fdatasync(self.fd)
 
+    def _exclusive_sync(self):
+        """`_sync`, never beside another sync of this descriptor (flush's
+        included).  The kernel reports a writeback error to one sync of a
+        descriptor only: a failure marks the log broken before any other
+        sync can start, and succeed, and be believed."""
+        with self._sync_done:
+            while self._syncing:
+                self._sync_done.wait()
+            self._syncing = True
+        try:
+            self._sync()
+        except OSError as error:
+            self.broken = error
+            raise
+        finally:
+            with self._sync_done:
+                self._syncing = False
+                self._sync_done.notify_all()
+
     def _truncate(self, size):
         os.ftruncate(self.fd, size)
         self._reserved = min(self._reserved, size)
@@ -214,12 +231,18 @@ class Log:
         lag = 0 if self.durability != "fsync" else min(self.last_tid - self.synced_tid, MAX_LAG)
         segments, length, read_entries = build_record(status, tid, oid_high, offset,
                                                        self.checkpoint, lag, entries, stamp)
+        header = None
         if status == CHECKPOINT:
-            segments = header_last(segments)
+            segments, header = header_last(segments)
         self._reserve(offset, length)
         try:
             for at, buffers in segments:
                 self._write(buffers, at)
+            if header is not None:
+                # The body durable first: no power cut leaves a sound
+                # header over a lost body, which recovery must step over.
+                self._exclusive_sync()
+                self._write(header, offset)
         except OSError as error:
             self._fail(error, offset)
         record = Record(tid, status, offset, length, oid_high, stamp, self.checkpoint, lag,
@@ -228,51 +251,6 @@ class Log:
         if wait:
             self.flush(self.end)
         return record
-
-    def stage_stream(self, record_offset, entry_offset, source, oid_high, count):
-        """Copy a stored file's bytes to their place in the record coming at
-        `record_offset` (its S entry at `entry_offset`, the `count`-th
-        stream), behind a synced staging header; return a `StagedStream`.
-
-        Write lock held, commit being prepared ("Stored files: staged first"
-        in docs/format.txt).  `source` has a length and `blocks()` of whole
-        chunks.  A failing source is cut back and re-raised; a failing
-        write, as in `append`."""
-        self._check_writable()
-        staged_end = entry_offset + stream_entry_size(len(source))
-        header = record_header(COMMITTED, 0, staged_end + TRAILER_SIZE - record_offset,
-                               self.last_tid + 1, oid_high, time.time_ns(), self.checkpoint,
-                               count)
-        tables = []
-        early = EarlySync(self._sync, EVERY if self.durability == "fsync" else None)
-        try:
-            self._write(header, record_offset)
-            self._sync()  # no staged byte may reach the disk without it
-            at = entry_offset + ENTRY_SIZE
-            try:
-                for block in source.blocks():  # whole chunks: each block's crcs are its own
-                    tables.append(chunk_table(block))
-                    self._write(block, at)
-                    at += len(block)
-                    early.wrote(len(block))
-            finally:
-                early.finish()  # no sync of ours may outlive the copy
-        except OSError as error:
-            self._fail(error, record_offset)
-        except BaseException:
-            self.unstage(record_offset)
-            raise
-        return StagedStream(len(source), b"".join(tables))
-
-    def unstage(self, record_offset):
-        """Cut back, synced, what `stage_stream` wrote for a commit that will
-        not be written (write lock held).  A failed cut leaves bytes after
-        the records: the log refuses writes, and the next opener cuts them."""
-        try:
-            self._truncate(record_offset)
-            self._sync()
-        except OSError as error:
-            self.broken = error
 
     def _reserve(self, offset, length):
         """Allocate space ahead of a small record, so that its fsync need not
@@ -354,7 +332,7 @@ class Log:
         # record back and refuse writes until the database is reopened.
         try:
             self._truncate(offset)
-            self._sync()
+            self._exclusive_sync()
         except OSError:
             pass  # the tail is torn at worst; recovery on open cuts it
         self.broken = error
@@ -496,7 +474,7 @@ class Log:
         saved = self._save_tail(label)
         try:
             self._truncate(self.end)
-            self._sync()
+            self._exclusive_sync()
         except OSError as error:
             self.broken = error
             raise StorageError("cutting the torn tail of %s failed (%s); the database refuses "
@@ -543,6 +521,8 @@ class Log:
         except Incomplete:
             return INCOMPLETE
         except Damaged as damage:
+            if checkpoint_without_header(self.fd, self.end):
+                return INCOMPLETE
             return "%s (at offset %d)" % (damage.reason, damage.offset)
         return None
 

@@ -18,7 +18,8 @@ import struct
 from dobbin.exc import CorruptionError
 
 from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
-                           KEPT_KINDS, KINDS, KIND_OBJECT, KIND_STREAM, STREAM_CHUNK, TRAILER,
+                           KEPT_KINDS, KINDS, KIND_INDEX, KIND_OBJECT, KIND_STREAM, STREAM_CHUNK,
+                           TRAILER,
                            TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER, TX_HEADER_SIZE, TX_MAGIC, Entry,
                            Record, parse_header, stream_size)
 from dobbin.record import crc as _crc
@@ -173,6 +174,17 @@ def find_last_header(fd, file_size):
             index = chunk.rfind(TX_MAGIC, 0, index)
         position = start + 3 if start > FILE_HEADER_SIZE else FILE_HEADER_SIZE
     return None
+
+
+def checkpoint_without_header(fd, offset):
+    """Is a checkpoint being written at `offset`: no header yet (zeros),
+    its I entry after it, whose index starts with `offset`, as every one
+    does?  (Checkpoints are written header last, see docs/format.txt.)"""
+    block = os.pread(fd, TX_HEADER_SIZE + ENTRY_SIZE + 8, offset)
+    return (len(block) == TX_HEADER_SIZE + ENTRY_SIZE + 8
+            and block[:TX_HEADER_SIZE] == ZERO_HEADER
+            and block[TX_HEADER_SIZE:TX_HEADER_SIZE + 1] == KIND_INDEX
+            and int.from_bytes(block[-8:], "little") == offset)
 
 
 def _sound_header(fd, offset):

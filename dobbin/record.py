@@ -203,19 +203,19 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
 
 
 def header_last(segments):
-    """The writes of `build_record`, the record header moved to the end.
+    """Split the writes of `build_record` into (the rest, the record header).
 
-    For checkpoints: one is large, so a writer killed while writing it
-    can leave it half written, and reserved zeros after it.  Without its
-    header that is an ordinary torn tail, which the next writer cuts; with
-    a sound header it could only be stepped over (a damaged checkpoint may
-    be one that a live reader has read past), and verify() would report it
-    for ever.
+    For checkpoints, which are written header last: one is large, so a
+    writer killed while writing it can leave it half written, and reserved
+    zeros after it.  Without its header that is an ordinary torn tail,
+    which the next writer cuts; with a sound header it could only be
+    stepped over (a damaged checkpoint may be one that a live reader has
+    read past), and verify() would report it for ever.
     """
     (offset, buffers), later = segments[0], segments[1:]
     first = memoryview(buffers[0])
     body = [first[TX_HEADER_SIZE:]] + buffers[1:]
-    return [(offset + TX_HEADER_SIZE, body)] + later + [(offset, [first[:TX_HEADER_SIZE]])]
+    return [(offset + TX_HEADER_SIZE, body)] + later, first[:TX_HEADER_SIZE]
 
 
 def _coalesce(parts):

@@ -17,9 +17,9 @@ import pytest
 
 from conftest import flip_bit
 from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
-from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE, RESERVE,
-                        STREAM_CHUNK, TRAILER_SIZE, TX_HEADER_SIZE, IndexEntry, Log, NoteEntry,
-                        ObjectEntry, RootEntry, StreamEntry)
+from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE, INCOMPLETE,
+                        RESERVE, STREAM_CHUNK, TRAILER_SIZE, TX_HEADER_SIZE, IndexEntry, Log,
+                        NoteEntry, ObjectEntry, RootEntry, StreamEntry)
 from dobbin.reader import records_end
 
 # Field offsets, from docs/format.txt.
@@ -1071,11 +1071,57 @@ def test_a_writer_killed_inside_a_checkpoint_leaves_a_torn_tail_not_damage(path,
     monkeypatch.undo()
     writer.close()  # its descriptor goes, as at the process's death
     assert os.path.getsize(path) > end + 100_000, "the checkpoint went into reserved space"
+    reader = Log(path, read_only=True)
+    assert [r.tid for r in reader.follow()] == [r.tid for r in records]
+    assert reader.diagnose() == INCOMPLETE, "a checkpoint in the writing, not damage"
+    reader.close()
     opener = Log(path)
     assert [r.tid for r in opener.recover()] == [r.tid for r in records]
     assert opener.skipped == [], "no half-written checkpoint may stay in the file"
     assert opener.dropped["offset"] == end and "torn" in opener.dropped["saved_as"]
     opener.close()
+
+
+def test_a_checkpoint_body_is_durable_before_its_header_is_written(path, monkeypatch):
+    log = Log(path)
+    small_commits(log, 2)
+    events = []
+    real_write, real_sync = Log._write, Log._sync
+
+    def write(self, buffers, offset):
+        events.append(("write", offset))
+        real_write(self, buffers, offset)
+
+    def sync(self):
+        events.append(("sync",))
+        real_sync(self)
+
+    monkeypatch.setattr(Log, "_write", write)
+    monkeypatch.setattr(Log, "_sync", sync)
+    start = log.end
+    log.append(CHECKPOINT, 2, [IndexEntry(b"\1" * 64)], wait=False)
+    assert events[0] == ("write", start + TX_HEADER_SIZE)
+    assert events[-2:] == [("sync",), ("write", start)]
+    log.close()
+
+
+def test_a_failed_sync_is_believed_over_a_later_successful_one(path, monkeypatch):
+    log = Log(path)
+    small_commits(log, 1)
+    record = log.append(COMMITTED, 2, [object_entry(2)], wait=False)
+
+    def failing(self):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Log, "_sync", failing)
+    with pytest.raises(OSError):
+        log._exclusive_sync()  # say, a staging header's, which took the error
+    monkeypatch.undo()
+    # The kernel would report that error to one sync only: this commit's
+    # own flush must not take its clean return for durability.
+    with pytest.raises(StorageError, match="refuses writes"):
+        log.flush(record.offset + record.length)
+    log.close()
 
 
 def test_a_full_disk_skips_reserving_once_and_tries_again_later(path, monkeypatch):

@@ -13,9 +13,10 @@ import threading
 import pytest
 import transaction
 
+from dobbin import staging
 from dobbin.database import Database
 from dobbin.exc import ObjectGraphError, StreamError
-from dobbin.log import STREAM_CHUNK, Log
+from dobbin.log import STREAM_CHUNK
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
 from dobbin.stream import BLOCK, STAGE_MIN, FileSpan, PersistentStream
 
@@ -394,13 +395,13 @@ def test_a_writer_killed_while_staging_a_stored_dobbin_file_leaves_a_torn_tail(
 
 def test_only_files_of_a_block_or_more_are_staged(open_db, monkeypatch):
     staged = []
-    real = Log.stage_stream
+    real = staging.stage
 
-    def counting(self, *args):
+    def counting(log, *args):
         staged.append(len(args[2]))
-        return real(self, *args)
+        return real(log, *args)
 
-    monkeypatch.setattr(Log, "stage_stream", counting)
+    monkeypatch.setattr(staging, "stage", counting)
     db = open_db()
     root = commit_file(db, PersistentFile(io.BytesIO(pattern(STAGE_MIN - 1))), "small")
     checkout(root)

@@ -1,0 +1,130 @@
+"""Stored files staged into the log ahead of their record.
+
+A large stored file is not held in memory: while its commit is prepared
+(write lock held), `stage` copies it block by block to its place in the
+coming record, behind a synced staging header, and computes its chunk
+crcs on the way ("Stored files: staged first" in docs/format.txt).
+`unstage` cuts the bytes back for a commit that will not be written.
+
+Synced only with its record, a large copy would keep the disk idle until
+the copy is done.  `EarlySync` fdatasyncs what has been written so far,
+in a thread, whenever another `every` bytes are written and no earlier
+one is still running, so the disk writes while we copy.  It syncs its
+own descriptor of the file: the kernel reports a writeback error to one
+sync of a descriptor only, and the log's own syncs must see every error
+that concerns their records.  An early sync makes nothing durable that
+should not be: the staged bytes mean nothing until their record's
+trailer is written and synced.
+"""
+
+import os
+import threading
+import time
+
+from dobbin.record import (COMMITTED, ENTRY_SIZE, TRAILER_SIZE, StagedStream, chunk_table,
+                           record_header, stream_entry_size)
+
+# Early syncs start after this many bytes written since the last one.
+EVERY = 8 * 1024 * 1024
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+def stage(log, record_offset, entry_offset, source, oid_high, count):
+    """Copy a stored file's bytes to their place in the record coming at
+    `record_offset` of `log` (its S entry at `entry_offset`, the
+    `count`-th stream), behind a synced staging header; return a
+    `StagedStream`.
+
+    `source` has a length and `blocks()` of whole chunks.  A failing
+    source is cut back and re-raised; a failing write or sync marks the
+    log broken, as in `Log.append`.
+    """
+    log._check_writable()
+    staged_end = entry_offset + stream_entry_size(len(source))
+    header = record_header(COMMITTED, 0, staged_end + TRAILER_SIZE - record_offset,
+                           log.last_tid + 1, oid_high, time.time_ns(), log.checkpoint, count)
+    tables = []
+    early = EarlySync(log.path, EVERY if log.durability == "fsync" else None)
+    try:
+        log._write(header, record_offset)
+        log._exclusive_sync()  # no staged byte may reach the disk without it
+        at = entry_offset + ENTRY_SIZE
+        try:
+            for block in source.blocks():  # whole chunks: each block's crcs are its own
+                tables.append(chunk_table(block))
+                log._write(block, at)
+                at += len(block)
+                early.wrote(len(block))
+        finally:
+            early.finish()  # no sync of ours may outlive the copy
+    except OSError as error:
+        log._fail(error, record_offset)
+    except BaseException:
+        unstage(log, record_offset)
+        raise
+    return StagedStream(len(source), b"".join(tables))
+
+
+def unstage(log, record_offset):
+    """Cut back, synced, what `stage` wrote for a commit that will not be
+    written (write lock held).  A failed cut leaves bytes after the
+    records: the log refuses writes, and the next opener cuts them."""
+    try:
+        log._truncate(record_offset)
+        log._exclusive_sync()
+    except OSError as error:
+        log.broken = error
+
+
+class EarlySync:
+    """Background fdatasyncs of the file at `path` while it is written,
+    none if `every` is None.
+
+    Call `wrote(n)` after each write and `finish()` once the copy is done
+    or abandoned: it waits for the running sync, closes the descriptor,
+    and raises the OSError of a sync that failed.
+    """
+
+    def __init__(self, path, every=EVERY):
+        self.path = path
+        self.every = every
+        self.started = 0
+        self._unsynced = 0
+        self._fd = None
+        self._thread = None
+        self._error = None
+
+    def wrote(self, size):
+        self._unsynced += size
+        if self.every is None or self._unsynced < self.every or (
+                self._thread is not None and self._thread.is_alive()):
+            return
+        self._raise_failure()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._unsynced = 0
+        self.started += 1
+        self._thread = threading.Thread(target=self._run, args=(self._fd,),
+                                        name="dobbin-early-sync", daemon=True)
+        self._thread.start()
+
+    def _run(self, fd):
+        try:
+            _fdatasync(fd)
+        except OSError as error:
+            self._error = error
+
+    def finish(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._raise_failure()
+
+    def _raise_failure(self):
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
