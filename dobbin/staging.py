@@ -102,7 +102,11 @@ class EarlySync:
             return
         self._raise_failure()
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                self.every = None  # only a head start: the record's own sync covers all
+                return
         self._unsynced = 0
         self.started += 1
         self._thread = threading.Thread(target=self._run, args=(self._fd,),

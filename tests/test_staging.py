@@ -65,6 +65,14 @@ def test_a_failed_sync_is_raised_by_finish(tmp_path, monkeypatch):
     early.finish()  # raised once
 
 
+def test_no_descriptor_to_spare_means_no_early_syncs(tmp_path):
+    early = EarlySync(str(tmp_path / "missing"), every=1)  # cannot be opened
+    early.wrote(10)
+    early.wrote(10)
+    early.finish()
+    assert early.started == 0 and early.every is None
+
+
 def test_none_means_never(tmp_path):
     early = EarlySync(str(tmp_path / "never-opened"), every=None)
     early.wrote(1 << 40)
