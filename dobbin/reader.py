@@ -19,9 +19,8 @@ from dobbin.exc import CorruptionError
 
 from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
                            KEPT_KINDS, KINDS, KIND_INDEX, KIND_OBJECT, KIND_STREAM, STREAM_CHUNK,
-                           TRAILER,
-                           TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER, TX_HEADER_SIZE, TX_MAGIC, Entry,
-                           Record, parse_header, stream_size)
+                           TRAILER, TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER, TX_HEADER_SIZE,
+                           TX_MAGIC, Entry, Record, parse_header, stream_size)
 from dobbin.record import crc as _crc
 
 READ_AHEAD = 1 << 20
