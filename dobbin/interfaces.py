@@ -177,10 +177,13 @@ class IDatabase(Interface):
 
         "ok" is false when "errors" lists damage.  Counts of records,
         commits, failed commits, checkpoints, objects and streams come
-        with it.  A file that ends inside a record (a commit still being
-        written, or one a crash tore before it was durable, which the
-        next writer cuts back) is not damage: "incomplete_tail" then
-        gives its offset and the bytes written of it.
+        with it.  What follows the last whole record is looked at again
+        with the write lock held (waited for up to a second), so that a
+        record being written is read once it is done.  A file that ends
+        inside a record (a commit still being written, or one a crash
+        tore before it was durable, which the next writer cuts back) is
+        not damage: "incomplete_tail" then gives its offset and the bytes
+        written of it.
         """
 
     def close():

@@ -8,13 +8,18 @@ whole file back through a fresh reader and checks every checksum and
 the index.
 """
 
-from dobbin.exc import DobbinError, HistoryError
+import os
+
+from dobbin.exc import DobbinError, HistoryError, LockTimeoutError
 from dobbin.log import INCOMPLETE, Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, FILE_HEADER_SIZE, KIND_OBJECT,
                            KIND_ROOT, TX_HEADER_SIZE, ObjectEntry, RootEntry, StreamEntry,
                            stream_entry_size)
 from dobbin.serialize import StateWriter, load_state
 from dobbin.stream import PersistentStream
+
+# How long verify() waits for a writer to finish the record it is writing.
+TAIL_WAIT = 1.0
 
 
 class _Reference:
@@ -103,32 +108,33 @@ def verify(db):
     try:
         report = {"path": db.path, "records": 0, "committed": 0, "failed": 0,
                   "checkpoints": 0, "objects": len(db), "streams": 0, "errors": []}
-        kinds = {COMMITTED: "committed", FAILED: "failed", CHECKPOINT: "checkpoints"}
         latest = {}
-        for record in checker.follow():
-            report["records"] += 1
-            report[kinds[record.status]] += 1
-            for entry in record.entries:
-                if entry.kind == KIND_OBJECT:
-                    latest[entry.oid] = entry.offset
-                elif entry.kind != KIND_ROOT and record.status == COMMITTED:
-                    report["streams"] += 1
+        _read_records(checker, report, latest)
+        # What follows may be a record being written: look again with the
+        # write lock held (no write is under way then), if it comes soon.
+        locked = not checker.at_end() and _lock_out_writers(db)
+        try:
+            if locked:
+                _read_records(checker, report, latest)
+            report["bytes"] = checker.end
+            if not checker.at_end():
+                problem = checker.diagnose()
+                if problem == INCOMPLETE:
+                    # Not damage: a record still being written (staging a
+                    # large file takes a while), or one a crash tore before
+                    # it was durable, which the next writer cuts back.
+                    report["incomplete_tail"] = {"offset": checker.end,
+                                                 "bytes": checker.size() - checker.end}
+                else:
+                    report["errors"].append("unreadable record at offset %d: %s"
+                                            % (checker.end, problem))
+        finally:
+            if locked:
+                db._lock.release()
         for offset, reason in checker.skipped:
             # Redundant, so nothing is lost; but the disk damaged it.
             report["errors"].append("damaged index checkpoint at offset %d (skipped; the "
                                     "log rebuilds it): %s" % (offset, reason))
-        report["bytes"] = checker.end
-        if not checker.at_end():
-            problem = checker.diagnose()
-            if problem == INCOMPLETE:
-                # Not damage: a commit still being written (staging a large
-                # file takes a while), or one a crash tore before it was
-                # durable, which the next writer cuts back.
-                report["incomplete_tail"] = {"offset": checker.end,
-                                             "bytes": checker.size() - checker.end}
-            else:
-                report["errors"].append("unreadable record at offset %d: %s"
-                                        % (checker.end, problem))
         with db._state_lock:
             for oid, offset in latest.items():
                 if offset <= db._log.end and db._index.offset_of(oid) != offset:
@@ -138,3 +144,26 @@ def verify(db):
         checker.close()
     report["ok"] = not report["errors"]
     return report
+
+
+def _read_records(checker, report, latest):
+    kinds = {COMMITTED: "committed", FAILED: "failed", CHECKPOINT: "checkpoints"}
+    for record in checker.follow():
+        report["records"] += 1
+        report[kinds[record.status]] += 1
+        for entry in record.entries:
+            if entry.kind == KIND_OBJECT:
+                latest[entry.oid] = entry.offset
+            elif entry.kind != KIND_ROOT and record.status == COMMITTED:
+                report["streams"] += 1
+
+
+def _lock_out_writers(db):
+    """Take `db`'s write lock, waiting up to TAIL_WAIT seconds; False if not."""
+    if db.closed or db._lock.held or os.getpid() != db._pid:
+        return False
+    try:
+        db._lock.acquire(timeout=TAIL_WAIT)
+    except LockTimeoutError:
+        return False
+    return True

@@ -288,6 +288,40 @@ def test_a_commit_leaves_nothing_of_itself_in_the_reused_writer(open_db):
     assert db._writer.reference_id is None
 
 
+def test_verify_waits_for_a_record_half_written_by_a_live_writer(open_db, monkeypatch):
+    from dobbin.log import Log
+    writer = open_db()
+    root = PersistentDict()
+    writer.elect(root)
+    transaction.commit()
+    half_written, go = threading.Event(), threading.Event()
+    real = Log._write
+
+    def slow_write(log, buffers, offset):
+        data = b"".join(bytes(b) for b in ([buffers] if isinstance(buffers, bytes) else buffers))
+        real(log, data[:len(data) // 2], offset)  # into reserved space: zeros after it
+        half_written.set()
+        go.wait(10)
+        real(log, data[len(data) // 2:], offset + len(data) // 2)
+
+    def commit_one():
+        checkout(root)
+        root["n"] = 1
+        transaction.commit()
+
+    monkeypatch.setattr(Log, "_write", slow_write)
+    thread = threading.Thread(target=commit_one)
+    thread.start()
+    assert half_written.wait(10)
+    monkeypatch.undo()
+    watcher = open_db(writer.path, read_only=True)
+    threading.Timer(0.2, go.set).start()  # the writer finishes while verify waits
+    report = watcher.verify()
+    thread.join(10)
+    assert report["ok"], report["errors"]
+    assert report["committed"] == 2 and "incomplete_tail" not in report
+
+
 def test_commit_failing_on_unpicklable_state_writes_failed_record(open_db):
     db, root = new_container_db(open_db)
     count = db.tx_count

@@ -444,7 +444,8 @@ class HeldFile(io.BytesIO):
         return super().readinto(buffer)
 
 
-def test_verify_while_a_file_is_being_staged_reports_an_incomplete_tail(open_db):
+def test_verify_while_a_file_is_being_staged_reports_an_incomplete_tail(open_db, monkeypatch):
+    monkeypatch.setattr("dobbin.snapshot.TAIL_WAIT", 0.05)  # the writer holds the lock
     db = open_db()
     db.elect(Persistent())
     transaction.commit()
