@@ -512,6 +512,9 @@ class Database:
                                                session.working_state(obj))
         except ConflictError:
             raise error from None
+        except Exception as failure:  # a broken resolver resolves nothing (as in ZODB)
+            logger.exception("_p_resolve_conflict of %s failed", type(obj).__qualname__)
+            raise error from failure
         if not isinstance(resolved, dict):
             raise error
         entry.serial = obj._p_serial

@@ -278,12 +278,14 @@ class ISession(IDataManager, ISavepointDataManager):
     It joins the transaction at the thread's first checkout (or elect).
     In ``tpc_begin`` it locks each database involved, in a fixed order,
     and each catches up; in ``commit`` each checks for conflicts (trying
-    ``_p_resolve_conflict``) and lays out its record; in ``tpc_vote``
+    ``_p_resolve_conflict``, whose exceptions leave the conflict
+    unresolved) and lays out its record; in ``tpc_vote``
     every checked-out object must have been found connected to a graph;
     ``tpc_finish`` writes, syncs and publishes.  A failure writes a
     failed record to each database, which is counted in ``tx_count`` and
     never applied; the checked-out objects then show the latest committed
-    state until the transaction is aborted.
+    state until the transaction is aborted.  Two Database objects open on
+    one file cannot take part in one transaction (`DobbinError`).
     """
 
     checkouts = Attribute("id(obj) -> checkout record, for this thread.")

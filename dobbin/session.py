@@ -8,12 +8,13 @@ the thread.
 """
 
 import copy
+import os
 import threading
 
 import transaction
 from zope.interface import implementer
 
-from dobbin.exc import ObjectGraphError
+from dobbin.exc import DobbinError, ObjectGraphError
 from dobbin.interfaces import ISession
 
 _threads = threading.local()
@@ -159,6 +160,7 @@ class Session:
         databases.update(self.elected)
         databases.discard(None)
         if len(databases) > 1:
+            _check_distinct_files(databases)
             # A fixed order, so two threads locking two databases can't deadlock.
             databases = sorted(databases, key=lambda db: (db.path, id(db)))
         for database in databases:
@@ -186,9 +188,10 @@ class Session:
                 try:
                     database._p_commit_finish(pending)
                 except BaseException:
-                    # The databases after it write nothing now: release their
-                    # locks and take back the oids they handed out.
-                    for later, later_pending in commits[index + 1:]:
+                    # It and the databases after it write nothing now (unless
+                    # it published already): release the locks and take back
+                    # the oids handed out.
+                    for later, later_pending in commits[index:]:
                         later._p_commit_abort(later_pending)
                     raise
         finally:
@@ -234,6 +237,20 @@ class Session:
         self.checkouts = {}
         self.elected = {}
         self._adopted = []
+
+
+def _check_distinct_files(databases):
+    """Two Database objects on one file can't share a transaction: the
+    second would wait for the write lock the first holds."""
+    seen = {}
+    for database in databases:
+        if database.closed:
+            continue  # its own commit begin says so
+        info = os.fstat(database._log.fd)
+        other = seen.setdefault((info.st_dev, info.st_ino), database)
+        if other is not database:
+            raise DobbinError("one transaction changes objects of two Database objects open "
+                              "on the same file, %s: commit to one of them" % database.path)
 
 
 class _Savepoint:

@@ -54,6 +54,11 @@ class UndecidedCounter(Counter):
         return None
 
 
+class BrokenCounter(Counter):
+    def _p_resolve_conflict(self, old, saved, new):
+        return {}["missing"]  # a bug in the resolver
+
+
 @pytest.fixture(autouse=True)
 def _fresh_records(monkeypatch):
     Recorded.handed = []
@@ -541,7 +546,7 @@ def test_resolved_conflict_commits_both_concurrent_increments(open_db, start_thr
     assert open_db().root.value == 2
 
 
-@pytest.mark.parametrize("cls", [RefusingCounter, UndecidedCounter])
+@pytest.mark.parametrize("cls", [RefusingCounter, UndecidedCounter, BrokenCounter])
 def test_resolver_refusing_fails_the_commit_with_conflict_error(open_db, start_thread, cls):
     db = open_db()
     counter = cls()

@@ -8,7 +8,8 @@ import pytest
 import transaction
 
 from conftest import commit_in_thread
-from dobbin.exc import ConflictError, ObjectGraphError, StorageError, WriteConflictError
+from dobbin.exc import (ConflictError, DobbinError, ObjectGraphError, StorageError,
+                        WriteConflictError)
 from dobbin.persistent import Persistent, checked_out, checkout
 
 READ_ONLY = "Can't set attribute in read-only mode."
@@ -310,14 +311,35 @@ def test_a_failed_write_to_one_database_lets_the_others_of_the_transaction_go(
     def no_space(buffers, offset):
         raise OSError(28, "No space left on device")
 
+    failed_child = first.root.child
     monkeypatch.setattr(first._log, "_write", no_space)
     with pytest.raises(StorageError):
         transaction.commit()
     transaction.abort()
     assert new_child._p_oid is None, "the second database took its oid back"
+    assert failed_child._p_oid is None and failed_child._p_jar is None, \
+        "the failing database took its own back too"
     second._lock.acquire(timeout=0)  # not left held
     second._lock.release()
     checkout(second.root)
     second.root.n = 1
     transaction.commit()
     assert second.root.n == 1
+
+
+def test_two_database_objects_on_one_file_in_one_transaction_are_refused(open_db):
+    first = open_db()
+    first.elect(Persistent())
+    transaction.commit()
+    second = open_db(first.path, lock_timeout=2)  # the same file, opened again
+    checkout(first.root)
+    checkout(second.root)
+    first.root.x = second.root.x = 1
+    with pytest.raises(DobbinError, match="same file"):
+        transaction.commit()  # at once: not a wait for a lock this thread holds
+    transaction.abort()
+    checkout(second.root)
+    second.root.x = 2
+    transaction.commit()
+    first.sync()
+    assert first.root.x == 2
