@@ -9,7 +9,8 @@ import gc
 import threading
 
 from dobbin import staging
-from dobbin.record import TX_HEADER_SIZE, StreamEntry, stream_entry_size
+from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, StreamEntry,
+                           stream_entry_size)
 from dobbin.stream import FileSpan
 
 # A commit storing this many objects pauses the cyclic GC until its
@@ -85,6 +86,12 @@ class Commit:
         self.stream_owners.append((owner, offset, len(data)))
         self.stream_offsets[key] = offset
         return offset
+
+    def record_length(self):
+        """The length of the record as laid out so far (as `build_record` makes it)."""
+        return (self.streams_end - self.offset + TRAILER_SIZE
+                + sum(ENTRY_SIZE + len(entry.data) for _, _, entry in self.stored)
+                + (ENTRY_SIZE if self.root_oid is not None else 0))
 
     def unstage(self, log):
         """Cut back what `add_stream` staged, unless the record was published."""

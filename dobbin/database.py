@@ -479,6 +479,12 @@ class Database:
         if root is not None:
             commit.root_oid = root._p_oid
 
+    def _p_commit_vote(self, commit, several):
+        """Claim the record's disk space: with fsync, or when other databases
+        take part (a full disk must not half-apply them)."""
+        if self.durability == "fsync" or several:
+            self._log.claim(commit.offset, commit.record_length())
+
     def _assign_oid(self, obj, commit):
         oid = commit.oid_high
         _set_oid(obj, oid)

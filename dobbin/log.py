@@ -270,6 +270,22 @@ class Log:
             return
         self._reserved = offset + length + RESERVE
 
+    def claim(self, offset, length):
+        """Allocate the disk space of a record before its commit votes yes, so
+        that a full disk fails the vote, not the finish (where the file
+        system can't allocate ahead, nothing is promised)."""
+        if offset + length <= self._reserved or offset + length <= self.size():
+            return
+        ahead = RESERVE if self._reserving and length <= RESERVE else 0  # as _reserve does
+        try:
+            self._allocate(offset, length + ahead)
+        except OSError as error:
+            if error.errno not in _NO_FALLOCATE:
+                raise StorageError("no room for a record of %d bytes in %s: %s"
+                                   % (length, self.path, error)) from error
+            return
+        self._reserved = offset + length + ahead
+
     def trim(self):
         """Give back the space reserved after the records (write lock held).
         Only from a zero header at `end`: no other writer's records follow."""

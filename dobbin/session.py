@@ -14,7 +14,7 @@ import threading
 import transaction
 from zope.interface import implementer
 
-from dobbin.exc import DobbinError, ObjectGraphError
+from dobbin.exc import DobbinError, ObjectGraphError, StorageError
 from dobbin.interfaces import ISession
 
 _threads = threading.local()
@@ -180,6 +180,12 @@ class Session:
                 error = ObjectGraphError("%r not connected to graph." % (entry.obj,))
                 self._record_failure(error)
                 raise error
+        try:
+            for database, pending in self._commits:
+                database._p_commit_vote(pending, len(self._commits) > 1)
+        except StorageError as error:
+            self._record_failure(error)
+            raise
 
     def tpc_finish(self, txn):
         commits, self._commits = self._commits, []

@@ -110,3 +110,28 @@ def test_streams_are_laid_out_first_one_after_another():
     assert commit.stream_offsets == {"a": first, "b": second}
     assert [entry.data for entry in commit.streams] == [b"x" * 10, b""]
     assert commit.stream_owners == [(None, first, 10), ("owner", second, 0)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_claimed_length_is_the_length_of_the_record_written(open_db, monkeypatch, stream):
+    import io
+    from dobbin.log import Log
+    from dobbin.persistent import PersistentFile
+    claimed = []
+    real = Log.claim
+
+    def recording(log, offset, length):
+        claimed.append((offset, length))
+        return real(log, offset, length)
+
+    monkeypatch.setattr(Log, "claim", recording)
+    db = open_db()
+    root = Persistent()
+    checkout(root)
+    root.child = Persistent()  # a new object, stored too
+    if stream:
+        root.file = PersistentFile(io.BytesIO(b"stored bytes" * 1000))
+    db.elect(root)             # a root entry
+    transaction.commit()
+    [(offset, length)] = claimed
+    assert db._log.end == offset + length

@@ -343,3 +343,33 @@ def test_two_database_objects_on_one_file_in_one_transaction_are_refused(open_db
     transaction.commit()
     first.sync()
     assert first.root.x == 2
+
+
+def test_a_full_disk_fails_the_vote_and_half_applies_nothing(tmp_path, open_db):
+    first = open_db(str(tmp_path / "a.dobbin"))
+    second = open_db(str(tmp_path / "b.dobbin"))
+    for db in (first, second):
+        db.elect(Persistent())
+    transaction.commit()
+    counts = [db.tx_count for db in (first, second)]
+    checkout(first.root)
+    checkout(second.root)
+    first.root.balance, second.root.balance = -100, 100  # a transfer: both or neither
+    second.root.receipt = "x" * 400_000  # more than the space reserved already
+
+    def no_space(offset, length):
+        raise OSError(28, "No space left on device")
+
+    second._log._allocate = no_space
+    with pytest.raises(StorageError, match="no room"):
+        transaction.commit()
+    transaction.abort()
+    del second._log._allocate
+    for db, count in zip((first, second), counts):
+        assert not hasattr(db.root, "balance")
+        assert db.tx_count == count + 1  # the failed commit, recorded and counted
+    checkout(first.root)
+    checkout(second.root)
+    first.root.balance, second.root.balance = -100, 100
+    transaction.commit()  # neither log was left refusing writes
+    assert (first.root.balance, second.root.balance) == (-100, 100)
