@@ -280,7 +280,9 @@ class ISession(IDataManager, ISavepointDataManager):
     and each catches up; in ``commit`` each checks for conflicts (trying
     ``_p_resolve_conflict``, whose exceptions leave the conflict
     unresolved) and lays out its record; in ``tpc_vote``
-    every checked-out object must have been found connected to a graph;
+    every checked-out object must have been found connected to a graph,
+    and each database claims its record's disk space (a full disk fails
+    the vote, not the finish);
     ``tpc_finish`` writes, syncs and publishes.  A failure writes a
     failed record to each database, which is counted in ``tx_count`` and
     never applied; the checked-out objects then show the latest committed
