@@ -87,6 +87,17 @@ def start_thread():
         thread.join()
 
 
+def two_databases(open_db, directory):
+    """Databases a.dobbin and b.dobbin in `directory` (finished in that order:
+    a transaction sorts them by path), each with a Persistent root."""
+    from dobbin.persistent import Persistent
+    pair = open_db(str(directory / "a.dobbin")), open_db(str(directory / "b.dobbin"))
+    for db in pair:
+        db.elect(Persistent())
+    transaction.commit()
+    return pair
+
+
 def commit_in_thread(start_thread, obj, **changes):
     """Check out `obj` in another thread, set `changes` and commit there."""
 

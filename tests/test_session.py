@@ -7,7 +7,7 @@ import threading
 import pytest
 import transaction
 
-from conftest import commit_in_thread
+from conftest import commit_in_thread, two_databases
 from dobbin.exc import (ConflictError, DobbinError, ObjectGraphError, StorageError,
                         WriteConflictError)
 from dobbin.persistent import Persistent, checked_out, checkout
@@ -298,11 +298,7 @@ def test_copy_state_copies_values_and_keeps_references_and_sharing():
 
 def test_a_failed_write_to_one_database_lets_the_others_of_the_transaction_go(
         tmp_path, open_db, monkeypatch):
-    first = open_db(str(tmp_path / "a.dobbin"))   # finished first: paths are sorted
-    second = open_db(str(tmp_path / "b.dobbin"))
-    for db in (first, second):
-        db.elect(Persistent())
-    transaction.commit()
+    first, second = two_databases(open_db, tmp_path)
     for db in (first, second):
         checkout(db.root)
         db.root.child = Persistent()
@@ -346,11 +342,7 @@ def test_two_database_objects_on_one_file_in_one_transaction_are_refused(open_db
 
 
 def test_a_full_disk_fails_the_vote_and_half_applies_nothing(tmp_path, open_db):
-    first = open_db(str(tmp_path / "a.dobbin"))
-    second = open_db(str(tmp_path / "b.dobbin"))
-    for db in (first, second):
-        db.elect(Persistent())
-    transaction.commit()
+    first, second = two_databases(open_db, tmp_path)
     counts = [db.tx_count for db in (first, second)]
     checkout(first.root)
     checkout(second.root)

@@ -13,6 +13,7 @@ import threading
 import pytest
 import transaction
 
+from conftest import two_databases
 from dobbin import staging
 from dobbin.database import Database
 from dobbin.exc import ObjectGraphError, StreamError
@@ -309,11 +310,7 @@ def test_a_file_that_ends_short_fails_the_commit_in_its_first_phase(
 
 
 def test_a_failing_file_fails_every_database_of_the_transaction(open_db, tmp_path):
-    first = open_db(str(tmp_path / "a.dobbin"))
-    second = open_db(str(tmp_path / "b.dobbin"))
-    for db in (first, second):
-        db.elect(Persistent())
-    transaction.commit()
+    first, second = two_databases(open_db, tmp_path)
     source = open(tmp_path / "closed.bin", "w+b")
     source.write(b"data")
     pfile = PersistentFile(source)
