@@ -255,35 +255,37 @@ class Log:
     def _reserve(self, offset, length):
         """Allocate space ahead of a small record, so that its fsync need not
         also make a new file size durable (see docs/format.txt)."""
-        if not self._reserving or offset + length <= self._reserved or length > RESERVE:
-            return
-        self._reserved = self.size()  # space reserved before we opened, or by another writer
-        if offset + length <= self._reserved:
+        if not self._reserving or length > RESERVE:
             return
         try:
-            self._allocate(offset, length + RESERVE)
+            self._allocated(offset, length)
         except OSError as error:
             # Append as without reserving: for good where the file system has
             # no fallocate, this time only if the disk is full (the write
             # itself then tells).
             self._reserving = error.errno not in _NO_FALLOCATE
-            return
-        self._reserved = offset + length + RESERVE
 
     def claim(self, offset, length):
         """Allocate the disk space of a record before its commit votes yes, so
         that a full disk fails the vote, not the finish (where the file
         system can't allocate ahead, nothing is promised)."""
-        if offset + length <= self._reserved or offset + length <= self.size():
-            return
-        ahead = RESERVE if self._reserving and length <= RESERVE else 0  # as _reserve does
         try:
-            self._allocate(offset, length + ahead)
+            self._allocated(offset, length)
         except OSError as error:
             if error.errno not in _NO_FALLOCATE:
                 raise StorageError("no room for a record of %d bytes in %s: %s"
                                    % (length, self.path, error)) from error
+
+    def _allocated(self, offset, length):
+        """Make sure `length` bytes at `offset` are allocated, reserving
+        ahead when a small record's are not."""
+        if offset + length <= self._reserved:
             return
+        self._reserved = self.size()  # space reserved before we opened, or by another writer
+        if offset + length <= self._reserved:
+            return
+        ahead = RESERVE if self._reserving and length <= RESERVE else 0
+        self._allocate(offset, length + ahead)
         self._reserved = offset + length + ahead
 
     def trim(self):
