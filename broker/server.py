@@ -10,7 +10,10 @@ Threads (all started by start(), all joined by stop()):
                blocking receive serves both and no poll is needed.
     worker-N   run commits, calls, searches, each in its own Dobbin
                transaction; several commits run at once, so the database
-               syncs them to disk together (group commit).
+               syncs them to disk together (group commit).  Two by default:
+               one commit's work overlaps another's fsync, and more Python
+               threads mostly contend for the GIL (4 clients committing
+               through 4 workers made fewer commits/s than through 2).
     poller     calls db.sync() every poll_interval seconds to notice other
                writers.
 
@@ -125,11 +128,12 @@ class BrokerServer:
     ipc://PATH, ipc://PATH.pub).  `secret_file` defaults to the database
     path + ".broker-secret".  `debug` sends server tracebacks with errors.
     `state_cache` bounds, in bytes, the state records kept for loads.
+    `workers` is the number of worker threads (commits, calls, searches).
     Subclass it and add do_NAME methods to serve client.call("NAME", ...).
     """
 
     def __init__(self, db, address="tcp://127.0.0.1:*", broadcast=None, secret_file=None,
-                 workers=4, poll_interval=0.03, history=10000, debug=False, name=None,
+                 workers=2, poll_interval=0.03, history=10000, debug=False, name=None,
                  max_message=MAX_MESSAGE, curve_secret_key=None, curve_allow=None,
                  state_cache=32 * 1024 * 1024):
         self.db = db
@@ -137,6 +141,8 @@ class BrokerServer:
         self.requested_broadcast = broadcast or _default_broadcast(address)
         self.address = None
         self.broadcast_address = None
+        if type(workers) is not int or workers < 1:
+            raise exc.ExportError("workers must be a positive int, not %r" % (workers,))
         self.workers = workers
         self.poll_interval = poll_interval
         self.debug = debug

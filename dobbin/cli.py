@@ -37,12 +37,24 @@ def build_parser():
                        help="called with the server before it starts, to configure exports")
     serve.add_argument("--durability", choices=("fsync", "none"), default="fsync")
     serve.add_argument("--debug", action="store_true", help="send server tracebacks to clients")
+    serve.add_argument("--workers", type=_positive_int, default=2,
+                       help="worker threads for commits, calls and searches (default %(default)s)")
     shell = commands.add_parser("shell", help="interactive prompt on a served database")
     shell.add_argument("address", help="the server's request endpoint")
     shell.add_argument("--timeout", type=float, default=2.5)
     verify = commands.add_parser("verify", help="check a database file's checksums and index")
     verify.add_argument("path", help="database file")
     return parser
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("wants a positive integer, not %r" % text)
+    return value
 
 
 def load_app(spec):
@@ -65,12 +77,14 @@ def serve(args):
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     db = Database(args.path, durability=args.durability)
     try:
-        server = BrokerServer(db, address=args.bind, broadcast=args.broadcast, debug=args.debug)
+        server = BrokerServer(db, address=args.bind, broadcast=args.broadcast, debug=args.debug,
+                              workers=args.workers)
         if args.app:
             load_app(args.app)(server)
         with server:
-            print("serving %s at %s (broadcasts at %s)"
-                  % (args.path, server.address, server.broadcast_address), flush=True)
+            print("serving %s at %s (broadcasts at %s, %d workers)"
+                  % (args.path, server.address, server.broadcast_address, server.workers),
+                  flush=True)
             while not stop.wait(0.5):
                 pass
     finally:

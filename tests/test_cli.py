@@ -24,6 +24,7 @@ def start_serving(path, *extra):
         env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     assert line.startswith("serving"), process.stderr.read()
+    process.serving_line = line
     return process, line.split(" at ")[1].split()[0]
 
 
@@ -66,9 +67,28 @@ def test_shell_binds_client_and_root(tmp_path):
         process.stderr.close()
 
 
-def test_parser_and_app_loading():
+def test_serve_runs_the_workers_asked_for(tmp_path):
+    process, address = start_serving(str(tmp_path / "db.dobbin"), "--workers", "3")
+    try:
+        with BrokerClient(address, timeout=TIMEOUT) as client:
+            assert client.root is None
+    finally:
+        process.terminate()
+        process.wait(10)
+        process.stdout.close()
+        process.stderr.close()
+    assert process.serving_line.endswith(", 3 workers)\n")
+
+
+def test_parser_and_app_loading(capsys):
     args = build_parser().parse_args(["serve", "x.dobbin"])
     assert args.bind.startswith("tcp://127.0.0.1:")
+    assert args.workers == 2
+    assert build_parser().parse_args(["serve", "x", "--workers", "5"]).workers == 5
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "x", "--workers", bad])
+        assert "positive integer" in capsys.readouterr().err
     assert load_app("os.path:join") is __import__("os").path.join
     with pytest.raises(SystemExit):
         load_app("nocolon")

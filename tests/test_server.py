@@ -333,6 +333,24 @@ def test_stop_leaves_no_threads_and_is_idempotent(tmp_path):
     db.close()
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_runs_the_requested_number_of_workers(tmp_path, workers):
+    db = make_database(str(tmp_path / "d.dobbin"))
+    with served(db, workers=workers):
+        names = [thread.name for thread in threading.enumerate()]
+        assert sorted(n for n in names if n.startswith("broker-worker-")) == [
+            "broker-worker-%d" % n for n in range(workers)]
+    db.close()
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, "2", None])
+def test_rejects_a_bad_number_of_workers(tmp_path, workers):
+    db = make_database(str(tmp_path / "d.dobbin"))
+    with pytest.raises(exc.ExportError, match="workers"):
+        served(db, workers=workers).__enter__()
+    db.close()
+
+
 def test_stop_waits_for_a_request_still_running_and_returns(tmp_path):
     from broker.server import BrokerServer
     started, finish = threading.Event(), threading.Event()
