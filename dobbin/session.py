@@ -9,6 +9,7 @@ the thread.
 
 import copy
 import os
+import sys
 import threading
 
 import transaction
@@ -106,6 +107,7 @@ class Session:
         self._adopted = []    # objects given a jar by elect(), undone on abort
         self._commits = []    # (database, commit) pairs, locked, in lock order
         self._committing = False
+        self._failure_recorded = False
         # Set once the session has left its transaction (committed,
         # aborted, or unjoined by a savepoint rollback): a later checkout
         # in the same transaction joins a new session.
@@ -156,6 +158,7 @@ class Session:
 
     def tpc_begin(self, txn):
         self._committing = True
+        self._failure_recorded = False
         databases = {entry.obj._p_jar for entry in self.checkouts.values()}
         databases.update(self.elected)
         databases.discard(None)
@@ -206,6 +209,16 @@ class Session:
             self.finished = True
 
     def tpc_abort(self, txn):
+        if self._commits and not self._failure_recorded:
+            # Locked and not yet finished, and no failure of ours: another
+            # data manager of the transaction failed (the transaction
+            # package calls us while handling its exception), or the
+            # application aborted in the middle.  Our commit failed too.
+            # An interrupt (KeyboardInterrupt, SystemExit) only aborts.
+            error = sys.exc_info()[1] or DobbinError(
+                "the transaction was aborted during its two-phase commit")
+            if isinstance(error, Exception):
+                self._record_failure(error)
         commits, self._commits = self._commits, []
         for database, pending in commits:
             database._p_commit_abort(pending)
@@ -218,6 +231,7 @@ class Session:
     # -- helpers -------------------------------------------------------
 
     def _record_failure(self, error):
+        self._failure_recorded = True
         for database, pending in self._commits:
             database._p_record_failure(pending, error)
 

@@ -2,6 +2,7 @@
 commit or abort, failed commits, savepoints, threads that commit under
 one another, and retries with transaction.manager.attempts()."""
 
+import json
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ import transaction
 from conftest import commit_in_thread, two_databases
 from dobbin.exc import (ConflictError, DobbinError, ObjectGraphError, StorageError,
                         WriteConflictError)
+from dobbin.log import FAILED, Log
 from dobbin.persistent import Persistent, checked_out, checkout
 
 READ_ONLY = "Can't set attribute in read-only mode."
@@ -90,6 +92,85 @@ def test_unconnected_new_object_raises_object_graph_error(open_db):
     assert orphan._p_oid is None and orphan._p_jar is None
     transaction.abort()
     assert a.x == 0
+
+
+class FailingDataManager:
+    """Another resource in the transaction, failing in `phase`; `key`
+    places it before or after the Dobbin session in the commit order."""
+
+    def __init__(self, phase, key, error=ValueError):
+        self.phase, self.key, self.error = phase, key, error
+        self.transaction_manager = transaction.manager
+
+    def sortKey(self):
+        return self.key
+
+    def _maybe_fail(self, phase):
+        if phase == self.phase:
+            raise self.error("the other resource refused in " + phase)
+
+    def tpc_begin(self, txn):
+        self._maybe_fail("tpc_begin")
+
+    def commit(self, txn):
+        self._maybe_fail("commit")
+
+    def tpc_vote(self, txn):
+        self._maybe_fail("tpc_vote")
+
+    def tpc_finish(self, txn):
+        pass
+
+    def tpc_abort(self, txn):
+        pass
+
+    def abort(self, txn):
+        pass
+
+
+def last_record_note(db):
+    log = Log(db.path, read_only=True)
+    try:
+        record = list(log.follow())[-1]
+    finally:
+        log.close()
+    return record.status, json.loads(record.entries[0].data)
+
+
+@pytest.mark.parametrize("phase", ["tpc_begin", "commit", "tpc_vote"])
+@pytest.mark.parametrize("key", ["a-before-dobbin", "z-after-dobbin"])
+def test_another_resource_failing_fails_our_commit_recorded_and_unapplied(
+        open_db, phase, key):
+    db, _root, a, _b = stored_pair(open_db)
+    count = db.tx_count
+    checkout(a)
+    a.x = "never"
+    transaction.get().join(FailingDataManager(phase, key))
+    with pytest.raises(ValueError, match="refused in " + phase):
+        transaction.commit()
+    transaction.abort()
+    assert a.x == 0
+    if phase == "tpc_begin" and key.startswith("a-"):
+        # It failed before our tpc_begin: this database was never locked.
+        assert db.tx_count == count
+        return
+    assert db.tx_count == count + 1  # recorded and counted
+    assert last_record_note(db) == (FAILED, {
+        "error": "ValueError", "message": "the other resource refused in " + phase})
+    db.close()
+    assert open_db(db.path).root.a.x == 0
+
+
+def test_an_interrupt_in_another_resource_aborts_without_a_failed_record(open_db):
+    db, _root, a, _b = stored_pair(open_db)
+    count = db.tx_count
+    checkout(a)
+    a.x = "never"
+    transaction.get().join(FailingDataManager("tpc_vote", "z", KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        transaction.commit()
+    transaction.abort()
+    assert (a.x, db.tx_count) == (0, count)
 
 
 # -- threads ----------------------------------------------------------------------------
