@@ -1,21 +1,27 @@
 """One database's part of a commit in progress, and the GC pause of big ones.
 
 `Database` makes a `Commit` when it takes its commit lock and fills it
-while the record is laid out (`_p_commit_prepare`), written and
-published (`_p_commit_finish`) or given up (`_p_commit_abort`).
+while the record is laid out (`_p_commit_prepare`, which asks `resolve`
+about objects changed meanwhile), written and published
+(`_p_commit_finish`) or given up (`_p_commit_abort`).  A snapshot writes
+its one record through a `Commit` too.
 """
 
 import gc
+import logging
 import threading
 
 from dobbin import staging
+from dobbin.exc import ConflictError, ReadConflictError, WriteConflictError
 from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, StreamEntry,
                            stream_entry_size)
-from dobbin.stream import FileSpan
+from dobbin.stream import FileSpan, StreamSpan
 
 # A commit storing this many objects pauses the cyclic GC until its
 # states are installed.
 BIG_COMMIT = 1000
+
+logger = logging.getLogger("dobbin")
 
 
 class _CollectorPause:
@@ -62,6 +68,7 @@ class Commit:
         self.streams = []            # StreamEntry, laid out first
         self.stream_owners = []      # (PersistentFile or None, offset, size)
         self.stream_offsets = {}     # id(source) -> offset of its S entry
+        self.restated = set()        # ids of objects referring to other databases' streams
         self.streams_end = offset + TX_HEADER_SIZE  # where the next S entry goes
         self.staged = False          # stored files' bytes were copied to the file
         self.new = []                # objects given an oid by this commit
@@ -73,10 +80,10 @@ class Commit:
     def add_stream(self, key, data, owner, log=None):
         """Lay out `data` as a stream of this record (streams come first);
         return the offset of its S entry.  `owner` is the PersistentFile
-        that becomes its stream at publication, or None.  A `FileSpan` is
-        copied to its place in `log` now, not held in memory (see
-        `dobbin.staging`)."""
-        if isinstance(data, FileSpan):
+        that becomes its stream at publication, or None.  A `FileSpan` or
+        `StreamSpan` is copied to its place in `log` now, not held in
+        memory (see `dobbin.staging`)."""
+        if isinstance(data, (FileSpan, StreamSpan)):
             self.staged = True
             data = staging.stage(log, self.offset, self.streams_end, data, self.oid_high,
                                  len(self.streams) + 1)
@@ -86,6 +93,34 @@ class Commit:
         self.stream_owners.append((owner, offset, len(data)))
         self.stream_offsets[key] = offset
         return offset
+
+    def resolve(self, entry, session):
+        """The state to store for checkout `entry`, whose object another
+        commit changed since it was checked out: its class's
+        `_p_resolve_conflict` merge, or a ConflictError (a read conflict if
+        this commit learned of the change only now)."""
+        obj = entry.obj
+        learned_now = obj._p_serial > self.known_tid
+        error_class = ReadConflictError if learned_now else WriteConflictError
+        error = error_class(oid=obj._p_oid, class_name=type(obj).__qualname__,
+                            serials=(entry.serial, obj._p_serial))
+        resolver = getattr(type(obj), "_p_resolve_conflict", None)
+        if resolver is None:
+            raise error
+        if obj._p_ghost:
+            obj._p_jar._p_activate(obj)
+        try:
+            resolved = obj._p_resolve_conflict(entry.old, obj.__dict__,
+                                               session.working_state(obj))
+        except ConflictError:
+            raise error from None
+        except Exception as failure:  # a broken resolver resolves nothing (as in ZODB)
+            logger.exception("_p_resolve_conflict of %s failed", type(obj).__qualname__)
+            raise error from failure
+        if not isinstance(resolved, dict):
+            raise error
+        entry.serial = obj._p_serial
+        return resolved
 
     def record_length(self):
         """The length of the record as laid out so far (as `build_record` makes it)."""

@@ -16,8 +16,7 @@ import transaction
 from zope.interface import implementer
 
 from dobbin.cache import ObjectCache
-from dobbin.exc import (ConflictError, DobbinError, LoadError, LockTimeoutError,
-                        ReadConflictError, ReadOnlyError, StorageError, WriteConflictError)
+from dobbin.exc import DobbinError, LoadError, LockTimeoutError, ReadOnlyError, StorageError
 from dobbin.index import Index
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock
@@ -29,7 +28,7 @@ from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.commit import BIG_COMMIT, Commit
 from dobbin.session import copy_state, current_session
 from dobbin.snapshot import snapshot, verify, version_data
-from dobbin.stream import PersistentFile, PersistentStream
+from dobbin.stream import PersistentFile, PersistentStream, copy_source
 
 __all__ = ["Database", "PersistentStream"]
 
@@ -433,7 +432,7 @@ class Database:
         for entry in session.objects_of(self):
             obj = entry.obj
             if obj._p_oid is not None and obj._p_serial != entry.serial:
-                obj._p_local[session.thread] = self._resolve(entry, commit, session)
+                obj._p_local[session.thread] = commit.resolve(entry, session)
             enqueue(obj)
         root = session.elected.get(self)
         if root is not None:
@@ -455,6 +454,8 @@ class Database:
                     enqueue(value)
                 return (oid, type(value))
             if isinstance(value, (PersistentFile, PersistentStream)):
+                if isinstance(value, PersistentStream) and value._jar is not self:
+                    commit.restated.add(id(obj))  # see _p_commit_finish
                 return ("S", self._stream_offset(value, commit))
             return None
 
@@ -500,31 +501,8 @@ class Database:
             return commit.add_stream(id(value), value._p_source(), value, self._log)
         if value._jar is self:
             return value._offset
-        return commit.add_stream(id(value), b"".join(value), None)  # another database's: copied
-
-    def _resolve(self, entry, commit, session):
-        obj = entry.obj
-        learned_now = obj._p_serial > commit.known_tid
-        error_class = ReadConflictError if learned_now else WriteConflictError
-        error = error_class(oid=obj._p_oid, class_name=type(obj).__qualname__,
-                            serials=(entry.serial, obj._p_serial))
-        resolver = getattr(type(obj), "_p_resolve_conflict", None)
-        if resolver is None:
-            raise error
-        if obj._p_ghost:
-            self._p_activate(obj)
-        try:
-            resolved = obj._p_resolve_conflict(entry.old, obj.__dict__,
-                                               session.working_state(obj))
-        except ConflictError:
-            raise error from None
-        except Exception as failure:  # a broken resolver resolves nothing (as in ZODB)
-            logger.exception("_p_resolve_conflict of %s failed", type(obj).__qualname__)
-            raise error from failure
-        if not isinstance(resolved, dict):
-            raise error
-        entry.serial = obj._p_serial
-        return resolved
+        # Another database's: copied (block by block, if large).
+        return commit.add_stream(id(value), copy_source(value), None, self._log)
 
     def _p_record_failure(self, commit, error):
         """Append a failed record saying why; it is counted, never applied."""
@@ -551,6 +529,10 @@ class Database:
             with self._state_lock:
                 record = self._log.append(COMMITTED, commit.oid_high, entries, wait=False)
                 for obj, state, entry in commit.stored:
+                    if id(obj) in commit.restated:
+                        # It refers to another database's streams, which we
+                        # copied: its state as stored refers to the copies.
+                        state = self._load(entry.data, entry.oid)[1]
                     self._cache.install(obj, state, record.tid, len(entry.data))
                 for owner, offset, size in commit.stream_owners:
                     if isinstance(owner, PersistentFile):  # not yet another db's stream
@@ -582,21 +564,6 @@ class Database:
             commit.unstage(self._log)
             commit.locked = False
             self._lock.release()
-
-    def _p_write_snapshot(self, entries, oid_high):
-        self._check_writable()
-        self._lock.acquire()
-        try:
-            with self._state_lock:
-                for record in self._log.recover():
-                    self._apply(record)
-                if self._log.last_tid:
-                    raise DobbinError("the snapshot target %s is not empty" % self.path)
-                record = self._log.append(COMMITTED, oid_high, entries)
-                self._apply(record)
-        finally:
-            self._lock.release()
-        self._flush_notes()
 
     # -- history, snapshot and verify ----------------------------------------
 

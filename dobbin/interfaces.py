@@ -67,7 +67,10 @@ class IPersistentStream(Interface):
 
     Damaged bytes raise `dobbin.exc.CorruptionError`; they are never
     returned.  Iteration yields ``bytes`` chunks through a handle of its
-    own, independent of the file-like methods.
+    own, independent of the file-like methods.  Stored in another
+    database (or copied by a snapshot), its bytes are copied there chunk
+    by chunk, never whole in memory, and the object stored there reads
+    the copy once committed.
     """
 
     size = Attribute("Number of bytes in the stream.")
@@ -168,8 +171,8 @@ class IDatabase(Interface):
         """Write the state as of transaction `until` (default: now) into `target`.
 
         `target` must be an empty database.  It receives one transaction
-        holding every object's full state, stream bytes copied, oids and
-        the oid counter preserved.
+        holding every object's full state, stream bytes copied (chunk by
+        chunk), oids and the oid counter preserved.
         """
 
     def verify():

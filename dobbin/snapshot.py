@@ -10,13 +10,14 @@ the index.
 
 import os
 
+from dobbin.commit import Commit
 from dobbin.exc import DobbinError, HistoryError, LockTimeoutError
 from dobbin.log import INCOMPLETE, Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, FILE_HEADER_SIZE, KIND_OBJECT,
-                           KIND_ROOT, TX_HEADER_SIZE, ObjectEntry, RootEntry, StreamEntry,
+                           KIND_ROOT, TX_HEADER_SIZE, ObjectEntry, RootEntry,
                            stream_entry_size)
 from dobbin.serialize import StateWriter, load_state
-from dobbin.stream import PersistentStream
+from dobbin.stream import PersistentStream, copy_source
 
 # How long verify() waits for a writer to finish the record it is writing.
 TAIL_WAIT = 1.0
@@ -76,12 +77,13 @@ def snapshot(source, target, until=None):
         if type(value) is _Reference:
             return (value.oid, value.cls)
         if type(value) is _StreamReference:
-            # Stream bytes are copied: the target must not point into us.
+            # Stream bytes are copied (large ones block by block when the
+            # record is written): the target must not point into us.
             if value.offset not in stream_offsets:
-                data = b"".join(PersistentStream(source, value.offset))
+                data = copy_source(PersistentStream(source, value.offset))
                 stream_offsets[value.offset] = position[0]
                 position[0] += stream_entry_size(len(data))
-                streams.append(StreamEntry(data))
+                streams.append(data)
             return ("S", stream_offsets[value.offset])
         return None
 
@@ -96,10 +98,36 @@ def snapshot(source, target, until=None):
             continue  # created after `until`
         cls, state = load_state(data, reference, "of oid %d", oid)
         objects.append(ObjectEntry(oid, 0, writer.dump(cls, state)))
-    entries = streams + objects
     if root is not None:
-        entries.append(RootEntry(root))
-    target._p_write_snapshot(entries, source._log.oid_high)
+        objects.append(RootEntry(root))
+    _write_snapshot(target, streams, objects, source._log.oid_high)
+
+
+def _write_snapshot(target, streams, entries, oid_high):
+    """Write a snapshot's one record into `target`: `streams` (bytes, or
+    spans staged block by block), laid out first in this order, then the
+    other `entries`."""
+    target._check_writable()
+    target._lock.acquire()
+    commit = None
+    try:
+        with target._state_lock:
+            for record in target._log.recover():
+                target._apply(record)
+            # The snapshot laid its streams out from the file header on.
+            if target._log.last_tid or target._log.end != FILE_HEADER_SIZE:
+                raise DobbinError("the snapshot target %s is not empty" % target.path)
+            commit = Commit(0, target._log.end, oid_high)
+            for number, data in enumerate(streams):
+                commit.add_stream(number, data, None, target._log)
+            record = target._log.append(COMMITTED, oid_high, commit.streams + entries)
+            commit.published = True
+            target._apply(record)
+    finally:
+        if commit is not None:
+            commit.unstage(target._log)  # unless published
+        target._lock.release()
+    target._flush_notes()
 
 
 def verify(db):

@@ -5,7 +5,9 @@ A `PersistentFile` wraps an open file for a single commit; its bytes
 the transaction record.  A seekable binary file is copied into the log
 block by block while the commit is prepared (a `FileSpan`; see "Stored
 files: staged first" in docs/format.txt), so it may be larger than
-memory; anything else is read whole.  After the commit the very same
+memory; anything else is read whole.  So is a stream of another
+database (or of the snapshot source) stored here: a `StreamSpan` copies
+it chunk by checked chunk.  After the commit the very same
 object becomes a `PersistentStream`, which reads those bytes back from
 the log, chunk by checked chunk.  Streams live inside the state of the
 object that refers to them; they are not objects with an oid of their own.
@@ -58,6 +60,32 @@ class FileSpan:
                 remaining -= len(block)
         except (OSError, ValueError) as error:  # ValueError: the file was closed
             raise StreamError("reading the file being stored failed: %s" % error) from error
+
+
+class StreamSpan:
+    """The bytes of a `PersistentStream` of another database, read chunk
+    by chunk (each checked against its crc) to be staged here."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.size = stream.size
+
+    def __len__(self):
+        return self.size
+
+    def blocks(self):
+        """Yield the bytes chunk by chunk, each a whole chunk (the last may
+        be shorter), through the stream's own handle: its file view is
+        untouched."""
+        return iter(self.stream)
+
+
+def copy_source(stream):
+    """What to store for `stream`, a stream of another database: a
+    `StreamSpan` to stage, or the bytes when it is small."""
+    if stream.size >= STAGE_MIN:
+        return StreamSpan(stream)
+    return b"".join(stream)
 
 
 @implementer(IPersistentFile)

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import threading
 import traceback
+import tracemalloc
 
 import pytest
 import transaction
@@ -17,6 +18,7 @@ from dobbin.database import Database, PersistentStream
 from dobbin.exc import (ConflictError, DobbinError, HistoryError, ReadConflictError,
                         ReadOnlyError, WriteConflictError)
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
+from dobbin.stream import BLOCK
 
 
 class Container(Persistent):
@@ -424,6 +426,27 @@ def test_snapshot_copies_stream_bytes_into_target(open_db, db_path, tmp_path):
     leaf.big.open()
     assert leaf.big.read() == bytes(range(256)) * 300
     assert b"".join(leaf.small) == b"abc"
+
+
+def test_snapshot_copies_a_large_stream_block_by_block(open_db, tmp_path):
+    data = os.urandom(6 * BLOCK + 5)
+    db = open_db()
+    root = Persistent()
+    checkout(root)
+    root.big = PersistentFile(io.BytesIO(data))
+    db.elect(root)
+    transaction.commit()
+    target = open_db(str(tmp_path / "target.dobbin"))
+    tracemalloc.start()
+    try:
+        db.snapshot(target)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < BLOCK  # a few chunks, never the whole stream (6 blocks)
+    target.close()
+    target = open_db(target.path)
+    assert b"".join(target.root.big) == data and target.verify()["ok"]
 
 
 def test_snapshot_until_gives_state_as_of_that_transaction(open_db, tmp_path):

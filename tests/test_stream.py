@@ -9,15 +9,16 @@ import random
 import subprocess
 import sys
 import threading
+import tracemalloc
 
 import pytest
 import transaction
 
-from conftest import two_databases
+from conftest import flip_bit, two_databases
 from dobbin import staging
 from dobbin.database import Database
-from dobbin.exc import ObjectGraphError, StreamError
-from dobbin.log import STREAM_CHUNK
+from dobbin.exc import CorruptionError, ObjectGraphError, StreamError
+from dobbin.log import ENTRY_SIZE, STREAM_CHUNK
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
 from dobbin.stream import BLOCK, STAGE_MIN, FileSpan, PersistentStream
 
@@ -477,6 +478,62 @@ def test_verify_while_a_file_is_being_staged_reports_an_incomplete_tail(open_db,
     after = db.verify()
     assert after["ok"] and "incomplete_tail" not in after and after["streams"] == 1
     assert b"".join(db.root.file) == pattern(3 * BLOCK)
+
+
+# -- streams of another database (StreamSpan) -----------------------------------------
+
+BIG = 6 * BLOCK + 5
+
+
+def peak_bytes_allocated(action):
+    """Run `action`; return the peak of Python allocations while it ran."""
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_large_stream_of_another_database_is_copied_block_by_block(open_db, tmp_path):
+    data = os.urandom(BIG)
+    source_db, _root, stream = store(open_db, data, path=str(tmp_path / "a.dobbin"))
+    target = open_db(str(tmp_path / "b.dobbin"))
+    root = Persistent()
+    checkout(root)
+    root.copy = stream
+    target.elect(root)
+    peak = peak_bytes_allocated(transaction.commit)
+    assert peak < BLOCK  # a few chunks, never the whole stream (6 blocks)
+    source_db.close()
+    os.remove(source_db.path)  # the copy must not read from it
+    assert target.root.copy is not stream and b"".join(target.root.copy) == data
+    target.close()
+    reopened = open_db(target.path)
+    assert b"".join(reopened.root.copy) == data and reopened.verify()["ok"]
+
+
+def test_a_damaged_stream_of_another_database_fails_the_copy_and_nothing_else(
+        open_db, tmp_path):
+    data = os.urandom(BIG)
+    source_db, _root, stream = store(open_db, data, path=str(tmp_path / "a.dobbin"))
+    target = open_db(str(tmp_path / "b.dobbin"))
+    target.elect(Persistent())
+    transaction.commit()
+    count, size = target.tx_count, os.path.getsize(target.path)
+    flip_bit(source_db.path, stream._offset + ENTRY_SIZE + 5 * BLOCK)  # chunk 80 of 97
+    checkout(target.root)
+    target.root.copy = stream
+    with pytest.raises(CorruptionError, match="stream chunk 80 checksum mismatch"):
+        transaction.commit()
+    transaction.abort()
+    assert target.tx_count == count + 1  # the failed commit, recorded
+    assert os.path.getsize(target.path) < size + BLOCK  # the staged blocks were cut back
+    assert not hasattr(target.root, "copy") and target.verify()["ok"]
+    checkout(target.root)
+    target.root.after = 1
+    transaction.commit()
+    assert target.root.after == 1
 
 
 def test_one_file_stored_in_two_databases_at_once(open_db, tmp_path):
