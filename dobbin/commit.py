@@ -7,6 +7,7 @@ about objects changed meanwhile), written and published
 its one record through a `Commit` too.
 """
 
+import copy
 import gc
 import logging
 import threading
@@ -68,7 +69,8 @@ class Commit:
         self.streams = []            # StreamEntry, laid out first
         self.stream_owners = []      # (PersistentFile or None, offset, size)
         self.stream_offsets = {}     # id(source) -> offset of its S entry
-        self.restated = set()        # ids of objects referring to other databases' streams
+        self.copies = {}             # id(another database's stream) -> its copy here
+        self.restated = set()        # ids of stored objects that refer to such streams
         self.streams_end = offset + TX_HEADER_SIZE  # where the next S entry goes
         self.staged = False          # stored files' bytes were copied to the file
         self.new = []                # objects given an oid by this commit
@@ -121,6 +123,17 @@ class Commit:
             raise error
         entry.serial = obj._p_serial
         return resolved
+
+    def restate_copied_streams(self):
+        """Make the states of the `restated` objects refer to the `copies`,
+        as their records do, rather than to other databases' streams."""
+        stored = self.stored
+        for index, (obj, state, entry) in enumerate(stored):
+            if id(obj) in self.restated:
+                # deepcopy takes a value found in its memo as is: each
+                # stream, however deep, becomes its copy; persistent
+                # objects stay themselves (their __deepcopy__).
+                stored[index] = (obj, copy.deepcopy(state, dict(self.copies)), entry)
 
     def record_length(self):
         """The length of the record as laid out so far (as `build_record` makes it)."""

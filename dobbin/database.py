@@ -455,7 +455,7 @@ class Database:
                 return (oid, type(value))
             if isinstance(value, (PersistentFile, PersistentStream)):
                 if isinstance(value, PersistentStream) and value._jar is not self:
-                    commit.restated.add(id(obj))  # see _p_commit_finish
+                    commit.restated.add(id(obj))
                 return ("S", self._stream_offset(value, commit))
             return None
 
@@ -479,6 +479,8 @@ class Database:
             writer.reference_id = None  # the hook holds this commit's states
         if root is not None:
             commit.root_oid = root._p_oid
+        if commit.restated:
+            commit.restate_copied_streams()
 
     def _p_commit_vote(self, commit, several):
         """Claim the record's disk space: with fsync, or when other databases
@@ -502,13 +504,15 @@ class Database:
         if value._jar is self:
             return value._offset
         # Another database's: copied (block by block, if large).
-        return commit.add_stream(id(value), copy_source(value), None, self._log)
+        offset = commit.add_stream(id(value), copy_source(value), None, self._log)
+        commit.copies[id(value)] = PersistentStream(self, offset)
+        return offset
 
     def _p_record_failure(self, commit, error):
         """Append a failed record saying why; it is counted, never applied."""
         commit.unstage(self._log)  # the failed record goes where this one would have
-        info = {"error": type(error).__name__, "message": str(error)[:1000]}
-        if getattr(error, "oid", None) is not None:
+        info = {"error": type(error).__name__, "message": _message_of(error)[:1000]}
+        if type(getattr(error, "oid", None)) is int:  # not another store's bytes oid
             info["oid"] = error.oid
         try:
             with self._state_lock:
@@ -529,10 +533,6 @@ class Database:
             with self._state_lock:
                 record = self._log.append(COMMITTED, commit.oid_high, entries, wait=False)
                 for obj, state, entry in commit.stored:
-                    if id(obj) in commit.restated:
-                        # It refers to another database's streams, which we
-                        # copied: its state as stored refers to the copies.
-                        state = self._load(entry.data, entry.oid)[1]
                     self._cache.install(obj, state, record.tid, len(entry.data))
                 for owner, offset, size in commit.stream_owners:
                     if isinstance(owner, PersistentFile):  # not yet another db's stream
@@ -572,3 +572,11 @@ class Database:
 
     def verify(self):
         return verify(self)
+
+
+def _message_of(error):
+    """str(error), or what can be said of it when its __str__ fails."""
+    try:
+        return str(error)
+    except Exception:  # a broken __str__ must not stop the failure being recorded
+        return "(its message could not be read)"

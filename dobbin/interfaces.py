@@ -286,10 +286,11 @@ class ISession(IDataManager, ISavepointDataManager):
     every checked-out object must have been found connected to a graph,
     and each database claims its record's disk space (a full disk fails
     the vote, not the finish);
-    ``tpc_finish`` writes, syncs and publishes.  A failure before the
-    finish (ours, or another data manager's in the same transaction, which
-    ``tpc_abort`` hears of) writes a failed record naming the error to each
-    locked database, which is counted in ``tx_count`` and
+    ``tpc_finish`` writes, syncs and publishes.  A failure once every
+    database is locked and before the finish (ours, or another data
+    manager's in the same transaction, which ``tpc_abort`` hears of)
+    writes a failed record naming the error to each database, which is
+    counted in ``tx_count`` and
     never applied; the checked-out objects then show the latest committed
     state until the transaction is aborted.  Two Database objects open on
     one file cannot take part in one transaction (`DobbinError`).

@@ -108,6 +108,7 @@ class Session:
         self._commits = []    # (database, commit) pairs, locked, in lock order
         self._committing = False
         self._failure_recorded = False
+        self._locked_all = False
         # Set once the session has left its transaction (committed,
         # aborted, or unjoined by a savepoint rollback): a later checkout
         # in the same transaction joins a new session.
@@ -159,6 +160,7 @@ class Session:
     def tpc_begin(self, txn):
         self._committing = True
         self._failure_recorded = False
+        self._locked_all = False
         databases = {entry.obj._p_jar for entry in self.checkouts.values()}
         databases.update(self.elected)
         databases.discard(None)
@@ -168,6 +170,7 @@ class Session:
             databases = sorted(databases, key=lambda db: (db.path, id(db)))
         for database in databases:
             self._commits.append((database, database._p_commit_begin()))
+        self._locked_all = True
 
     def commit(self, txn):
         try:
@@ -209,21 +212,24 @@ class Session:
             self.finished = True
 
     def tpc_abort(self, txn):
-        if self._commits and not self._failure_recorded:
-            # Locked and not yet finished, and no failure of ours: another
-            # data manager of the transaction failed (the transaction
-            # package calls us while handling its exception), or the
-            # application aborted in the middle.  Our commit failed too.
-            # An interrupt (KeyboardInterrupt, SystemExit) only aborts.
-            error = sys.exc_info()[1] or DobbinError(
-                "the transaction was aborted during its two-phase commit")
-            if isinstance(error, Exception):
-                self._record_failure(error)
-        commits, self._commits = self._commits, []
-        for database, pending in commits:
-            database._p_commit_abort(pending)
-        self._committing = False
-        self._refresh()
+        try:
+            if self._commits and self._locked_all and not self._failure_recorded:
+                # Every database locked, none finished, no failure of ours:
+                # another data manager of the transaction failed (the
+                # transaction package calls us while handling its
+                # exception), or the application aborted in the middle.
+                # Our commit failed too.  An interrupt (KeyboardInterrupt,
+                # SystemExit) only aborts.
+                error = sys.exc_info()[1] or DobbinError(
+                    "the transaction was aborted during its two-phase commit")
+                if isinstance(error, Exception):
+                    self._record_failure(error)
+        finally:  # whatever recording did: unlock, and show the latest states
+            commits, self._commits = self._commits, []
+            for database, pending in commits:
+                database._p_commit_abort(pending)
+            self._committing = False
+            self._refresh()
 
     def savepoint(self):
         return _Savepoint(self)

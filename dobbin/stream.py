@@ -77,7 +77,12 @@ class StreamSpan:
         """Yield the bytes chunk by chunk, each a whole chunk (the last may
         be shorter), through the stream's own handle: its file view is
         untouched."""
-        return iter(self.stream)
+        try:
+            yield from self.stream
+        except OSError as error:
+            # The other database's file failed, not ours: the commit fails,
+            # our log goes on (staging takes an OSError for its own).
+            raise StreamError("reading the stream being copied failed: %s" % error) from error
 
 
 def copy_source(stream):

@@ -9,8 +9,8 @@ import pytest
 import transaction
 
 from conftest import commit_in_thread, two_databases
-from dobbin.exc import (ConflictError, DobbinError, ObjectGraphError, StorageError,
-                        WriteConflictError)
+from dobbin.exc import (ConflictError, DobbinError, LockTimeoutError, ObjectGraphError,
+                        StorageError, WriteConflictError)
 from dobbin.log import FAILED, Log
 from dobbin.persistent import Persistent, checked_out, checkout
 
@@ -159,6 +159,55 @@ def test_another_resource_failing_fails_our_commit_recorded_and_unapplied(
         "error": "ValueError", "message": "the other resource refused in " + phase})
     db.close()
     assert open_db(db.path).root.a.x == 0
+
+
+class UnprintableError(Exception):
+    """Another store's error: a bytes oid, and a __str__ that fails."""
+
+    oid = b"\x00\x00\x00\x00\x00\x00\x00\x07"
+
+    def __str__(self):
+        raise RuntimeError("no message")
+
+
+def test_a_strange_error_of_another_resource_is_recorded_and_unlocks(open_db, start_thread):
+    db, _root, a, b = stored_pair(open_db)
+    count = db.tx_count
+    checkout(a)
+    a.x = "never"
+    transaction.get().join(FailingDataManager("tpc_vote", "z", UnprintableError))
+    with pytest.raises(UnprintableError):
+        transaction.commit()
+    transaction.abort()
+    assert db.tx_count == count + 1
+    assert last_record_note(db) == (FAILED, {
+        "error": "UnprintableError", "message": "(its message could not be read)"})
+    commit_in_thread(start_thread, b, x="unlocked")  # would time out on a held lock
+    assert b.x == "unlocked"
+
+
+def test_a_database_failing_to_lock_leaves_no_failed_record_in_the_others(
+        open_db, tmp_path, monkeypatch):
+    first, second = two_databases(open_db, tmp_path)
+    counts = [db.tx_count for db in (first, second)]
+
+    def locked_elsewhere():
+        raise LockTimeoutError("held by another process")
+
+    monkeypatch.setattr(second, "_p_commit_begin", locked_elsewhere)
+    checkout(first.root)
+    checkout(second.root)
+    first.root.x = second.root.x = 1
+    with pytest.raises(LockTimeoutError):
+        transaction.commit()
+    transaction.abort()
+    # Not a commit that failed in a locked database: one that never began.
+    assert [db.tx_count for db in (first, second)] == counts
+    monkeypatch.undo()
+    checkout(first.root)
+    first.root.x = 2
+    transaction.commit()  # first was unlocked
+    assert first.root.x == 2
 
 
 def test_an_interrupt_in_another_resource_aborts_without_a_failed_record(open_db):

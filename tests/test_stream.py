@@ -513,6 +513,33 @@ def test_a_large_stream_of_another_database_is_copied_block_by_block(open_db, tm
     assert b"".join(reopened.root.copy) == data and reopened.verify()["ok"]
 
 
+def test_states_refer_to_the_copies_of_other_databases_streams_however_deep(
+        open_db, tmp_path):
+    small, large = b"small stream", os.urandom(2 * BLOCK)
+    source_db = open_db(str(tmp_path / "a.dobbin"))
+    source_root = Persistent()
+    checkout(source_root)
+    source_root.small = PersistentFile(io.BytesIO(small))
+    source_root.large = PersistentFile(io.BytesIO(large))
+    source_db.elect(source_root)
+    transaction.commit()
+    target = open_db(str(tmp_path / "b.dobbin"))
+    root, child = Persistent(), Persistent()
+    checkout(root)
+    checkout(child)
+    root.child = child  # new in the same commit: must keep its identity
+    root.nested = [("pair", source_root.large), {"small": source_root.small}]
+    child.parent = root
+    target.elect(root)
+    transaction.commit()
+    source_db.close()
+    os.remove(source_db.path)
+    assert target.root is root and root.child is child and child.parent is root
+    (_, large_copy), small_holder = root.nested
+    assert b"".join(large_copy) == large and b"".join(small_holder["small"]) == small
+    assert large_copy is not source_root.large
+
+
 def test_a_damaged_stream_of_another_database_fails_the_copy_and_nothing_else(
         open_db, tmp_path):
     data = os.urandom(BIG)
@@ -534,6 +561,34 @@ def test_a_damaged_stream_of_another_database_fails_the_copy_and_nothing_else(
     target.root.after = 1
     transaction.commit()
     assert target.root.after == 1
+
+
+def test_an_io_error_in_the_other_database_fails_the_copy_not_our_log(open_db, tmp_path):
+    source_db, _root, stream = store(open_db, os.urandom(BIG), path=str(tmp_path / "a.dobbin"))
+    target = open_db(str(tmp_path / "b.dobbin"))
+    target.elect(Persistent())
+    transaction.commit()
+    chunks_read = []
+
+    def failing_disk(offset, crcs, size, index):
+        chunks_read.append(index)
+        if index == 20:
+            raise OSError(5, "Input/output error")
+        return read_chunk(offset, crcs, size, index)
+
+    read_chunk = source_db._log.read_stream_chunk
+    source_db._log.read_stream_chunk = failing_disk
+    checkout(target.root)
+    target.root.copy = stream
+    with pytest.raises(StreamError, match="Input/output error"):
+        transaction.commit()
+    transaction.abort()
+    assert chunks_read[-1] == 20
+    assert target._log.broken is None  # our log still takes commits
+    checkout(target.root)
+    target.root.after = 1
+    transaction.commit()
+    assert target.root.after == 1 and target.verify()["ok"]
 
 
 def test_one_file_stored_in_two_databases_at_once(open_db, tmp_path):
