@@ -373,7 +373,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objects", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--commits", type=int, default=300)
+    parser.add_argument("--commits", type=int, default=900)
     parser.add_argument("--clients", type=int, default=4,
                         help="client processes for the concurrent commits/s figure")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "ADDRESS", "INDEX", "COMMITS"),
