@@ -290,9 +290,9 @@ class ISession(IDataManager, ISavepointDataManager):
     database is locked and before the finish (ours, or another data
     manager's in the same transaction, which ``tpc_abort`` hears of)
     writes a failed record naming the error to each database, which is
-    counted in ``tx_count`` and
-    never applied; the checked-out objects then show the latest committed
-    state until the transaction is aborted.  Two Database objects open on
+    counted in ``tx_count`` and never applied; the checked-out objects
+    then show the latest committed state until the transaction is
+    aborted.  Two Database objects open on
     one file cannot take part in one transaction (`DobbinError`).
     """
 
