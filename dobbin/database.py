@@ -454,9 +454,7 @@ class Database:
                     enqueue(value)
                 return (oid, type(value))
             if isinstance(value, (PersistentFile, PersistentStream)):
-                if isinstance(value, PersistentStream) and value._jar is not self:
-                    commit.restated.add(id(obj))
-                return ("S", self._stream_offset(value, commit))
+                return ("S", self._stream_offset(value, commit, obj))
             return None
 
         writer = self._writer  # under the commit lock: one commit at a time
@@ -495,17 +493,25 @@ class Database:
         commit.new.append(obj)
         return oid
 
-    def _stream_offset(self, value, commit):
+    def _stream_offset(self, value, commit, holder):
+        """The offset of the S entry of stream or stored file `value`, which
+        the state of `holder` refers to; laid out in `commit` if new here."""
         offset = commit.stream_offsets.get(id(value))
-        if offset is not None:
-            return offset
-        if not isinstance(value, PersistentStream):
-            return commit.add_stream(id(value), value._p_source(), value, self._log)
-        if value._jar is self:
-            return value._offset
-        # Another database's: copied (block by block, if large).
-        offset = commit.add_stream(id(value), copy_source(value), None, self._log)
-        commit.copies[id(value)] = PersistentStream(self, offset)
+        if offset is None:
+            if isinstance(value, PersistentStream) and value._jar is self:
+                return value._offset
+            if isinstance(value, PersistentFile) and not value._p_stored_by_other(commit):
+                value._p_laid_out(commit)  # it becomes our stream at publication
+                return commit.add_stream(id(value), value._p_source(), value, self._log)
+            # Another database's stream, or a file that another database of
+            # this transaction stores too (and turns into its stream): we
+            # store a copy (block by block, if large).
+            source = (copy_source(value) if isinstance(value, PersistentStream)
+                      else value._p_source())
+            offset = commit.add_stream(id(value), source, None, self._log)
+            commit.copies[id(value)] = PersistentStream(self, offset)
+        if id(value) in commit.copies:
+            commit.restated.add(id(holder))
         return offset
 
     def _p_record_failure(self, commit, error):

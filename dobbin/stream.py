@@ -14,6 +14,7 @@ object that refers to them; they are not objects with an oid of their own.
 """
 
 import io
+import weakref
 
 from zope.interface import implementer
 
@@ -104,6 +105,7 @@ class PersistentFile:
         self._source = stream
         self._data = None
         self._start = _span_start(stream)
+        self._p_laid_out_by = _no_commit  # weakref to the Commit that turns it into its stream
 
     def _p_source(self):
         """What to store: a `FileSpan` of a seekable binary file of a block or
@@ -131,6 +133,17 @@ class PersistentFile:
             self._source = None
         return self._data
 
+    def _p_stored_by_other(self, commit):
+        """Does another commit in progress (another database of the same
+        transaction) turn this file into its stream?"""
+        other = self._p_laid_out_by()
+        return (other is not None and other is not commit and other.locked
+                and not other.published)
+
+    def _p_laid_out(self, commit):
+        """`commit` turns this file into its stream when it is published."""
+        self._p_laid_out_by = weakref.ref(commit)
+
     def _p_become_stream(self, jar, offset, size):
         # Same identity, new class: the object now reads from the log.
         self.__class__ = PersistentStream
@@ -139,6 +152,10 @@ class PersistentFile:
 
     def __deepcopy__(self, memo):
         return self
+
+
+def _no_commit():
+    return None
 
 
 def _span_start(stream):

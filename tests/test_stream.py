@@ -591,17 +591,46 @@ def test_an_io_error_in_the_other_database_fails_the_copy_not_our_log(open_db, t
     assert target.root.after == 1 and target.verify()["ok"]
 
 
-def test_one_file_stored_in_two_databases_at_once(open_db, tmp_path):
+@pytest.mark.parametrize("size", [6, BIG])  # read whole, and staged
+def test_one_file_stored_in_two_databases_at_once(open_db, tmp_path, size):
+    data = os.urandom(size)
     first = open_db(str(tmp_path / "a.dobbin"))
     second = open_db(str(tmp_path / "b.dobbin"))
-    pfile = PersistentFile(io.BytesIO(b"shared"))
+    pfile = PersistentFile(io.BytesIO(data))
     for db in (first, second):
         root = Persistent()
         checkout(root)
         root.file = pfile
         db.elect(root)
     transaction.commit()
+    # The first database (the transaction's order) turns the very object
+    # into its stream; the second refers to its own copy.
+    assert first.root.file is pfile and pfile._jar is first
+    assert second.root.file is not pfile and second.root.file._jar is second
+    first.close()
+    assert b"".join(second.root.file) == data
     for db in (first, second):
         reopened = Database(db.path, read_only=True)
-        assert b"".join(reopened.root.file) == b"shared"
+        assert b"".join(reopened.root.file) == data
         reopened.close()
+
+
+def test_a_file_left_by_an_aborted_commit_is_stored_as_itself_next_time(open_db):
+    db = open_db()
+    root = Persistent()
+    db.elect(root)
+    transaction.commit()
+    pfile = PersistentFile(io.BytesIO(b"retried"))
+    checkout(root)
+    root.file = pfile
+    root.orphan_checked_out = Persistent()
+    checkout(root.orphan_checked_out)
+    del root.orphan_checked_out  # an unconnected new object fails the vote
+    with pytest.raises(ObjectGraphError):
+        transaction.commit()
+    transaction.abort()
+    checkout(root)
+    root.file = pfile
+    transaction.commit()
+    assert root.file is pfile and type(pfile) is PersistentStream and pfile._jar is db
+    assert b"".join(pfile) == b"retried"
