@@ -128,6 +128,20 @@ class FailingDataManager:
         pass
 
 
+def commit_failing_beside(open_db, manager, expected):
+    """Change a stored object, commit with `manager` in the transaction
+    (the commit raises `expected`), abort; return (db, a, b, tx_count before)."""
+    db, _root, a, b = stored_pair(open_db)
+    count = db.tx_count
+    checkout(a)
+    a.x = "never"
+    transaction.get().join(manager)
+    with pytest.raises(expected):
+        transaction.commit()
+    transaction.abort()
+    return db, a, b, count
+
+
 def last_record_note(db):
     log = Log(db.path, read_only=True)
     try:
@@ -141,14 +155,8 @@ def last_record_note(db):
 @pytest.mark.parametrize("key", ["a-before-dobbin", "z-after-dobbin"])
 def test_another_resource_failing_fails_our_commit_recorded_and_unapplied(
         open_db, phase, key):
-    db, _root, a, _b = stored_pair(open_db)
-    count = db.tx_count
-    checkout(a)
-    a.x = "never"
-    transaction.get().join(FailingDataManager(phase, key))
-    with pytest.raises(ValueError, match="refused in " + phase):
-        transaction.commit()
-    transaction.abort()
+    db, a, _b, count = commit_failing_beside(open_db, FailingDataManager(phase, key),
+                                             ValueError)
     assert a.x == 0
     if phase == "tpc_begin" and key.startswith("a-"):
         # It failed before our tpc_begin: this database was never locked.
@@ -171,14 +179,8 @@ class UnprintableError(Exception):
 
 
 def test_a_strange_error_of_another_resource_is_recorded_and_unlocks(open_db, start_thread):
-    db, _root, a, b = stored_pair(open_db)
-    count = db.tx_count
-    checkout(a)
-    a.x = "never"
-    transaction.get().join(FailingDataManager("tpc_vote", "z", UnprintableError))
-    with pytest.raises(UnprintableError):
-        transaction.commit()
-    transaction.abort()
+    db, _a, b, count = commit_failing_beside(
+        open_db, FailingDataManager("tpc_vote", "z", UnprintableError), UnprintableError)
     assert db.tx_count == count + 1
     assert last_record_note(db) == (FAILED, {
         "error": "UnprintableError", "message": "(its message could not be read)"})
@@ -211,14 +213,8 @@ def test_a_database_failing_to_lock_leaves_no_failed_record_in_the_others(
 
 
 def test_an_interrupt_in_another_resource_aborts_without_a_failed_record(open_db):
-    db, _root, a, _b = stored_pair(open_db)
-    count = db.tx_count
-    checkout(a)
-    a.x = "never"
-    transaction.get().join(FailingDataManager("tpc_vote", "z", KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        transaction.commit()
-    transaction.abort()
+    db, a, _b, count = commit_failing_beside(
+        open_db, FailingDataManager("tpc_vote", "z", KeyboardInterrupt), KeyboardInterrupt)
     assert (a.x, db.tx_count) == (0, count)
 
 
