@@ -541,7 +541,7 @@ class Database:
                 for obj, state, entry in commit.stored:
                     self._cache.install(obj, state, record.tid, len(entry.data))
                 for owner, offset, size in commit.stream_owners:
-                    if isinstance(owner, PersistentFile):  # not yet another db's stream
+                    if isinstance(owner, PersistentFile):  # defensive: _stream_offset gives a file one owner
                         owner._p_become_stream(self, offset, size)
                 commit.published = True
                 self._apply(record, reload=False, durable_at=record.offset + record.length)
