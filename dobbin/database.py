@@ -540,8 +540,9 @@ class Database:
                 record = self._log.append(COMMITTED, commit.oid_high, entries, wait=False)
                 for obj, state, entry in commit.stored:
                     self._cache.install(obj, state, record.tid, len(entry.data))
+                # _stream_offset gives each file one owner; checked all the same.
                 for owner, offset, size in commit.stream_owners:
-                    if isinstance(owner, PersistentFile):  # defensive: _stream_offset gives a file one owner
+                    if isinstance(owner, PersistentFile):
                         owner._p_become_stream(self, offset, size)
                 commit.published = True
                 self._apply(record, reload=False, durable_at=record.offset + record.length)
