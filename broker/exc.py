@@ -148,13 +148,32 @@ def to_wire(error, traceback_text=None):
         message = repr(error.args[0])
     else:
         message = str(error)
-    wire = {"type": type_name, "message": message}
+    # A request's own values end up in errors (a missing item, a field):
+    # bounded, so that a huge one cannot make the reply unencodable.
+    wire = {"type": type_name, "message": _bounded(message)}
     info = error.info() if isinstance(error, BrokerError) else {}
     if info:
-        wire["info"] = info
+        wire["info"] = {name: value if _small(value) else _bounded(repr(value))
+                        for name, value in info.items()}
     if traceback_text is not None:
         wire["traceback"] = traceback_text
     return wire
+
+
+MAX_ERROR_TEXT = 1000
+
+
+def _bounded(text):
+    if len(text) <= MAX_ERROR_TEXT:
+        return text
+    return text[:MAX_ERROR_TEXT] + "... (%d characters)" % len(text)
+
+
+def _small(value):
+    """True for the info values sent as they are: None, numbers, short text."""
+    if value is None or type(value) in (bool, int, float):
+        return True
+    return type(value) in (str, bytes) and len(value) <= MAX_ERROR_TEXT
 
 
 def from_wire(wire):

@@ -386,7 +386,12 @@ class BrokerServer:
                         return
                     send_frames(router, frames[1:])  # a worker's reply to a client
                     continue
-                reply = self._receive(frames)
+                try:
+                    reply = self._receive(frames)
+                except Exception:
+                    # Never expected; but one request must not stop the server.
+                    logger.exception("request from %r failed unanswered", frames[0])
+                    continue
                 if reply is not None:
                     send_frames(router, reply)
         finally:
@@ -422,9 +427,17 @@ class BrokerServer:
         except (exc.ProtocolError, exc.AccessDenied):
             return None
 
-    def _error_frames(self, routing, rid, error):
-        body = protocol.error_reply(rid, self.instance, exc.to_wire(error))
-        return [routing, b"", protocol.MAGIC, self._codec.encode(body)]
+    def _error_frames(self, routing, rid, error, tb=None):
+        try:
+            data = self._codec.encode(protocol.error_reply(
+                rid, self.instance, exc.to_wire(error, tb)))
+        except exc.EncodeError:
+            # to_wire bounds what it sends; this is the last line, so that
+            # no error can leave a request unanswered.
+            data = self._codec.encode(protocol.error_reply(rid, self.instance, {
+                "type": "RemoteError",
+                "message": "a %s whose reply could not be encoded" % type(error).__name__}))
+        return [routing, b"", protocol.MAGIC, data]
 
     def _answer(self, routing, rid, op, fields):
         try:
@@ -438,8 +451,7 @@ class BrokerServer:
             tb = traceback.format_exc() if self.debug else None
             if not isinstance(error, (exc.BrokerError, KeyError, AttributeError)):
                 logger.debug("request %s failed", op, exc_info=True)
-            data = self._codec.encode(protocol.error_reply(
-                rid, self.instance, exc.to_wire(error, tb)))
+            return self._error_frames(routing, rid, error, tb)
         return [routing, b"", protocol.MAGIC, data]
 
     # -- workers -----------------------------------------------------------------------
@@ -454,7 +466,12 @@ class BrokerServer:
                 job = self._work.get()
                 if job is None:
                     return
-                send_frames(front, self._answer(*job))
+                try:
+                    reply = self._answer(*job)
+                except Exception:
+                    logger.exception("request %s failed unanswered", job[2])
+                    continue
+                send_frames(front, reply)
         finally:
             front.close(0)
 

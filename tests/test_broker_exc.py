@@ -44,3 +44,13 @@ def test_traceback_is_carried_when_given():
 def test_conflict_is_transient():
     from transaction.interfaces import TransientError
     assert issubclass(exc.ConflictError, TransientError)
+
+
+def test_to_wire_bounds_what_a_request_put_into_an_error():
+    huge = "x" * 100_000
+    wire = exc.to_wire(exc.ConflictError(key="oid 3", field=huge))
+    assert len(wire["message"]) < 1100 and wire["message"].endswith("characters)")
+    assert wire["info"]["key"] == "oid 3" and len(wire["info"]["field"]) < 1100
+    assert len(exc.to_wire(KeyError(b"\0" * 100_000))["message"]) < 1100
+    small = exc.to_wire(exc.ConflictError(key="oid 3", field="name"))
+    assert small["info"] == {"key": "oid 3", "field": "name"}

@@ -123,6 +123,38 @@ def test_a_burst_of_garbage_is_answered_message_by_message(peer):
     assert peer.request({"id": 99, "op": "ping"})["ok"] is None
 
 
+def things_key(peer):
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": hello["tid"]})["ok"]
+    return root["state"]["things"], hello["tid"]
+
+
+def test_an_error_too_big_to_send_is_cut_and_the_front_thread_lives(peer, broker):
+    # The missing item's repr (20 MB) once made the error reply unencodable,
+    # which killed the front thread: nobody was answered again.
+    things, tid = things_key(peer)
+    reply = peer.request({"id": 3, "op": "item", "key": things, "tx": tid,
+                          "item": [b"\0" * 5_000_000]})
+    error_type, message = error_of(reply)
+    assert error_type == "KeyError" and len(message) < 2000
+    assert peer.request({"id": 4, "op": "ping"})["ok"] is None
+
+
+def test_an_error_too_big_to_send_leaves_the_workers_serving(peer, broker):
+    # A conflict naming a huge item, once per worker: each used to kill one.
+    _db, server, connect = broker
+    things, tid = things_key(peer)
+    for n in range(server.workers + 1):
+        reply = peer.request({"id": 10 + n, "op": "commit", "tx": tid, "since": tid,
+                              "token": b"t%015d" % n, "new": [], "set": [], "del": [],
+                              "delitem": [],
+                              "setitem": [[things, (b"\0" * 5_000_000,), "wrong", 1]]})
+        error_type, message = error_of(reply)
+        assert error_type == "ConflictError" and len(message) < 2000
+        assert len(reply["error"]["info"]["field"]) < 2000
+    assert connect().call("hello", "you") == "hello you"
+
+
 def test_unknown_call_and_server_errors_are_typed(broker):
     _db, _server, connect = broker
     client = connect()
