@@ -27,6 +27,7 @@ nesting and trailing bytes all raise DecodeError.  Nothing here imports
 pickle.
 """
 
+import itertools
 import struct
 import threading
 
@@ -276,7 +277,10 @@ class Codec:
                               % (len(data), self.max_message))
         state = _DecodeState(self)
         try:
-            return state.unpack(data)
+            value = state.unpack(data)
+            if state.defs and type(value) in _KINDS:
+                state._count(value)  # comparing it would walk every shared part
+            return value
         except (DecodeError, AccessDenied):
             raise
         except (ValueError, TypeError, msgpack.UnpackException,
@@ -314,6 +318,10 @@ class _DecodeState:
         self.depth = 0
         self.size = codec.max_message
         self.items = codec.max_items
+        # id of each container built here -> (its items, counting a shared
+        # container at every place it occurs; the container, kept so that
+        # its id stays its own while decoding): see _measured.
+        self.sizes = {}
 
     def unpack(self, data):
         n = min(len(data), self.items)
@@ -360,7 +368,9 @@ class _DecodeState:
                 raise DecodeError("malformed ABSENT")
             return ABSENT
         if code in (EXT_TUPLE, EXT_SET, EXT_FROZENSET, EXT_DICT):
-            return _build(code, self._items(payload))
+            items = self._items(payload)
+            self._count(items)  # before a set or dict hashes them
+            return self._measured(_build(code, items))
         raise DecodeError("unknown extension type %d" % code)
 
     def _items(self, payload):
@@ -384,17 +394,57 @@ class _DecodeState:
             if kind == b"l" and type(items) is list:
                 container.extend(items)
             elif kind == b"D" and type(items) in (list, dict):
+                self._count(items)  # before the dict hashes its keys
                 _fill_dict(container, items)
             else:
                 raise DecodeError("malformed DEF payload")
-            return container
+            return self._measured(container)
         code = {b"t": EXT_TUPLE, b"s": EXT_SET, b"f": EXT_FROZENSET}.get(kind)
         if code is None:
             raise DecodeError("unknown DEF kind %r" % kind)
         self.defs[number] = None
-        container = _build(code, self._items(payload[5:]))
+        items = self._items(payload[5:])
+        self._count(items)
+        container = self._measured(_build(code, items))
         self.defs[number] = container
         return container
+
+    def _measured(self, container):
+        """`container`, once its size is known to be within the item limit.
+
+        Shared parts (DEF/REF) let a small message describe a huge tree, and
+        hashing a tuple or comparing two values walks that whole tree: 40
+        levels of a tuple holding one tuple twice take 2**40 steps.  Counted
+        before anything hashes it, such a message is refused instead.
+        """
+        self.sizes[id(container)] = (1, container)  # a cycle back to it counts once
+        self.sizes[id(container)] = (self._count(container), container)
+        return container
+
+    def _count(self, container):
+        """The items in `container`, each shared part counted wherever it occurs.
+
+        Only the plain containers inside it are walked: they belong to it
+        alone, and the shared ones were counted when they were built.
+        """
+        sizes = self.sizes
+        total = 0
+        stack = [container]
+        while stack:
+            value = stack.pop()
+            for child in (itertools.chain(value, value.values()) if type(value) is dict
+                          else value):
+                total += 1
+                if type(child) in _KINDS:
+                    known = sizes.get(id(child))
+                    if known is None:
+                        stack.append(child)
+                    else:
+                        total += known[0]
+            if total > self.items:
+                raise DecodeError("message expands to more than %d items through its "
+                                  "shared parts" % self.items)
+        return total
 
 
 def _build(code, items):

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
-from broker.codec import (ABSENT, EXT_DEF, EXT_DICT, EXT_KEY, EXT_REF, EXT_TUPLE, Codec)
+from broker.codec import (ABSENT, EXT_DEF, EXT_DICT, EXT_KEY, EXT_REF, EXT_SET, EXT_TUPLE,
+                          Codec)
 from broker.exc import AccessDenied, DecodeError, EncodeError
 from broker.interfaces import ICodec
 from broker.keys import Key, KeyRing
@@ -169,6 +170,40 @@ def test_ref_to_an_incomplete_tuple_is_refused():
     data = ext(EXT_DEF, struct.pack(">I", 0) + b"t" + b"\x91" + inner)
     with pytest.raises(DecodeError, match="before it is complete"):
         codec.decode(data)
+
+
+def shared_tree(levels, kind=b"t"):
+    """DEF n [DEF n-1, REF n-1]...: a few bytes for 2**levels items."""
+    node = msgpack.ExtType(EXT_DEF, struct.pack(">I", 0) + kind + msgpack.packb([]))
+    for n in range(1, levels + 1):
+        ref = msgpack.ExtType(EXT_REF, struct.pack(">I", n - 1))
+        node = msgpack.ExtType(EXT_DEF, struct.pack(">I", n) + kind + msgpack.packb([node, ref]))
+    return node
+
+
+@pytest.mark.parametrize("kind", [b"t", b"l"])
+def test_a_small_message_that_expands_to_a_huge_tree_is_refused(kind):
+    # Hashing (in a set) or comparing 2**40 items would take for ever.
+    tree = shared_tree(40, kind)
+    in_a_set = msgpack.ExtType(EXT_SET, msgpack.packb([tree]))
+    for value in ([tree], in_a_set) if kind == b"t" else ([tree],):
+        data = msgpack.packb({"x": value})
+        assert len(data) < 2000
+        with pytest.raises(DecodeError, match="expands to more than"):
+            codec.decode(data)
+
+
+def test_many_references_to_one_big_part_are_refused_as_a_whole():
+    data = msgpack.packb([shared_tree(10)]
+                         + [msgpack.ExtType(EXT_REF, struct.pack(">I", 10))] * 300)
+    assert len(codec.decode(data)) == 301  # 301 x 2,046 items: within a million
+    with pytest.raises(DecodeError, match="expands to more than 100000 items"):
+        Codec(max_items=100_000).decode(data)
+
+
+def test_sharing_within_the_limit_still_decodes():
+    value = roundtrip([(1, 2)] * 2 + [{"a": [3]}] * 3)
+    assert value[0] is value[1] and value[2] is value[4]
 
 
 def test_ext_nesting_depth_is_limited():
