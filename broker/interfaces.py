@@ -132,6 +132,27 @@ class IExportRegistry(Interface):
         """Return the IClassExport with wire name `name`, or None if not seen yet."""
 
 
+class ICommitOutcomes(Interface):
+    """The outcomes of recent commits, so that a resent commit runs once.
+
+    Keys are (token, request id) of commit requests; used by the server's
+    front thread (start) and workers (finish), so every method is
+    thread-safe.
+    """
+
+    def start(key, routing):
+        """Return RUN if the caller is to run the commit, WAIT if a copy is
+        running (`routing` is then answered when it finishes), or the encoded
+        reply of the finished commit, to send to `routing` as it is."""
+
+    def finish(key, reply):
+        """Remember the encoded `reply` of a commit that ran; return the
+        routing ids of the copies that waited for it."""
+
+    def abandon(key):
+        """Forget a started commit that will not run (the server is stopping)."""
+
+
 class IBrokerServer(Interface):
     """Serves one Dobbin database to remote clients.
 

@@ -52,6 +52,7 @@ from broker.export import ExportRegistry
 from broker.handlers import Handlers
 from broker.interfaces import IBrokerServer
 from broker.keys import KeyRing, load_or_create_secret, secret_path_for
+from broker.outcomes import RUN, WAIT, CommitOutcomes
 from broker.states import Record, StateCache, seal
 from broker.transport import recv_frames, send_frames
 from dobbin.persistent import Persistent, checkout
@@ -308,6 +309,7 @@ class BrokerServer:
         self._running = True
         self._stopping = threading.Event()
         self._work = queue.Queue()  # nothing queued before a stop runs after it
+        self._outcomes = CommitOutcomes()
         self._threads = {"front": self._spawn("broker-front", self._front, router),
                          "workers": [self._spawn("broker-worker-%d" % n, self._worker,
                                                  self._worker_ids[n])
@@ -415,10 +417,19 @@ class BrokerServer:
         self.requests[op] += 1
         if op in protocol.INLINE:
             return self._answer(routing, rid, op, fields)
+        if op == "commit":
+            # A copy the client sent again, having waited in vain for the reply.
+            outcome = self._outcomes.start((fields["token"], rid), routing)
+            if outcome is WAIT:
+                return None
+            if outcome is not RUN:
+                return [routing, b"", protocol.MAGIC, outcome]
         if not self._stopping.is_set():
             # Stopping: no worker would take it.  Unanswered, the client
             # retries it, on this address's next server if there is one.
             self._work.put((routing, rid, op, fields))
+        elif op == "commit":
+            self._outcomes.abandon((fields["token"], rid))
         return None
 
     def _request_id_of(self, data):
@@ -466,12 +477,18 @@ class BrokerServer:
                 job = self._work.get()
                 if job is None:
                     return
+                routing, rid, op, fields = job
                 try:
-                    reply = self._answer(*job)
+                    reply = self._answer(routing, rid, op, fields)
                 except Exception:
-                    logger.exception("request %s failed unanswered", job[2])
+                    logger.exception("request %s failed unanswered", op)
+                    if op == "commit":
+                        self._outcomes.abandon((fields["token"], rid))
                     continue
                 send_frames(front, reply)
+                if op == "commit":
+                    for copy in self._outcomes.finish((fields["token"], rid), reply[3]):
+                        send_frames(front, [copy] + reply[1:])
         finally:
             front.close(0)
 

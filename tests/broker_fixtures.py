@@ -77,6 +77,9 @@ class TestServer(BrokerServer):
     def do_fail(self):
         raise ValueError("deliberate failure")
 
+    def do_sleep(self, seconds):
+        time.sleep(seconds)  # holds a worker, as a slow application call does
+
 
 def make_database(path):
     """Create a database at `path` with a Folder root; return it open."""

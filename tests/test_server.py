@@ -155,6 +155,50 @@ def test_an_error_too_big_to_send_leaves_the_workers_serving(peer, broker):
     assert connect().call("hello", "you") == "hello you"
 
 
+def test_a_commit_sent_twice_runs_once_and_both_copies_get_its_reply(peer, broker):
+    db, _server, _connect = broker
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    tid = hello["tid"]
+    root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": tid})["ok"]
+    commit = codec.encode({"id": 3, "op": "commit", "tx": tid, "since": tid,
+                           "token": b"k" * 16, "new": [], "del": [], "setitem": [],
+                           "delitem": [], "set": [[root["state"]["item"], "name", "first",
+                                                   "second"]]})
+    # The second copy comes while the first is queued, running or done.
+    peer.send(b"", protocol.MAGIC, commit)
+    peer.send(b"", protocol.MAGIC, commit)
+    first, second = peer.reply(), peer.reply()
+    assert "ok" in first and first == second
+    assert first["ok"]["tid"] == tid + 1
+    # A copy after the outcome is known gets it too; the change was made once.
+    assert peer.request(commit) == first
+    transaction.begin()
+    assert db.sync() == tid + 1 and db.root.item.name == "second"
+
+
+def test_a_commit_whose_reply_is_late_is_retried_without_a_false_conflict(tmp_path):
+    # The client gives up waiting and sends the commit again; the server
+    # once ran both copies, and the second failed on the first's change.
+    db = make_database(str(tmp_path / "test.dobbin"))
+    with served(db, workers=1) as server:
+        busy = RawPeer(server.address)
+        client = BrokerClient(server.address, timeout=0.3, retries=4)
+        try:
+            item = client.root.item
+            busy.send(b"", protocol.MAGIC, codec.encode(
+                {"id": 1, "op": "call", "name": "sleep", "args": [1.0], "kwargs": {}}))
+            item.name = "second"
+            client.commit()
+            assert client._conn.reconnects >= 1  # the commit was sent again
+            assert busy.reply(3) is not None
+            client.begin()
+            assert client.root.item.name == "second"
+        finally:
+            client.close()
+            busy.close()
+    db.close()
+
+
 def test_unknown_call_and_server_errors_are_typed(broker):
     _db, _server, connect = broker
     client = connect()
