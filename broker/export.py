@@ -19,6 +19,7 @@ import collections.abc
 
 from zope.interface import implementer
 
+from broker.codec import ABSENT
 from broker.exc import ExportError
 from broker.interfaces import IClassExport, IExportRegistry
 
@@ -98,6 +99,11 @@ class ClassExport:
     def writable(self, name):
         if self.readonly is True or name in self.readonly:
             return False
+        # A method or property of the class: a value stored under its name
+        # would replace the behaviour for the server's own code.
+        attribute = getattr(self.cls, name, None)
+        if callable(attribute) or hasattr(type(attribute), "__get__"):
+            return False
         return self.readable(name)
 
     def callable(self, name):
@@ -117,6 +123,19 @@ class ClassExport:
                     if value is not None and not callable(value):
                         result[name] = value
         return result
+
+    def value_seen(self, state, name):
+        """The value of `name` that clients see in `state`, as filter_state
+        gives it, or ABSENT (also for names they cannot see)."""
+        if not self.readable(name):
+            return ABSENT
+        if name in state:
+            return state[name]
+        if self.fields is not None and name not in self.hidden:
+            value = getattr(self.cls, name, None)
+            if value is not None and not callable(value):
+                return value
+        return ABSENT
 
     def meta(self):
         """Return the class description sent to clients (no hidden names)."""

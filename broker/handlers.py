@@ -23,7 +23,7 @@ from broker.protocol import VERSION
 from broker.states import Record
 from dobbin.exc import ConflictError as StoreConflictError
 from dobbin.exc import HistoryError
-from dobbin.persistent import Persistent, PersistentDict, checkout
+from dobbin.persistent import Persistent, PersistentDict, checkout, state_of
 from dobbin.stream import PersistentStream
 
 logger = logging.getLogger("broker.server")
@@ -81,7 +81,12 @@ class Handlers:
         raise AccessDenied("a %s key is not allowed here" % key)
 
     def resolve_values(self, value, created=None, memo=None):
-        """Replace the keys inside a decoded value by the objects they name."""
+        """A copy of a decoded value with the keys in it replaced by the objects they name.
+
+        The request itself is left as it came: a commit retried after a
+        store conflict resolves it again, against that attempt's new
+        objects.  `memo` (id -> copy) keeps shared and cyclic parts so.
+        """
         t = type(value)
         if t is Key:
             return self.resolve(value, created)
@@ -93,16 +98,14 @@ class Handlers:
         if done is not None:
             return done
         if t is list:
-            memo[id(value)] = value
-            value[:] = [self.resolve_values(x, created, memo) for x in value]
-            return value
+            result = memo[id(value)] = []  # before its items, which may refer to it
+            result.extend(self.resolve_values(x, created, memo) for x in value)
+            return result
         if t is dict:
-            memo[id(value)] = value
-            items = [(self.resolve_values(k, created, memo), self.resolve_values(v, created, memo))
-                     for k, v in value.items()]
-            value.clear()
-            value.update(items)
-            return value
+            result = memo[id(value)] = {}
+            result.update((self.resolve_values(k, created, memo),
+                           self.resolve_values(v, created, memo)) for k, v in value.items())
+            return result
         result = t(self.resolve_values(x, created, memo) for x in value)
         memo[id(value)] = result
         return result
@@ -358,36 +361,42 @@ class Handlers:
             created[num] = obj = rules.cls.__new__(rules.cls)
             checkout(obj)
             touched.append(obj)
+        memo = {}  # one copy of each shared part of the request
+
+        def resolve(value):
+            return self.resolve_values(value, created, memo)
+
         for num, cname, fields in f["new"]:
             obj, rules = created[num], self.exports.by_name(cname)
             for name, value in fields.items():
                 self._check_writable(rules, name, Key("n", num))
-                setattr(obj, name, self.resolve_values(value, created))
+                setattr(obj, name, resolve(value))
+        # Old values are checked against what clients see (class defaults
+        # included, hidden fields absent), and before the names are, so
+        # that a refusal tells a hidden name from an absent one no more
+        # than a read does.
         for key, name, old, new in f["set"]:
             obj, rules = self._writable_object(key, created, touched)
-            self._check_writable(rules, name, key)
             if key.kind != "n":
-                self._verify(key, name, getattr(obj, name, ABSENT),
-                             self.resolve_values(old, created))
-            setattr(obj, name, self.resolve_values(new, created))
+                self._verify(key, name, rules.value_seen(state_of(obj), name), resolve(old))
+            self._check_writable(rules, name, key)
+            setattr(obj, name, resolve(new))
         for key, name, old in f["del"]:
             obj, rules = self._writable_object(key, created, touched)
+            self._verify(key, name, rules.value_seen(state_of(obj), name), resolve(old))
             self._check_writable(rules, name, key)
-            current = getattr(obj, name, ABSENT)
-            self._verify(key, name, current, self.resolve_values(old, created))
-            if current is not ABSENT:
+            if name in state_of(obj):
                 delattr(obj, name)
         for key, item, old, new in f["setitem"]:
             mapping = self._writable_mapping(key, created, touched)
-            item = self.resolve_values(item, created)
-            self._verify(key, item, mapping.get(item, ABSENT), self.resolve_values(old, created))
-            self._mutate(mapping, touched, lambda m: m.__setitem__(
-                item, self.resolve_values(new, created)))
+            item = resolve(item)
+            self._verify(key, item, mapping.get(item, ABSENT), resolve(old))
+            self._mutate(mapping, touched, lambda m: m.__setitem__(item, resolve(new)))
         for key, item, old in f["delitem"]:
             mapping = self._writable_mapping(key, created, touched)
-            item = self.resolve_values(item, created)
+            item = resolve(item)
             current = mapping.get(item, ABSENT)
-            self._verify(key, item, current, self.resolve_values(old, created))
+            self._verify(key, item, current, resolve(old))
             if current is not ABSENT:
                 self._mutate(mapping, touched, lambda m: m.__delitem__(item))
         return touched

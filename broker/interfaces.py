@@ -103,13 +103,19 @@ class IClassExport(Interface):
         """Return True if clients may read attribute `name`."""
 
     def writable(name):
-        """Return True if clients may set or delete attribute `name`."""
+        """Return True if clients may set or delete attribute `name`: readable,
+        not read-only, and not a method or property of the class."""
 
     def callable(name):
         """Return True if clients may call method `name`."""
 
     def filter_state(state):
         """Return the readable part of a state dict (never a hidden name)."""
+
+    def value_seen(state, name):
+        """Return the value of `name` clients see in `state` (as in
+        filter_state, class defaults included), or ABSENT, also for a name
+        they cannot see.  Commits check clients' old values against it."""
 
     def meta():
         """Return the description sent to clients (plain values, no hidden names)."""

@@ -3,6 +3,7 @@
 import pytest
 from zope.interface.verify import verifyObject
 
+from broker.codec import ABSENT
 from broker.exc import ExportError
 from broker.export import ClassExport, ExportRegistry, exported, is_mapping_class
 from broker.interfaces import IClassExport, IExportRegistry
@@ -67,6 +68,39 @@ def test_declared_fields_fall_back_to_class_defaults():
 
     rules = ClassExport(WithDefault, fields=["colour"])
     assert rules.filter_state({}) == {"colour": "red"}
+
+
+def test_methods_and_properties_are_never_writable():
+    class WithBehaviour(Persistent):
+        colour = None
+
+        def paint(self):
+            return "painted"
+
+        @property
+        def shade(self):
+            return "dark"
+
+    rules = ClassExport(WithBehaviour, readonly=())
+    # A value under a method's name would replace the method for server code.
+    assert rules.writable("colour") and rules.writable("anything_new")
+    assert not rules.writable("paint") and not rules.writable("shade")
+    assert rules.meta()["writable"] is None  # every field: none declared
+
+
+def test_value_seen_is_what_filter_state_shows():
+    class WithDefault(Persistent):
+        colour = "red"
+
+    declared = ClassExport(WithDefault, fields=["colour", "size"], hidden=["secret"])
+    undeclared = ClassExport(WithDefault, hidden=["secret"])
+    state = {"size": 3, "secret": "s"}
+    for rules in (declared, undeclared):
+        shown = rules.filter_state(state)
+        for name in ("colour", "size", "secret", "other"):
+            assert rules.value_seen(state, name) == shown.get(name, ABSENT)
+    assert declared.value_seen(state, "colour") == "red"
+    assert undeclared.value_seen(state, "colour") is ABSENT
 
 
 def test_subclasses_inherit_rules():

@@ -199,6 +199,97 @@ def test_a_commit_whose_reply_is_late_is_retried_without_a_false_conflict(tmp_pa
     db.close()
 
 
+def test_resolving_a_request_leaves_it_as_it_came(broker):
+    # op_commit resolves a request again when it retries after a store
+    # conflict: the request must still name that attempt's new objects.
+    _db, server, _connect = broker
+    first, second = Item("first"), Item("second")
+    request = [Key("n", 1), {"k": Key("n", 1)}, (Key("n", 1),)]
+    request.append(request)
+    resolved = server._handlers.resolve_values(request, {1: first})
+    assert resolved[:3] == [first, {"k": first}, (first,)] and resolved[3] is resolved
+    assert request[0] == Key("n", 1) and request[1] == {"k": Key("n", 1)}
+    assert server._handlers.resolve_values(request, {1: second})[:2] == [second, {"k": second}]
+
+
+def test_a_commit_retried_after_a_store_conflict_stores_its_own_new_objects(
+        broker, monkeypatch):
+    db, server, connect = broker
+    handlers = server._handlers
+    apply_commit = handlers.apply_commit
+    attempts = []
+
+    def apply_then_race(f):
+        touched = apply_commit(f)
+        attempts.append(1)
+        if len(attempts) == 1:  # another writer gets in before our commit
+            def writer():
+                transaction.begin()
+                checkout(db.root.things)
+                db.root.things["other"] = 1
+                transaction.commit()
+            thread = threading.Thread(target=writer)
+            thread.start()
+            thread.join()
+        return touched
+
+    monkeypatch.setattr(handlers, "apply_commit", apply_then_race)
+    client = connect()
+    fresh = client.new("broker_fixtures.Item", name="fresh")
+    client.root.things["list"] = [fresh]
+    client.root.things["direct"] = fresh
+    client.commit()
+    assert len(attempts) == 2
+    transaction.begin()
+    db.sync()
+    things = db.root.things
+    assert things["list"][0] is things["direct"] and things["direct"].name == "fresh"
+
+
+def test_a_field_with_a_class_default_can_be_set(broker):
+    # Clients see no value (the state has none); the server once compared
+    # with the class default instead, and refused every such commit.
+    _db, _server, connect = broker
+    client = connect()
+    client.root.things["x"] = client.new("broker_fixtures.Item")
+    client.commit()
+    client.begin()
+    item = client.root.things["x"]
+    with pytest.raises(AttributeError):
+        item.name
+    item.name = "named"
+    client.commit()
+    client.begin()
+    assert client.root.things["x"].name == "named"
+
+
+def test_a_refused_change_tells_a_hidden_field_from_an_absent_one_no_more_than_a_read(
+        peer, broker):
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    tid = hello["tid"]
+    root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": tid})["ok"]
+    item = root["state"]["item"]
+    replies = []
+    for n, name in enumerate(["secret", "secrat"]):
+        replies.append(error_of(peer.request({
+            "id": 10 + n, "op": "commit", "tx": tid, "since": tid, "token": b"h%015d" % n,
+            "new": [], "del": [], "setitem": [], "delitem": [],
+            "set": [[item, name, "a wrong guess", "x"]]})))
+    assert [error_type for error_type, _message in replies] == ["ConflictError"] * 2
+
+
+def test_clients_cannot_store_values_over_methods(broker):
+    db, _server, connect = broker
+    client = connect()
+    client.root.things["x"] = client.new("broker_fixtures.Item", name="x",
+                                         internal="client data")
+    with pytest.raises(exc.AccessDenied, match="internal"):
+        client.commit()
+    transaction.begin()
+    db.sync()
+    assert "x" not in db.root.things and db.root.item.internal() == "not exported"
+
+
 def test_unknown_call_and_server_errors_are_typed(broker):
     _db, _server, connect = broker
     client = connect()
