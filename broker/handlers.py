@@ -297,14 +297,10 @@ class Handlers:
         stream = state.get(field)
         if not isinstance(stream, PersistentStream):
             raise KeyError("%s has no stream %r" % (f["key"], field))
-        stream.open()
-        try:
-            size = stream.size
-            stream.seek(min(f["offset"], size))
-            data = stream.read(f["size"])
-        finally:
-            stream.close()
-        return {"data": data, "size": size}
+        # Not open/seek/read: every copy of the state shares this stream
+        # object, and with it one position, while workers serve many readers.
+        size = stream.size
+        return {"data": stream.read_at(min(f["offset"], size), f["size"]), "size": size}
 
     # -- writes ----------------------------------------------------------------
 

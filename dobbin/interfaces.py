@@ -86,6 +86,11 @@ class IPersistentStream(Interface):
         `dobbin.exc.StreamError` if the view is closed.
         """
 
+    def read_at(offset, size=-1):
+        """Read up to `size` bytes from `offset` (all that remain if `size` is
+        negative) without using or moving the shared position: safe from
+        several threads.  A negative offset is a ValueError."""
+
     def seek(offset, whence=0):
         """Move the position as ``io.IOBase.seek`` would; clamp at the end."""
 

@@ -173,8 +173,8 @@ class PersistentStream:
     """Bytes stored in the log, read through a file-like API or iteration.
 
     The file-like methods (`open`, `read`, `seek`, `tell`, `close`) share
-    one position per stream object; iteration opens its own handle, so it
-    is independent of them and safe to use from several threads.
+    one position per stream object; `read_at` and iteration keep their own,
+    so they are independent of them and safe to use from several threads.
     """
 
     # Its public home, as the user's guide shows it, is dobbin.database.
@@ -222,14 +222,23 @@ class PersistentStream:
     def read(self, size=-1):
         """Read up to `size` bytes (all that remain if negative)."""
         self._check_open()
+        data = self.read_at(self._position, -1 if size is None else size)
+        self._position += len(data)
+        return data
+
+    def read_at(self, offset, size=-1):
+        """Read up to `size` bytes from `offset` (all that remain if negative),
+        leaving the position alone: safe from several threads at once."""
+        if offset < 0:
+            raise ValueError("negative offset %d" % offset)
         total = self.size
-        end = total if size is None or size < 0 else min(total, self._position + size)
+        end = total if size < 0 else min(total, offset + size)
         parts = []
-        while self._position < end:
-            index, skip = divmod(self._position, STREAM_CHUNK)
-            chunk = self._chunk(index)[skip:skip + end - self._position]
+        while offset < end:
+            index, skip = divmod(offset, STREAM_CHUNK)
+            chunk = self._chunk(index)[skip:skip + end - offset]
             parts.append(chunk)
-            self._position += len(chunk)
+            offset += len(chunk)
         return b"".join(parts)
 
     def seek(self, offset, whence=io.SEEK_SET):

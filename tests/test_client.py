@@ -252,6 +252,36 @@ def test_streams_are_read_in_chunks(broker):
         stream.read()
 
 
+def test_clients_reading_one_stream_at_once_each_get_their_bytes(broker):
+    # The server once read every client's chunk through the stream's one
+    # shared position: concurrent readers got each other's bytes, or errors.
+    db, _server, connect = broker
+    data = bytes((n * 7 + n // 65536) & 0xFF for n in range(4 * STREAM_CHUNK))
+    transaction.begin()
+    checkout(db.root.item)
+    db.root.item.data = PersistentFile(io.BytesIO(data))
+    transaction.commit()
+    wrong, errors = [], []
+
+    def reader(seed):
+        try:
+            stream = connect(timeout=5).root.item.data
+            for n in range(40):
+                offset = (seed * 7919 + n * 104729) * 4096 % (len(data) - 65536)
+                stream.seek(offset)
+                if stream.read(65536) != data[offset:offset + 65536]:
+                    wrong.append(offset)
+        except Exception as error:  # reported below, with the thread's others
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (wrong, errors) == ([], [])
+
+
 def test_client_is_thread_safe(broker):
     _db, _server, connect = broker
     client = connect()

@@ -187,6 +187,43 @@ def test_large_stream_random_seeks(open_db):
         assert stream.tell() == min(start + size, LARGE)
 
 
+def test_read_at_reads_anywhere_and_leaves_the_position_alone(open_db):
+    data = pattern(LARGE)
+    _db, _root, stream = store(open_db, data, durability="none")
+    stream.open()
+    stream.seek(7)
+    rng = random.Random(7)
+    for _ in range(100):
+        start = rng.randrange(LARGE + 10)
+        size = rng.choice([-1, 0, 1, rng.randrange(3 * STREAM_CHUNK)])
+        assert stream.read_at(start, size) == (data[start:] if size < 0
+                                               else data[start:start + size])
+    assert stream.tell() == 7
+    with pytest.raises(ValueError, match="negative offset"):
+        stream.read_at(-1, 5)
+
+
+def test_threads_reading_one_stream_at_their_own_offsets(open_db):
+    # A broker's workers serve many readers from one shared stream object.
+    data = pattern(LARGE)
+    _db, _root, stream = store(open_db, data, durability="none")
+    wrong = []
+
+    def reader(seed):
+        rng = random.Random(seed)
+        for _ in range(200):
+            start = rng.randrange(LARGE)
+            if stream.read_at(start, 5000) != data[start:start + 5000]:
+                wrong.append(start)
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+
+
 def test_empty_stream(open_db):
     _db, _root, stream = store(open_db, b"")
     assert stream.size == 0
