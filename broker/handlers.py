@@ -284,9 +284,11 @@ class Handlers:
     def op_items(self, f):
         obj = self.resolve(f["key"])
         items, deps = self.mapping_at(obj, f["tx"])
-        start, limit = f["start"], f["limit"] or 1000
-        page = [[k, v] for k, v in itertools.islice(items.items(), start, start + limit)]
         length = len(items)
+        # Clamped: islice refuses positions past sys.maxsize.
+        start = min(f["start"], length)
+        end = min(start + (f["limit"] or 1000), length)
+        page = [[k, v] for k, v in itertools.islice(items.items(), start, end)]
         return {"items": page, "more": start + len(page) < length, "len": length,
                 "deps": deps}
 

@@ -290,6 +290,14 @@ def test_clients_cannot_store_values_over_methods(broker):
     assert "x" not in db.root.things and db.root.item.internal() == "not exported"
 
 
+def test_a_page_of_items_from_far_past_the_end_is_empty(peer, broker):
+    things, tid = things_key(peer)
+    for start, limit in [(2 ** 63 - 1, None), (2 ** 63 - 1, 100_000), (1000, 5)]:
+        reply = peer.request({"id": 3, "op": "items", "key": things, "tx": tid,
+                              "start": start, "limit": limit})
+        assert reply["ok"]["items"] == [] and reply["ok"]["more"] is False
+
+
 def test_unknown_call_and_server_errors_are_typed(broker):
     _db, _server, connect = broker
     client = connect()
