@@ -125,14 +125,17 @@ class Handlers:
         return self._readable_state(obj, tid)
 
     def _readable_state(self, obj, tid):
+        serial, state = self._state_as_of(obj, tid)
+        rules = self.exports.lookup(type(obj))
+        return rules, serial, rules.filter_state(state)
+
+    def _state_as_of(self, obj, tid):
         try:
-            serial, state = self.db.load_state(obj._p_oid, tid)
+            return self.db.load_state(obj._p_oid, tid)
         except HistoryError:
             key = self.keyring.sign("o", obj._p_oid)
             raise ReadConflictError("%s has no version as of transaction %d; begin() again"
                                     % (key, tid), key=str(key)) from None
-        rules = self.exports.lookup(type(obj))
-        return rules, serial, rules.filter_state(state)
 
     def record(self, obj, tid):
         """Return the encoded state record of persistent `obj` as of snapshot `tid`."""
@@ -200,7 +203,7 @@ class Handlers:
         self.catch_up(tid)
         activate(obj)
         if isinstance(obj, PersistentDict):
-            _serial, state = self.db.load_state(obj._p_oid, tid)
+            _serial, state = self._state_as_of(obj, tid)
             return state.get("_data", {}), [obj._p_oid]
         internal = self.internal_nodes(obj)
         for node in internal:

@@ -298,6 +298,13 @@ def test_a_page_of_items_from_far_past_the_end_is_empty(peer, broker):
         assert reply["ok"]["items"] == [] and reply["ok"]["more"] is False
 
 
+def test_reading_a_mapping_before_it_existed_is_a_read_conflict(peer, broker):
+    things, _tid = things_key(peer)
+    for n, op in enumerate([{"op": "item", "item": "n"}, {"op": "load"}]):
+        reply = peer.request(dict(op, id=3 + n, key=things, tx=0))
+        assert error_of(reply)[0] == "ReadConflictError"
+
+
 def test_unknown_call_and_server_errors_are_typed(broker):
     _db, _server, connect = broker
     client = connect()
