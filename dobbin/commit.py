@@ -124,6 +124,19 @@ class Commit:
         entry.serial = obj._p_serial
         return resolved
 
+    def check_root(self, seen, index):
+        """Refuse an election made on the belief that the root was `seen`
+        (an oid, or None) once another commit has elected another one: it
+        would orphan that root and what was committed under it."""
+        current = index.root_oid()
+        if current == seen:
+            return
+        learned_now = bool(index.roots) and index.roots[-1][0] > self.known_tid
+        error_class = ReadConflictError if learned_now else WriteConflictError
+        raise error_class("database conflict: another commit elected a root (oid %s) after "
+                          "this transaction saw %s" % (current, "none" if seen is None
+                                                       else "oid %d" % seen), oid=current)
+
     def restate_copied_streams(self):
         """Make the states of the `restated` objects refer to the `copies`,
         as their records do, rather than to other databases' streams."""

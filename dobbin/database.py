@@ -26,7 +26,7 @@ from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT
 from dobbin.persistent import Persistent, _set_jar, _set_oid, ghost_oid, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.commit import BIG_COMMIT, Commit
-from dobbin.session import copy_state, current_session
+from dobbin.session import copy_state, current_session, note_root_seen, root_seen
 from dobbin.snapshot import snapshot, verify, version_data
 from dobbin.stream import PersistentFile, PersistentStream, copy_source
 
@@ -167,6 +167,7 @@ class Database:
         self._register_thread()
         with self._state_lock:
             oid = self._index.root_oid()
+            note_root_seen(self._threads, oid)  # an election checks it is still the root
             if oid is None:
                 return None
             root = self._root
@@ -181,7 +182,9 @@ class Database:
             raise DobbinError("%r belongs to another database" % (obj,))
         self._check_writable()
         self._register_thread()
-        current_session().elect(self, obj)
+        with self._state_lock:
+            seen = root_seen(self._threads, self._index.root_oid())
+        current_session().elect(self, obj, seen)
 
     def get(self, oid):
         self._register_thread()
@@ -476,6 +479,7 @@ class Database:
         finally:
             writer.reference_id = None  # the hook holds this commit's states
         if root is not None:
+            commit.check_root(session.root_seen.get(self), self._index)
             commit.root_oid = root._p_oid
         if commit.restated:
             commit.restate_copied_streams()

@@ -125,7 +125,11 @@ class IDatabase(Interface):
     def elect(obj):
         """Make `obj` the root object when the current transaction commits.
 
-        The object joins this database at once (``obj._p_jar``).
+        The object joins this database at once (``obj._p_jar``).  If
+        another commit elects a root after this transaction first read
+        ``root`` (or, had it not, after this call), the commit raises a
+        `dobbin.exc.ConflictError`, which ``transaction.manager.attempts()``
+        retries, rather than orphan that root.
         """
 
     def get(oid):
@@ -306,8 +310,9 @@ class ISession(IDataManager, ISavepointDataManager):
     def add(obj, old, serial):
         """Record that `obj` was checked out with shared state `old` at `serial`."""
 
-    def elect(database, obj):
-        """Make `obj` the root of `database` at commit."""
+    def elect(database, obj, seen):
+        """Make `obj` the root of `database` at commit, if its root is
+        then still `seen` (an oid, or None); else the commit conflicts."""
 
     def working_state(obj):
         """Return the state to store for `obj`."""

@@ -13,6 +13,7 @@ import sys
 import threading
 
 import transaction
+from transaction.interfaces import NoTransaction
 from zope.interface import implementer
 
 from dobbin.exc import DobbinError, ObjectGraphError, StorageError
@@ -72,6 +73,25 @@ def _kept_as_is(value):
     return kind in _IMMUTABLE or hasattr(kind, "_p_oid")
 
 
+def note_root_seen(threads, oid):
+    """Remember `oid` as the root the calling thread's transaction saw
+    first in the database whose thread-local data `threads` is."""
+    try:
+        txn = transaction.get()
+    except NoTransaction:  # an explicit manager outside a transaction
+        return
+    if getattr(threads, "root_txn", None) is not txn:
+        threads.root_txn = txn
+        threads.root_seen = oid
+
+
+def root_seen(threads, oid):
+    """The root the calling thread's transaction saw first, or `oid` now."""
+    if getattr(threads, "root_txn", None) is transaction.get():
+        return threads.root_seen
+    return oid
+
+
 def current_session():
     """The session of the calling thread's current transaction, joined."""
     txn = transaction.get()
@@ -104,6 +124,7 @@ class Session:
         self.thread = thread_key()
         self.checkouts = {}   # id(obj) -> _Checkout, in checkout order
         self.elected = {}     # database -> new root object
+        self.root_seen = {}   # database -> root oid this transaction saw first
         self._adopted = []    # objects given a jar by elect(), undone on abort
         self._commits = []    # (database, commit) pairs, locked, in lock order
         self._committing = False
@@ -126,8 +147,10 @@ class Session:
         """Record that `obj` was checked out with state `old` at `serial`."""
         self.checkouts[id(obj)] = _Checkout(obj, old, serial)
 
-    def elect(self, database, obj):
-        """Make `obj` the root of `database` when this transaction commits."""
+    def elect(self, database, obj, seen):
+        """Make `obj` the root of `database` when this transaction commits,
+        if its root is then still `seen` (an oid, or None)."""
+        self.root_seen.setdefault(database, seen)
         if obj._p_jar is None:
             obj._p_jar = database
             self._adopted.append(obj)

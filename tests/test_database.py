@@ -195,6 +195,74 @@ def test_oids_unique_across_processes(open_db, durability):
     assert db.verify()["ok"] and glob.glob(db.path + ".*") == []
 
 
+def _elect_root_in_process(path, owner):
+    db = Database(path, durability="none")
+    if db.root is None:
+        db.elect(PersistentDict(owner=owner))
+        transaction.commit()
+    db.close()
+
+
+def _elect_or_join_root(db, name, elect_elsewhere):
+    """The README's pattern under attempts(); `elect_elsewhere()` runs in
+    the first attempt, after this one saw no root."""
+    attempts = 0
+    for attempt in transaction.manager.attempts(5):
+        with attempt:
+            attempts += 1
+            if db.root is None:
+                if attempts == 1:
+                    elect_elsewhere()
+                db.elect(PersistentDict())
+                transaction.commit()
+            root = db.root
+            checkout(root)
+            root[name] = True
+    return attempts
+
+
+def test_racing_root_elections_conflict_between_processes(open_db, db_path):
+    db = open_db(durability="none")
+
+    def elect_in_process():
+        process = multiprocessing.get_context("spawn").Process(
+            target=_elect_root_in_process, args=(db_path, "child"))
+        process.start()
+        process.join(60)
+        assert process.exitcode == 0
+
+    # Our election would orphan the child's root: it conflicts, and the
+    # retry sees that root and adds to it.
+    assert _elect_or_join_root(db, "parent", elect_in_process) == 2
+    reopened = open_db(durability="none")
+    assert dict(reopened.root) == {"owner": "child", "parent": True}
+
+
+def test_racing_root_elections_conflict_between_threads(open_db, start_thread):
+    db = open_db(durability="none")
+    other = open_db(durability="none")
+
+    def elect_in_thread(database):
+        def run():
+            database.elect(PersistentDict(owner="thread"))
+            transaction.commit()
+        return lambda: start_thread(run).join()
+
+    assert _elect_or_join_root(db, "first", elect_in_thread(db)) == 2
+    transaction.begin()
+    assert dict(db.root) == {"owner": "thread", "first": True}
+    # Through another Database instance on the file too, and when the
+    # transaction elects without having read the root (it saw it at elect).
+    fresh = PersistentDict(owner="replacement")
+    other.elect(fresh)
+    start_thread(lambda: (db.elect(PersistentDict(owner="thread")),
+                          transaction.commit())).join()
+    with pytest.raises(ConflictError):
+        transaction.commit()
+    transaction.abort()
+    assert other.root["owner"] == "thread"
+
+
 def test_oids_handed_out_by_failed_conflicting_commit_never_reused(
         open_db, tmp_path, start_thread):
     # Commits lock databases in path order: "a" hands the new object an
