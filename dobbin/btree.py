@@ -29,8 +29,9 @@ import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, MutableMapping
 
-from dobbin.bucket import (Bucket, Length, Node, _bucket_state, _buckets_before, _index_of,
-                           _last_key, _leaves_backwards, _node_state)
+from dobbin.bucket import (Bucket, Length, Node, _bucket_state, _buckets_before, _clears,
+                           _counter_since, _index_of, _last_key, _leaves_backwards,
+                           _node_state)
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checked_out, checkout, state_of
 
@@ -307,6 +308,8 @@ class OOBTree(Persistent):
         # Methods through type(self), state through state_of: every
         # attribute of a persistent object is a Python-level lookup.
         writable_bucket = type(self)._writable_bucket
+        length = state_of(self)["_length"]
+        cleared = _clears(state_of(length))
         for _ in range(_RESTARTS):
             found = writable_bucket(self, key)
             if found is None:
@@ -319,9 +322,13 @@ class OOBTree(Persistent):
             limit = self.max_bucket_size
             if len(keys) >= limit and not self._checkout_for_split(path, bucket):
                 continue
+            counter = _counter_since(length, cleared)
+            if counter is None:
+                cleared = _clears(state_of(length))
+                continue
             keys.insert(index, key)
             values.insert(index, value)
-            Length.change(state_of(self)["_length"], 1)
+            counter["value"] += 1
             if len(keys) > limit:
                 self._split_bucket(path, bucket)
             return
@@ -371,6 +378,8 @@ class OOBTree(Persistent):
 
     def __delitem__(self, key):
         _check_key(key)
+        length = state_of(self)["_length"]
+        cleared = _clears(state_of(length))
         for _ in range(_RESTARTS):
             found = self._writable_bucket(key)
             if found is None:
@@ -384,9 +393,13 @@ class OOBTree(Persistent):
                 plan = self._checkout_for_unlink(path, bucket)
                 if plan is None:
                     continue
+            counter = _counter_since(length, cleared)
+            if counter is None:
+                cleared = _clears(state_of(length))
+                continue
             del keys[index]
             del values[index]
-            self._length.change(-1)
+            counter["value"] -= 1
             if plan:
                 self._unlink(path, bucket, *plan)
             return
@@ -509,23 +522,28 @@ class OOBTree(Persistent):
     def clear(self):
         """Remove every item.
 
-        Usually rewrites only the tree object: the old buckets and counter
-        are dropped whole, whatever the size.  Buckets this transaction
-        created and changed are instead emptied one by one.
+        Usually rewrites only the tree object and the `Length` counter:
+        the old buckets are dropped whole, whatever the size.  Buckets
+        this transaction created and changed are instead emptied one by
+        one, and so is every bucket if it changed the tree's size already.
         """
-        if not self._all_droppable(self._root):
+        length = self._length
+        # A commit installs states in checkout order, and other writers must
+        # not see the counter cleared before the new root: so the counter is
+        # checked out after the tree, or the slow way is taken.
+        if not self._all_droppable(self._root) or checked_out(length):
             for key in list(self.keys()):
                 del self[key]
             return
         checkout(self)
         self._root = Bucket()
-        if _droppable(self._length):
-            # A fresh counter: a concurrent insert that lands in the dropped
-            # buckets must not bump the count of the emptied tree.
-            self._length = Length()
-        else:
-            # New in this transaction, so no other one can change it.
-            self._length.change(-self._length.value)
+        # Same counter, marked: a concurrent insert or delete that lands
+        # in the dropped buckets changes it too, and so conflicts rather
+        # than commit an item nothing can reach (see _counter_since).
+        checkout(length)
+        counter = state_of(length)
+        counter["value"] = 0
+        counter["cleared"] = _clears(counter) + 1
 
     @staticmethod
     def _all_droppable(node):

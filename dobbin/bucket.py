@@ -58,7 +58,16 @@ class Length(Persistent):
         state_of(self)["value"] += delta  # one lookup, not a get and a set
 
     def _p_resolve_conflict(self, old, saved, new):
-        """Merge two concurrent changes: old + (saved - old) + (new - old)."""
+        """Merge two concurrent changes: old + (saved - old) + (new - old).
+
+        A tree's `clear` bumps `cleared`: a change counted in the buckets
+        it dropped conflicts, and a clear drops the other's change whole.
+        """
+        cleared = old.get("cleared", 0)
+        if saved.get("cleared", 0) != cleared:
+            raise ConflictError(oid=self._p_oid, class_name=type(self).__name__)
+        if new.get("cleared", 0) != cleared:
+            return dict(new)
         try:
             value = saved["value"] + new["value"] - old["value"]
         except (KeyError, TypeError):
@@ -67,6 +76,23 @@ class Length(Persistent):
         resolved = dict(new)
         resolved["value"] = value
         return resolved
+
+
+def _clears(counter_state):
+    """How many times the tree of a `Length` state was cleared."""
+    return counter_state.get("cleared", 0)
+
+
+def _counter_since(length, cleared):
+    """`length` checked out, its working state; None if a clear committed
+    since the writer read `cleared` (the bucket it found may be dropped).
+
+    Either the writer sees the clear now and starts over, or the clear
+    commits after this checkout and the commit conflicts on the counter.
+    """
+    checkout(length)
+    counter = state_of(length)
+    return counter if _clears(counter) == cleared else None
 
 
 class Bucket(Persistent):

@@ -214,7 +214,7 @@ def test_clear_after_inserts_in_one_transaction(db):
     tree.clear()  # nothing new and changed: drops the buckets whole
     transaction.commit()
     assert len(tree) == 0 and isinstance(tree._root, Bucket)
-    assert tree._length is not old_length
+    assert tree._length is old_length and old_length.cleared == 1
 
 
 def test_ranges():
@@ -696,6 +696,38 @@ def test_lookup_moves_right_past_a_concurrent_split(raced, monkeypatch):
     monkeypatch.setattr(dobbin.btree, "_node_state", node_state)
     assert raced[22] == 22  # found in the new right sibling
     assert not pending and 22 not in bucket.keys
+
+
+def test_insert_or_delete_racing_a_clear_conflicts_and_retries(db):
+    tree = stored(db, SmallTree((k, k) for k in range(40)))
+    for change in (lambda: tree.__setitem__(2.5, "ours"), lambda: tree.__delitem__(3)):
+        change()  # into a bucket the clear below drops
+        in_other_thread(tree.clear)
+        with pytest.raises(ConflictError):
+            transaction.commit()  # it would be lost in a dropped bucket
+        transaction.abort()
+        assert len(tree) == 0 and list(tree) == []
+        for attempt in transaction.manager.attempts(3):
+            with attempt:
+                tree[2.5] = "ours"
+        assert dict(tree.items()) == {2.5: "ours"} and len(tree) == 1
+        in_other_thread(lambda: tree.update((k, k) for k in range(40)))
+
+
+def test_clear_after_a_concurrent_insert_drops_it(db):
+    tree = stored(db, SmallTree((k, k) for k in range(40)))
+    tree.clear()
+    in_other_thread(lambda: tree.__setitem__(2.5, "theirs"))
+    transaction.commit()  # serialised after the insert: it empties the tree
+    assert len(tree) == 0 and list(tree) == []
+
+
+def test_insert_after_a_concurrent_clear_starts_over(raced):
+    RacedTree.race = lambda: in_other_thread(raced.clear)
+    raced[21] = "ours"  # descended into a bucket the clear drops
+    transaction.commit()
+    assert dict(raced.items()) == {21: "ours"} and len(raced) == 1
+    check_invariants(raced)
 
 
 # -- concurrency: two processes on one file -----------------------------------
