@@ -172,3 +172,11 @@ class Commit:
         if self.collector_paused:
             self.collector_paused = False
             gc_paused.__exit__()
+
+
+def message_of(error):
+    """str(error), or what can be said of it when its __str__ fails."""
+    try:
+        return str(error)
+    except Exception:  # a broken __str__ must not stop the failure being recorded
+        return "(its message could not be read)"

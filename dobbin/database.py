@@ -25,7 +25,7 @@ from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT
                            NoteEntry, ObjectEntry, RootEntry)
 from dobbin.persistent import Persistent, _set_jar, _set_oid, ghost_oid, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
-from dobbin.commit import BIG_COMMIT, Commit
+from dobbin.commit import BIG_COMMIT, Commit, message_of
 from dobbin.session import copy_state, current_session, note_root_seen, root_seen
 from dobbin.snapshot import snapshot, verify, version_data
 from dobbin.stream import PersistentFile, PersistentStream, copy_source
@@ -91,7 +91,8 @@ class Database:
         self._pid = os.getpid()
         self._state_lock = threading.RLock()
         self._writer = StateWriter(None)  # reused: a pickler costs more than a small record
-        self._notify_lock = threading.Lock()
+        # Reentrant: a subscriber may call sync() (see _flush_notes).
+        self._notify_lock = threading.RLock()
         self._notes = collections.deque()
         self._subscribers = []
         self._index = Index()
@@ -369,8 +370,8 @@ class Database:
     def _flush_notes(self, wait=False):
         # With `wait`, return only after callbacks another thread is still
         # running have finished, so sync() can promise they have all run.
-        if not wait and not self._notes:
-            return
+        if not wait and not self._notes or getattr(self._threads, "notifying", False):
+            return  # nothing to do, or called by a subscriber: the outer loop goes on
         # Notes are queued in tid order under the state lock; the notify
         # lock keeps them in that order across threads.
         with self._notify_lock:
@@ -382,11 +383,16 @@ class Database:
                     self._notes.popleft()
                 except IndexError:
                     break
-                for callback in list(self._subscribers):
-                    try:
-                        callback(tid, oids)
-                    except Exception:
-                        logger.exception("subscriber %r failed on transaction %d", callback, tid)
+                self._threads.notifying = True  # in tid order: no nested flush
+                try:
+                    for callback in list(self._subscribers):
+                        try:
+                            callback(tid, oids)
+                        except Exception:
+                            logger.exception("subscriber %r failed on transaction %d",
+                                             callback, tid)
+                finally:
+                    self._threads.notifying = False
 
     # -- committing ------------------------------------------------------
 
@@ -416,10 +422,12 @@ class Database:
                 # docs/format.txt): make sure what an earlier writer left is
                 # durable first.  Once per database, at its first commit.
                 self._log.flush(self._log.end)
-            self._flush_notes()
         except BaseException:
             self._lock.release()
+            self._flush_notes()
             raise
+        # Notes of what we caught up with wait for the lock's release
+        # (_p_commit_finish or _p_commit_abort): subscribers run unlocked.
         return Commit(known, self._log.end, self._log.oid_high)
 
     def _p_commit_prepare(self, commit, session):
@@ -521,7 +529,7 @@ class Database:
     def _p_record_failure(self, commit, error):
         """Append a failed record saying why; it is counted, never applied."""
         commit.unstage(self._log)  # the failed record goes where this one would have
-        info = {"error": type(error).__name__, "message": _message_of(error)[:1000]}
+        info = {"error": type(error).__name__, "message": message_of(error)[:1000]}
         if type(getattr(error, "oid", None)) is int:  # not another store's bytes oid
             info["oid"] = error.oid
         try:
@@ -575,6 +583,7 @@ class Database:
             commit.unstage(self._log)
             commit.locked = False
             self._lock.release()
+        self._flush_notes()  # what catching up learned, now unlocked
 
     # -- history, snapshot and verify ----------------------------------------
 
@@ -584,10 +593,3 @@ class Database:
     def verify(self):
         return verify(self)
 
-
-def _message_of(error):
-    """str(error), or what can be said of it when its __str__ fails."""
-    try:
-        return str(error)
-    except Exception:  # a broken __str__ must not stop the failure being recorded
-        return "(its message could not be read)"

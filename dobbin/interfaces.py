@@ -160,8 +160,17 @@ class IDatabase(Interface):
         visible, for this database's commits and for other writers'
         commits found while catching up; ``oids`` is a frozenset of the
         objects whose state changed.  It runs in the thread that
-        committed or caught up, must be quick, and must not raise
-        (errors are logged and dropped).
+        committed or caught up, never while the write lock is held, must
+        be quick, and must not raise (errors are logged and dropped).
+
+        A callback may read objects, call ``sync()`` (which then catches
+        up but does not wait for the callbacks still to come: they run
+        after this one) or ``last_tid``, and hand work to other threads
+        (which may commit).  It must not
+        commit, abort or begin a transaction in the thread it runs in:
+        that thread may be in the middle of its own commit (the callback
+        of its own transaction runs from inside ``transaction.commit()``).
+        A callback that waits for another thread's callbacks deadlocks.
         """
 
     def unsubscribe(callback):

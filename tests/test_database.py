@@ -263,6 +263,46 @@ def test_racing_root_elections_conflict_between_threads(open_db, start_thread):
     assert other.root["owner"] == "thread"
 
 
+def test_subscribers_may_sync_and_run_without_the_write_lock(open_db, start_thread):
+    db = open_db(durability="none")
+    root = PersistentDict(n=0, child=PersistentDict())
+    db.elect(root)
+    transaction.commit()
+    other = open_db(durability="none")
+    calls = []
+
+    def on_commit(tid, oids):
+        # sync() flushes notes too: it re-enters the notify lock.
+        calls.append((tid, db.sync(), db._lock.held))
+    db.subscribe(on_commit)
+
+    def commit_through(database, value):
+        def run():
+            database.sync()
+            theirs = database.root
+            checkout(theirs)
+            theirs["n"] = value
+            transaction.commit()
+        start_thread(run).join()
+    commit_through(db, 1)  # our own commit
+    assert calls == [(2, 2, False)]
+    # Another instance's commits, learned while our commit catches up
+    # under the lock: the callback runs once the lock is released, after a
+    # commit and after a conflict alike.
+    commit_through(other, 2)
+    checkout(root["child"])
+    root["child"]["m"] = 1
+    transaction.commit()
+    assert calls[1:] == [(3, 4, False), (4, 4, False)]
+    checkout(root)
+    root["n"] = 5
+    commit_through(other, 3)
+    with pytest.raises(ReadConflictError):
+        transaction.commit()
+    transaction.abort()
+    assert calls[3:] == [(5, 6, False)]
+
+
 def test_oids_handed_out_by_failed_conflicting_commit_never_reused(
         open_db, tmp_path, start_thread):
     # Commits lock databases in path order: "a" hands the new object an
