@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from dobbin.cache import ObjectCache
 from dobbin.exc import DobbinError, LoadError, LockTimeoutError, ReadOnlyError, StorageError
-from dobbin.index import Index
+from dobbin.index import Index, check_oid
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock
 from dobbin.log import Log
@@ -188,6 +188,7 @@ class Database:
         current_session().elect(self, obj, seen)
 
     def get(self, oid):
+        check_oid(oid)  # before the cache: True would find oid 1 there
         self._register_thread()
         obj = self._cache.get(oid)
         if obj is not None:
@@ -244,6 +245,7 @@ class Database:
         self._subscribers.remove(callback)
 
     def load_state(self, oid, tid=None):
+        check_oid(oid)
         with self._state_lock:
             # A loaded state is the newest version, right for any snapshot
             # from its serial on; copying it costs less than reading and

@@ -19,6 +19,12 @@ _tid_of = operator.itemgetter(0)
 _DENSE_SLACK = 1 << 24
 
 
+def check_oid(oid):
+    """Raise TypeError unless `oid` is an int (a bool is not an oid)."""
+    if type(oid) is not int and (not isinstance(oid, int) or isinstance(oid, bool)):
+        raise TypeError("an oid is an int, not %r" % type(oid).__name__)
+
+
 class Index:
     """oid -> offset of the object's latest O entry, and the root changes."""
 
@@ -30,8 +36,9 @@ class Index:
 
     def offset_of(self, oid):
         """Offset of the latest state of `oid`, or 0 if it has none."""
-        if oid < len(self._offsets):
+        if 0 <= oid < len(self._offsets):  # a negative index would count from the end
             return self._offsets[oid]
+        check_oid(oid)
         return self._sparse.get(oid, 0)
 
     def set_offset(self, oid, offset):

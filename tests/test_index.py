@@ -7,7 +7,7 @@ import transaction
 
 import dobbin.database
 from dobbin.database import Database
-from dobbin.exc import CorruptionError
+from dobbin.exc import CorruptionError, HistoryError
 from dobbin.index import Index
 from dobbin.log import Log
 from dobbin.persistent import PersistentDict, checkout
@@ -25,6 +25,33 @@ def test_offsets_count_and_roots():
     assert (index.root_oid(), index.root_oid(4), index.root_oid(0)) == (7, 3, None)
     assert (index.root_oid(1), index.root_oid(5), index.root_oid(99)) == (3, 7, 7)
     assert Index().root_oid() is None and Index().root_oid(3) is None
+
+
+def test_negative_and_non_int_oids(tmp_path):
+    index = Index()
+    index.set_offset(3, 100)
+    # Not counted from the end of the offsets array.
+    assert index.offset_of(-1) == index.offset_of(-1021) == index.offset_of(-5000) == 0
+    for oid in (3.0, "3", None):  # (bool: the database checks, off this hot path)
+        with pytest.raises(TypeError):
+            index.offset_of(oid)
+    db = Database(str(tmp_path / "n.dobbin"), durability="none")
+    root = PersistentDict()
+    db.elect(root)
+    checkout(root)
+    root.update((n, PersistentDict()) for n in range(5))
+    transaction.commit()
+    for oid in (-1, -1020, -5000):
+        with pytest.raises(KeyError):  # the IDatabase.get contract
+            db.get(oid)
+        with pytest.raises(HistoryError):
+            db.load_state(oid)
+    for oid in (True, 1.0, "1"):
+        for call in (db.get, db.load_state):
+            with pytest.raises(TypeError):
+                call(oid)
+    assert db.verify()["ok"]
+    db.close()
 
 
 def test_a_far_oid_does_not_allocate_a_huge_array():
