@@ -60,6 +60,15 @@ class ObjectCache:
     """The identity map and the bounded set of loaded states of one database."""
 
     def __init__(self, cache_size):
+        # Checked now: a wrong bound would otherwise fail a later commit
+        # after its record was written.
+        if cache_size is not None:
+            if not isinstance(cache_size, int) or isinstance(cache_size, bool):
+                raise TypeError("cache_size is a number of bytes (an int) or None, not %r"
+                                % (cache_size,))
+            if cache_size <= 0:
+                raise ValueError("cache_size must be positive (or None for no bound), not %d"
+                                 % cache_size)
         self.cache_size = cache_size   # bytes, or None for no bound
         self.loaded = {}               # oid -> object with a state, oldest load first
         self.loaded_bytes = 0

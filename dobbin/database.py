@@ -86,6 +86,7 @@ class Database:
         self.path = os.fspath(path)
         self.read_only = read_only
         self.closed = False
+        self._cache = ObjectCache(cache_size)  # checks it before the file is opened
         self._log = Log(self.path, durability=durability, read_only=read_only)
         self._lock = WriteLock(self._log.fd, self.path, lock_timeout)
         self._pid = os.getpid()
@@ -96,7 +97,6 @@ class Database:
         self._notes = collections.deque()
         self._subscribers = []
         self._index = Index()
-        self._cache = ObjectCache(cache_size)
         self._root = None
         self._synchronizer = _Synchronizer(self)
         self._threads = threading.local()

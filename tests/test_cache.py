@@ -2,7 +2,10 @@
 
 import gc
 
+import pytest
+
 from dobbin.cache import ObjectCache, state_cost
+from dobbin.database import Database
 from dobbin.persistent import Persistent, new_ghost
 
 
@@ -135,3 +138,15 @@ def test_states_share_their_serial_and_cost_int_objects():
     assert first._p_serial == second._p_serial == big
     assert first._p_serial is second._p_serial
     assert first._p_size is second._p_size
+
+
+def test_a_wrong_cache_size_is_refused_before_the_file_is_opened(tmp_path):
+    path = tmp_path / "c.dobbin"
+    for size, error in (("128M", TypeError), (1.5e8, TypeError), (True, TypeError),
+                        (0, ValueError), (-1, ValueError)):
+        with pytest.raises(error):
+            ObjectCache(size)
+        with pytest.raises(error):
+            Database(str(path), durability="none", cache_size=size)
+        assert not path.exists()
+    assert ObjectCache(None).cache_size is None and ObjectCache(1).cache_size == 1
