@@ -95,6 +95,15 @@ def _wrap_init(init):
     return __init__
 
 
+def _check_init(cls):
+    """Wrap the __init__ `cls` resolves to, unless it is wrapped already:
+    its own, one inherited from a base that is not persistent (a mixin),
+    or one a class decorator such as @dataclass added after creation."""
+    init = cls.__init__
+    if init is not object.__init__ and not getattr(init, "_p_wrapped", False):
+        cls.__init__ = _wrap_init(init)
+
+
 @implementer(IPersistent)
 class Persistent:
     """Base class of objects stored in a Dobbin database."""
@@ -102,14 +111,20 @@ class Persistent:
     __slots__ = ("_p_oid", "_p_jar", "_p_serial", "_p_ghost", "_p_local", "_p_init",
                  "_p_size", "__dict__", "__weakref__")
 
+    # The class whose __init__ was last checked at instantiation (__new__):
+    # a class decorator (@dataclass) may replace it after __init_subclass__.
+    # An __init__ assigned to a class after its first instance is not wrapped.
+    _p_init_checked = None
+
     def __new__(cls, *args, **kwargs):
+        if cls._p_init_checked is not cls:  # an inherited mark is the base's
+            _check_init(cls)
+            cls._p_init_checked = cls
         return _new_instance(cls, None, None, False)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is not None and not getattr(init, "_p_wrapped", False):
-            cls.__init__ = _wrap_init(init)
+        _check_init(cls)  # checked again when first instantiated, see __new__
 
     def __getattribute__(self, name):
         if name[0] == "_" and (name[:3] == "_p_" or name[:2] == "__"):

@@ -2,6 +2,7 @@
 checkouts, __init__ that runs once, deletions that persist, and the full
 dict API of PersistentDict."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -326,3 +327,38 @@ def test_dict_items_and_attributes_stay_independent_through_reopen(open_db):
     assert pdict["name"] == "item"
     assert pdict["obj"] is root
     assert not hasattr(pdict, "obj")
+
+
+class _PlainBase:
+    def __init__(self, x=1):
+        self.x = x
+
+
+class _Mixed(_PlainBase, Persistent):
+    """Its __init__ is inherited from a class that is not persistent."""
+
+
+class _MixedChild(_Mixed):
+    pass
+
+
+@dataclasses.dataclass
+class _Data(Persistent):
+    """Its __init__ is made by @dataclass after the class was created."""
+
+    x: int = 0
+    tags: list = dataclasses.field(default_factory=list)
+
+
+def test_inherited_and_generated_inits_may_set_attributes(open_db):
+    mixed, child, data = _Mixed(2), _MixedChild(), _Data(3, ["a"])
+    assert (mixed.x, child.x, data.x, data.tags) == (2, 1, 3, ["a"])
+    assert _PlainBase.__init__ is not _Mixed.__init__  # the plain base is left alone
+    with pytest.raises(RuntimeError):
+        data.x = 4  # read-only once __init__ returned, as always
+    db = open_db()
+    db.elect(PersistentDict(mixed=mixed, child=child, data=data))
+    transaction.commit()
+    db.close()
+    root = open_db().root
+    assert (root["mixed"].x, root["child"].x, root["data"]) == (2, 1, _Data(3, ["a"]))
