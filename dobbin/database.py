@@ -10,7 +10,6 @@ import collections
 import logging
 import os
 import threading
-import weakref
 
 import transaction
 from zope.interface import implementer
@@ -26,7 +25,8 @@ from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT
 from dobbin.persistent import Persistent, _set_jar, _set_oid, ghost_oid, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.commit import BIG_COMMIT, Commit, message_of
-from dobbin.session import copy_state, current_session, note_root_seen, root_seen
+from dobbin.session import (Synchronizer, copy_state, current_session, note_root_seen,
+                            root_seen)
 from dobbin.snapshot import snapshot, verify, version_data
 from dobbin.stream import PersistentFile, PersistentStream, copy_source
 
@@ -46,24 +46,6 @@ logger = logging.getLogger("dobbin")
 # than the index itself since the last one (see docs/format.txt).
 CHECKPOINT_MIN_BYTES = 1 << 14
 DEFAULT_CACHE_SIZE = 128 << 20
-
-
-class _Synchronizer:
-    """Catches its database up whenever a thread that used it begins."""
-
-    def __init__(self, database):
-        self._database = weakref.ref(database)
-
-    def beforeCompletion(self, txn):
-        pass
-
-    def afterCompletion(self, txn):
-        pass
-
-    def newTransaction(self, txn):
-        database = self._database()
-        if database is not None and not database.closed:
-            database.sync()
 
 
 @implementer(IDatabase)
@@ -98,7 +80,7 @@ class Database:
         self._subscribers = []
         self._index = Index()
         self._root = None
-        self._synchronizer = _Synchronizer(self)
+        self._synchronizer = Synchronizer(self)
         self._threads = threading.local()
         try:
             self._open(repair)
@@ -207,6 +189,7 @@ class Database:
             return obj
 
     def prefetch(self, objects):
+        self._register_thread()
         with self._state_lock:
             ghosts = {}
             for obj in objects:
@@ -226,6 +209,7 @@ class Database:
     def sync(self):
         if self.closed:
             raise ReadOnlyError("%s is closed" % self.path)
+        self._register_thread()
         with self._state_lock:
             for record in self._log.follow():
                 self._apply(record)
@@ -246,6 +230,7 @@ class Database:
 
     def load_state(self, oid, tid=None):
         check_oid(oid)
+        self._register_thread()
         with self._state_lock:
             # A loaded state is the newest version, right for any snapshot
             # from its serial on; copying it costs less than reading and
@@ -280,7 +265,10 @@ class Database:
     # -- loading -----------------------------------------------------------
 
     def _register_thread(self):
-        # Synchronizers are per thread and held weakly by the manager.
+        # Every entry point into the database calls this (attribute reads
+        # of loaded objects can't: that path must stay cheap); see the
+        # user's guide.  Synchronizers are per thread, held weakly by the
+        # manager.
         if not getattr(self._threads, "registered", False):
             self._threads.registered = True
             transaction.manager.registerSynch(self._synchronizer)
@@ -289,6 +277,7 @@ class Database:
 
     def _p_activate(self, obj):
         """Load a ghost's state from its latest record."""
+        self._register_thread()
         with self._state_lock:
             if not obj._p_ghost:
                 return

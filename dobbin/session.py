@@ -11,6 +11,7 @@ import copy
 import os
 import sys
 import threading
+import weakref
 
 import transaction
 from transaction.interfaces import NoTransaction
@@ -90,6 +91,24 @@ def root_seen(threads, oid):
     if getattr(threads, "root_txn", None) is transaction.get():
         return threads.root_seen
     return oid
+
+
+class Synchronizer:
+    """Catches its database up whenever a thread that used it begins."""
+
+    def __init__(self, database):
+        self._database = weakref.ref(database)
+
+    def beforeCompletion(self, txn):
+        pass
+
+    def afterCompletion(self, txn):
+        pass
+
+    def newTransaction(self, txn):
+        database = self._database()
+        if database is not None and not database.closed:
+            database.sync()
 
 
 def current_session():

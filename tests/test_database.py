@@ -303,6 +303,42 @@ def test_subscribers_may_sync_and_run_without_the_write_lock(open_db, start_thre
     assert calls[3:] == [(5, 6, False)]
 
 
+def test_a_thread_joins_the_catch_up_at_a_load_or_any_database_call(open_db, db_path,
+                                                                      start_thread):
+    db = open_db(durability="none")
+    db.elect(PersistentDict(n=0, child=PersistentDict(n=0)))
+    transaction.commit()
+    other = open_db(durability="none")  # stands for another process
+
+    def commit_elsewhere(value):
+        def run():
+            other.sync()
+            for obj in (other.root, other.root["child"]):
+                checkout(obj)
+                obj["n"] = value
+            transaction.commit()
+        start_thread(run).join()
+
+    reader = open_db(durability="none")
+    root = reader.root
+    child = root["child"]  # a ghost: no thread has touched it yet
+    seen = []
+
+    def read(first_call):
+        first_call()  # this thread's only call into the database
+        for value in (1, 2):
+            commit_elsewhere(value)
+            transaction.begin()  # catches up, having joined
+            seen.append(child["n"])
+    start_thread(read, lambda: child["n"]).join()  # loading the ghost
+    assert seen == [1, 2]
+    for call in (reader.sync, lambda: reader.load_state(child._p_oid),
+                 lambda: reader.prefetch([child])):
+        seen.clear()
+        start_thread(read, call).join()
+        assert seen == [1, 2]
+
+
 def test_oids_handed_out_by_failed_conflicting_commit_never_reused(
         open_db, tmp_path, start_thread):
     # Commits lock databases in path order: "a" hands the new object an
