@@ -131,7 +131,7 @@ class ClassExport:
             return ABSENT
         if name in state:
             return state[name]
-        if self.fields is not None and name not in self.hidden:
+        if self.fields is not None:  # declared fields fall back to class defaults
             value = getattr(self.cls, name, None)
             if value is not None and not callable(value):
                 return value
