@@ -15,7 +15,7 @@ import transaction
 from zope.interface import implementer
 
 from dobbin.cache import ObjectCache
-from dobbin.exc import DobbinError, LoadError, LockTimeoutError, ReadOnlyError, StorageError
+from dobbin.exc import DobbinError, LoadError, ReadOnlyError, StorageError
 from dobbin.index import Index, check_oid
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock
@@ -242,25 +242,21 @@ class Database:
         return serial, self._load(data, oid)[1]
 
     def close(self):
-        if not self.closed:
-            self.closed = True
+        if self.closed:
+            return
+        self.closed = True  # no commit begins from here on
+        if os.getpid() != self._pid:
+            # A forked child: its writers and its lock are the parent's.
+            self._log.close()
+            return
+        # One that another thread is writing holds the write lock: the file
+        # must not close under its write (the descriptor could be reused).
+        with self._lock.closing() as alone:
             try:
-                self._give_back_reserved_space()
+                if alone and not self.read_only:
+                    self._log.trim()  # closed, a database keeps no disk reserve
             finally:
                 self._log.close()
-
-    def _give_back_reserved_space(self):
-        # Closed, a database keeps no disk reserve (unless another writer works).
-        if self.read_only or os.getpid() != self._pid or self._lock.held:
-            return
-        try:
-            self._lock.acquire(timeout=0)
-        except LockTimeoutError:
-            return
-        try:
-            self._log.trim()
-        finally:
-            self._lock.release()
 
     # -- loading -----------------------------------------------------------
 
@@ -404,6 +400,8 @@ class Database:
         self._check_writable()
         self._lock.acquire()
         try:
+            if self.closed:  # while we waited for the lock
+                raise ReadOnlyError("%s is closed" % self.path)
             with self._state_lock:
                 known = self._log.last_tid
                 for record in self._log.recover():

@@ -292,6 +292,12 @@ class IWriteLock(Interface):
     def release():
         """Give the lock up.  Only the holding thread may."""
 
+    def closing(timeout=None):
+        """A context manager for closing the file: it waits (up to
+        `timeout`, then `LockTimeoutError`) for this process's writing
+        thread, keeps the others out, and yields True if no other process
+        held the lock either.  The caller closes the file inside it."""
+
 
 class ISession(IDataManager, ISavepointDataManager):
     """The data manager of one thread's transaction.

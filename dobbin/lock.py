@@ -8,6 +8,7 @@ descriptor of the same file does not drop it (unlike POSIX `fcntl`
 locks).  Threads sharing one descriptor are ordered by a mutex first.
 """
 
+import contextlib
 import fcntl
 import threading
 import time
@@ -70,6 +71,36 @@ class WriteLock:
         self._owner = None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self._mutex.release()
+
+    @contextlib.contextmanager
+    def closing(self, timeout=None):
+        """Hold this process's writers off while the caller closes the file.
+
+        Waits up to `timeout` for a thread that holds the lock (or is
+        taking it) to give it up, then keeps the others out until the
+        block ends: a write must never go to a descriptor that closed
+        under it and was reused.  Yields True if no other process held
+        the file lock either (it is then ours, for the caller to tidy the
+        file up; closing the descriptor inside the block gives it back).
+        The calling thread's own hold, if any, is simply kept.
+        """
+        if self._owner == threading.get_ident():
+            yield False
+            return
+        if timeout is None:
+            timeout = self.timeout
+        if not self._mutex.acquire(timeout=max(timeout, 0)):
+            raise LockTimeoutError("another thread held the write lock of %s for more than %.3gs"
+                                   % (self.path, timeout))
+        try:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                free = True
+            except BlockingIOError:
+                free = False  # another process writes, through its own descriptor
+            yield free
         finally:
             self._mutex.release()
 

@@ -6,7 +6,6 @@ one fsync, reads them back, and tells a torn tail (cut back, bytes kept
 beside the file) from damage in the middle (`CorruptionError`).
 """
 
-import errno
 import fcntl
 import os
 import struct
@@ -30,6 +29,7 @@ from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete,
                            checkpoint_without_header, find_witness, newest_checkpoint,
                            object_entry_in, read_record, stream_entry_at, zeros_from)
 from dobbin.record import crc as _crc
+from dobbin.space import ReservedSpace
 
 __all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE", "FAILED",
            "FILE_HEADER", "FILE_HEADER_SIZE", "FILE_MAGIC", "FORMAT_VERSION", "KEPT_KINDS",
@@ -42,9 +42,6 @@ _OBJECT_READ = 512
 _BATCH_READ = 64 * 1024
 _CREATE_TIMEOUT = 30.0
 _IOV_MAX = 512
-# Space reserved ahead of the records at a time (see docs/format.txt).
-RESERVE = 256 * 1024
-_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 DURABILITY = ("fsync", "none")
 
 
@@ -52,7 +49,7 @@ INCOMPLETE = "incomplete record"  # diagnose(): being written or torn, not damag
 
 
 @implementer(ILog)
-class Log:
+class Log(ReservedSpace):
     """One Dobbin file, opened for appending and reading.
 
     The caller (the database) holds the write lock around `append`,
@@ -91,6 +88,7 @@ class Log:
         self.skipped = []          # (offset, reason) of damaged checkpoints stepped over
         self.checkpoint_end = FILE_HEADER_SIZE
         self.synced_end = 0        # bytes known to be durable
+        self.written_end = 0       # the end of the last record we appended
         self.synced_tid = 0        # the last tid within them
         self._sync_done = threading.Condition()
         self._syncing = False
@@ -199,9 +197,6 @@ class Log:
         os.ftruncate(self.fd, size)
         self._reserved = min(self._reserved, size)
 
-    def _allocate(self, offset, length):
-        os.posix_fallocate(self.fd, offset, length)
-
     def _fsync_directory(self):
         directory = os.path.dirname(os.path.abspath(self.path))
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -248,59 +243,10 @@ class Log:
         record = Record(tid, status, offset, length, oid_high, stamp, self.checkpoint, lag,
                         read_entries)
         self._advance(record)
+        self.written_end = self.end
         if wait:
             self.flush(self.end)
         return record
-
-    def _reserve(self, offset, length):
-        """Allocate space ahead of a small record, so that its fsync need not
-        also make a new file size durable (see docs/format.txt)."""
-        if not self._reserving or length > RESERVE:
-            return
-        try:
-            self._allocated(offset, length)
-        except OSError as error:
-            # Append as without reserving: for good where the file system has
-            # no fallocate, this time only if the disk is full (the write
-            # itself then tells).
-            self._reserving = error.errno not in _NO_FALLOCATE
-
-    def claim(self, offset, length):
-        """Allocate the disk space of a record before its commit votes yes, so
-        that a full disk fails the vote, not the finish (where the file
-        system can't allocate ahead, nothing is promised)."""
-        try:
-            self._allocated(offset, length)
-        except OSError as error:
-            if error.errno not in _NO_FALLOCATE:
-                raise StorageError("no room for a record of %d bytes in %s: %s"
-                                   % (length, self.path, error)) from error
-
-    def _allocated(self, offset, length):
-        """Make sure `length` bytes at `offset` are allocated, reserving
-        ahead when a small record's are not."""
-        if offset + length <= self._reserved:
-            return
-        self._reserved = self.size()  # space reserved before we opened, or by another writer
-        if offset + length <= self._reserved:
-            return
-        ahead = RESERVE if self._reserving and length <= RESERVE else 0
-        self._allocate(offset, length + ahead)
-        self._reserved = offset + length + ahead
-
-    def trim(self):
-        """Give back the space reserved after the records (write lock held).
-        Only from a zero header at `end`: no other writer's records follow."""
-        if self.fd is None or self.read_only or self.broken is not None:
-            return
-        try:
-            if self._peek() == ZERO_HEADER and self._reserved_space_here():
-                # Not the I/O seam, and no fsync: only zeros go, so a failed
-                # or lost cut leaves the file as valid as a done one.
-                os.ftruncate(self.fd, self.end)
-                self._reserved = self.end
-        except OSError:
-            pass  # only space is at stake
 
     def flush(self, end):
         """Return once the file's first `end` bytes are durable.
@@ -322,6 +268,9 @@ class Log:
                 if self._syncing:
                     self._sync_done.wait()
                     continue
+                if self.fd is None:
+                    raise ReadOnlyError("%s was closed before the commit was durable"
+                                        % self.path)
                 self._syncing = True
                 # Tid first, then end: a racing append can only make us
                 # claim less, never more.
@@ -398,18 +347,6 @@ class Log:
         Not asking the size: on Linux 6.18 an fstat before each small write
         made its fdatasync a third slower (multigrain timestamps, likely)."""
         return os.pread(self.fd, TX_HEADER_SIZE, self.end)
-
-    def _reserved_space_here(self):
-        """Do the records end at `self.end`, before reserved space?
-
-        With the write lock held: the first time, every byte after is
-        checked to be zero (a non-zero one is a write torn by a crash);
-        since only lock holders write, at the end of the records (staged
-        bytes of a failed commit are cut back), that holds.
-        """
-        if not self._tail_checked:
-            self._tail_checked = zeros_from(self.fd, self.end, self.size())
-        return self._tail_checked
 
     def follow(self):
         """Yield the complete, valid records after `self.end`, advancing.
@@ -596,9 +533,22 @@ class Log:
         return data
 
     def close(self):
-        if self.fd is not None:
-            self.fd = None
-            self._closer()
+        if self.fd is None:
+            return
+        try:
+            if self.broken is None and self.written_end > self.synced_end:
+                # A commit written but not yet synced (its writer gave the
+                # lock up and is on its way to flush): made durable here.
+                self.flush(min(self.written_end, self.end))
+        finally:
+            # Not under a sync in progress: it would sync whatever file took
+            # the descriptor next, and report our data durable.
+            with self._sync_done:
+                while self._syncing:
+                    self._sync_done.wait()
+                closing, self.fd = self.fd, None
+            if closing is not None:
+                self._closer()
 
 
 def _fdatasync(fd):

@@ -339,6 +339,45 @@ def test_a_thread_joins_the_catch_up_at_a_load_or_any_database_call(open_db, db_
         assert seen == [1, 2]
 
 
+def test_close_waits_for_a_commit_another_thread_is_writing(open_db, db_path,
+                                                            start_thread):
+    # Closing under the write could send its bytes to whatever file took
+    # the descriptor next; the commit must rather finish, durable.
+    db = open_db()
+    root = PersistentDict()
+    db.elect(root)
+    transaction.commit()
+    writing, finish = threading.Event(), threading.Event()
+    write = db._log._write
+
+    def slow_write(buffers, offset):
+        writing.set()
+        finish.wait(30)
+        write(buffers, offset)
+    db._log._write = slow_write
+
+    def commit():
+        checkout(root)
+        root["written"] = "before the close"
+        transaction.commit()
+    committer = start_thread(commit)
+    assert writing.wait(30)
+    closer = threading.Thread(target=db.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive()  # waiting: the writer waits for us
+    finish.set()
+    committer.join()
+    closer.join(30)
+    assert not closer.is_alive() and db._log.fd is None
+    with pytest.raises(ReadOnlyError, match="closed"):
+        checkout(root)
+        root["after"] = 1
+        transaction.commit()
+    transaction.abort()
+    assert open_db(db_path).root["written"] == "before the close"
+
+
 def test_oids_handed_out_by_failed_conflicting_commit_never_reused(
         open_db, tmp_path, start_thread):
     # Commits lock databases in path order: "a" hands the new object an

@@ -170,3 +170,83 @@ def test_lock_is_not_reentrant(new_lock):
             lock.acquire(timeout=0)
         assert lock.held
     assert not lock.held
+
+
+def _hold_until(path, ready, done):
+    fd = os.open(path, os.O_RDWR)
+    WriteLock(fd, path).acquire()
+    ready.set()
+    done.wait(60)
+
+
+def test_closing_waits_for_the_writing_thread_then_keeps_threads_out(new_lock):
+    lock = new_lock()
+    holding, finish = threading.Event(), threading.Event()
+    order = []
+
+    def writer():
+        lock.acquire()
+        holding.set()
+        finish.wait(30)
+        order.append("writer done")
+        lock.release()
+
+    def closer():
+        with lock.closing() as alone:
+            order.append(("closing", alone))
+            try:
+                lock.acquire(timeout=0.05)
+            except LockTimeoutError:
+                order.append("threads kept out")
+
+    threads = [threading.Thread(target=writer)]
+    threads[0].start()
+    assert holding.wait(30)
+    threads.append(threading.Thread(target=closer))
+    threads[1].start()
+    threads[1].join(0.3)
+    assert threads[1].is_alive()  # waiting for the writer, which waits for us
+    finish.set()
+    for thread in threads:
+        thread.join(30)
+    assert order == ["writer done", ("closing", True), "threads kept out"]
+
+
+def test_closing_beside_another_process_or_in_the_holding_thread(lock_file, new_lock):
+    lock = new_lock()
+    lock.acquire()
+    with lock.closing() as alone:  # its own hold: kept, nothing to wait for
+        assert alone is False and lock.held
+    lock.release()
+    ready, done = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_until, args=(lock_file, ready, done))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with lock.closing() as alone:
+            assert alone is False  # that process writes through its own descriptor
+    finally:
+        done.set()
+        holder.join(60)
+
+
+def test_closing_times_out_on_a_thread_that_keeps_the_lock(new_lock):
+    lock = new_lock(timeout=0.05)
+    holding, finish = threading.Event(), threading.Event()
+
+    def hold():
+        lock.acquire()
+        holding.set()
+        finish.wait(30)
+        lock.release()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(30)
+        with pytest.raises(LockTimeoutError, match="another thread"):
+            with lock.closing():
+                pass
+    finally:
+        finish.set()
+        thread.join(30)

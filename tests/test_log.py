@@ -18,7 +18,7 @@ import pytest
 from conftest import flip_bit
 from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
 from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE, INCOMPLETE,
-                        RESERVE, STREAM_CHUNK, TRAILER_SIZE, TX_HEADER_SIZE, IndexEntry, Log,
+                        STREAM_CHUNK, TRAILER_SIZE, TX_HEADER_SIZE, IndexEntry, Log,
                         NoteEntry, ObjectEntry, RootEntry, StreamEntry)
 from dobbin.reader import records_end
 
@@ -868,54 +868,6 @@ def small_commits(log, count):
     return [log.append(COMMITTED, 2, [object_entry(tid)]) for tid in range(1, count + 1)]
 
 
-def test_an_fsync_log_reserves_zeroed_space_after_its_records(path):
-    log = Log(path)
-    records = small_commits(log, 3)
-    end = log.end
-    log.close()
-    size = os.path.getsize(path)
-    assert size >= FILE_HEADER_SIZE + RESERVE > end
-    with open(path, "rb") as f:
-        f.seek(end)
-        assert f.read() == bytes(size - end)
-    reader = Log(path, read_only=True)
-    assert [r.tid for r in reader.follow()] == [1, 2, 3]
-    assert reader.end == end and reader.at_end()
-    reader.close()
-    writer = Log(path)
-    assert [r.tid for r in writer.recover()] == [1, 2, 3]
-    assert writer.dropped is None and os.path.getsize(path) == size, "nothing is cut"
-    assert writer.append(COMMITTED, 2, [object_entry(4)]).offset == end
-    assert os.path.getsize(path) == size, "the record went into the reserved space"
-    writer.close()
-    assert records[-1].offset + records[-1].length == end
-
-
-def test_a_log_without_fsync_reserves_nothing(path):
-    log = Log(path, durability="none")
-    small_commits(log, 3)
-    assert os.path.getsize(path) == log.end
-    log.close()
-
-
-def test_a_big_record_is_appended_without_reserving(path):
-    log = Log(path)
-    log.append(COMMITTED, 2, [ObjectEntry(oid=1, previous=0, data=bytes(RESERVE + 1))])
-    assert os.path.getsize(path) == log.end
-    log.close()
-
-
-def test_without_fallocate_the_log_appends_as_before(path, monkeypatch):
-    def unsupported(self, offset, length):
-        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-
-    monkeypatch.setattr(Log, "_allocate", unsupported)
-    log = Log(path)
-    small_commits(log, 2)
-    assert os.path.getsize(path) == log.end
-    log.close()
-
-
 def test_opening_finds_the_last_checkpoint_across_reserved_space(path):
     log = Log(path)
     small_commits(log, 2)
@@ -973,23 +925,6 @@ def test_a_reader_stops_before_reserved_space_and_takes_records_written_into_it(
     assert reader.end == writer.end < writer.size()
     reader.close()
     writer.close()
-
-
-def test_trim_gives_back_reserved_space_but_never_a_record_it_has_not_read(path):
-    first = Log(path)
-    small_commits(first, 1)
-    second = Log(path)
-    assert [r.tid for r in second.recover()] == [1]
-    second.append(COMMITTED, 2, [object_entry(2)])
-    first.trim()  # behind: the second log's record lies where it would cut
-    reader = Log(path, read_only=True)
-    assert [r.tid for r in reader.follow()] == [1, 2]
-    reader.close()
-    assert [r.tid for r in first.recover()] == [2]
-    first.trim()
-    assert os.path.getsize(path) == first.end == second.end
-    first.close()
-    second.close()
 
 
 def test_records_end_is_not_fooled_by_a_length_that_spells_end(path):
@@ -1124,18 +1059,3 @@ def test_a_failed_sync_is_believed_over_a_later_successful_one(path, monkeypatch
     log.close()
 
 
-def test_a_full_disk_skips_reserving_once_and_tries_again_later(path, monkeypatch):
-    calls = []
-    real = Log._allocate
-
-    def full_once(self, offset, length):
-        calls.append(offset)
-        if len(calls) == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, offset, length)
-
-    monkeypatch.setattr(Log, "_allocate", full_once)
-    log = Log(path)
-    small_commits(log, 2)
-    assert len(calls) == 2 and os.path.getsize(path) > log.end, "reserved at the second commit"
-    log.close()

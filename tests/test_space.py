@@ -1,0 +1,97 @@
+"""Tests of dobbin.space: the file allocated ahead of the records, and given back."""
+
+import errno
+import os
+
+from dobbin.log import COMMITTED, FILE_HEADER_SIZE, Log, ObjectEntry
+from dobbin.space import RESERVE
+
+
+def object_entry(tid, size=10):
+    return ObjectEntry(oid=tid, previous=0, data=bytes([tid % 251]) * size)
+
+
+def small_commits(log, count):
+    return [log.append(COMMITTED, 2, [object_entry(tid)]) for tid in range(1, count + 1)]
+
+
+def test_an_fsync_log_reserves_zeroed_space_after_its_records(db_path):
+    log = Log(db_path)
+    records = small_commits(log, 3)
+    end = log.end
+    log.close()
+    size = os.path.getsize(db_path)
+    assert size >= FILE_HEADER_SIZE + RESERVE > end
+    with open(db_path, "rb") as f:
+        f.seek(end)
+        assert f.read() == bytes(size - end)
+    reader = Log(db_path, read_only=True)
+    assert [r.tid for r in reader.follow()] == [1, 2, 3]
+    assert reader.end == end and reader.at_end()
+    reader.close()
+    writer = Log(db_path)
+    assert [r.tid for r in writer.recover()] == [1, 2, 3]
+    assert writer.dropped is None and os.path.getsize(db_path) == size, "nothing is cut"
+    assert writer.append(COMMITTED, 2, [object_entry(4)]).offset == end
+    assert os.path.getsize(db_path) == size, "the record went into the reserved space"
+    writer.close()
+    assert records[-1].offset + records[-1].length == end
+
+
+def test_a_log_without_fsync_reserves_nothing(db_path):
+    log = Log(db_path, durability="none")
+    small_commits(log, 3)
+    assert os.path.getsize(db_path) == log.end
+    log.close()
+
+
+def test_a_big_record_is_appended_without_reserving(db_path):
+    log = Log(db_path)
+    log.append(COMMITTED, 2, [ObjectEntry(oid=1, previous=0, data=bytes(RESERVE + 1))])
+    assert os.path.getsize(db_path) == log.end
+    log.close()
+
+
+def test_without_fallocate_the_log_appends_as_before(db_path, monkeypatch):
+    def unsupported(self, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(Log, "_allocate", unsupported)
+    log = Log(db_path)
+    small_commits(log, 2)
+    assert os.path.getsize(db_path) == log.end
+    log.close()
+
+
+def test_trim_gives_back_reserved_space_but_never_a_record_it_has_not_read(db_path):
+    first = Log(db_path)
+    small_commits(first, 1)
+    second = Log(db_path)
+    assert [r.tid for r in second.recover()] == [1]
+    second.append(COMMITTED, 2, [object_entry(2)])
+    first.trim()  # behind: the second log's record lies where it would cut
+    reader = Log(db_path, read_only=True)
+    assert [r.tid for r in reader.follow()] == [1, 2]
+    reader.close()
+    assert [r.tid for r in first.recover()] == [2]
+    first.trim()
+    assert os.path.getsize(db_path) == first.end == second.end
+    first.close()
+    second.close()
+
+
+def test_a_full_disk_skips_reserving_once_and_tries_again_later(db_path, monkeypatch):
+    calls = []
+    real = Log._allocate
+
+    def full_once(self, offset, length):
+        calls.append(offset)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, offset, length)
+
+    monkeypatch.setattr(Log, "_allocate", full_once)
+    log = Log(db_path)
+    small_commits(log, 2)
+    assert len(calls) == 2 and os.path.getsize(db_path) > log.end, "reserved at the second commit"
+    log.close()
