@@ -4,6 +4,7 @@ The probes that must see another process's lock run in a real child
 process: POSIX record locks, unlike flock, never conflict within one
 process, so an in-process probe could not tell them apart."""
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -112,8 +113,9 @@ def test_acquire_times_out_while_another_process_holds_the_lock(lock_file, new_l
     lock.release()
 
 
-def test_acquire_times_out_while_another_thread_holds_the_lock(lock_file, new_lock):
-    lock = new_lock(timeout=0.05)
+@contextlib.contextmanager
+def held_by_another_thread(lock):
+    """`lock` held by another thread for the duration of the block."""
     taken, done = threading.Event(), threading.Event()
 
     def hold():
@@ -126,6 +128,15 @@ def test_acquire_times_out_while_another_thread_holds_the_lock(lock_file, new_lo
     thread.start()
     try:
         assert taken.wait(30)
+        yield
+    finally:
+        done.set()
+        thread.join(30)
+
+
+def test_acquire_times_out_while_another_thread_holds_the_lock(lock_file, new_lock):
+    lock = new_lock(timeout=0.05)
+    with held_by_another_thread(lock):
         with pytest.raises(LockTimeoutError, match="another thread") as caught:
             lock.acquire()
         assert lock_file in str(caught.value)
@@ -134,9 +145,6 @@ def test_acquire_times_out_while_another_thread_holds_the_lock(lock_file, new_lo
         # open file description, not per process).
         with pytest.raises(LockTimeoutError, match="another process"):
             new_lock().acquire(timeout=0.05)
-    finally:
-        done.set()
-        thread.join(30)
     lock.acquire(timeout=0)
     lock.release()
 
@@ -232,21 +240,7 @@ def test_closing_beside_another_process_or_in_the_holding_thread(lock_file, new_
 
 def test_closing_times_out_on_a_thread_that_keeps_the_lock(new_lock):
     lock = new_lock(timeout=0.05)
-    holding, finish = threading.Event(), threading.Event()
-
-    def hold():
-        lock.acquire()
-        holding.set()
-        finish.wait(30)
-        lock.release()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        assert holding.wait(30)
+    with held_by_another_thread(lock):
         with pytest.raises(LockTimeoutError, match="another thread"):
             with lock.closing():
                 pass
-    finally:
-        finish.set()
-        thread.join(30)
