@@ -320,7 +320,7 @@ class _DecodeState:
         self.items = codec.max_items
         # id of each container built here -> (its items, counting a shared
         # container at every place it occurs; the container, kept so that
-        # its id stays its own while decoding): see _measured.
+        # its id stays its own while decoding): see _count.
         self.sizes = {}
 
     def unpack(self, data):
@@ -369,8 +369,8 @@ class _DecodeState:
             return ABSENT
         if code in (EXT_TUPLE, EXT_SET, EXT_FROZENSET, EXT_DICT):
             items = self._items(payload)
-            self._count(items)  # before a set or dict hashes them
-            return self._measured(_build(code, items))
+            size = self._count(items)  # before a set or dict hashes them
+            return self._keep(_build(code, items), size)
         raise DecodeError("unknown extension type %d" % code)
 
     def _items(self, payload):
@@ -391,41 +391,40 @@ class _DecodeState:
             container = [] if kind == b"l" else {}
             self.defs[number] = container
             items = self.unpack(payload[5:])
+            size = self._count(items)  # before the dict hashes its keys
             if kind == b"l" and type(items) is list:
                 container.extend(items)
             elif kind == b"D" and type(items) in (list, dict):
-                self._count(items)  # before the dict hashes its keys
                 _fill_dict(container, items)
             else:
                 raise DecodeError("malformed DEF payload")
-            return self._measured(container)
+            return self._keep(container, size)
         code = {b"t": EXT_TUPLE, b"s": EXT_SET, b"f": EXT_FROZENSET}.get(kind)
         if code is None:
             raise DecodeError("unknown DEF kind %r" % kind)
         self.defs[number] = None
         items = self._items(payload[5:])
-        self._count(items)
-        container = self._measured(_build(code, items))
+        size = self._count(items)
+        container = self._keep(_build(code, items), size)
         self.defs[number] = container
         return container
 
-    def _measured(self, container):
-        """`container`, once its size is known to be within the item limit.
-
-        Shared parts (DEF/REF) let a small message describe a huge tree, and
-        hashing a tuple or comparing two values walks that whole tree: 40
-        levels of a tuple holding one tuple twice take 2**40 steps.  Counted
-        before anything hashes it, such a message is refused instead.
-        """
-        self.sizes[id(container)] = (1, container)  # a cycle back to it counts once
-        self.sizes[id(container)] = (self._count(container), container)
+    def _keep(self, container, size):
+        """`container`, with its `size` (see _count) noted for the containers
+        that will hold it."""
+        self.sizes[id(container)] = (size, container)
         return container
 
     def _count(self, container):
         """The items in `container`, each shared part counted wherever it occurs.
 
-        Only the plain containers inside it are walked: they belong to it
-        alone, and the shared ones were counted when they were built.
+        Shared parts (DEF/REF) let a small message describe a huge tree, and
+        hashing a tuple or comparing two values walks that whole tree: 40
+        levels of a tuple holding one tuple twice take 2**40 steps.  Counted
+        before anything hashes it, such a message is refused instead.  Only
+        the plain containers inside are walked: they belong to it alone, and
+        the others were counted when they were built (a DEF'd list still
+        being filled is empty here).
         """
         sizes = self.sizes
         total = 0
