@@ -15,7 +15,7 @@ from broker.client import BrokerClient
 from broker.codec import Codec
 from broker.interfaces import IBrokerServer
 from broker.keys import Key
-from broker.server import PUSH_OBJECTS, InvalidationHistory
+from broker.server import INLINE_COMMIT, PUSH_OBJECTS, InvalidationHistory
 from broker.states import unseal
 from broker_fixtures import TIMEOUT, Item, broker, make_database, served  # noqa: F401
 from dobbin.database import Database
@@ -197,6 +197,75 @@ def test_a_commit_whose_reply_is_late_is_retried_without_a_false_conflict(tmp_pa
             client.close()
             busy.close()
     db.close()
+
+
+def record_commit_threads(server, hold=None):
+    """Make `server` note the thread of each commit; `hold(n)`, if given,
+    runs in that thread before the n-th (from 0) commit does."""
+    threads, commit = [], server._ops["commit"]
+
+    def op_commit(fields):
+        if hold is not None:
+            hold(len(threads))
+        threads.append(threading.current_thread().name)
+        return commit(fields)
+
+    server._ops["commit"] = op_commit
+    return threads
+
+
+def test_a_small_commit_runs_in_the_front_thread_and_a_large_one_in_a_worker(broker):
+    _db, server, connect = broker
+    threads = record_commit_threads(server)
+    client = connect()
+    client.root.item.name = "small"
+    client.commit()
+    client.root.item.name = "x" * (INLINE_COMMIT + 1)
+    client.commit()
+    assert threads[0] == "broker-front"
+    assert threads[1].startswith("broker-worker-")
+    client.begin()
+    assert len(client.root.item.name) == INLINE_COMMIT + 1
+
+
+def test_commits_go_to_the_workers_while_they_are_slow_and_reads_are_served(broker):
+    _db, server, connect = broker
+    running, finish = threading.Event(), threading.Event()
+
+    def hold(n):
+        if n == 0:
+            time.sleep(0.05)  # a slow disk, say: the average rises past the limit
+        elif n == 1:
+            running.set()
+            finish.wait(10)
+
+    threads = record_commit_threads(server, hold)
+    writer, reader = connect(), connect(timeout=2, retries=0)
+    writer.root.item.name = "slow"
+    writer.commit()
+
+    def commit_held():
+        writer.root.item.name = "held"
+        writer.commit()
+
+    committer = threading.Thread(target=commit_held)
+    committer.start()
+    try:
+        assert running.wait(10)
+        # The front thread is free: it answers while the commit is held.
+        assert reader.call("hello", "reader") == "hello reader"
+        reader.begin()
+        assert reader.root.item.name == "slow"
+    finally:
+        finish.set()
+        committer.join(10)
+    assert threads[:2] == ["broker-front", threads[1]]
+    assert threads[1].startswith("broker-worker-")
+    # Quick again: the commits come back to the front thread.
+    for n in range(40):
+        writer.root.item.name = "quick %d" % n
+        writer.commit()
+    assert threads[-1] == "broker-front"
 
 
 def test_resolving_a_request_leaves_it_as_it_came(broker):
