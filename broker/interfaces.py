@@ -142,8 +142,8 @@ class ICommitOutcomes(Interface):
     """The outcomes of recent commits, so that a resent commit runs once.
 
     Keys are (token, request id) of commit requests; used by the server's
-    front thread (start) and workers (finish), so every method is
-    thread-safe.
+    front thread (start) and by whichever thread ran the commit (finish),
+    so every method is thread-safe.
     """
 
     def start(key, routing):

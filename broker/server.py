@@ -133,7 +133,8 @@ class BrokerServer:
     ipc://PATH, ipc://PATH.pub).  `secret_file` defaults to the database
     path + ".broker-secret".  `debug` sends server tracebacks with errors.
     `state_cache` bounds, in bytes, the state records kept for loads.
-    `workers` is the number of worker threads (commits, calls, searches);
+    `workers` is the number of worker threads (calls, searches, commits
+    that are large or come while commits are slow: see _receive);
     raise it when exported methods wait on slow things, as each running
     call holds a worker.
     Subclass it and add do_NAME methods to serve client.call("NAME", ...).

@@ -38,7 +38,8 @@ def build_parser():
     serve.add_argument("--durability", choices=("fsync", "none"), default="fsync")
     serve.add_argument("--debug", action="store_true", help="send server tracebacks to clients")
     serve.add_argument("--workers", type=_positive_int, default=2,
-                       help="worker threads for commits, calls and searches (default %(default)s)")
+                       help="worker threads for calls, searches and large or slow commits"
+                            " (default %(default)s)")
     shell = commands.add_parser("shell", help="interactive prompt on a served database")
     shell.add_argument("address", help="the server's request endpoint")
     shell.add_argument("--timeout", type=float, default=2.5)
