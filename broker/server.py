@@ -413,8 +413,9 @@ class BrokerServer:
         back costs two thread switches, more than the commit's own work
         (4 clients made a third more commits/s so than through workers, even
         though the workers' commits share fsyncs).  Requests wait meanwhile,
-        so a large commit, or any while commits are slow (a slow disk), goes
-        to the workers and the front goes on serving.
+        so a large commit, any while commits are slow (a slow disk), and any
+        while another writer (a thread, a process) holds the write lock go
+        to the workers, and the front goes on serving.
         """
         try:
             routing, data = protocol.split_request(frames)
@@ -441,7 +442,7 @@ class BrokerServer:
                 return [routing, b"", protocol.MAGIC, outcome]
             if (router is not None and len(data) <= INLINE_COMMIT
                     and self._commit_seconds <= INLINE_SECONDS
-                    and not self._work.unfinished_tasks):
+                    and not self._work.unfinished_tasks and not self.db.write_lock_busy()):
                 # No copy can be waiting: copies register in this thread.
                 return self._run_commit(routing, rid, fields)[0]
         if not self._stopping.is_set():

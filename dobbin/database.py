@@ -124,6 +124,10 @@ class Database:
     def last_tid(self):
         return self._log.last_tid
 
+    def write_lock_busy(self):
+        # Closed, the file has no lock to probe; a commit then fails on its own.
+        return not self.closed and self._lock.busy()
+
     @property
     def durability(self):
         return self._log.durability

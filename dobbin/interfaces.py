@@ -153,6 +153,10 @@ class IDatabase(Interface):
         committed transaction up to T that is durable.
         """
 
+    def write_lock_busy():
+        """True when a commit (of any thread or process) holds the file's
+        write lock now: a hint, for callers that would rather not wait."""
+
     def subscribe(callback):
         """Call ``callback(tid, oids)`` for each committed transaction learned.
 
@@ -291,6 +295,12 @@ class IWriteLock(Interface):
 
     def release():
         """Give the lock up.  Only the holding thread may."""
+
+    def busy():
+        """True when any thread or process holds the lock or is taking it.
+
+        A hint only (it may change at once); it never waits.
+        """
 
     def closing(timeout=None):
         """A context manager for closing the file: it waits (up to

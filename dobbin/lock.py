@@ -104,6 +104,25 @@ class WriteLock:
         finally:
             self._mutex.release()
 
+    def busy(self):
+        """True when a thread or process holds the lock (or is taking it).
+
+        A hint, for choosing where to wait: the answer may be stale at once.
+        """
+        if not self._mutex.acquire(blocking=False):
+            return True
+        try:
+            # Holding the mutex, no thread of ours holds the flock, so
+            # releasing the one we may get here drops nobody else's.
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            self._mutex.release()
+
     @property
     def held(self):
         """True when the calling thread holds the lock."""

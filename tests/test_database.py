@@ -1,6 +1,7 @@
 """Tests of dobbin.database: oids, failed records, snapshots, conflicts
 and their resolution, and the errors that wrong use of the API gets."""
 
+import fcntl
 import glob
 import io
 import multiprocessing
@@ -871,6 +872,21 @@ def test_closed_database_raises_read_only_error(open_db, use):
     transaction.commit()
     with pytest.raises(ReadOnlyError, match="closed"):
         use(open_db(), child._p_oid)
+
+
+def test_write_lock_busy_sees_another_writer_and_not_a_closed_file(open_db, db_path):
+    db = open_db()
+    assert not db.write_lock_busy()
+    fd = os.open(db_path, os.O_RDWR)  # another open file: as another process would
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert db.write_lock_busy()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        assert not db.write_lock_busy()
+    finally:
+        os.close(fd)
+    db.close()
+    assert not db.write_lock_busy()
 
 
 def test_closed_database_stream_read_raises_read_only_error(open_db):

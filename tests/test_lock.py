@@ -244,3 +244,27 @@ def test_closing_times_out_on_a_thread_that_keeps_the_lock(new_lock):
         with pytest.raises(LockTimeoutError, match="another thread"):
             with lock.closing():
                 pass
+
+
+def test_busy_tells_whether_a_thread_or_process_holds_the_lock(lock_file, new_lock):
+    lock = new_lock()
+    assert not lock.busy()
+    with lock:
+        assert lock.busy()  # the caller's own hold counts too
+    with held_by_another_thread(lock):
+        assert lock.busy()
+    assert not lock.busy()
+    ready, done = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_until, args=(lock_file, ready, done))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        assert lock.busy()
+    finally:
+        done.set()
+        holder.join(60)
+    assert not lock.busy()
+    # The probe took and dropped the lock: nothing of it is left behind.
+    assert probe_from_another_process(lock_file)[0] == "free"
+    lock.acquire(timeout=0)
+    lock.release()

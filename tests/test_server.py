@@ -1,6 +1,8 @@
 """broker.server: serving, hostile input, hidden fields, statics, several servers, clean stop."""
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -266,6 +268,39 @@ def test_commits_go_to_the_workers_while_they_are_slow_and_reads_are_served(brok
         writer.root.item.name = "quick %d" % n
         writer.commit()
     assert threads[-1] == "broker-front"
+
+
+def test_a_commit_waiting_for_another_process_lock_leaves_the_front_serving(broker):
+    db, server, connect = broker
+    threads = record_commit_threads(server)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\n"
+         "sys.stdin.readline()\n", db.path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    writer, reader = connect(timeout=20), connect(timeout=2, retries=0)
+    committer = None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        writer.root.item.name = "after the lock"
+        committer = threading.Thread(target=writer.commit)
+        committer.start()
+        deadline = time.monotonic() + 10
+        while not threads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert threads and threads[0].startswith("broker-worker-")
+        assert reader.call("hello", "reader") == "hello reader"
+        assert reader.root.item.name == "first"
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+        holder.stdout.close()
+        if committer is not None:
+            committer.join(30)
+    reader.begin()
+    assert reader.root.item.name == "after the lock"
 
 
 def test_resolving_a_request_leaves_it_as_it_came(broker):
