@@ -14,7 +14,7 @@ import threading
 
 from dobbin import staging
 from dobbin.exc import ConflictError, ReadConflictError, WriteConflictError
-from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, StreamEntry,
+from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, StreamEntry, json_bytes,
                            stream_entry_size)
 from dobbin.stream import FileSpan, StreamSpan
 
@@ -76,6 +76,8 @@ class Commit:
         self.new = []                # objects given an oid by this commit
         self.adopted = []            # objects given this jar by this commit
         self.root_oid = None
+        self.transaction = None      # the `transaction` whose metadata it records
+        self.meta = None             # its MetaEntry, laid out last
         self.published = False
         self.collector_paused = False
 
@@ -152,7 +154,8 @@ class Commit:
         """The length of the record as laid out so far (as `build_record` makes it)."""
         return (self.streams_end - self.offset + TRAILER_SIZE
                 + sum(ENTRY_SIZE + len(entry.data) for _, _, entry in self.stored)
-                + (ENTRY_SIZE if self.root_oid is not None else 0))
+                + (ENTRY_SIZE if self.root_oid is not None else 0)
+                + (ENTRY_SIZE + len(json_bytes(self.meta.info)) if self.meta else 0))
 
     def unstage(self, log):
         """Cut back what `add_stream` staged, unless the record was published."""

@@ -22,6 +22,7 @@ from dobbin.lock import WriteLock
 from dobbin.log import Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT, IndexEntry,
                            NoteEntry, ObjectEntry, RootEntry)
+from dobbin.meta import meta_entry, recent_transactions
 from dobbin.persistent import Persistent, _set_jar, _set_oid, ghost_oid, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.commit import BIG_COMMIT, Commit, message_of
@@ -244,6 +245,10 @@ class Database:
                 return _serial_of(obj), copy_state(_committed_state(obj))
         serial, data = version_data(self, oid, tid)
         return serial, self._load(data, oid)[1]
+
+    def recent_transactions(self, limit=100):
+        self.sync()
+        return recent_transactions(self._log, limit)
 
     def close(self):
         if self.closed:
@@ -484,6 +489,8 @@ class Database:
             commit.root_oid = root._p_oid
         if commit.restated:
             commit.restate_copied_streams()
+        if commit.transaction is not None:
+            commit.meta = meta_entry(commit.transaction, self, self._log.version)
 
     def _p_commit_vote(self, commit, several):
         """Claim the record's disk space: with fsync, or when other databases
@@ -539,6 +546,8 @@ class Database:
         entries.extend(entry for _obj, _state, entry in commit.stored)
         if commit.root_oid is not None:
             entries.append(RootEntry(commit.root_oid))
+        if commit.meta is not None:
+            entries.append(commit.meta)
         record = None
         try:
             with self._state_lock:

@@ -189,6 +189,18 @@ class IDatabase(Interface):
         database.
         """
 
+    def recent_transactions(limit=100):
+        """Return what the latest `limit` committed transactions recorded
+        of themselves, newest first: `dobbin.meta.TransactionInfo` tuples
+        ``(tid, time, user, description, extension)``.
+
+        A commit records its `transaction`'s ``user``, ``description``
+        and ``extension`` (JSON values; a stored persistent object in the
+        extension is recorded as its oid).  Catches up first, like
+        `sync`.  Reads at most 64 MiB of records back, and stops early at
+        a damaged record.
+        """
+
     def snapshot(target, until=None):
         """Write the state as of transaction `until` (default: now) into `target`.
 
@@ -223,6 +235,7 @@ class ILog(Interface):
     """
 
     path = Attribute("The file's path.")
+    version = Attribute("The file's format version (see docs/format.txt).")
     end = Attribute("Offset just past the last record read or written.")
     last_tid = Attribute("Id of the last record read or written.")
     oid_high = Attribute("The next oid never handed out, per the records read.")
@@ -242,6 +255,11 @@ class ILog(Interface):
     def follow():
         """Yield the valid records after `end`, advancing; stop quietly
         before an incomplete or damaged one (it may still be being written)."""
+
+    def records_before(end, max_bytes):
+        """Yield the valid records ending at or before offset `end`, newest
+        first (walking back by their trailers), reading at most `max_bytes`;
+        stop at the first one that fails a check."""
 
     def recover(repair=False):
         """Yield the valid records after `end`, with the write lock held.

@@ -20,11 +20,11 @@ from dobbin.interfaces import ILog
 # The layout's names are part of the log's API, so they are importable here too.
 from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            FILE_HEADER, FILE_HEADER_SIZE, FILE_MAGIC, FORMAT_VERSION, KEPT_KINDS,
-                           KIND_INDEX, KIND_NOTE, KIND_OBJECT, KIND_ROOT, KIND_STREAM, KINDS,
-                           MAX_LAG, STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER,
-                           TX_HEADER_SIZE, TX_MAGIC, Entry, IndexEntry, NoteEntry, ObjectEntry,
-                           Record, RootEntry, StreamEntry, build_record,
-                           header_last, parse_header, stream_size)
+                           KIND_INDEX, KIND_META, KIND_NOTE, KIND_OBJECT, KIND_ROOT, KIND_STREAM,
+                           KINDS, MAX_LAG, READABLE_VERSIONS, STREAM_CHUNK, TRAILER, TRAILER_MAGIC,
+                           TRAILER_SIZE, TX_HEADER, TX_HEADER_SIZE, TX_MAGIC, Entry, IndexEntry,
+                           MetaEntry, NoteEntry, ObjectEntry, Record, RootEntry, StreamEntry,
+                           build_record, header_last, parse_header, stream_size)
 from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete,
                            checkpoint_without_header, find_witness, newest_checkpoint,
                            object_entry_in, read_record, stream_entry_at, zeros_from)
@@ -33,10 +33,11 @@ from dobbin.space import ReservedSpace
 
 __all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE", "FAILED",
            "FILE_HEADER", "FILE_HEADER_SIZE", "FILE_MAGIC", "FORMAT_VERSION", "KEPT_KINDS",
-           "KIND_INDEX", "KIND_NOTE", "KIND_OBJECT", "KIND_ROOT", "KIND_STREAM", "KINDS", "MAX_LAG",
-           "STREAM_CHUNK", "TRAILER", "TRAILER_MAGIC", "TRAILER_SIZE", "TX_HEADER",
-           "TX_HEADER_SIZE", "TX_MAGIC", "Entry", "IndexEntry", "NoteEntry", "ObjectEntry",
-           "Record", "RootEntry", "StreamEntry", "build_record", "parse_header", "stream_size"]
+           "KIND_INDEX", "KIND_META", "KIND_NOTE", "KIND_OBJECT", "KIND_ROOT", "KIND_STREAM",
+           "KINDS", "MAX_LAG", "READABLE_VERSIONS", "STREAM_CHUNK", "TRAILER", "TRAILER_MAGIC",
+           "TRAILER_SIZE", "TX_HEADER", "TX_HEADER_SIZE", "TX_MAGIC", "Entry", "IndexEntry",
+           "MetaEntry", "NoteEntry", "ObjectEntry", "Record", "RootEntry", "StreamEntry",
+           "build_record", "parse_header", "stream_size"]
 
 _OBJECT_READ = 512
 _BATCH_READ = 64 * 1024
@@ -74,7 +75,7 @@ class Log(ReservedSpace):
         try:
             if os.fstat(self.fd).st_size < FILE_HEADER_SIZE and not read_only:
                 self._create(created)
-            self.file_id = self._read_file_header()
+            self.file_id, self.version = self._read_file_header()
         except BaseException:
             os.close(self.fd)
             raise
@@ -145,9 +146,9 @@ class Log(ReservedSpace):
             raise CorruptionError("not a Dobbin file (bad magic %r)" % magic, self.path, 0)
         if crc != _crc(data[:-4]):
             raise CorruptionError("file header checksum mismatch", self.path, 0)
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CorruptionError("unsupported format version %d" % version, self.path, 8)
-        return file_id
+        return file_id, version
 
     # -- I/O seams: tests replace these to inject failures -------------
 
@@ -468,6 +469,32 @@ class Log(ReservedSpace):
         except (Incomplete, Damaged):
             return False
         return True
+
+    def records_before(self, end, max_bytes):
+        """Yield the records that end at or before `end`, newest first,
+        walking back by their trailers, until `max_bytes` are read.
+
+        It stops at the first record that fails a check (a damaged
+        checkpoint, say): what it yields is always sound.
+        """
+        fd = self._reading_fd()
+        file_size = self.size()
+        while end > FILE_HEADER_SIZE:
+            trailer = os.pread(fd, TRAILER_SIZE, end - TRAILER_SIZE)
+            if len(trailer) < TRAILER_SIZE:
+                return
+            _binding, magic, length = TRAILER.unpack(trailer)
+            start = end - length
+            if (magic != TRAILER_MAGIC or length < TX_HEADER_SIZE + TRAILER_SIZE
+                    or start < FILE_HEADER_SIZE or length > max_bytes):
+                return
+            try:
+                record = read_record(fd, start, None, file_size)
+            except (Incomplete, Damaged):
+                return
+            yield record
+            end = start
+            max_bytes -= length
 
     def diagnose(self):
         """Why the record at `end` can't be read (maybe INCOMPLETE), or None if it can."""

@@ -12,7 +12,10 @@ import zlib
 from collections import namedtuple
 
 FILE_MAGIC = b"\x89DOBBIN\n"
-FORMAT_VERSION = 1
+#: The version new files get.  Version 1 files (before M entries) are
+#: still read and appended to, as version 1: without M entries.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FILE_HEADER = struct.Struct("<8sHHI16sQ20sI")
 FILE_HEADER_SIZE = FILE_HEADER.size  # 64
 
@@ -33,8 +36,9 @@ KIND_STREAM = b"S"
 KIND_ROOT = b"R"
 KIND_NOTE = b"N"
 KIND_INDEX = b"I"
-KINDS = frozenset((KIND_OBJECT, KIND_STREAM, KIND_ROOT, KIND_NOTE, KIND_INDEX))
-KEPT_KINDS = (KIND_OBJECT, KIND_NOTE, KIND_INDEX)
+KIND_META = b"M"
+KINDS = frozenset((KIND_OBJECT, KIND_STREAM, KIND_ROOT, KIND_NOTE, KIND_INDEX, KIND_META))
+KEPT_KINDS = (KIND_OBJECT, KIND_NOTE, KIND_INDEX, KIND_META)
 
 STREAM_CHUNK = 65536
 MAX_LAG = (1 << 24) - 1
@@ -42,7 +46,7 @@ _SMALL_PART = 1 << 16
 
 
 # What one entry of a record read back from the file looks like.  `data`
-# is kept for O, N and I entries (None for the others).
+# is kept for O, N, I and M entries (None for the others).
 Entry = namedtuple("Entry", "kind oid tid previous offset length data")
 Record = namedtuple("Record", "tid status offset length oid_high time checkpoint lag entries")
 
@@ -89,6 +93,12 @@ class NoteEntry(namedtuple("NoteEntry", "info")):
     kind = KIND_NOTE
 
 
+class MetaEntry(namedtuple("MetaEntry", "info")):
+    """A commit's transaction metadata (a JSON-able dict), for committed records."""
+
+    kind = KIND_META
+
+
 class IndexEntry(namedtuple("IndexEntry", "data")):
     """The serialized index, for checkpoint records."""
 
@@ -111,6 +121,11 @@ def stream_size(length):
     """Bytes of stream data in an S entry whose data is `length` bytes."""
     chunks = -(-length // (STREAM_CHUNK + 4))
     return length - 4 * chunks
+
+
+def json_bytes(info):
+    """The UTF-8 JSON of an N or M entry's dict."""
+    return json.dumps(info, sort_keys=True).encode("utf-8")
 
 
 def crc(data, value=0):
@@ -177,8 +192,8 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
         elif kind == KIND_INDEX:
             # Prefixed with where it is written, so a copy elsewhere is known stale.
             data = checked = struct.pack("<Q", offset) + entry.data
-        else:
-            data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
+        else:  # N and M entries
+            data = checked = json_bytes(entry.info)
         length = len(entry.data) + len(data[1]) if kind == KIND_STREAM else len(data)
         tail = pack_tail(oid, tid, previous, length)
         entry_header = pack_head(kind, b"\0\0\0", crc32(checked, crc32(tail))) + tail

@@ -211,7 +211,9 @@ class Session:
             # A fixed order, so two threads locking two databases can't deadlock.
             databases = sorted(databases, key=lambda db: (db.path, id(db)))
         for database in databases:
-            self._commits.append((database, database._p_commit_begin()))
+            pending = database._p_commit_begin()
+            pending.transaction = txn
+            self._commits.append((database, pending))
         self._locked_all = True
 
     def commit(self, txn):

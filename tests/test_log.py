@@ -19,7 +19,7 @@ from conftest import flip_bit
 from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
 from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE, INCOMPLETE,
                         STREAM_CHUNK, TRAILER_SIZE, TX_HEADER_SIZE, IndexEntry, Log,
-                        NoteEntry, ObjectEntry, RootEntry, StreamEntry)
+                        MetaEntry, NoteEntry, ObjectEntry, RootEntry, StreamEntry)
 from dobbin.reader import records_end
 
 # Field offsets, from docs/format.txt.
@@ -150,7 +150,7 @@ def test_a_new_file_is_a_checksummed_header(path):
     Log(path).close()
     data = read_file(path)
     assert len(data) == FILE_HEADER_SIZE and data[:8] == b"\x89DOBBIN\n"
-    assert struct.unpack_from("<H", data, 8) == (1,)
+    assert struct.unpack_from("<H", data, 8) == (2,)
     assert struct.unpack_from("<I", data, 60) == (crc(data[:60]),)
 
 
@@ -170,12 +170,28 @@ def test_bad_file_header_checksum(path):
     assert caught.value.offset == 0
 
 
-def test_unsupported_format_version(path):
+@pytest.mark.parametrize("version", [0, 3, 0xFFFF])
+def test_unsupported_format_version(path, version):
     Log(path).close()
-    forge_file_header(path, 8, struct.pack("<H", 2), reseal=True)
-    with pytest.raises(CorruptionError, match="unsupported format version 2") as caught:
+    forge_file_header(path, 8, struct.pack("<H", version), reseal=True)
+    with pytest.raises(CorruptionError, match="unsupported format version %d" % version) as caught:
         Log(path)
     assert caught.value.offset == 8
+
+
+def test_a_version_1_file_is_read_and_appended_to_as_version_1(path):
+    log = Log(path)
+    first = log.append(COMMITTED, 2, [object_entry(1)])
+    log.close()
+    forge_file_header(path, 8, struct.pack("<H", 1), reseal=True)
+    log = Log(path)
+    assert log.version == 1
+    assert [record.tid for record in log.recover()] == [first.tid]
+    log.append(COMMITTED, 3, [object_entry(2)])
+    log.close()
+    log = Log(path)
+    assert log.version == 1 and len(list(log.recover())) == 2
+    log.close()
 
 
 def test_a_short_file_that_is_not_ours_is_refused_untouched(path):
@@ -1059,3 +1075,44 @@ def test_a_failed_sync_is_believed_over_a_later_successful_one(path, monkeypatch
     log.close()
 
 
+
+
+# -- walking back ---------------------------------------------------------------------
+
+
+def test_records_before_walks_back_newest_first_and_keeps_meta_entries(path):
+    log = Log(path, durability="none")
+    log.append(COMMITTED, 2, [object_entry(1)])
+    log.append(FAILED, 2, [NoteEntry({"error": "ConflictError"})])
+    log.append(COMMITTED, 3, [object_entry(3), MetaEntry({"user": "ann", "n": [1, 2]})])
+    assert [(r.tid, r.status) for r in log.records_before(log.end, 1 << 20)] == [
+        (3, COMMITTED), (2, FAILED), (1, COMMITTED)]
+    newest = next(log.records_before(log.end, 1 << 20))
+    assert [e.data for e in newest.entries if e.kind == b"M"] == [b'{"n": [1, 2], "user": "ann"}']
+    # From the end of an earlier record, and within a byte budget.
+    second_end = newest.offset
+    assert [r.tid for r in log.records_before(second_end, 1 << 20)] == [2, 1]
+    assert [r.tid for r in log.records_before(log.end, newest.length)] == [3]
+    assert list(log.records_before(log.end, newest.length - 1)) == []
+    log.close()
+
+
+@pytest.mark.parametrize("field, value", [(T_MAGIC, b"DENX"), (T_LENGTH, struct.pack("<Q", 0)),
+                                          (T_LENGTH, struct.pack("<Q", 1 << 62)),
+                                          (T_CRC, b"\0\0\0\0")])
+def test_records_before_stops_at_a_damaged_trailer(path, field, value):
+    log = Log(path, durability="none")
+    log.append(COMMITTED, 2, [object_entry(1)])
+    last = log.append(COMMITTED, 3, [object_entry(2)])
+    end = log.end
+    log.close()
+    with open(path, "r+b") as f:
+        f.seek(end - TRAILER_SIZE + field)
+        f.write(value)
+    log = Log(path, read_only=True)
+    assert list(log.records_before(end, 1 << 20)) == []
+    log.close()
+    # The record before it is still found from where it ends.
+    log = Log(path, read_only=True)
+    assert [r.tid for r in log.records_before(last.offset, 1 << 20)] == [1]
+    log.close()

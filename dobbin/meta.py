@@ -1,0 +1,95 @@
+"""Transaction metadata: what a commit records of its transaction.
+
+A committed record may carry one M entry (see docs/format.txt): the
+`transaction`'s ``user``, ``description`` and ``extension``, as ZODB
+keeps them, so that tools can tell who changed what and why.  The broker
+uses the extension to recognise a commit it already ran before a restart.
+
+Only what is set is written; a transaction with none of the three adds
+no entry.  Values are JSON: a stored persistent object of the database
+is recorded as its oid (one the commit leaves unconnected fails it with
+`ObjectGraphError`), and anything else JSON can't hold fails the commit
+too, before anything is written.
+"""
+
+import json
+from collections import namedtuple
+
+from dobbin.exc import CorruptionError, DobbinError, ObjectGraphError
+from dobbin.persistent import Persistent
+from dobbin.record import COMMITTED, KIND_META, MetaEntry
+
+#: The first format version with M entries.
+META_VERSION = 2
+#: How far back `recent_transactions` reads.
+RECENT_BYTES = 64 << 20
+
+#: What `Database.recent_transactions` returns, one per committed record;
+#: `time` is in seconds since the epoch.
+TransactionInfo = namedtuple("TransactionInfo", "tid time user description extension")
+
+
+def meta_entry(txn, jar, version):
+    """The M entry recording `txn`'s metadata in `jar`'s log (of format
+    `version`), or None if it has none or the format has no M entries.
+
+    Called once the commit's new objects have their oids.
+    """
+    if version < META_VERSION:
+        return None
+    info = {}
+    for name in ("user", "description"):
+        value = getattr(txn, name, "")
+        if value:
+            if not isinstance(value, str):
+                raise DobbinError("the transaction's %s must be text, not %r" % (name, value))
+            info[name] = value
+    extension = getattr(txn, "extension", None)
+    if extension:
+        info["extension"] = extension
+    if not info:
+        return None
+
+    def stored_oid(value):
+        if isinstance(value, Persistent):
+            if value._p_jar is jar and value._p_oid is not None:
+                return value._p_oid
+            if value._p_jar is None:
+                raise ObjectGraphError("%r not connected to graph." % (value,))
+        raise TypeError("%r is not JSON" % (value,))
+
+    try:
+        # Round-tripped, so the entry holds plain JSON values only.
+        info = json.loads(json.dumps(info, default=stored_oid, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise DobbinError("the transaction's metadata cannot be recorded: %s" % error) from None
+    return MetaEntry(info)
+
+
+def transaction_info(record, path):
+    """The `TransactionInfo` of a committed `record` of the log at `path`."""
+    info = {}
+    for entry in record.entries:
+        if entry.kind == KIND_META:
+            try:
+                info = json.loads(entry.data.decode("utf-8"))
+            except ValueError as error:  # UnicodeDecodeError too
+                raise CorruptionError("metadata entry is not UTF-8 JSON: %s" % error,
+                                      path, entry.offset) from None
+            if not isinstance(info, dict):
+                raise CorruptionError("metadata entry is not a JSON object", path, entry.offset)
+    return TransactionInfo(record.tid, record.time / 1e9, info.get("user", ""),
+                           info.get("description", ""), info.get("extension", {}))
+
+
+def recent_transactions(log, limit):
+    """The `TransactionInfo` of the latest `limit` committed records of `log`, newest first."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ValueError("limit is a number of transactions (an int >= 0), not %r" % (limit,))
+    found = []
+    for record in log.records_before(log.end, RECENT_BYTES):
+        if len(found) == limit:
+            break
+        if record.status == COMMITTED:
+            found.append(transaction_info(record, log.path))
+    return found

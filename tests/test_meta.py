@@ -1,0 +1,141 @@
+"""Transaction metadata: recorded by commits, read back by recent_transactions."""
+
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+import transaction
+
+from dobbin.exc import CorruptionError, DobbinError, ObjectGraphError
+from dobbin.log import COMMITTED, Log, MetaEntry, ObjectEntry
+from dobbin.meta import TransactionInfo, transaction_info
+from dobbin.persistent import PersistentDict, checkout
+
+
+def new_root(db):
+    root = PersistentDict()
+    db.elect(root)
+    transaction.commit()
+    return root
+
+
+def test_a_commit_records_user_description_and_extension(open_db):
+    db = open_db()
+    root = new_root(db)
+    checkout(root)
+    root["a"] = 1
+    txn = transaction.get()
+    txn.user = "ann"
+    txn.note("first line")
+    txn.note("second line")
+    txn.setExtendedInfo("request", {"id": 7, "tags": ["x"]})
+    before = time.time()
+    transaction.commit()
+    newest, election = db.recent_transactions()
+    assert newest == TransactionInfo(db.last_tid, newest.time, "ann", "first line\nsecond line",
+                                     {"request": {"id": 7, "tags": ["x"]}})
+    assert before - 1 <= newest.time <= time.time() + 1
+    assert election.tid == db.last_tid - 1
+    assert (election.user, election.description, election.extension) == ("", "", {})
+
+
+def test_stored_objects_in_the_extension_are_recorded_as_their_oids(open_db):
+    db = open_db()
+    root = new_root(db)
+    checkout(root)
+    root["child"] = child = PersistentDict()
+    transaction.get().setExtendedInfo("made", [child, root])
+    transaction.commit()
+    assert db.recent_transactions(1)[0].extension == {"made": [child._p_oid, root._p_oid]}
+    assert child._p_oid not in (None, root._p_oid)
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (object(), DobbinError, "metadata cannot be recorded: <object"),
+    (PersistentDict(), ObjectGraphError, "not connected to graph"),
+    (float("inf"), DobbinError, "metadata cannot be recorded: Out of range float")])
+def test_metadata_json_cannot_hold_fails_the_commit_before_anything_is_written(
+        open_db, value, error, message):
+    db = open_db()
+    root = new_root(db)
+    tid = db.last_tid
+    checkout(root)
+    root["a"] = 1
+    transaction.get().setExtendedInfo("x", value)
+    with pytest.raises(error, match=message):
+        transaction.commit()
+    transaction.abort()
+    assert "a" not in root and db.recent_transactions(1)[0].tid == tid
+    assert db.verify()["failed"] == 1  # recorded and counted, never applied
+
+
+def test_a_transaction_without_metadata_adds_no_entry(open_db, db_path):
+    db = open_db()
+    new_root(db)
+    db.close()
+    log = Log(db_path, read_only=True)
+    [record] = log.records_before(log.size(), 1 << 20)
+    assert [entry.kind for entry in record.entries] == [b"O", b"R"]
+    log.close()
+
+
+def test_recent_transactions_limit_and_order(open_db):
+    db = open_db(durability="none")
+    root = new_root(db)
+    for n in range(5):
+        checkout(root)
+        root["n"] = n
+        transaction.get().note("set %d" % n)
+        transaction.commit()
+    assert [info.description for info in db.recent_transactions(3)] == [
+        "set 4", "set 3", "set 2"]
+    assert len(db.recent_transactions(100)) == 6
+    assert db.recent_transactions(0) == []
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(ValueError):
+            db.recent_transactions(bad)
+
+
+def test_recent_transactions_sees_another_process_commit(open_db, db_path):
+    db = open_db()
+    new_root(db)
+    code = ("import transaction; from dobbin.database import Database\n"
+            "from dobbin.persistent import checkout\n"
+            "db = Database(%r); checkout(db.root); db.root['x'] = 1\n"
+            "transaction.get().note('from elsewhere'); transaction.commit(); db.close()\n"
+            % db_path)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert db.recent_transactions(1)[0].description == "from elsewhere"
+
+
+def test_a_version_1_file_records_no_metadata_and_still_commits(open_db, db_path):
+    db = open_db()
+    new_root(db)
+    db.close()
+    with open(db_path, "r+b") as f:
+        header = bytearray(f.read(64))
+        struct.pack_into("<H", header, 8, 1)
+        struct.pack_into("<I", header, 60, zlib.crc32(bytes(header[:60])))
+        f.seek(0)
+        f.write(header)
+    db = open_db()
+    checkout(db.root)
+    db.root["a"] = 1
+    transaction.get().note("not recorded in a version 1 file")
+    transaction.commit()
+    assert db.recent_transactions(1)[0].description == ""
+    assert db.root["a"] == 1
+
+
+def test_a_damaged_meta_entry_is_a_corruption_error(tmp_path):
+    log = Log(str(tmp_path / "m.dobbin"), durability="none")
+    record = log.append(COMMITTED, 2, [ObjectEntry(1, 0, b"x"), MetaEntry([1, 2])])
+    with pytest.raises(CorruptionError, match="not a JSON object"):
+        transaction_info(record, log.path)
+    bad = record._replace(entries=[e._replace(data=b"\xff{") for e in record.entries])
+    with pytest.raises(CorruptionError, match="not UTF-8 JSON"):
+        transaction_info(bad, log.path)
+    log.close()
