@@ -19,6 +19,7 @@ from broker.codec import ABSENT
 from broker.exc import (AccessDenied, ConflictError, MultipleResultsError, NoResultError,
                         ProtocolError, ReadConflictError)
 from broker.keys import Key
+from broker.outcomes import COMMIT_MARK, commit_mark
 from broker.protocol import VERSION
 from broker.states import Record
 from dobbin.exc import ConflictError as StoreConflictError
@@ -310,10 +311,17 @@ class Handlers:
     # -- writes ----------------------------------------------------------------
 
     def op_commit(self, f):
+        """Apply a commit request.  The server adds to its fields the request's
+        "rid" and, for a copy of a commit an earlier server ran, that one's
+        "recorded" outcome (see broker.outcomes)."""
+        if f["recorded"] is not None:
+            return self.recorded_commit(f, f["recorded"])
         for _attempt in range(COMMIT_ATTEMPTS):
-            transaction.begin()
+            txn = transaction.begin()
             try:
                 touched = self.apply_commit(f)
+                mark = commit_mark(f["token"], f["rid"], touched.created)
+                txn.setExtendedInfo(COMMIT_MARK, mark)
                 transaction.commit()
             except StoreConflictError:
                 transaction.abort()
@@ -331,6 +339,15 @@ class Handlers:
         return {"tid": tid, "created": created,
                 "changed": self.server.history.changes(f["since"], tid),
                 "root": self.root_key(), "states": self.states_at(touched, tid)}
+
+    def recorded_commit(self, f, recorded):
+        """The reply to a commit that ran before a restart: as its own server
+        would have answered, less the states (the client loads them)."""
+        tid = self.server.sync_database()
+        return {"tid": tid,
+                "created": [[num, self.keyring.sign("o", oid)] for num, oid in recorded.created],
+                "changed": self.server.history.changes(f["since"], tid),
+                "root": self.root_key(), "states": []}
 
     def states_at(self, objects, tid):
         """[key, record] at `tid` of the stored ones among `objects` (for a commit reply)."""

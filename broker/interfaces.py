@@ -146,10 +146,17 @@ class ICommitOutcomes(Interface):
     so every method is thread-safe.
     """
 
+    def recall(transactions):
+        """Take the commit marks recorded in `transactions` (what
+        `dobbin.interfaces.IDatabase.recent_transactions` returns): the
+        commits an earlier server on the file ran, perhaps unanswered."""
+
     def start(key, routing):
         """Return RUN if the caller is to run the commit, WAIT if a copy is
-        running (`routing` is then answered when it finishes), or the encoded
-        reply of the finished commit, to send to `routing` as it is."""
+        running (`routing` is then answered when it finishes), the encoded
+        reply of the finished commit, to send to `routing` as it is, or the
+        `broker.outcomes.Recorded` commit that an earlier server ran, which
+        the caller answers (and `finish`es) as if it had run it."""
 
     def finish(key, reply):
         """Remember the encoded `reply` of a commit that ran; return the

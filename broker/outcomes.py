@@ -8,14 +8,17 @@ Each commit carries a random token; the server runs one request per
 (token, request id) and answers every copy with that one outcome.
 
 Outcomes live in memory, for the last `max_entries` commits and at most
-`max_bytes` of replies: long past any client's retries.  A copy that
-reaches another server instance (after a restart) runs again there; its
-verified old values then no longer match, so it fails instead of
-applying twice.
+`max_bytes` of replies: long past any client's retries.  A server may
+die after its commit is durable and before its reply is sent; the copy
+then reaches the next server on the address.  So each commit's record
+also carries its token (in the transaction's extension, under
+`COMMIT_MARK`), and a starting server `recall`s the marks of the latest
+commits: a copy of one of those is answered as done, never run again.
 """
 
 import collections
 import threading
+from collections import namedtuple
 
 from zope.interface import implementer
 
@@ -23,6 +26,38 @@ from broker.interfaces import ICommitOutcomes
 
 RUN = "run"
 WAIT = "wait"
+
+#: The extension key under which a broker commit records its request.
+COMMIT_MARK = "dobbin.broker.commit"
+
+#: A commit found in the log (`recall`): its tid, and [new object number, oid] pairs.
+Recorded = namedtuple("Recorded", "tid created")
+
+
+def commit_mark(token, rid, created):
+    """The extension value recording commit request (`token`, `rid`), whose
+    new objects `created` (number -> object) are recorded as their oids."""
+    return {"token": token.hex(), "rid": rid,
+            "created": [[number, obj] for number, obj in created.items()]}
+
+
+def _recorded(mark, tid):
+    """((token, rid), Recorded) from a commit mark, or None if it is not one."""
+    if type(mark) is not dict:
+        return None
+    token, rid, created = mark.get("token"), mark.get("rid"), mark.get("created")
+    if type(token) is not str or type(rid) is not int or type(created) is not list:
+        return None
+    pairs = []
+    for pair in created:
+        if (type(pair) is not list or len(pair) != 2
+                or type(pair[0]) is not int or type(pair[1]) is not int):
+            return None
+        pairs.append((pair[0], pair[1]))
+    try:
+        return (bytes.fromhex(token), rid), Recorded(tid, pairs)
+    except ValueError:
+        return None
 
 
 @implementer(ICommitOutcomes)
@@ -33,13 +68,26 @@ class CommitOutcomes:
         self._lock = threading.Lock()
         self._running = {}  # key -> routing ids of the copies waiting for it
         self._done = collections.OrderedDict()  # key -> encoded reply
+        self._recorded = {}  # key -> Recorded, of commits an earlier server ran
         self._bytes = 0
         self.max_entries = max_entries
         self.max_bytes = max_bytes
 
+    def recall(self, transactions):
+        """Take the commit marks of `transactions` (`dobbin.meta.TransactionInfo`)."""
+        found = {}
+        for info in transactions:
+            recorded = _recorded(info.extension.get(COMMIT_MARK), info.tid)
+            if recorded is not None:
+                found[recorded[0]] = recorded[1]
+        with self._lock:
+            self._recorded.update(found)
+
     def start(self, key, routing):
         """RUN if the caller is to run this commit, WAIT if a copy is running
-        (`routing` gets its reply), or the encoded reply of the finished one."""
+        (`routing` gets its reply), the encoded reply of the finished one, or
+        the `Recorded` commit that an earlier server ran (the caller answers
+        it, as it would a commit it ran)."""
         with self._lock:
             reply = self._done.get(key)
             if reply is not None:
@@ -49,7 +97,7 @@ class CommitOutcomes:
                 waiting.append(routing)
                 return WAIT
             self._running[key] = []
-            return RUN
+            return self._recorded.pop(key, RUN)
 
     def finish(self, key, reply):
         """Remember the encoded `reply`; return the routing ids of the copies to answer."""

@@ -52,7 +52,7 @@ from broker.export import ExportRegistry
 from broker.handlers import Handlers
 from broker.interfaces import IBrokerServer
 from broker.keys import KeyRing, load_or_create_secret, secret_path_for
-from broker.outcomes import RUN, WAIT, CommitOutcomes
+from broker.outcomes import WAIT, CommitOutcomes, Recorded
 from broker.states import Record, StateCache, seal
 from broker.transport import recv_frames, send_frames
 from dobbin.persistent import Persistent, checkout
@@ -69,6 +69,8 @@ KEY_CACHE = 65536
 # commits take at most this long on average (see _receive).
 INLINE_COMMIT = 64 * 1024
 INLINE_SECONDS = 0.002
+# A starting server knows the tokens of this many latest commits (see broker.outcomes).
+RECALLED_COMMITS = 1000
 
 
 class InvalidationHistory:
@@ -316,6 +318,8 @@ class BrokerServer:
         self._stopping = threading.Event()
         self._work = queue.Queue()  # nothing queued before a stop runs after it
         self._outcomes = CommitOutcomes()
+        # A copy of a commit whose server died before replying may come here.
+        self._outcomes.recall(self.db.recent_transactions(RECALLED_COMMITS))
         self._threads = {"front": self._spawn("broker-front", self._front, router),
                          "workers": [self._spawn("broker-worker-%d" % n, self._worker,
                                                  self._worker_ids[n])
@@ -438,8 +442,11 @@ class BrokerServer:
             outcome = self._outcomes.start((fields["token"], rid), routing)
             if outcome is WAIT:
                 return None
-            if outcome is not RUN:
+            if type(outcome) is bytes:
                 return [routing, b"", protocol.MAGIC, outcome]
+            # For the handler (the schema keeps clients from setting these).
+            fields["rid"] = rid
+            fields["recorded"] = outcome if type(outcome) is Recorded else None
             if (len(data) <= INLINE_COMMIT
                     and self._commit_seconds <= INLINE_SECONDS
                     and not self._work.unfinished_tasks and not self.db.write_lock_busy()):

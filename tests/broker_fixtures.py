@@ -19,6 +19,7 @@ import transaction
 
 from broker.client import BrokerClient
 from broker.export import exported
+from broker.outcomes import COMMIT_MARK
 from broker.server import BrokerServer
 from dobbin.btree import OOBTree
 from dobbin.database import Database
@@ -63,6 +64,20 @@ def configure(server):
     server.export_class(Folder)
     server.export_class(PersistentDict)
     server.export_class(OOBTree)
+    return server
+
+
+def configure_dying_after_commit(server):
+    """`configure`, and die inside the first commit a client makes: once it
+    is durable, before its reply is sent (as a server killed then would)."""
+    configure(server)
+    db = server.db
+
+    def die(_tid, _oids):
+        if COMMIT_MARK in db.recent_transactions(1)[0].extension:
+            os._exit(3)
+
+    db.subscribe(die)
     return server
 
 
@@ -140,15 +155,16 @@ def run_python(code, timeout=30):
 class ServerProcess:
     """`dobbin serve PATH --bind ADDRESS` in a child process, with this module's classes."""
 
-    def __init__(self, path, address):
+    def __init__(self, path, address, app="broker_fixtures:configure"):
         self.path = path
         self.address = address
+        self.app = app
         self.process = None
 
     def start(self):
         code = ("import broker_fixtures, sys; from dobbin.cli import main; "
-                "sys.exit(main(['serve', %r, '--bind', %r, '--app', 'broker_fixtures:configure']))"
-                % (self.path, self.address))
+                "sys.exit(main(['serve', %r, '--bind', %r, '--app', %r]))"
+                % (self.path, self.address, self.app))
         self.process = subprocess.Popen([sys.executable, "-c", code], env=child_env(),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True)

@@ -10,9 +10,11 @@ from zope.interface.verify import verifyObject
 from broker import exc
 from broker.interfaces import IBrokerClient, IProxy, IRemoteStream
 from broker.keys import Key
+from broker.outcomes import COMMIT_MARK
 from broker.proxy import STREAM_CHUNK, MappingProxy, Proxy
 from broker_fixtures import (TIMEOUT, BrokerClient, ServerProcess, broker, make_database,  # noqa
                              run_python, served, wait_until)
+from dobbin.database import Database
 from dobbin.persistent import PersistentFile, checkout
 
 
@@ -410,6 +412,49 @@ def test_server_killed_and_restarted_under_a_live_client(tmp_path):
             assert restarted.stop() == 0   # clean shutdown on SIGTERM
         if process.process.poll() is None:
             process.stop()
+
+
+def test_a_commit_whose_server_died_before_replying_is_answered_once_by_the_next(tmp_path):
+    path = str(tmp_path / "d.dobbin")
+    make_database(path).close()
+    address = "ipc://%s/broker.sock" % tmp_path
+    dying = ServerProcess(path, address, app="broker_fixtures:configure_dying_after_commit")
+    dying.start()
+    restarted = ServerProcess(path, address)
+
+    def restart_once_dead():
+        dying.process.wait(30)
+        restarted.start()
+
+    starter = threading.Thread(target=restart_once_dead)
+    try:
+        client = BrokerClient(address, timeout=0.5, retries=40)
+        root = client.root
+        root.item.name = "changed once"
+        made = client.new("broker_fixtures.Item", name="made once")
+        root.things["made"] = made
+        starter.start()
+        tid = client.commit()  # its server dies; the copy reaches the next one
+        starter.join()
+        assert dying.process.returncode == 3  # died inside the commit, unanswered
+        # Answered as done: not run again (its old values would no longer match).
+        assert made._key.kind == "o" and made.name == "made once"
+        assert root.things["made"] is made and root.item.name == "changed once"
+        db = Database(path)
+        marked = [info.tid for info in db.recent_transactions(10)
+                  if COMMIT_MARK in info.extension]
+        assert len(marked) == 1 and marked[0] <= tid == db.last_tid
+        assert db.root.things["made"].name == "made once"
+        db.close()
+        root.item.name = "and then"
+        client.commit()
+        client.close()
+    finally:
+        if starter.is_alive():
+            starter.join()
+        for process in (dying, restarted):
+            if process.process is not None:
+                process.stop()
 
 
 def test_begin_takes_broadcast_states_without_loading(broker):

@@ -5,7 +5,12 @@ import threading
 from zope.interface.verify import verifyObject
 
 from broker.interfaces import ICommitOutcomes
-from broker.outcomes import RUN, WAIT, CommitOutcomes
+from broker.outcomes import COMMIT_MARK, RUN, WAIT, CommitOutcomes, Recorded, commit_mark
+from dobbin.meta import TransactionInfo
+
+
+def info(tid, extension):
+    return TransactionInfo(tid, 0.0, "", "", extension)
 
 
 def test_implements_interface():
@@ -53,3 +58,26 @@ def test_one_run_among_threads():
     for thread in threads:
         thread.join()
     assert results.count(RUN) == 1 and results.count(WAIT) == 7
+
+
+def test_a_recalled_commit_is_handed_out_once_then_answered_as_finished():
+    token = bytes(range(16))
+    mark = commit_mark(token, 5, {1: 9, 2: 12})
+    assert mark == {"token": token.hex(), "rid": 5, "created": [[1, 9], [2, 12]]}
+    outcomes = CommitOutcomes()
+    outcomes.recall([info(40, {COMMIT_MARK: mark}), info(39, {"other": 1}), info(38, {})])
+    assert outcomes.start((token, 6), b"another request id") is RUN
+    assert outcomes.start((token, 5), b"copy") == Recorded(40, [(1, 9), (2, 12)])
+    assert outcomes.start((token, 5), b"second copy") is WAIT
+    assert outcomes.finish((token, 5), b"reply") == [b"second copy"]
+    assert outcomes.start((token, 5), b"third copy") == b"reply"
+
+
+def test_malformed_commit_marks_are_ignored():
+    good = commit_mark(b"t" * 16, 1, {})
+    bad_marks = [None, "x", [], {}, dict(good, token=7), dict(good, token="zz"),
+                 dict(good, rid="1"), dict(good, created={}), dict(good, created=[[1]]),
+                 dict(good, created=[[1, "9"]]), dict(good, created=[5])]
+    outcomes = CommitOutcomes()
+    outcomes.recall([info(n, {COMMIT_MARK: mark}) for n, mark in enumerate(bad_marks)])
+    assert outcomes.start((b"t" * 16, 1), b"r") is RUN
