@@ -14,7 +14,7 @@ import threading
 
 from dobbin import staging
 from dobbin.exc import ConflictError, ReadConflictError, WriteConflictError
-from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, StreamEntry, json_bytes,
+from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, StreamEntry,
                            stream_entry_size)
 from dobbin.stream import FileSpan, StreamSpan
 
@@ -155,7 +155,7 @@ class Commit:
         return (self.streams_end - self.offset + TRAILER_SIZE
                 + sum(ENTRY_SIZE + len(entry.data) for _, _, entry in self.stored)
                 + (ENTRY_SIZE if self.root_oid is not None else 0)
-                + (ENTRY_SIZE + len(json_bytes(self.meta.info)) if self.meta else 0))
+                + (ENTRY_SIZE + len(self.meta.data) if self.meta else 0))
 
     def unstage(self, log):
         """Cut back what `add_stream` staged, unless the record was published."""

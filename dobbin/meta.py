@@ -59,11 +59,10 @@ def meta_entry(txn, jar, version):
         raise TypeError("%r is not JSON" % (value,))
 
     try:
-        # Round-tripped, so the entry holds plain JSON values only.
-        info = json.loads(json.dumps(info, default=stored_oid, allow_nan=False))
+        data = json.dumps(info, default=stored_oid, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as error:
         raise DobbinError("the transaction's metadata cannot be recorded: %s" % error) from None
-    return MetaEntry(info)
+    return MetaEntry(data.encode("utf-8"))
 
 
 def transaction_info(record, path):

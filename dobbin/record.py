@@ -93,8 +93,8 @@ class NoteEntry(namedtuple("NoteEntry", "info")):
     kind = KIND_NOTE
 
 
-class MetaEntry(namedtuple("MetaEntry", "info")):
-    """A commit's transaction metadata (a JSON-able dict), for committed records."""
+class MetaEntry(namedtuple("MetaEntry", "data")):
+    """A commit's transaction metadata (UTF-8 JSON bytes), for committed records."""
 
     kind = KIND_META
 
@@ -121,11 +121,6 @@ def stream_size(length):
     """Bytes of stream data in an S entry whose data is `length` bytes."""
     chunks = -(-length // (STREAM_CHUNK + 4))
     return length - 4 * chunks
-
-
-def json_bytes(info):
-    """The UTF-8 JSON of an N or M entry's dict."""
-    return json.dumps(info, sort_keys=True).encode("utf-8")
 
 
 def crc(data, value=0):
@@ -192,8 +187,10 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
         elif kind == KIND_INDEX:
             # Prefixed with where it is written, so a copy elsewhere is known stale.
             data = checked = struct.pack("<Q", offset) + entry.data
-        else:  # N and M entries
-            data = checked = json_bytes(entry.info)
+        elif kind == KIND_META:
+            data = checked = entry.data
+        else:
+            data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
         length = len(entry.data) + len(data[1]) if kind == KIND_STREAM else len(data)
         tail = pack_tail(oid, tid, previous, length)
         entry_header = pack_head(kind, b"\0\0\0", crc32(checked, crc32(tail))) + tail

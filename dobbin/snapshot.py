@@ -14,7 +14,7 @@ from dobbin.commit import Commit
 from dobbin.exc import DobbinError, HistoryError, LockTimeoutError
 from dobbin.log import INCOMPLETE, Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, FILE_HEADER_SIZE, KIND_OBJECT,
-                           KIND_ROOT, TX_HEADER_SIZE, ObjectEntry, RootEntry,
+                           KIND_STREAM, TX_HEADER_SIZE, ObjectEntry, RootEntry,
                            stream_entry_size)
 from dobbin.serialize import StateWriter, load_state
 from dobbin.stream import PersistentStream, copy_source
@@ -182,7 +182,7 @@ def _read_records(checker, report, latest):
         for entry in record.entries:
             if entry.kind == KIND_OBJECT:
                 latest[entry.oid] = entry.offset
-            elif entry.kind != KIND_ROOT and record.status == COMMITTED:
+            elif entry.kind == KIND_STREAM and record.status == COMMITTED:
                 report["streams"] += 1
 
 

@@ -1084,7 +1084,7 @@ def test_records_before_walks_back_newest_first_and_keeps_meta_entries(path):
     log = Log(path, durability="none")
     log.append(COMMITTED, 2, [object_entry(1)])
     log.append(FAILED, 2, [NoteEntry({"error": "ConflictError"})])
-    log.append(COMMITTED, 3, [object_entry(3), MetaEntry({"user": "ann", "n": [1, 2]})])
+    log.append(COMMITTED, 3, [object_entry(3), MetaEntry(b'{"n": [1, 2], "user": "ann"}')])
     assert [(r.tid, r.status) for r in log.records_before(log.end, 1 << 20)] == [
         (3, COMMITTED), (2, FAILED), (1, COMMITTED)]
     newest = next(log.records_before(log.end, 1 << 20))

@@ -40,6 +40,8 @@ def test_a_commit_records_user_description_and_extension(open_db):
     assert before - 1 <= newest.time <= time.time() + 1
     assert election.tid == db.last_tid - 1
     assert (election.user, election.description, election.extension) == ("", "", {})
+    report = db.verify()
+    assert report["ok"] and report["committed"] == 2 and report["streams"] == 0
 
 
 def test_stored_objects_in_the_extension_are_recorded_as_their_oids(open_db):
@@ -132,7 +134,7 @@ def test_a_version_1_file_records_no_metadata_and_still_commits(open_db, db_path
 
 def test_a_damaged_meta_entry_is_a_corruption_error(tmp_path):
     log = Log(str(tmp_path / "m.dobbin"), durability="none")
-    record = log.append(COMMITTED, 2, [ObjectEntry(1, 0, b"x"), MetaEntry([1, 2])])
+    record = log.append(COMMITTED, 2, [ObjectEntry(1, 0, b"x"), MetaEntry(b"[1, 2]")])
     with pytest.raises(CorruptionError, match="not a JSON object"):
         transaction_info(record, log.path)
     bad = record._replace(entries=[e._replace(data=b"\xff{") for e in record.entries])
