@@ -12,6 +12,10 @@
     dobbin verify PATH
         Check every record's checksums and the index; print the report and
         exit 0 if the file is sound, 1 if not.
+    dobbin history PATH [-n N]
+        Print what the latest N committed transactions recorded of
+        themselves (tid, UTC time, user, description, extension), newest
+        first, one JSON object per line.
 """
 
 import argparse
@@ -21,6 +25,7 @@ import json
 import signal
 import sys
 import threading
+import time
 
 DEFAULT_BIND = "tcp://127.0.0.1:5590"
 
@@ -45,6 +50,10 @@ def build_parser():
     shell.add_argument("--timeout", type=float, default=2.5)
     verify = commands.add_parser("verify", help="check a database file's checksums and index")
     verify.add_argument("path", help="database file")
+    history = commands.add_parser("history", help="list the latest committed transactions")
+    history.add_argument("path", help="database file")
+    history.add_argument("-n", dest="limit", type=_positive_int, default=20,
+                         help="how many (default %(default)s)")
     return parser
 
 
@@ -122,9 +131,28 @@ def verify(args):
     return 0 if report["ok"] else 1
 
 
+def history(args):
+    from dobbin.database import Database
+    from dobbin.exc import DobbinError
+
+    try:
+        with Database(args.path, read_only=True) as db:
+            found = db.recent_transactions(args.limit)
+    except (DobbinError, OSError) as error:
+        print("dobbin history: %s" % error, file=sys.stderr)
+        return 1
+    for info in found:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(info.time))
+        print(json.dumps({"tid": info.tid, "time": "%s.%06dZ" % (stamp, info.time % 1 * 1e6),
+                          "user": info.user, "description": info.description,
+                          "extension": info.extension}, sort_keys=True))
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return {"serve": serve, "shell": shell, "verify": verify}[args.command](args)
+    commands = {"serve": serve, "shell": shell, "verify": verify, "history": history}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -145,3 +145,27 @@ def test_verify_reports_a_damaged_checkpoint_it_stepped_over(tmp_path):
     assert not report["ok"]
     assert any("checkpoint at offset %d" % checkpoints[0] in e for e in report["errors"])
     assert main(["verify", path]) == 1
+
+
+def test_history_lists_the_latest_transactions_newest_first(tmp_path, capsys):
+    path = str(tmp_path / "h.dobbin")
+    _two_commits(path, {"a": 1})
+    with Database(path) as db:
+        checkout(db.root)
+        db.root["c"] = 3
+        txn = transaction.get()
+        txn.user = "ann"
+        txn.note("set c")
+        txn.setExtendedInfo("ticket", 42)
+        transaction.commit()
+    capsys.readouterr()
+    assert main(["history", path, "-n", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["tid"] for line in lines] == [3, 2]
+    assert (lines[0]["user"], lines[0]["description"], lines[0]["extension"]) == (
+        "ann", "set c", {"ticket": 42})
+    assert lines[1]["description"] == "" and lines[0]["time"].endswith("Z")
+    assert main(["history", str(tmp_path / "missing.dobbin")]) == 1
+    assert "missing.dobbin" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["history", path, "-n", "0"])
