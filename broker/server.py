@@ -55,6 +55,7 @@ from broker.keys import KeyRing, load_or_create_secret, secret_path_for
 from broker.outcomes import WAIT, CommitOutcomes, Recorded
 from broker.states import Record, StateCache, seal
 from broker.transport import recv_frames, send_frames
+from dobbin.exc import DobbinError
 from dobbin.persistent import Persistent, checkout
 
 logger = logging.getLogger("broker.server")
@@ -318,8 +319,13 @@ class BrokerServer:
         self._stopping = threading.Event()
         self._work = queue.Queue()  # nothing queued before a stop runs after it
         self._outcomes = CommitOutcomes()
-        # A copy of a commit whose server died before replying may come here.
-        self._outcomes.recall(self.db.recent_transactions(RECALLED_COMMITS))
+        try:
+            # A copy of a commit whose server died before replying may come here.
+            self._outcomes.recall(self.db.recent_transactions(RECALLED_COMMITS))
+        except DobbinError:
+            # Damaged metadata costs only this: such a copy runs again (and
+            # fails its verification).  verify() reports the damage.
+            logger.exception("could not read the latest commits of %s", self.db.path)
         self._threads = {"front": self._spawn("broker-front", self._front, router),
                          "workers": [self._spawn("broker-worker-%d" % n, self._worker,
                                                  self._worker_ids[n])

@@ -11,11 +11,12 @@ the index.
 import os
 
 from dobbin.commit import Commit
-from dobbin.exc import DobbinError, HistoryError, LockTimeoutError
+from dobbin.exc import CorruptionError, DobbinError, HistoryError, LockTimeoutError
 from dobbin.log import INCOMPLETE, Log
-from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, FILE_HEADER_SIZE, KIND_OBJECT,
-                           KIND_STREAM, TX_HEADER_SIZE, ObjectEntry, RootEntry,
+from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, FILE_HEADER_SIZE, KIND_META,
+                           KIND_OBJECT, KIND_STREAM, TX_HEADER_SIZE, ObjectEntry, RootEntry,
                            stream_entry_size)
+from dobbin.meta import transaction_info
 from dobbin.serialize import StateWriter, load_state
 from dobbin.stream import PersistentStream, copy_source
 
@@ -184,6 +185,11 @@ def _read_records(checker, report, latest):
                 latest[entry.oid] = entry.offset
             elif entry.kind == KIND_STREAM and record.status == COMMITTED:
                 report["streams"] += 1
+            elif entry.kind == KIND_META:
+                try:
+                    transaction_info(record, checker.path)
+                except CorruptionError as error:
+                    report["errors"].append(str(error))
 
 
 def _lock_out_writers(db):

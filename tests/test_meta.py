@@ -141,3 +141,18 @@ def test_a_damaged_meta_entry_is_a_corruption_error(tmp_path):
     with pytest.raises(CorruptionError, match="not UTF-8 JSON"):
         transaction_info(bad, log.path)
     log.close()
+
+
+def test_a_forged_meta_entry_is_reported_by_verify_and_recent_transactions(open_db, db_path):
+    db = open_db()
+    new_root(db)
+    db.close()
+    log = Log(db_path)
+    list(log.recover())
+    log.append(COMMITTED, 2, [MetaEntry(b"{not json")])  # sound checksums, bad JSON
+    log.close()
+    db = open_db()
+    report = db.verify()
+    assert not report["ok"] and any("not UTF-8 JSON" in error for error in report["errors"])
+    with pytest.raises(CorruptionError, match="not UTF-8 JSON"):
+        db.recent_transactions()

@@ -21,6 +21,7 @@ from broker.server import INLINE_COMMIT, PUSH_OBJECTS, InvalidationHistory
 from broker.states import unseal
 from broker_fixtures import TIMEOUT, Item, broker, make_database, served  # noqa: F401
 from dobbin.database import Database
+from dobbin.log import COMMITTED, Log, MetaEntry
 from dobbin.persistent import checkout
 
 codec = Codec()
@@ -574,6 +575,22 @@ def test_statics(broker):
     server.del_static("status", 1)
     with pytest.raises(KeyError):
         client.static("status", 1)
+
+
+def test_a_server_starts_and_serves_over_damaged_commit_metadata(tmp_path, caplog):
+    path = str(tmp_path / "d.dobbin")
+    make_database(path).close()
+    log = Log(path)
+    list(log.recover())
+    log.append(COMMITTED, 100, [MetaEntry(b"\xff not json")])  # sound checksums
+    log.close()
+    db = Database(path, durability="none")
+    with served(db) as server:
+        with BrokerClient(server.address, timeout=TIMEOUT) as client:
+            client.root.item.name = "still served"
+            client.commit()
+    db.close()
+    assert any("could not read the latest commits" in r.getMessage() for r in caplog.records)
 
 
 def test_static_keys_survive_restart_and_other_servers(tmp_path):
