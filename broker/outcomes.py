@@ -18,7 +18,6 @@ commits: a copy of one of those is answered as done, never run again.
 
 import collections
 import threading
-from collections import namedtuple
 
 from zope.interface import implementer
 
@@ -31,7 +30,7 @@ WAIT = "wait"
 COMMIT_MARK = "dobbin.broker.commit"
 
 #: A commit found in the log (`recall`): its tid, and [new object number, oid] pairs.
-Recorded = namedtuple("Recorded", "tid created")
+Recorded = collections.namedtuple("Recorded", "tid created")
 
 
 def commit_mark(token, rid, created):

@@ -489,8 +489,7 @@ class Database:
             commit.root_oid = root._p_oid
         if commit.restated:
             commit.restate_copied_streams()
-        if commit.transaction is not None:
-            commit.meta = meta_entry(commit.transaction, self, self._log.version)
+        commit.meta = meta_entry(commit.transaction, self, self._log.version)
 
     def _p_commit_vote(self, commit, several):
         """Claim the record's disk space: with fsync, or when other databases
