@@ -27,7 +27,8 @@ from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            build_record, header_last, parse_header, stream_size)
 from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete,
                            checkpoint_without_header, find_witness, newest_checkpoint,
-                           object_entry_in, read_record, stream_entry_at, zeros_from)
+                           object_entry_in, read_record, record_start_before, stream_entry_at,
+                           zeros_from)
 from dobbin.record import crc as _crc
 from dobbin.space import ReservedSpace
 
@@ -479,22 +480,17 @@ class Log(ReservedSpace):
         """
         fd = self._reading_fd()
         file_size = self.size()
-        while end > FILE_HEADER_SIZE:
-            trailer = os.pread(fd, TRAILER_SIZE, end - TRAILER_SIZE)
-            if len(trailer) < TRAILER_SIZE:
-                return
-            _binding, magic, length = TRAILER.unpack(trailer)
-            start = end - length
-            if (magic != TRAILER_MAGIC or length < TX_HEADER_SIZE + TRAILER_SIZE
-                    or start < FILE_HEADER_SIZE or length > max_bytes):
+        while True:
+            start = record_start_before(fd, end)
+            if start is None or end - start > max_bytes:
                 return
             try:
                 record = read_record(fd, start, None, file_size)
             except (Incomplete, Damaged):
                 return
             yield record
+            max_bytes -= end - start
             end = start
-            max_bytes -= length
 
     def diagnose(self):
         """Why the record at `end` can't be read (maybe INCOMPLETE), or None if it can."""

@@ -148,6 +148,22 @@ def _last_non_zero(block):
     return 0
 
 
+def record_start_before(fd, end):
+    """Where the record whose trailer ends at `end` starts, as that trailer
+    says (its magic and a possible length checked, nothing more), or None."""
+    if end - TRAILER_SIZE < FILE_HEADER_SIZE:
+        return None
+    trailer = os.pread(fd, TRAILER_SIZE, end - TRAILER_SIZE)
+    if len(trailer) < TRAILER_SIZE:
+        return None
+    _binding, magic, length = TRAILER.unpack(trailer)
+    start = end - length
+    if (magic != TRAILER_MAGIC or length < TX_HEADER_SIZE + TRAILER_SIZE
+            or start < FILE_HEADER_SIZE):
+        return None
+    return start
+
+
 def find_last_header(fd, file_size):
     """(offset, status, checkpoint) of the last sound record header, or None.
 
@@ -156,13 +172,11 @@ def find_last_header(fd, file_size):
     """
     position = file_size
     while position > FILE_HEADER_SIZE:
-        if position - TRAILER_SIZE >= FILE_HEADER_SIZE:
-            _crc_value, magic, length = TRAILER.unpack(
-                os.pread(fd, TRAILER_SIZE, position - TRAILER_SIZE))
-            if magic == TRAILER_MAGIC and FILE_HEADER_SIZE <= position - length < position:
-                header = _sound_header(fd, position - length)
-                if header is not None and header.length == length:
-                    return position - length, header.status, header.checkpoint
+        start = record_start_before(fd, position)
+        if start is not None:
+            header = _sound_header(fd, start)
+            if header is not None and header.length == position - start:
+                return start, header.status, header.checkpoint
         start = max(FILE_HEADER_SIZE, position - READ_AHEAD)
         chunk = os.pread(fd, position - start, start)
         index = chunk.rfind(TX_MAGIC)

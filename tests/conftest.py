@@ -7,12 +7,15 @@ thread and hands its exception back to the test; `flip_bit` damages a
 file.
 """
 
+import struct
 import threading
+import zlib
 
 import pytest
 import transaction
 
 from dobbin.database import Database
+from dobbin.log import Log
 from dobbin.persistent import checkout
 
 
@@ -117,3 +120,24 @@ def flip_bit(path, offset):
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0x01]))
+
+
+def forge_file_header(path, offset, value, reseal):
+    """Write `value` into the file header at `offset`; with `reseal`, fix its crc."""
+    with open(path, "r+b") as f:
+        header = bytearray(f.read(64))
+        header[offset:offset + len(value)] = value
+        if reseal:
+            struct.pack_into("<I", header, 60, zlib.crc32(bytes(header[:60])))
+        f.seek(0)
+        f.write(header)
+
+
+def append_record(path, status, entries, oid_high=100):
+    """Append a record of raw `entries` (sound checksums) to the file at `path`."""
+    log = Log(path)
+    try:
+        list(log.recover())
+        log.append(status, oid_high, entries)
+    finally:
+        log.close()

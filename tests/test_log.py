@@ -15,7 +15,7 @@ import zlib
 
 import pytest
 
-from conftest import flip_bit
+from conftest import flip_bit, forge_file_header
 from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
 from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE, INCOMPLETE,
                         STREAM_CHUNK, TRAILER_SIZE, TX_HEADER_SIZE, IndexEntry, Log,
@@ -135,15 +135,6 @@ def read_file(path):
 @pytest.fixture
 def path(tmp_path):
     return str(tmp_path / "log.dobbin")
-
-
-def forge_file_header(path, offset, value, reseal):
-    data = bytearray(read_file(path))
-    data[offset:offset + len(value)] = value
-    if reseal:
-        struct.pack_into("<I", data, 60, crc(bytes(data[:60])))
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 def test_a_new_file_is_a_checksummed_header(path):

@@ -4,11 +4,11 @@ import struct
 import subprocess
 import sys
 import time
-import zlib
 
 import pytest
 import transaction
 
+from conftest import append_record, forge_file_header
 from dobbin.exc import CorruptionError, DobbinError, ObjectGraphError
 from dobbin.log import COMMITTED, Log, MetaEntry, ObjectEntry
 from dobbin.meta import TransactionInfo, transaction_info
@@ -117,12 +117,7 @@ def test_a_version_1_file_records_no_metadata_and_still_commits(open_db, db_path
     db = open_db()
     new_root(db)
     db.close()
-    with open(db_path, "r+b") as f:
-        header = bytearray(f.read(64))
-        struct.pack_into("<H", header, 8, 1)
-        struct.pack_into("<I", header, 60, zlib.crc32(bytes(header[:60])))
-        f.seek(0)
-        f.write(header)
+    forge_file_header(db_path, 8, struct.pack("<H", 1), reseal=True)
     db = open_db()
     checkout(db.root)
     db.root["a"] = 1
@@ -147,10 +142,7 @@ def test_a_forged_meta_entry_is_reported_by_verify_and_recent_transactions(open_
     db = open_db()
     new_root(db)
     db.close()
-    log = Log(db_path)
-    list(log.recover())
-    log.append(COMMITTED, 2, [MetaEntry(b"{not json")])  # sound checksums, bad JSON
-    log.close()
+    append_record(db_path, COMMITTED, [MetaEntry(b"{not json")])  # sound checksums, bad JSON
     db = open_db()
     report = db.verify()
     assert not report["ok"] and any("not UTF-8 JSON" in error for error in report["errors"])

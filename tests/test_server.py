@@ -20,8 +20,9 @@ from broker.keys import Key
 from broker.server import INLINE_COMMIT, PUSH_OBJECTS, InvalidationHistory
 from broker.states import unseal
 from broker_fixtures import TIMEOUT, Item, broker, make_database, served  # noqa: F401
+from conftest import append_record
 from dobbin.database import Database
-from dobbin.log import COMMITTED, Log, MetaEntry
+from dobbin.log import COMMITTED, MetaEntry
 from dobbin.persistent import checkout
 
 codec = Codec()
@@ -580,10 +581,7 @@ def test_statics(broker):
 def test_a_server_starts_and_serves_over_damaged_commit_metadata(tmp_path, caplog):
     path = str(tmp_path / "d.dobbin")
     make_database(path).close()
-    log = Log(path)
-    list(log.recover())
-    log.append(COMMITTED, 100, [MetaEntry(b"\xff not json")])  # sound checksums
-    log.close()
+    append_record(path, COMMITTED, [MetaEntry(b"\xff not json")])  # sound checksums
     db = Database(path, durability="none")
     with served(db) as server:
         with BrokerClient(server.address, timeout=TIMEOUT) as client:
