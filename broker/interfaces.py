@@ -166,6 +166,33 @@ class ICommitOutcomes(Interface):
         """Forget a started commit that will not run (the server is stopping)."""
 
 
+class IInvalidationHistory(Interface):
+    """The oids each of a server's latest committed transactions changed.
+
+    Fed by the database's commit callback in whichever thread committed or
+    caught up, read by request handlers: every method is thread-safe.  It
+    knows every committed tid in (floor, top].
+    """
+
+    floor = Attribute("The newest tid it no longer knows the changes of.")
+    top = Attribute("The newest tid it knows.")
+    size = Attribute("How many transactions it keeps at most.")
+    max_oids = Attribute("How many oids, all transactions together, it keeps at most.")
+
+    def add(tid, oids):
+        """Record that transaction `tid` changed the oids in `oids`.
+
+        Tids come in increasing order; one not above `top` is a duplicate
+        notification and is ignored.  The oldest transactions go when more
+        than `size` are held or more than `max_oids` oids, which moves
+        `floor` up."""
+
+    def changes(since, upto):
+        """The sorted oids changed by the transactions in (since, upto], or
+        None when some of them are no longer known (`since` is None or
+        below `floor`): the asking client must then flush its cache."""
+
+
 class IBrokerServer(Interface):
     """Serves one Dobbin database to remote clients.
 

@@ -31,7 +31,6 @@ the oids changed since its last known tid (or "flush" when the history
 does not reach back that far).
 """
 
-import bisect
 import collections
 import contextlib
 import logging
@@ -50,6 +49,7 @@ from broker import exc, protocol
 from broker.codec import MAX_MESSAGE, Codec
 from broker.export import ExportRegistry
 from broker.handlers import Handlers
+from broker.history import InvalidationHistory
 from broker.interfaces import IBrokerServer
 from broker.keys import KeyRing, load_or_create_secret, secret_path_for
 from broker.outcomes import WAIT, CommitOutcomes, Recorded
@@ -72,60 +72,6 @@ INLINE_COMMIT = 64 * 1024
 INLINE_SECONDS = 0.002
 # A starting server knows the tokens of this many latest commits (see broker.outcomes).
 RECALLED_COMMITS = 1000
-
-
-class InvalidationHistory:
-    """The oids changed by each committed transaction, for the last `size` of
-    them and at most `max_oids` oids in all (the oldest go first).
-
-    Fed by the database's subscribe callback (any thread), read by sync and
-    commit handlers.  It knows every committed tid in (floor, top].
-    """
-
-    def __init__(self, floor, size=10000, max_oids=1000000):
-        self._lock = threading.Lock()
-        self._tids = []
-        self._oids = []
-        self._held = 0  # oids in _oids
-        self.floor = floor
-        self.top = floor
-        self.size = size
-        self.max_oids = max_oids
-
-    def add(self, tid, oids):
-        with self._lock:
-            if tid <= self.top:
-                return  # already known (a duplicate notification)
-            self._tids.append(tid)
-            self._oids.append(oids)
-            self._held += len(oids)
-            self.top = tid
-            drop = 0
-            while drop < len(self._tids) and (len(self._tids) - drop > self.size
-                                              or self._held > self.max_oids):
-                self._held -= len(self._oids[drop])
-                drop += 1
-            if drop:
-                self.floor = self._tids[drop - 1]
-                del self._tids[:drop], self._oids[:drop]
-
-    def changes(self, since, upto):
-        """Sorted oids changed in (since, upto], or None if not all are known.
-
-        The caller makes sure every callback up to `upto` has run
-        (BrokerServer.sync_database).
-        """
-        with self._lock:
-            if since is None or since < self.floor:
-                return None
-            if since >= upto:
-                return []
-            start = bisect.bisect_right(self._tids, since)
-            end = bisect.bisect_right(self._tids, upto)
-            changed = set()
-            for oids in self._oids[start:end]:
-                changed.update(oids)
-            return sorted(changed)
 
 
 @implementer(IBrokerServer)

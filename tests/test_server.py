@@ -17,7 +17,7 @@ from broker.client import BrokerClient
 from broker.codec import Codec
 from broker.interfaces import IBrokerServer
 from broker.keys import Key
-from broker.server import INLINE_COMMIT, PUSH_OBJECTS, InvalidationHistory
+from broker.server import INLINE_COMMIT, PUSH_OBJECTS
 from broker.states import unseal
 from broker_fixtures import TIMEOUT, Item, broker, make_database, served  # noqa: F401
 from conftest import append_record
@@ -740,35 +740,6 @@ def test_server_side_new_and_delete(broker):
     server.obj_delete(db.root.things, "made")
     client.begin()
     assert "made" not in client.root.things
-
-
-def test_history():
-    history = InvalidationHistory(10, size=3)
-    assert history.changes(10, 10) == []
-    assert history.changes(9, 12) is None and history.changes(None, 12) is None
-    history.add(12, frozenset({1}))
-    history.add(13, frozenset({2, 1}))
-    history.add(13, frozenset({99}))  # duplicate notification ignored
-    assert history.changes(10, 13) == [1, 2]
-    assert history.changes(12, 13) == [1, 2]
-    assert history.changes(12, 12) == []
-    history.add(15, frozenset({3}))
-    history.add(16, frozenset({4}))
-    assert history.floor == 12
-    assert history.changes(11, 16) is None
-    assert history.changes(12, 16) == [1, 2, 3, 4]
-
-
-def test_history_holds_a_bounded_number_of_oids():
-    history = InvalidationHistory(0, size=100, max_oids=10)
-    history.add(1, frozenset(range(4)))
-    history.add(2, frozenset(range(4, 8)))
-    history.add(3, frozenset(range(8, 12)))  # 12 oids: the first transaction goes
-    assert history.floor == 1 and history.changes(1, 3) == list(range(4, 12))
-    assert history.changes(0, 3) is None  # a client that far behind flushes
-    history.add(4, frozenset(range(100, 120)))  # alone over the bound: nothing is kept
-    assert history.floor == history.top == 4 and history.changes(3, 4) is None
-    assert history.changes(4, 4) == []
 
 
 def test_curve_server_answers_worker_requests(tmp_path):
