@@ -489,6 +489,10 @@ class Database:
             commit.root_oid = root._p_oid
         if commit.restated:
             commit.restate_copied_streams()
+
+    def _p_commit_describe(self, commit):
+        """Lay out the transaction's metadata, once every database in the
+        transaction has given its new objects their oids."""
         commit.meta = meta_entry(commit.transaction, self, self._log.version)
 
     def _p_commit_vote(self, commit, several):

@@ -7,9 +7,10 @@ uses the extension to recognise a commit it already ran before a restart.
 
 Only what is set is written; a transaction with none of the three adds
 no entry.  Values are JSON: a stored persistent object of the database
-is recorded as its oid (one the commit leaves unconnected fails it with
-`ObjectGraphError`), and anything else JSON can't hold fails the commit
-too, before anything is written.
+is recorded as its oid, one stored by another database of the
+transaction as {"database": its path, "oid": its oid} (one the commit
+leaves unconnected fails it with `ObjectGraphError`), and anything else
+JSON can't hold fails the commit too, before anything is written.
 """
 
 import json
@@ -33,7 +34,8 @@ def meta_entry(txn, jar, version):
     """The M entry recording `txn`'s metadata in `jar`'s log (of format
     `version`), or None if it has none or the format has no M entries.
 
-    Called once the commit's new objects have their oids.
+    Called once the new objects of every database in the transaction have
+    their oids.
     """
     if version < META_VERSION:
         return None
@@ -52,10 +54,12 @@ def meta_entry(txn, jar, version):
 
     def stored_oid(value):
         if isinstance(value, Persistent):
-            if value._p_jar is jar and value._p_oid is not None:
-                return value._p_oid
-            if value._p_jar is None:
+            if value._p_jar is None or value._p_oid is None:
                 raise ObjectGraphError("%r not connected to graph." % (value,))
+            if value._p_jar is jar:
+                return value._p_oid
+            # Stored by another database of the same transaction.
+            return {"database": value._p_jar.path, "oid": value._p_oid}
         raise TypeError("%r is not JSON" % (value,))
 
     try:

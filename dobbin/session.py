@@ -220,6 +220,9 @@ class Session:
         try:
             for database, pending in self._commits:
                 database._p_commit_prepare(pending, self)
+            # Metadata may name objects of any of the databases.
+            for database, pending in self._commits:
+                database._p_commit_describe(pending)
         except Exception as error:  # an unpicklable state fails the commit too
             self._record_failure(error)
             raise

@@ -55,6 +55,26 @@ def test_stored_objects_in_the_extension_are_recorded_as_their_oids(open_db):
     assert child._p_oid not in (None, root._p_oid)
 
 
+@pytest.mark.parametrize("holder_name", ["a.dobbin", "z.dobbin"])
+def test_objects_of_another_database_in_the_transaction_are_recorded_by_path_and_oid(
+        open_db, tmp_path, holder_name):
+    # The databases commit in path order: the one storing the new object
+    # comes first or last, and both records name it all the same.
+    holder_db, other_db = open_db(str(tmp_path / holder_name)), open_db(str(tmp_path / "m.dobbin"))
+    holder_root, other_root = new_root(holder_db), new_root(other_db)
+    checkout(holder_root)
+    checkout(other_root)
+    holder_root["new"] = made = PersistentDict()
+    other_root["touched"] = True
+    transaction.get().setExtendedInfo("made", [made, other_root])
+    transaction.commit()
+    holder_made = {"made": [made._p_oid, {"database": other_db.path, "oid": other_root._p_oid}]}
+    other_made = {"made": [{"database": holder_db.path, "oid": made._p_oid}, other_root._p_oid]}
+    assert holder_db.recent_transactions(1)[0].extension == holder_made
+    assert other_db.recent_transactions(1)[0].extension == other_made
+    assert made._p_oid is not None and made._p_jar is holder_db
+
+
 @pytest.mark.parametrize("value, error, message", [
     (object(), DobbinError, "metadata cannot be recorded: <object"),
     (PersistentDict(), ObjectGraphError, "not connected to graph"),
