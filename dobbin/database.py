@@ -444,7 +444,9 @@ class Database:
                 obj._p_local[session.thread] = commit.resolve(entry, session)
             enqueue(obj)
         root = session.elected.get(self)
-        if root is not None:
+        if root is not None and _oid_of(root) is None:
+            # A stored root is written only if checked out (above): its
+            # shared state may be stale, or not loaded at all.
             enqueue(root)
 
         def persistent_id(value):

@@ -85,3 +85,8 @@ class StreamError(DobbinError):
 
 class LoadError(DobbinError):
     """A record passed its checksum but could not be unpickled."""
+
+
+class UnstorableError(DobbinError, TypeError):
+    """A state holds a value that cannot be pickled (a lambda, a class
+    defined inside a function, an open file...); the commit fails."""

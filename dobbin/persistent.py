@@ -124,6 +124,12 @@ class Persistent:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        slots = cls.__dict__.get("__slots__", ())
+        if slots:
+            # A slot lives on the shared instance: it could be neither a
+            # thread's private copy nor part of the stored state.
+            raise TypeError("persistent class %s may not declare __slots__ (%r): its "
+                            "attributes must live in its state" % (cls.__name__, slots))
         _check_init(cls)  # checked again when first instantiated, see __new__
 
     def __getattribute__(self, name):

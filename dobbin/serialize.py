@@ -20,7 +20,7 @@ import sys
 import types
 from sys import intern
 
-from dobbin.exc import DobbinError, LoadError
+from dobbin.exc import DobbinError, LoadError, UnstorableError
 
 PROTOCOL = 5
 
@@ -80,7 +80,12 @@ class StateWriter:
         buffer.seek(0)
         buffer.truncate()
         self._pickler.clear_memo()
-        self._pickler.dump((cls, state))
+        try:
+            self._pickler.dump((cls, state))
+        except DobbinError:
+            raise  # from the reference hook: already says what is wrong
+        except (pickle.PicklingError, AttributeError, TypeError) as error:
+            raise UnstorableError("cannot store a %s: %s" % (cls.__name__, error)) from error
         return buffer.getvalue()
 
 

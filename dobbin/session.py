@@ -207,9 +207,11 @@ class Session:
         databases.update(self.elected)
         databases.discard(None)
         if len(databases) > 1:
-            _check_distinct_files(databases)
-            # A fixed order, so two threads locking two databases can't deadlock.
-            databases = sorted(databases, key=lambda db: (db.path, id(db)))
+            # A fixed order, so two threads or processes locking two
+            # databases can't deadlock: by file identity, which every
+            # process sees alike, however it spells the paths.
+            identities = _distinct_files(databases)
+            databases = sorted(databases, key=lambda db: identities[db])
         for database in databases:
             pending = database._p_commit_begin()
             pending.transaction = txn
@@ -312,18 +314,25 @@ class Session:
         self._adopted = []
 
 
-def _check_distinct_files(databases):
-    """Two Database objects on one file can't share a transaction: the
-    second would wait for the write lock the first holds."""
-    seen = {}
+def _distinct_files(databases):
+    """{database: (device, inode, path)} of each database's file.
+
+    Two Database objects on one file can't share a transaction: the
+    second would wait for the write lock the first holds.
+    """
+    identities, seen = {}, {}
     for database in databases:
         if database.closed:
-            continue  # its own commit begin says so
+            # Its own commit begin says so; until then it sorts by path.
+            identities[database] = (-1, -1, database.path)
+            continue
         info = os.fstat(database._log.fd)
         other = seen.setdefault((info.st_dev, info.st_ino), database)
         if other is not database:
             raise DobbinError("one transaction changes objects of two Database objects open "
                               "on the same file, %s: commit to one of them" % database.path)
+        identities[database] = (info.st_dev, info.st_ino, database.path)
+    return identities
 
 
 class _Savepoint:

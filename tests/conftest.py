@@ -7,6 +7,7 @@ thread and hands its exception back to the test; `flip_bit` damages a
 file.
 """
 
+import os
 import struct
 import threading
 import zlib
@@ -90,11 +91,21 @@ def start_thread():
         thread.join()
 
 
+def in_commit_order(*databases):
+    """`databases` in the order a transaction locks and finishes them."""
+    def identity(db):
+        info = os.stat(db.path)
+        return info.st_dev, info.st_ino
+
+    return sorted(databases, key=identity)
+
+
 def two_databases(open_db, directory):
-    """Databases a.dobbin and b.dobbin in `directory` (finished in that order:
-    a transaction sorts them by path), each with a Persistent root."""
+    """Databases a.dobbin and b.dobbin in `directory`, each with a Persistent
+    root, in the order a transaction finishes them (by file identity)."""
     from dobbin.persistent import Persistent
-    pair = open_db(str(directory / "a.dobbin")), open_db(str(directory / "b.dobbin"))
+    pair = in_commit_order(open_db(str(directory / "a.dobbin")),
+                           open_db(str(directory / "b.dobbin")))
     for db in pair:
         db.elect(Persistent())
     transaction.commit()

@@ -17,7 +17,7 @@ from transaction.interfaces import TransientError
 from conftest import commit_in_thread
 from dobbin.database import Database, PersistentStream
 from dobbin.exc import (ConflictError, DobbinError, HistoryError, ReadConflictError,
-                        ReadOnlyError, WriteConflictError)
+                        ReadOnlyError, UnstorableError, WriteConflictError)
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
 from dobbin.stream import BLOCK
 
@@ -237,6 +237,27 @@ def test_racing_root_elections_conflict_between_processes(open_db, db_path):
     assert _elect_or_join_root(db, "parent", elect_in_process) == 2
     reopened = open_db(durability="none")
     assert dict(reopened.root) == {"owner": "child", "parent": True}
+
+
+def test_electing_a_stored_object_keeps_its_state_loaded_or_not(open_db, db_path):
+    db = open_db(durability="none")
+    db.elect(PersistentDict(child=PersistentDict(name="kept")))
+    transaction.commit()
+    db.close()
+    db = open_db(durability="none")
+    child = db.root["child"]  # a ghost: its state is not loaded
+    other = open_db(durability="none")
+    later = other.root["child"]
+    checkout(later)
+    later["more"] = 1  # committed after db last read it
+    transaction.commit()
+    db.elect(child)
+    transaction.commit()
+    assert dict(db.root) == {"name": "kept", "more": 1}
+    db.elect(db.root)  # again, while its state is loaded (and not checked out)
+    transaction.commit()
+    db.close()
+    assert dict(open_db().root) == {"name": "kept", "more": 1}
 
 
 def test_racing_root_elections_conflict_between_threads(open_db, start_thread):
@@ -518,11 +539,16 @@ def test_commit_failing_on_unpicklable_state_writes_failed_record(open_db):
     count = db.tx_count
     checkout(root)
     root.items = [threading.Lock()]
-    with pytest.raises(TypeError, match="pickle"):
+    with pytest.raises(UnstorableError, match="cannot store a Container: .*pickle"):
         transaction.commit()
     transaction.abort()
-    assert db.verify()["failed"] == 1
-    assert db.tx_count == count + 1
+    checkout(root)
+    root.items = [lambda: None]  # pickle says AttributeError of this one
+    with pytest.raises(UnstorableError, match="cannot store a Container: .*lambda"):
+        transaction.commit()
+    transaction.abort()
+    assert db.verify()["failed"] == 2
+    assert db.tx_count == count + 2
 
 
 # -- snapshots -----------------------------------------------------------------------------------

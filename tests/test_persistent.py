@@ -362,3 +362,28 @@ def test_inherited_and_generated_inits_may_set_attributes(open_db):
     db.close()
     root = open_db().root
     assert (root["mixed"].x, root["child"].x, root["data"]) == (2, 1, _Data(3, ["a"]))
+
+
+@pytest.mark.parametrize("slots", ["balance", ("balance", "owner")])
+def test_a_persistent_class_may_not_declare_slots(slots):
+    # Slot values would be shared by every thread and never stored.
+    with pytest.raises(TypeError, match="may not declare __slots__"):
+        type("Account", (Persistent,), {"__slots__": slots})
+
+
+class EmptySlots(Persistent):
+    __slots__ = ()
+
+
+class SlotlessAccount(EmptySlots):
+    pass
+
+
+def test_a_persistent_class_may_declare_empty_slots(open_db):
+    db = open_db()
+    db.elect(SlotlessAccount())
+    transaction.commit()
+    checkout(db.root)
+    db.root.balance = 5
+    transaction.commit()
+    assert db.root.balance == 5

@@ -3,6 +3,7 @@ commit or abort, failed commits, savepoints, threads that commit under
 one another, and retries with transaction.manager.attempts()."""
 
 import json
+import os
 import threading
 
 import pytest
@@ -491,3 +492,30 @@ def test_a_full_disk_fails_the_vote_and_half_applies_nothing(tmp_path, open_db):
     first.root.balance, second.root.balance = -100, 100
     transaction.commit()  # neither log was left refusing writes
     assert (first.root.balance, second.root.balance) == (-100, 100)
+
+
+def test_databases_lock_in_one_order_however_their_paths_are_spelled(
+        open_db, tmp_path, monkeypatch):
+    # Two processes naming the same files differently must still take
+    # their locks in one order, or each may wait for the other's.  The
+    # links sort the other way round from the files they name.
+    first, second = two_databases(open_db, tmp_path)
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    spellings = {}
+    for target, name in (("a.dobbin", "z.dobbin"), ("b.dobbin", "0.dobbin")):
+        (renamed / name).symlink_to(tmp_path / target)
+        spellings[target] = open_db(str(renamed / name))
+    locked = []
+    for db in (first, second, *spellings.values()):
+        begin = db._p_commit_begin
+        monkeypatch.setattr(db, "_p_commit_begin",
+                            lambda begin=begin, db=db: locked.append(db) or begin())
+    for pair in ((first, second), tuple(spellings.values())):
+        transaction.begin()  # catches up with the other pair's commit
+        for db in pair:
+            checkout(db.root)
+            db.root.n = len(locked)
+        transaction.commit()
+    assert [os.stat(db.path).st_ino for db in locked[:2]] == \
+        [os.stat(db.path).st_ino for db in locked[2:]]

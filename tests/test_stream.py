@@ -14,7 +14,7 @@ import tracemalloc
 import pytest
 import transaction
 
-from conftest import flip_bit, two_databases
+from conftest import flip_bit, in_commit_order, two_databases
 from dobbin import staging
 from dobbin.database import Database
 from dobbin.exc import CorruptionError, ObjectGraphError, StreamError
@@ -631,8 +631,8 @@ def test_an_io_error_in_the_other_database_fails_the_copy_not_our_log(open_db, t
 @pytest.mark.parametrize("size", [6, BIG])  # read whole, and staged
 def test_one_file_stored_in_two_databases_at_once(open_db, tmp_path, size):
     data = os.urandom(size)
-    first = open_db(str(tmp_path / "a.dobbin"))
-    second = open_db(str(tmp_path / "b.dobbin"))
+    first, second = in_commit_order(open_db(str(tmp_path / "a.dobbin")),
+                                    open_db(str(tmp_path / "b.dobbin")))
     pfile = PersistentFile(io.BytesIO(data))
     for db in (first, second):
         root = Persistent()
