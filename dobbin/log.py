@@ -25,7 +25,7 @@ from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            TRAILER_SIZE, TX_HEADER, TX_HEADER_SIZE, TX_MAGIC, Entry, IndexEntry,
                            MetaEntry, NoteEntry, ObjectEntry, Record, RootEntry, StreamEntry,
                            build_record, header_last, parse_header, stream_size)
-from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete,
+from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete, check_entry_offset,
                            checkpoint_without_header, find_witness, newest_checkpoint,
                            object_entry_in, read_record, record_start_before, stream_entry_at,
                            zeros_from)
@@ -514,6 +514,7 @@ class Log(ReservedSpace):
     def read_object(self, offset, oid=None):
         """Return `(tid, previous, data)` of the O entry at `offset`, checked."""
         # Most states are small: one read usually brings header and data.
+        check_entry_offset(offset, self.end, self.path)
         block = os.pread(self._reading_fd(), _OBJECT_READ, offset)
         return self._object_in(block, 0, offset, oid)
 
@@ -526,6 +527,8 @@ class Log(ReservedSpace):
         """
         fd = self._reading_fd()
         wanted = sorted(wanted)
+        for offset, _oid in wanted:
+            check_entry_offset(offset, self.end, self.path)
         found = {}
         first = 0
         while first < len(wanted):

@@ -76,7 +76,7 @@ def transaction_info(record, path):
         if entry.kind == KIND_META:
             try:
                 info = json.loads(entry.data.decode("utf-8"))
-            except ValueError as error:  # UnicodeDecodeError too
+            except (ValueError, RecursionError) as error:  # UnicodeDecodeError too
                 raise CorruptionError("metadata entry is not UTF-8 JSON: %s" % error,
                                       path, entry.offset) from None
             if not isinstance(info, dict):

@@ -18,9 +18,9 @@ import struct
 from dobbin.exc import CorruptionError
 
 from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
-                           KEPT_KINDS, KINDS, KIND_INDEX, KIND_OBJECT, KIND_STREAM, STREAM_CHUNK,
-                           TRAILER, TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER, TX_HEADER_SIZE,
-                           TX_MAGIC, Entry, Record, parse_header, stream_size)
+                           KEPT_KINDS, KINDS, KIND_INDEX, KIND_OBJECT, KIND_ROOT, KIND_STREAM,
+                           STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER,
+                           TX_HEADER_SIZE, TX_MAGIC, Entry, Record, parse_header, stream_size)
 from dobbin.record import crc as _crc
 
 READ_AHEAD = 1 << 20
@@ -229,8 +229,9 @@ def newest_checkpoint(fd, file_size):
         return None
     if record.status != CHECKPOINT or record.lag:
         return None  # a checkpoint is only written once all before it is durable
-    data = record.entries[0].data if len(record.entries) == 1 else b""
-    if data[:8] != struct.pack("<Q", record.offset):
+    data = record.entries[0].data if len(record.entries) == 1 else None
+    if (type(data) is not bytes or record.entries[0].kind != KIND_INDEX
+            or data[:8] != struct.pack("<Q", record.offset)):
         return None  # a stale copy of a checkpoint, found where it was not written
     return record._replace(entries=[record.entries[0]._replace(data=data[8:])])
 
@@ -324,6 +325,10 @@ def _read_body(fd, offset, header, status, length, tid, oid_high, stamp, checkpo
             if entry.tid != tid:
                 raise Damaged("entry of transaction %d in record %d" % (entry.tid, tid),
                                entry_offset)
+            if entry.kind in (KIND_OBJECT, KIND_ROOT) and entry.oid >= oid_high:
+                # Trusted, it would hand this oid out again.
+                raise Damaged("oid %d not below the record's oid high %d"
+                              % (entry.oid, oid_high), entry_offset)
             entries.append(entry)
     except Incomplete:
         raise Damaged("entries overrun the record", offset) from None
@@ -368,6 +373,14 @@ def _read_entry(fd, reader, entry_offset, entry_header):
 
 # -- one entry, by offset (random access) ----------------------------------------
 
+def check_entry_offset(offset, end, path):
+    """Refuse an entry offset (read from a record: a previous version, a
+    stream reference, an index) that is not inside the records."""
+    if not FILE_HEADER_SIZE <= offset <= end - ENTRY_SIZE:
+        raise CorruptionError("entry offset %d is outside the records (which end at %d)"
+                              % (offset, end), path, None)
+
+
 def object_entry_in(fd, block, at, offset, oid, end, path):
     """Check and take apart the O entry at `offset` of the log `path` whose
     records end at `end`; `block` holds it from index `at` on (its data may
@@ -392,6 +405,7 @@ def object_entry_in(fd, block, at, offset, oid, end, path):
 
 def stream_entry_at(fd, offset, end, path):
     """Check the S entry at `offset`; return `(size, chunk_crcs)`."""
+    check_entry_offset(offset, end, path)
     header = os.pread(fd, ENTRY_SIZE, offset)
     if len(header) < ENTRY_SIZE:
         raise CorruptionError("stream entry beyond the end of the file", path, offset)

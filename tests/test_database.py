@@ -14,7 +14,7 @@ import pytest
 import transaction
 from transaction.interfaces import TransientError
 
-from conftest import commit_in_thread
+from conftest import commit_in_thread, in_commit_order
 from dobbin.database import Database, PersistentStream
 from dobbin.exc import (ConflictError, DobbinError, HistoryError, ReadConflictError,
                         ReadOnlyError, UnstorableError, WriteConflictError)
@@ -402,11 +402,12 @@ def test_close_waits_for_a_commit_another_thread_is_writing(open_db, db_path,
 
 def test_oids_handed_out_by_failed_conflicting_commit_never_reused(
         open_db, tmp_path, start_thread):
-    # Commits lock databases in path order: "a" hands the new object an
+    # Commits lock databases in file order: "a" hands the new object an
     # oid before "b" finds the conflict.
-    path_a = str(tmp_path / "a.dobbin")
+    path_a, path_b = [db.path for db in in_commit_order(
+        open_db(str(tmp_path / "1.dobbin")), open_db(str(tmp_path / "2.dobbin")))]
     db_a, root_a = new_container_db(open_db, path_a)
-    _db_b, root_b = new_container_db(open_db, str(tmp_path / "b.dobbin"))
+    _db_b, root_b = new_container_db(open_db, path_b)
     [lost] = add_new(root_a, 1, Recorded)
     checkout(root_b)
     root_b.items = ["ours"]

@@ -172,13 +172,13 @@ def test_unsupported_format_version(path, version):
 
 def test_a_version_1_file_is_read_and_appended_to_as_version_1(path):
     log = Log(path)
-    first = log.append(COMMITTED, 2, [object_entry(1)])
+    first = log.append(COMMITTED, 100, [object_entry(1)])
     log.close()
     forge_file_header(path, 8, struct.pack("<H", 1), reseal=True)
     log = Log(path)
     assert log.version == 1
     assert [record.tid for record in log.recover()] == [first.tid]
-    log.append(COMMITTED, 3, [object_entry(2)])
+    log.append(COMMITTED, 100, [object_entry(2)])
     log.close()
     log = Log(path)
     assert log.version == 1 and len(list(log.recover())) == 2
@@ -390,14 +390,14 @@ def set_lag(record, lag):
 def test_the_lag_counts_records_not_yet_known_durable(path):
     log = Log(path)
     for _ in range(3):
-        log.append(COMMITTED, 2, [object_entry(1)], wait=False)
+        log.append(COMMITTED, 100, [object_entry(1)], wait=False)
     log.flush(log.end)
-    log.append(COMMITTED, 2, [object_entry(1)])
+    log.append(COMMITTED, 100, [object_entry(1)])
     log.close()
     log = Log(path, durability="none")
     list(log.recover())
-    log.append(COMMITTED, 2, [object_entry(1)], wait=False)
-    log.append(COMMITTED, 2, [object_entry(1)], wait=False)
+    log.append(COMMITTED, 100, [object_entry(1)], wait=False)
+    log.append(COMMITTED, 100, [object_entry(1)], wait=False)
     log.close()
     reader = Log(path, read_only=True)
     assert [record.lag for record in reader.follow()] == [0, 1, 2, 0, 0, 0]
@@ -758,10 +758,10 @@ def count_syncs(monkeypatch):
 def test_fsync_durability_syncs_every_append(path, monkeypatch):
     log = Log(path)
     calls = count_syncs(monkeypatch)
-    log.append(COMMITTED, 2, [object_entry(1)])
+    log.append(COMMITTED, 100, [object_entry(1)])
     assert len(calls) == 1 and log.synced_end == log.end
-    log.append(COMMITTED, 2, [object_entry(2)], wait=False)
-    log.append(COMMITTED, 2, [object_entry(3)], wait=False)
+    log.append(COMMITTED, 100, [object_entry(2)], wait=False)
+    log.append(COMMITTED, 100, [object_entry(3)], wait=False)
     log.flush(log.end)
     assert len(calls) == 2, "one fsync serves every record written before it"
     log.flush(log.end)
@@ -772,7 +772,7 @@ def test_fsync_durability_syncs_every_append(path, monkeypatch):
 def test_no_durability_never_syncs(path, monkeypatch):
     calls = count_syncs(monkeypatch)
     log = Log(path, durability="none")
-    log.append(COMMITTED, 2, [object_entry(1)])
+    log.append(COMMITTED, 100, [object_entry(1)])
     log.flush(log.end)
     log.close()
     assert calls == []
@@ -793,7 +793,7 @@ def test_append_to_a_read_only_log_is_refused(path):
     Log(path).close()
     log = Log(path, read_only=True)
     with pytest.raises(ReadOnlyError):
-        log.append(COMMITTED, 2, [object_entry(1)])
+        log.append(COMMITTED, 100, [object_entry(1)])
     log.close()
     assert os.path.getsize(path) == FILE_HEADER_SIZE
 
@@ -802,12 +802,12 @@ def test_append_to_a_closed_log_is_refused(path):
     log = Log(path)
     log.close()
     with pytest.raises(ReadOnlyError):
-        log.append(COMMITTED, 2, [object_entry(1)])
+        log.append(COMMITTED, 100, [object_entry(1)])
 
 
 def test_a_failed_write_is_cut_back_and_further_writes_refused(path, monkeypatch):
     log = Log(path)
-    log.append(COMMITTED, 2, [object_entry(1)])
+    log.append(COMMITTED, 100, [object_entry(1)])
     end = log.end
     real_write = Log._write
 
@@ -818,11 +818,11 @@ def test_a_failed_write_is_cut_back_and_further_writes_refused(path, monkeypatch
 
     monkeypatch.setattr(log, "_write", half_then_no_space.__get__(log))
     with pytest.raises(StorageError, match="No space"):
-        log.append(COMMITTED, 2, [object_entry(2)])
+        log.append(COMMITTED, 100, [object_entry(2)])
     assert os.path.getsize(path) == end and log.end == end
     monkeypatch.undo()
     with pytest.raises(StorageError):
-        log.append(COMMITTED, 2, [object_entry(3)])
+        log.append(COMMITTED, 100, [object_entry(3)])
     log.close()
 
 
@@ -834,10 +834,10 @@ def test_a_failed_fsync_refuses_further_writes(path, monkeypatch):
 
     monkeypatch.setattr(log, "_sync", broken_sync)
     with pytest.raises(StorageError, match="Input/output"):
-        log.append(COMMITTED, 2, [object_entry(1)])
+        log.append(COMMITTED, 100, [object_entry(1)])
     monkeypatch.undo()
     with pytest.raises(StorageError):
-        log.append(COMMITTED, 2, [object_entry(2)])
+        log.append(COMMITTED, 100, [object_entry(2)])
     log.close()
 
 
@@ -872,7 +872,7 @@ def test_read_objects_checks_every_entry(stored, path):
 
 
 def small_commits(log, count):
-    return [log.append(COMMITTED, 2, [object_entry(tid)]) for tid in range(1, count + 1)]
+    return [log.append(COMMITTED, 100, [object_entry(tid)]) for tid in range(1, count + 1)]
 
 
 def test_opening_finds_the_last_checkpoint_across_reserved_space(path):
@@ -917,7 +917,7 @@ def test_a_page_landed_in_reserved_space_without_its_header_is_cut_as_torn(path)
     assert writer.dropped["offset"] == end and os.path.getsize(path) == end
     with open(writer.dropped["saved_as"], "rb") as saved:
         assert saved.read()[4096:4107] == b"\xffstray page"
-    assert writer.append(COMMITTED, 2, [object_entry(3)]).offset == end
+    assert writer.append(COMMITTED, 100, [object_entry(3)]).offset == end
     writer.close()
 
 
@@ -927,7 +927,7 @@ def test_a_reader_stops_before_reserved_space_and_takes_records_written_into_it(
     reader = Log(path, read_only=True)
     assert [r.tid for r in reader.follow()] == [1]
     assert [r.tid for r in reader.follow()] == []
-    writer.append(COMMITTED, 2, [object_entry(2)])
+    writer.append(COMMITTED, 100, [object_entry(2)])
     assert [r.tid for r in reader.follow()] == [2]
     assert reader.end == writer.end < writer.size()
     reader.close()
@@ -1050,7 +1050,7 @@ def test_a_checkpoint_body_is_durable_before_its_header_is_written(path, monkeyp
 def test_a_failed_sync_is_believed_over_a_later_successful_one(path, monkeypatch):
     log = Log(path)
     small_commits(log, 1)
-    record = log.append(COMMITTED, 2, [object_entry(2)], wait=False)
+    record = log.append(COMMITTED, 100, [object_entry(2)], wait=False)
 
     def failing(self):
         raise OSError(errno.EIO, "Input/output error")
@@ -1073,9 +1073,9 @@ def test_a_failed_sync_is_believed_over_a_later_successful_one(path, monkeypatch
 
 def test_records_before_walks_back_newest_first_and_keeps_meta_entries(path):
     log = Log(path, durability="none")
-    log.append(COMMITTED, 2, [object_entry(1)])
+    log.append(COMMITTED, 100, [object_entry(1)])
     log.append(FAILED, 2, [NoteEntry({"error": "ConflictError"})])
-    log.append(COMMITTED, 3, [object_entry(3), MetaEntry(b'{"n": [1, 2], "user": "ann"}')])
+    log.append(COMMITTED, 100, [object_entry(3), MetaEntry(b'{"n": [1, 2], "user": "ann"}')])
     assert [(r.tid, r.status) for r in log.records_before(log.end, 1 << 20)] == [
         (3, COMMITTED), (2, FAILED), (1, COMMITTED)]
     newest = next(log.records_before(log.end, 1 << 20))
@@ -1093,8 +1093,8 @@ def test_records_before_walks_back_newest_first_and_keeps_meta_entries(path):
                                           (T_CRC, b"\0\0\0\0")])
 def test_records_before_stops_at_a_damaged_trailer(path, field, value):
     log = Log(path, durability="none")
-    log.append(COMMITTED, 2, [object_entry(1)])
-    last = log.append(COMMITTED, 3, [object_entry(2)])
+    log.append(COMMITTED, 100, [object_entry(1)])
+    last = log.append(COMMITTED, 100, [object_entry(2)])
     end = log.end
     log.close()
     with open(path, "r+b") as f:

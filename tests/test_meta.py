@@ -155,6 +155,10 @@ def test_a_damaged_meta_entry_is_a_corruption_error(tmp_path):
     bad = record._replace(entries=[e._replace(data=b"\xff{") for e in record.entries])
     with pytest.raises(CorruptionError, match="not UTF-8 JSON"):
         transaction_info(bad, log.path)
+    deep = record._replace(entries=[e._replace(data=b"[" * 100000 + b"]" * 100000)
+                                    for e in record.entries])
+    with pytest.raises(CorruptionError, match="not UTF-8 JSON"):
+        transaction_info(deep, log.path)  # json's recursion, not a RecursionError
     log.close()
 
 

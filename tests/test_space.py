@@ -12,7 +12,7 @@ def object_entry(tid, size=10):
 
 
 def small_commits(log, count):
-    return [log.append(COMMITTED, 2, [object_entry(tid)]) for tid in range(1, count + 1)]
+    return [log.append(COMMITTED, 100, [object_entry(tid)]) for tid in range(1, count + 1)]
 
 
 def test_an_fsync_log_reserves_zeroed_space_after_its_records(db_path):
@@ -32,7 +32,7 @@ def test_an_fsync_log_reserves_zeroed_space_after_its_records(db_path):
     writer = Log(db_path)
     assert [r.tid for r in writer.recover()] == [1, 2, 3]
     assert writer.dropped is None and os.path.getsize(db_path) == size, "nothing is cut"
-    assert writer.append(COMMITTED, 2, [object_entry(4)]).offset == end
+    assert writer.append(COMMITTED, 100, [object_entry(4)]).offset == end
     assert os.path.getsize(db_path) == size, "the record went into the reserved space"
     writer.close()
     assert records[-1].offset + records[-1].length == end
@@ -68,7 +68,7 @@ def test_trim_gives_back_reserved_space_but_never_a_record_it_has_not_read(db_pa
     small_commits(first, 1)
     second = Log(db_path)
     assert [r.tid for r in second.recover()] == [1]
-    second.append(COMMITTED, 2, [object_entry(2)])
+    second.append(COMMITTED, 100, [object_entry(2)])
     first.trim()  # behind: the second log's record lies where it would cut
     reader = Log(db_path, read_only=True)
     assert [r.tid for r in reader.follow()] == [1, 2]

@@ -1,0 +1,53 @@
+"""dobbin.snapshot: verify beside live writers, and versions read back
+through their chain of previous offsets."""
+
+import pytest
+import transaction
+
+from dobbin.exc import CorruptionError
+from dobbin.log import COMMITTED, TX_HEADER_SIZE, Log, ObjectEntry
+from dobbin.persistent import PersistentDict, checkout
+
+
+def test_verify_is_sound_when_a_commit_lands_after_it_read_the_log(
+        open_db, monkeypatch, start_thread):
+    db = open_db()
+    db.elect(PersistentDict(n=0))
+    transaction.commit()
+    at_end = Log.at_end
+    landed = []
+
+    def then_a_commit(log):
+        result = at_end(log)
+        if log is not db._log and not landed:
+            # verify's own reader found the end; a commit lands right after.
+            def commit():
+                checkout(db.root)
+                db.root["n"] += 1
+                transaction.commit()
+            start_thread(commit).join()
+            landed.append(db.last_tid)
+        return result
+
+    monkeypatch.setattr(Log, "at_end", then_a_commit)
+    report = db.verify()
+    assert landed and report["ok"], report["errors"]
+
+
+@pytest.mark.parametrize("previous", ["itself", 2 ** 63])
+def test_a_version_pointing_at_itself_or_forward_is_corruption_not_a_loop(
+        open_db, db_path, previous):
+    db = open_db(durability="none")
+    db.elect(PersistentDict(n=0))
+    transaction.commit()
+    oid, old_tid = db.root._p_oid, db.last_tid
+    db.close()
+    log = Log(db_path, durability="none")
+    list(log.recover())
+    entry_offset = log.end + TX_HEADER_SIZE  # the record's first entry
+    forward = entry_offset if previous == "itself" else previous
+    log.append(COMMITTED, oid + 1, [ObjectEntry(oid, forward, b"a newer state")])
+    log.close()
+    db = open_db(durability="none")
+    with pytest.raises(CorruptionError, match="points forward"):
+        db.load_state(oid, old_tid)
