@@ -527,8 +527,9 @@ class Log(ReservedSpace):
         """
         fd = self._reading_fd()
         wanted = sorted(wanted)
-        for offset, _oid in wanted:
-            check_entry_offset(offset, self.end, self.path)
+        if wanted:  # sorted: the first and the last bound them all
+            check_entry_offset(wanted[0][0], self.end, self.path)
+            check_entry_offset(wanted[-1][0], self.end, self.path)
         found = {}
         first = 0
         while first < len(wanted):

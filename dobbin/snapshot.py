@@ -51,7 +51,7 @@ def version_data(db, oid, tid):
         serial, previous, data = db._log.read_object(offset, oid)
         if tid is None or serial <= tid:
             return serial, data
-        if not 0 <= previous < offset:
+        if previous >= offset:  # a u64: never negative
             # Each version points back at an older one: this would loop.
             raise CorruptionError("oid %d's version at offset %d points forward to %d"
                                   % (oid, offset, previous), db.path, offset)
