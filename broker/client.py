@@ -411,7 +411,7 @@ class BrokerClient:
     def _invoke(self, proxy, name, args, kwargs):
         with self._lock:
             return self._call("invoke", key=proxy._key, tx=self._tid, method=name,
-                              args=list(args), kwargs=kwargs)
+                              args=list(args), kwargs=kwargs, token=os.urandom(16))
 
     def _read_stream(self, key, offset, size):
         with self._lock:
@@ -516,7 +516,8 @@ class BrokerClient:
 
     def call(self, name, *args, **kwargs):
         with self._lock:
-            return self._call("call", name=name, args=list(args), kwargs=kwargs)
+            return self._call("call", name=name, args=list(args), kwargs=kwargs,
+                              token=os.urandom(16))
 
     def static(self, *path):
         with self._lock:

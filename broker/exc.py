@@ -71,6 +71,12 @@ class ReadConflictError(ConflictError):
     """
 
 
+class ResultLost(BrokerError):
+    """A call or invoke ran and committed, but its server stopped before
+    replying, and the server that got the client's copy does not know the
+    method's return value (only that it ran).  It is not run again."""
+
+
 class SecretFileError(BrokerError):
     """The server's secret file is missing, unreadable, damaged or too open."""
 
@@ -126,7 +132,7 @@ WIRE_TYPES = {
     cls.__name__: cls
     for cls in (
         ProtocolError, EncodeError, DecodeError, AccessDenied, ConflictError,
-        ReadConflictError, NoResultError, MultipleResultsError, ExportError,
+        ReadConflictError, NoResultError, MultipleResultsError, ExportError, ResultLost,
     )
 }
 

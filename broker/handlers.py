@@ -17,7 +17,7 @@ import transaction
 
 from broker.codec import ABSENT
 from broker.exc import (AccessDenied, ConflictError, MultipleResultsError, NoResultError,
-                        ProtocolError, ReadConflictError)
+                        ProtocolError, ReadConflictError, ResultLost)
 from broker.keys import Key
 from broker.outcomes import COMMIT_MARK, commit_mark
 from broker.protocol import VERSION
@@ -460,9 +460,16 @@ class Handlers:
             raise ConflictError(key=str(key), field=field if isinstance(field, str)
                                 else repr(field))
 
-    def _run_in_transaction(self, func, args, kwargs):
-        transaction.begin()
+    def _run_in_transaction(self, f, func, args, kwargs):
+        """Run an application method for call/invoke request `f` in a
+        transaction marked, as a commit's is, with the request's token."""
+        if f["recorded"] is not None:
+            raise ResultLost("%r ran before the server restarted (transaction %d); its "
+                             "result was not kept" % (f.get("method", f.get("name")),
+                                                       f["recorded"].tid))
+        txn = transaction.begin()
         try:
+            txn.setExtendedInfo(COMMIT_MARK, commit_mark(f["token"], f["rid"], {}))
             result = func(*args, **kwargs)
             transaction.commit()
         except BaseException:
@@ -475,7 +482,7 @@ class Handlers:
         if method is None or not callable(method):
             raise AttributeError("the server has no method %r" % f["name"])
         return self._run_in_transaction(
-            method, self.resolve_values(f["args"]), self.resolve_values(f["kwargs"]))
+            f, method, self.resolve_values(f["args"]), self.resolve_values(f["kwargs"]))
 
     def op_invoke(self, f):
         obj = self.resolve(f["key"])
@@ -483,7 +490,7 @@ class Handlers:
         if not rules.callable(f["method"]):
             raise AccessDenied("%s.%s is not exported" % (rules.name, f["method"]))
         return self._run_in_transaction(
-            getattr(obj, f["method"]), self.resolve_values(f["args"]),
+            f, getattr(obj, f["method"]), self.resolve_values(f["args"]),
             self.resolve_values(f["kwargs"]))
 
     # -- search ------------------------------------------------------------------

@@ -4,8 +4,9 @@ A client that gets no reply in time sends its request again, on a fresh
 socket (broker.transport).  For a commit that first copy may still be
 queued or running, or done with its reply lost: running the copy too
 would apply the changes twice, or fail it on its own first run's writes.
-Each commit carries a random token; the server runs one request per
-(token, request id) and answers every copy with that one outcome.
+Each commit carries a random token, as do call and invoke (they may
+write too); the server runs one request per (token, request id) and
+answers every copy with that one outcome.
 
 Outcomes live in memory, for the last `max_entries` commits and at most
 `max_bytes` of replies: long past any client's retries.  A server may

@@ -19,7 +19,7 @@ from broker.keys import Key
 
 MAGIC = b"DOB1"
 TOPIC = b"inv"
-VERSION = 1
+VERSION = 2
 MAX_ID = 2 ** 63 - 1
 MAX_NAME = 256
 MAX_CHUNK = 1024 * 1024
@@ -196,8 +196,9 @@ REQUESTS = {
         # [mapping key, item, old value]
         "delitem": _rows(3, new_key, any_value, any_value),
     },
-    "call": {"name": name, "args": args, "kwargs": kwargs},
-    "invoke": {"key": key, "tx": uint, "method": name, "args": args, "kwargs": kwargs},
+    "call": {"name": name, "args": args, "kwargs": kwargs, "token": token},
+    "invoke": {"key": key, "tx": uint, "method": name, "args": args, "kwargs": kwargs,
+               "token": token},
     "search": {"target": target, "tx": uint, "mode": mode, "query": query, "limit": limit},
     "stream": {"key": stream_key, "tx": uint, "offset": uint, "size": chunk},
 }
@@ -205,6 +206,10 @@ REQUESTS = {
 # Requests the server answers from its front thread (cheap reads); the
 # others go to the worker pool.
 INLINE = frozenset({"hello", "ping", "sync", "load", "meta", "static", "item"})
+
+# Requests that may write: the server runs one per (token, id), however
+# often the client sends it (broker.outcomes).
+ONCE = frozenset({"commit", "call", "invoke"})
 
 
 def request_id(body):

@@ -389,7 +389,7 @@ class BrokerServer:
         self.requests[op] += 1
         if op in protocol.INLINE:
             return self._answer(routing, rid, op, fields)
-        if op == "commit":
+        if op in protocol.ONCE:
             # A copy the client sent again, having waited in vain for the reply.
             outcome = self._outcomes.start((fields["token"], rid), routing)
             if outcome is WAIT:
@@ -399,16 +399,16 @@ class BrokerServer:
             # For the handler (the schema keeps clients from setting these).
             fields["rid"] = rid
             fields["recorded"] = outcome if type(outcome) is Recorded else None
-            if (len(data) <= INLINE_COMMIT
+            if (op == "commit" and len(data) <= INLINE_COMMIT
                     and self._commit_seconds <= INLINE_SECONDS
                     and not self._work.unfinished_tasks and not self.db.write_lock_busy()):
                 # No copy can be waiting: copies register in this thread.
-                return self._run_commit(routing, rid, fields)[0]
+                return self._run_once(routing, rid, op, fields)[0]
         if not self._stopping.is_set():
             # Stopping: no worker would take it.  Unanswered, the client
             # retries it, on this address's next server if there is one.
             self._work.put((routing, rid, op, fields))
-        elif op == "commit":
+        elif op in protocol.ONCE:
             self._outcomes.abandon((fields["token"], rid))
         return None
 
@@ -465,8 +465,8 @@ class BrokerServer:
             front.close(0)
 
     def _work_on(self, front, routing, rid, op, fields):
-        if op == "commit":
-            reply, copies = self._run_commit(routing, rid, fields)
+        if op in protocol.ONCE:
+            reply, copies = self._run_once(routing, rid, op, fields)
         else:
             try:
                 reply, copies = self._answer(routing, rid, op, fields), ()
@@ -478,21 +478,23 @@ class BrokerServer:
             for copy in copies:
                 send_frames(front, [copy] + reply[1:])
 
-    def _run_commit(self, routing, rid, fields):
-        """Run a commit: (its reply frames or None, the routing ids of the
-        copies that arrived meanwhile, each to get the same reply)."""
+    def _run_once(self, routing, rid, op, fields):
+        """Run a request of `protocol.ONCE`: (its reply frames or None, the
+        routing ids of the copies that arrived meanwhile, each to get the
+        same reply)."""
         key = (fields["token"], rid)
         started = time.monotonic()
         try:
-            reply = self._answer(routing, rid, "commit", fields)
+            reply = self._answer(routing, rid, op, fields)
         except Exception:
-            logger.exception("request commit failed unanswered")
+            logger.exception("request %s failed unanswered", op)
             self._outcomes.abandon(key)
             return None, ()
         finally:
-            # A moving average: commits go to the workers while they are slow, and
-            # come back once they are quick again.
-            self._commit_seconds += (time.monotonic() - started - self._commit_seconds) / 8
+            if op == "commit":
+                # A moving average: commits go to the workers while they are
+                # slow, and come back once they are quick again.
+                self._commit_seconds += (time.monotonic() - started - self._commit_seconds) / 8
         return reply, self._outcomes.finish(key, reply[3])
 
     # -- invalidations -------------------------------------------------------------------

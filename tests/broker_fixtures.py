@@ -35,6 +35,7 @@ class Item(Persistent):
 
     name = None
     secret = None
+    renames = 0
 
     def __init__(self, name, secret=None):
         self.name = name
@@ -43,6 +44,14 @@ class Item(Persistent):
     @exported
     def shout(self, suffix="!"):
         return self.name.upper() + suffix
+
+    @exported
+    def rename(self, name):
+        """An exported write, counting its runs."""
+        checkout(self)
+        self.name = name
+        self.renames += 1
+        return name
 
     def internal(self):
         return "not exported"
@@ -91,6 +100,9 @@ class TestServer(BrokerServer):
 
     def do_fail(self):
         raise ValueError("deliberate failure")
+
+    def do_rename(self, name):
+        return self.db.root.item.rename(name)
 
     def do_sleep(self, seconds):
         time.sleep(seconds)  # holds a worker, as a slow application call does

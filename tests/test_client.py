@@ -1,5 +1,6 @@
 """broker.client and broker.proxy against a real server on loopback, and real processes."""
 
+import contextlib
 import io
 import threading
 
@@ -414,7 +415,10 @@ def test_server_killed_and_restarted_under_a_live_client(tmp_path):
             process.stop()
 
 
-def test_a_commit_whose_server_died_before_replying_is_answered_once_by_the_next(tmp_path):
+@contextlib.contextmanager
+def dying_then_restarted(tmp_path):
+    """(path, address, dying server): a server that dies inside the first
+    write a client makes, and one started on its address once it is dead."""
     path = str(tmp_path / "d.dobbin")
     make_database(path).close()
     address = "ipc://%s/broker.sock" % tmp_path
@@ -427,16 +431,25 @@ def test_a_commit_whose_server_died_before_replying_is_answered_once_by_the_next
         restarted.start()
 
     starter = threading.Thread(target=restart_once_dead)
+    starter.start()
     try:
+        yield path, address, dying
+    finally:
+        starter.join()
+        for process in (dying, restarted):
+            if process.process is not None:
+                process.stop()
+
+
+def test_a_commit_whose_server_died_before_replying_is_answered_once_by_the_next(tmp_path):
+    with dying_then_restarted(tmp_path) as (path, address, dying):
         client = BrokerClient(address, timeout=0.5, retries=40)
         root = client.root
         root.item.name = "changed once"
         made = client.new("broker_fixtures.Item", name="made once")
         root.things["made"] = made
-        starter.start()
         tid = client.commit()  # its server dies; the copy reaches the next one
-        starter.join()
-        assert dying.process.returncode == 3  # died inside the commit, unanswered
+        assert dying.process.wait(10) == 3  # died inside the commit, unanswered
         # Answered as done: not run again (its old values would no longer match).
         assert made._key.kind == "o" and made.name == "made once"
         assert root.things["made"] is made and root.item.name == "changed once"
@@ -449,12 +462,18 @@ def test_a_commit_whose_server_died_before_replying_is_answered_once_by_the_next
         root.item.name = "and then"
         client.commit()
         client.close()
-    finally:
-        if starter.is_alive():
-            starter.join()
-        for process in (dying, restarted):
-            if process.process is not None:
-                process.stop()
+
+
+def test_an_invoke_whose_server_died_before_replying_is_not_run_again(tmp_path):
+    with dying_then_restarted(tmp_path) as (_path, address, dying):
+        client = BrokerClient(address, timeout=0.5, retries=40)
+        item = client.root.item
+        with pytest.raises(exc.ResultLost, match="'rename' ran before the server restarted"):
+            item.rename("renamed once")
+        assert dying.process.wait(10) == 3  # died inside the invoke, unanswered
+        client.begin()
+        assert item.name == "renamed once" and item.renames == 1
+        client.close()
 
 
 def test_begin_takes_broadcast_states_without_loading(broker):

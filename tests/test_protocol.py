@@ -8,6 +8,7 @@ from broker.exc import ProtocolError
 from broker.keys import Key, KeyRing
 
 KEY = KeyRing(b"p" * 32).sign("o", 1)
+TOKEN = b"t" * 16
 
 
 def request(op, **fields):
@@ -29,8 +30,8 @@ VALID = [
     request("commit", tx=1, since=1, token=b"t" * 16, new=[[1, "a.B", {"x": 1}]],
             set=[[KEY, "x", ABSENT, 2]], **{"del": [[KEY, "y", 1]]},
             setitem=[[KEY, "k", ABSENT, 1]], delitem=[[KEY, "k", 1]]),
-    request("call", name="hello", args=[1], kwargs={"a": 1}),
-    request("invoke", key=KEY, tx=1, method="shout", args=[], kwargs={}),
+    request("call", name="hello", args=[1], kwargs={"a": 1}, token=TOKEN),
+    request("invoke", key=KEY, tx=1, method="shout", args=[], kwargs={}, token=TOKEN),
     request("search", target=KEY, tx=1, mode="find", query={"name": "x"}, limit=10),
     request("search", target="mod.Class", tx=1, mode="count", query={}, limit=None),
     request("stream", key=Key("f", (1, "data"), b"m" * 16), tx=1, offset=0, size=100),
@@ -69,10 +70,10 @@ def test_inline_ops_are_requests():
     (request("static", path=[]), "'path'"),
     (request("static", path=[1.5]), "'path'"),
     (request("items", key=KEY, tx=1, start=0, limit=0), "'limit'"),
-    (request("call", name="_private", args=[], kwargs={}), "public identifier"),
-    (request("call", name="a b", args=[], kwargs={}), "public identifier"),
-    (request("call", name="x", args={}, kwargs={}), "'args' must be a list"),
-    (request("call", name="x", args=[], kwargs={"1a": 1}), "'kwargs'"),
+    (request("call", name="_private", args=[], kwargs={}, token=TOKEN), "public identifier"),
+    (request("call", name="a b", args=[], kwargs={}, token=TOKEN), "public identifier"),
+    (request("call", name="x", args={}, kwargs={}, token=TOKEN), "'args' must be a list"),
+    (request("call", name="x", args=[], kwargs={"1a": 1}, token=TOKEN), "'kwargs'"),
     (request("search", target=KEY, tx=1, mode="delete", query={}, limit=None), "'mode'"),
     (request("search", target=KEY, tx=1, mode="get", query={"_x": 1}, limit=None), "'query'"),
     (request("search", target=3, tx=1, mode="get", query={}, limit=None), "'target'"),

@@ -73,7 +73,7 @@ def test_ping_and_hello(peer, broker):
     _db, server, _connect = broker
     assert peer.request({"id": 1, "op": "ping"}) == {"id": 1, "srv": server.instance, "ok": None}
     hello = peer.request({"id": 2, "op": "hello"})["ok"]
-    assert hello["broadcast"] == server.broadcast_address and hello["version"] == 1
+    assert hello["broadcast"] == server.broadcast_address and hello["version"] == protocol.VERSION == 2
     assert isinstance(hello["root"], Key)
 
 
@@ -95,7 +95,8 @@ HOSTILE_BODIES = [
     (msgpack.packb({"id": 1, "op": "ping", "evil": True}), "ProtocolError"),
     (codec.encode({"id": 1, "op": "load", "key": Key("o", 1, b"\x00" * 16), "tx": 1}),
      "AccessDenied"),
-    (codec.encode({"id": 1, "op": "call", "name": "__init__", "args": [], "kwargs": {}}),
+    (codec.encode({"id": 1, "op": "call", "name": "__init__", "args": [], "kwargs": {},
+                   "token": b"c" * 16}),
      "ProtocolError"),
 ]
 
@@ -190,13 +191,57 @@ def test_a_commit_whose_reply_is_late_is_retried_without_a_false_conflict(tmp_pa
         try:
             item = client.root.item
             busy.send(b"", protocol.MAGIC, codec.encode(
-                {"id": 1, "op": "call", "name": "sleep", "args": [1.0], "kwargs": {}}))
+                {"id": 1, "op": "call", "name": "sleep", "args": [1.0], "kwargs": {},
+                 "token": b"s" * 16}))
             item.name = "second"
             client.commit()
             assert client._conn.reconnects >= 1  # the commit was sent again
             assert busy.reply(3) is not None
             client.begin()
             assert client.root.item.name == "second"
+        finally:
+            client.close()
+            busy.close()
+    db.close()
+
+
+@pytest.mark.parametrize("op", ["call", "invoke"])
+def test_a_write_call_sent_twice_runs_once_and_both_copies_get_its_result(peer, broker, op):
+    db, _server, _connect = broker
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    tid = hello["tid"]
+    root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": tid})["ok"]
+    target = ({"name": "rename"} if op == "call" else
+              {"key": root["state"]["item"], "tx": tid, "method": "rename"})
+    request = codec.encode(dict(target, id=3, op=op, args=["renamed"], kwargs={},
+                                token=b"w" * 16))
+    peer.send(b"", protocol.MAGIC, request)
+    peer.send(b"", protocol.MAGIC, request)
+    first, second = peer.reply(), peer.reply()
+    assert first["ok"] == "renamed" and first == second
+    assert peer.request(request) == first
+    # Another token is another call.
+    assert peer.request(dict(codec.decode(request), token=b"x" * 16))["ok"] == "renamed"
+    transaction.begin()
+    db.sync()
+    assert db.root.item.renames == 2
+
+
+def test_an_invoke_whose_reply_is_late_is_sent_again_and_runs_once(tmp_path):
+    db = make_database(str(tmp_path / "test.dobbin"))
+    with served(db, workers=1) as server:
+        busy = RawPeer(server.address)
+        client = BrokerClient(server.address, timeout=0.3, retries=6)
+        try:
+            item = client.root.item
+            busy.send(b"", protocol.MAGIC, codec.encode(
+                {"id": 1, "op": "call", "name": "sleep", "args": [1.0], "kwargs": {},
+                 "token": b"s" * 16}))
+            assert item.rename("again") == "again"
+            assert client._conn.reconnects >= 1  # the invoke was sent again
+            assert busy.reply(3) is not None
+            client.begin()
+            assert item.name == "again" and item.renames == 1
         finally:
             client.close()
             busy.close()
