@@ -22,8 +22,8 @@ a tuple or frozenset cannot be rebuilt (the container would have to exist
 before its items) and is refused when encoding.
 
 Decoding never runs code chosen by the sender: unknown extension codes,
-non-str map keys in plain maps, oversize strings/arrays/maps, too deep
-nesting and trailing bytes all raise DecodeError.  Nothing here imports
+map keys other than str and bin in plain maps, oversize strings, arrays
+and maps, too deep nesting and trailing bytes all raise DecodeError.  Nothing here imports
 pickle.
 """
 

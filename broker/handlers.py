@@ -22,6 +22,7 @@ from broker.keys import Key
 from broker.outcomes import COMMIT_MARK, commit_mark
 from broker.protocol import VERSION
 from broker.states import Record
+from broker.values import resolve_values, same_value
 from dobbin.exc import ConflictError as StoreConflictError
 from dobbin.exc import HistoryError
 from dobbin.persistent import Persistent, PersistentDict, checkout, state_of
@@ -31,23 +32,6 @@ logger = logging.getLogger("broker.server")
 
 COMMIT_ATTEMPTS = 3
 MAX_SCAN = 1000000
-
-
-def same_value(a, b):
-    """Is the current value `a` the value `b` a client read?  Unsure means no."""
-    if a is b:
-        return True
-    if a is ABSENT or b is ABSENT:
-        return False
-    if isinstance(a, Persistent) or isinstance(b, Persistent):
-        oid = getattr(a, "_p_oid", None)
-        return oid is not None and oid == getattr(b, "_p_oid", None)
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except Exception:  # an exotic __eq__: treat as changed, which is safe
-        return False
-
-
 def activate(obj):
     """Make sure a persistent object's state is loaded (ghosts have none)."""
     if obj._p_ghost:
@@ -81,35 +65,10 @@ class Handlers:
                 raise ProtocolError("commit refers to undeclared %s" % key) from None
         raise AccessDenied("a %s key is not allowed here" % key)
 
-    def resolve_values(self, value, created=None, memo=None):
-        """A copy of a decoded value with the keys in it replaced by the objects they name.
-
-        The request itself is left as it came: a commit retried after a
-        store conflict resolves it again, against that attempt's new
-        objects.  `memo` (id -> copy) keeps shared and cyclic parts so.
-        """
-        t = type(value)
-        if t is Key:
-            return self.resolve(value, created)
-        if t not in (list, dict, tuple, set, frozenset):
-            return value
-        if memo is None:
-            memo = {}
-        done = memo.get(id(value))
-        if done is not None:
-            return done
-        if t is list:
-            result = memo[id(value)] = []  # before its items, which may refer to it
-            result.extend(self.resolve_values(x, created, memo) for x in value)
-            return result
-        if t is dict:
-            result = memo[id(value)] = {}
-            result.update((self.resolve_values(k, created, memo),
-                           self.resolve_values(v, created, memo)) for k, v in value.items())
-            return result
-        result = t(self.resolve_values(x, created, memo) for x in value)
-        memo[id(value)] = result
-        return result
+    def resolve_values(self, value, created=None, memo=None, storing=False):
+        """`broker.values.resolve_values`, keys naming objects of the
+        database, of the server's statics, or `created` by a commit."""
+        return resolve_values(value, lambda key: self.resolve(key, created), memo, storing)
 
     # -- reading at a snapshot ---------------------------------------------
 
@@ -379,16 +338,23 @@ class Handlers:
             created[num] = obj = rules.cls.__new__(rules.cls)
             checkout(obj)
             touched.append(obj)
-        memo = {}  # one copy of each shared part of the request
+        # One copy of each shared part of the stored values; the values
+        # only compared (old ones, deleted items) are resolved apart, as
+        # they may hold what must not be stored.
+        stored_memo, compared_memo = {}, {}
 
-        def resolve(value):
-            return self.resolve_values(value, created, memo)
+        def stored(value):
+            return self.resolve_values(value, created, stored_memo, storing=True)
+
+        def compared(value):
+            return value if value is ABSENT else self.resolve_values(value, created,
+                                                                      compared_memo)
 
         for num, cname, fields in f["new"]:
             obj, rules = created[num], self.exports.by_name(cname)
             for name, value in fields.items():
                 self._check_writable(rules, name, Key("n", num))
-                setattr(obj, name, resolve(value))
+                setattr(obj, name, stored(value))
         # Old values are checked against what clients see (class defaults
         # included, hidden fields absent), and before the names are, so
         # that a refusal tells a hidden name from an absent one no more
@@ -396,25 +362,25 @@ class Handlers:
         for key, name, old, new in f["set"]:
             obj, rules = self._writable_object(key, created, touched)
             if key.kind != "n":
-                self._verify(key, name, rules.value_seen(state_of(obj), name), resolve(old))
+                self._verify(key, name, rules.value_seen(state_of(obj), name), compared(old))
             self._check_writable(rules, name, key)
-            setattr(obj, name, resolve(new))
+            setattr(obj, name, stored(new))
         for key, name, old in f["del"]:
             obj, rules = self._writable_object(key, created, touched)
-            self._verify(key, name, rules.value_seen(state_of(obj), name), resolve(old))
+            self._verify(key, name, rules.value_seen(state_of(obj), name), compared(old))
             self._check_writable(rules, name, key)
             if name in state_of(obj):
                 delattr(obj, name)
         for key, item, old, new in f["setitem"]:
             mapping = self._writable_mapping(key, created, touched)
-            item = resolve(item)
-            self._verify(key, item, mapping.get(item, ABSENT), resolve(old))
-            self._mutate(mapping, touched, lambda m: m.__setitem__(item, resolve(new)))
+            item = stored(item)
+            self._verify(key, item, self._current_item(mapping, key, item), compared(old))
+            self._mutate(mapping, touched, lambda m: m.__setitem__(item, stored(new)))
         for key, item, old in f["delitem"]:
             mapping = self._writable_mapping(key, created, touched)
-            item = resolve(item)
-            current = mapping.get(item, ABSENT)
-            self._verify(key, item, current, resolve(old))
+            item = compared(item)
+            current = self._current_item(mapping, key, item)
+            self._verify(key, item, current, compared(old))
             if current is not ABSENT:
                 self._mutate(mapping, touched, lambda m: m.__delitem__(item))
         return touched
@@ -433,6 +399,15 @@ class Handlers:
         if not isinstance(obj, Persistent) or not rules.mapping or rules.readonly is True:
             raise AccessDenied("items of %s cannot be changed by clients" % key)
         return obj
+
+    @staticmethod
+    def _current_item(mapping, key, item):
+        """The value of `item` in `mapping`, or ABSENT; ProtocolError if it cannot be a key."""
+        try:
+            return mapping.get(item, ABSENT)
+        except TypeError as error:
+            # Unhashable, or not ordered with a B-tree's keys.
+            raise ProtocolError("%r cannot be an item of %s: %s" % (item, key, error)) from None
 
     @staticmethod
     def _mutate(mapping, touched, change):

@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 
 from broker import exc, protocol
 from broker.client import BrokerClient
-from broker.codec import Codec
+from broker.codec import ABSENT, Codec
 from broker.interfaces import IBrokerServer
 from broker.keys import Key
 from broker.server import INLINE_COMMIT, PUSH_OBJECTS
@@ -361,6 +361,80 @@ def test_resolving_a_request_leaves_it_as_it_came(broker):
     assert resolved[:3] == [first, {"k": first}, (first,)] and resolved[3] is resolved
     assert request[0] == Key("n", 1) and request[1] == {"k": Key("n", 1)}
     assert server._handlers.resolve_values(request, {1: second})[:2] == [second, {"k": second}]
+
+
+PLACEHOLDER = "value placeholder"
+
+
+@pytest.mark.parametrize("value, refusal", [
+    (msgpack.packb(msgpack.Timestamp(1)), "cannot be a Timestamp"),
+    (b"\x91" * 900 + b"\x01", "nested deeper"),  # once an untyped RecursionError
+    (b"\x91" * 61 + b"\x01", "nested deeper"),   # once stored, then never sendable
+    (codec.encode(ABSENT), "cannot be ABSENT"),
+])
+def test_a_value_that_could_not_be_sent_back_is_never_stored(peer, broker, value, refusal):
+    db, _server, connect = broker
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    tid = hello["tid"]
+    root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": tid})["ok"]
+    things, item = root["state"]["things"], root["state"]["item"]
+    for n, rows in enumerate([{"set": [[item, "name", "first", PLACEHOLDER]]},
+                              {"setitem": [[things, "k", ABSENT, PLACEHOLDER]]},
+                              {"setitem": [[things, PLACEHOLDER, ABSENT, 1]]}]):
+        body = dict({"new": [], "set": [], "del": [], "setitem": [], "delitem": []}, **rows)
+        request = codec.encode(dict(body, id=3 + n, op="commit", tx=tid, since=tid,
+                                    token=b"v%015d" % n))
+        request = request.replace(codec.encode(PLACEHOLDER), value)
+        error_type, message = error_of(peer.request(request))
+        assert error_type == "ProtocolError" and refusal in message
+    transaction.begin()
+    assert db.sync() == tid and db.root.item.name == "first" and len(db.root.things) == 0
+    client = connect()
+    assert client.root.item.name == "first" and dict(client.root.things.items()) == {}
+
+
+class Status:
+    """A static object: not persistent."""
+
+    name = "a static"
+
+
+def test_a_static_object_can_be_passed_but_not_stored(broker):
+    db, server, connect = broker
+    server.add_static(Status(), "status")
+    client = connect()
+    status = client.static("status")
+    client.root.item.name = status
+    with pytest.raises(exc.ProtocolError, match="static object .* cannot be stored"):
+        client.commit()
+    client.root.things["status"] = [status]
+    with pytest.raises(exc.ProtocolError, match="static object .* cannot be stored"):
+        client.commit()
+    transaction.begin()
+    assert db.sync() == client.begin() and db.root.item.name == "first"
+    assert client.call("hello", status.name) == "hello a static"
+
+
+@pytest.mark.parametrize("mapping, op, items, refusal", [
+    ("things", "setitem", [[1, 2]], "unhashable"),
+    ("things", "delitem", [[1, 2]], "unhashable"),
+    ("tree", "setitem", ["a", 1], "not supported between"),  # B-tree keys must be ordered
+])
+def test_an_item_that_cannot_be_a_key_is_a_protocol_error(peer, broker, mapping, op, items,
+                                                          refusal):
+    db, _server, _connect = broker
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    tid = hello["tid"]
+    root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": tid})["ok"]
+    key = root["state"][mapping]
+    rows = [[key, item, ABSENT, n] if op == "setitem" else [key, item, ABSENT]
+            for n, item in enumerate(items)]
+    body = dict({"new": [], "set": [], "del": [], "setitem": [], "delitem": []}, **{op: rows})
+    error_type, message = error_of(peer.request(dict(
+        body, id=3, op="commit", tx=tid, since=tid, token=os.urandom(16))))
+    assert error_type == "ProtocolError" and refusal in message
+    transaction.begin()
+    assert db.sync() == tid and len(db.root.tree) == len(db.root.things) == 0
 
 
 def test_a_commit_retried_after_a_store_conflict_stores_its_own_new_objects(

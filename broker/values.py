@@ -1,0 +1,85 @@
+"""Values of requests, as the server takes them: keys resolved, and checked.
+
+A request's values (a commit's fields and items, a call's arguments, a
+search's query) arrive decoded, with keys where they name objects.  The
+server resolves the keys to the objects and refuses, before anything is
+stored, what it could store but never send back.  It compares a client's
+old values with the current ones by `same_value`.
+"""
+
+from broker.codec import ABSENT, MAX_DEPTH
+from broker.exc import ProtocolError
+from broker.keys import Key
+from dobbin.persistent import Persistent
+
+# Values nest this deep at most: a reply nests a value a few levels into
+# its message, and the codec sends MAX_DEPTH levels.
+MAX_VALUE_DEPTH = MAX_DEPTH - 4
+
+_SCALARS = frozenset({str, bytes, bool, float, int, type(None)})
+_CONTAINERS = frozenset({list, dict, tuple, set, frozenset})
+
+
+def resolve_values(value, resolve_key, memo=None, storing=False):
+    """A copy of decoded `value` with each key replaced by `resolve_key(key)`.
+
+    The value itself is left as it came: a commit retried after a store
+    conflict resolves it again, against that attempt's new objects.
+    `memo` (id -> copy) keeps shared and cyclic parts so.
+
+    Refused with ProtocolError: ABSENT (the top of an old value may be
+    it; callers take that case first), a type the codec does not send (a
+    msgpack Timestamp), nesting past MAX_VALUE_DEPTH and, when `storing`,
+    a static object (it is not in the database).
+    """
+    return _resolve(value, resolve_key, {} if memo is None else memo, storing, 0)
+
+
+def _resolve(value, resolve_key, memo, storing, depth):
+    t = type(value)
+    if t in _SCALARS:
+        return value
+    if t is Key:
+        obj = resolve_key(value)
+        if storing and value.kind == "s" and not isinstance(obj, Persistent):
+            raise ProtocolError("the static object %s is not in the database and "
+                                "cannot be stored" % value)
+        return obj
+    if t not in _CONTAINERS:
+        raise ProtocolError("a request value cannot be %s"
+                            % ("ABSENT" if value is ABSENT else "a " + t.__name__))
+    done = memo.get(id(value))
+    if done is not None:
+        return done
+    if depth >= MAX_VALUE_DEPTH:
+        raise ProtocolError("a request value is nested deeper than %d levels"
+                            % MAX_VALUE_DEPTH)
+    depth += 1
+    if t is list:
+        result = memo[id(value)] = []  # before its items, which may refer to it
+        result.extend(_resolve(x, resolve_key, memo, storing, depth) for x in value)
+        return result
+    if t is dict:
+        result = memo[id(value)] = {}
+        result.update((_resolve(k, resolve_key, memo, storing, depth),
+                       _resolve(v, resolve_key, memo, storing, depth))
+                      for k, v in value.items())
+        return result
+    result = t(_resolve(x, resolve_key, memo, storing, depth) for x in value)
+    memo[id(value)] = result
+    return result
+
+
+def same_value(a, b):
+    """Is the current value `a` the value `b` a client read?  Unsure means no."""
+    if a is b:
+        return True
+    if a is ABSENT or b is ABSENT:
+        return False
+    if isinstance(a, Persistent) or isinstance(b, Persistent):
+        oid = getattr(a, "_p_oid", None)
+        return oid is not None and oid == getattr(b, "_p_oid", None)
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # an exotic __eq__: treat as changed, which is safe
+        return False

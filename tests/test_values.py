@@ -1,0 +1,89 @@
+"""broker.values: request values resolved, and refused when they could not be sent back."""
+
+import msgpack
+import pytest
+
+from broker.codec import ABSENT, MAX_DEPTH, Codec
+from broker.exc import ProtocolError
+from broker.keys import Key
+from broker.values import MAX_VALUE_DEPTH, resolve_values, same_value
+from broker_fixtures import Item
+
+
+class Static:
+    """A static object: served, but not in the database."""
+
+
+OBJECTS = {Key("n", 1): Item("new"), Key("s", ("status",)): Static(),
+           Key("s", ("item",)): Item("static but persistent")}
+
+
+def nested(depth):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_keys_are_replaced_and_shared_parts_stay_shared():
+    shared = [Key("n", 1)]
+    value = {"a": shared, "b": (shared, frozenset({2})), "c": {3}}
+    value["self"] = value
+    resolved = resolve_values(value, OBJECTS.__getitem__)
+    new = OBJECTS[Key("n", 1)]
+    assert resolved["a"] == [new] and resolved["b"][0] is resolved["a"]
+    assert resolved["b"][1] == frozenset({2}) and resolved["c"] == {3}
+    assert resolved["self"] is resolved
+    assert value["a"] == [Key("n", 1)]  # the request is left as it came
+
+
+@pytest.mark.parametrize("value", [ABSENT, [1, ABSENT], {"k": ABSENT}, (ABSENT,)])
+def test_absent_is_refused_anywhere(value):
+    with pytest.raises(ProtocolError, match="cannot be ABSENT"):
+        resolve_values(value, OBJECTS.__getitem__)
+
+
+def test_a_type_the_codec_does_not_send_is_refused():
+    timestamp = Codec().decode(msgpack.packb({"t": msgpack.Timestamp(5)}))["t"]
+    with pytest.raises(ProtocolError, match="cannot be a Timestamp"):
+        resolve_values([timestamp], OBJECTS.__getitem__)
+
+
+def test_nesting_is_bounded_below_what_the_codec_sends():
+    assert MAX_VALUE_DEPTH < MAX_DEPTH
+    assert resolve_values(nested(MAX_VALUE_DEPTH), OBJECTS.__getitem__) == nested(
+        MAX_VALUE_DEPTH)
+    Codec().encode({"ok": {"items": [[1, nested(MAX_VALUE_DEPTH)]]}})  # and can be sent
+    for depth in (MAX_VALUE_DEPTH + 1, 900, 5000):  # past Python's recursion limit too
+        with pytest.raises(ProtocolError, match="nested deeper than %d" % MAX_VALUE_DEPTH):
+            resolve_values(nested(depth), OBJECTS.__getitem__)
+
+
+def test_a_static_object_is_refused_only_where_it_would_be_stored():
+    key = Key("s", ("status",))
+    assert resolve_values([key], OBJECTS.__getitem__) == [OBJECTS[key]]
+    with pytest.raises(ProtocolError, match="not in the database"):
+        resolve_values({"x": [key]}, OBJECTS.__getitem__, storing=True)
+    persistent = Key("s", ("item",))
+    assert resolve_values(persistent, OBJECTS.__getitem__, storing=True) is OBJECTS[persistent]
+
+
+class Exotic:
+    def __eq__(self, other):
+        raise RuntimeError("cannot compare")
+
+
+@pytest.mark.parametrize("current, read, same", [
+    (1, 1, True), (1, True, False), (1, 1.0, False), ("a", "a", True),
+    (ABSENT, ABSENT, True), (ABSENT, None, False), (None, ABSENT, False),
+    ([1, 2], [1, 2], True), ((1,), [1], False), (Exotic(), Exotic(), False),
+])
+def test_same_value(current, read, same):
+    assert same_value(current, read) is same
+
+
+def test_persistent_objects_are_the_same_when_their_oids_are():
+    one, other, new = Item("a"), Item("a"), Item("a")
+    one._p_oid = other._p_oid = 7
+    assert same_value(one, other)
+    assert not same_value(new, Item("a"))  # unstored: no oid to compare
