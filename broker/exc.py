@@ -77,6 +77,11 @@ class ResultLost(BrokerError):
     method's return value (only that it ran).  It is not run again."""
 
 
+class AddressError(BrokerError):
+    """An address is not an endpoint ZeroMQ can bind or connect to
+    (malformed, of an unknown transport, already in use)."""
+
+
 class SecretFileError(BrokerError):
     """The server's secret file is missing, unreadable, damaged or too open."""
 

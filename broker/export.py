@@ -54,7 +54,11 @@ def _names(value, what):
         return None
     if isinstance(value, str):
         value = value.split()
-    names = frozenset(value)
+    try:
+        names = frozenset(value)
+    except TypeError:
+        raise ExportError("%s is a space-separated str or an iterable of names, not %r"
+                          % (what, value)) from None
     for name in names:
         if not isinstance(name, str) or not name.isidentifier():
             raise ExportError("%s: %r is not an attribute name" % (what, name))
@@ -69,6 +73,9 @@ class ClassExport:
 
     def __init__(self, cls, fields=None, refs=(), callables=(), hidden=(),
                  readonly=True, creatable=False, extent=None):
+        if extent is not None and not callable(extent):
+            raise ExportError("extent is a function returning the instances, not %r"
+                              % (extent,))
         self.cls = cls
         self.name = class_name(cls)
         self.fields = _names(fields, "fields")

@@ -229,8 +229,8 @@ class IBrokerServer(Interface):
     def start():
         """Bind the sockets, start the threads, and return self.
 
-        Raises zmq.ZMQError if the address cannot be bound, with nothing
-        left running.
+        Raises broker.exc.AddressError if an address cannot be bound, with
+        nothing left running.
         """
 
     def stop():

@@ -54,7 +54,7 @@ from broker.interfaces import IBrokerServer
 from broker.keys import KeyRing, load_or_create_secret, secret_path_for
 from broker.outcomes import WAIT, CommitOutcomes, Recorded
 from broker.states import Record, StateCache, seal
-from broker.transport import recv_frames, send_frames
+from broker.transport import bound, recv_frames, send_frames
 from dobbin.exc import DobbinError
 from dobbin.persistent import Persistent, checkout
 
@@ -236,12 +236,10 @@ class BrokerServer:
             router = self._socket(zmq.ROUTER)
             router.setsockopt(zmq.MAXMSGSIZE, self.max_message + 4096)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            router.bind(self.requested_address)
-            self.address = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.address = bound(router, self.requested_address)
             router.bind(self._front_endpoint)
             pub = self._socket(zmq.PUB)
-            pub.bind(self.requested_broadcast)
-            self.broadcast_address = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.broadcast_address = bound(pub, self.requested_broadcast)
         except BaseException:
             for sock in (router, pub):
                 if sock is not None:
@@ -571,6 +569,8 @@ def _check_path(path):
 
 
 def _default_broadcast(address):
+    if type(address) is not str:
+        raise exc.AddressError("an address is a str, not %r" % (address,))
     if address.startswith("ipc://"):
         return address + ".pub"
     if address.startswith("tcp://"):
@@ -578,5 +578,5 @@ def _default_broadcast(address):
         return "tcp://%s:*" % host
     if address.startswith("inproc://"):
         return address + ".pub"
-    raise exc.ExportError("cannot derive a broadcast endpoint from %r; pass broadcast="
-                          % address)
+    raise exc.AddressError("cannot derive a broadcast endpoint from %r; pass broadcast="
+                           % address)

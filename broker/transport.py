@@ -19,7 +19,7 @@ import zmq
 
 from broker import protocol
 from broker.codec import Codec
-from broker.exc import BrokerTimeout, ClientClosed, DecodeError, ProtocolError
+from broker.exc import AddressError, BrokerTimeout, ClientClosed, DecodeError, ProtocolError
 
 
 # Plain ints: pyzmq's enum flags cost microseconds per frame in Python.
@@ -45,13 +45,43 @@ def recv_frames(sock):
     return frames
 
 
+def bound(sock, address):
+    """Bind `sock` to `address`; return the endpoint it got (a "*" port chosen)."""
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as error:
+        raise AddressError("cannot bind %r: %s" % (address, error)) from None
+    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
+def connected(sock, address):
+    """Connect `sock` to `address` (ZeroMQ connects in the background:
+    only a malformed address fails here)."""
+    try:
+        sock.connect(address)
+    except (zmq.ZMQError, TypeError) as error:
+        raise AddressError("cannot connect to %r: %s" % (address, error)) from None
+
+
+def check_duration(name, value):
+    """`value`, a positive number of seconds; TypeError or ValueError otherwise."""
+    if type(value) not in (int, float):
+        raise TypeError("%s is a number of seconds, not %r" % (name, value))
+    if not 0 < value < float("inf"):
+        raise ValueError("%s must be a positive number of seconds, not %r" % (name, value))
+    return value
+
+
 class Connection:
     """One client's DEALER and SUB sockets to one server address."""
 
     def __init__(self, address, codec, timeout=2.5, retries=3, curve=None, trace=None):
+        if type(retries) is not int or retries < 0:
+            raise ValueError("retries is a number of retries (an int >= 0), not %r"
+                             % (retries,))
         self.address = address
         self.codec = codec
-        self.timeout = timeout
+        self.timeout = check_duration("timeout", timeout)
         self.retries = retries
         self.curve = curve
         self.trace = trace
@@ -93,7 +123,7 @@ class Connection:
         # A blocking receive with a timeout costs one wake-up less than poll + recv.
         self._wait_ms = max(1, int(self.timeout * 1000))
         self._dealer.setsockopt(zmq.RCVTIMEO, self._wait_ms)
-        self._dealer.connect(self.address)
+        connected(self._dealer, self.address)
 
     def subscribe(self, endpoint):
         """Listen to the broadcasts at `endpoint` (reconnects if it changed)."""
@@ -112,7 +142,7 @@ class Connection:
         # subscription follows it at once.
         monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         try:
-            sub.connect(endpoint)
+            connected(sub, endpoint)
             if monitor.poll(int(self.timeout * 1000)):
                 monitor.recv_multipart()
         finally:

@@ -18,7 +18,7 @@ from dobbin.cache import ObjectCache
 from dobbin.exc import DobbinError, LoadError, ReadOnlyError, StorageError
 from dobbin.index import Index, check_oid
 from dobbin.interfaces import IDatabase
-from dobbin.lock import WriteLock
+from dobbin.lock import WriteLock, checked_timeout
 from dobbin.log import Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT, IndexEntry,
                            NoteEntry, ObjectEntry, RootEntry)
@@ -69,7 +69,9 @@ class Database:
         self.path = os.fspath(path)
         self.read_only = read_only
         self.closed = False
-        self._cache = ObjectCache(cache_size)  # checks it before the file is opened
+        # Options are checked before the file is opened.
+        self._cache = ObjectCache(cache_size)
+        checked_timeout(lock_timeout)
         self._log = Log(self.path, durability=durability, read_only=read_only)
         self._lock = WriteLock(self._log.fd, self.path, lock_timeout)
         self._pid = os.getpid()

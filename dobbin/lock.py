@@ -24,14 +24,24 @@ _FIRST_WAIT = 0.00005
 _LONGEST_WAIT = 0.005
 
 
+def checked_timeout(timeout):
+    """`timeout`, a finite number of seconds >= 0; TypeError or ValueError otherwise."""
+    if type(timeout) not in (int, float):
+        raise TypeError("the lock timeout is a number of seconds, not %r" % (timeout,))
+    if not 0 <= timeout < float("inf"):
+        raise ValueError("the lock timeout must be from 0 to a finite number of seconds, "
+                         "not %r" % (timeout,))
+    return timeout
+
+
 @implementer(IWriteLock)
 class WriteLock:
     """An exclusive lock on an open file, with a timeout."""
 
     def __init__(self, fd, path, timeout=30.0):
+        self.timeout = checked_timeout(timeout)
         self.fd = fd
         self.path = path
-        self.timeout = timeout
         self._mutex = threading.Lock()
         self._owner = None
 

@@ -43,6 +43,9 @@ __all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE"
 _OBJECT_READ = 512
 _BATCH_READ = 64 * 1024
 _CREATE_TIMEOUT = 30.0
+# How long a reader looks again at a file too short to hold its header
+# (its creator may not have locked it yet).
+_CREATE_GRACE = 0.2
 _IOV_MAX = 512
 DURABILITY = ("fsync", "none")
 
@@ -74,8 +77,11 @@ class Log(ReservedSpace):
             raise FileNotFoundError(self.path)
         self.fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            if os.fstat(self.fd).st_size < FILE_HEADER_SIZE and not read_only:
-                self._create(created)
+            if os.fstat(self.fd).st_size < FILE_HEADER_SIZE:
+                if read_only:
+                    self._await_creation()
+                else:
+                    self._create(created)
             self.file_id, self.version = self._read_file_header()
         except BaseException:
             os.close(self.fd)
@@ -104,15 +110,7 @@ class Log(ReservedSpace):
         afresh loses nothing (its bytes are kept beside it all the same).
         Under the file lock: another process may be creating it too.
         """
-        deadline = time.monotonic() + _CREATE_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LockTimeoutError("could not lock %s to create it" % self.path) from None
-                time.sleep(0.001)
+        self._flock(fcntl.LOCK_EX, "create it")
         try:
             size = os.fstat(self.fd).st_size
             if size >= FILE_HEADER_SIZE:
@@ -130,6 +128,33 @@ class Log(ReservedSpace):
                 self._fsync_directory()
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def _await_creation(self):
+        """Wait for a process creating the file to write its header.
+
+        It holds the file lock while it does; it may also have created
+        the file and not yet taken the lock, so a short file is looked at
+        again for a moment.  A file still short is read (and refused) as it is.
+        """
+        deadline = time.monotonic() + _CREATE_GRACE
+        while True:
+            self._flock(fcntl.LOCK_SH, "read it")
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            if os.fstat(self.fd).st_size >= FILE_HEADER_SIZE or time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
+
+    def _flock(self, kind, purpose):
+        deadline = time.monotonic() + _CREATE_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self.fd, kind | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockTimeoutError(
+                        "could not lock %s to %s" % (self.path, purpose)) from None
+                time.sleep(0.001)
 
     def _write_file_header(self):
         body = FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, 0, 0, os.urandom(16),

@@ -329,7 +329,10 @@ def state_of(obj):
     dict is one consistent state: a commit replaces states whole.  For
     code that reads many attributes of one object, such as containers.
     """
-    table = _object_getattribute(obj, "_p_local")
+    try:
+        table = _object_getattribute(obj, "_p_local")
+    except (AttributeError, TypeError):
+        raise TypeError("%r is not a persistent object" % (obj,)) from None
     if table:
         state = table.get(getattr(_threads, "key", None))
         if state is not None:

@@ -861,6 +861,15 @@ def test_bogus_durability_raises_value_error(db_path):
     assert not os.path.exists(db_path)
 
 
+@pytest.mark.parametrize("timeout, error", [("30", TypeError), (None, TypeError),
+                                              (-1, ValueError), (float("inf"), ValueError),
+                                              (float("nan"), ValueError)])
+def test_a_wrong_lock_timeout_is_refused_before_the_file_is_opened(db_path, timeout, error):
+    with pytest.raises(error, match="lock timeout"):
+        Database(db_path, lock_timeout=timeout)
+    assert not os.path.exists(db_path)
+
+
 def _commit_change(db, oid):
     root = db.root
     db.close()

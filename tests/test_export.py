@@ -116,6 +116,9 @@ def test_subclasses_inherit_rules():
     ({"fields": ["_x"]}, "private name"),
     ({"fields": ["not a name"]}, "not an attribute name"),
     ({"callables": ["missing"]}, "not a method"),
+    ({"fields": 5}, "fields is a space-separated str or an iterable of names, not 5"),
+    ({"hidden": object()}, "hidden is a space-separated str"),
+    ({"extent": "all"}, "extent is a function"),
 ])
 def test_bad_configuration_raises_export_error(options, message):
     with pytest.raises(ExportError, match=message):

@@ -268,3 +268,13 @@ def test_busy_tells_whether_a_thread_or_process_holds_the_lock(lock_file, new_lo
     assert probe_from_another_process(lock_file)[0] == "free"
     lock.acquire(timeout=0)
     lock.release()
+
+
+@pytest.mark.parametrize("timeout", ["1", None, -0.5, float("inf"), float("nan")])
+def test_a_wrong_timeout_is_refused(lock_file, timeout):
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT)
+    try:
+        with pytest.raises((TypeError, ValueError), match="lock timeout"):
+            WriteLock(fd, lock_file, timeout)
+    finally:
+        os.close(fd)

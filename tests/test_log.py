@@ -7,9 +7,11 @@ damaged bytes, durability, and the writer's refusals.
 """
 
 import errno
+import fcntl
 import gc
 import os
 import struct
+import threading
 import time
 import zlib
 
@@ -581,6 +583,35 @@ def test_a_read_only_log_leaves_a_torn_tail_alone(tmp_path, path):
     log.close()
     assert read_file(path) == before
     assert not [name for name in os.listdir(tmp_path) if ".torn-" in name]
+
+
+def test_a_read_only_log_waits_for_the_process_creating_the_file(tmp_path, path):
+    model = Log(str(tmp_path / "model.dobbin"))
+    header = read_file(model.path)
+    model.close()
+    creator = os.open(path, os.O_RDWR | os.O_CREAT)  # as Log._create: created, then locked
+    fcntl.flock(creator, fcntl.LOCK_EX)
+
+    def finish_creating():
+        time.sleep(0.3)
+        os.pwrite(creator, header, 0)
+        fcntl.flock(creator, fcntl.LOCK_UN)
+
+    thread = threading.Thread(target=finish_creating)
+    thread.start()
+    try:
+        log = Log(path, read_only=True)  # once: CorruptionError, file too short
+        assert log.file_id == model.file_id and log.last_tid == 0
+        log.close()
+    finally:
+        thread.join()
+        os.close(creator)
+
+
+def test_a_read_only_log_of_a_file_nobody_creates_is_refused(path):
+    open(path, "wb").close()
+    with pytest.raises(CorruptionError, match="file too short"):
+        Log(path, read_only=True)
 
 
 def test_failed_records_and_their_notes_are_read_back(tmp_path, path):

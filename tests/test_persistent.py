@@ -8,7 +8,7 @@ import threading
 import pytest
 import transaction
 
-from dobbin.persistent import Persistent, PersistentDict, checked_out, checkout
+from dobbin.persistent import Persistent, PersistentDict, checked_out, checkout, state_of
 
 READ_ONLY = "Can't set attribute in read-only mode."
 
@@ -387,3 +387,9 @@ def test_a_persistent_class_may_declare_empty_slots(open_db):
     db.root.balance = 5
     transaction.commit()
     assert db.root.balance == 5
+
+
+@pytest.mark.parametrize("value", [{}, 5, None, object()])
+def test_state_of_something_not_persistent_is_a_type_error(value):
+    with pytest.raises(TypeError, match="is not a persistent object"):
+        state_of(value)

@@ -17,7 +17,7 @@ from broker.client import BrokerClient
 from broker.codec import ABSENT, Codec
 from broker.interfaces import IBrokerServer
 from broker.keys import Key
-from broker.server import INLINE_COMMIT, PUSH_OBJECTS
+from broker.server import INLINE_COMMIT, PUSH_OBJECTS, BrokerServer
 from broker.states import unseal
 from broker_fixtures import TIMEOUT, Item, broker, make_database, served  # noqa: F401
 from conftest import append_record
@@ -838,8 +838,23 @@ def test_bind_failure_leaves_nothing_running(tmp_path):
     db = make_database(str(tmp_path / "d.dobbin"))
     before = set(threading.enumerate())
     with served(db) as server:
-        with pytest.raises(zmq.ZMQError):
+        with pytest.raises(exc.AddressError, match="Address already in use"):
             served(db, address=server.address).__enter__()
+    assert set(threading.enumerate()) <= before
+    db.close()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"address": "not-an-endpoint"}, "cannot derive a broadcast endpoint"),
+    ({"address": 5}, "an address is a str"),
+    ({"address": "tcp://127.0.0.1:*", "broadcast": "bogus://x"}, "cannot bind 'bogus://x'"),
+    ({"address": "tcp://127.0.0.1:port"}, "cannot bind"),
+])
+def test_an_address_that_cannot_be_bound_is_an_address_error(tmp_path, options, message):
+    db = make_database(str(tmp_path / "d.dobbin"))
+    before = set(threading.enumerate())
+    with pytest.raises(exc.AddressError, match=message):
+        BrokerServer(db, **options).start()
     assert set(threading.enumerate()) <= before
     db.close()
 

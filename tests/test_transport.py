@@ -7,8 +7,8 @@ import zmq
 
 from broker import protocol
 from broker.codec import Codec
-from broker.exc import BrokerTimeout, ClientClosed, ProtocolError
-from broker.transport import Connection
+from broker.exc import AddressError, BrokerTimeout, ClientClosed, ProtocolError
+from broker.transport import Connection, bound
 from broker_fixtures import run_python
 
 codec = Codec()
@@ -141,3 +141,35 @@ def test_close_twice_is_harmless():
     connection.close()
     with pytest.raises(ClientClosed):
         connection.request("ping", {})
+
+
+@pytest.mark.parametrize("address", ["not-an-endpoint", "tcp://", "bogus://x", 5, None])
+def test_an_address_that_is_no_endpoint_is_an_address_error(address):
+    with pytest.raises(AddressError, match="cannot connect to"):
+        Connection(address, codec, timeout=0.1, retries=0)
+
+
+def test_binding_an_address_twice_is_an_address_error():
+    context = zmq.Context()
+    first, second = context.socket(zmq.ROUTER), context.socket(zmq.ROUTER)
+    try:
+        endpoint = bound(first, "tcp://127.0.0.1:*")
+        assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith("*")
+        with pytest.raises(AddressError, match="cannot bind .*in use"):
+            bound(second, endpoint)
+    finally:
+        first.close(0)
+        second.close(0)
+        context.term()
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"timeout": "1"}, TypeError, "timeout is a number of seconds"),
+    ({"timeout": 0}, ValueError, "positive"),
+    ({"timeout": float("nan")}, ValueError, "positive"),
+    ({"retries": -1}, ValueError, "retries is a number"),
+    ({"retries": 1.5}, ValueError, "retries is a number"),
+])
+def test_bad_timeouts_and_retries_are_refused_at_once(options, error, message):
+    with pytest.raises(error, match=message):
+        Connection("tcp://127.0.0.1:9", codec, **options)
