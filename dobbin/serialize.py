@@ -100,16 +100,17 @@ class _StateUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if name == "reference" and module == __name__:
-            return self._resolve
+            # Not a method of ours: the unpickler's memo keeps what this
+            # returns, and a cycle through it would leave every loaded
+            # record's unpickler (memo and all) to the cyclic collector.
+            persistent_load = self.persistent_load
+            return lambda *pid: persistent_load(pid)
         loaded = _modules.get(module)
         if loaded is not None and "." not in name:
             found = getattr(loaded, name, _MISSING)
             if found is not _MISSING:
                 return found
         return super().find_class(module, name)
-
-    def _resolve(self, *pid):
-        return self.persistent_load(pid)
 
 
 _modules = sys.modules
