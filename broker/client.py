@@ -243,6 +243,11 @@ class BrokerClient:
                     oids.update(pending_oids)
             self._invalidate(oids)
         self._pending = [p for p in self._pending if p[0] > tid]
+        if self._pending_statics:
+            # Searches of a static mapping depend on no oid: on any static.
+            for entry, (_result, deps) in list(self._searches.items()):
+                if deps is None:
+                    del self._searches[entry]
         if None in self._pending_statics:
             for proxy in list(self._cache.values()):
                 if proxy._key.kind == "s":

@@ -23,7 +23,8 @@ from broker.codec import ABSENT
 from broker.exc import ExportError
 from broker.interfaces import IClassExport, IExportRegistry
 
-_MAPPING_METHODS = ("keys", "items", "__getitem__", "__len__", "__contains__", "__iter__")
+_MAPPING_METHODS = ("keys", "items", "values", "__getitem__", "__len__", "__contains__",
+                    "__iter__")
 
 
 def exported(func):

@@ -159,12 +159,12 @@ class Handlers:
         if not rules.mapping:
             raise AccessDenied("%s objects are not mappings" % rules.name)
         if not isinstance(obj, Persistent):
-            return obj, []
+            return visible_items(rules, obj), None  # a static: no history, any change counts
         self.catch_up(tid)
         activate(obj)
         if isinstance(obj, PersistentDict):
             _serial, state = self._state_as_of(obj, tid)
-            return state.get("_data", {}), [obj._p_oid]
+            return visible_items(rules, state.get("_data", {})), [obj._p_oid]
         internal = self.internal_nodes(obj)
         for node in internal:
             if node._p_serial > tid:
@@ -172,7 +172,7 @@ class Handlers:
                     "%s changed after transaction %d; begin() again"
                     % (self.keyring.sign("o", obj._p_oid), tid),
                     key=str(self.keyring.sign("o", obj._p_oid)))
-        return obj, [node._p_oid for node in internal]
+        return visible_items(rules, obj), [node._p_oid for node in internal]
 
     def internal_nodes(self, mapping):
         """The mapping itself and the persistent objects inside it that are not values."""
@@ -240,8 +240,10 @@ class Handlers:
         item = self.resolve_values(f["item"])
         try:
             value = [items[item]] if item in items else []
-        except TypeError:
-            raise KeyError(item) from None
+        except TypeError as error:
+            # Unhashable, or not ordered with a B-tree's keys.
+            raise ProtocolError("the item cannot be a key of %s: %s" % (f["key"], error)) \
+                from None
         return {"value": value, "deps": deps}
 
     def op_items(self, f):
@@ -518,7 +520,9 @@ class Handlers:
         return True
 
     def scan(self, cls):
-        """Yield the stored instances of `cls` reachable from the root (a full walk)."""
+        """Yield the stored instances of `cls` that clients can reach from
+        the root (a full walk, through readable fields and visible items
+        only: an object kept in a hidden or private field stays unfound)."""
         root = self.db.root
         if root is None:
             return
@@ -535,11 +539,23 @@ class Handlers:
                 activate(value)
                 if isinstance(value, cls):
                     yield value
-                stack.append(value.__dict__)
+                rules = self.exports.lookup(type(value))
+                stack.append(rules.filter_state(state_of(value)))
+                if rules.mapping:
+                    stack.extend(visible_items(rules, value).values())
             elif isinstance(value, dict):
                 stack.extend(value.values())
             elif isinstance(value, (list, tuple, set, frozenset)):
                 stack.extend(value)
+
+
+def visible_items(rules, mapping):
+    """The items of `mapping` clients may see: all but those whose key is
+    a name its class hides."""
+    hidden = rules.hidden
+    if not hidden:
+        return mapping
+    return {k: v for k, v in mapping.items() if not (type(k) is str and k in hidden)}
 
 
 class _Touched(list):

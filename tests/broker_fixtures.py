@@ -67,12 +67,17 @@ class Folder(Persistent):
         self.tree = OOBTree()
 
 
+class Profile(PersistentDict):
+    """A mapping whose "password" item is hidden from clients."""
+
+
 def configure(server):
     """The export configuration every test server uses."""
     server.export_class(Item, hidden="secret", creatable=True)
     server.export_class(Folder)
     server.export_class(PersistentDict)
     server.export_class(OOBTree)
+    server.export_class(Profile, hidden="password")
     return server
 
 

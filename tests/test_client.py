@@ -476,6 +476,20 @@ def test_an_invoke_whose_server_died_before_replying_is_not_run_again(tmp_path):
         client.close()
 
 
+def test_a_search_of_a_static_mapping_is_forgotten_when_the_static_changes(broker):
+    db, server, connect = broker
+    shelf = {"a": db.root.item}
+    server.add_static(shelf, "shelf")
+    client = connect()
+    remote = client.static("shelf")
+    assert [item.name for item in client.find(remote, name="first")] == ["first"]
+    server.obj_delete(shelf, "a")
+    client.wait_for_broadcast(timeout=1)
+    client.begin()
+    assert len(remote) == 0
+    assert client.find(remote, name="first") == [] and client.count(remote) == 0
+
+
 def test_begin_takes_broadcast_states_without_loading(broker):
     _db, server, connect = broker
     one, two = connect(), connect()

@@ -19,7 +19,7 @@ from broker.interfaces import IBrokerServer
 from broker.keys import Key
 from broker.server import INLINE_COMMIT, PUSH_OBJECTS, BrokerServer
 from broker.states import unseal
-from broker_fixtures import TIMEOUT, Item, broker, make_database, served  # noqa: F401
+from broker_fixtures import TIMEOUT, Item, Profile, broker, make_database, served  # noqa: F401
 from conftest import append_record
 from dobbin.database import Database
 from dobbin.log import COMMITTED, MetaEntry
@@ -134,14 +134,15 @@ def things_key(peer):
     return root["state"]["things"], hello["tid"]
 
 
-def test_an_error_too_big_to_send_is_cut_and_the_front_thread_lives(peer, broker):
+def test_an_unhashable_item_is_refused_without_echoing_it_and_the_front_thread_lives(peer,
+                                                                                   broker):
     # The missing item's repr (20 MB) once made the error reply unencodable,
     # which killed the front thread: nobody was answered again.
     things, tid = things_key(peer)
     reply = peer.request({"id": 3, "op": "item", "key": things, "tx": tid,
                           "item": [b"\0" * 5_000_000]})
     error_type, message = error_of(reply)
-    assert error_type == "KeyError" and len(message) < 2000
+    assert error_type == "ProtocolError" and "unhashable" in message and len(message) < 200
     assert peer.request({"id": 4, "op": "ping"})["ok"] is None
 
 
@@ -602,6 +603,41 @@ def unsealed_record(server, frames, tid, key):
     message, = [b for b in broadcasts_in(frames) if b["tid"] == tid]
     sealed, = [data for oid, data in message["states"] if oid == key.ident]
     return codec.decode(unseal(key.mac, server.instance, tid, sealed))
+
+
+def test_a_class_search_finds_no_object_kept_in_a_hidden_or_private_field(broker):
+    db, _server, connect = broker
+    root = db.root
+    checkout(root)
+    checkout(root.item)
+    root.item.secret = Item("payroll record")
+    root._admin = Item("admin only")
+    checkout(root.things)  # a mapping: its items are searched
+    root.things["visible"] = Item("visible")
+    transaction.commit()
+    client = connect()
+    found = client.find("broker_fixtures.Item")
+    assert sorted(item.name for item in found) == ["first", "visible"]
+    assert client.count("broker_fixtures.Item", name="payroll record") == 0
+    assert client.count("broker_fixtures.Item", name="admin only") == 0
+
+
+def test_hidden_items_of_a_mapping_never_leave_the_server(broker):
+    db, _server, connect = broker
+    root = db.root
+    checkout(root.things)
+    root.things["alice"] = Profile(login="alice", password="hunter2",
+                                   account=Item("secret account"))
+    transaction.commit()
+    frames = []
+    client = connect(trace=lambda direction, fs: frames.extend(bytes(f) for f in fs))
+    remote = client.root.things["alice"]
+    assert dict(remote.items()) == {"login": "alice", "account": remote["account"]}
+    assert "password" not in remote and len(list(remote.keys())) == 2
+    with pytest.raises(KeyError):
+        remote["password"]
+    assert client.find(remote, login="alice") == []  # values, not the mapping itself
+    assert not any(b"hunter2" in frame for frame in frames)
 
 
 def test_broadcast_states_are_sealed_for_key_holders(broker):
