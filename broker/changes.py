@@ -8,6 +8,34 @@ current one before applying anything: that is the verified update.
 
 from broker.codec import ABSENT
 
+_CONTAINERS = frozenset({list, dict, set, tuple, frozenset})
+
+
+def private_copy(value, memo=None):
+    """`value` as handed to the application: its lists, dicts and sets are
+    copies (deep, sharing and cycles kept), so that changing one in place
+    changes neither the client's cached state nor the old value a commit
+    sends; everything else (proxies, streams, str...) is the value itself."""
+    t = type(value)
+    if t not in _CONTAINERS:
+        return value
+    if memo is None:
+        memo = {}
+    done = memo.get(id(value))
+    if done is not None:
+        return done
+    if t is list:
+        copy = memo[id(value)] = []  # before its items, which may refer to it
+        copy.extend(private_copy(x, memo) for x in value)
+    elif t is dict:
+        copy = memo[id(value)] = {}
+        copy.update((k, private_copy(v, memo)) for k, v in value.items())
+    else:
+        # Tuples and frozensets too: they may hold lists.  Set members and
+        # dict keys are hashable, so nothing in them can change.
+        copy = memo[id(value)] = t(private_copy(x, memo) for x in value)
+    return copy
+
 
 class _Deleted:
     __slots__ = ()

@@ -28,7 +28,7 @@ import weakref
 from zope.interface import implementer
 
 from broker import exc, protocol
-from broker.changes import DELETED, LocalChanges
+from broker.changes import DELETED, LocalChanges, private_copy
 from broker.codec import ABSENT, Codec
 from broker.interfaces import IBrokerClient
 from broker.keys import Key
@@ -384,7 +384,7 @@ class BrokerClient:
             if state is None:
                 state = self._load(proxy)
             if name in state:
-                return state[name]
+                return private_copy(state[name])
             if isinstance(proxy, MappingProxy) and name in MAPPING_METHODS:
                 return getattr(proxy, name)  # it became a mapping proxy on load
             if name in self._proxy_meta(proxy)["callables"]:
@@ -437,11 +437,11 @@ class BrokerClient:
         """The item's value at the snapshot, or ABSENT (cached per transaction)."""
         if proxy._key.kind == "n":
             return ABSENT
-        if proxy._all is not None:
-            return dict(proxy._all).get(item, ABSENT)
         if proxy._items is None:
             object.__setattr__(proxy, "_items", {})
         try:
+            if proxy._all is not None:
+                return proxy._all.get(item, ABSENT)
             if item in proxy._items:
                 return proxy._items[item]
         except TypeError:
@@ -466,7 +466,7 @@ class BrokerClient:
                 value = self._remote_item(proxy, item)
             if value is ABSENT or value is DELETED:
                 raise KeyError(item)
-            return value
+            return private_copy(value)
 
     def _has_item(self, proxy, item):
         try:
@@ -494,28 +494,25 @@ class BrokerClient:
         with self._lock:
             self._check_mapping(proxy)
             if proxy._all is None:
-                pairs = []
+                pairs = {}
                 if proxy._key.kind != "n":
                     start = 0
                     while True:
                         page = self._call("items", key=proxy._key, tx=self._tid,
                                           start=start, limit=PAGE)
                         self._watch_deps(proxy, page["deps"])
-                        pairs.extend((k, v) for k, v in page["items"])
+                        pairs.update((k, v) for k, v in page["items"])
                         start += len(page["items"])
                         if not page["more"] or not page["items"]:
                             break
                 object.__setattr__(proxy, "_all", pairs)
-            changes = self._changes.item_changes(proxy)
-            if not changes:
-                return list(proxy._all)
             merged = dict(proxy._all)
-            for item, value in changes.items():
+            for item, value in self._changes.item_changes(proxy).items():
                 if value is DELETED:
                     merged.pop(item, None)
                 else:
                     merged[item] = value
-            return list(merged.items())
+            return list(private_copy(merged).items())
 
     # -- application API -------------------------------------------------------------
 

@@ -80,6 +80,20 @@ def same_value(a, b):
         oid = getattr(a, "_p_oid", None)
         return oid is not None and oid == getattr(b, "_p_oid", None)
     try:
-        return type(a) is type(b) and bool(a == b)
+        return type(a) is type(b) and (bool(a == b) or _same_but_nans(a, b))
     except Exception:  # an exotic __eq__: treat as changed, which is safe
         return False
+
+
+def _same_but_nans(a, b):
+    """Do `a` and `b` (of one type, not ==) differ only by NaNs in the same
+    places?  NaN is never equal to itself, and a value holding one would
+    otherwise never match its own old value: it could never be changed."""
+    t = type(a)
+    if t is float:
+        return a != a and b != b
+    if t is list or t is tuple:
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if t is dict:
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return False

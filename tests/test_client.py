@@ -490,6 +490,48 @@ def test_a_search_of_a_static_mapping_is_forgotten_when_the_static_changes(broke
     assert client.find(remote, name="first") == [] and client.count(remote) == 0
 
 
+def test_changing_a_value_read_in_place_changes_nothing_until_it_is_assigned(broker):
+    # Values were once handed out from the cache itself: a list changed in
+    # place changed the cache and the old value sent, so the commit of a
+    # read-modify-write always conflicted, and the change outlived begin().
+    _db, _server, connect = broker
+    client, other = connect(), connect()
+    item, things = client.root.item, client.root.things
+    item.name = ["a"]
+    things["k"] = {"tags": ["x"]}
+    client.commit()
+    tags = item.name
+    tags.append("b")
+    assert item.name == ["a"]
+    item.name = tags
+    entry = things["k"]
+    entry["tags"].append("y")
+    assert things["k"] == {"tags": ["x"]} and dict(things.items())["k"] == {"tags": ["x"]}
+    things["k"] = entry
+    client.commit()
+    other.begin()
+    assert other.root.item.name == ["a", "b"] and other.root.things["k"] == {"tags": ["x", "y"]}
+    item.name.append("local only")
+    dict(things.items())["k"]["tags"].append("local only")
+    client.begin()
+    assert item.name == ["a", "b"] and things["k"] == {"tags": ["x", "y"]}
+
+
+def test_a_value_holding_nan_can_be_changed(broker):
+    _db, _server, connect = broker
+    client = connect()
+    item = client.root.item
+    item.name = [float("nan")]
+    client.commit()
+    item.name = "after nan"
+    client.commit()
+    client.root.things["n"] = float("nan")
+    client.commit()
+    del client.root.things["n"]
+    client.commit()
+    assert item.name == "after nan" and "n" not in client.root.things
+
+
 def test_begin_takes_broadcast_states_without_loading(broker):
     _db, server, connect = broker
     one, two = connect(), connect()

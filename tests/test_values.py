@@ -68,6 +68,9 @@ def test_a_static_object_is_refused_only_where_it_would_be_stored():
     assert resolve_values(persistent, OBJECTS.__getitem__, storing=True) is OBJECTS[persistent]
 
 
+NAN = float("nan")
+
+
 class Exotic:
     def __eq__(self, other):
         raise RuntimeError("cannot compare")
@@ -77,6 +80,9 @@ class Exotic:
     (1, 1, True), (1, True, False), (1, 1.0, False), ("a", "a", True),
     (ABSENT, ABSENT, True), (ABSENT, None, False), (None, ABSENT, False),
     ([1, 2], [1, 2], True), ((1,), [1], False), (Exotic(), Exotic(), False),
+    (NAN, float("nan"), True), (NAN, 1.0, False), (1.0, NAN, False),
+    ([1, NAN], [1, float("nan")], True), ({"k": (NAN,)}, {"k": (float("nan"),)}, True),
+    ([NAN], [NAN, NAN], False), ({"k": NAN}, {"j": NAN}, False), ([NAN], [2.0], False),
 ])
 def test_same_value(current, read, same):
     assert same_value(current, read) is same
