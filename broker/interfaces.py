@@ -158,8 +158,9 @@ class ICommitOutcomes(Interface):
         `broker.outcomes.Recorded` commit that an earlier server ran, which
         the caller answers (and `finish`es) as if it had run it."""
 
-    def finish(key, reply):
-        """Remember the encoded `reply` of a commit that ran; return the
+    def finish(key, reply, remember=True):
+        """Remember the encoded `reply` of a commit that ran (unless not
+        `remember`: it failed, and a copy may run again); return the
         routing ids of the copies that waited for it."""
 
     def abandon(key):

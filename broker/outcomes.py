@@ -99,10 +99,13 @@ class CommitOutcomes:
             self._running[key] = []
             return self._recorded.pop(key, RUN)
 
-    def finish(self, key, reply):
-        """Remember the encoded `reply`; return the routing ids of the copies to answer."""
+    def finish(self, key, reply, remember=True):
+        """Remember the encoded `reply` (unless not `remember`); return the
+        routing ids of the copies to answer."""
         with self._lock:
             waiting = self._running.pop(key, [])
+            if not remember:
+                return waiting
             self._done[key] = reply
             self._bytes += len(reply)
             while self._done and (len(self._done) > self.max_entries

@@ -417,31 +417,37 @@ class BrokerServer:
             return None
 
     def _error_frames(self, routing, rid, error, tb=None):
+        return [routing, b"", protocol.MAGIC, self._error_data(rid, error, tb)]
+
+    def _error_data(self, rid, error, tb=None):
         try:
-            data = self._codec.encode(protocol.error_reply(
+            return self._codec.encode(protocol.error_reply(
                 rid, self.instance, exc.to_wire(error, tb)))
         except exc.EncodeError:
             # to_wire bounds what it sends; this is the last line, so that
             # no error can leave a request unanswered.
-            data = self._codec.encode(protocol.error_reply(rid, self.instance, {
+            return self._codec.encode(protocol.error_reply(rid, self.instance, {
                 "type": "RemoteError",
                 "message": "a %s whose reply could not be encoded" % type(error).__name__}))
-        return [routing, b"", protocol.MAGIC, data]
 
     def _answer(self, routing, rid, op, fields):
+        return [routing, b"", protocol.MAGIC, self._reply(rid, op, fields)[0]]
+
+    def _reply(self, rid, op, fields):
+        """(the encoded reply to a request, whether it is an error reply)."""
         try:
             result = self._ops[op](fields)
             if type(result) is Record:
                 # {"id": rid, "srv": ..., "ok": record}, the record spliced in as encoded.
-                data = b"\x83\xa2id" + msgpack.packb(rid) + self._reply_head + result.data
-            else:
-                data = self._codec.encode(protocol.ok_reply(rid, self.instance, result))
-        except Exception as error:
+                return b"\x83\xa2id" + msgpack.packb(rid) + self._reply_head + result.data, False
+            return self._codec.encode(protocol.ok_reply(rid, self.instance, result)), False
+        except BaseException as error:
+            # BaseException too: an application method calling sys.exit()
+            # would otherwise end the worker thread, for good.
             tb = traceback.format_exc() if self.debug else None
             if not isinstance(error, (exc.BrokerError, KeyError, AttributeError)):
                 logger.debug("request %s failed", op, exc_info=True)
-            return self._error_frames(routing, rid, error, tb)
-        return [routing, b"", protocol.MAGIC, data]
+            return self._error_data(rid, error, tb), True
 
     # -- workers -----------------------------------------------------------------------
 
@@ -483,7 +489,7 @@ class BrokerServer:
         key = (fields["token"], rid)
         started = time.monotonic()
         try:
-            reply = self._answer(routing, rid, op, fields)
+            data, failed = self._reply(rid, op, fields)
         except Exception:
             logger.exception("request %s failed unanswered", op)
             self._outcomes.abandon(key)
@@ -493,7 +499,11 @@ class BrokerServer:
                 # A moving average: commits go to the workers while they are
                 # slow, and come back once they are quick again.
                 self._commit_seconds += (time.monotonic() - started - self._commit_seconds) / 8
-        return reply, self._outcomes.finish(key, reply[3])
+        # A failed request changed nothing, so a copy may run again: only
+        # what ran is remembered, and failures (cheap to cause) cannot push
+        # other clients' outcomes out.  A recorded one's answer is kept.
+        remember = not failed or fields["recorded"] is not None
+        return [routing, b"", protocol.MAGIC, data], self._outcomes.finish(key, data, remember)
 
     # -- invalidations -------------------------------------------------------------------
 

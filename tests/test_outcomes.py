@@ -28,6 +28,15 @@ def test_the_first_copy_runs_later_ones_wait_then_get_its_reply():
     assert outcomes.start((b"t" * 16, 8), b"other id") is RUN
 
 
+def test_an_outcome_not_remembered_still_answers_the_waiting_copies():
+    outcomes = CommitOutcomes()
+    key = (b"f" * 16, 1)
+    assert outcomes.start(key, b"first") is RUN
+    assert outcomes.start(key, b"second") is WAIT
+    assert outcomes.finish(key, b"error reply", remember=False) == [b"second"]
+    assert outcomes.start(key, b"later copy") is RUN
+
+
 def test_old_outcomes_go_by_count_and_by_bytes():
     outcomes = CommitOutcomes(max_entries=3, max_bytes=100)
     for n in range(5):

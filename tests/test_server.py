@@ -235,6 +235,35 @@ def test_a_write_call_sent_twice_runs_once_and_both_copies_get_its_result(peer, 
     assert db.root.item.renames == 2
 
 
+def test_failed_writes_cannot_push_out_the_outcomes_of_others(peer, broker):
+    # 10,001 calls of a missing method took 0.7 s and made every client's
+    # retried write run again.
+    db, server, _connect = broker
+    server._outcomes.max_entries = 50
+    rename = codec.encode({"id": 1, "op": "call", "name": "rename", "args": ["once"],
+                           "kwargs": {}, "token": b"r" * 16})
+    assert peer.request(rename)["ok"] == "once"
+    for n in range(100):
+        error_type, _message = error_of(peer.request(
+            {"id": 2 + n, "op": "call", "name": "missing", "args": [], "kwargs": {},
+             "token": b"m%015d" % n}))
+        assert error_type == "AttributeError"
+    assert peer.request(rename)["ok"] == "once"
+    transaction.begin()
+    db.sync()
+    assert db.root.item.renames == 1
+
+
+def test_an_application_method_exiting_leaves_its_worker_serving(broker):
+    _db, server, connect = broker
+    client = connect()
+    server.do_quit = sys.exit  # in an application, a stray sys.exit()
+    for _ in range(server.workers + 1):
+        with pytest.raises(exc.RemoteError, match="SystemExit"):
+            client.call("quit", "bye")
+    assert client.call("hello", "still") == "hello still"
+
+
 def record_commit_threads(server, hold=None):
     """Make `server` note the thread of each commit; `hold(n)`, if given,
     runs in that thread before the n-th (from 0) commit does."""
