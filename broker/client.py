@@ -23,6 +23,7 @@ sure that state is the newest as of the snapshot).
 import itertools
 import os
 import threading
+import time
 import weakref
 
 from zope.interface import implementer
@@ -330,19 +331,22 @@ class BrokerClient:
         """Wait up to `timeout` s for a broadcast (of `tid` or later, if given).
 
         Broadcasts received are kept for the next boundary; returns the
-        highest tid broadcast so far, or None if none came.
+        highest tid broadcast so far (at once if `tid` is known already),
+        or None if none came.
         """
-        with self._lock:
-            waited = 0.0
-            while True:
+        deadline = time.monotonic() + timeout
+        while True:
+            # The lock is let go between polls: other threads read meanwhile.
+            with self._lock:
+                if tid is not None and self._known is not None and tid <= self._known:
+                    return self._known
                 for message in self._conn.broadcasts(timeout=0.02):
                     self._receive(message)
                 seen = max((p[0] for p in self._pending), default=None)
                 if seen is not None and (tid is None or seen >= tid):
                     return seen
-                waited += 0.02
-                if waited >= timeout:
-                    return seen
+            if time.monotonic() >= deadline:
+                return seen
 
     # -- objects ---------------------------------------------------------------
 
@@ -455,8 +459,13 @@ class BrokerClient:
         return value
 
     def _watch_deps(self, proxy, deps):
+        # Weakly: a mapping proxy the application dropped, and its listing,
+        # must not live on until one of its oids changes.
         for oid in deps or ():
-            self._watch.setdefault(oid, set()).add(proxy)
+            watchers = self._watch.get(oid)
+            if watchers is None:
+                watchers = self._watch[oid] = weakref.WeakSet()
+            watchers.add(proxy)
 
     def _get_item(self, proxy, item):
         with self._lock:
@@ -534,9 +543,10 @@ class BrokerClient:
             proxy = Proxy(self, Key("n", number))
             self._set_class(proxy, class_name)
             object.__setattr__(proxy, "_state", {})
+            for name in fields:
+                self._check_writable(proxy, name)  # before the transaction knows it
             self._changes.add_new(number, proxy, class_name)
             for name, value in fields.items():
-                self._check_writable(proxy, name)
                 self._changes.set_attr(proxy, name, value, ABSENT)
             return proxy
 

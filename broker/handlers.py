@@ -18,13 +18,14 @@ import transaction
 from broker.codec import ABSENT
 from broker.exc import (AccessDenied, ConflictError, MultipleResultsError, NoResultError,
                         ProtocolError, ReadConflictError, ResultLost)
+from broker.export import class_name
 from broker.keys import Key
 from broker.outcomes import COMMIT_MARK, commit_mark
 from broker.protocol import VERSION
 from broker.states import Record
 from broker.values import resolve_values, same_value
 from dobbin.exc import ConflictError as StoreConflictError
-from dobbin.exc import HistoryError
+from dobbin.exc import HistoryError, ObjectGraphError
 from dobbin.persistent import Persistent, PersistentDict, checkout, state_of
 from dobbin.stream import PersistentStream
 
@@ -287,6 +288,14 @@ class Handlers:
             except StoreConflictError:
                 transaction.abort()
                 continue
+            except ObjectGraphError as error:
+                transaction.abort()
+                numbers = [n for n, obj in touched.created.items() if obj is error.obj]
+                if not numbers:
+                    raise
+                raise ProtocolError("new object #%d (%s) is not reachable from the root: "
+                                    "link it from a stored object in the same commit"
+                                    % (numbers[0], class_name(type(error.obj)))) from None
             except BaseException:
                 transaction.abort()
                 raise

@@ -42,7 +42,14 @@ class ReadConflictError(ConflictError):
 
 
 class ObjectGraphError(DobbinError):
-    """A checked-out object is not reachable from the database root."""
+    """A checked-out object is not reachable from the database root.
+
+    `obj` is that object, when one is known.
+    """
+
+    def __init__(self, message, obj=None):
+        super().__init__(message)
+        self.obj = obj
 
 
 class CorruptionError(DobbinError):

@@ -55,7 +55,7 @@ def meta_entry(txn, jar, version):
     def stored_oid(value):
         if isinstance(value, Persistent):
             if value._p_jar is None or value._p_oid is None:
-                raise ObjectGraphError("%r not connected to graph." % (value,))
+                raise ObjectGraphError("%r not connected to graph." % (value,), value)
             if value._p_jar is jar:
                 return value._p_oid
             # Stored by another database of the same transaction.

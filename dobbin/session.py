@@ -232,7 +232,8 @@ class Session:
     def tpc_vote(self, txn):
         for entry in self.checkouts.values():
             if entry.obj._p_oid is None:
-                error = ObjectGraphError("%r not connected to graph." % (entry.obj,))
+                error = ObjectGraphError("%r not connected to graph." % (entry.obj,),
+                                         entry.obj)
                 self._record_failure(error)
                 raise error
         try:

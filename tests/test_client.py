@@ -1,6 +1,7 @@
 """broker.client and broker.proxy against a real server on loopback, and real processes."""
 
 import contextlib
+import gc
 import io
 import threading
 
@@ -530,6 +531,50 @@ def test_a_value_holding_nan_can_be_changed(broker):
     del client.root.things["n"]
     client.commit()
     assert item.name == "after nan" and "n" not in client.root.things
+
+
+def test_a_refused_new_object_leaves_the_transaction_as_it_was(broker):
+    _db, _server, connect = broker
+    client = connect()
+    client.root.item.name = "kept"
+    with pytest.raises(AttributeError, match="not writable"):
+        client.new("broker_fixtures.Item", shout="a method")
+    client.commit()  # once failed: the refused object was in the commit, unlinked
+    assert client.root.item.name == "kept"
+
+
+def test_a_new_object_linked_from_nothing_fails_the_commit_clearly(broker):
+    _db, _server, connect = broker
+    client = connect()
+    client.root.item.name = "not kept"
+    client.new("broker_fixtures.Item", name="orphan")
+    with pytest.raises(exc.ProtocolError, match=r"new object #1 \(broker_fixtures.Item\) "
+                                                 "is not reachable"):
+        client.commit()
+    client.begin()
+    assert client.root.item.name == "first"
+
+
+def test_waiting_for_a_broadcast_already_known_returns_at_once(broker):
+    _db, _server, connect = broker
+    client, other = connect(), connect()
+    client.root.item.name = "waited for"
+    tid = client.commit()
+    assert client.wait_for_broadcast(tid, timeout=30) == tid  # its own: once waited 30 s
+    assert other.wait_for_broadcast(tid, timeout=30) == tid
+    other.begin()
+    assert other.wait_for_broadcast(tid, timeout=30) == tid
+
+
+def test_a_dropped_mapping_proxy_is_not_kept_alive_by_its_dependencies(broker):
+    _db, _server, connect = broker
+    client = connect()
+    proxy = Proxy(client, Key("o", 12345))
+    client._watch_deps(proxy, [7, 8])
+    assert list(client._watch[7]) == [proxy]
+    del proxy
+    gc.collect()
+    assert list(client._watch[7]) == [] and list(client._watch[8]) == []
 
 
 def test_begin_takes_broadcast_states_without_loading(broker):
