@@ -171,14 +171,6 @@ def test_new_object_of_a_class_not_creatable_is_refused(broker):
         connect().new("broker_fixtures.Folder")
 
 
-def test_unreachable_new_object_fails_the_commit(broker):
-    _db, _server, connect = broker
-    client = connect()
-    client.new("broker_fixtures.Item", name="orphan")
-    with pytest.raises(exc.RemoteError, match="ObjectGraphError"):
-        client.commit()
-
-
 def test_calls_and_methods(broker):
     _db, _server, connect = broker
     client = connect()
