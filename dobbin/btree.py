@@ -25,33 +25,20 @@ change rewrites every object whose shape it relied on, so a concurrent
 writer of those conflicts instead of losing items.
 """
 
-import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, MutableMapping
 
-from dobbin.bucket import (Bucket, Length, Node, _bucket_state, _buckets_before, _clears,
-                           _counter_since, _index_of, _last_key, _leaves_backwards,
-                           _node_state)
+from dobbin.bucket import (Bucket, Length, Node, RangeView, _bucket_state, _buckets_before,
+                           _check_key, _clears, _counter_since, _index_of, _last_key,
+                           _leaves_backwards, _node_state)
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checked_out, checkout, state_of
 
 _MISSING = object()
+_GONE = object()  # popitem's default: its key was removed by a commit meanwhile
 # Restarts allowed before a writer gives up; each one means another thread
 # committed a structural change during this very call.
 _RESTARTS = 100
-
-
-def _check_key(key):
-    """Raise TypeError unless `key` can be ordered against itself."""
-    if key is None:
-        raise TypeError("OOBTree keys may not be None")
-    try:
-        key < key
-    except TypeError:
-        raise TypeError("OOBTree keys must be totally ordered; %r (%s) has "
-                        "no ordering" % (key, type(key).__name__)) from None
-    if isinstance(key, float) and math.isnan(key):
-        raise TypeError("OOBTree keys may not be NaN: it is unordered")
 
 
 def _incomparable(key, exc):
@@ -304,6 +291,15 @@ class OOBTree(Persistent):
     # -- writing -----------------------------------------------------------
 
     def __setitem__(self, key, value):
+        self._store(key, value, True)
+
+    def _store(self, key, value, replace):
+        """Store `value` under `key`, unless the key is there and not
+        `replace`; return the key's value then.
+
+        Decided on the bucket as checked out for the change, never on an
+        earlier read: a commit landing in between must not be overwritten.
+        """
         _check_key(key)
         # Methods through type(self), state through state_of: every
         # attribute of a persistent object is a Python-level lookup.
@@ -317,8 +313,9 @@ class OOBTree(Persistent):
             path, bucket, state, index, found = found
             keys, values = state["keys"], state["values"]
             if found:
-                values[index] = value
-                return
+                if replace:
+                    values[index] = value
+                return values[index]
             limit = self.max_bucket_size
             if len(keys) >= limit and not self._checkout_for_split(path, bucket):
                 continue
@@ -331,7 +328,7 @@ class OOBTree(Persistent):
             counter["value"] += 1
             if len(keys) > limit:
                 self._split_bucket(path, bucket)
-            return
+            return value
         raise self._gave_up(key)
 
     def _checkout_for_split(self, path, child):
@@ -377,6 +374,12 @@ class OOBTree(Persistent):
             self._insert_child(path[:-1], node, promoted, sibling)
 
     def __delitem__(self, key):
+        self._remove(key)
+
+    def _remove(self, key, default=_MISSING):
+        """Remove `key` and return its value; if absent return `default`,
+        or raise KeyError without one.  Decided on the bucket as checked
+        out for the change (see `_store`)."""
         _check_key(key)
         length = state_of(self)["_length"]
         cleared = _clears(state_of(length))
@@ -386,7 +389,9 @@ class OOBTree(Persistent):
                 continue
             path, bucket, state, index, found = found
             if not found:
-                raise KeyError(key)
+                if default is _MISSING:
+                    raise KeyError(key)
+                return default
             keys, values = state["keys"], state["values"]
             plan = None
             if len(keys) == 1 and path:
@@ -397,12 +402,13 @@ class OOBTree(Persistent):
             if counter is None:
                 cleared = _clears(state_of(length))
                 continue
+            value = values[index]
             del keys[index]
             del values[index]
             counter["value"] -= 1
             if plan:
                 self._unlink(path, bucket, *plan)
-            return
+            return value
         raise self._gave_up(key)
 
     def _checkout_for_unlink(self, path, bucket):
@@ -479,31 +485,34 @@ class OOBTree(Persistent):
     def pop(self, key, default=_MISSING):
         """Remove `key` and return its value; if absent return `default`,
         or raise KeyError when no default is given."""
-        value, found = self._lookup(key)
-        if not found:
+        if not self._lookup(key)[1]:
+            # Absent: nothing to change (checking a bucket out would write it).
             if default is _MISSING:
                 raise KeyError(key)
             return default
-        del self[key]
-        return value
+        return self._remove(key, default)
 
     def popitem(self):
         """Remove and return the (key, value) pair with the smallest key.
 
         Raises KeyError when the tree is empty.
         """
-        for key, value in self._iter_range(None, None, False, False):
-            del self[key]
-            return key, value
-        raise KeyError("popitem(): OOBTree is empty")
+        for _ in range(_RESTARTS):
+            for key, _value in self._iter_range(None, None, False, False):
+                value = self._remove(key, _GONE)
+                if value is not _GONE:
+                    return key, value
+                break  # removed meanwhile by another commit: look again
+            else:
+                raise KeyError("popitem(): OOBTree is empty")
+        raise self._gave_up(None)
 
     def setdefault(self, key, default=None):
         """Return the value for `key`, first storing `default` if absent."""
         value, found = self._lookup(key)
         if found:
             return value
-        self[key] = default
-        return default
+        return self._store(key, default, False)
 
     def update(self, other=(), **kwargs):
         """Store every item of `other` (a mapping, or an iterable of
@@ -533,7 +542,7 @@ class OOBTree(Persistent):
         # checked out after the tree, or the slow way is taken.
         if not self._all_droppable(self._root) or checked_out(length):
             for key in list(self.keys()):
-                del self[key]
+                self._remove(key, None)  # one removed meanwhile is gone all the same
             return
         checkout(self)
         self._root = Bucket()
@@ -556,48 +565,3 @@ class OOBTree(Persistent):
 
 
 MutableMapping.register(OOBTree)
-
-
-class RangeView:
-    """A lazy, re-iterable view of an `OOBTree`'s keys, values or items
-    within optional bounds, reflecting the tree as it is when iterated.
-    `len()` is O(1) without bounds and counts the range otherwise.
-    """
-
-    _kinds = ("keys", "values", "items")
-
-    def __init__(self, tree, kind, min, max, excludemin, excludemax):
-        self._tree = tree
-        self._kind = kind
-        self._bounds = (min, max, excludemin, excludemax)
-
-    def __iter__(self):
-        pairs = self._tree._iter_range(*self._bounds, prefetch=self._kind != 0)
-        if self._kind == 0:
-            return (key for key, _ in pairs)
-        if self._kind == 1:
-            return (value for _, value in pairs)
-        return pairs
-
-    def __len__(self):
-        if self._bounds[:2] == (None, None):
-            return len(self._tree)
-        return sum(1 for _ in self._tree._iter_range(*self._bounds))
-
-    def __contains__(self, item):
-        if self._kind == 0:
-            min, max, excludemin, excludemax = self._bounds
-            _check_key(item)
-            if min is not None and (item < min or excludemin
-                                    and not min < item):
-                return False
-            if max is not None and (max < item or excludemax
-                                    and not item < max):
-                return False
-            return item in self._tree
-        return any(item == found for found in self)
-
-    def __repr__(self):
-        min, max, excludemin, excludemax = self._bounds
-        return ("<OOBTree %s view min=%r max=%r excludemin=%r excludemax=%r>"
-                % (self._kinds[self._kind], min, max, excludemin, excludemax))

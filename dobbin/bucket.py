@@ -3,12 +3,15 @@ concurrent changes merge.
 
 `Bucket` (a leaf: sorted keys, parallel values, a `next` link and a `high`
 bound), `Node` (separator keys and children) and `Length` (the item
-count) are what `dobbin.btree.OOBTree` stores.  Each is its own record,
+count) are what `dobbin.btree.OOBTree` stores; `RangeView` is what its
+keys(), values() and items() return, and `_check_key` what it accepts.  Each is its own record,
 so a change rewrites one small piece; `_p_resolve_conflict` on `Bucket`
 and `Length` lets concurrent changes of different keys both commit.
 Readers take each piece's state as one dict (`_bucket_state`,
 `_node_state`), which a concurrent commit replaces but never changes.
 """
+
+import math
 
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checkout, state_of
@@ -255,3 +258,67 @@ def _last_key(buckets):
         if keys:
             return keys[-1]
     return None
+
+
+def _check_key(key):
+    """Raise TypeError unless `key` is immutable and ordered against itself."""
+    if key is None:
+        raise TypeError("OOBTree keys may not be None")
+    try:
+        hash(key)
+    except TypeError:
+        # A key changed in place would leave its bucket out of order.
+        raise TypeError("OOBTree keys must be immutable; %r (%s) is not hashable"
+                        % (key, type(key).__name__)) from None
+    try:
+        key < key
+    except TypeError:
+        raise TypeError("OOBTree keys must be totally ordered; %r (%s) has "
+                        "no ordering" % (key, type(key).__name__)) from None
+    if isinstance(key, float) and math.isnan(key):
+        raise TypeError("OOBTree keys may not be NaN: it is unordered")
+
+
+class RangeView:
+    """A lazy, re-iterable view of an `OOBTree`'s keys, values or items
+    within optional bounds, reflecting the tree as it is when iterated.
+    `len()` is O(1) without bounds and counts the range otherwise.
+    """
+
+    _kinds = ("keys", "values", "items")
+
+    def __init__(self, tree, kind, min, max, excludemin, excludemax):
+        self._tree = tree
+        self._kind = kind
+        self._bounds = (min, max, excludemin, excludemax)
+
+    def __iter__(self):
+        pairs = self._tree._iter_range(*self._bounds, prefetch=self._kind != 0)
+        if self._kind == 0:
+            return (key for key, _ in pairs)
+        if self._kind == 1:
+            return (value for _, value in pairs)
+        return pairs
+
+    def __len__(self):
+        if self._bounds[:2] == (None, None):
+            return len(self._tree)
+        return sum(1 for _ in self._tree._iter_range(*self._bounds))
+
+    def __contains__(self, item):
+        if self._kind == 0:
+            min, max, excludemin, excludemax = self._bounds
+            _check_key(item)
+            if min is not None and (item < min or excludemin
+                                    and not min < item):
+                return False
+            if max is not None and (max < item or excludemax
+                                    and not item < max):
+                return False
+            return item in self._tree
+        return any(item == found for found in self)
+
+    def __repr__(self):
+        min, max, excludemin, excludemax = self._bounds
+        return ("<OOBTree %s view min=%r max=%r excludemin=%r excludemax=%r>"
+                % (self._kinds[self._kind], min, max, excludemin, excludemax))

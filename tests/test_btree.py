@@ -279,8 +279,8 @@ def test_mapping_api():
         hash(tree)
 
 
-@pytest.mark.parametrize("bad", [None, float("nan"), object(), {}, 1j])
-def test_unorderable_keys_refused(bad):
+@pytest.mark.parametrize("bad", [None, float("nan"), object(), {}, 1j, [1], (1, [2]), {3}])
+def test_unorderable_or_mutable_keys_refused(bad):
     tree = SmallTree((k, k) for k in range(10))
     with pytest.raises(TypeError):
         tree[bad] = 1
@@ -457,6 +457,64 @@ def test_a_change_rewrites_one_bucket(db):
 
 
 # -- conflict resolution, unit ---------------------------------------------
+
+def commit_in_another_thread_at_checkout(monkeypatch, db, change, at_call):
+    """Make the calling thread's `at_call`th bucket checkout wait for
+    `change` (of the root tree), committed meanwhile by another thread."""
+    caller = threading.get_ident()
+    original = OOBTree._writable_bucket
+    calls = []
+
+    def writable_bucket(tree, key):
+        if threading.get_ident() == caller:
+            calls.append(key)
+            if len(calls) == at_call:
+                def commit():
+                    transaction.begin()
+                    change(db.root)
+                    transaction.commit()
+
+                thread = threading.Thread(target=commit)
+                thread.start()
+                thread.join()
+        return original(tree, key)
+
+    monkeypatch.setattr(OOBTree, "_writable_bucket", writable_bucket)
+
+
+@pytest.mark.parametrize("call, change, at_call, result, after", [
+    (lambda t: t.setdefault("k", "ours"), lambda t: t.__setitem__("k", "theirs"), 1,
+     "theirs", {"a": "first", "p": "old", "k": "theirs"}),
+    (lambda t: t.pop("p"), lambda t: t.__setitem__("p", "newer"), 1,
+     "newer", {"a": "first"}),
+    (lambda t: t.pop("p", None), lambda t: t.__delitem__("p"), 1, None, {"a": "first"}),
+    (lambda t: t.popitem(), lambda t: t.__delitem__("a"), 1, ("p", "old"), {}),
+], ids=["setdefault", "pop", "pop-default", "popitem"])
+def test_a_read_then_write_call_decides_on_the_state_it_changes(db, monkeypatch, call, change,
+                                                                at_call, result, after):
+    # These once decided on a read made before checking the bucket out: a
+    # commit landing in between was overwritten (setdefault) or its value
+    # lost (pop), or they raised KeyError (pop with a default, popitem).
+    tree = stored(db, OOBTree({"a": "first", "p": "old"}))
+    transaction.begin()
+    commit_in_another_thread_at_checkout(monkeypatch, db, change, at_call)
+    assert call(tree) == result
+    transaction.commit()
+    assert dict(tree.items()) == after and len(tree) == len(after)
+    check_invariants(tree)
+
+
+def test_clearing_key_by_key_while_another_commit_removes_a_key(db, monkeypatch):
+    tree = stored(db, SmallTree(dict.fromkeys(range(12), "v")))
+    transaction.begin()
+    # At the first removal: another commit removes a key of a later bucket.
+    commit_in_another_thread_at_checkout(monkeypatch, db, lambda t: t.__delitem__(5), 2)
+    tree[100] = "ours"  # the tree's size changed: clear() removes key by key
+    tree.clear()  # once: KeyError 5
+    transaction.commit()
+    assert dict(tree.items()) == {} and len(tree) == 0
+    check_invariants(tree, allow_empty=True)
+
 
 def state(pairs, next=None, high=None):
     pairs = sorted(pairs)
