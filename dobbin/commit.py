@@ -114,7 +114,11 @@ class Commit:
         if obj._p_ghost:
             obj._p_jar._p_activate(obj)
         try:
-            resolved = obj._p_resolve_conflict(entry.old, obj.__dict__,
+            # Copies of the committed states: a resolver that changes its
+            # arguments (saved["n"] += ...) must change neither what other
+            # threads read nor another checkout's starting point.
+            resolved = obj._p_resolve_conflict(copy.deepcopy(entry.old),
+                                               copy.deepcopy(obj.__dict__),
                                                session.working_state(obj))
         except ConflictError:
             raise error from None

@@ -47,6 +47,16 @@ class Counter(Persistent):
         return dict(new, value=saved["value"] + new["value"] - old["value"])
 
 
+class MutatingCounter(Counter):
+    """A resolver in a common style: it changes the states it is given,
+    then refuses anyway."""
+
+    def _p_resolve_conflict(self, old, saved, new):
+        saved["value"] += new["value"] - old["value"]
+        old["value"] = -1
+        raise ConflictError("refused after changing its arguments")
+
+
 class RefusingCounter(Counter):
     def _p_resolve_conflict(self, old, saved, new):
         raise ConflictError("refused")
@@ -776,6 +786,25 @@ def test_resolved_conflict_commits_both_concurrent_increments(open_db, start_thr
         thread.join()
     assert len(Counter.calls) == 1
     assert counter.value == 2
+    db.close()
+    assert open_db().root.value == 2
+
+
+def test_a_resolver_changing_its_arguments_changes_no_shared_state(open_db, start_thread):
+    # It was handed the shared committed state itself: a failed commit's
+    # merge showed in every thread's reads, and reached the next commit.
+    db = open_db()
+    counter = MutatingCounter()
+    db.elect(counter)
+    transaction.commit()
+    checkout(counter)
+    counter.value += 100
+    commit_in_thread(start_thread, counter, value=1)
+    with pytest.raises(WriteConflictError):
+        transaction.commit()
+    transaction.abort()
+    assert counter.value == 1
+    commit_in_thread(start_thread, counter, value=2)
     db.close()
     assert open_db().root.value == 2
 
