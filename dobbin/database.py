@@ -15,7 +15,7 @@ import transaction
 from zope.interface import implementer
 
 from dobbin.cache import ObjectCache
-from dobbin.exc import DobbinError, LoadError, ReadOnlyError, StorageError
+from dobbin.exc import DobbinError, LoadError, LockTimeoutError, ReadOnlyError, StorageError
 from dobbin.index import Index, check_oid
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock, checked_timeout
@@ -225,11 +225,18 @@ class Database:
         return last_tid
 
     @property
+    def in_this_process(self):
+        """False in a forked child: the database belongs to its parent."""
+        return os.getpid() == self._pid
+
+    @property
     def committed_tid(self):
         """The tid of the calling thread's latest commit here, or None."""
         return getattr(self._threads, "committed_tid", None)
 
     def subscribe(self, callback):
+        if not callable(callback):
+            raise TypeError("a subscriber is called with (tid, oids), not %r" % (callback,))
         self._subscribers.append(callback)
 
     def unsubscribe(self, callback):
@@ -256,18 +263,24 @@ class Database:
         if self.closed:
             return
         self.closed = True  # no commit begins from here on
-        if os.getpid() != self._pid:
-            # A forked child: its writers and its lock are the parent's.
-            self._log.close()
+        if not self.in_this_process:
+            # A forked child: its writers, its lock and its syncs are the
+            # parent's (and their locks may be held, for ever here).
+            self._log.close_inherited()
             return
         # One that another thread is writing holds the write lock: the file
         # must not close under its write (the descriptor could be reused).
-        with self._lock.closing() as alone:
-            try:
-                if alone and not self.read_only:
-                    self._log.trim()  # closed, a database keeps no disk reserve
-            finally:
-                self._log.close()
+        try:
+            with self._lock.closing() as alone:
+                try:
+                    if alone and not self.read_only:
+                        self._log.trim()  # closed, a database keeps no disk reserve
+                finally:
+                    self._log.close()
+        except LockTimeoutError:
+            if self._log.fd is not None:
+                self.closed = False  # still open: close() may be tried again
+            raise
 
     # -- loading -----------------------------------------------------------
 
@@ -399,7 +412,7 @@ class Database:
             raise ReadOnlyError("%s is closed" % self.path)
         if self.read_only:
             raise ReadOnlyError("%s is open read-only" % self.path)
-        if os.getpid() != self._pid:
+        if not self.in_this_process:
             raise DobbinError("%s was opened in process %d; open it anew in process %d"
                               % (self.path, self._pid, os.getpid()))
         if self._log.broken is not None:

@@ -118,6 +118,9 @@ class IDatabase(Interface):
     tx_count = Attribute(
         """Transaction records in the file, committed and failed.""")
     last_tid = Attribute("The id of the newest transaction known.")
+    in_this_process = Attribute(
+        """False in a child forked after opening: the database is its
+        parent's; the child opens the file anew, and may only close this.""")
 
     def __len__():
         """Return the number of objects stored."""

@@ -602,6 +602,13 @@ class Log(ReservedSpace):
             if closing is not None:
                 self._closer()
 
+    def close_inherited(self):
+        """Close a forked child's copy of the descriptor, waiting for
+        nothing: the syncs and writes in progress are the parent's."""
+        closing, self.fd = self.fd, None
+        if closing is not None:
+            self._closer()
+
 
 def _fdatasync(fd):
     # fdatasync covers the data and the file size of an append, which is

@@ -107,7 +107,9 @@ class Synchronizer:
 
     def newTransaction(self, txn):
         database = self._database()
-        if database is not None and not database.closed:
+        # Not one a forked child inherited: its locks may be held by the
+        # parent's threads, for ever here.
+        if database is not None and not database.closed and database.in_this_process:
             database.sync()
 
 

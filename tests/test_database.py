@@ -6,9 +6,12 @@ import glob
 import io
 import multiprocessing
 import os
+import signal
 import threading
+import time
 import traceback
 import tracemalloc
+import warnings
 
 import pytest
 import transaction
@@ -16,8 +19,9 @@ from transaction.interfaces import TransientError
 
 from conftest import commit_in_thread, in_commit_order
 from dobbin.database import Database, PersistentStream
-from dobbin.exc import (ConflictError, DobbinError, HistoryError, ReadConflictError,
-                        ReadOnlyError, UnstorableError, WriteConflictError)
+from dobbin.exc import (ConflictError, DobbinError, HistoryError, LockTimeoutError,
+                        ReadConflictError, ReadOnlyError, UnstorableError,
+                        WriteConflictError)
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
 from dobbin.stream import BLOCK
 
@@ -897,6 +901,94 @@ def test_a_wrong_lock_timeout_is_refused_before_the_file_is_opened(db_path, time
     with pytest.raises(error, match="lock timeout"):
         Database(db_path, lock_timeout=timeout)
     assert not os.path.exists(db_path)
+
+
+def test_a_child_forked_while_a_thread_syncs_and_loads_opens_anew_and_closes(db_path):
+    # The child once hung for ever: in close(), on the parent's sync in
+    # progress, and in begin(), whose catch-up of the inherited database
+    # waited on a lock a parent thread held.
+    db = Database(db_path, durability="none")
+    db.elect(PersistentDict())
+    transaction.commit()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_locks():
+        with db._state_lock:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_locks)
+    holder.start()
+    holding.wait(10)
+    with db._log._sync_done:
+        db._log._syncing = True  # as during a parent thread's fsync
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # forking with threads
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fresh = Database(db_path, durability="none")
+            transaction.begin()
+            checkout(fresh.root)
+            fresh.root["child"] = os.getpid()
+            transaction.commit()
+            fresh.close()
+            db.close()
+            code = 0 if not db.in_this_process else 2
+        finally:
+            os._exit(code)
+    try:
+        for _ in range(1000):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        with db._log._sync_done:
+            db._log._syncing = False
+            db._log._sync_done.notify_all()
+        release.set()
+        holder.join()
+    transaction.begin()
+    assert db.in_this_process and db.root["child"] == pid
+    db.close()
+
+
+def test_a_close_that_times_out_leaves_the_database_open_to_close_again(db_path):
+    db = Database(db_path, durability="none", lock_timeout=0.2)
+    holding, release = threading.Event(), threading.Event()
+
+    def write_for_long():  # as a commit staging a big file does
+        db._lock.acquire()
+        holding.set()
+        release.wait(30)
+        db._lock.release()
+
+    writer = threading.Thread(target=write_for_long)
+    writer.start()
+    holding.wait(10)
+    try:
+        with pytest.raises(LockTimeoutError):
+            db.close()
+        assert not db.closed  # once: closed, its file open for good
+    finally:
+        release.set()
+        writer.join()
+    db.close()
+    assert db.closed and db._log.fd is None
+
+
+def test_a_subscriber_must_be_callable(db_path):
+    db = Database(db_path, durability="none")
+    with pytest.raises(TypeError, match="subscriber"):
+        db.subscribe(5)  # once accepted, then every commit logged a TypeError
+    db.close()
 
 
 def _commit_change(db, oid):
