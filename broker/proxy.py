@@ -9,6 +9,7 @@ reach the server.
 from zope.interface import implementer
 
 from broker.interfaces import IProxy, IRemoteStream
+from dobbin.stream import seek_position
 
 STREAM_CHUNK = 256 * 1024
 
@@ -172,6 +173,8 @@ class RemoteStream:
 
     def read(self, size=-1):
         self._check_open()
+        if size is not None and type(size) is not int:
+            raise TypeError("a read size is an int, not %r" % (size,))
         end = self.size if size is None or size < 0 else min(self.size, self._position + size)
         parts = []
         while self._position < end:
@@ -184,18 +187,8 @@ class RemoteStream:
 
     def seek(self, offset, whence=0):
         self._check_open()
-        if whence == 0:
-            position = offset
-        elif whence == 1:
-            position = self._position + offset
-        elif whence == 2:
-            position = self.size + offset
-        else:
-            raise ValueError("invalid whence (%r, should be 0, 1 or 2)" % (whence,))
-        if position < 0:
-            raise ValueError("negative seek position %d" % position)
-        self._position = position
-        return position
+        self._position = seek_position(offset, whence, self._position, lambda: self.size)
+        return self._position
 
     def tell(self):
         self._check_open()

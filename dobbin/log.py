@@ -6,6 +6,7 @@ one fsync, reads them back, and tells a torn tail (cut back, bytes kept
 beside the file) from damage in the middle (`CorruptionError`).
 """
 
+import errno
 import fcntl
 import os
 import struct
@@ -74,7 +75,7 @@ class Log(ReservedSpace):
         flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
         created = not os.path.exists(self.path)
         if read_only and created:
-            raise FileNotFoundError(self.path)
+            raise FileNotFoundError(errno.ENOENT, "no database file", self.path)
         self.fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             if os.fstat(self.fd).st_size < FILE_HEADER_SIZE:

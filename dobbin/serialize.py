@@ -84,7 +84,7 @@ class StateWriter:
             self._pickler.dump((cls, state))
         except DobbinError:
             raise  # from the reference hook: already says what is wrong
-        except (pickle.PicklingError, AttributeError, TypeError) as error:
+        except (pickle.PicklingError, AttributeError, TypeError, RecursionError) as error:
             raise UnstorableError("cannot store a %s: %s" % (cls.__name__, error)) from error
         return buffer.getvalue()
 

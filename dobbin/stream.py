@@ -168,6 +168,24 @@ def _span_start(stream):
         return None
 
 
+def seek_position(offset, whence, position, size):
+    """The position `seek(offset, whence)` moves to from `position`, as
+    `io.IOBase.seek` computes it; `size()` gives the stream's size."""
+    if type(offset) is not int:
+        raise TypeError("a seek offset is an int, not %r" % (offset,))
+    if whence == io.SEEK_SET:
+        new = offset
+    elif whence == io.SEEK_CUR:
+        new = position + offset
+    elif whence == io.SEEK_END:
+        new = size() + offset
+    else:
+        raise ValueError("invalid whence (%r, should be 0, 1 or 2)" % (whence,))
+    if new < 0:
+        raise ValueError("negative seek position %d" % new)
+    return new
+
+
 @implementer(IPersistentStream)
 class PersistentStream:
     """Bytes stored in the log, read through a file-like API or iteration.
@@ -229,6 +247,8 @@ class PersistentStream:
     def read_at(self, offset, size=-1):
         """Read up to `size` bytes from `offset` (all that remain if negative),
         leaving the position alone: safe from several threads at once."""
+        if type(offset) is not int or type(size) is not int:
+            raise TypeError("offset and size are ints, not %r and %r" % (offset, size))
         if offset < 0:
             raise ValueError("negative offset %d" % offset)
         total = self.size
@@ -242,19 +262,12 @@ class PersistentStream:
         return b"".join(parts)
 
     def seek(self, offset, whence=io.SEEK_SET):
-        """Move the position, as `io.IOBase.seek` does (never past the end)."""
+        """Move the position, as `io.IOBase.seek` does (never past the end);
+        return it."""
         self._check_open()
-        if whence == io.SEEK_SET:
-            position = offset
-        elif whence == io.SEEK_CUR:
-            position = self._position + offset
-        elif whence == io.SEEK_END:
-            position = self.size + offset
-        else:
-            raise ValueError("invalid whence (%r, should be 0, 1 or 2)" % whence)
-        if position < 0:
-            raise ValueError("negative seek position %d" % position)
-        self._position = min(position, self.size)
+        self._position = min(seek_position(offset, whence, self._position, lambda: self.size),
+                             self.size)
+        return self._position
 
     def tell(self):
         """The current position."""

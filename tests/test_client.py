@@ -240,9 +240,13 @@ def test_streams_are_read_in_chunks(broker):
     assert stream.read(10) == data[:10] and stream.tell() == 10
     stream.seek(-5, 2)
     assert stream.read() == data[-5:]
-    stream.seek(0)
+    assert stream.seek(0) == 0
     assert stream.read() == data
     assert b"".join(stream) == data
+    with pytest.raises(TypeError):
+        stream.seek(1.5)
+    with pytest.raises(TypeError):
+        stream.read(2.5)
     stream.close()
     with pytest.raises(ValueError):
         stream.read()

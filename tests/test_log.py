@@ -608,6 +608,12 @@ def test_a_read_only_log_waits_for_the_process_creating_the_file(tmp_path, path)
         os.close(creator)
 
 
+def test_a_read_only_log_of_no_file_says_so(path):
+    with pytest.raises(FileNotFoundError, match="no database file") as caught:
+        Log(path, read_only=True)
+    assert caught.value.errno == errno.ENOENT and caught.value.filename == path
+
+
 def test_a_read_only_log_of_a_file_nobody_creates_is_refused(path):
     open(path, "wb").close()
     with pytest.raises(CorruptionError, match="file too short"):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import transaction
 
-from dobbin.exc import LoadError
+from dobbin.exc import LoadError, UnstorableError
 from dobbin.persistent import Persistent, checkout
 from dobbin.serialize import StateWriter, load_state
 
@@ -201,3 +201,11 @@ def test_one_writer_serves_commit_after_commit_with_its_hook_swapped():
     second = writer.dump(Persistent, {"other": Ref(1)})
     assert load_alone(first)[1] == {"other": ("ref", 1)}
     assert load_alone(second)[1] == {"other": ("other", 1)}
+
+
+def test_a_state_nested_past_the_recursion_limit_is_unstorable():
+    value = []
+    for _ in range(100000):
+        value = [value]
+    with pytest.raises(UnstorableError, match="cannot store a Persistent"):
+        StateWriter(ref_id).dump(Persistent, {"deep": value})

@@ -99,12 +99,10 @@ def test_seek_honours_whence_and_tell_reports_position(open_db):
     assert stream.tell() == 7 and stream.read(1) == b"7"
     stream.seek(-3, 1)
     assert stream.read(1) == b"5"
-    stream.seek(0, 2)
-    assert stream.tell() == 10
+    assert stream.seek(0, 2) == 10 == stream.tell()  # seek returns the position, as io's
     stream.seek(-4, 2)
     assert stream.read() == b"6789"
-    stream.seek(5, 2)  # past the end: clamped to the end
-    assert stream.tell() == 10
+    assert stream.seek(5, 2) == 10  # past the end: clamped to the end
 
 
 @pytest.mark.parametrize("offset, whence", [(0, 3), (0, -1), (-1, 0), (-11, 2), (-1, 1)])
@@ -114,6 +112,16 @@ def test_seek_rejects_bad_whence_and_negative_position(open_db, offset, whence):
     with pytest.raises(ValueError):
         stream.seek(offset, whence)
     assert stream.tell() == 0
+
+
+def test_seek_and_read_refuse_sizes_that_are_not_ints(open_db):
+    _db, _root, stream = store(open_db, b"0123456789")
+    stream.open()
+    with pytest.raises(TypeError, match="seek offset is an int"):
+        stream.seek(1.5)  # once accepted, and every later read failed
+    with pytest.raises(TypeError, match="ints"):
+        stream.read(2.5)
+    assert stream.tell() == 0 and stream.read(2) == b"01"
 
 
 def test_file_view_needs_open_and_close_ends_it(open_db):
