@@ -15,7 +15,7 @@ import logging
 
 import transaction
 
-from broker.codec import ABSENT
+from broker.codec import ABSENT, Codec
 from broker.exc import (AccessDenied, ConflictError, MultipleResultsError, NoResultError,
                         ProtocolError, ReadConflictError, ResultLost)
 from broker.export import class_name
@@ -23,7 +23,7 @@ from broker.keys import Key
 from broker.outcomes import COMMIT_MARK, commit_mark
 from broker.protocol import VERSION
 from broker.states import Record
-from broker.values import resolve_values, same_value
+from broker.values import check_sendable, placeholder_key, resolve_values, same_value
 from dobbin.exc import ConflictError as StoreConflictError
 from dobbin.exc import HistoryError, ObjectGraphError
 from dobbin.persistent import Persistent, PersistentDict, checkout, state_of
@@ -47,6 +47,8 @@ class Handlers:
         self.db = server.db
         self.exports = server.exports
         self.keyring = server.keyring
+        # Encodes records only to see that they fit (see check_sendable).
+        self._sizing_codec = Codec(default=placeholder_key, max_message=server.max_message)
 
     # -- resolving keys ------------------------------------------------------
 
@@ -282,6 +284,7 @@ class Handlers:
             txn = transaction.begin()
             try:
                 touched = self.apply_commit(f)
+                check_sendable(touched, self.exports, self._sizing_codec)
                 mark = commit_mark(f["token"], f["rid"], touched.created)
                 txn.setExtendedInfo(COMMIT_MARK, mark)
                 transaction.commit()

@@ -8,9 +8,14 @@ old values with the current ones by `same_value`.
 """
 
 from broker.codec import ABSENT, MAX_DEPTH
-from broker.exc import ProtocolError
-from broker.keys import Key
-from dobbin.persistent import Persistent
+from broker.exc import EncodeError, ProtocolError
+from broker.keys import MAC_SIZE, Key
+from dobbin.persistent import Persistent, state_of
+from dobbin.stream import PersistentStream
+
+# Stands in for the key of every object and stream in a record whose size
+# is checked: the longest a key gets.
+_PLACEHOLDER_KEY = Key("o", 2 ** 63 - 1, bytes(MAC_SIZE))
 
 # Values nest this deep at most: a reply nests a value a few levels into
 # its message, and the codec sends MAX_DEPTH levels.
@@ -68,6 +73,28 @@ def _resolve(value, resolve_key, memo, storing, depth):
     result = t(_resolve(x, resolve_key, memo, storing, depth) for x in value)
     memo[id(value)] = result
     return result
+
+
+def check_sendable(objects, exports, codec):
+    """Raise ProtocolError if the state record of one of `objects` (as
+    the calling thread has it) would not encode with `codec`: a commit
+    that made one so would leave it unreadable for every client.  The
+    codec's `default` turns objects and streams into `placeholder_key`s."""
+    for obj in objects:
+        rules = exports.lookup(type(obj))
+        try:
+            codec.encode({"class": rules.name, "serial": 0,
+                          "state": rules.filter_state(state_of(obj))})
+        except EncodeError as error:
+            raise ProtocolError("the commit would leave %s unsendable: %s"
+                                % (rules.name, error)) from None
+
+
+def placeholder_key(value):
+    """`_PLACEHOLDER_KEY` for a persistent object or stream, else None."""
+    if isinstance(value, (Persistent, PersistentStream)):
+        return _PLACEHOLDER_KEY
+    return None
 
 
 def same_value(a, b):

@@ -415,6 +415,21 @@ class Status:
     name = "a static"
 
 
+def test_a_commit_that_would_make_an_object_unsendable_is_refused(broker):
+    # Each commit was within the limits; together they made the root's
+    # record too big to send, and no client could reach anything again.
+    _db, _server, connect = broker
+    client = connect()
+    client.root.junk_a = [0] * 600_000
+    client.commit()
+    client.root.junk_b = [0] * 600_000
+    with pytest.raises(exc.ProtocolError, match="would leave .*Folder unsendable: value has "
+                                                "more than 1000000 items"):
+        client.commit()
+    fresh = connect()
+    assert fresh.root.title == "root" and len(fresh.root.junk_a) == 600_000
+
+
 def test_a_static_object_can_be_passed_but_not_stored(broker):
     db, server, connect = broker
     server.add_static(Status(), "status")

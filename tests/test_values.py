@@ -6,7 +6,9 @@ import pytest
 from broker.codec import ABSENT, MAX_DEPTH, Codec
 from broker.exc import ProtocolError
 from broker.keys import Key
-from broker.values import MAX_VALUE_DEPTH, resolve_values, same_value
+from broker.export import ExportRegistry
+from broker.values import (MAX_VALUE_DEPTH, check_sendable, placeholder_key, resolve_values,
+                           same_value)
 from broker_fixtures import Item
 
 
@@ -93,3 +95,14 @@ def test_persistent_objects_are_the_same_when_their_oids_are():
     one._p_oid = other._p_oid = 7
     assert same_value(one, other)
     assert not same_value(new, Item("a"))  # unstored: no oid to compare
+
+
+def test_check_sendable_refuses_a_record_the_codec_could_not_send():
+    codec = Codec(default=placeholder_key, max_items=10)
+    exports = ExportRegistry()
+    small, big = Item("small"), Item(list(range(20)))
+    holder = Item([small, big])  # objects count as keys, whatever their own size
+    check_sendable([small, holder], exports, codec)
+    with pytest.raises(ProtocolError, match="would leave broker_fixtures.Item unsendable"):
+        check_sendable([small, big], exports, codec)
+    assert placeholder_key("text") is None
