@@ -71,6 +71,11 @@ class ReadConflictError(ConflictError):
     """
 
 
+class Busy(BrokerError, TransientError):
+    """The server has too many requests waiting and refused this one, which
+    did not run: send it again later (transient)."""
+
+
 class ResultLost(BrokerError):
     """A call or invoke ran and committed, but its server stopped before
     replying, and the server that got the client's copy does not know the
@@ -137,7 +142,7 @@ WIRE_TYPES = {
     cls.__name__: cls
     for cls in (
         ProtocolError, EncodeError, DecodeError, AccessDenied, ConflictError,
-        ReadConflictError, NoResultError, MultipleResultsError, ExportError, ResultLost,
+        ReadConflictError, NoResultError, MultipleResultsError, ExportError, ResultLost, Busy,
     )
 }
 

@@ -54,7 +54,8 @@ from broker.interfaces import IBrokerServer
 from broker.keys import KeyRing, load_or_create_secret, secret_path_for
 from broker.outcomes import WAIT, CommitOutcomes, Recorded
 from broker.states import Record, StateCache, seal
-from broker.transport import bound, recv_frames, send_frames
+from broker.transport import (bound, broadcast_address_for, curve_authenticator, recv_frames,
+                              send_frames)
 from dobbin.exc import DobbinError
 from dobbin.persistent import Persistent, checkout
 
@@ -72,6 +73,9 @@ INLINE_COMMIT = 64 * 1024
 INLINE_SECONDS = 0.002
 # A starting server knows the tokens of this many latest commits (see broker.outcomes).
 RECALLED_COMMITS = 1000
+# Bytes of requests waiting for the workers, past which more are refused
+# (Busy) rather than queued: decoded, a request may take 20 times its size.
+MAX_QUEUED_BYTES = 16 * 1024 * 1024
 
 
 @implementer(IBrokerServer)
@@ -95,7 +99,7 @@ class BrokerServer:
                  state_cache=32 * 1024 * 1024):
         self.db = db
         self.requested_address = address
-        self.requested_broadcast = broadcast or _default_broadcast(address)
+        self.requested_broadcast = broadcast or broadcast_address_for(address)
         self.address = None
         self.broadcast_address = None
         if type(workers) is not int or workers < 1:
@@ -141,6 +145,8 @@ class BrokerServer:
         self._running = False
         self._auth = None
         self._commit_seconds = 0.0  # moving average of commit durations
+        self._queued_bytes = 0      # of the requests waiting for the workers
+        self._queued_lock = threading.Lock()
 
     # -- configuration -----------------------------------------------------------
 
@@ -317,14 +323,7 @@ class BrokerServer:
         return sock
 
     def _start_curve(self):
-        from zmq.auth.thread import ThreadAuthenticator
-        self._auth = ThreadAuthenticator(self._context)
-        self._auth.start()
-        if self.curve_allow is None:
-            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
-        else:
-            self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowList(
-                self.curve_allow))
+        self._auth = curve_authenticator(self._context, self.curve_allow)
 
     def _stop_curve(self):
         if self._auth is not None:
@@ -402,12 +401,26 @@ class BrokerServer:
                     and not self._work.unfinished_tasks and not self.db.write_lock_busy()):
                 # No copy can be waiting: copies register in this thread.
                 return self._run_once(routing, rid, op, fields)[0]
+        refused = None  # stopping: no worker would take it; unanswered, the
+        # client retries it, on this address's next server if there is one
         if not self._stopping.is_set():
-            # Stopping: no worker would take it.  Unanswered, the client
-            # retries it, on this address's next server if there is one.
-            self._work.put((routing, rid, op, fields))
-        elif op in protocol.ONCE:
+            refused = self._queue(routing, rid, op, fields, len(data))
+            if refused is None:
+                return None
+        if op in protocol.ONCE:
             self._outcomes.abandon((fields["token"], rid))
+        return refused
+
+    def _queue(self, routing, rid, op, fields, size):
+        """Queue a request for the workers; return error frames if too
+        many bytes of requests wait already (one always may)."""
+        with self._queued_lock:
+            if self._queued_bytes and self._queued_bytes + size > MAX_QUEUED_BYTES:
+                return self._error_frames(routing, rid, exc.Busy(
+                    "the server has %d bytes of requests waiting; try again"
+                    % self._queued_bytes))
+            self._queued_bytes += size
+        self._work.put((routing, rid, op, fields, size))
         return None
 
     def _request_id_of(self, data):
@@ -462,8 +475,10 @@ class BrokerServer:
                 if job is None:
                     return
                 try:
-                    self._work_on(front, *job)
+                    self._work_on(front, *job[:4])
                 finally:
+                    with self._queued_lock:
+                        self._queued_bytes -= job[4]
                     self._work.task_done()
         finally:
             front.close(0)
@@ -561,32 +576,9 @@ class BrokerServer:
                 logger.exception("catching up with %s failed", self.db.path)
 
 
-class _AllowList:
-    """CURVE credentials provider: only the listed client public keys get in."""
-
-    def __init__(self, keys):
-        self.keys = {k if isinstance(k, bytes) else k.encode() for k in keys}
-
-    def callback(self, domain, key):
-        return key in self.keys
-
-
 def _check_path(path):
     if not path or not all(isinstance(p, (str, int)) for p in path):
         raise exc.ExportError("a static key path is one or more str or int parts, got %r"
                               % (path,))
     return tuple(path)
 
-
-def _default_broadcast(address):
-    if type(address) is not str:
-        raise exc.AddressError("an address is a str, not %r" % (address,))
-    if address.startswith("ipc://"):
-        return address + ".pub"
-    if address.startswith("tcp://"):
-        host = address[len("tcp://"):].rsplit(":", 1)[0]
-        return "tcp://%s:*" % host
-    if address.startswith("inproc://"):
-        return address + ".pub"
-    raise exc.AddressError("cannot derive a broadcast endpoint from %r; pass broadcast="
-                           % address)

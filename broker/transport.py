@@ -63,6 +63,42 @@ def connected(sock, address):
         raise AddressError("cannot connect to %r: %s" % (address, error)) from None
 
 
+def broadcast_address_for(address):
+    """The PUB endpoint a server at `address` binds unless told another."""
+    if type(address) is not str:
+        raise AddressError("an address is a str, not %r" % (address,))
+    if address.startswith("ipc://") or address.startswith("inproc://"):
+        return address + ".pub"
+    if address.startswith("tcp://"):
+        host = address[len("tcp://"):].rsplit(":", 1)[0]
+        return "tcp://%s:*" % host
+    raise AddressError("cannot derive a broadcast endpoint from %r; pass broadcast="
+                       % address)
+
+
+def curve_authenticator(context, allow=None):
+    """A started CURVE authenticator for `context`'s server sockets: any
+    client, or only the public keys in `allow` (bytes or str, Z85)."""
+    from zmq.auth.thread import ThreadAuthenticator
+    authenticator = ThreadAuthenticator(context)
+    authenticator.start()
+    if allow is None:
+        authenticator.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+    else:
+        authenticator.configure_curve_callback(domain="*", credentials_provider=_AllowList(allow))
+    return authenticator
+
+
+class _AllowList:
+    """CURVE credentials provider: only the listed client public keys get in."""
+
+    def __init__(self, keys):
+        self.keys = {k if isinstance(k, bytes) else k.encode() for k in keys}
+
+    def callback(self, domain, key):
+        return key in self.keys
+
+
 def check_duration(name, value):
     """`value`, a positive number of seconds; TypeError or ValueError otherwise."""
     if type(value) not in (int, float):

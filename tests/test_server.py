@@ -13,6 +13,7 @@ import zmq
 from zope.interface.verify import verifyObject
 
 from broker import exc, protocol
+from broker import server as server_module
 from broker.client import BrokerClient
 from broker.codec import ABSENT, Codec
 from broker.interfaces import IBrokerServer
@@ -262,6 +263,28 @@ def test_an_application_method_exiting_leaves_its_worker_serving(broker):
         with pytest.raises(exc.RemoteError, match="SystemExit"):
             client.call("quit", "bye")
     assert client.call("hello", "still") == "hello still"
+
+
+def test_requests_past_the_queued_bytes_bound_are_refused_busy(tmp_path, monkeypatch):
+    # The queue was unbounded: requests decoded far faster than the
+    # workers served them took 63 MB each, until memory ran out.
+    monkeypatch.setattr(server_module, "MAX_QUEUED_BYTES", 1000)
+    db = make_database(str(tmp_path / "test.dobbin"))
+    with served(db, workers=1) as server:
+        peer = RawPeer(server.address)
+        try:
+            peer.send(b"", protocol.MAGIC, codec.encode(
+                {"id": 1, "op": "call", "name": "sleep", "args": [2.0], "kwargs": {},
+                 "token": b"s" * 16}))
+            search = {"id": 2, "op": "search", "target": "broker_fixtures.Item", "tx": 1,
+                      "mode": "count", "query": {"name": "x" * 2000}, "limit": None}
+            error_type, message = error_of(peer.request(search))
+            assert error_type == "Busy" and "requests waiting" in message
+            assert peer.reply(5)["ok"] is None  # the sleep
+            assert peer.request(search)["ok"]["result"] == 0  # room again
+        finally:
+            peer.close()
+    db.close()
 
 
 def record_commit_threads(server, hold=None):
