@@ -388,7 +388,12 @@ class BrokerClient:
             if state is None:
                 state = self._load(proxy)
             if name in state:
-                return private_copy(state[name])
+                value = state[name]
+                if type(value) is RemoteStream:
+                    # One of its own, at this snapshot: a file position and
+                    # close() are not to be shared by every reader.
+                    return RemoteStream(self, value._key, self._tid)
+                return private_copy(value)
             if isinstance(proxy, MappingProxy) and name in MAPPING_METHODS:
                 return getattr(proxy, name)  # it became a mapping proxy on load
             if name in self._proxy_meta(proxy)["callables"]:
@@ -422,9 +427,10 @@ class BrokerClient:
             return self._call("invoke", key=proxy._key, tx=self._tid, method=name,
                               args=list(args), kwargs=kwargs, token=os.urandom(16))
 
-    def _read_stream(self, key, offset, size):
+    def _read_stream(self, key, offset, size, tid=None):
         with self._lock:
-            result = self._call("stream", key=key, tx=self._tid, offset=offset, size=size)
+            result = self._call("stream", key=key, tx=self._tid if tid is None else tid,
+                                offset=offset, size=size)
             return result["data"], result["size"]
 
     # -- mapping items -------------------------------------------------------------

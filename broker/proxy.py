@@ -136,12 +136,14 @@ class RemoteStream:
 
     File-like (read, seek, tell, close, closed, context manager) and
     iterable (chunks of STREAM_CHUNK bytes, independent of the position).
-    Reads use the client's current snapshot.
+    Reads use the snapshot of the transaction that read the attribute:
+    each read of it gives a stream of its own.
     """
 
-    def __init__(self, client, key):
+    def __init__(self, client, key, tid=None):
         self._client = client
         self._key = key
+        self._tid = tid  # the snapshot read (None: the client's current one)
         self._size = None
         self._position = 0
         self.closed = False
@@ -150,7 +152,7 @@ class RemoteStream:
         return "<RemoteStream %s>" % (self._key,)
 
     def _fetch(self, offset, size):
-        data, total = self._client._read_stream(self._key, offset, size)
+        data, total = self._client._read_stream(self._key, offset, size, self._tid)
         self._size = total
         return data
 

@@ -252,6 +252,32 @@ def test_streams_are_read_in_chunks(broker):
         stream.read()
 
 
+def test_each_read_of_a_stream_attribute_is_a_stream_of_its_own_at_its_snapshot(broker):
+    # One stream object was shared by every read of the attribute: its
+    # position moved under other readers, and one close() closed it for
+    # every later read, for the client's whole life.
+    db, _server, connect = broker
+    transaction.begin()
+    checkout(db.root.item)
+    db.root.item.data = PersistentFile(io.BytesIO(b"0123456789"))
+    transaction.commit()
+    client = connect()
+    item = client.root.item
+    first = item.data
+    assert first.read(4) == b"0123" and item.data.read(4) == b"0123"
+    with item.data as stream:
+        assert stream.read() == b"0123456789"
+    assert item.data.read() == b"0123456789" and first.read() == b"456789"
+    held = item.data
+    transaction.begin()
+    checkout(db.root.item)
+    db.root.item.data = PersistentFile(io.BytesIO(b"N" * 30))
+    transaction.commit()
+    client.begin()
+    assert held.read() == b"0123456789"  # its snapshot's bytes, not cut from the new
+    assert item.data.read() == b"N" * 30
+
+
 def test_clients_reading_one_stream_at_once_each_get_their_bytes(broker):
     # The server once read every client's chunk through the stream's one
     # shared position: concurrent readers got each other's bytes, or errors.
