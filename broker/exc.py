@@ -87,6 +87,10 @@ class AddressError(BrokerError):
     (malformed, of an unknown transport, already in use)."""
 
 
+class CurveKeyError(BrokerError, ValueError):
+    """A CURVE key is not 32 bytes or 40 characters of Z85, or ZeroMQ refused it."""
+
+
 class SecretFileError(BrokerError):
     """The server's secret file is missing, unreadable, damaged or too open."""
 

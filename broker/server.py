@@ -55,7 +55,7 @@ from broker.keys import KeyRing, load_or_create_secret, secret_path_for
 from broker.outcomes import WAIT, CommitOutcomes, Recorded
 from broker.states import Record, StateCache, seal
 from broker.transport import (bound, broadcast_address_for, curve_authenticator, recv_frames,
-                              send_frames)
+                              send_frames, set_curve_key)
 from dobbin.exc import DobbinError
 from dobbin.persistent import Persistent, checkout
 
@@ -319,7 +319,7 @@ class BrokerServer:
         sock.setsockopt(zmq.LINGER, 0)
         if self.curve_secret_key is not None:
             sock.curve_server = True
-            sock.curve_secretkey = self.curve_secret_key
+            set_curve_key(sock, zmq.CURVE_SECRETKEY, self.curve_secret_key)
         return sock
 
     def _start_curve(self):

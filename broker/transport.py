@@ -19,7 +19,8 @@ import zmq
 
 from broker import protocol
 from broker.codec import Codec
-from broker.exc import AddressError, BrokerTimeout, ClientClosed, DecodeError, ProtocolError
+from broker.exc import (AddressError, BrokerTimeout, ClientClosed, CurveKeyError, DecodeError,
+                        ProtocolError)
 
 
 # Plain ints: pyzmq's enum flags cost microseconds per frame in Python.
@@ -99,6 +100,19 @@ class _AllowList:
         return key in self.keys
 
 
+def set_curve_key(sock, option, key):
+    """Set CURVE key `option` of `sock` to `key`: 32 bytes, or 40
+    characters of Z85 (bytes or str)."""
+    if isinstance(key, str):
+        key = key.encode("ascii", "replace")
+    if not isinstance(key, bytes) or len(key) not in (32, 40):
+        raise CurveKeyError("a CURVE key is 32 bytes or 40 Z85 characters, not %r" % (key,))
+    try:
+        sock.setsockopt(option, key)
+    except zmq.ZMQError as error:
+        raise CurveKeyError("a CURVE key was refused: %s" % error) from None
+
+
 def check_duration(name, value):
     """`value`, a positive number of seconds; TypeError or ValueError otherwise."""
     if type(value) not in (int, float):
@@ -139,10 +153,14 @@ class Connection:
 
     def _secure(self, sock):
         if self.curve is not None:
-            server_key, public, secret = self.curve
-            sock.curve_serverkey = server_key
-            sock.curve_publickey = public
-            sock.curve_secretkey = secret
+            try:
+                server_key, public, secret = self.curve
+            except (TypeError, ValueError):
+                raise CurveKeyError("curve is (server public key, client public key, "
+                                    "client secret key), not %r" % (self.curve,)) from None
+            set_curve_key(sock, zmq.CURVE_SERVERKEY, server_key)
+            set_curve_key(sock, zmq.CURVE_PUBLICKEY, public)
+            set_curve_key(sock, zmq.CURVE_SECRETKEY, secret)
 
     def _socket(self, kind, replacing=None):
         if replacing is not None:

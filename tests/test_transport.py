@@ -7,7 +7,7 @@ import zmq
 
 from broker import protocol
 from broker.codec import Codec
-from broker.exc import AddressError, BrokerTimeout, ClientClosed, ProtocolError
+from broker.exc import AddressError, BrokerTimeout, ClientClosed, CurveKeyError, ProtocolError
 from broker.transport import Connection, bound
 from broker_fixtures import run_python
 
@@ -173,3 +173,14 @@ def test_binding_an_address_twice_is_an_address_error():
 def test_bad_timeouts_and_retries_are_refused_at_once(options, error, message):
     with pytest.raises(error, match=message):
         Connection("tcp://127.0.0.1:9", codec, **options)
+
+
+@pytest.mark.parametrize("curve", [
+    (b"short", b"x" * 32, b"y" * 32),          # once a bare zmq.ZMQError
+    ("z" * 39, "a" * 40, "b" * 40),
+    (b"k" * 32, b"k" * 32),                     # not three keys
+    5,
+])
+def test_bad_curve_keys_are_a_curve_key_error(curve):
+    with pytest.raises(CurveKeyError):
+        Connection("tcp://127.0.0.1:9", codec, timeout=0.1, retries=0, curve=curve)
