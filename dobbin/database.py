@@ -23,6 +23,7 @@ from dobbin.log import Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT, IndexEntry,
                            NoteEntry, ObjectEntry, RootEntry)
 from dobbin.meta import meta_entry, recent_transactions
+from dobbin.notify import Notifier
 from dobbin.persistent import Persistent, _set_jar, _set_oid, ghost_oid, new_ghost
 from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
 from dobbin.commit import BIG_COMMIT, Commit, message_of
@@ -77,10 +78,8 @@ class Database:
         self._pid = os.getpid()
         self._state_lock = threading.RLock()
         self._writer = StateWriter(None)  # reused: a pickler costs more than a small record
-        # Reentrant: a subscriber may call sync() (see _flush_notes).
-        self._notify_lock = threading.RLock()
-        self._notes = collections.deque()
-        self._subscribers = []
+        self._notifier = Notifier(self._log)
+        self._notify_lock = self._notifier.lock  # a broker server holds it to subscribe
         self._index = Index()
         self._root = None
         self._synchronizer = Synchronizer(self)
@@ -111,7 +110,7 @@ class Database:
             self.recovery = self._log.dropped
         finally:
             self._lock.release()
-        self._notes.clear()
+        self._notifier.clear()
         if self.recovery:
             logger.warning("%s: cut %d bytes at offset %d (%s); saved as %s", self.path,
                            self.recovery["bytes"], self.recovery["offset"],
@@ -221,7 +220,7 @@ class Database:
             for record in self._log.follow():
                 self._apply(record)
             last_tid = self._log.last_tid
-        self._flush_notes(wait=True)
+        self._notifier.flush(wait=True)
         return last_tid
 
     @property
@@ -235,12 +234,10 @@ class Database:
         return getattr(self._threads, "committed_tid", None)
 
     def subscribe(self, callback):
-        if not callable(callback):
-            raise TypeError("a subscriber is called with (tid, oids), not %r" % (callback,))
-        self._subscribers.append(callback)
+        self._notifier.subscribe(callback)
 
     def unsubscribe(self, callback):
-        self._subscribers.remove(callback)
+        self._notifier.unsubscribe(callback)
 
     def load_state(self, oid, tid=None):
         check_oid(oid)
@@ -376,34 +373,7 @@ class Database:
                         self._install_loaded(obj, entry.oid, record.tid, entry.data)
             elif entry.kind == KIND_ROOT:
                 self._index.roots.append((record.tid, entry.oid))
-        self._notes.append((durable_at, record.tid, frozenset(changed)))
-
-    def _flush_notes(self, wait=False):
-        # With `wait`, return only after callbacks another thread is still
-        # running have finished, so sync() can promise they have all run.
-        if not wait and not self._notes or getattr(self._threads, "notifying", False):
-            return  # nothing to do, or called by a subscriber: the outer loop goes on
-        # Notes are queued in tid order under the state lock; the notify
-        # lock keeps them in that order across threads.
-        with self._notify_lock:
-            while self._notes:
-                try:
-                    durable_at, tid, oids = self._notes[0]
-                    if durable_at > self._log.synced_end and self.durability == "fsync":
-                        break  # its writer will flush it once the fsync is done
-                    self._notes.popleft()
-                except IndexError:
-                    break
-                self._threads.notifying = True  # in tid order: no nested flush
-                try:
-                    for callback in list(self._subscribers):
-                        try:
-                            callback(tid, oids)
-                        except Exception:
-                            logger.exception("subscriber %r failed on transaction %d",
-                                             callback, tid)
-                finally:
-                    self._threads.notifying = False
+        self._notifier.note(durable_at, record.tid, frozenset(changed))
 
     # -- committing ------------------------------------------------------
 
@@ -437,7 +407,7 @@ class Database:
                 self._log.flush(self._log.end)
         except BaseException:
             self._lock.release()
-            self._flush_notes()
+            self._notifier.flush()
             raise
         # Notes of what we caught up with wait for the lock's release
         # (_p_commit_finish or _p_commit_abort): subscribers run unlocked.
@@ -591,7 +561,7 @@ class Database:
         # one fsync serves both.
         self._log.flush(record.offset + record.length)
         self._threads.committed_tid = record.tid
-        self._flush_notes()
+        self._notifier.flush()
 
     def _p_commit_abort(self, commit):
         """Undo what a commit that won't happen gave to new objects."""
@@ -605,7 +575,7 @@ class Database:
             commit.unstage(self._log)
             commit.locked = False
             self._lock.release()
-        self._flush_notes()  # what catching up learned, now unlocked
+        self._notifier.flush()  # what catching up learned, now unlocked
 
     # -- history, snapshot and verify ----------------------------------------
 

@@ -300,6 +300,36 @@ class ILog(Interface):
         """Close the file descriptor."""
 
 
+class INotifier(Interface):
+    """The subscribers of one database, told of each committed transaction
+    in tid order, once its record is durable."""
+
+    lock = Attribute(
+        """A reentrant lock held while subscribers are told: whoever holds
+        it sees no subscriber called meanwhile.""")
+
+    def subscribe(callback):
+        """Call `callback(tid, oids)` for each committed transaction from
+        now on; TypeError if it cannot be called."""
+
+    def unsubscribe(callback):
+        """Stop calling `callback`; ValueError if it was not subscribed."""
+
+    def note(durable_at, tid, oids):
+        """Queue the news of transaction `tid`, which changed `oids`, to be
+        told once the file is durable up to `durable_at` (notes come in
+        tid order)."""
+
+    def clear():
+        """Drop the notes not yet told."""
+
+    def flush(wait=False):
+        """Tell the subscribers every note whose record is durable, in
+        order; a subscriber that raises is logged.  Called by a
+        subscriber, it returns at once.  With `wait`, it returns only once
+        callbacks another thread is running have finished."""
+
+
 class IWriteLock(Interface):
     """One writer at a time per file, across threads and processes.
 

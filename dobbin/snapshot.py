@@ -132,7 +132,7 @@ def _write_snapshot(target, streams, entries, oid_high):
         if commit is not None:
             commit.unstage(target._log)  # unless published
         target._lock.release()
-    target._flush_notes()
+    target._notifier.flush()
 
 
 def verify(db):

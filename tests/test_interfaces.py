@@ -12,6 +12,7 @@ from dobbin import interfaces
 from dobbin.database import Database
 from dobbin.lock import WriteLock
 from dobbin.log import Log
+from dobbin.notify import Notifier
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
 from dobbin.session import Session, current_session
 from dobbin.stream import PersistentStream
@@ -24,6 +25,7 @@ IMPLEMENTATIONS = [
     (interfaces.IDatabase, Database),
     (interfaces.ILog, Log),
     (interfaces.IWriteLock, WriteLock),
+    (interfaces.INotifier, Notifier),
     (interfaces.ISession, Session),
 ]
 
@@ -58,6 +60,7 @@ def instances(open_db):
         Database: db,
         Log: db._log,
         WriteLock: db._lock,
+        Notifier: db._notifier,
         Session: current_session(),
     }
 
