@@ -33,6 +33,8 @@ logger = logging.getLogger("broker.server")
 
 COMMIT_ATTEMPTS = 3
 MAX_SCAN = 1000000
+
+
 def activate(obj):
     """Make sure a persistent object's state is loaded (ghosts have none)."""
     if obj._p_ghost:
@@ -421,7 +423,7 @@ class Handlers:
             return mapping.get(item, ABSENT)
         except TypeError as error:
             # Unhashable, or not ordered with a B-tree's keys.
-            raise ProtocolError("%r cannot be an item of %s: %s" % (item, key, error)) from None
+            raise ProtocolError("the item cannot be a key of %s: %s" % (key, error)) from None
 
     @staticmethod
     def _mutate(mapping, touched, change):
