@@ -24,6 +24,20 @@ _FIRST_WAIT = 0.00005
 _LONGEST_WAIT = 0.005
 
 
+def flock_within(fd, kind, timeout, purpose):
+    """Take file lock `kind` (fcntl.LOCK_EX or LOCK_SH) on `fd`, waiting
+    up to `timeout` seconds; LockTimeoutError names the `purpose`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise LockTimeoutError("could not lock the file to %s" % purpose) from None
+            time.sleep(0.001)
+
+
 def checked_timeout(timeout):
     """`timeout`, a finite number of seconds >= 0; TypeError or ValueError otherwise."""
     if type(timeout) not in (int, float):

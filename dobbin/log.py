@@ -16,8 +16,9 @@ import weakref
 
 from zope.interface import implementer
 
-from dobbin.exc import CorruptionError, LockTimeoutError, ReadOnlyError, StorageError
+from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
 from dobbin.interfaces import ILog
+from dobbin.lock import flock_within
 # The layout's names are part of the log's API, so they are importable here too.
 from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            FILE_HEADER, FILE_HEADER_SIZE, FILE_MAGIC, FORMAT_VERSION, KEPT_KINDS,
@@ -111,7 +112,7 @@ class Log(ReservedSpace):
         afresh loses nothing (its bytes are kept beside it all the same).
         Under the file lock: another process may be creating it too.
         """
-        self._flock(fcntl.LOCK_EX, "create it")
+        flock_within(self.fd, fcntl.LOCK_EX, _CREATE_TIMEOUT, "create " + self.path)
         try:
             size = os.fstat(self.fd).st_size
             if size >= FILE_HEADER_SIZE:
@@ -131,31 +132,16 @@ class Log(ReservedSpace):
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def _await_creation(self):
-        """Wait for a process creating the file to write its header.
-
-        It holds the file lock while it does; it may also have created
-        the file and not yet taken the lock, so a short file is looked at
-        again for a moment.  A file still short is read (and refused) as it is.
-        """
+        """Wait for a process creating the file to write its header (it
+        holds the file lock meanwhile, once it has taken it: a short file
+        is looked at again for a moment).  One still short is refused."""
         deadline = time.monotonic() + _CREATE_GRACE
         while True:
-            self._flock(fcntl.LOCK_SH, "read it")
+            flock_within(self.fd, fcntl.LOCK_SH, _CREATE_TIMEOUT, "read " + self.path)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             if os.fstat(self.fd).st_size >= FILE_HEADER_SIZE or time.monotonic() > deadline:
                 return
             time.sleep(0.005)
-
-    def _flock(self, kind, purpose):
-        deadline = time.monotonic() + _CREATE_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(self.fd, kind | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LockTimeoutError(
-                        "could not lock %s to %s" % (self.path, purpose)) from None
-                time.sleep(0.001)
 
     def _write_file_header(self):
         body = FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, 0, 0, os.urandom(16),

@@ -5,6 +5,7 @@ process: POSIX record locks, unlike flock, never conflict within one
 process, so an in-process probe could not tell them apart."""
 
 import contextlib
+import fcntl
 import multiprocessing
 import os
 import signal
@@ -13,7 +14,7 @@ import threading
 import pytest
 
 from dobbin.exc import LockTimeoutError
-from dobbin.lock import WriteLock
+from dobbin.lock import WriteLock, flock_within
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -278,3 +279,16 @@ def test_a_wrong_timeout_is_refused(lock_file, timeout):
             WriteLock(fd, lock_file, timeout)
     finally:
         os.close(fd)
+
+
+def test_flock_within_waits_then_names_its_purpose(lock_file):
+    holder, waiter = os.open(lock_file, os.O_RDWR), os.open(lock_file, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(LockTimeoutError, match="to create it"):
+            flock_within(waiter, fcntl.LOCK_SH, 0.05, "create it")
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        flock_within(waiter, fcntl.LOCK_SH, 0.05, "read it")  # free now: taken at once
+    finally:
+        os.close(holder)
+        os.close(waiter)

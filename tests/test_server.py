@@ -74,7 +74,8 @@ def test_ping_and_hello(peer, broker):
     _db, server, _connect = broker
     assert peer.request({"id": 1, "op": "ping"}) == {"id": 1, "srv": server.instance, "ok": None}
     hello = peer.request({"id": 2, "op": "hello"})["ok"]
-    assert hello["broadcast"] == server.broadcast_address and hello["version"] == protocol.VERSION == 2
+    assert hello["broadcast"] == server.broadcast_address
+    assert hello["version"] == protocol.VERSION == 2
     assert isinstance(hello["root"], Key)
 
 
