@@ -20,7 +20,8 @@ from broker.interfaces import IBrokerServer
 from broker.keys import Key
 from broker.server import INLINE_COMMIT, PUSH_OBJECTS, BrokerServer
 from broker.states import unseal
-from broker_fixtures import TIMEOUT, Item, Profile, broker, make_database, served  # noqa: F401
+from broker_fixtures import (TIMEOUT, Item, Profile, broker, make_database, served,  # noqa: F401
+                             wait_until)
 from conftest import append_record
 from dobbin.database import Database
 from dobbin.log import COMMITTED, MetaEntry
@@ -198,6 +199,8 @@ def test_a_write_whose_reply_is_late_is_sent_again_and_runs_once(tmp_path, write
             busy.send(b"", protocol.MAGIC, codec.encode(
                 {"id": 1, "op": "call", "name": "sleep", "args": [1.0], "kwargs": {},
                  "token": b"s" * 16}))
+            # Requests on two connections may arrive in either order.
+            assert wait_until(lambda: server._work.unfinished_tasks)
             if write == "commit":
                 item.name = "again"
                 client.commit()
@@ -277,6 +280,7 @@ def test_requests_past_the_queued_bytes_bound_are_refused_busy(tmp_path, monkeyp
             peer.send(b"", protocol.MAGIC, codec.encode(
                 {"id": 1, "op": "call", "name": "sleep", "args": [2.0], "kwargs": {},
                  "token": b"s" * 16}))
+            assert wait_until(lambda: server._queued_bytes)
             search = {"id": 2, "op": "search", "target": "broker_fixtures.Item", "tx": 1,
                       "mode": "count", "query": {"name": "x" * 2000}, "limit": None}
             error_type, message = error_of(peer.request(search))
