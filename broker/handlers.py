@@ -445,11 +445,19 @@ class Handlers:
             # Never echo a name clients cannot see: that would confirm a hidden field.
             raise AccessDenied("%s of %s has no such attribute for clients" % (rules.name, key))
 
-    @staticmethod
-    def _verify(key, field, current, old):
+    def _verify(self, key, field, current, old):
         if not same_value(current, old):
             raise ConflictError(key=str(key), field=field if isinstance(field, str)
-                                else repr(field))
+                                else repr(self._as_sent(field)))
+
+    def _as_sent(self, item):
+        """A mapping item as clients know it: its objects as their keys (a
+        repr of the objects themselves would show server addresses)."""
+        if isinstance(item, Persistent) and item._p_oid is not None:
+            return self.keyring.sign("o", item._p_oid)
+        if type(item) in (tuple, frozenset):
+            return type(item)(self._as_sent(x) for x in item)
+        return item
 
     def _run_in_transaction(self, f, func, args, kwargs):
         """Run an application method for call/invoke request `f` in a

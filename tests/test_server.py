@@ -458,6 +458,22 @@ def test_a_commit_that_would_make_an_object_unsendable_is_refused(broker):
     assert fresh.root.title == "root" and len(fresh.root.junk_a) == 600_000
 
 
+def test_a_conflict_on_an_item_names_its_objects_by_key_not_by_address(broker):
+    db, _server, connect = broker
+    client = connect()
+    item = client.root.item
+    client.root.things[(item, "pair")] = 1
+    client.commit()
+    transaction.begin()
+    checkout(db.root.things)
+    db.root.things[(db.root.item, "pair")] = 2
+    transaction.commit()
+    client.root.things[(item, "pair")] = 3
+    with pytest.raises(exc.ConflictError) as caught:
+        client.commit()
+    assert caught.value.field == repr((item._key, "pair")) and " at 0x" not in str(caught.value)
+
+
 def test_a_static_object_can_be_passed_but_not_stored(broker):
     db, server, connect = broker
     server.add_static(Status(), "status")
