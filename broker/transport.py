@@ -77,6 +77,19 @@ def broadcast_address_for(address):
                        % address)
 
 
+def reachable_broadcast(broadcast, address):
+    """The endpoint to subscribe to for a server at `address` that bound
+    its broadcasts to `broadcast`: a wildcard host (a server bound to all
+    interfaces) becomes the host the client reaches the server at."""
+    prefix = "tcp://"
+    if not (broadcast.startswith(prefix) and address.startswith(prefix)):
+        return broadcast
+    host, _, port = broadcast[len(prefix):].rpartition(":")
+    if host not in ("*", "0.0.0.0", "[::]"):
+        return broadcast
+    return "%s%s:%s" % (prefix, address[len(prefix):].rpartition(":")[0], port)
+
+
 def curve_authenticator(context, allow=None):
     """A started CURVE authenticator for `context`'s server sockets: any
     client, or only the public keys in `allow` (bytes or str, Z85)."""
@@ -181,6 +194,7 @@ class Connection:
 
     def subscribe(self, endpoint):
         """Listen to the broadcasts at `endpoint` (reconnects if it changed)."""
+        endpoint = reachable_broadcast(endpoint, self.address)
         if endpoint == self._sub_endpoint:
             return
         self._sub = self._socket(zmq.SUB, replacing=self._sub)

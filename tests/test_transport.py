@@ -8,7 +8,7 @@ import zmq
 from broker import protocol
 from broker.codec import Codec
 from broker.exc import AddressError, BrokerTimeout, ClientClosed, CurveKeyError, ProtocolError
-from broker.transport import Connection, bound
+from broker.transport import Connection, bound, reachable_broadcast
 from broker_fixtures import run_python
 
 codec = Codec()
@@ -184,3 +184,17 @@ def test_bad_timeouts_and_retries_are_refused_at_once(options, error, message):
 def test_bad_curve_keys_are_a_curve_key_error(curve):
     with pytest.raises(CurveKeyError):
         Connection("tcp://127.0.0.1:9", codec, timeout=0.1, retries=0, curve=curve)
+
+
+@pytest.mark.parametrize("broadcast, address, reached", [
+    # A server bound to all interfaces advertises a wildcard host, which no
+    # client can connect to: the host the client reached the server at is used.
+    # (Only strings here: nothing connects.)
+    ("tcp://0.0.0.0:6001", "tcp://localhost:6000", "tcp://localhost:6001"),
+    ("tcp://*:6001", "tcp://127.0.0.1:6000", "tcp://127.0.0.1:6001"),
+    ("tcp://[::]:6001", "tcp://[::1]:6000", "tcp://[::1]:6001"),
+    ("tcp://127.0.0.1:6001", "tcp://127.0.0.1:6000", "tcp://127.0.0.1:6001"),
+    ("ipc:///tmp/b.sock.pub", "ipc:///tmp/b.sock", "ipc:///tmp/b.sock.pub"),
+])
+def test_a_wildcard_broadcast_host_becomes_the_server_s_host(broadcast, address, reached):
+    assert reachable_broadcast(broadcast, address) == reached
