@@ -25,6 +25,7 @@ from broker.protocol import VERSION
 from broker.states import Record
 from broker.values import check_sendable, placeholder_key, resolve_values, same_value
 from dobbin.exc import ConflictError as StoreConflictError
+from dobbin.btree import OOBTree
 from dobbin.exc import HistoryError, ObjectGraphError
 from dobbin.persistent import Persistent, PersistentDict, checkout, state_of
 from dobbin.stream import PersistentStream
@@ -241,15 +242,34 @@ class Handlers:
 
     def op_item(self, f):
         obj = self.resolve(f["key"])
-        items, deps = self.mapping_at(obj, f["tx"])
         item = self.resolve_values(f["item"])
         try:
+            if isinstance(obj, OOBTree):
+                return self.tree_item(obj, item, f)
+            items, deps = self.mapping_at(obj, f["tx"])
             value = [items[item]] if item in items else []
         except TypeError as error:
             # Unhashable, or not ordered with a B-tree's keys.
             raise ProtocolError("the item cannot be a key of %s: %s" % (f["key"], error)) \
                 from None
         return {"value": value, "deps": deps}
+
+    def tree_item(self, tree, item, f):
+        """op_item of a B-tree: a lookup reads one path of it, not all of it."""
+        tid = f["tx"]
+        self.catch_up(tid)
+        rules = self.exports.lookup(type(tree))
+        if type(item) is str and item in rules.hidden:
+            return {"value": [], "deps": [tree._p_oid]}
+        value = tree.get(item, ABSENT)
+        # Read after the value: a commit landing in between shows here.
+        path = tree.lookup_path(item)
+        if any(node._p_serial > tid for node in path):
+            key = self.keyring.sign("o", tree._p_oid)
+            raise ReadConflictError("%s changed after transaction %d; begin() again"
+                                    % (key, tid), key=str(key))
+        return {"value": [] if value is ABSENT else [value],
+                "deps": [node._p_oid for node in path]}
 
     def op_items(self, f):
         obj = self.resolve(f["key"])

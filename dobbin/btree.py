@@ -125,6 +125,17 @@ class OOBTree(Persistent):
                              "every try at key %r" % (self._p_oid, key),
                              oid=self._p_oid, class_name=type(self).__name__)
 
+    def lookup_path(self, key):
+        """The persistent objects a lookup of `key` reads: the tree, the
+        nodes from its root down, and the leaf bucket.  None of them
+        changed after a transaction: the lookup gives the value as of it."""
+        _check_key(key)
+        try:
+            path, bucket, _ = self._find(key)
+        except TypeError as exc:
+            raise _incomparable(key, exc) from None
+        return [self] + [node for node, _ in path] + [bucket]
+
     def _lookup(self, key):
         """Return (value, True), or (None, False) if `key` is absent."""
         _check_key(key)

@@ -217,6 +217,18 @@ def test_clear_after_inserts_in_one_transaction(db):
     assert tree._length is old_length and old_length.cleared == 1
 
 
+def test_lookup_path_is_the_tree_its_nodes_down_and_the_key_s_bucket():
+    tree = SmallTree((k, k) for k in range(60))
+    for key in (0, 31, 59, 1000):
+        path = tree.lookup_path(key)
+        assert path[0] is tree and path[-1] is leaf_for(tree, key)
+        assert len(path) == tree_depth(tree) + 2
+        assert all(isinstance(node, Node) for node in path[1:-1])
+        assert path[1] is tree._root
+    with pytest.raises(TypeError):
+        tree.lookup_path("not an int")
+
+
 def test_ranges():
     tree = SmallTree((k, -k) for k in range(0, 100, 2))
     assert list(tree.keys(10, 20)) == [10, 12, 14, 16, 18, 20]

@@ -599,6 +599,33 @@ def test_a_dropped_mapping_proxy_is_not_kept_alive_by_its_dependencies(broker):
     assert list(client._watch[7]) == [] and list(client._watch[8]) == []
 
 
+def test_a_tree_item_is_read_through_its_path_not_the_whole_tree(broker):
+    # Every item lookup walked all the tree's values and buckets (0.1 s at
+    # 200k items, in the server's front thread), and any change anywhere
+    # in the tree made it a read conflict.
+    db, _server, connect = broker
+    transaction.begin()
+    tree = db.root.tree
+    tree.update(("k%05d" % n, n) for n in range(3000))
+    transaction.commit()
+    client = connect()
+    remote = client.root.tree
+    assert remote["k00001"] == 1
+    watched = [oid for oid, proxies in client._watch.items() if remote in proxies]
+    assert 2 <= len(watched) <= 5  # the tree, its nodes down to one bucket
+    transaction.begin()
+    tree["k02999"] = "changed far away"
+    transaction.commit()
+    assert remote["k00002"] == 2  # same snapshot, another bucket changed: no conflict
+    transaction.begin()
+    tree["k00003"] = "changed in its bucket"
+    transaction.commit()
+    with pytest.raises(exc.ReadConflictError):
+        remote["k00004"]
+    client.begin()
+    assert remote["k00003"] == "changed in its bucket" and remote["k02999"] == "changed far away"
+
+
 def test_begin_takes_broadcast_states_without_loading(broker):
     _db, server, connect = broker
     one, two = connect(), connect()
