@@ -20,8 +20,9 @@ import collections.abc
 from zope.interface import implementer
 
 from broker.codec import ABSENT
-from broker.exc import ExportError
+from broker.exc import ExportError, ProtocolError
 from broker.interfaces import IClassExport, IExportRegistry
+from dobbin.persistent import Persistent, state_of
 
 _MAPPING_METHODS = ("keys", "items", "values", "__getitem__", "__len__", "__contains__",
                     "__iter__")
@@ -216,3 +217,43 @@ class ExportRegistry:
                                           if not callable(getattr(cls, n, None))},
             hidden=parent.hidden, readonly=parent.readonly,
             creatable=parent.creatable, extent=parent.extent)
+
+
+def visible_items(rules, mapping):
+    """The items of `mapping` clients may see: all but those whose key is
+    a name its class (`rules`) hides."""
+    hidden = rules.hidden
+    if not hidden:
+        return mapping
+    return {k: v for k, v in mapping.items() if not (type(k) is str and k in hidden)}
+
+
+def visible_instances(root, cls, exports, limit):
+    """Yield the stored instances of `cls` that clients can reach from
+    `root`: a full walk, through readable fields and visible items only,
+    so that an object kept in a hidden or private field stays unfound.
+    ProtocolError once it has walked more than `limit` objects."""
+    if root is None:
+        return
+    seen = set()
+    stack = [root]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Persistent):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if len(seen) > limit:
+                raise ProtocolError("class search walked more than %d objects" % limit)
+            if value._p_ghost:
+                value._p_jar._p_activate(value)
+            if isinstance(value, cls):
+                yield value
+            rules = exports.lookup(type(value))
+            stack.append(rules.filter_state(state_of(value)))
+            if rules.mapping:
+                stack.extend(visible_items(rules, value).values())
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)

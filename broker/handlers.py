@@ -18,7 +18,7 @@ import transaction
 from broker.codec import ABSENT, Codec
 from broker.exc import (AccessDenied, ConflictError, MultipleResultsError, NoResultError,
                         ProtocolError, ReadConflictError, ResultLost)
-from broker.export import class_name
+from broker.export import class_name, visible_instances, visible_items
 from broker.keys import Key
 from broker.outcomes import COMMIT_MARK, commit_mark
 from broker.protocol import VERSION
@@ -527,7 +527,8 @@ class Handlers:
                 raise AccessDenied("class %r is not exported for search" % target)
             self.catch_up(tid)
             candidates = list(rules.extent() if rules.extent is not None
-                              else self.scan(rules.cls))
+                              else visible_instances(self.db.root, rules.cls, self.exports,
+                                                     MAX_SCAN))
             deps = None
         matches = []
         for candidate in candidates:
@@ -560,45 +561,6 @@ class Handlers:
             if not rules.readable(name) or not same_value(state.get(name, ABSENT), wanted):
                 return False
         return True
-
-    def scan(self, cls):
-        """Yield the stored instances of `cls` that clients can reach from
-        the root (a full walk, through readable fields and visible items
-        only: an object kept in a hidden or private field stays unfound)."""
-        root = self.db.root
-        if root is None:
-            return
-        seen = set()
-        stack = [root]
-        while stack:
-            value = stack.pop()
-            if isinstance(value, Persistent):
-                if id(value) in seen:
-                    continue
-                seen.add(id(value))
-                if len(seen) > MAX_SCAN:
-                    raise ProtocolError("class search walked more than %d objects" % MAX_SCAN)
-                activate(value)
-                if isinstance(value, cls):
-                    yield value
-                rules = self.exports.lookup(type(value))
-                stack.append(rules.filter_state(state_of(value)))
-                if rules.mapping:
-                    stack.extend(visible_items(rules, value).values())
-            elif isinstance(value, dict):
-                stack.extend(value.values())
-            elif isinstance(value, (list, tuple, set, frozenset)):
-                stack.extend(value)
-
-
-def visible_items(rules, mapping):
-    """The items of `mapping` clients may see: all but those whose key is
-    a name its class hides."""
-    hidden = rules.hidden
-    if not hidden:
-        return mapping
-    return {k: v for k, v in mapping.items() if not (type(k) is str and k in hidden)}
-
 
 class _Touched(list):
     """Objects a commit changed, and its new objects by temporary number."""

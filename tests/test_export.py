@@ -4,9 +4,11 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from broker.codec import ABSENT
-from broker.exc import ExportError
-from broker.export import ClassExport, ExportRegistry, exported, is_mapping_class
+from broker.exc import ExportError, ProtocolError
+from broker.export import (ClassExport, ExportRegistry, exported, is_mapping_class,
+                           visible_instances, visible_items)
 from broker.interfaces import IClassExport, IExportRegistry
+from broker_fixtures import Item
 from dobbin.btree import OOBTree
 from dobbin.persistent import Persistent, PersistentDict
 
@@ -134,3 +136,17 @@ def test_mapping_detection():
     assert is_mapping_class(PersistentDict) and is_mapping_class(OOBTree)
     assert is_mapping_class(dict) and not is_mapping_class(Plain)
     assert ExportRegistry().lookup(OOBTree).meta()["mapping"] is True
+
+
+def test_visible_items_and_instances_skip_what_clients_cannot_see():
+    registry = ExportRegistry()
+    registry.export_class(Item, hidden="secret")
+    hidden, private, shown = Item("in a hidden field"), Item("private"), Item("shown")
+    root = Item("root", secret=hidden)
+    object.__setattr__(root, "__dict__", dict(root.__dict__, _admin=private, other=[shown]))
+    found = list(visible_instances(root, Item, registry, 10))
+    assert found == [root, shown]
+    with pytest.raises(ProtocolError, match="more than 1 objects"):
+        list(visible_instances(root, Item, registry, 1))
+    rules = registry.lookup(Item)
+    assert visible_items(rules, {"secret": 1, "name": 2, 3: 4}) == {"name": 2, 3: 4}
