@@ -200,8 +200,9 @@ class IDatabase(Interface):
         A commit records its `transaction`'s ``user``, ``description``
         and ``extension`` (JSON values; a stored persistent object in the
         extension is recorded as its oid).  Catches up first, like
-        `sync`.  Reads at most 64 MiB of records back, and stops early at
-        a damaged record.
+        `sync`.  Reads at most 64 MiB of records back (a record bigger
+        than what is left, a stored file, is skimmed: only its metadata is
+        read), and stops early at a damaged record.
         """
 
     def snapshot(target, until=None):

@@ -29,7 +29,7 @@ from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            build_record, header_last, parse_header, stream_size)
 from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete, check_entry_offset,
                            checkpoint_without_header, find_witness, newest_checkpoint,
-                           object_entry_in, read_record, record_start_before, stream_entry_at,
+                           object_entry_in, read_record, records_before, stream_entry_at,
                            zeros_from)
 from dobbin.record import crc as _crc
 from dobbin.space import ReservedSpace
@@ -484,25 +484,8 @@ class Log(ReservedSpace):
         return True
 
     def records_before(self, end, max_bytes):
-        """Yield the records that end at or before `end`, newest first,
-        walking back by their trailers, until `max_bytes` are read.
-
-        It stops at the first record that fails a check (a damaged
-        checkpoint, say): what it yields is always sound.
-        """
-        fd = self._reading_fd()
-        file_size = self.size()
-        while True:
-            start = record_start_before(fd, end)
-            if start is None or end - start > max_bytes:
-                return
-            try:
-                record = read_record(fd, start, None, file_size)
-            except (Incomplete, Damaged):
-                return
-            yield record
-            max_bytes -= end - start
-            end = start
+        """`dobbin.reader.records_before` in this log."""
+        return records_before(self._reading_fd(), end, self.size(), max_bytes)
 
     def diagnose(self):
         """Why the record at `end` can't be read (maybe INCOMPLETE), or None if it can."""

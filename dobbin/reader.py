@@ -18,9 +18,10 @@ import struct
 from dobbin.exc import CorruptionError
 
 from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
-                           KEPT_KINDS, KINDS, KIND_INDEX, KIND_OBJECT, KIND_ROOT, KIND_STREAM,
-                           STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE, TX_HEADER,
-                           TX_HEADER_SIZE, TX_MAGIC, Entry, Record, parse_header, stream_size)
+                           KEPT_KINDS, KINDS, KIND_INDEX, KIND_META, KIND_OBJECT, KIND_ROOT,
+                           KIND_STREAM, STREAM_CHUNK, TRAILER, TRAILER_MAGIC, TRAILER_SIZE,
+                           TX_HEADER, TX_HEADER_SIZE, TX_MAGIC, Entry, Record, parse_header,
+                           stream_size)
 from dobbin.record import crc as _crc
 
 READ_AHEAD = 1 << 20
@@ -274,6 +275,80 @@ def find_witness(fd, start, file_size, damaged_tid, checkpoint):
 
 def read_record(fd, offset, expected_tid, file_size):
     """Read and check the record at `offset`; raise Incomplete/Damaged."""
+    header, fields = _read_header(fd, offset, expected_tid, file_size)
+    status, length = fields[0], fields[1]
+    try:
+        return _read_body(fd, offset, header, *fields)
+    except Damaged as damage:
+        damage.span_end = offset + length
+        if status == CHECKPOINT:
+            damage.skip_to = offset + length
+        raise
+
+
+def skim_record(fd, offset, file_size):
+    """The record at `offset` with only its M entry, read and checked
+    (with the record's framing: its header, its entries' headers and its
+    trailer) without reading the other entries' data: the metadata of a
+    record too big to read whole.  Raises Incomplete/Damaged."""
+    header, fields = _read_header(fd, offset, None, file_size)
+    status, length, tid, oid_high, stamp, checkpoint, lag, count = fields
+    position, end = offset + TX_HEADER_SIZE, offset + length - TRAILER_SIZE
+    binding = _crc(header)
+    entries = []
+    for _ in range(count):
+        if position + ENTRY_SIZE > end:
+            raise Damaged("entries overrun the record", offset)
+        entry_header = pread_exact(fd, ENTRY_SIZE, position)
+        binding = _crc(entry_header, binding)
+        kind, _res, crc, oid, entry_tid, previous, entry_length = ENTRY.unpack(entry_header)
+        if kind not in KINDS or entry_tid != tid:
+            raise Damaged("entry of kind %r, transaction %d, in record %d"
+                          % (kind, entry_tid, tid), position)
+        if position + ENTRY_SIZE + entry_length > end:
+            raise Damaged("entry length %d overruns its record" % entry_length, position)
+        if kind == KIND_META:
+            data = pread_exact(fd, entry_length, position + ENTRY_SIZE)
+            if crc != _crc(data, _crc(entry_header[8:])):
+                raise Damaged("entry checksum mismatch", position)
+            entries.append(Entry(kind, oid, entry_tid, previous, position, entry_length, data))
+        position += ENTRY_SIZE + entry_length
+    if position != end:
+        raise Damaged("entries do not fill the record", offset)
+    _check_trailer(fd, offset, end, length, binding)
+    return Record(tid, status, offset, length, oid_high, stamp, checkpoint, lag, entries)
+
+
+def records_before(fd, end, file_size, max_bytes):
+    """Yield the records that end at or before `end`, newest first,
+    walking back by their trailers, until `max_bytes` are read.
+
+    A record bigger than what is left of `max_bytes` (a stored file) is
+    skimmed: it comes with its M entry only, and costs only what was read
+    of it.  The walk stops at the first record that fails a check (a
+    damaged checkpoint, say): what it yields is always sound.
+    """
+    while max_bytes > 0:
+        start = record_start_before(fd, end)
+        if start is None:
+            return
+        try:
+            if end - start <= max_bytes:
+                record = read_record(fd, start, None, file_size)
+                max_bytes -= end - start
+            else:
+                record = skim_record(fd, start, file_size)
+                max_bytes -= (TX_HEADER_SIZE + TRAILER_SIZE + ENTRY_SIZE * len(record.entries)
+                              + sum(entry.length for entry in record.entries))
+        except (Incomplete, Damaged):
+            return
+        yield record
+        end = start
+
+
+def _read_header(fd, offset, expected_tid, file_size):
+    """(header bytes, (status, length, tid, oid high, time, checkpoint,
+    lag, count)) of the sound record header at `offset`."""
     if offset + TX_HEADER_SIZE > file_size:
         raise Incomplete()
     header = os.pread(fd, TX_HEADER_SIZE, offset)
@@ -302,14 +377,16 @@ def read_record(fd, offset, expected_tid, file_size):
                            % (tid, expected_tid), offset)
     if offset + length > file_size:
         raise Incomplete()
-    try:
-        return _read_body(fd, offset, header, status, length, tid, oid_high, stamp,
-                               checkpoint, lag, count)
-    except Damaged as damage:
-        damage.span_end = offset + length
-        if status == CHECKPOINT:
-            damage.skip_to = offset + length
-        raise
+    return header, (status, length, tid, oid_high, stamp, checkpoint, lag, count)
+
+
+def _check_trailer(fd, offset, end, length, binding):
+    trailer = pread_exact(fd, TRAILER_SIZE, end)
+    trailer_crc, trailer_magic, trailer_length = TRAILER.unpack(trailer)
+    if trailer_magic != TRAILER_MAGIC or trailer_length != length:
+        raise Damaged("bad record trailer", offset)
+    if trailer_crc != binding:
+        raise Damaged("record checksum mismatch", offset)
 
 def _read_body(fd, offset, header, status, length, tid, oid_high, stamp, checkpoint, lag,
                count):
@@ -334,12 +411,7 @@ def _read_body(fd, offset, header, status, length, tid, oid_high, stamp, checkpo
         raise Damaged("entries overrun the record", offset) from None
     if reader.pos != reader.end:
         raise Damaged("entries do not fill the record", offset)
-    trailer = pread_exact(fd, TRAILER_SIZE, reader.end)
-    trailer_crc, trailer_magic, trailer_length = TRAILER.unpack(trailer)
-    if trailer_magic != TRAILER_MAGIC or trailer_length != length:
-        raise Damaged("bad record trailer", offset)
-    if trailer_crc != binding:
-        raise Damaged("record checksum mismatch", offset)
+    _check_trailer(fd, offset, reader.end, length, binding)
     return Record(tid, status, offset, length, oid_high, stamp, checkpoint, lag, entries)
 
 def _read_entry(fd, reader, entry_offset, entry_header):

@@ -1121,7 +1121,25 @@ def test_records_before_walks_back_newest_first_and_keeps_meta_entries(path):
     second_end = newest.offset
     assert [r.tid for r in log.records_before(second_end, 1 << 20)] == [2, 1]
     assert [r.tid for r in log.records_before(log.end, newest.length)] == [3]
-    assert list(log.records_before(log.end, newest.length - 1)) == []
+    # A record bigger than what is left is skimmed: its M entry only.
+    skimmed = next(log.records_before(log.end, newest.length - 1))
+    assert (skimmed.tid, skimmed.length) == (3, newest.length)
+    assert [(e.kind, e.data) for e in skimmed.entries] == [
+        (b"M", b'{"n": [1, 2], "user": "ann"}')]
+    log.close()
+
+
+def test_a_record_too_big_for_the_budget_no_longer_hides_the_ones_before(path):
+    # A stored file of more than the budget once ended the walk at its record.
+    log = Log(path, durability="none")
+    log.append(COMMITTED, 100, [object_entry(1), MetaEntry(b'{"description": "first"}')])
+    log.append(COMMITTED, 100, [StreamEntry(os.urandom(300_000)),
+                                MetaEntry(b'{"description": "big"}')])
+    log.append(COMMITTED, 100, [object_entry(3), MetaEntry(b'{"description": "last"}')])
+    records = list(log.records_before(log.end, 64 * 1024))
+    assert [r.tid for r in records] == [3, 2, 1]
+    assert [[e.data for e in r.entries if e.kind == b"M"] for r in records] == [
+        [b'{"description": "last"}'], [b'{"description": "big"}'], [b'{"description": "first"}']]
     log.close()
 
 

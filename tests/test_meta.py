@@ -1,5 +1,7 @@
 """Transaction metadata: recorded by commits, read back by recent_transactions."""
 
+import io
+import os
 import struct
 import subprocess
 import sys
@@ -9,10 +11,11 @@ import pytest
 import transaction
 
 from conftest import append_record, forge_file_header
+from dobbin import meta
 from dobbin.exc import CorruptionError, DobbinError, ObjectGraphError
 from dobbin.log import COMMITTED, Log, MetaEntry, ObjectEntry
+from dobbin.persistent import PersistentDict, PersistentFile, checkout
 from dobbin.meta import TransactionInfo, transaction_info
-from dobbin.persistent import PersistentDict, checkout
 
 
 def new_root(db):
@@ -172,3 +175,23 @@ def test_a_forged_meta_entry_is_reported_by_verify_and_recent_transactions(open_
     assert not report["ok"] and any("not UTF-8 JSON" in error for error in report["errors"])
     with pytest.raises(CorruptionError, match="not UTF-8 JSON"):
         db.recent_transactions()
+
+
+def test_a_stored_file_bigger_than_the_read_back_budget_hides_no_history(open_db, monkeypatch):
+    # One record past the budget (64 MiB) once ended the walk: every
+    # transaction before it vanished from recent_transactions and
+    # `dobbin history`, silently.
+    monkeypatch.setattr(meta, "RECENT_BYTES", 256 * 1024)
+    db = open_db()
+    for description, change in (("first", None), ("big file", b"x"), ("last", None)):
+        transaction.begin()
+        if db.root is None:
+            db.elect(PersistentDict())
+        else:
+            checkout(db.root)
+            db.root[description] = (PersistentFile(io.BytesIO(os.urandom(1 << 20)))
+                                    if change else description)
+        transaction.get().note(description)
+        transaction.commit()
+    assert [info.description for info in db.recent_transactions(10)] == [
+        "last", "big file", "first"]

@@ -1,12 +1,16 @@
 """dobbin.reader: records with sound checksums but impossible fields are
 damage, never trusted, and never a stray exception."""
 
+import os
+
 import pytest
 import transaction
 
 from dobbin.database import Database
 from dobbin.exc import CorruptionError
-from dobbin.log import CHECKPOINT, COMMITTED, Log, ObjectEntry, RootEntry, StreamEntry
+from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, TX_HEADER_SIZE, Log, MetaEntry,
+                        ObjectEntry, RootEntry, StreamEntry)
+from dobbin.reader import Damaged, skim_record
 from dobbin.persistent import PersistentDict
 
 
@@ -57,3 +61,50 @@ def test_entry_offsets_outside_the_records_are_corruption(db_path):
                 log.open_stream(offset)
     finally:
         log.close()
+
+
+def big_record(path):
+    """A log whose only record holds a 200 KB stream and an M entry; its offset."""
+    log = Log(path, durability="none")
+    record = log.append(COMMITTED, 1, [StreamEntry(os.urandom(200_000)),
+                                       MetaEntry(b'{"user": "ann"}')])
+    log.close()
+    return record.offset
+
+
+def flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("where", ["entry header", "meta data", "trailer"])
+def test_a_skimmed_record_is_checked_where_it_is_read(db_path, where):
+    offset = big_record(db_path)
+    size = os.path.getsize(db_path)
+    fd = os.open(db_path, os.O_RDONLY)
+    try:
+        record = skim_record(fd, offset, size)
+        assert [(e.kind, e.data) for e in record.entries] == [(b"M", b'{"user": "ann"}')]
+        meta_entry = record.entries[0].offset
+        spot = {"entry header": offset + TX_HEADER_SIZE + 33,   # the stream's length
+                "meta data": meta_entry + ENTRY_SIZE + 2,
+                "trailer": offset + record.length - 10}[where]
+        flip(db_path, spot)
+        with pytest.raises(Damaged):
+            skim_record(fd, offset, size)
+    finally:
+        os.close(fd)
+
+
+def test_a_skimmed_record_does_not_read_the_stream_bytes(db_path):
+    offset = big_record(db_path)
+    flip(db_path, offset + TX_HEADER_SIZE + ENTRY_SIZE + 1000)  # inside the stream's bytes
+    fd = os.open(db_path, os.O_RDONLY)
+    try:
+        assert skim_record(fd, offset, os.path.getsize(db_path)).entries[0].data == (
+            b'{"user": "ann"}')
+    finally:
+        os.close(fd)
