@@ -401,8 +401,9 @@ class BrokerServer:
                     and not self._work.unfinished_tasks and not self.db.write_lock_busy()):
                 # No copy can be waiting: copies register in this thread.
                 return self._run_once(routing, rid, op, fields)[0]
-        refused = None  # stopping: no worker would take it; unanswered, the
-        # client retries it, on this address's next server if there is one
+        # Stopping, it goes unanswered (no worker would take it): the client
+        # retries it, on this address's next server if there is one.
+        refused = None
         if not self._stopping.is_set():
             refused = self._queue(routing, rid, op, fields, len(data))
             if refused is None:

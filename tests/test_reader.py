@@ -6,6 +6,7 @@ import os
 import pytest
 import transaction
 
+from conftest import flip_bit
 from dobbin.database import Database
 from dobbin.exc import CorruptionError
 from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, TX_HEADER_SIZE, Log, MetaEntry,
@@ -72,14 +73,6 @@ def big_record(path):
     return record.offset
 
 
-def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
-
-
 @pytest.mark.parametrize("where", ["entry header", "meta data", "trailer"])
 def test_a_skimmed_record_is_checked_where_it_is_read(db_path, where):
     offset = big_record(db_path)
@@ -92,7 +85,7 @@ def test_a_skimmed_record_is_checked_where_it_is_read(db_path, where):
         spot = {"entry header": offset + TX_HEADER_SIZE + 33,   # the stream's length
                 "meta data": meta_entry + ENTRY_SIZE + 2,
                 "trailer": offset + record.length - 10}[where]
-        flip(db_path, spot)
+        flip_bit(db_path, spot)
         with pytest.raises(Damaged):
             skim_record(fd, offset, size)
     finally:
@@ -101,7 +94,7 @@ def test_a_skimmed_record_is_checked_where_it_is_read(db_path, where):
 
 def test_a_skimmed_record_does_not_read_the_stream_bytes(db_path):
     offset = big_record(db_path)
-    flip(db_path, offset + TX_HEADER_SIZE + ENTRY_SIZE + 1000)  # inside the stream's bytes
+    flip_bit(db_path, offset + TX_HEADER_SIZE + ENTRY_SIZE + 1000)  # inside the stream's bytes
     fd = os.open(db_path, os.O_RDONLY)
     try:
         assert skim_record(fd, offset, os.path.getsize(db_path)).entries[0].data == (
