@@ -161,7 +161,9 @@ class ICommitOutcomes(Interface):
     def finish(key, reply, remember=True):
         """Remember the encoded `reply` of a commit that ran (unless not
         `remember`: it failed, and a copy may run again); return the
-        routing ids of the copies that waited for it."""
+        routing ids of the copies that waited for it.  An outcome is kept
+        while a client may still resend its request, however many others
+        finish meanwhile (up to a hard bound in bytes)."""
 
     def abandon(key):
         """Forget a started commit that will not run (the server is stopping)."""

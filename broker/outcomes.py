@@ -9,7 +9,10 @@ write too); the server runs one request per (token, request id) and
 answers every copy with that one outcome.
 
 Outcomes live in memory, for the last `max_entries` commits and at most
-`max_bytes` of replies: long past any client's retries.  A server may
+`max_bytes` of replies, and each for at least `keep_seconds`, the longest
+a client goes on resending (`hard_max_bytes` bounds that floor): so
+that one client's burst of harmless writes cannot push out the outcome of
+another client's commit while that client may still be retrying it.  A server may
 die after its commit is durable and before its reply is sent; the copy
 then reaches the next server on the address.  So each commit's record
 also carries its token (in the transaction's extension, under
@@ -19,6 +22,7 @@ commits: a copy of one of those is answered as done, never run again.
 
 import collections
 import threading
+import time
 
 from zope.interface import implementer
 
@@ -64,14 +68,18 @@ def _recorded(mark, tid):
 class CommitOutcomes:
     """The outcomes of recent commits, by (token, request id)."""
 
-    def __init__(self, max_entries=10000, max_bytes=16 * 1024 * 1024):
+    def __init__(self, max_entries=10000, max_bytes=16 * 1024 * 1024, keep_seconds=60.0,
+                 hard_max_bytes=128 * 1024 * 1024, clock=time.monotonic):
         self._lock = threading.Lock()
         self._running = {}  # key -> routing ids of the copies waiting for it
-        self._done = collections.OrderedDict()  # key -> encoded reply
+        self._done = collections.OrderedDict()  # key -> (encoded reply, when it finished)
         self._recorded = {}  # key -> Recorded, of commits an earlier server ran
         self._bytes = 0
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.keep_seconds = keep_seconds
+        self.hard_max_bytes = hard_max_bytes
+        self._clock = clock
 
     def recall(self, transactions):
         """Take the commit marks of `transactions` (`dobbin.meta.TransactionInfo`)."""
@@ -89,9 +97,9 @@ class CommitOutcomes:
         the `Recorded` commit that an earlier server ran (the caller answers
         it, as it would a commit it ran)."""
         with self._lock:
-            reply = self._done.get(key)
-            if reply is not None:
-                return reply
+            done = self._done.get(key)
+            if done is not None:
+                return done[0]
             waiting = self._running.get(key)
             if waiting is not None:
                 waiting.append(routing)
@@ -106,12 +114,17 @@ class CommitOutcomes:
             waiting = self._running.pop(key, [])
             if not remember:
                 return waiting
-            self._done[key] = reply
+            done = self._done
+            now = self._clock()
+            done[key] = (reply, now)
             self._bytes += len(reply)
-            while self._done and (len(self._done) > self.max_entries
-                                  or self._bytes > self.max_bytes):
-                _key, dropped = self._done.popitem(last=False)
-                self._bytes -= len(dropped)
+            kept_since = now - self.keep_seconds
+            while done and (len(done) > self.max_entries or self._bytes > self.max_bytes):
+                oldest_reply, finished = next(iter(done.values()))
+                if finished > kept_since and self._bytes <= self.hard_max_bytes:
+                    break  # its client may still be resending it
+                done.popitem(last=False)
+                self._bytes -= len(oldest_reply)
             return waiting
 
     def abandon(self, key):

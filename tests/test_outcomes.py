@@ -38,7 +38,7 @@ def test_an_outcome_not_remembered_still_answers_the_waiting_copies():
 
 
 def test_old_outcomes_go_by_count_and_by_bytes():
-    outcomes = CommitOutcomes(max_entries=3, max_bytes=100)
+    outcomes = CommitOutcomes(max_entries=3, max_bytes=100, keep_seconds=0)
     for n in range(5):
         assert outcomes.start(n, b"r") is RUN
         outcomes.finish(n, b"x" * 10)
@@ -48,6 +48,36 @@ def test_old_outcomes_go_by_count_and_by_bytes():
     outcomes.finish(1, b"z" * 60)  # 120 bytes: the older one goes
     assert outcomes.start(1, b"r") == b"z" * 60
     assert outcomes.start(0, b"r") is RUN
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_recent_outcomes_stay_past_the_count_and_bytes_up_to_the_hard_bound():
+    clock = Clock()
+    outcomes = CommitOutcomes(max_entries=2, max_bytes=30, keep_seconds=10,
+                              hard_max_bytes=100, clock=clock)
+    for n in range(6):
+        outcomes.start(n, b"r")
+        outcomes.finish(n, b"x" * 10)
+        clock.now += 1
+    # 6 entries, 60 bytes: over the count and the bytes, all younger than 10 s.
+    assert [outcomes.start(n, b"r") for n in range(6)] == [b"x" * 10] * 6
+    clock.now = 14.5  # entries 0..4 are older than 10 s now
+    outcomes.start(6, b"r")
+    outcomes.finish(6, b"y")
+    assert [outcomes.start(n, b"r") for n in range(4)] == [RUN] * 4
+    assert outcomes.start(5, b"r") == b"x" * 10
+    for n in range(4):
+        outcomes.abandon(n)
+    # Past the hard bound, even young outcomes go, oldest first.
+    outcomes.start(7, b"r")
+    outcomes.finish(7, b"z" * 95)
+    assert outcomes.start(5, b"r") is RUN and outcomes.start(7, b"r") == b"z" * 95
 
 
 def test_an_abandoned_commit_runs_when_sent_again():

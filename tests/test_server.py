@@ -259,6 +259,23 @@ def test_failed_writes_cannot_push_out_the_outcomes_of_others(peer, broker):
     assert db.root.item.renames == 1
 
 
+def test_a_burst_of_successful_writes_cannot_push_out_a_recent_outcome(peer, broker):
+    # Counted alone, 10,000 quick successful calls from one client pushed
+    # out every other client's outcome within seconds: a retried write ran again.
+    db, server, _connect = broker
+    server._outcomes.max_entries = 20
+    rename = codec.encode({"id": 1, "op": "call", "name": "rename", "args": ["once"],
+                           "kwargs": {}, "token": b"r" * 16})
+    assert peer.request(rename)["ok"] == "once"
+    for n in range(60):
+        assert peer.request({"id": 2 + n, "op": "call", "name": "hello", "args": ["x"],
+                             "kwargs": {}, "token": b"h%015d" % n})["ok"] == "hello x"
+    assert peer.request(rename)["ok"] == "once"
+    transaction.begin()
+    db.sync()
+    assert db.root.item.renames == 1
+
+
 def test_an_application_method_exiting_leaves_its_worker_serving(broker):
     _db, server, connect = broker
     client = connect()
