@@ -108,12 +108,13 @@ class ClassExport:
     def writable(self, name):
         if self.readonly is True or name in self.readonly:
             return False
-        # A method or property of the class: a value stored under its name
-        # would replace the behaviour for the server's own code.
+        return self.readable(name) and not self.behaviour(name)
+
+    def behaviour(self, name):
+        """Whether `name` is a method or property of the class: a value
+        stored under it would replace the behaviour for the server's own code."""
         attribute = getattr(self.cls, name, None)
-        if callable(attribute) or hasattr(type(attribute), "__get__"):
-            return False
-        return self.readable(name)
+        return callable(attribute) or hasattr(type(attribute), "__get__")
 
     def callable(self, name):
         return name in self.callables

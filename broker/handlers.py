@@ -459,10 +459,11 @@ class Handlers:
     @staticmethod
     def _check_writable(rules, name, key):
         if not rules.writable(name):
-            if rules.readable(name):
+            if rules.readable(name) and not rules.behaviour(name):
                 raise AccessDenied("%s.%s of %s is read-only for clients"
                                    % (rules.name, name, key))
-            # Never echo a name clients cannot see: that would confirm a hidden field.
+            # Never echo a name clients cannot see: that would confirm a
+            # hidden field, or a method that is not exported.
             raise AccessDenied("%s of %s has no such attribute for clients" % (rules.name, key))
 
     def _verify(self, key, field, current, old):

@@ -106,6 +106,10 @@ class IClassExport(Interface):
         """Return True if clients may set or delete attribute `name`: readable,
         not read-only, and not a method or property of the class."""
 
+    def behaviour(name):
+        """Return True if `name` is a method or property of the class (a
+        value stored under it would replace the class's behaviour)."""
+
     def callable(name):
         """Return True if clients may call method `name`."""
 
