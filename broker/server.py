@@ -76,6 +76,14 @@ RECALLED_COMMITS = 1000
 # Bytes of requests waiting for the workers, past which more are refused
 # (Busy) rather than queued: decoded, a request may take 20 times its size.
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
+# Messages held for one connection that is not reading them (ZeroMQ's
+# default is 1,000: a client asking for a 1 MiB object without reading
+# the replies took a gigabyte of the server's memory).  Past it replies
+# are dropped (a client has one request out at a time; one that sends
+# more has them answered only while it reads), and broadcasts too (the
+# subscriber sees the gap in their numbers and flushes its cache).
+REPLY_QUEUE = 64
+BROADCAST_QUEUE = 100
 
 
 @implementer(IBrokerServer)
@@ -242,9 +250,11 @@ class BrokerServer:
             router = self._socket(zmq.ROUTER)
             router.setsockopt(zmq.MAXMSGSIZE, self.max_message + 4096)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            router.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
             self.address = bound(router, self.requested_address)
             router.bind(self._front_endpoint)
             pub = self._socket(zmq.PUB)
+            pub.setsockopt(zmq.SNDHWM, BROADCAST_QUEUE)
             self.broadcast_address = bound(pub, self.requested_broadcast)
         except BaseException:
             for sock in (router, pub):

@@ -309,6 +309,77 @@ def test_requests_past_the_queued_bytes_bound_are_refused_busy(tmp_path, monkeyp
     db.close()
 
 
+def rss_mib():
+    """This process's resident memory now (the server runs in it)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def unread_socket(address, kind, **options):
+    """A socket that takes in next to nothing of what it is sent."""
+    context = zmq.Context()
+    sock = context.socket(kind)
+    for option, value in dict(options, LINGER=0, RCVHWM=1, RCVBUF=4096).items():
+        sock.setsockopt(getattr(zmq, option), value)
+    sock.connect(address)
+    return context, sock
+
+
+def test_replies_a_connection_does_not_read_are_held_only_up_to_a_bound(peer, broker):
+    # ZeroMQ's default of 1,000 messages: 400 loads of a 512 KiB object, never
+    # read, took 200 MB of the server's memory.
+    db, server, _connect = broker
+    checkout(db.root.item)
+    db.root.item.name = "x" * (512 * 1024)
+    transaction.commit()
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    tid = hello["tid"]
+    item = peer.request({"id": 2, "op": "load", "key": hello["root"],
+                         "tx": tid})["ok"]["state"]["item"]
+    context, sock = unread_socket(server.address, zmq.DEALER)
+    try:
+        before = rss_mib()
+        for n in range(400):
+            sock.send_multipart([b"", protocol.MAGIC, codec.encode(
+                {"id": 10 + n, "op": "load", "key": item, "tx": tid})])
+        assert wait_until(lambda: server.requests["load"] >= 401)
+        assert peer.request({"id": 3, "op": "ping"})["ok"] is None  # all answered by now
+        grown = rss_mib() - before
+        assert grown < 100, "%.0f MiB held for a connection that reads nothing" % grown
+    finally:
+        sock.close(0)
+        context.term()
+
+
+def test_broadcasts_a_subscriber_does_not_read_are_held_only_up_to_a_bound(broker):
+    db, server, _connect = broker
+    root = db.root
+    checkout(root.things)
+    for n in range(server_module.PUSH_OBJECTS):
+        root.things[n] = Item("item %d" % n)
+    transaction.commit()
+    context, sock = unread_socket(server.broadcast_address, zmq.SUB, SUBSCRIBE=b"")
+    try:
+        time.sleep(0.2)  # the subscription reaches the server
+        before = rss_mib()
+        body = "y" * (server_module.PUSH_TOTAL // server_module.PUSH_OBJECTS - 512)
+        for n in range(400):
+            for item in root.things.values():
+                checkout(item)
+                item.name = "%d %s" % (n, body)
+            transaction.commit()
+        tid = db.last_tid
+        assert wait_until(lambda: server.history.top == tid)
+        grown = rss_mib() - before
+        assert grown < 60, "%.0f MiB held for a subscriber that reads nothing" % grown
+    finally:
+        sock.close(0)
+        context.term()
+
+
 def record_commit_threads(server, hold=None):
     """Make `server` note the thread of each commit; `hold(n)`, if given,
     runs in that thread before the n-th (from 0) commit does."""
