@@ -585,6 +585,9 @@ class BrokerClient:
             return list(result) if isinstance(result, list) else result
 
     def close(self):
+        # A request in flight in another thread holds the lock: it gives up
+        # its wait (ClientClosed) instead of finishing its retries first.
+        self._conn.closing = True
         with self._lock:
             if not self._closed:
                 self._closed = True

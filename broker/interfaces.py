@@ -346,7 +346,11 @@ class IBrokerClient(Interface):
         """Return how many objects in `target` have fields equal to `query`."""
 
     def close():
-        """Close the sockets; the client cannot be used afterwards.  Idempotent."""
+        """Close the sockets; the client cannot be used afterwards.  Idempotent.
+
+        A request that another thread is waiting for ends within 0.1 s
+        with `broker.exc.ClientClosed`; what it did on the server is then
+        unknown (a commit may have been applied)."""
 
 
 class IProxy(Interface):

@@ -29,6 +29,9 @@ _RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
+# Seconds a wait for a reply may go on after the connection is closing.
+WAIT_SLICE = 0.1
+
 
 def send_frames(sock, frames):
     """socket.send_multipart(frames), cheaper."""
@@ -162,6 +165,9 @@ class Connection:
         self._sub = None
         self._sub_endpoint = None
         self._closed = False
+        # Set by another thread than the one using the connection: a wait
+        # for a reply then ends within WAIT_SLICE, with ClientClosed.
+        self.closing = False
         self._connect()
 
     def _secure(self, sock):
@@ -187,9 +193,10 @@ class Connection:
 
     def _connect(self):
         self._dealer = self._socket(zmq.DEALER, replacing=self._dealer)
-        # A blocking receive with a timeout costs one wake-up less than poll + recv.
-        self._wait_ms = max(1, int(self.timeout * 1000))
-        self._dealer.setsockopt(zmq.RCVTIMEO, self._wait_ms)
+        # A blocking receive with a timeout costs one wake-up less than
+        # poll + recv; in slices, so that a close() from another thread
+        # ends the wait soon (a reply ends it at once whatever the slice).
+        self._dealer.setsockopt(zmq.RCVTIMEO, max(1, int(min(self.timeout, WAIT_SLICE) * 1000)))
         connected(self._dealer, self.address)
 
     def subscribe(self, endpoint):
@@ -225,7 +232,7 @@ class Connection:
         called once the request is sent, to do some work while the server
         does its own.  Raises BrokerTimeout once every retry went unanswered.
         """
-        if self._closed:
+        if self._closed or self.closing:
             raise ClientClosed("the client is closed")
         rid = next(self._ids)
         fields["id"] = rid
@@ -249,31 +256,26 @@ class Connection:
     def _await(self, rid):
         dealer = self._dealer
         deadline = time.monotonic() + self.timeout
-        shortened = False
-        try:
-            while True:
-                try:
-                    frames = recv_frames(dealer)
-                except zmq.Again:
+        while True:
+            try:
+                frames = recv_frames(dealer)
+            except zmq.Again:
+                if self.closing:
+                    raise ClientClosed("the client was closed while it waited for a reply "
+                                       "from %s: what the request did is unknown"
+                                       % self.address) from None
+                if time.monotonic() >= deadline:
                     return None
-                if self.trace is not None:
-                    self.trace("recv", frames)
-                if len(frames) != 3 or frames[0] != b"" or frames[1] != protocol.MAGIC:
-                    raise ProtocolError("malformed reply frames from %s" % self.address)
-                reply_id, server, ok, result = protocol.check_reply(
-                    self.codec.decode(frames[2]))
-                if reply_id == rid:
-                    return server, ok, result
-                # A late reply to an abandoned request (or to a garbled one):
-                # drop it, and wait for ours only for the rest of the timeout.
-                remaining_ms = int((deadline - time.monotonic()) * 1000)
-                if remaining_ms <= 0:
-                    return None
-                dealer.setsockopt(zmq.RCVTIMEO, remaining_ms)
-                shortened = True
-        finally:
-            if shortened:
-                dealer.setsockopt(zmq.RCVTIMEO, self._wait_ms)
+                continue
+            if self.trace is not None:
+                self.trace("recv", frames)
+            if len(frames) != 3 or frames[0] != b"" or frames[1] != protocol.MAGIC:
+                raise ProtocolError("malformed reply frames from %s" % self.address)
+            reply_id, server, ok, result = protocol.check_reply(self.codec.decode(frames[2]))
+            if reply_id == rid:
+                return server, ok, result
+            # A late reply to an abandoned request (or to a garbled one):
+            # dropped, and ours awaited for the rest of the timeout.
 
     def broadcasts(self, timeout=0):
         """Return the broadcasts waiting (decoded), waiting up to `timeout` s for one."""

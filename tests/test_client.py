@@ -696,3 +696,36 @@ def test_a_state_pushed_before_a_newer_change_is_not_used(broker):
     two._pending[-1] = (newest[0], newest[1], {})
     two.begin()
     assert item.name == "new"
+
+
+def test_close_from_another_thread_ends_a_request_in_flight(broker):
+    # close() waited for the request in flight, and so for the method
+    # (here, for ever) and every retry of it.
+    _db, server, connect = broker
+    release = threading.Event()
+    server.do_hold = lambda: release.wait(60)
+    client = connect(timeout=30)
+    failures = []
+
+    def hold():
+        try:
+            client.call("hold")
+        except exc.ClientClosed as error:
+            failures.append(error)
+
+    caller = threading.Thread(target=hold)
+    caller.start()
+    assert wait_until(lambda: server.requests["call"])
+    closer = threading.Thread(target=client.close)
+    closer.start()
+    closer.join(20)
+    try:
+        assert not closer.is_alive()
+        caller.join(20)
+        assert "unknown" in str(failures[0])
+        with pytest.raises(exc.ClientClosed):
+            client.call("hello", "again")
+    finally:
+        release.set()
+        closer.join()
+        caller.join()

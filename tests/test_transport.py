@@ -1,6 +1,7 @@
 """broker.transport: lazy pirate retries, stale replies, timeouts."""
 
 import threading
+import time
 
 import pytest
 import zmq
@@ -8,8 +9,8 @@ import zmq
 from broker import protocol
 from broker.codec import Codec
 from broker.exc import AddressError, BrokerTimeout, ClientClosed, CurveKeyError, ProtocolError
-from broker.transport import Connection, bound, reachable_broadcast
-from broker_fixtures import run_python
+from broker.transport import WAIT_SLICE, Connection, bound, reachable_broadcast
+from broker_fixtures import run_python, wait_until
 
 codec = Codec()
 
@@ -110,6 +111,57 @@ def test_timeout_after_every_retry(flaky):
     with pytest.raises(ClientClosed):
         connection.request("ping", {})
     connection.close()  # idempotent
+
+
+def test_a_wait_longer_than_a_slice_still_gets_its_reply():
+    # Waits go in slices of WAIT_SLICE; a reply after several still counts.
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:*")
+    address = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+    def answer_late():
+        routing, _empty, _magic, body = router.recv_multipart()
+        time.sleep(3 * WAIT_SLICE)
+        router.send_multipart([routing, b"", protocol.MAGIC, codec.encode(
+            protocol.ok_reply(codec.decode(body)["id"], 7, "late"))])
+
+    thread = threading.Thread(target=answer_late)
+    thread.start()
+    connection = Connection(address, codec, timeout=10 * WAIT_SLICE, retries=0)
+    try:
+        assert connection.request("ping", {}) == (7, True, "late")
+    finally:
+        thread.join()
+        connection.close()
+        router.close(0)
+        context.term()
+
+
+def test_closing_ends_a_wait_in_another_thread_with_client_closed(flaky):
+    server = flaky(drop=100)
+    connection = Connection(server.address, codec, timeout=60, retries=3)
+    outcome = []
+
+    def wait():
+        try:
+            connection.request("ping", {})
+        except ClientClosed as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    assert wait_until(lambda: server.seen)
+    connection.closing = True
+    thread.join(30)  # not 4 x 60 s of retries
+    try:
+        assert not thread.is_alive()
+        assert "unknown" in str(outcome[0]) and server.seen == 1
+        with pytest.raises(ClientClosed):
+            connection.request("ping", {})
+    finally:
+        connection.close()
 
 
 DROPPED_UNCLOSED = """
