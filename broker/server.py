@@ -117,7 +117,7 @@ class BrokerServer:
         self.debug = debug
         self.name = name or "dobbin-broker"
         self.max_message = max_message
-        self.instance = random.SystemRandom().getrandbits(48)
+        self.instance = None  # a new number at each start(): see _new_instance
         self.exports = ExportRegistry()
         if secret_file is None:
             secret_file = secret_path_for(db.path)
@@ -136,7 +136,6 @@ class BrokerServer:
         self._codec = Codec(default=self._encode_object, on_key=self._check_key,
                             max_message=max_message, key_cache=KEY_CACHE)
         self._unchecked_codec = Codec(max_message=max_message)
-        self._reply_head = (b"\xa3srv" + msgpack.packb(self.instance) + b"\xa2ok")
         self._work = queue.Queue()
         self._threads = {}
         self._context = None
@@ -145,8 +144,8 @@ class BrokerServer:
         self._last_broadcast = 0
         # Workers reach the front thread through the ROUTER itself; their
         # routing ids are random, so no remote peer can pose as one.
-        self._front_endpoint = "inproc://broker-front-%x" % self.instance
         token = random.SystemRandom().getrandbits(128).to_bytes(16, "big")
+        self._front_endpoint = "inproc://broker-front-%s" % token.hex()
         self._control_id = token + b"stop"
         self._worker_ids = [token + b"w%d" % n for n in range(workers)]
         self._internal_ids = frozenset(self._worker_ids) | {self._control_id}
@@ -264,6 +263,7 @@ class BrokerServer:
             self._context.term()
             self._context = None
             raise
+        self._new_instance()
         self.db.sync()
         # No callback runs while the database's notify lock is held (a private
         # lock of dobbin.database.Database): every transaction after `tid`
@@ -292,6 +292,14 @@ class BrokerServer:
                                      for n in range(self.workers)],
                          "poller": self._spawn("broker-poller", self._poller)}
         return self
+
+    def _new_instance(self):
+        # A client tells a restarted server by its number (it may have
+        # missed broadcasts, or listen at a port that has changed), even
+        # when this same object serves again.
+        self.instance = random.SystemRandom().getrandbits(48)
+        self.broadcast_seq = 0
+        self._reply_head = b"\xa3srv" + msgpack.packb(self.instance) + b"\xa2ok"
 
     def stop(self):
         if not self._running:

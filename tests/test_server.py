@@ -20,8 +20,8 @@ from broker.interfaces import IBrokerServer
 from broker.keys import Key
 from broker.server import INLINE_COMMIT, PUSH_OBJECTS, BrokerServer
 from broker.states import unseal
-from broker_fixtures import (TIMEOUT, Item, Profile, broker, make_database, served,  # noqa: F401
-                             wait_until)
+from broker_fixtures import (TIMEOUT, Item, Profile, TestServer, broker,  # noqa: F401
+                             configure, make_database, served, wait_until)
 from conftest import append_record
 from dobbin.database import Database
 from dobbin.log import COMMITTED, MetaEntry
@@ -911,6 +911,41 @@ def test_statics(broker):
     server.del_static("status", 1)
     with pytest.raises(KeyError):
         client.static("status", 1)
+
+
+def test_the_same_server_object_started_again_is_a_new_server_to_its_clients(tmp_path):
+    # It kept its instance number: clients went on listening at the old
+    # broadcast port and kept a static changed after the restart stale.
+    db = make_database(str(tmp_path / "d.dobbin"))
+
+    class Settings:
+        colour = "red"
+
+    settings = Settings()
+    server = configure(TestServer(db, address="ipc://%s" % (tmp_path / "broker"),
+                                  broadcast="tcp://127.0.0.1:*"))
+    server.add_static(settings, "settings")
+    server.start()
+    try:
+        first, first_broadcasts = server.instance, server.broadcast_address
+        with BrokerClient(server.address, timeout=TIMEOUT) as client:
+            proxy = client.static("settings")
+            assert proxy.colour == "red"
+            server.stop()
+            server.start()
+            assert server.instance != first and server.broadcast_address != first_broadcasts
+            client.begin()  # learns of the new server, and where it broadcasts
+            server.obj_update(settings, colour="blue")
+
+            def seen_blue():
+                client.wait_for_broadcast(timeout=0.1)
+                client.begin()
+                return proxy.colour == "blue"
+
+            assert wait_until(seen_blue)
+    finally:
+        server.stop()
+        db.close()
 
 
 def test_a_server_starts_and_serves_over_damaged_commit_metadata(tmp_path, caplog):
