@@ -46,6 +46,26 @@ SEARCH_CACHE = 256
 ITEM_CACHE = 1024
 
 
+class _UseLock:
+    """The client's lock, held by every use of it: taken once the client
+    is closed, it raises ClientClosed (cached reads included)."""
+
+    __slots__ = ("rlock", "closed")
+
+    def __init__(self):
+        self.rlock = threading.RLock()
+        self.closed = False
+
+    def __enter__(self):
+        self.rlock.acquire()
+        if self.closed:
+            self.rlock.release()
+            raise exc.ClientClosed("the client is closed")
+
+    def __exit__(self, *exc_info):
+        self.rlock.release()
+
+
 @implementer(IBrokerClient)
 class BrokerClient:
     """A connection to the broker server at `address`.
@@ -58,7 +78,7 @@ class BrokerClient:
 
     def __init__(self, address, timeout=2.5, retries=3, curve=None, trace=None):
         self.address = address
-        self._lock = threading.RLock()
+        self._lock = _UseLock()
         self._codec = Codec(default=self._encode_object, on_key=self._decode_key)
         self._cache = weakref.WeakValueDictionary()   # key token -> Proxy
         self._metas = {}
@@ -75,7 +95,6 @@ class BrokerClient:
         self._root = None
         self._changes = LocalChanges()
         self._numbers = itertools.count(1)
-        self._closed = False
         self._conn = Connection(address, self._codec, timeout, retries, curve, trace)
         try:
             with self._lock:
@@ -88,8 +107,6 @@ class BrokerClient:
     # -- requests ------------------------------------------------------------
 
     def _call(self, op, while_waiting=None, **fields):
-        if self._closed:
-            raise exc.ClientClosed("the client is closed")
         server, ok, result = self._conn.request(op, fields, while_waiting)
         if server != self._server and op != "hello":
             self._server_changed()
@@ -588,9 +605,9 @@ class BrokerClient:
         # A request in flight in another thread holds the lock: it gives up
         # its wait (ClientClosed) instead of finishing its retries first.
         self._conn.closing = True
-        with self._lock:
-            if not self._closed:
-                self._closed = True
+        with self._lock.rlock:
+            if not self._lock.closed:
+                self._lock.closed = True
                 self._conn.close()
 
     def __enter__(self):

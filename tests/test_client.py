@@ -729,3 +729,22 @@ def test_close_from_another_thread_ends_a_request_in_flight(broker):
         release.set()
         closer.join()
         caller.join()
+
+
+def test_every_use_of_a_closed_client_raises_client_closed(broker):
+    # Cached reads, local writes, new(), abort() and an empty commit() went
+    # on working after close().
+    _db, _server, connect = broker
+    client = connect()
+    item = client.root.item
+    assert item.name == "first"
+    assert client.find("broker_fixtures.Item", name="first") == [item]
+    client.close()
+    uses = [lambda: item.name, lambda: setattr(item, "name", "x"), lambda: client.root,
+            lambda: client.find("broker_fixtures.Item", name="first"),
+            lambda: client.new("broker_fixtures.Item", name="n"),
+            client.abort, client.commit, client.begin, lambda: item.shout()]
+    for use in uses:
+        with pytest.raises(exc.ClientClosed):
+            use()
+    client.close()  # still idempotent
