@@ -22,6 +22,7 @@ objects are named again and again.
 import hashlib
 import hmac
 import os
+import stat
 
 import msgpack
 
@@ -166,8 +167,9 @@ def load_or_create_secret(path):
 
     Several servers may start at once: the file is written under a temporary
     name and linked into place, so a reader never sees a partial secret.
-    Raises SecretFileError if the file is readable by group or others, or is
-    not exactly SECRET_SIZE bytes.
+    Raises SecretFileError if it is a symbolic link or not a regular file,
+    belongs to another user, is readable by group or others, or is not
+    exactly SECRET_SIZE bytes.
     """
     path = os.fspath(path)
     try:
@@ -191,14 +193,33 @@ def load_or_create_secret(path):
 
 
 def _read_secret(path):
-    fd = os.open(path, os.O_RDONLY)
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if mode & 0o077:
+    # Not through a link, and never blocking (a FIFO put there): a secret
+    # that someone else placed or can swap would let them forge keys.
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if os.path.islink(path):
+            raise SecretFileError("%s is a symbolic link; the secret must be a file of "
+                                  "its own" % path) from None
+        raise SecretFileError("cannot open the secret file %s: %s"
+                              % (path, error.strerror or error)) from None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise SecretFileError("%s is not a regular file" % path)
+        if status.st_uid != os.geteuid():
+            raise SecretFileError("%s belongs to uid %d, not to this server's user (uid %d)"
+                                  % (path, status.st_uid, os.geteuid()))
+        if status.st_mode & 0o077:
             raise SecretFileError(
                 "%s is accessible by group or others (mode %o); chmod 600 it"
-                % (path, mode & 0o777))
-        secret = f.read(SECRET_SIZE + 1)
+                % (path, status.st_mode & 0o777))
+        secret = os.read(fd, SECRET_SIZE + 1)  # a regular file's read is not cut short
+    finally:
+        os.close(fd)
     if len(secret) != SECRET_SIZE:
         raise SecretFileError("%s holds %d bytes, expected %d"
                               % (path, len(secret), SECRET_SIZE))

@@ -108,6 +108,40 @@ def test_damaged_secret_file_is_refused(tmp_path):
         load_or_create_secret(path)
 
 
+def make_link(tmp_path, path):
+    target = str(tmp_path / "elsewhere")
+    load_or_create_secret(target)  # a good secret, but not this file
+    os.symlink(target, path)
+
+
+def make_dangling_link(tmp_path, path):
+    os.symlink(str(tmp_path / "nothing"), path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (make_link, "symbolic link"),
+    (make_dangling_link, "symbolic link"),
+    (lambda tmp_path, path: os.mkdir(path), "not a regular file"),
+    (lambda tmp_path, path: os.mkfifo(path, 0o600), "not a regular file"),
+])
+def test_a_secret_path_that_is_not_a_file_of_its_own_is_refused(tmp_path, make, message):
+    # A link was followed (its target's bytes became the secret), and a
+    # FIFO made the server wait for ever.
+    path = str(tmp_path / "secret")
+    make(tmp_path, path)
+    with pytest.raises(SecretFileError, match=message):
+        load_or_create_secret(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_secret_file_of_another_user_is_refused(tmp_path):
+    path = str(tmp_path / "secret")
+    load_or_create_secret(path)
+    os.chown(path, 4242, -1)
+    with pytest.raises(SecretFileError, match="belongs to uid 4242"):
+        load_or_create_secret(path)
+
+
 def test_concurrent_creation_agrees_on_one_secret(tmp_path):
     path = str(tmp_path / "secret")
     results = []
