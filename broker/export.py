@@ -11,7 +11,8 @@ The rules, per class (looked up along the MRO, so subclasses inherit):
   ones writable except `readonly` (True: none), and makes `callables` plus
   the decorated methods callable.
 - `hidden` names are never readable, writable or callable, and are never
-  sent, not even their names.
+  sent, not even their names; for a mapping class they also name the items
+  clients can neither see nor set (to them these items are absent).
 - Names starting with "_" are never exported, whatever the configuration.
 """
 
@@ -220,13 +221,17 @@ class ExportRegistry:
             creatable=parent.creatable, extent=parent.extent)
 
 
+def hidden_item(rules, item):
+    """Whether clients may not see (nor change) item `item` of a mapping
+    whose class is exported with `rules`: its key is a name it hides."""
+    return type(item) is str and item in rules.hidden
+
+
 def visible_items(rules, mapping):
-    """The items of `mapping` clients may see: all but those whose key is
-    a name its class (`rules`) hides."""
-    hidden = rules.hidden
-    if not hidden:
+    """The items of `mapping` clients may see: all but the hidden ones."""
+    if not rules.hidden:
         return mapping
-    return {k: v for k, v in mapping.items() if not (type(k) is str and k in hidden)}
+    return {k: v for k, v in mapping.items() if not hidden_item(rules, k)}
 
 
 def visible_instances(root, cls, exports, limit):

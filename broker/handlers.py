@@ -18,7 +18,7 @@ import transaction
 from broker.codec import ABSENT, Codec
 from broker.exc import (AccessDenied, ConflictError, MultipleResultsError, NoResultError,
                         ProtocolError, ReadConflictError, ResultLost)
-from broker.export import class_name, visible_instances, visible_items
+from broker.export import class_name, hidden_item, visible_instances, visible_items
 from broker.keys import Key
 from broker.outcomes import COMMIT_MARK, commit_mark
 from broker.protocol import VERSION
@@ -259,7 +259,7 @@ class Handlers:
         tid = f["tx"]
         self.catch_up(tid)
         rules = self.exports.lookup(type(tree))
-        if type(item) is str and item in rules.hidden:
+        if hidden_item(rules, item):
             return {"value": [], "deps": [tree._p_oid]}
         value = tree.get(item, ABSENT)
         # Read after the value: a commit landing in between shows here.
@@ -407,15 +407,20 @@ class Handlers:
             self._check_writable(rules, name, key)
             if name in state_of(obj):
                 delattr(obj, name)
+        # A hidden item is absent to clients, here as in reads (so a
+        # guessed old value gets no answer), and they cannot set it.
         for key, item, old, new in f["setitem"]:
-            mapping = self._writable_mapping(key, created, touched)
+            mapping, rules = self._writable_mapping(key, created, touched)
             item = stored(item)
-            self._verify(key, item, self._current_item(mapping, key, item), compared(old))
+            self._verify(key, item, self._current_item(mapping, rules, key, item),
+                         compared(old))
+            if hidden_item(rules, item):
+                raise AccessDenied("this item of %s cannot be set by clients" % key)
             self._mutate(mapping, touched, lambda m: m.__setitem__(item, stored(new)))
         for key, item, old in f["delitem"]:
-            mapping = self._writable_mapping(key, created, touched)
+            mapping, rules = self._writable_mapping(key, created, touched)
             item = compared(item)
-            current = self._current_item(mapping, key, item)
+            current = self._current_item(mapping, rules, key, item)
             self._verify(key, item, current, compared(old))
             if current is not ABSENT:
                 self._mutate(mapping, touched, lambda m: m.__delitem__(item))
@@ -434,11 +439,14 @@ class Handlers:
         rules = self.exports.lookup(type(obj))
         if not isinstance(obj, Persistent) or not rules.mapping or rules.readonly is True:
             raise AccessDenied("items of %s cannot be changed by clients" % key)
-        return obj
+        return obj, rules
 
     @staticmethod
-    def _current_item(mapping, key, item):
-        """The value of `item` in `mapping`, or ABSENT; ProtocolError if it cannot be a key."""
+    def _current_item(mapping, rules, key, item):
+        """The value of `item` in `mapping` that clients see, or ABSENT;
+        ProtocolError if it cannot be a key."""
+        if hidden_item(rules, item):
+            return ABSENT
         try:
             return mapping.get(item, ABSENT)
         except TypeError as error:

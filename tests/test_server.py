@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 from broker import exc, protocol
 from broker import server as server_module
 from broker.client import BrokerClient
+from broker.changes import DELETED
 from broker.codec import ABSENT, Codec
 from broker.interfaces import IBrokerServer
 from broker.keys import Key
@@ -832,6 +833,31 @@ def test_hidden_items_of_a_mapping_never_leave_the_server(broker):
         remote["password"]
     assert client.find(remote, login="alice") == []  # values, not the mapping itself
     assert not any(b"hunter2" in frame for frame in frames)
+
+
+def test_hidden_items_of_a_mapping_can_be_neither_guessed_nor_changed(broker):
+    # A commit's old value was checked against the hidden item: a wrong
+    # guess conflicted and the right one overwrote the password.
+    db, _server, connect = broker
+    root = db.root
+    checkout(root.things)
+    root.things["alice"] = Profile(login="alice", password="hunter2")
+    transaction.commit()
+    client = connect()
+    remote = client.root.things["alice"]
+    remote["password"] = "pwned"  # as the client sees it: a new item
+    with pytest.raises(exc.AccessDenied, match="cannot be set"):
+        client.commit()
+    for guess in ["letmein", "hunter2"]:
+        client._changes.set_item(remote, "password", "pwned", guess)  # what a raw peer may send
+        with pytest.raises(exc.ConflictError):
+            client.commit()
+    del remote["login"]
+    client._changes.set_item(remote, "password", DELETED, ABSENT)  # absent to clients: no-op
+    client.commit()
+    transaction.begin()
+    db.sync()
+    assert dict(db.root.things["alice"]) == {"password": "hunter2"}
 
 
 def test_broadcast_states_are_sealed_for_key_holders(broker):
