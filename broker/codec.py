@@ -224,6 +224,10 @@ class Codec:
         return wire
 
     def _convert_container(self, obj, t, state, depth):
+        # Checked here too: _shared measured each shared container at one of
+        # its places, and its definition goes where this walk meets it first.
+        if depth >= self.max_depth:
+            raise EncodeError("value nested deeper than %d levels" % self.max_depth)
         i = id(obj)
         if i in state.shared:
             number = state.numbers.get(i)

@@ -125,6 +125,39 @@ def test_depth_limit_when_encoding():
         Codec(max_depth=5).encode(value)
 
 
+def nested(inner, levels):
+    for _ in range(levels):
+        inner = (inner,)
+    return inner
+
+
+def shared_part_met_deep_first():
+    part, twice = nested(1, 58), []  # part: 59 levels where the depth check measures it
+    return {"first": [twice, twice, nested(part, 58)], "then": part}
+
+
+def chain_of_shared_parts():
+    parts = [nested(1, 50)]
+    for _ in range(30):
+        parts.append(nested(parts[-1], 50))
+    twice = []
+    return [twice, twice] + parts[::-1]  # each part 51 levels deep where measured
+
+
+@pytest.mark.parametrize("make", [shared_part_met_deep_first, chain_of_shared_parts])
+def test_what_encodes_decodes_when_shared_parts_sit_deep(make):
+    # A shared part is defined where the walk first meets it, which may be
+    # deeper than where the depth check had measured it: encode() made
+    # messages decode() refused, or raised RecursionError.
+    value = make()
+    try:
+        data = codec.encode(value)
+    except EncodeError as error:
+        assert "deeper than 64" in str(error)
+    else:
+        assert codec.decode(data) == value
+
+
 def test_item_limit_when_encoding():
     with pytest.raises(EncodeError, match="more than 10 items"):
         Codec(max_items=10).encode(list(range(11)))
