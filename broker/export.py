@@ -87,7 +87,8 @@ class ClassExport:
         decorated = frozenset(
             name for name in dir(cls)
             if not name.startswith("_") and is_exported(getattr(cls, name, None)))
-        self.callables = ((_names(callables, "callables") or frozenset()) | decorated) - self.hidden
+        named = _names(callables, "callables") or frozenset()
+        self.callables = (named | decorated) - self.hidden
         for name in self.callables:
             if not callable(getattr(cls, name, None)):
                 raise ExportError("%s.%s is exported as callable but is not a method"

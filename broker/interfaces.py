@@ -173,6 +173,29 @@ class ICommitOutcomes(Interface):
         """Forget a started commit that will not run (the server is stopping)."""
 
 
+class IReplyBacklog(Interface):
+    """The big replies a server handed to ZeroMQ and ZeroMQ has not yet
+    sent, in bytes per connection and in all; used by one thread only."""
+
+    max_bytes = Attribute("Bytes that may be pending, all connections together.")
+    max_peer_bytes = Attribute("Bytes that may be pending for one connection.")
+    pending_bytes = Attribute("Bytes pending now (as of the last `admits`).")
+
+    def send(router, frames, refusal):
+        """Send reply `frames` ([routing id, b"", MAGIC, body]) on the
+        ROUTER socket `router`: a big body tracked, or, past the bounds,
+        the frames `refusal(routing id, reply id or None)` returns instead."""
+
+    def admits(routing, size):
+        """Return True if a big reply of `size` bytes to connection
+        `routing` may be sent now: it keeps that connection and all of
+        them within their bounds, or nothing is pending."""
+
+    def track(routing, size, tracker):
+        """Count a reply of `size` bytes sent to `routing` until `tracker`
+        (a pyzmq MessageTracker) is done."""
+
+
 class IInvalidationHistory(Interface):
     """The oids each of a server's latest committed transactions changed.
 

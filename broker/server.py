@@ -46,6 +46,7 @@ import zmq
 from zope.interface import implementer
 
 from broker import exc, protocol
+from broker.backlog import BROADCAST_QUEUE, REPLY_QUEUE, ReplyBacklog
 from broker.codec import MAX_MESSAGE, Codec
 from broker.export import ExportRegistry
 from broker.handlers import Handlers
@@ -76,14 +77,6 @@ RECALLED_COMMITS = 1000
 # Bytes of requests waiting for the workers, past which more are refused
 # (Busy) rather than queued: decoded, a request may take 20 times its size.
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
-# Messages held for one connection that is not reading them (ZeroMQ's
-# default is 1,000: a client asking for a 1 MiB object without reading
-# the replies took a gigabyte of the server's memory).  Past it replies
-# are dropped (a client has one request out at a time; one that sends
-# more has them answered only while it reads), and broadcasts too (the
-# subscriber sees the gap in their numbers and flushes its cache).
-REPLY_QUEUE = 64
-BROADCAST_QUEUE = 100
 
 
 @implementer(IBrokerServer)
@@ -279,6 +272,7 @@ class BrokerServer:
         self._stopping = threading.Event()
         self._work = queue.Queue()  # nothing queued before a stop runs after it
         self._outcomes = CommitOutcomes()
+        self._backlog = ReplyBacklog()
         try:
             # A copy of a commit whose server died before replying may come here.
             self._outcomes.recall(self.db.recent_transactions(RECALLED_COMMITS))
@@ -363,7 +357,8 @@ class BrokerServer:
                 if frames[0] in internal:
                     if frames[0] == control:
                         return
-                    send_frames(router, frames[1:])  # a worker's reply to a client
+                    # A worker's reply to a client.
+                    self._backlog.send(router, frames[1:], self._busy_frames)
                     continue
                 try:
                     reply = self._receive(frames)
@@ -372,9 +367,14 @@ class BrokerServer:
                     logger.exception("request from %r failed unanswered", frames[0])
                     continue
                 if reply is not None:
-                    send_frames(router, reply)
+                    self._backlog.send(router, reply, self._busy_frames)
         finally:
             router.close(0)
+
+    def _busy_frames(self, routing, rid):
+        return self._error_frames(routing, rid, exc.Busy(
+            "the server holds %d bytes of replies not yet read; read yours, or try again"
+            % self._backlog.pending_bytes))
 
     def _receive(self, frames):
         """Handle one ROUTER message; return the reply frames, or None if queued.

@@ -355,6 +355,42 @@ def test_replies_a_connection_does_not_read_are_held_only_up_to_a_bound(peer, br
         context.term()
 
 
+def test_big_replies_past_a_connection_s_bound_are_refused_busy_and_others_served(
+        peer, broker):
+    # 64 replies per connection is still 1 GB of 16 MiB objects, and more
+    # for each connection opened: big replies not yet sent are bounded in bytes.
+    db, server, _connect = broker
+    checkout(db.root.item)
+    db.root.item.name = "x" * (1024 * 1024)
+    transaction.commit()
+    server._backlog.max_peer_bytes = 3 * 1024 * 1024
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    tid = hello["tid"]
+    item = peer.request({"id": 2, "op": "load", "key": hello["root"],
+                         "tx": tid})["ok"]["state"]["item"]
+    context, sock = unread_socket(server.address, zmq.DEALER)
+    try:
+        for n in range(20):
+            sock.send_multipart([b"", protocol.MAGIC, codec.encode(
+                {"id": 10 + n, "op": "load", "key": item, "tx": tid})])
+        assert wait_until(lambda: server.requests["load"] >= 21)
+        # Another connection is served meanwhile, big replies and all.
+        assert len(peer.request({"id": 3, "op": "load", "key": item,
+                                 "tx": tid})["ok"]["state"]["name"]) == 1024 * 1024
+        replies = []
+        for _ in range(20):
+            if not sock.poll(TIMEOUT * 5000):
+                break
+            replies.append(codec.decode(sock.recv_multipart()[2]))
+    finally:
+        sock.close(0)
+        context.term()
+    assert sorted(r["id"] for r in replies) == list(range(10, 30))
+    refused = [r for r in replies if "error" in r]
+    assert refused and all(r["error"]["type"] == "Busy" for r in refused)
+    assert len(refused) < 20
+
+
 def test_broadcasts_a_subscriber_does_not_read_are_held_only_up_to_a_bound(broker):
     db, server, _connect = broker
     root = db.root
