@@ -22,7 +22,6 @@ sure that state is the newest as of the snapshot).
 
 import itertools
 import os
-import threading
 import time
 import weakref
 
@@ -35,7 +34,7 @@ from broker.interfaces import IBrokerClient
 from broker.keys import Key
 from broker.proxy import MappingProxy, Proxy, RemoteMethod, RemoteStream
 from broker.states import unseal
-from broker.transport import Connection
+from broker.transport import Connection, UseLock
 
 PAGE = 1000
 MAPPING_METHODS = frozenset({"keys", "values", "items", "get"})
@@ -44,26 +43,6 @@ MAPPING_METHODS = frozenset({"keys", "values", "items", "get"})
 # included: dropped all at once when full).
 SEARCH_CACHE = 256
 ITEM_CACHE = 1024
-
-
-class _UseLock:
-    """The client's lock, held by every use of it: taken once the client
-    is closed, it raises ClientClosed (cached reads included)."""
-
-    __slots__ = ("rlock", "closed")
-
-    def __init__(self):
-        self.rlock = threading.RLock()
-        self.closed = False
-
-    def __enter__(self):
-        self.rlock.acquire()
-        if self.closed:
-            self.rlock.release()
-            raise exc.ClientClosed("the client is closed")
-
-    def __exit__(self, *exc_info):
-        self.rlock.release()
 
 
 @implementer(IBrokerClient)
@@ -78,7 +57,7 @@ class BrokerClient:
 
     def __init__(self, address, timeout=2.5, retries=3, curve=None, trace=None):
         self.address = address
-        self._lock = _UseLock()
+        self._lock = UseLock()
         self._codec = Codec(default=self._encode_object, on_key=self._decode_key)
         self._cache = weakref.WeakValueDictionary()   # key token -> Proxy
         self._metas = {}

@@ -12,6 +12,7 @@ Not thread-safe on its own: BrokerClient serializes every call.
 """
 
 import itertools
+import threading
 import time
 import weakref
 
@@ -136,6 +137,26 @@ def check_duration(name, value):
     if not 0 < value < float("inf"):
         raise ValueError("%s must be a positive number of seconds, not %r" % (name, value))
     return value
+
+
+class UseLock:
+    """A client's lock, held by every use of the client: taken once the
+    client is closed, it raises ClientClosed (cached reads included)."""
+
+    __slots__ = ("rlock", "closed")
+
+    def __init__(self):
+        self.rlock = threading.RLock()
+        self.closed = False
+
+    def __enter__(self):
+        self.rlock.acquire()
+        if self.closed:
+            self.rlock.release()
+            raise ClientClosed("the client is closed")
+
+    def __exit__(self, *exc_info):
+        self.rlock.release()
 
 
 class Connection:

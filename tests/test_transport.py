@@ -9,7 +9,7 @@ import zmq
 from broker import protocol
 from broker.codec import Codec
 from broker.exc import AddressError, BrokerTimeout, ClientClosed, CurveKeyError, ProtocolError
-from broker.transport import WAIT_SLICE, Connection, bound, reachable_broadcast
+from broker.transport import WAIT_SLICE, Connection, UseLock, bound, reachable_broadcast
 from broker_fixtures import run_python, wait_until
 
 codec = Codec()
@@ -250,3 +250,16 @@ def test_bad_curve_keys_are_a_curve_key_error(curve):
 ])
 def test_a_wildcard_broadcast_host_becomes_the_server_s_host(broadcast, address, reached):
     assert reachable_broadcast(broadcast, address) == reached
+
+
+def test_a_use_lock_refuses_once_closed_and_is_reentrant_until_then():
+    lock = UseLock()
+    with lock:
+        with lock:
+            pass
+    lock.closed = True
+    with pytest.raises(ClientClosed):
+        with lock:
+            pass
+    assert lock.rlock.acquire(blocking=False)  # not left held by the refusal
+    lock.rlock.release()
