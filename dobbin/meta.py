@@ -64,7 +64,7 @@ def meta_entry(txn, jar, version):
 
     try:
         data = json.dumps(info, default=stored_oid, allow_nan=False, sort_keys=True)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:
         raise DobbinError("the transaction's metadata cannot be recorded: %s" % error) from None
     return MetaEntry(data.encode("utf-8"))
 

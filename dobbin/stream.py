@@ -123,7 +123,10 @@ class PersistentFile:
                 return FileSpan(self._source, self._start, size)
             self._start = None
         if self._data is None:
-            data = self._source.read()
+            try:
+                data = self._source.read()
+            except (OSError, ValueError) as error:  # io.UnsupportedOperation too
+                raise StreamError("the file to store cannot be read: %s" % error) from error
             if isinstance(data, str):
                 data = data.encode("utf-8")
             if not isinstance(data, (bytes, bytearray)):

@@ -78,10 +78,18 @@ def test_objects_of_another_database_in_the_transaction_are_recorded_by_path_and
     assert made._p_oid is not None and made._p_jar is holder_db
 
 
+def nested_lists(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize("value, error, message", [
     (object(), DobbinError, "metadata cannot be recorded: <object"),
     (PersistentDict(), ObjectGraphError, "not connected to graph"),
-    (float("inf"), DobbinError, "metadata cannot be recorded: Out of range float")])
+    (float("inf"), DobbinError, "metadata cannot be recorded: Out of range float"),
+    (nested_lists(5000), DobbinError, "metadata cannot be recorded: maximum recursion")])
 def test_metadata_json_cannot_hold_fails_the_commit_before_anything_is_written(
         open_db, value, error, message):
     db = open_db()

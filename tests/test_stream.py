@@ -392,6 +392,31 @@ def test_a_text_file_or_a_plain_reader_is_read_whole(open_db, tmp_path):
     assert b"".join(root.file) == b"plain"
 
 
+class FailingReader:
+    def read(self):
+        raise OSError(5, "Input/output error")
+
+
+@pytest.mark.parametrize("make_source", [
+    lambda path: FailingReader(),
+    lambda path: open(path, "wb"),  # not open for reading
+])
+def test_a_file_that_cannot_be_read_whole_fails_the_commit_with_stream_error(
+        open_db, tmp_path, make_source):
+    # A read error of the file to store came out raw: as if the database's
+    # own disk had failed.
+    db = open_db()
+    source = make_source(tmp_path / "source.bin")
+    try:
+        with pytest.raises(StreamError, match="cannot be read"):
+            commit_file(db, PersistentFile(source))
+    finally:
+        transaction.abort()
+        if hasattr(source, "close"):
+            source.close()
+    assert db.verify()["ok"]
+
+
 KILLED_WHILE_STAGING = """
 import os, sys, transaction
 from dobbin.database import Database
