@@ -78,14 +78,19 @@ def load_app(spec):
 def serve(args):
     from broker.server import BrokerServer
     from dobbin.database import Database
+    from dobbin.exc import DobbinError
 
     stop = threading.Event()
 
     def on_signal(signum, frame):
         stop.set()
 
+    try:
+        db = Database(args.path, durability=args.durability)
+    except (DobbinError, OSError) as error:
+        print("dobbin serve: %s" % error, file=sys.stderr)
+        return 1
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    db = Database(args.path, durability=args.durability)
     try:
         server = BrokerServer(db, address=args.bind, broadcast=args.broadcast, debug=args.debug,
                               workers=args.workers)

@@ -9,6 +9,7 @@ beside the file) from damage in the middle (`CorruptionError`).
 import errno
 import fcntl
 import os
+import stat
 import struct
 import threading
 import time
@@ -16,7 +17,7 @@ import weakref
 
 from zope.interface import implementer
 
-from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
+from dobbin.exc import CorruptionError, DobbinError, ReadOnlyError, StorageError
 from dobbin.interfaces import ILog
 from dobbin.lock import flock_within
 # The layout's names are part of the log's API, so they are importable here too.
@@ -77,9 +78,18 @@ class Log(ReservedSpace):
         created = not os.path.exists(self.path)
         if read_only and created:
             raise FileNotFoundError(errno.ENOENT, "no database file", self.path)
-        self.fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            if os.fstat(self.fd).st_size < FILE_HEADER_SIZE:
+            # Not blocking: a FIFO at the path would wait for a writer for ever.
+            self.fd = os.open(self.path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+                              0o644)
+        except IsADirectoryError:
+            raise DobbinError("%s is a directory, not a database file" % self.path) from None
+        try:
+            status = os.fstat(self.fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise DobbinError("%s is not a regular file, so not a database file" % self.path)
+            os.set_blocking(self.fd, True)
+            if status.st_size < FILE_HEADER_SIZE:
                 if read_only:
                     self._await_creation()
                 else:

@@ -1,6 +1,7 @@
 """dobbin.cli: `dobbin serve` and `dobbin shell` as real processes."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -169,3 +170,35 @@ def test_history_lists_the_latest_transactions_newest_first(tmp_path, capsys):
     assert "missing.dobbin" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["history", path, "-n", "0"])
+
+
+def make_fifo(path):
+    os.mkfifo(path)
+
+
+def make_text(path):
+    with open(path, "w") as text:
+        text.write("not a Dobbin file, only some text longer than its header" * 2)
+
+
+@pytest.mark.parametrize("command", ["serve", "verify", "history"])
+@pytest.mark.parametrize("make, message", [
+    (make_fifo, "not a regular file"),
+    (os.mkdir, "not a "),
+    (make_text, "not a Dobbin file"),
+    (None, "thing"),  # the path, with what is wrong with it
+])
+def test_a_path_that_is_no_database_gets_a_message_not_a_hang_or_traceback(
+        tmp_path, command, make, message):
+    # A FIFO hung verify and history for ever; serve printed tracebacks.
+    path = str(tmp_path / "thing")
+    if make is None:
+        path = str(tmp_path / "no-such-directory" / "thing")
+    else:
+        make(path)
+    argv = [sys.executable, "-m", "dobbin", command, path]
+    if command == "serve":
+        argv += ["--bind", "tcp://127.0.0.1:*"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=child_env())
+    assert done.returncode == 1
+    assert message in done.stdout + done.stderr and "Traceback" not in done.stderr
