@@ -18,7 +18,7 @@ import zlib
 import pytest
 
 from conftest import flip_bit, forge_file_header
-from dobbin.exc import CorruptionError, ReadOnlyError, StorageError
+from dobbin.exc import CorruptionError, DobbinError, ReadOnlyError, StorageError
 from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE, INCOMPLETE,
                         STREAM_CHUNK, TRAILER_SIZE, TX_HEADER_SIZE, IndexEntry, Log,
                         MetaEntry, NoteEntry, ObjectEntry, RootEntry, StreamEntry)
@@ -1162,3 +1162,14 @@ def test_records_before_stops_at_a_damaged_trailer(path, field, value):
     log = Log(path, read_only=True)
     assert [r.tid for r in log.records_before(last.offset, 1 << 20)] == [1]
     log.close()
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+@pytest.mark.parametrize("make, message", [
+    (os.mkfifo, "not a regular file"), (os.mkdir, "not a")])
+def test_a_path_that_is_not_a_regular_file_is_refused_without_blocking(
+        tmp_path, read_only, make, message):
+    path = str(tmp_path / "thing")
+    make(path)
+    with pytest.raises(DobbinError, match=message):
+        Log(path, read_only=read_only)
