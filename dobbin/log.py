@@ -504,7 +504,12 @@ class Log(ReservedSpace):
         except Incomplete:
             return INCOMPLETE
         except Damaged as damage:
-            if checkpoint_without_header(self.fd, self.end):
+            # As recover() tells them: with no later record vouching for it,
+            # it was never known durable (torn by a crash, or being written:
+            # a staged file's record is zeros until its entries are).
+            if checkpoint_without_header(self.fd, self.end) or find_witness(
+                    self.fd, damage.span_end or self.end + 1, self.size(), self.last_tid + 1,
+                    self.checkpoint) is None:
                 return INCOMPLETE
             return "%s (at offset %d)" % (damage.reason, damage.offset)
         return None

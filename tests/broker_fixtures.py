@@ -9,7 +9,6 @@ PYTHONPATH.  Every server a test starts is stopped by the test (the
 
 import contextlib
 import os
-import pathlib
 import subprocess
 import sys
 import time
@@ -21,12 +20,11 @@ from broker.client import BrokerClient
 from broker.export import exported
 from broker.outcomes import COMMIT_MARK
 from broker.server import BrokerServer
+from conftest import child_env  # noqa: F401 (for the tests importing it from here)
 from dobbin.btree import OOBTree
 from dobbin.database import Database
 from dobbin.persistent import Persistent, PersistentDict, checkout
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-TESTS = pathlib.Path(__file__).resolve().parent
 TIMEOUT = 1.0
 
 
@@ -155,12 +153,6 @@ def broker(tmp_path):
                 client.close()
             transaction.abort()
     db.close()
-
-
-def child_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")])
-    return env
 
 
 def run_python(code, timeout=30):

@@ -8,6 +8,7 @@ file.
 """
 
 import os
+import pathlib
 import struct
 import threading
 import zlib
@@ -18,6 +19,17 @@ import transaction
 from dobbin.database import Database
 from dobbin.log import Log
 from dobbin.persistent import checkout
+
+
+TESTS = pathlib.Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def child_env():
+    """The environment for a child Python that imports the project and the tests' modules."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")])
+    return env
 
 
 @pytest.fixture
