@@ -54,9 +54,10 @@ class ReservedSpace:
     def _allocated(self, offset, length):
         """Make sure `length` bytes at `offset` are allocated, reserving
         ahead when a small record's are not."""
-        if offset + length <= self._reserved:
-            return
-        self._reserved = self.size()  # space reserved before we opened, or by another writer
+        # The file as it is, not as we left it: another writer (an instance,
+        # a process) may have reserved more, or given our reserve back
+        # (`trim` on closing), since we last held the write lock.
+        self._reserved = self.size()
         if offset + length <= self._reserved:
             return
         ahead = RESERVE if self._reserving and length <= RESERVE else 0

@@ -3,7 +3,13 @@
 import errno
 import os
 
+import pytest
+import transaction
+
+from dobbin.database import Database
+from dobbin.exc import StorageError
 from dobbin.log import COMMITTED, FILE_HEADER_SIZE, Log, ObjectEntry
+from dobbin.persistent import PersistentDict, checkout
 from dobbin.space import RESERVE
 
 
@@ -95,3 +101,29 @@ def test_a_full_disk_skips_reserving_once_and_tries_again_later(db_path, monkeyp
     small_commits(log, 2)
     assert len(calls) == 2 and os.path.getsize(db_path) > log.end, "reserved at the second commit"
     log.close()
+
+
+def test_a_claim_looks_at_the_file_not_at_what_it_reserved_before(
+        open_db, db_path, monkeypatch):
+    # Another instance closing the file gave back the space this one had
+    # reserved; this one still counted on it, so a full disk failed the
+    # finish (a two-database transaction half applied), not the vote.
+    db = open_db()
+    db.elect(PersistentDict())
+    transaction.commit()
+    reserved_end = os.path.getsize(db_path)
+    Database(db_path).close()  # trims the reserve
+    assert os.path.getsize(db_path) < reserved_end
+
+    def disk_full(self, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Log, "_allocate", disk_full)
+    checkout(db.root)
+    db.root["big"] = "x" * 50_000
+    with pytest.raises(StorageError, match="no room for a record"):
+        transaction.commit()
+    transaction.abort()
+    monkeypatch.undo()
+    db.sync()
+    assert "big" not in db.root and db.verify()["failed"] == 1  # recorded, never applied
