@@ -15,11 +15,12 @@ import transaction
 from zope.interface import implementer
 
 from dobbin.cache import ObjectCache
-from dobbin.exc import DobbinError, LoadError, LockTimeoutError, ReadOnlyError, StorageError
+from dobbin.exc import (CorruptionError, DobbinError, LoadError, LockTimeoutError, ReadOnlyError,
+                        StorageError)
 from dobbin.index import Index, check_oid
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock, checked_timeout
-from dobbin.log import Log
+from dobbin.log import INCOMPLETE, Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT, IndexEntry,
                            NoteEntry, ObjectEntry, RootEntry)
 from dobbin.meta import meta_entry, recent_transactions
@@ -100,6 +101,13 @@ class Database:
             with self._state_lock:
                 for record in self._log.follow():
                     self._apply(record)
+            # follow() stops quietly where a writer may be writing; damage
+            # that a later record proves was durable is no such place.
+            problem = None if self._log.at_end() else self._log.diagnose()
+            if problem not in (None, INCOMPLETE):
+                raise CorruptionError("damaged transaction record (%s); open it for writing "
+                                      "with repair=True to keep the transactions before it"
+                                      % problem, self.path, self._log.end)
             self.recovery = None
             return
         self._lock.acquire()

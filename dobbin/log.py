@@ -494,8 +494,12 @@ class Log(ReservedSpace):
         return True
 
     def records_before(self, end, max_bytes):
-        """`dobbin.reader.records_before` in this log."""
-        return records_before(self._reading_fd(), end, self.size(), max_bytes)
+        """`dobbin.reader.records_before` in this log; damage raises CorruptionError."""
+        try:
+            yield from records_before(self._reading_fd(), end, self.size(), max_bytes)
+        except Damaged as damage:
+            raise CorruptionError("damaged record in the history (%s)" % damage.reason,
+                                  self.path, damage.offset) from None
 
     def diagnose(self):
         """Why the record at `end` can't be read (maybe INCOMPLETE), or None if it can."""

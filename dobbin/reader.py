@@ -325,13 +325,15 @@ def records_before(fd, end, file_size, max_bytes):
 
     A record bigger than what is left of `max_bytes` (a stored file) is
     skimmed: it comes with its M entry only, and costs only what was read
-    of it.  The walk stops at the first record that fails a check (a
-    damaged checkpoint, say): what it yields is always sound.
+    of it.  A damaged checkpoint is stepped over (it is only redundant);
+    any other record that fails a check, or a trailer that does not lead
+    to one, raises `Damaged` once the sound records after it are yielded.
     """
-    while max_bytes > 0:
+    while max_bytes > 0 and end > FILE_HEADER_SIZE:
         start = record_start_before(fd, end)
         if start is None:
-            return
+            raise Damaged("no sound record trailer ends at offset %d" % end,
+                          max(FILE_HEADER_SIZE, end - TRAILER_SIZE))
         try:
             if end - start <= max_bytes:
                 record = read_record(fd, start, None, file_size)
@@ -340,8 +342,14 @@ def records_before(fd, end, file_size, max_bytes):
                 record = skim_record(fd, start, file_size)
                 max_bytes -= (TX_HEADER_SIZE + TRAILER_SIZE + ENTRY_SIZE * len(record.entries)
                               + sum(entry.length for entry in record.entries))
-        except (Incomplete, Damaged):
-            return
+        except Damaged as damage:
+            if damage.skip_to != end:
+                raise
+            end = start  # a damaged checkpoint; verify reports it
+            continue
+        except Incomplete:
+            raise Damaged("the record the trailer at offset %d points to runs past the end"
+                          % (end - TRAILER_SIZE), start) from None
         yield record
         end = start
 

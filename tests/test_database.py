@@ -17,10 +17,10 @@ import pytest
 import transaction
 from transaction.interfaces import TransientError
 
-from conftest import commit_in_thread, in_commit_order
+from conftest import commit_in_thread, flip_bit, in_commit_order
 from dobbin.database import Database, PersistentStream
-from dobbin.exc import (ConflictError, DobbinError, HistoryError, LockTimeoutError,
-                        ReadConflictError, ReadOnlyError, UnstorableError,
+from dobbin.exc import (ConflictError, CorruptionError, DobbinError, HistoryError,
+                        LockTimeoutError, ReadConflictError, ReadOnlyError, UnstorableError,
                         WriteConflictError)
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
 from dobbin.stream import BLOCK
@@ -1234,3 +1234,36 @@ def test_close_closes_the_file_even_if_giving_space_back_fails(open_db, monkeypa
     monkeypatch.setattr(db._log, "_peek", failing)
     db.close()  # only space was at stake: no error
     assert db._log.fd is None
+
+
+def test_a_read_only_open_raises_at_damage_a_later_record_proves_durable(open_db, db_path):
+    # It stopped there quietly and served the transactions before it as the
+    # whole database, where a writer's open raised CorruptionError.
+    db = open_db()
+    db.elect(PersistentDict(n=0))
+    transaction.commit()
+    ends = []
+    for n in range(1, 6):
+        checkout(db.root)
+        db.root["n"] = n
+        transaction.commit()
+        ends.append(db._log.end)
+    db.close()
+    flip_bit(db_path, ends[1] - 30)  # inside the third record of six
+    for read_only in [True, False]:
+        with pytest.raises(CorruptionError, match="damaged transaction record"):
+            Database(db_path, read_only=read_only)
+
+
+def test_a_read_only_open_takes_a_torn_last_record_as_the_end(open_db, db_path):
+    db = open_db(durability="none")
+    db.elect(PersistentDict(n=0))
+    transaction.commit()
+    before = db._log.end
+    checkout(db.root)
+    db.root["n"] = 1
+    transaction.commit()
+    db.close()
+    os.truncate(db_path, before + (os.path.getsize(db_path) - before) // 2)
+    with Database(db_path, read_only=True) as reader:
+        assert reader.root["n"] == 0

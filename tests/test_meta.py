@@ -10,10 +10,10 @@ import time
 import pytest
 import transaction
 
-from conftest import append_record, forge_file_header
+from conftest import append_record, flip_bit, forge_file_header
 from dobbin import meta
 from dobbin.exc import CorruptionError, DobbinError, ObjectGraphError
-from dobbin.log import COMMITTED, Log, MetaEntry, ObjectEntry
+from dobbin.log import COMMITTED, ENTRY_SIZE, TX_HEADER_SIZE, Log, MetaEntry, ObjectEntry
 from dobbin.persistent import PersistentDict, PersistentFile, checkout
 from dobbin.meta import TransactionInfo, transaction_info
 
@@ -203,3 +203,39 @@ def test_a_stored_file_bigger_than_the_read_back_budget_hides_no_history(open_db
         transaction.commit()
     assert [info.description for info in db.recent_transactions(10)] == [
         "last", "big file", "first"]
+
+
+def test_recent_transactions_step_over_a_damaged_checkpoint(open_db, db_path):
+    # The walk back stopped there: a history of 3 transactions, not all.
+    db = open_db()
+    root = new_root(db)
+    while not db._log.checkpoint:
+        checkout(root)
+        root["pad"] = "x" * 3000
+        transaction.commit()
+    checkpoint = db._log.checkpoint
+    for n in range(3):
+        checkout(root)
+        root["n"] = n
+        transaction.commit()
+    last_tid = db.last_tid
+    db.close()
+    flip_bit(db_path, checkpoint + TX_HEADER_SIZE + ENTRY_SIZE + 12)  # in its index
+    db = open_db()
+    assert [info.tid for info in db.recent_transactions(1000)] == list(
+        range(last_tid, 0, -1))
+
+
+def test_recent_transactions_raise_at_a_damaged_transaction(open_db, db_path):
+    db = open_db()
+    root = new_root(db)
+    for n in range(4):
+        checkout(root)
+        root["n"] = n
+        transaction.get().note("change %d" % n)
+        transaction.commit()
+    end = db._log.end
+    reader = open_db(read_only=True)
+    flip_bit(db_path, end - 60)  # in the last record, which is read already
+    with pytest.raises(CorruptionError, match="damaged record in the history"):
+        reader.recent_transactions(10)
