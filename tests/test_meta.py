@@ -25,6 +25,15 @@ def new_root(db):
     return root
 
 
+def commit_changes(root, count):
+    """`count` commits of root["n"], noted "set 0", "set 1"..."""
+    for n in range(count):
+        checkout(root)
+        root["n"] = n
+        transaction.get().note("set %d" % n)
+        transaction.commit()
+
+
 def test_a_commit_records_user_description_and_extension(open_db):
     db = open_db()
     root = new_root(db)
@@ -117,12 +126,7 @@ def test_a_transaction_without_metadata_adds_no_entry(open_db, db_path):
 
 def test_recent_transactions_limit_and_order(open_db):
     db = open_db(durability="none")
-    root = new_root(db)
-    for n in range(5):
-        checkout(root)
-        root["n"] = n
-        transaction.get().note("set %d" % n)
-        transaction.commit()
+    commit_changes(new_root(db), 5)
     assert [info.description for info in db.recent_transactions(3)] == [
         "set 4", "set 3", "set 2"]
     assert len(db.recent_transactions(100)) == 6
@@ -228,12 +232,7 @@ def test_recent_transactions_step_over_a_damaged_checkpoint(open_db, db_path):
 
 def test_recent_transactions_raise_at_a_damaged_transaction(open_db, db_path):
     db = open_db()
-    root = new_root(db)
-    for n in range(4):
-        checkout(root)
-        root["n"] = n
-        transaction.get().note("change %d" % n)
-        transaction.commit()
+    commit_changes(new_root(db), 4)
     end = db._log.end
     reader = open_db(read_only=True)
     flip_bit(db_path, end - 60)  # in the last record, which is read already
