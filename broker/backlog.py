@@ -7,14 +7,16 @@ again and again without reading, or several such clients, could make the
 server hold gigabytes.  Big replies are therefore sent tracked (pyzmq's
 MessageTracker says when ZeroMQ is done with a message: written to the
 kernel, or dropped), and a big reply that would take a connection, or all
-of them together, past their bound is refused with a small Busy error
-instead.  One reply is always let through where nothing is pending, so
-that no reply is too big to send ever.
+of them together, past their bound is dropped.  Dropping is always safe:
+the client sends the request again after its timeout, and a write is then
+answered with its remembered outcome (broker.outcomes), never run again
+(an error naming the refusal would read as "did not run").  A reply goes
+whatever its size to a connection with nothing pending while all of them
+are within their bound, so that no reply is too big to send ever.
 
 Only the server's front thread sends, so this needs no lock.
 """
 
-import msgpack
 import zmq
 from zope.interface import implementer
 
@@ -43,10 +45,11 @@ class ReplyBacklog:
         self.max_bytes = max_bytes
         self.max_peer_bytes = max_peer_bytes
         self.pending_bytes = 0
+        self.dropped = 0       # replies dropped, ever
         self._pending = []     # (tracker, routing id, size)
         self._by_peer = {}     # routing id -> bytes pending
 
-    def send(self, router, frames, refusal):
+    def send(self, router, frames):
         routing, body = frames[0], frames[-1]
         if len(body) < TRACKED_REPLY:
             send_frames(router, frames)
@@ -55,12 +58,12 @@ class ReplyBacklog:
                 router.send(frame, zmq.SNDMORE)
             self.track(routing, len(body), router.send(body, copy=False, track=True))
         else:
-            send_frames(router, refusal(routing, reply_id(body)))
+            self.dropped += 1
 
     def admits(self, routing, size):
         self._forget_sent()
         peer_bytes = self._by_peer.get(routing, 0)
-        if not peer_bytes and not self.pending_bytes:
+        if not peer_bytes and self.pending_bytes < self.max_bytes:
             return True
         return (peer_bytes + size <= self.max_peer_bytes
                 and self.pending_bytes + size <= self.max_bytes)
@@ -87,17 +90,3 @@ class ReplyBacklog:
                 del self._by_peer[routing]
         self._pending = still
 
-
-def reply_id(data):
-    """The id of an encoded reply (the first entry of its map, as
-    broker.protocol builds replies), read without decoding the rest; or None."""
-    unpacker = msgpack.Unpacker(raw=False)
-    unpacker.feed(data[:32])
-    try:
-        if unpacker.read_map_header() and unpacker.unpack() == "id":
-            value = unpacker.unpack()
-            if type(value) is int:
-                return value
-    except (msgpack.OutOfData, msgpack.FormatError, msgpack.StackError, ValueError):
-        pass
-    return None

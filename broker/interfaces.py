@@ -180,16 +180,18 @@ class IReplyBacklog(Interface):
     max_bytes = Attribute("Bytes that may be pending, all connections together.")
     max_peer_bytes = Attribute("Bytes that may be pending for one connection.")
     pending_bytes = Attribute("Bytes pending now (as of the last `admits`).")
+    dropped = Attribute("How many replies were dropped past the bounds, ever.")
 
-    def send(router, frames, refusal):
+    def send(router, frames):
         """Send reply `frames` ([routing id, b"", MAGIC, body]) on the
-        ROUTER socket `router`: a big body tracked, or, past the bounds,
-        the frames `refusal(routing id, reply id or None)` returns instead."""
+        ROUTER socket `router`: a big body tracked, or dropped past the
+        bounds (its client asks again after its timeout)."""
 
     def admits(routing, size):
         """Return True if a big reply of `size` bytes to connection
         `routing` may be sent now: it keeps that connection and all of
-        them within their bounds, or nothing is pending."""
+        them within their bounds, or that connection has nothing pending
+        and all of them are within their bound."""
 
     def track(routing, size, tracker):
         """Count a reply of `size` bytes sent to `routing` until `tracker`

@@ -34,6 +34,10 @@ WAIT = "wait"
 #: The extension key under which a broker commit records its request.
 COMMIT_MARK = "dobbin.broker.commit"
 
+#: Bytes an outcome costs besides its reply (its key, entry and tuple):
+#: counted, so that many small replies are bounded in memory too.
+ENTRY_COST = 300
+
 #: A commit found in the log (`recall`): its tid, and [new object number, oid] pairs.
 Recorded = collections.namedtuple("Recorded", "tid created")
 
@@ -117,14 +121,14 @@ class CommitOutcomes:
             done = self._done
             now = self._clock()
             done[key] = (reply, now)
-            self._bytes += len(reply)
+            self._bytes += len(reply) + ENTRY_COST
             kept_since = now - self.keep_seconds
             while done and (len(done) > self.max_entries or self._bytes > self.max_bytes):
                 oldest_reply, finished = next(iter(done.values()))
                 if finished > kept_since and self._bytes <= self.hard_max_bytes:
                     break  # its client may still be resending it
                 done.popitem(last=False)
-                self._bytes -= len(oldest_reply)
+                self._bytes -= len(oldest_reply) + ENTRY_COST
             return waiting
 
     def abandon(self, key):

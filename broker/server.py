@@ -57,7 +57,7 @@ from broker.outcomes import WAIT, CommitOutcomes, Recorded
 from broker.states import Record, StateCache, seal
 from broker.transport import (bound, broadcast_address_for, curve_authenticator, recv_frames,
                               send_frames, set_curve_key)
-from dobbin.exc import DobbinError
+from dobbin.exc import DamagedHistoryError, DobbinError
 from dobbin.persistent import Persistent, checkout
 
 logger = logging.getLogger("broker.server")
@@ -276,6 +276,11 @@ class BrokerServer:
         try:
             # A copy of a commit whose server died before replying may come here.
             self._outcomes.recall(self.db.recent_transactions(RECALLED_COMMITS))
+        except DamagedHistoryError as error:
+            # The newest commits, the ones clients may be resending, come first.
+            logger.error("recalling the latest commits of %s stopped at damage: %s",
+                         self.db.path, error)
+            self._outcomes.recall(error.found)
         except DobbinError:
             # Damaged metadata costs only this: such a copy runs again (and
             # fails its verification).  verify() reports the damage.
@@ -358,7 +363,7 @@ class BrokerServer:
                     if frames[0] == control:
                         return
                     # A worker's reply to a client.
-                    self._backlog.send(router, frames[1:], self._busy_frames)
+                    self._backlog.send(router, frames[1:])
                     continue
                 try:
                     reply = self._receive(frames)
@@ -367,14 +372,9 @@ class BrokerServer:
                     logger.exception("request from %r failed unanswered", frames[0])
                     continue
                 if reply is not None:
-                    self._backlog.send(router, reply, self._busy_frames)
+                    self._backlog.send(router, reply)
         finally:
             router.close(0)
-
-    def _busy_frames(self, routing, rid):
-        return self._error_frames(routing, rid, exc.Busy(
-            "the server holds %d bytes of replies not yet read; read yours, or try again"
-            % self._backlog.pending_bytes))
 
     def _receive(self, frames):
         """Handle one ROUTER message; return the reply frames, or None if queued.

@@ -67,6 +67,16 @@ class CorruptionError(DobbinError):
         super().__init__(message + where)
 
 
+class DamagedHistoryError(CorruptionError):
+    """Walking back through the history met damage.  `found` holds the
+    sound transactions after it that were found, newest first (what a
+    caller such as a restarting broker may still use)."""
+
+    def __init__(self, message, path=None, offset=None, found=()):
+        super().__init__(message, path, offset)
+        self.found = list(found)
+
+
 class LockTimeoutError(DobbinError):
     """The database file's write lock could not be had in time."""
 

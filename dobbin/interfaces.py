@@ -202,7 +202,9 @@ class IDatabase(Interface):
         extension is recorded as its oid).  Catches up first, like
         `sync`.  Reads at most 64 MiB of records back (a record bigger
         than what is left, a stored file, is skimmed: only its metadata is
-        read), and stops early at a damaged record.
+        read).  It steps over a damaged checkpoint (only redundant); any
+        other damage raises `dobbin.exc.DamagedHistoryError`, whose
+        `found` holds the sound transactions after it.
         """
 
     def snapshot(target, until=None):

@@ -17,7 +17,8 @@ import weakref
 
 from zope.interface import implementer
 
-from dobbin.exc import CorruptionError, DobbinError, ReadOnlyError, StorageError
+from dobbin.exc import (CorruptionError, DamagedHistoryError, DobbinError, ReadOnlyError,
+                        StorageError)
 from dobbin.interfaces import ILog
 from dobbin.lock import flock_within
 # The layout's names are part of the log's API, so they are importable here too.
@@ -498,8 +499,8 @@ class Log(ReservedSpace):
         try:
             yield from records_before(self._reading_fd(), end, self.size(), max_bytes)
         except Damaged as damage:
-            raise CorruptionError("damaged record in the history (%s)" % damage.reason,
-                                  self.path, damage.offset) from None
+            raise DamagedHistoryError("damaged record in the history (%s)" % damage.reason,
+                                      self.path, damage.offset) from None
 
     def diagnose(self):
         """Why the record at `end` can't be read (maybe INCOMPLETE), or None if it can."""
@@ -515,7 +516,11 @@ class Log(ReservedSpace):
                     self.fd, damage.span_end or self.end + 1, self.size(), self.last_tid + 1,
                     self.checkpoint) is None:
                 return INCOMPLETE
-            return "%s (at offset %d)" % (damage.reason, damage.offset)
+            # A witness: unless a writer finished the record meanwhile.
+            try:
+                read_record(self.fd, self.end, self.last_tid + 1, self.size())
+            except (Incomplete, Damaged):
+                return "%s (at offset %d)" % (damage.reason, damage.offset)
         return None
 
     # -- random access -------------------------------------------------

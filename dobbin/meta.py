@@ -16,7 +16,7 @@ JSON can't hold fails the commit too, before anything is written.
 import json
 from collections import namedtuple
 
-from dobbin.exc import CorruptionError, DobbinError, ObjectGraphError
+from dobbin.exc import CorruptionError, DamagedHistoryError, DobbinError, ObjectGraphError
 from dobbin.persistent import Persistent
 from dobbin.record import COMMITTED, KIND_META, MetaEntry
 
@@ -90,9 +90,13 @@ def recent_transactions(log, limit):
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
         raise ValueError("limit is a number of transactions (an int >= 0), not %r" % (limit,))
     found = []
-    for record in log.records_before(log.end, RECENT_BYTES):
-        if len(found) == limit:
-            break
-        if record.status == COMMITTED:
-            found.append(transaction_info(record, log.path))
+    try:
+        for record in log.records_before(log.end, RECENT_BYTES):
+            if len(found) == limit:
+                break
+            if record.status == COMMITTED:
+                found.append(transaction_info(record, log.path))
+    except DamagedHistoryError as error:
+        error.found = found
+        raise
     return found

@@ -45,19 +45,22 @@ class ReservedSpace:
         that a full disk fails the vote, not the finish (where the file
         system can't allocate ahead, nothing is promised)."""
         try:
-            self._allocated(offset, length)
+            self._allocated(offset, length, look=True)
         except OSError as error:
             if error.errno not in _NO_FALLOCATE:
                 raise StorageError("no room for a record of %d bytes in %s: %s"
                                    % (length, self.path, error)) from error
 
-    def _allocated(self, offset, length):
+    def _allocated(self, offset, length, look=False):
         """Make sure `length` bytes at `offset` are allocated, reserving
-        ahead when a small record's are not."""
-        # The file as it is, not as we left it: another writer (an instance,
-        # a process) may have reserved more, or given our reserve back
-        # (`trim` on closing), since we last held the write lock.
-        self._reserved = self.size()
+        ahead when a small record's are not; with `look`, whatever this log
+        reserved before (a commit's vote must not count on it)."""
+        if look or offset + length > self._reserved:
+            # The file as it is: another writer (an instance, a process)
+            # may have reserved more, or given our reserve back (`trim` on
+            # closing), since we last held the write lock.  Its length by
+            # lseek, not fstat: see Log._peek.
+            self._reserved = os.lseek(self.fd, 0, os.SEEK_END)
         if offset + length <= self._reserved:
             return
         ahead = RESERVE if self._reserving and length <= RESERVE else 0

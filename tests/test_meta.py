@@ -12,7 +12,7 @@ import transaction
 
 from conftest import append_record, flip_bit, forge_file_header
 from dobbin import meta
-from dobbin.exc import CorruptionError, DobbinError, ObjectGraphError
+from dobbin.exc import CorruptionError, DamagedHistoryError, DobbinError, ObjectGraphError
 from dobbin.log import COMMITTED, ENTRY_SIZE, TX_HEADER_SIZE, Log, MetaEntry, ObjectEntry
 from dobbin.persistent import PersistentDict, PersistentFile, checkout
 from dobbin.meta import TransactionInfo, transaction_info
@@ -233,8 +233,10 @@ def test_recent_transactions_step_over_a_damaged_checkpoint(open_db, db_path):
 def test_recent_transactions_raise_at_a_damaged_transaction(open_db, db_path):
     db = open_db()
     commit_changes(new_root(db), 4)
-    end = db._log.end
+    first_end = db._log.end
+    commit_changes(db.root, 2)
     reader = open_db(read_only=True)
-    flip_bit(db_path, end - 60)  # in the last record, which is read already
-    with pytest.raises(CorruptionError, match="damaged record in the history"):
+    flip_bit(db_path, first_end - 60)  # in a record that is read already
+    with pytest.raises(DamagedHistoryError, match="damaged record in the history") as caught:
         reader.recent_transactions(10)
+    assert [info.description for info in caught.value.found] == ["set 1", "set 0"]

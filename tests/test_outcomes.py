@@ -5,7 +5,9 @@ import threading
 from zope.interface.verify import verifyObject
 
 from broker.interfaces import ICommitOutcomes
-from broker.outcomes import COMMIT_MARK, RUN, WAIT, CommitOutcomes, Recorded, commit_mark
+from broker import outcomes as outcomes_module
+from broker.outcomes import (COMMIT_MARK, ENTRY_COST, RUN, WAIT, CommitOutcomes, Recorded,
+                             commit_mark)
 from dobbin.meta import TransactionInfo
 
 
@@ -37,7 +39,8 @@ def test_an_outcome_not_remembered_still_answers_the_waiting_copies():
     assert outcomes.start(key, b"later copy") is RUN
 
 
-def test_old_outcomes_go_by_count_and_by_bytes():
+def test_old_outcomes_go_by_count_and_by_bytes(monkeypatch):
+    monkeypatch.setattr(outcomes_module, "ENTRY_COST", 0)  # replies alone, here
     outcomes = CommitOutcomes(max_entries=3, max_bytes=100, keep_seconds=0)
     for n in range(5):
         assert outcomes.start(n, b"r") is RUN
@@ -57,7 +60,8 @@ class Clock:
         return self.now
 
 
-def test_recent_outcomes_stay_past_the_count_and_bytes_up_to_the_hard_bound():
+def test_recent_outcomes_stay_past_the_count_and_bytes_up_to_the_hard_bound(monkeypatch):
+    monkeypatch.setattr(outcomes_module, "ENTRY_COST", 0)
     clock = Clock()
     outcomes = CommitOutcomes(max_entries=2, max_bytes=30, keep_seconds=10,
                               hard_max_bytes=100, clock=clock)
@@ -78,6 +82,17 @@ def test_recent_outcomes_stay_past_the_count_and_bytes_up_to_the_hard_bound():
     outcomes.start(7, b"r")
     outcomes.finish(7, b"z" * 95)
     assert outcomes.start(5, b"r") is RUN and outcomes.start(7, b"r") == b"z" * 95
+
+
+def test_each_outcome_costs_more_than_its_reply():
+    # Counted by their replies alone, a minute of 31-byte outcomes could
+    # reach the hard bound only at 1.5 GB of memory.
+    outcomes = CommitOutcomes(max_bytes=10 * ENTRY_COST, keep_seconds=0)
+    for n in range(100):
+        outcomes.start(n, b"r")
+        outcomes.finish(n, b"x")
+    kept = [n for n in range(100) if outcomes.start(n, b"r") == b"x"]
+    assert kept == list(range(91, 100))
 
 
 def test_an_abandoned_commit_runs_when_sent_again():
