@@ -495,7 +495,7 @@ class Log(ReservedSpace):
         return True
 
     def records_before(self, end, max_bytes):
-        """`dobbin.reader.records_before` in this log; damage raises CorruptionError."""
+        """`dobbin.reader.records_before` in this log; damage raises DamagedHistoryError."""
         try:
             yield from records_before(self._reading_fd(), end, self.size(), max_bytes)
         except Damaged as damage:

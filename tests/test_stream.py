@@ -4,7 +4,6 @@ io-like seek/tell and iteration independent of the file-like view."""
 
 import io
 import os
-import pathlib
 import random
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import tracemalloc
 import pytest
 import transaction
 
-from conftest import flip_bit, in_commit_order, two_databases
+from conftest import child_env, flip_bit, in_commit_order, two_databases
 from dobbin import staging
 from dobbin.database import Database
 from dobbin.exc import CorruptionError, ObjectGraphError, StreamError
@@ -22,7 +21,6 @@ from dobbin.log import ENTRY_SIZE, STREAM_CHUNK
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
 from dobbin.stream import BLOCK, STAGE_MIN, FileSpan, PersistentStream
 
-REPO = str(pathlib.Path(__file__).resolve().parent.parent)
 
 LARGE = 1024 * 1024 + 3  # 16 full chunks and 3 bytes
 
@@ -454,7 +452,7 @@ def test_a_writer_killed_while_staging_a_stored_dobbin_file_leaves_a_torn_tail(
     transaction.commit()
     db.close()
     child = subprocess.run([sys.executable, "-c", KILLED_WHILE_STAGING, db.path,
-                            str(tmp_path / "backup.dobbin")], env=dict(os.environ, PYTHONPATH=REPO))
+                            str(tmp_path / "backup.dobbin")], env=child_env())
     assert child.returncode == 9
     reopened = open_db(db.path)
     assert ".torn-" in reopened.recovery["saved_as"], "cut as torn, not taken for damage"
