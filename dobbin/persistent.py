@@ -63,7 +63,7 @@ def _is_data_descriptor(attribute):
 
 def _local_state(obj):
     """The calling thread's working copy of obj, or None."""
-    table = _object_getattribute(obj, "_p_local")
+    table = _get_local(obj)
     if table:
         return table.get(current_thread_key())
     return None
@@ -73,9 +73,8 @@ def _writable_state(obj):
     state = _local_state(obj)
     if state is not None:
         return state
-    if (_object_getattribute(obj, "_p_init") == _get_ident()
-            and _object_getattribute(obj, "_p_oid") is None):
-        return _object_getattribute(obj, "__dict__")
+    if _get_init(obj) == _get_ident() and _get_oid(obj) is None:
+        return _get_dict(obj)
     raise RuntimeError(_READ_ONLY)
 
 
@@ -84,12 +83,12 @@ def _wrap_init(init):
     # state; afterwards the object is read-only like any other.
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
-        outer = _object_getattribute(self, "_p_init")
-        _object_setattr(self, "_p_init", _get_ident())
+        outer = _get_init(self)
+        _set_init(self, _get_ident())
         try:
             init(self, *args, **kwargs)
         finally:
-            _object_setattr(self, "_p_init", outer)
+            _set_init(self, outer)
 
     __init__._p_wrapped = True
     return __init__
@@ -135,7 +134,7 @@ class Persistent:
     def __getattribute__(self, name):
         if name[0] == "_" and (name[:3] == "_p_" or name[:2] == "__"):
             return _object_getattribute(self, name)
-        table = _object_getattribute(self, "_p_local")
+        table = _get_local(self)
         if table:
             state = table.get(getattr(_threads, "key", None))  # current_thread_key(), inlined
             if state is not None:
@@ -143,22 +142,22 @@ class Persistent:
                 if name not in names:
                     if name in state:
                         return state[name]
-                    if name not in _object_getattribute(self, "__dict__"):
+                    if name not in _get_dict(self):
                         # Not an attribute of ours at all (a method, a class
                         # attribute): the ordinary lookup is right, and fast.
                         return _object_getattribute(self, name)
                 return _lookup(self, state, name)
-        if _object_getattribute(self, "_p_ghost"):
-            _object_getattribute(self, "_p_jar")._p_activate(self)
+        if _get_ghost(self):
+            _get_jar(self)._p_activate(self)
         try:
             value = _object_getattribute(self, name)
         except AttributeError:
-            if not _object_getattribute(self, "_p_ghost"):
+            if not _get_ghost(self):
                 raise
             return self.__getattribute__(name)
         # The cache may have evicted the state while we read it (ghost
         # flag first, then an empty dict): then read again, loaded.
-        if _object_getattribute(self, "_p_ghost"):
+        if _get_ghost(self):
             return self.__getattribute__(name)
         return value
 
@@ -166,13 +165,12 @@ class Persistent:
         if name[:3] == "_p_":
             return _object_setattr(self, name, value)
         # _writable_state(), inlined: every attribute an __init__ sets comes here.
-        table = _object_getattribute(self, "_p_local")
+        table = _get_local(self)
         state = table.get(getattr(_threads, "key", None)) if table else None
         if state is None:
-            if (_object_getattribute(self, "_p_init") != _get_ident()
-                    or _object_getattribute(self, "_p_oid") is not None):
+            if _get_init(self) != _get_ident() or _get_oid(self) is not None:
                 raise RuntimeError(_READ_ONLY)
-            state = _object_getattribute(self, "__dict__")  # a new object in its __init__
+            state = _get_dict(self)  # a new object in its __init__
         names = _descriptor_names.get(type(self)) or _data_descriptor_names(type(self))
         if name in names:
             attribute = _class_attribute(type(self), name)
@@ -204,7 +202,15 @@ class Persistent:
         raise TypeError("persistent objects are stored by the database, not pickled directly")
 
 
-# The slots' own setters: much cheaper than a generic setattr per slot.
+# The slots' own getters and setters: much cheaper than object's generic
+# getattr and setattr, which look the name up first.
+_get_oid = Persistent._p_oid.__get__
+_get_jar = Persistent._p_jar.__get__
+_get_ghost = Persistent._p_ghost.__get__
+_get_serial = Persistent._p_serial.__get__
+_get_local = Persistent._p_local.__get__
+_get_init = Persistent._p_init.__get__
+_get_dict = Persistent.__dict__["__dict__"].__get__
 _set_oid = Persistent._p_oid.__set__
 _set_jar = Persistent._p_jar.__set__
 _set_serial = Persistent._p_serial.__set__
@@ -250,9 +256,8 @@ def new_ghost(cls, oid, jar):
 def ghost_oid(obj, jar):
     """The oid of `obj` if it is a ghost of `jar`, else None (also for
     values that are not persistent objects)."""
-    if (isinstance(obj, Persistent) and _object_getattribute(obj, "_p_ghost")
-            and _object_getattribute(obj, "_p_jar") is jar):
-        return _object_getattribute(obj, "_p_oid")
+    if isinstance(obj, Persistent) and _get_ghost(obj) and _get_jar(obj) is jar:
+        return _get_oid(obj)
     return None
 
 
@@ -286,11 +291,11 @@ def checkout(obj):
         raise TypeError("only persistent objects can be checked out, not %r"
                         % type(obj).__name__)
     ident = thread_key()
-    table = _object_getattribute(obj, "_p_local")
+    table = _get_local(obj)
     if table and ident in table:
         return
     session = current_session()
-    jar = _object_getattribute(obj, "_p_jar")
+    jar = _get_jar(obj)
     if jar is None:
         _take_working_copy(obj, ident, session)
         return
@@ -299,7 +304,7 @@ def checkout(obj):
     # copy is in the table the object can't be evicted, and until then it
     # can't be emptied between loading and copying.
     with jar._state_lock:
-        if _object_getattribute(obj, "_p_ghost"):
+        if _get_ghost(obj):
             jar._p_activate(obj)
         _take_working_copy(obj, ident, session)
 
@@ -307,13 +312,13 @@ def checkout(obj):
 def _take_working_copy(obj, ident, session):
     # Serial first, then state: a racing publish (state, then serial) can
     # only make us see a conflict that isn't one, never miss one.
-    serial = _object_getattribute(obj, "_p_serial")
-    shared = _object_getattribute(obj, "__dict__")
+    serial = _get_serial(obj)
+    shared = _get_dict(obj)
     working = copy_state(shared)
-    table = _object_getattribute(obj, "_p_local")
+    table = _get_local(obj)
     if table is None:
         with _local_table_lock:
-            table = _object_getattribute(obj, "_p_local")
+            table = _get_local(obj)
             if table is None:
                 table = {}
                 _object_setattr(obj, "_p_local", table)
@@ -330,7 +335,7 @@ def state_of(obj):
     code that reads many attributes of one object, such as containers.
     """
     try:
-        table = _object_getattribute(obj, "_p_local")
+        table = _get_local(obj)
     except (AttributeError, TypeError):
         raise TypeError("%r is not a persistent object" % (obj,)) from None
     if table:
@@ -338,10 +343,10 @@ def state_of(obj):
         if state is not None:
             return state
     while True:
-        if _object_getattribute(obj, "_p_ghost"):
-            _object_getattribute(obj, "_p_jar")._p_activate(obj)
-        state = _object_getattribute(obj, "__dict__")
-        if not _object_getattribute(obj, "_p_ghost"):
+        if _get_ghost(obj):
+            _get_jar(obj)._p_activate(obj)
+        state = _get_dict(obj)
+        if not _get_ghost(obj):
             return state  # not evicted while we took it
 
 
