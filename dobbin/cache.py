@@ -22,6 +22,7 @@ _size_of = Persistent._p_size.__get__
 _oid_of = Persistent._p_oid.__get__
 _checkouts_of = Persistent._p_local.__get__
 _set_ghost = Persistent._p_ghost.__set__
+_set_serial = Persistent._p_serial.__set__
 
 
 # What one ghost costs: its object, its empty dict, a weak reference and
@@ -114,6 +115,18 @@ class ObjectCache:
         if (self.cache_size is not None and self.loaded_bytes > self.cache_size
                 and self.loaded_bytes > self._evict_retry_at):
             self._evict()
+
+    def unload(self, obj, serial):
+        """Make `obj` a ghost of its record as of `serial`: for a state that
+        could not be loaded.  Its checkouts keep their copies, and the new
+        serial makes their commits conflict."""
+        if self.loaded.pop(_oid_of(obj), None) is not None:
+            self.loaded_bytes -= _size_of(obj)
+            self._weak[_oid_of(obj)] = weakref.ref(obj)
+        _set_serial(obj, _shared(serial))
+        # Ghost flag first, then the empty dict: see Persistent.__getattribute__.
+        _set_ghost(obj, True)
+        object.__setattr__(obj, "__dict__", {})
 
     def _evict(self):
         loaded = self.loaded

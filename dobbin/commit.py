@@ -13,7 +13,7 @@ import logging
 import threading
 
 from dobbin import staging
-from dobbin.exc import ConflictError, ReadConflictError, WriteConflictError
+from dobbin.exc import ConflictError, LoadError, ReadConflictError, WriteConflictError
 from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, StreamEntry,
                            stream_entry_size)
 from dobbin.stream import FileSpan, StreamSpan
@@ -111,8 +111,11 @@ class Commit:
         resolver = getattr(type(obj), "_p_resolve_conflict", None)
         if resolver is None:
             raise error
-        if obj._p_ghost:
-            obj._p_jar._p_activate(obj)
+        try:
+            if obj._p_ghost:
+                obj._p_jar._p_activate(obj)
+        except LoadError as failure:  # a state this process cannot load merges with nothing
+            raise error from failure
         try:
             # Copies of the committed states: a resolver that changes its
             # arguments (saved["n"] += ...) must change neither what other

@@ -378,10 +378,25 @@ class Database:
                 if reload:
                     obj = self._cache.get(entry.oid)
                     if obj is not None and not obj._p_ghost:
-                        self._install_loaded(obj, entry.oid, record.tid, entry.data)
+                        self._reload(obj, entry, record.tid)
             elif entry.kind == KIND_ROOT:
                 self._index.roots.append((record.tid, entry.oid))
         self._notifier.note(durable_at, record.tid, frozenset(changed))
+
+    def _reload(self, obj, entry, tid):
+        """Load another writer's new state of a loaded object.
+
+        One that fails to load (its class is missing here, say, in a
+        rolling deploy) becomes a ghost of the new record: reading it then
+        raises the LoadError, and a thread's commit over it conflicts.  A
+        record is taken whole or the index goes stale, silently.
+        """
+        try:
+            self._install_loaded(obj, entry.oid, tid, entry.data)
+        except LoadError:
+            logger.warning("oid %d of %s changed to a state this process cannot load",
+                           entry.oid, self.path, exc_info=True)
+            self._cache.unload(obj, tid)
 
     # -- committing ------------------------------------------------------
 

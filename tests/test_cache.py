@@ -50,6 +50,17 @@ def test_reinstalling_a_state_replaces_its_cost():
     assert (obj.n, obj._p_serial, cache.loaded_bytes) == (2, 2, state_cost(30))
 
 
+def test_an_unloaded_object_is_a_ghost_of_its_new_serial_and_keeps_its_identity():
+    cache = ObjectCache(None)
+    obj = loaded(cache, 1, size=10)
+    cache.unload(obj, 5)
+    assert (obj._p_ghost, obj._p_serial, cache.loaded_bytes) == (True, 5, 0)
+    assert cache.get(1) is obj
+    del obj
+    gc.collect()
+    assert cache.get(1) is None  # held weakly now, like any ghost
+
+
 def test_the_oldest_states_are_evicted_past_the_bound():
     cache = ObjectCache(3 * state_cost(10))
     objects = [loaded(cache, oid) for oid in range(1, 6)]

@@ -7,6 +7,8 @@ import io
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -17,9 +19,9 @@ import pytest
 import transaction
 from transaction.interfaces import TransientError
 
-from conftest import commit_in_thread, flip_bit, in_commit_order
+from conftest import child_env, commit_in_thread, flip_bit, in_commit_order
 from dobbin.database import Database, PersistentStream
-from dobbin.exc import (ConflictError, CorruptionError, DobbinError, HistoryError,
+from dobbin.exc import (ConflictError, CorruptionError, DobbinError, HistoryError, LoadError,
                         LockTimeoutError, ReadConflictError, ReadOnlyError, UnstorableError,
                         WriteConflictError)
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
@@ -373,6 +375,45 @@ def test_a_thread_joins_the_catch_up_at_a_load_or_any_database_call(open_db, db_
         seen.clear()
         start_thread(read, call).join()
         assert seen == [1, 2]
+
+
+def test_a_catch_up_takes_a_whole_record_though_one_state_cannot_load(open_db, db_path,
+                                                                       tmp_path):
+    # Another process (running newer code) commits a state whose class this
+    # process lacks, in the same record as a change this process can load.
+    db = open_db()
+    db.elect(PersistentDict(first=PersistentDict(n=0), second=PersistentDict(n=0)))
+    transaction.commit()
+    first, second = db.root["first"], db.root["second"]
+    assert (first["n"], second["n"]) == (0, 0)  # both loaded
+    checkout(first)
+    first["mine"] = True
+    (tmp_path / "newer_code.py").write_text("class Gadget:\n    pass\n")
+    writer = (
+        "import sys, transaction\n"
+        "import newer_code\n"
+        "from dobbin.database import Database\n"
+        "from dobbin.persistent import checkout\n"
+        "db = Database(sys.argv[1])\n"
+        "first, second = db.root['first'], db.root['second']\n"
+        "checkout(first); checkout(second)\n"
+        "first['n'] = 1; first['gadget'] = newer_code.Gadget(); second['n'] = 1\n"
+        "transaction.commit(); db.close()\n")
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    subprocess.run([sys.executable, "-c", writer, db_path], env=env, check=True, timeout=60)
+
+    with pytest.raises(ConflictError):
+        transaction.commit()  # over the record it could not load: a conflict
+    transaction.abort()
+    transaction.begin()  # catches up, having learned of nothing more
+    assert second["n"] == 1
+    with pytest.raises(LoadError, match="newer_code"):
+        first["n"]
+    checkout(second)
+    second["n"] += 10
+    transaction.commit()
+    assert open_db(read_only=True).load_state(second._p_oid)[1]["_data"]["n"] == 11
 
 
 def test_close_waits_for_a_commit_another_thread_is_writing(open_db, db_path,
