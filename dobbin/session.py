@@ -42,7 +42,8 @@ def current_thread_key():
     return getattr(_threads, "key", None)
 
 
-_IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None), complex, frozenset))
+# Not frozenset or tuple: they may hold mutable objects (see copy_state).
+_IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None), complex))
 
 
 def copy_state(state):
@@ -57,10 +58,13 @@ def copy_state(state):
             memo = {}  # one memo, so values shared inside the state stay shared
         copy_ = memo.get(id(value))
         if copy_ is None:
-            if type(value) is list and all(map(_kept_as_is, value)):
+            kind = type(value)
+            if kind is list and all(map(_kept_as_is, value)):
                 # A list of plain values and references, like a B-tree
                 # bucket's: deepcopy would visit every item in Python.
                 copy_ = memo[id(value)] = value[:]
+            elif (kind is tuple or kind is frozenset) and all(map(_kept_as_is, value)):
+                copy_ = value  # nothing in it can change: shared
             else:
                 copy_ = copy.deepcopy(value, memo)
         copied[name] = copy_

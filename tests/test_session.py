@@ -423,6 +423,30 @@ def test_copy_state_copies_values_and_keeps_references_and_sharing():
     assert flat == [1, "two", other, None] and nested[1] == {"deep": [3]}
 
 
+class Label:
+    """Hashable by identity and mutable: may sit in a frozenset."""
+
+    def __init__(self, text):
+        self.text = text
+
+
+def test_copy_state_copies_what_frozensets_and_tuples_hold_unless_it_cannot_change():
+    from dobbin.session import copy_state
+
+    other = Persistent()
+    plain = frozenset(["a", 1, other])
+    pair = ("a", other)
+    state = {"plain": plain, "pair": pair, "labels": frozenset([Label("kept")]),
+             "listed": [frozenset([Label("kept")])], "held": (Label("kept"),)}
+    copied = copy_state(state)
+    assert copied["plain"] is plain and copied["pair"] is pair
+    for value in (next(iter(copied["labels"])), next(iter(copied["listed"][0])),
+                  copied["held"][0]):
+        value.text = "changed"
+    assert [next(iter(state["labels"])).text, next(iter(state["listed"][0])).text,
+            state["held"][0].text] == ["kept", "kept", "kept"]
+
+
 def test_a_failed_write_to_one_database_lets_the_others_of_the_transaction_go(
         tmp_path, open_db, monkeypatch):
     first, second = two_databases(open_db, tmp_path)
