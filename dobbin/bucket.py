@@ -11,7 +11,6 @@ Readers take each piece's state as one dict (`_bucket_state`,
 `_node_state`), which a concurrent commit replaces but never changes.
 """
 
-import math
 
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checkout, state_of
@@ -260,8 +259,13 @@ def _last_key(buckets):
     return None
 
 
+_PLAIN_KEYS = frozenset((int, str, bytes))
+
+
 def _check_key(key):
-    """Raise TypeError unless `key` is immutable and ordered against itself."""
+    """Raise TypeError unless `key` is immutable and totally ordered."""
+    if type(key) in _PLAIN_KEYS:
+        return  # the common case, and fine
     if key is None:
         raise TypeError("OOBTree keys may not be None")
     try:
@@ -272,11 +276,32 @@ def _check_key(key):
                         % (key, type(key).__name__)) from None
     try:
         key < key
-    except TypeError:
+    except (TypeError, ArithmeticError):  # ArithmeticError: a Decimal NaN
         raise TypeError("OOBTree keys must be totally ordered; %r (%s) has "
                         "no ordering" % (key, type(key).__name__)) from None
-    if isinstance(key, float) and math.isnan(key):
-        raise TypeError("OOBTree keys may not be NaN: it is unordered")
+    unordered = _unordered_part(key)
+    if unordered is not None:
+        raise TypeError("OOBTree keys must be totally ordered; %r in key %r is not (a NaN, "
+                        "or a set, which is ordered by inclusion)" % (unordered, key))
+
+
+def _unordered_part(key):
+    """A part of `key`, or `key` itself, that breaks a total order: a NaN
+    (unequal to itself) or a frozenset, alone or anywhere in a tuple."""
+    parts = [key]
+    while parts:
+        part = parts.pop()
+        if type(part) is tuple:
+            parts.extend(part)
+        elif isinstance(part, frozenset):
+            return part
+        else:
+            try:
+                if part != part:
+                    return part
+            except (TypeError, ArithmeticError):
+                return part
+    return None
 
 
 class RangeView:
