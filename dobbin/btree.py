@@ -29,7 +29,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, MutableMapping
 
 from dobbin.bucket import (Bucket, Length, Node, RangeView, _bucket_state, _buckets_before,
-                           _check_key, _clears, _counter_since, _index_of, _last_key,
+                           _check_key, _clears, _count, _counter_since, _index_of, _last_key,
                            _leaves_backwards, _node_state)
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checked_out, checkout, state_of
@@ -184,7 +184,7 @@ class OOBTree(Persistent):
         return self._lookup(key)[1]
 
     def __len__(self):
-        return self._length.value
+        return _count(state_of(self)["_length"])
 
     def __iter__(self):
         return (key for key, _ in self._iter_range(None, None, False, False))

@@ -13,7 +13,8 @@ Readers take each piece's state as one dict (`_bucket_state`,
 
 
 from dobbin.exc import ConflictError
-from dobbin.persistent import Persistent, checkout, state_of
+from dobbin.persistent import Persistent, checkout, committed_state, state_of
+from dobbin.session import checkout_base
 
 _MISSING = object()
 
@@ -83,6 +84,24 @@ class Length(Persistent):
 def _clears(counter_state):
     """How many times the tree of a `Length` state was cleared."""
     return counter_state.get("cleared", 0)
+
+
+def _count(length):
+    """The number of items the calling thread sees in the tree of `length`.
+
+    A thread's working copy of the counter is fixed at its checkout, while
+    the buckets it has not checked out go on taking other threads' commits:
+    so it counts the committed value plus its own changes (which merge so
+    at commit), or only its own after it cleared the tree.
+    """
+    working = state_of(length)
+    base = checkout_base(length)
+    if base is None:
+        return working["value"]  # not checked out: the committed value
+    if _clears(working) != _clears(base):
+        return max(0, working["value"])
+    committed = committed_state(length)
+    return max(0, committed["value"] + working["value"] - base["value"])
 
 
 def _counter_since(length, cleared):

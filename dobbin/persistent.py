@@ -342,6 +342,16 @@ def state_of(obj):
         state = table.get(getattr(_threads, "key", None))
         if state is not None:
             return state
+    if not _get_ghost(obj):
+        state = _get_dict(obj)
+        if not _get_ghost(obj):
+            return state  # not evicted while we took it
+    return committed_state(obj)
+
+
+def committed_state(obj):
+    """The state `obj` shows threads that have not checked it out (which
+    they must not change): loaded first if a ghost."""
     while True:
         if _get_ghost(obj):
             _get_jar(obj)._p_activate(obj)

@@ -78,6 +78,16 @@ def _kept_as_is(value):
     return kind in _IMMUTABLE or hasattr(kind, "_p_oid")
 
 
+def checkout_base(obj):
+    """The state the calling thread's checkout of `obj` started from, or
+    None if the thread has not checked `obj` out."""
+    session = getattr(_threads, "session", None)
+    if session is None or session.finished:
+        return None
+    entry = session.checkouts.get(id(obj))
+    return None if entry is None or entry.obj is not obj else entry.old
+
+
 def note_root_seen(threads, oid):
     """Remember `oid` as the root the calling thread's transaction saw
     first in the database whose thread-local data `threads` is."""

@@ -639,6 +639,41 @@ class ThreadTree(OOBTree):
     max_node_size = 6
 
 
+def in_another_thread(work):
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+
+
+def test_len_counts_what_the_thread_sees_while_others_commit(db):
+    tree = stored(db, ThreadTree((k, k) for k in range(40)))
+    tree[-1] = "mine"  # checks out the counter: its copy says 41
+
+    def insert_elsewhere():
+        for key in range(1000, 1010):  # buckets this thread did not check out
+            tree[key] = "theirs"
+        transaction.commit()
+    in_another_thread(insert_elsewhere)
+    assert len(tree) == len(list(tree)) == 51
+    del tree[0]
+    assert len(tree) == len(list(tree)) == 50
+    tree.clear()  # one key at a time here: the counter is checked out
+    assert (len(tree), bool(tree), list(tree)) == (0, False, [])
+    transaction.commit()
+    assert len(tree) == len(list(tree)) == 0
+    tree.update((k, k) for k in range(5))
+    transaction.commit()
+    tree.clear()  # the quick way: the old buckets are dropped whole
+
+    def insert_into_the_dropped_buckets():
+        tree[99] = "theirs"
+        transaction.commit()
+    in_another_thread(insert_into_the_dropped_buckets)
+    assert len(tree) == len(list(tree)) == 0
+    transaction.commit()  # as if their insert came first, and then the clear
+    assert len(tree) == len(list(tree)) == 0
+
+
 def test_threads_insert_and_delete_concurrently(db):
     tree = stored(db, ThreadTree((-k, "old") for k in range(1, 101)))
     writers, per_writer = 4, 240
