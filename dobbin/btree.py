@@ -41,6 +41,16 @@ _GONE = object()  # popitem's default: its key was removed by a commit meanwhile
 _RESTARTS = 100
 
 
+def _await_publication(tree):
+    """Wait while a commit publishes its states, one by one, under its
+    database's state lock: a reader that met half of its structural
+    change (a bucket unlinked, its parent not yet) would restart in vain."""
+    jar = tree._p_jar
+    if jar is not None:
+        with jar._state_lock:
+            pass
+
+
 def _incomparable(key, exc):
     return TypeError("key %r (%s) cannot be compared with the keys already "
                      "in this OOBTree: %s" % (key, type(key).__name__, exc))
@@ -96,7 +106,9 @@ class OOBTree(Persistent):
         `key` is None for the first leaf.  The path may be stale; writers
         verify it after checking out.
         """
-        for _ in range(_RESTARTS):
+        for attempt in range(_RESTARTS):
+            if attempt:
+                _await_publication(self)
             path, node = [], state_of(self)["_root"]
             try:
                 while type(node) is Node:  # isinstance() would ask a Bucket its __class__
@@ -258,6 +270,11 @@ class OOBTree(Persistent):
         """
         if key is None:
             found = _last_key(_leaves_backwards(self._root))
+            # A concurrent split may have moved keys right of the last leaf
+            # its parent's state showed: scan on from there (or, having
+            # found nothing in a changing tree, from the start).
+            for found, _ in self._iter_range(found, None, found is not None, False):
+                pass
             if found is None:
                 raise ValueError("empty OOBTree has no maximum key")
             return found
@@ -320,6 +337,7 @@ class OOBTree(Persistent):
         for _ in range(_RESTARTS):
             found = writable_bucket(self, key)
             if found is None:
+                _await_publication(self)
                 continue
             path, bucket, state, index, found = found
             keys, values = state["keys"], state["values"]
@@ -397,6 +415,7 @@ class OOBTree(Persistent):
         for _ in range(_RESTARTS):
             found = self._writable_bucket(key)
             if found is None:
+                _await_publication(self)
                 continue
             path, bucket, state, index, found = found
             if not found:

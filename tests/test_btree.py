@@ -8,6 +8,7 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 import traceback
 
 import pytest
@@ -639,12 +640,6 @@ class ThreadTree(OOBTree):
     max_node_size = 6
 
 
-def in_another_thread(work):
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
-
-
 def test_len_counts_what_the_thread_sees_while_others_commit(db):
     tree = stored(db, ThreadTree((k, k) for k in range(40)))
     tree[-1] = "mine"  # checks out the counter: its copy says 41
@@ -652,8 +647,7 @@ def test_len_counts_what_the_thread_sees_while_others_commit(db):
     def insert_elsewhere():
         for key in range(1000, 1010):  # buckets this thread did not check out
             tree[key] = "theirs"
-        transaction.commit()
-    in_another_thread(insert_elsewhere)
+    in_other_thread(insert_elsewhere)
     assert len(tree) == len(list(tree)) == 51
     del tree[0]
     assert len(tree) == len(list(tree)) == 50
@@ -665,10 +659,7 @@ def test_len_counts_what_the_thread_sees_while_others_commit(db):
     transaction.commit()
     tree.clear()  # the quick way: the old buckets are dropped whole
 
-    def insert_into_the_dropped_buckets():
-        tree[99] = "theirs"
-        transaction.commit()
-    in_another_thread(insert_into_the_dropped_buckets)
+    in_other_thread(lambda: tree.__setitem__(99, "theirs"))  # into the dropped buckets
     assert len(tree) == len(list(tree)) == 0
     transaction.commit()  # as if their insert came first, and then the clear
     assert len(tree) == len(list(tree)) == 0
@@ -817,6 +808,52 @@ def test_lookup_moves_right_past_a_concurrent_split(raced, monkeypatch):
     monkeypatch.setattr(dobbin.btree, "_node_state", node_state)
     assert raced[22] == 22  # found in the new right sibling
     assert not pending and 22 not in bucket.keys
+
+
+def test_max_key_moves_right_past_a_concurrent_split(raced, monkeypatch):
+    import dobbin.bucket
+    last = leaf_for(raced, 38)
+    real_node_state = dobbin.bucket._node_state
+    pending = [lambda: in_other_thread(lambda: raced.update({39: 0, 40: 0, 41: 0, 42: 0}))]
+
+    def node_state(node):
+        state = real_node_state(node)
+        if pending and state[1][-1] is last:
+            pending.pop()()  # split the last bucket after its parent was read
+        return state
+    monkeypatch.setattr(dobbin.bucket, "_node_state", node_state)
+    assert raced.maxKey() == 42  # in the new right sibling the parent did not show
+    assert not pending and 42 not in last.keys
+
+
+def test_a_lookup_waits_for_a_commit_publishing_an_unlink(db, monkeypatch):
+    tree = stored(db, SmallTree((k, k) for k in range(40)))
+    doomed = list(leaf_for(tree, 21).keys)
+    real_install, seen = db._cache.install, []
+
+    def install(obj, state, *args):
+        real_install(obj, state, *args)
+        if state.get("unlinked") and not seen:
+            # The emptied bucket is published, its parent not yet: a
+            # reader meets the half-published change meanwhile.
+            reader = threading.Thread(target=lambda: seen.append(lookup()))
+            reader.start()
+            reader.join(0.2)
+
+    def lookup():
+        try:
+            return tree.get(21, "absent")
+        except ConflictError as error:
+            return error
+    def empty_the_bucket():
+        for key in doomed:
+            del tree[key]
+    monkeypatch.setattr(db._cache, "install", install)
+    in_other_thread(empty_the_bucket)
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == ["absent"]
 
 
 def test_insert_or_delete_racing_a_clear_conflicts_and_retries(db):
