@@ -42,6 +42,9 @@ def stage(log, record_offset, entry_offset, source, oid_high, count):
     """
     log._check_writable()
     staged_end = entry_offset + stream_entry_size(len(source))
+    # Allocated first, where the file system can: a full disk then fails
+    # this commit alone, while a failed write breaks the log until reopened.
+    log.claim(record_offset, staged_end + TRAILER_SIZE - record_offset)
     header = record_header(COMMITTED, 0, staged_end + TRAILER_SIZE - record_offset,
                            log.last_tid + 1, oid_high, time.time_ns(), log.checkpoint, count)
     tables = []

@@ -12,6 +12,7 @@ import transaction
 from dobbin import staging
 from dobbin.database import Database
 from dobbin.exc import StorageError
+from dobbin.log import Log
 from dobbin.persistent import Persistent, PersistentFile, checkout
 from dobbin.staging import EarlySync
 from dobbin.stream import BLOCK
@@ -128,3 +129,29 @@ def test_a_failed_early_sync_fails_the_commit_and_stops_writes(database, monkeyp
     reopened = Database(database.path)
     assert reopened.tx_count == count and reopened.verify()["ok"]
     reopened.close()
+
+
+def test_a_full_disk_fails_the_commit_of_a_large_file_before_any_write(database, monkeypatch):
+    # It broke the log (writes refused until reopened), as a failed write
+    # must; space allocated first fails this commit alone.
+    real_write = Log._write
+
+    def disk_full(self, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_small_only(self, buffers, offset):
+        if len(buffers) >= BLOCK:  # the staged bytes: past what the disk holds
+            disk_full(self, offset, len(buffers))
+        real_write(self, buffers, offset)
+
+    monkeypatch.setattr(Log, "_allocate", disk_full)
+    monkeypatch.setattr(Log, "_write", write_small_only)
+    count = database.tx_count
+    with pytest.raises(StorageError, match="no room"):
+        store(database, bytes(4 * BLOCK))
+    transaction.abort()
+    monkeypatch.undo()
+    assert database.tx_count == count + 1  # the failure, recorded
+    assert not hasattr(database.root, "file")
+    store(database, b"x")
+    assert b"".join(database.root.file) == b"x"
