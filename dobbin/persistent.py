@@ -10,7 +10,7 @@ change is invisible to other threads until the transaction commits.
 
 import functools
 import threading
-from collections.abc import MutableMapping
+from collections.abc import ItemsView, KeysView, MutableMapping, ValuesView
 
 from zope.interface import implementer
 
@@ -405,14 +405,16 @@ class PersistentDict(Persistent):
     def get(self, key, default=None):
         return self._data.get(key, default)
 
+    # Views of the mapping, not of the dict it holds now: a checkout or a
+    # commit replaces that dict, and a view must go on showing the items.
     def keys(self):
-        return self._data.keys()
+        return KeysView(self)
 
     def values(self):
-        return self._data.values()
+        return _Values(self)
 
     def items(self):
-        return self._data.items()
+        return _Items(self)
 
     def copy(self):
         """A plain dict with the same items."""
@@ -468,3 +470,21 @@ class PersistentDict(Persistent):
 
 
 MutableMapping.register(PersistentDict)
+
+
+class _Items(ItemsView):
+    """A PersistentDict's items, iterated from the dict it holds then."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        return iter(self._mapping._data.items())
+
+
+class _Values(ValuesView):
+    """A PersistentDict's values, iterated from the dict it holds then."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        return iter(self._mapping._data.values())

@@ -8,6 +8,7 @@ import threading
 import pytest
 import transaction
 
+from dobbin.database import Database
 from dobbin.persistent import Persistent, PersistentDict, checked_out, checkout, state_of
 
 READ_ONLY = "Can't set attribute in read-only mode."
@@ -233,6 +234,21 @@ def test_dict_reading_api_matches_dict():
     assert pdict.get("missing", 7) == 7
     assert "a" in pdict and "missing" not in pdict
     assert pdict.copy() == plain and type(pdict.copy()) is dict
+
+
+def test_dict_views_show_the_items_after_a_checkout_and_a_commit(tmp_path):
+    db = Database(str(tmp_path / "views.dobbin"), durability="none")
+    pdict = PersistentDict(a=1)
+    db.elect(pdict)
+    transaction.commit()
+    keys, values, items = pdict.keys(), pdict.values(), pdict.items()
+    checkout(pdict)  # the thread now reads its own copy of the items
+    pdict["b"] = 2
+    assert ("b" in keys, len(values), list(items)) == (True, 2, [("a", 1), ("b", 2)])
+    transaction.commit()  # and then the committed ones
+    assert (sorted(keys), sorted(values), ("b", 2) in items) == (["a", "b"], [1, 2], True)
+    assert keys & {"b", "c"} == {"b"} and items - {("a", 1)} == {("b", 2)}
+    db.close()
 
 
 def test_dict_mutating_api_matches_dict_when_checked_out():
