@@ -116,6 +116,7 @@ class BrokerClient:
 
     def _encode_object(self, obj):
         if isinstance(obj, Proxy) and obj._client is self:
+            self._check_live(obj)
             return obj._key
         if isinstance(obj, RemoteStream) and obj._client is self:
             return obj._key
@@ -403,14 +404,24 @@ class BrokerClient:
                 or (writable is not None and name not in writable)):
             raise AttributeError("%s.%s is not writable" % (meta["name"], name))
 
+    def _check_live(self, proxy):
+        """Refuse the proxy of an object created in a transaction that
+        ended without storing it: nothing would ever send its changes."""
+        key = proxy._key
+        if key.kind == "n" and key.ident not in self._changes.new:
+            raise exc.StaleProxyError(
+                "%r was created in a transaction that ended without storing it" % (proxy,))
+
     def _write_attr(self, proxy, name, value):
         with self._lock:
+            self._check_live(proxy)
             self._check_writable(proxy, name)
             old = self._load(proxy).get(name, ABSENT)
             self._changes.set_attr(proxy, name, value, old)
 
     def _delete_attr(self, proxy, name):
         with self._lock:
+            self._check_live(proxy)
             self._check_writable(proxy, name)
             state = self._load(proxy)
             current = self._changes.get_attr(proxy, name, state.get(name, ABSENT))
@@ -488,6 +499,7 @@ class BrokerClient:
 
     def _set_item(self, proxy, item, value):
         with self._lock:
+            self._check_live(proxy)
             self._check_mapping(proxy)
             if not self._proxy_meta(proxy).get("items_writable"):
                 raise TypeError("items of %r are not writable" % (proxy,))
@@ -495,6 +507,7 @@ class BrokerClient:
 
     def _delete_item(self, proxy, item):
         with self._lock:
+            self._check_live(proxy)
             self._get_item(proxy, item)  # KeyError if there is none
             if not self._proxy_meta(proxy).get("items_writable"):
                 raise TypeError("items of %r are not writable" % (proxy,))
@@ -564,7 +577,7 @@ class BrokerClient:
     def _search(self, target, mode, query, limit):
         with self._lock:
             if isinstance(target, Proxy):
-                wire_target, name = target._key, target._key.token
+                wire_target, name = self._encode_object(target), target._key.token
             elif isinstance(target, str):
                 wire_target = name = target
             else:

@@ -115,6 +115,11 @@ class ClientClosed(BrokerError):
     """The client was used after close()."""
 
 
+class StaleProxyError(BrokerError):
+    """A proxy of an object this client created in a transaction that
+    ended (aborted, or failed to commit) without storing it."""
+
+
 class RemoteError(BrokerError):
     """An error raised on the server that has no class of its own here.
 

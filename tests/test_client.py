@@ -577,6 +577,32 @@ def test_a_new_object_linked_from_nothing_fails_the_commit_clearly(broker):
     assert client.root.item.name == "first"
 
 
+def test_a_new_object_of_a_transaction_that_ended_unstored_is_refused(broker):
+    # Its changes went nowhere: a commit skips what it no longer creates.
+    _db, _server, connect = broker
+    client, other = connect(), connect()
+    aborted = client.new("broker_fixtures.Item", name="aborted")
+    client.abort()
+    client.root.item.name = "conflicting"
+    failed = client.new("broker_fixtures.Item", name="failed")
+    client.root.things["failed"] = failed
+    other.root.item.name = "first to commit"
+    other.commit()
+    with pytest.raises(exc.ConflictError):
+        client.commit()
+    for stale in (aborted, failed):
+        with pytest.raises(exc.StaleProxyError, match="ended without storing it"):
+            stale.name = "lost"
+        client.root.things["stale"] = stale
+        with pytest.raises(exc.StaleProxyError):
+            client.commit()
+        client.abort()
+    with pytest.raises(exc.EncodeError):
+        client.find(other.root.things)  # another client's proxy
+    client.begin()
+    assert sorted(client.root.things) == []
+
+
 def test_waiting_for_a_broadcast_already_known_returns_at_once(broker):
     _db, _server, connect = broker
     client, other = connect(), connect()
