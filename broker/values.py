@@ -7,6 +7,9 @@ stored, what it could store but never send back.  It compares a client's
 old values with the current ones by `same_value`.
 """
 
+import struct
+from collections import Counter
+
 from broker.codec import ABSENT, MAX_DEPTH
 from broker.exc import EncodeError, ProtocolError
 from broker.keys import MAC_SIZE, Key
@@ -23,6 +26,8 @@ MAX_VALUE_DEPTH = MAX_DEPTH - 4
 
 _SCALARS = frozenset({str, bytes, bool, float, int, type(None)})
 _CONTAINERS = frozenset({list, dict, tuple, set, frozenset})
+# Floats are compared by their bits: NaN is then itself, and -0.0 is not 0.0.
+_FLOAT = struct.Struct("<d")
 
 
 def resolve_values(value, resolve_key, memo=None, storing=False):
@@ -98,7 +103,22 @@ def placeholder_key(value):
 
 
 def same_value(a, b):
-    """Is the current value `a` the value `b` a client read?  Unsure means no."""
+    """Is the current value `a` the value `b` a client read?  Unsure means no.
+
+    Type-strict at every level, as clients see values: 1, 1.0 and True
+    differ, 0.0 and -0.0 too, a NaN is the same as a NaN with its bits,
+    dicts differ in the order of their keys, and sets are compared as
+    multisets of stand-ins (a set may hold two NaNs, equal to nothing).
+    """
+    try:
+        return _same(a, b, 0, {})
+    except Exception:  # an exotic __eq__ or __hash__: treat as changed, which is safe
+        return False
+
+
+def _same(a, b, depth, seen):
+    """`same_value` for `a` and `b` inside `depth` containers.  `seen` maps
+    (id(a), id(b)) of containers already compared to the answer."""
     if a is b:
         return True
     if a is ABSENT or b is ABSENT:
@@ -106,21 +126,55 @@ def same_value(a, b):
     if isinstance(a, Persistent) or isinstance(b, Persistent):
         oid = getattr(a, "_p_oid", None)
         return oid is not None and oid == getattr(b, "_p_oid", None)
-    try:
-        return type(a) is type(b) and (bool(a == b) or _same_but_nans(a, b))
-    except Exception:  # an exotic __eq__: treat as changed, which is safe
-        return False
-
-
-def _same_but_nans(a, b):
-    """Do `a` and `b` (of one type, not ==) differ only by NaNs in the same
-    places?  NaN is never equal to itself, and a value holding one would
-    otherwise never match its own old value: it could never be changed."""
     t = type(a)
+    if t is not type(b):
+        return False
     if t is float:
-        return a != a and b != b
-    if t is list or t is tuple:
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
-    if t is dict:
-        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
-    return False
+        return _FLOAT.pack(a) == _FLOAT.pack(b)
+    if t not in _CONTAINERS:
+        return bool(a == b)
+    if depth >= MAX_VALUE_DEPTH:
+        return False  # deeper than a client can send: not what it read
+    pair = (id(a), id(b))
+    if pair in seen:
+        return seen[pair]
+    # Assumed while the parts are compared: cyclic values are the same when
+    # they unfold alike.  Every other answer is a conjunction, so a wrong
+    # assumption makes the whole comparison false, whatever was cached.
+    seen[pair] = True
+    depth += 1
+    if len(a) != len(b):
+        result = False
+    elif t is set or t is frozenset:
+        result = _members(a, depth) == _members(b, depth)
+    elif t is dict:
+        result = all(_same(k, j, depth, seen) and _same(v, w, depth, seen)
+                     for (k, v), (j, w) in zip(a.items(), b.items()))
+    else:
+        result = all(_same(x, y, depth, seen) for x, y in zip(a, b))
+    seen[pair] = result
+    return result
+
+
+def _members(value, depth):
+    """The members of set or frozenset `value`, as a multiset of stand-ins."""
+    return frozenset(Counter(_stand_in(x, depth) for x in value).items())
+
+
+def _stand_in(value, depth):
+    """A hashable stand-in for a set member inside `depth` containers: two
+    members are the same value (as `_same` has it) just when their
+    stand-ins are equal.  Members are hashable, so never cyclic."""
+    if isinstance(value, Persistent):
+        oid = value._p_oid
+        return (Persistent, oid) if oid is not None else (Persistent, None, id(value))
+    t = type(value)
+    if t is float:
+        return (float, _FLOAT.pack(value))
+    if t is tuple or t is frozenset:
+        if depth >= MAX_VALUE_DEPTH:
+            return object()  # equal to nothing: deeper than a client can send
+        if t is tuple:
+            return (tuple, tuple(_stand_in(x, depth + 1) for x in value))
+        return (frozenset, _members(value, depth + 1))
+    return (t, value)

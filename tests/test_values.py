@@ -97,6 +97,83 @@ def test_persistent_objects_are_the_same_when_their_oids_are():
     assert not same_value(new, Item("a"))  # unstored: no oid to compare
 
 
+def nan():
+    """A NaN of its own: NaN is not equal to itself, and sets and dicts find
+    the very same object by identity, which would hide what is tested."""
+    return float("nan")
+
+
+@pytest.mark.parametrize("current, read", [
+    ([1], [1.0]), ({"a": 1}, {"a": True}), ((1, 2), (True, 2.0)), ([[1]], [[True]]),
+    (0.0, -0.0), ([0.0], [-0.0]), ({"k": (-0.0,)}, {"k": (0.0,)}),
+    ({1}, {1.0}), (frozenset({1}), frozenset({True})), ({0.0}, {-0.0}), ({(1,)}, {(1.0,)}),
+    ({1: "x"}, {1.0: "x"}), ({(0.0,): 1}, {(-0.0,): 1}),
+    ({"a": 1, "b": 2}, {"b": 2, "a": 1}), ([{"a": 1, "b": 2}], [{"b": 2, "a": 1}]),
+])
+def test_values_equal_by_python_but_not_as_clients_see_them_differ(current, read):
+    assert same_value(current, read) is False
+    assert same_value(read, current) is False
+
+
+@pytest.mark.parametrize("current, read", [
+    ({NAN}, {nan()}), (frozenset({NAN}), frozenset({nan()})), ({NAN: 1}, {nan(): 1}),
+    ({(NAN,)}, {(nan(),)}), ([{frozenset({NAN})}], [{frozenset({nan()})}]),
+    ({(1, NAN): {NAN}}, {(1, nan()): {nan()}}), ({NAN, nan()}, {nan(), nan()}),
+    ({1, "a", (2, NAN)}, {(2, nan()), "a", 1}),
+])
+def test_nans_in_sets_and_dict_keys_match_nans_in_the_same_places(current, read):
+    assert same_value(current, read) is True
+
+
+@pytest.mark.parametrize("current, read", [
+    ({NAN}, {1.0}), ({NAN, nan()}, {nan()}), ({NAN: 1}, {nan(): 2}), ({(NAN,)}, {(NAN, 1)}),
+    ({NAN}, {-NAN}),
+])
+def test_nans_in_sets_and_dict_keys_still_tell_changes(current, read):
+    assert same_value(current, read) is False
+
+
+def test_persistent_objects_in_sets_and_keys_are_the_same_when_their_oids_are():
+    one, other = Item("a"), Item("a")
+    one._p_oid = other._p_oid = 7
+    assert same_value({(one, 1)}, {(other, 1)})
+    assert same_value({one: [one]}, {other: [other]})
+    assert not same_value({Item("a")}, {Item("a")})  # unstored: no oid to compare
+
+
+def nested_frozensets(depth):
+    """`depth` frozensets, each holding the next, the last holding 1."""
+    value = frozenset({1})
+    for _ in range(depth - 1):
+        value = frozenset({value})
+    return value
+
+
+def test_values_nested_past_what_a_client_sends_are_not_the_same():
+    assert same_value(nested(MAX_VALUE_DEPTH), nested(MAX_VALUE_DEPTH))
+    assert same_value(nested_frozensets(MAX_VALUE_DEPTH), nested_frozensets(MAX_VALUE_DEPTH))
+    for depth in (MAX_VALUE_DEPTH + 1, 5000):  # past Python's recursion limit too
+        assert same_value(nested(depth), nested(depth)) is False
+        assert same_value({nested_frozensets(depth)}, {nested_frozensets(depth)}) is False
+
+
+def cycle(*items):
+    """A list of `items`, each None standing for the list itself."""
+    value = []
+    value.extend(value if x is None else x for x in items)
+    return value
+
+
+def test_cyclic_values_are_the_same_when_they_unfold_alike():
+    assert same_value(cycle(None), cycle(None))
+    assert same_value(cycle(None, None, 1), cycle(None, None, 1))  # each part once, not 2**n
+    assert not same_value(cycle(None, 1), cycle(None, 1.0))
+    assert not same_value(cycle(None), [[[[1]]]])
+    loop, other = {}, {}
+    loop["self"], other["self"] = loop, other
+    assert same_value(loop, other)
+
+
 def test_check_sendable_refuses_a_record_the_codec_could_not_send():
     codec = Codec(default=placeholder_key, max_items=10)
     exports = ExportRegistry()
