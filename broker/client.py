@@ -102,6 +102,7 @@ class BrokerClient:
             self._flush_needed = True
         self._server = info["server"]
         self._seq = info.get("seq")
+        self._late = (0, 0)  # broadcast numbers a sync found missing (see begin)
         self._root = info["root"]
         self._conn.subscribe(info["broadcast"])
 
@@ -150,6 +151,12 @@ class BrokerClient:
             result = self._call("sync", since=self._known, while_waiting=self._drain)
             self._root = result["root"]
             self._drain()
+            seq = result.get("seq")  # broadcasts sent before the sync (None: an old server)
+            if seq is not None and self._seq is not None and seq > self._seq:
+                # Lost (the last ones: no later number reveals them) or late: the
+                # sync covers their transactions, not statics; late ones are skipped.
+                self._pending_statics.add(None)
+                self._late, self._seq = (self._seq, seq), seq
             self._advance(result["tid"], result["changed"])
             return self._tid
 
@@ -199,6 +206,8 @@ class BrokerClient:
         if message["srv"] != self._server:
             return  # another instance (before or after a restart): sync covers it
         if self._seq is not None and message["seq"] != self._seq + 1:
+            if self._late[0] < message["seq"] <= self._late[1]:
+                return  # accounted for by a sync, in begin()
             self._gap = True
             self._flush_needed = self._flush_needed or message["seq"] <= self._seq
             self._pending_statics.add(None)  # unknown static changes: drop them all

@@ -235,11 +235,26 @@ def visible_items(rules, mapping):
     return {k: v for k, v in mapping.items() if not hidden_item(rules, k)}
 
 
-def visible_instances(root, cls, exports, limit):
+def live_contents(obj, rules):
+    """What a walk of the object graph goes on into from persistent `obj`,
+    whose class is exported with `rules`: its readable fields and visible
+    items, as they are now."""
+    found = [rules.filter_state(state_of(obj))]
+    if rules.mapping:
+        found.extend(visible_items(rules, obj).values())
+    return found
+
+
+def visible_instances(root, cls, exports, limit, contents=live_contents):
     """Yield the stored instances of `cls` that clients can reach from
     `root`: a full walk, through readable fields and visible items only,
     so that an object kept in a hidden or private field stays unfound.
-    ProtocolError once it has walked more than `limit` objects."""
+    ProtocolError once it has walked more than `limit` objects.
+
+    `contents(obj, rules)` gives what the walk goes on into from each
+    persistent object (the server reads those as of a snapshot instead of
+    as they are now: broker.snapshots.Snapshot.contents).
+    """
     if root is None:
         return
     seen = set()
@@ -252,14 +267,9 @@ def visible_instances(root, cls, exports, limit):
             seen.add(id(value))
             if len(seen) > limit:
                 raise ProtocolError("class search walked more than %d objects" % limit)
-            if value._p_ghost:
-                value._p_jar._p_activate(value)
             if isinstance(value, cls):
                 yield value
-            rules = exports.lookup(type(value))
-            stack.append(rules.filter_state(state_of(value)))
-            if rules.mapping:
-                stack.extend(visible_items(rules, value).values())
+            stack.extend(contents(value, exports.lookup(type(value))))
         elif isinstance(value, dict):
             stack.extend(value.values())
         elif isinstance(value, (list, tuple, set, frozenset)):

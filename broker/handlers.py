@@ -4,10 +4,11 @@ One method per op of broker.protocol.REQUESTS, named op_<op>, taking the
 validated fields and returning the reply's "ok" value (or raising, which
 becomes the reply's "error").  Reads happen at the client's snapshot tid:
 object states come from db.load_state(oid, tid), as encoded state records
-(broker.states) that the server's StateCache keeps; mappings are read from
-the live object after checking that neither it nor its internal nodes
-changed after the snapshot.  Writes (commit, call, invoke) each run in one
-Dobbin transaction of the calling worker thread.
+(broker.states) that the server's StateCache keeps; mappings, B-trees and
+the object graph a class search walks are read through broker.snapshots,
+as of the snapshot too.  Writes (commit, call, invoke) each run in one
+Dobbin transaction of the calling worker thread, and check each old value
+a client sent on the object as checked out for the change.
 """
 
 import itertools
@@ -22,10 +23,12 @@ from broker.export import class_name, hidden_item, visible_instances, visible_it
 from broker.keys import Key
 from broker.outcomes import COMMIT_MARK, commit_mark
 from broker.protocol import VERSION
+from broker.snapshots import Snapshot, tree_lookup
 from broker.states import Record
 from broker.values import check_sendable, placeholder_key, resolve_values, same_value
 from dobbin.exc import ConflictError as StoreConflictError
 from dobbin.btree import OOBTree
+from dobbin.bucket import _check_key
 from dobbin.exc import HistoryError, ObjectGraphError
 from dobbin.persistent import Persistent, PersistentDict, checkout, state_of
 from dobbin.stream import PersistentStream
@@ -34,12 +37,9 @@ logger = logging.getLogger("broker.server")
 
 COMMIT_ATTEMPTS = 3
 MAX_SCAN = 1000000
-
-
-def activate(obj):
-    """Make sure a persistent object's state is loaded (ghosts have none)."""
-    if obj._p_ghost:
-        obj._p_jar._p_activate(obj)
+# Fresh looks for the bucket of an item to write, each one after a
+# concurrent split or unlink moved it.
+TREE_RESTARTS = 20
 
 
 class Handlers:
@@ -99,9 +99,20 @@ class Handlers:
         try:
             return self.db.load_state(obj._p_oid, tid)
         except HistoryError:
-            key = self.keyring.sign("o", obj._p_oid)
-            raise ReadConflictError("%s has no version as of transaction %d; begin() again"
-                                    % (key, tid), key=str(key)) from None
+            raise self._read_conflict(obj, tid) from None
+
+    def _read_conflict(self, obj, tid):
+        key = self.keyring.sign("o", obj._p_oid)
+        return ReadConflictError("%s cannot be read as of transaction %d; begin() again"
+                                 % (key, tid), key=str(key))
+
+    def snapshot(self, tid, mapping=None):
+        """A broker.snapshots.Snapshot as of `tid`, which the database knows;
+        its read conflicts name `mapping`, if given (what the client asked
+        for: it has no key of the nodes of a B-tree)."""
+        return Snapshot(self.db, tid,
+                        lambda obj: self._read_conflict(obj if mapping is None else mapping,
+                                                        tid))
 
     def record(self, obj, tid):
         """Return the encoded state record of persistent `obj` as of snapshot `tid`."""
@@ -156,50 +167,27 @@ class Handlers:
             state = {n: getattr(obj, n) for n in rules.fields | rules.refs if hasattr(obj, n)}
         return rules, rules.filter_state(state)
 
-    def mapping_at(self, obj, tid):
-        """Return (items view, deps) of mapping `obj` as of `tid`.
+    def mapping_at(self, obj, tid, read):
+        """Return (read(items), deps): `read` applied to the items of mapping
+        `obj` that clients see, as of `tid` (a static's as they are).
 
-        `deps` lists the oids whose change invalidates what was read.
+        `deps` lists the oids whose change invalidates what was read (None:
+        any change).  `read` may be called more than once.
         """
         rules = self.exports.lookup(type(obj))
         if not rules.mapping:
             raise AccessDenied("%s objects are not mappings" % rules.name)
         if not isinstance(obj, Persistent):
-            return visible_items(rules, obj), None  # a static: no history, any change counts
+            return read(visible_items(rules, obj)), None  # a static: no history
         self.catch_up(tid)
-        activate(obj)
         if isinstance(obj, PersistentDict):
             _serial, state = self._state_as_of(obj, tid)
-            return visible_items(rules, state.get("_data", {})), [obj._p_oid]
-        internal = self.internal_nodes(obj)
-        for node in internal:
-            if node._p_serial > tid:
-                raise ReadConflictError(
-                    "%s changed after transaction %d; begin() again"
-                    % (self.keyring.sign("o", obj._p_oid), tid),
-                    key=str(self.keyring.sign("o", obj._p_oid)))
-        return visible_items(rules, obj), [node._p_oid for node in internal]
-
-    def internal_nodes(self, mapping):
-        """The mapping itself and the persistent objects inside it that are not values."""
-        values = {id(v) for v in mapping.values() if isinstance(v, Persistent)}
-        found = [mapping]
-        seen = {id(mapping)}
-        stack = [mapping.__dict__]
-        while stack:
-            value = stack.pop()
-            if isinstance(value, Persistent):
-                if id(value) in seen or id(value) in values:
-                    continue
-                seen.add(id(value))
-                found.append(value)
-                activate(value)
-                stack.append(value.__dict__)
-            elif isinstance(value, dict):
-                stack.extend(value.values())
-            elif isinstance(value, (list, tuple)):
-                stack.extend(value)
-        return found
+            return read(visible_items(rules, state.get("_data", {}))), [obj._p_oid]
+        snapshot = self.snapshot(tid, obj)
+        # Read, then checked: a check first would let a commit landing
+        # while we read show through.
+        result = snapshot.run(lambda: read(visible_items(rules, snapshot.mapping(obj))))
+        return result, snapshot.oids()
 
     # -- ops -------------------------------------------------------------------
 
@@ -218,9 +206,12 @@ class Handlers:
         return None if root is None else self.keyring.sign("o", root._p_oid)
 
     def op_sync(self, f):
+        # Read first: every broadcast up to it is of a static or of a
+        # transaction up to the tid below, which "changed" covers.
+        seq = self.server.broadcast_seq
         tid = self.server.sync_database()
         return {"tid": tid, "changed": self.server.history.changes(f["since"], tid),
-                "root": self.root_key()}
+                "root": self.root_key(), "seq": seq}
 
     def op_meta(self, f):
         rules = self.exports.by_name(f["class"])
@@ -246,8 +237,8 @@ class Handlers:
         try:
             if isinstance(obj, OOBTree):
                 return self.tree_item(obj, item, f)
-            items, deps = self.mapping_at(obj, f["tx"])
-            value = [items[item]] if item in items else []
+            value, deps = self.mapping_at(
+                obj, f["tx"], lambda items: [items[item]] if item in items else [])
         except TypeError as error:
             # Unhashable, or not ordered with a B-tree's keys.
             raise ProtocolError("the item cannot be a key of %s: %s" % (f["key"], error)) \
@@ -261,25 +252,24 @@ class Handlers:
         rules = self.exports.lookup(type(tree))
         if hidden_item(rules, item):
             return {"value": [], "deps": [tree._p_oid]}
-        value = tree.get(item, ABSENT)
-        # Read after the value: a commit landing in between shows here.
-        path = tree.lookup_path(item)
-        if any(node._p_serial > tid for node in path):
-            key = self.keyring.sign("o", tree._p_oid)
-            raise ReadConflictError("%s changed after transaction %d; begin() again"
-                                    % (key, tid), key=str(key))
+        _check_key(item)  # TypeError for an unhashable, None or NaN item
+        snapshot = self.snapshot(tid, tree)
+        value, path = snapshot.run(lambda: tree_lookup(snapshot, tree, item))
         return {"value": [] if value is ABSENT else [value],
                 "deps": [node._p_oid for node in path]}
 
     def op_items(self, f):
+        def page(items):
+            length = len(items)
+            # Clamped: islice refuses positions past sys.maxsize.
+            start = min(f["start"], length)
+            end = min(start + (f["limit"] or 1000), length)
+            return length, start, [[k, v] for k, v in
+                                   itertools.islice(items.items(), start, end)]
+
         obj = self.resolve(f["key"])
-        items, deps = self.mapping_at(obj, f["tx"])
-        length = len(items)
-        # Clamped: islice refuses positions past sys.maxsize.
-        start = min(f["start"], length)
-        end = min(start + (f["limit"] or 1000), length)
-        page = [[k, v] for k, v in itertools.islice(items.items(), start, end)]
-        return {"items": page, "more": start + len(page) < length, "len": length,
+        (length, start, items), deps = self.mapping_at(obj, f["tx"], page)
+        return {"items": items, "more": start + len(items) < length, "len": length,
                 "deps": deps}
 
     def op_stream(self, f):
@@ -439,15 +429,22 @@ class Handlers:
         rules = self.exports.lookup(type(obj))
         if not isinstance(obj, Persistent) or not rules.mapping or rules.readonly is True:
             raise AccessDenied("items of %s cannot be changed by clients" % key)
+        if not isinstance(obj, OOBTree):
+            # Before its items are read for checking: a commit landing
+            # after the checkout makes ours conflict, one landing before it
+            # shows in the check.  (B-trees: see _current_item.)
+            checkout(obj)
         return obj, rules
 
     @staticmethod
     def _current_item(mapping, rules, key, item):
-        """The value of `item` in `mapping` that clients see, or ABSENT;
-        ProtocolError if it cannot be a key."""
+        """The value of `item` in `mapping` (checked out) that clients see,
+        or ABSENT; ProtocolError if it cannot be a key."""
         if hidden_item(rules, item):
             return ABSENT
         try:
+            if isinstance(mapping, OOBTree):
+                return _tree_item_to_write(mapping, item)
             return mapping.get(item, ABSENT)
         except TypeError as error:
             # Unhashable, or not ordered with a B-tree's keys.
@@ -455,13 +452,7 @@ class Handlers:
 
     @staticmethod
     def _mutate(mapping, touched, change):
-        try:
-            change(mapping)
-        except RuntimeError:
-            # Read-only: this mapping wants the whole object checked out
-            # (PersistentDict); B-trees check out their own buckets.
-            checkout(mapping)
-            change(mapping)
+        change(mapping)  # checked out already (B-trees check out their own buckets)
         touched.append(mapping)
 
     @staticmethod
@@ -528,16 +519,16 @@ class Handlers:
         target = f["target"]
         if type(target) is Key:
             obj = self.resolve(target)
-            items, deps = self.mapping_at(obj, tid)
-            candidates = list(items.values())
+            candidates, deps = self.mapping_at(obj, tid, lambda items: list(items.values()))
         else:
             rules = self.exports.by_name(target)
             if rules is None or rules.cls not in self.exports.explicit_classes():
                 raise AccessDenied("class %r is not exported for search" % target)
             self.catch_up(tid)
-            candidates = list(rules.extent() if rules.extent is not None
-                              else visible_instances(self.db.root, rules.cls, self.exports,
-                                                     MAX_SCAN))
+            if rules.extent is not None:
+                candidates = list(rules.extent())
+            else:
+                candidates = self.instances_at(rules.cls, tid)
             deps = None
         matches = []
         for candidate in candidates:
@@ -559,6 +550,15 @@ class Handlers:
             result = matches[:f["limit"]] if f["limit"] else matches
         return {"result": result, "deps": deps}
 
+    def instances_at(self, cls, tid):
+        """The instances of `cls` clients can reach from the root as of `tid`."""
+        root = self.db.root
+        if root is None:
+            return []
+        snapshot = self.snapshot(tid)
+        return snapshot.run(lambda: list(visible_instances(
+            root, cls, self.exports, MAX_SCAN, snapshot.contents)))
+
     def _matches(self, obj, tid, query):
         try:
             rules, _serial, state = self.state_at(obj, tid)
@@ -570,6 +570,21 @@ class Handlers:
             if not rules.readable(name) or not same_value(state.get(name, ABSENT), wanted):
                 return False
         return True
+
+
+def _tree_item_to_write(tree, item):
+    """The value of `item` in B-tree `tree`, or ABSENT, read from the bucket
+    that holds it as checked out for the write: a commit changing the item
+    after the checkout makes ours conflict (a bucket merges no two changes
+    of one item, nor a split), one before it shows in the value."""
+    _check_key(item)
+    for _attempt in range(TREE_RESTARTS):
+        found = tree._writable_bucket(item)
+        if found is not None:  # None: split or unlinked before the checkout
+            _path, _bucket, state, index, present = found
+            return state["values"][index] if present else ABSENT
+    raise StoreConflictError("the B-tree kept changing under the commit", oid=tree._p_oid)
+
 
 class _Touched(list):
     """Objects a commit changed, and its new objects by temporary number."""

@@ -309,7 +309,8 @@ _ITEM = _is_map_with("value", "deps")
 REPLIES = {
     "hello": _is_map_with("version", "broadcast", "tid", "root", "server"),
     "sync": lambda v: (_SYNC(v) and type(v["tid"]) is int
-                       and (v["changed"] is None or type(v["changed"]) is list)),
+                       and (v["changed"] is None or type(v["changed"]) is list)
+                       and type(v.get("seq", 0)) is int),  # seq: absent from old servers
     "load": lambda v: (_LOAD(v) and type(v["state"]) is dict and type(v["class"]) is str),
     "meta": _is_map_with("name", "fields", "writable", "callables", "mapping"),
     "items": lambda v: _ITEMS(v) and type(v["items"]) is list,

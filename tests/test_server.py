@@ -1235,3 +1235,190 @@ def test_a_restart_recalls_the_commits_after_damage_further_back(tmp_path, caplo
     finally:
         db.close()
     assert any("stopped at damage" in r.getMessage() for r in caplog.records)
+
+
+# -- reads as of the snapshot, writes checked on what they change -------------------
+
+
+def commit_during(start_thread, change):
+    """A hook that, on its first call only, has another thread run `change()`
+    and commit, and waits for it: a commit landing at that point of the
+    server's work."""
+    landed = []
+
+    def land():
+        if not landed:
+            landed.append(True)
+
+            def run():
+                transaction.begin()
+                change()
+                transaction.commit()
+
+            start_thread(run).join()
+
+    return land
+
+
+@pytest.mark.parametrize("mapping", ["things", "tree"])
+def test_a_commit_landing_between_an_item_check_and_its_write_makes_the_write_conflict(
+        broker, start_thread, monkeypatch, mapping):
+    # The old value was checked on the live mapping, checked out (or, for a
+    # B-tree, its bucket) only afterwards: a commit landing in between was
+    # the base of the checkout, and overwritten unseen.
+    db, server, connect = broker
+
+    def set_k(value):
+        items = getattr(db.root, mapping)
+        if mapping == "things":
+            checkout(items)
+        items["k"] = value
+
+    transaction.begin()
+    set_k("v0")
+    transaction.commit()
+    client = connect()
+    remote = getattr(client.root, mapping)
+    assert remote["k"] == "v0"
+    remote["k"] = "mine"
+    land = commit_during(start_thread, lambda: set_k("theirs"))
+    verify = server._handlers._verify
+
+    def verify_then_land(key, field, current, old):
+        verify(key, field, current, old)
+        land()
+
+    monkeypatch.setattr(server._handlers, "_verify", verify_then_land)
+    with pytest.raises(exc.ConflictError):
+        client.commit()
+    transaction.begin()
+    db.sync()
+    assert getattr(db.root, mapping)["k"] == "theirs"
+
+
+def test_a_commit_landing_while_a_b_tree_is_read_does_not_show_in_the_reply(
+        broker, start_thread, monkeypatch):
+    # Its nodes' serials were checked first, and the live tree read after: a
+    # commit landing in between showed in a search or listing of the snapshot.
+    db, server, connect = broker
+    transaction.begin()
+    filler = Item("filler")
+    db.root.tree.update(("k%03d" % n, filler) for n in range(300))  # several buckets
+    transaction.commit()
+    client = connect()
+    remote = client.root.tree
+    handlers, checked = server._handlers, server._handlers.mapping_at
+
+    def mapping_at(*args):
+        result = checked(*args)
+        land()
+        return result
+
+    def to_first():
+        db.root.tree["k250"] = db.root.item  # named "first", in a later bucket
+
+    land = commit_during(start_thread, to_first)
+    monkeypatch.setattr(handlers, "mapping_at", mapping_at)
+    assert client.count(remote, name="first") == 0
+    monkeypatch.undo()
+    # Between the reading and the check of what was read (which waits for
+    # publications through prefetch, as reading a B-tree's values does).
+    land = commit_during(start_thread, lambda: db.root.tree.pop("k100"))
+    real_prefetch = db.prefetch
+
+    def prefetch(objects):
+        land()
+        return real_prefetch(objects)
+
+    monkeypatch.setattr(db, "prefetch", prefetch)
+    items = dict(remote.items())
+    monkeypatch.undo()
+    transaction.begin()
+    assert "k100" not in db.root.tree  # it landed
+    assert len(items) == 300 and items["k100"] is items["k250"] is remote["k000"]
+    client.begin()
+    assert client.count(remote, name="first") == 1 and "k100" not in remote
+
+
+def test_a_b_tree_changed_after_the_snapshot_is_read_as_it_was(broker):
+    # A read conflict whenever a node read had changed after the snapshot,
+    # though the log keeps the version as of the snapshot of each one.
+    db, _server, connect = broker
+    transaction.begin()
+    db.root.tree.update(("k%04d" % n, n) for n in range(200))
+    transaction.commit()
+    client = connect()
+    remote = client.root.tree
+    transaction.begin()
+    tree = db.root.tree
+    tree.update(("k%04d" % n, -n) for n in range(3000))  # every bucket changed, and split
+    for n in range(0, 200, 2):
+        del tree["k%04d" % n]
+    transaction.commit()
+    assert remote["k0004"] == 4 and "k0500" not in remote and remote.get("k0199") == 199
+    assert len(remote) == 200 and sorted(remote) == ["k%04d" % n for n in range(200)]
+    assert dict(remote.items()) == {"k%04d" % n: n for n in range(200)}
+    client.begin()
+    assert remote["k0005"] == -5 and "k0004" not in remote and len(remote) == 2900
+
+
+def test_reading_a_b_tree_before_it_existed_is_a_read_conflict(peer, broker):
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": hello["tid"]})["ok"]
+    tree = root["state"]["tree"]
+    for n, op in enumerate([{"op": "item", "key": tree, "item": "n"},
+                            {"op": "items", "key": tree, "start": 0, "limit": None},
+                            {"op": "search", "target": tree, "mode": "count", "query": {},
+                             "limit": None}]):
+        reply = peer.request(dict(op, id=3 + n, tx=0))
+        assert error_of(reply)[0] == "ReadConflictError"
+
+
+def test_a_class_search_walks_the_object_graph_as_of_the_snapshot(broker):
+    # It walked the live graph: objects removed after the snapshot were not
+    # found, and the result disagreed with the mappings read in the same
+    # transaction.
+    db, _server, connect = broker
+    transaction.begin()
+    checkout(db.root.things)
+    db.root.things["gone"] = Item("gone")
+    db.root.tree["also gone"] = Item("in a tree")
+    transaction.commit()
+    reader, writer = connect(), connect()
+    del writer.root.things["gone"]
+    del writer.root.tree["also gone"]
+    writer.root.things["new"] = writer.new("broker_fixtures.Item", name="new")
+    writer.commit()
+    found = reader.find("broker_fixtures.Item")
+    assert sorted(item.name for item in found) == ["first", "gone", "in a tree"]
+    assert reader.get("broker_fixtures.Item", name="gone").name == "gone"
+    assert reader.count("broker_fixtures.Item", name="new") == 0
+    reader.begin()
+    assert sorted(item.name for item in reader.find("broker_fixtures.Item")) == ["first", "new"]
+
+
+def test_a_client_that_missed_the_last_broadcasts_learns_it_from_its_sync(broker, monkeypatch):
+    # Only a later broadcast's number showed that some were lost: with none
+    # coming, a static the lost one named stayed stale in every transaction.
+    _db, server, connect = broker
+
+    class Settings:
+        colour = "red"
+
+    settings = Settings()
+    server.add_static(settings, "settings")
+    client = connect()
+    remote = client.static("settings")
+    assert remote.colour == "red"
+    monkeypatch.setattr(client._conn, "broadcasts", lambda timeout=0: [])  # all lost
+    server.obj_update(settings, colour="blue")
+    client.begin()
+    assert remote.colour == "blue"
+    monkeypatch.undo()
+    # Should the lost one come after all, late, it is no gap to flush for.
+    client._receive(protocol.static_invalidation(server.instance, server.broadcast_seq,
+                                                 [["settings"]]))
+    assert not client._gap and not client._flush_needed
+    loads = server.requests["load"]
+    client.begin()  # in step again: the static is kept
+    assert remote.colour == "blue" and server.requests["load"] == loads
