@@ -198,6 +198,33 @@ class IReplyBacklog(Interface):
         (a pyzmq MessageTracker) is done."""
 
 
+class ISnapshot(Interface):
+    """The states of a database's objects as of one transaction, as a
+    client's snapshot reads them: live while unchanged since, else from
+    the log's older versions."""
+
+    db = Attribute("The Dobbin database read.")
+    tid = Attribute("The transaction as of which states are read.")
+
+    def run(read):
+        """Return `read()`, every state it took through `state` being the
+        one as of `tid`; `read` may be called more than once."""
+
+    def state(obj):
+        """The state of persistent `obj` as of `tid` (not to be changed);
+        the snapshot's conflict error if it has no version then."""
+
+    def oids():
+        """The oids of the objects the last `run` read."""
+
+    def mapping(obj, state=None):
+        """The items of persistent mapping `obj` as of `tid`."""
+
+    def contents(obj, rules):
+        """What a walk of the object graph goes on into from `obj`, whose
+        class is exported with `rules`, as of `tid`."""
+
+
 class IInvalidationHistory(Interface):
     """The oids each of a server's latest committed transactions changed.
 

@@ -16,8 +16,11 @@ as it was, not refused.
 
 from bisect import bisect_left, bisect_right
 
+from zope.interface import implementer
+
 from broker.codec import ABSENT
 from broker.export import visible_items
+from broker.interfaces import ISnapshot
 from dobbin.btree import OOBTree
 from dobbin.bucket import Node
 from dobbin.exc import HistoryError
@@ -29,6 +32,7 @@ from dobbin.persistent import Persistent, PersistentDict, committed_state
 LIVE_PASSES = 3
 
 
+@implementer(ISnapshot)
 class Snapshot:
     """States of the objects of `db` as of transaction `tid` (which the
     database knows already).

@@ -3,8 +3,11 @@
 import pytest
 import transaction
 
+from zope.interface.verify import verifyObject
+
 from broker.codec import ABSENT
 from broker.export import ExportRegistry, live_contents, visible_instances
+from broker.interfaces import ISnapshot
 from broker.snapshots import Snapshot, TreeView, tree_lookup
 from dobbin.btree import OOBTree
 from dobbin.persistent import Persistent, PersistentDict, checkout
@@ -80,6 +83,11 @@ def counting_loads(db, monkeypatch):
 def read_all(snapshot, tree):
     view = TreeView(snapshot, tree)
     return snapshot.run(lambda: (len(view), list(view.items())))
+
+
+def test_implements_its_interface(tree_db):
+    db, _tree, tid = tree_db
+    assert verifyObject(ISnapshot, Snapshot(db, tid, Gone))
 
 
 def test_an_unchanged_tree_is_read_live_without_loading_a_version(tree_db, monkeypatch):
