@@ -92,10 +92,9 @@ class Snapshot:
         Those that were not are read from the history from now on."""
         if not self._live:
             return True
-        # A commit publishes each state and then its serial, holding the
-        # database's state lock, which prefetch takes: once it has, each
-        # serial read is at least that of the state read before it.
-        self.db.prefetch(())
+        # A commit publishes each state and then its serial: once it is
+        # done, each serial read is at least that of the state read before.
+        self.db.await_publication()
         tid = self.tid
         newer = {obj._p_oid for obj in self._live if obj._p_serial > tid}
         self._stale.update(newer)

@@ -42,13 +42,12 @@ _RESTARTS = 100
 
 
 def _await_publication(tree):
-    """Wait while a commit publishes its states, one by one, under its
-    database's state lock: a reader that met half of its structural
-    change (a bucket unlinked, its parent not yet) would restart in vain."""
+    """Wait while a commit publishes its states (see
+    IDatabase.await_publication): a reader that met half of its structural
+    change would restart in vain."""
     jar = tree._p_jar
     if jar is not None:
-        with jar._state_lock:
-            pass
+        jar.await_publication()
 
 
 def _incomparable(key, exc):

@@ -120,10 +120,16 @@ class ObjectCache:
         """Make `obj` a ghost of its record as of `serial`: for a state that
         could not be loaded.  Its checkouts keep their copies, and the new
         serial makes their commits conflict."""
-        if self.loaded.pop(_oid_of(obj), None) is not None:
-            self.loaded_bytes -= _size_of(obj)
-            self._weak[_oid_of(obj)] = weakref.ref(obj)
         _set_serial(obj, _shared(serial))
+        oid = _oid_of(obj)
+        if oid in self.loaded:
+            self._drop_state(oid, obj)
+
+    def _drop_state(self, oid, obj):
+        """Make loaded `obj` a ghost, still the object of `oid` while reachable."""
+        self._weak[oid] = weakref.ref(obj)  # before it leaves `loaded`: see get
+        del self.loaded[oid]
+        self.loaded_bytes -= _size_of(obj)
         # Ghost flag first, then the empty dict: see Persistent.__getattribute__.
         _set_ghost(obj, True)
         object.__setattr__(obj, "__dict__", {})
@@ -143,18 +149,12 @@ class ObjectCache:
                 break
             victims.append((oid, obj))
             excess -= _size_of(obj)
-        weak = self._weak
         for oid, obj in victims:
             if _checkouts_of(obj):
                 del loaded[oid]
                 loaded[oid] = obj  # checked out, so in use: now the newest
                 continue
-            weak[oid] = weakref.ref(obj)  # before it leaves `loaded`: see get
-            del loaded[oid]
-            self.loaded_bytes -= _size_of(obj)
-            # Ghost flag first, then the empty dict: see Persistent.__getattribute__.
-            _set_ghost(obj, True)
-            object.__setattr__(obj, "__dict__", {})
+            self._drop_state(oid, obj)
         # States that stayed because they are checked out would be scanned
         # again on every load (quadratic in a big commit): try again only
         # once the cache has grown by another eighth.

@@ -220,6 +220,11 @@ class Database:
                 if _is_ghost(obj):
                     self._install_loaded(obj, oid, tid, data)
 
+    def await_publication(self):
+        # A commit publishes under the state lock (_p_commit_finish).
+        with self._state_lock:
+            pass
+
     def sync(self):
         if self.closed:
             raise ReadOnlyError("%s is closed" % self.path)

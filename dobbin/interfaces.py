@@ -146,6 +146,15 @@ class IDatabase(Interface):
         would load one by one on first access.
         """
 
+    def await_publication():
+        """Return once no commit is publishing its new states here.
+
+        A commit replaces the shared states of its objects one by one;
+        a reader that met part of its change (a B-tree bucket unlinked,
+        its parent not yet; a state whose serial is not yet set) waits
+        for the rest instead of reading again in vain.
+        """
+
     committed_tid = Attribute(
         """The tid of the calling thread's latest successful commit, or None.""")
 

@@ -1321,16 +1321,16 @@ def test_a_commit_landing_while_a_b_tree_is_read_does_not_show_in_the_reply(
     monkeypatch.setattr(handlers, "mapping_at", mapping_at)
     assert client.count(remote, name="first") == 0
     monkeypatch.undo()
-    # Between the reading and the check of what was read (which waits for
-    # publications through prefetch, as reading a B-tree's values does).
+    # Between the reading and the check of what was read (which first waits
+    # for the publication of commits landing meanwhile).
     land = commit_during(start_thread, lambda: db.root.tree.pop("k100"))
-    real_prefetch = db.prefetch
+    real_await = db.await_publication
 
-    def prefetch(objects):
+    def await_publication():
         land()
-        return real_prefetch(objects)
+        return real_await()
 
-    monkeypatch.setattr(db, "prefetch", prefetch)
+    monkeypatch.setattr(db, "await_publication", await_publication)
     items = dict(remote.items())
     monkeypatch.undo()
     transaction.begin()
