@@ -437,8 +437,8 @@ class Database:
             self._lock.release()
             self._notifier.flush()
             raise
-        # Notes of what we caught up with wait for the lock's release
-        # (_p_commit_finish or _p_commit_abort): subscribers run unlocked.
+        # Notes of what we caught up with wait until the session is done
+        # (_p_commit_notify): subscribers run unlocked.
         return Commit(known, self._log.end, self._log.oid_high)
 
     def _p_commit_prepare(self, commit, session):
@@ -589,7 +589,6 @@ class Database:
         # one fsync serves both.
         self._log.flush(record.offset + record.length)
         self._threads.committed_tid = record.tid
-        self._notifier.flush()
 
     def _p_commit_abort(self, commit):
         """Undo what a commit that won't happen gave to new objects."""
@@ -603,7 +602,11 @@ class Database:
             commit.unstage(self._log)
             commit.locked = False
             self._lock.release()
-        self._notifier.flush()  # what catching up learned, now unlocked
+
+    def _p_commit_notify(self):
+        """Call the subscribers for the commit and what catching up learned
+        (the session calls this once it is released: see Session.tpc_finish)."""
+        self._notifier.flush()
 
     # -- history, snapshot and verify ----------------------------------------
 

@@ -185,8 +185,10 @@ class IDatabase(Interface):
         (which may commit).  It must not
         commit, abort or begin a transaction in the thread it runs in:
         that thread may be in the middle of its own commit (the callback
-        of its own transaction runs from inside ``transaction.commit()``).
-        A callback that waits for another thread's callbacks deadlocks.
+        of its own transaction runs from inside ``transaction.commit()``,
+        once the thread's checkouts are released; a checkout there raises
+        DobbinError).  A callback that waits for another thread's
+        callbacks deadlocks.
         """
 
     def unsubscribe(callback):

@@ -132,10 +132,21 @@ def current_session():
     txn = transaction.get()
     session = getattr(_threads, "session", None)
     if session is None or session.transaction is not txn or session.finished:
+        if txn.status not in _JOINABLE:
+            # From a subscriber or an after-commit hook run by commit():
+            # nothing could store the change.
+            raise DobbinError("this thread's transaction is %s: objects can be checked out "
+                              "once it has ended (after commit() returns) or in another "
+                              "thread" % txn.status.lower())
         session = Session(txn)
         txn.join(session)
         _threads.session = session
     return session
+
+
+# The statuses in which a transaction takes new data managers (the
+# transaction package's Status.ACTIVE and Status.DOOMED).
+_JOINABLE = frozenset({"Active", "Doomed"})
 
 
 class _Checkout:
@@ -276,6 +287,8 @@ class Session:
             self._committing = False
             self._release()
             self.finished = True
+            # Only now: a subscriber run in this thread finds it released.
+            _notify(commits)
 
     def tpc_abort(self, txn):
         try:
@@ -292,10 +305,13 @@ class Session:
                     self._record_failure(error)
         finally:  # whatever recording did: unlock, and show the latest states
             commits, self._commits = self._commits, []
-            for database, pending in commits:
-                database._p_commit_abort(pending)
-            self._committing = False
-            self._refresh()
+            try:
+                for database, pending in commits:
+                    database._p_commit_abort(pending)
+                self._committing = False
+                self._refresh()
+            finally:
+                _notify(commits)
 
     def savepoint(self):
         return _Savepoint(self)
@@ -329,6 +345,12 @@ class Session:
         self.checkouts = {}
         self.elected = {}
         self._adopted = []
+
+
+def _notify(commits):
+    """Tell the subscribers of each database of `commits` what it learned."""
+    for database, _pending in commits:
+        database._p_commit_notify()
 
 
 def _distinct_files(databases):

@@ -219,6 +219,63 @@ def test_an_interrupt_in_another_resource_aborts_without_a_failed_record(open_db
     assert (a.x, db.tx_count) == (0, count)
 
 
+# -- what runs inside commit() -------------------------------------------------------------
+
+def test_a_subscriber_run_by_the_committing_thread_cannot_check_out_or_write(open_db):
+    # It used to join the finishing session: its change was dropped unseen,
+    # and a write went into the state just published to every thread.
+    db, _root, a, b = stored_pair(open_db)
+    errors = []
+
+    def on_commit(tid, oids):
+        for change in (lambda: checkout(b), lambda: setattr(a, "x", "in the subscriber")):
+            try:
+                change()
+            except (DobbinError, RuntimeError) as error:
+                errors.append(str(error))
+
+    db.subscribe(on_commit)
+    checkout(a)
+    a.x = 1
+    transaction.commit()
+    assert "transaction is committing" in errors[0] and errors[1] == READ_ONLY
+    assert (a.x, b.x) == (1, 0) and not checked_out(a) and not checked_out(b)
+    db.close()
+    assert open_db().root.a.x == 1
+
+
+def test_len_of_a_b_tree_in_the_committing_thread_s_subscriber(open_db):
+    from dobbin.btree import OOBTree
+    db = open_db()
+    tree = OOBTree()
+    checkout(tree)
+    tree.update((n, n) for n in range(10))
+    db.elect(tree)
+    transaction.commit()
+    seen = []
+    db.subscribe(lambda tid, oids: seen.append((len(tree), len(list(tree)))))
+    tree[10] = 10
+    transaction.commit()
+    assert seen == [(11, 11)]  # was (12, 11): this commit's insert counted twice
+
+
+def test_checking_out_in_an_after_commit_hook_is_a_dobbin_error(open_db):
+    db, _root, a, _b = stored_pair(open_db)
+    errors = []
+
+    def hook(committed):
+        try:
+            checkout(a)
+        except DobbinError as error:  # was the transaction package's ValueError
+            errors.append(str(error))
+
+    checkout(a)
+    a.x = 1
+    transaction.get().addAfterCommitHook(hook)
+    transaction.commit()
+    assert "transaction is committed" in errors[0] and not checked_out(a)
+
+
 # -- threads ----------------------------------------------------------------------------
 
 def test_other_threads_commit_never_discards_our_uncommitted_changes(
