@@ -34,7 +34,7 @@ from broker.interfaces import IBrokerClient
 from broker.keys import Key
 from broker.proxy import MappingProxy, Proxy, RemoteMethod, RemoteStream
 from broker.states import unseal
-from broker.transport import Connection, UseLock
+from broker.transport import SPIN, Connection, UseLock
 
 PAGE = 1000
 MAPPING_METHODS = frozenset({"keys", "values", "items", "get"})
@@ -52,10 +52,12 @@ class BrokerClient:
     `timeout` and `retries` bound each request (lazy pirate: each retry uses
     a fresh socket).  `curve` is (server public key, client public key,
     client secret key) for a CURVE server.  `trace`, if given, is called
-    with (direction, frames) for every message sent and received.
+    with (direction, frames) for every message sent and received.  `spin`
+    is how many seconds to busy-wait for the reply to a quick read (a load,
+    a sync) before blocking: 0 never does (see broker.transport.SPIN).
     """
 
-    def __init__(self, address, timeout=2.5, retries=3, curve=None, trace=None):
+    def __init__(self, address, timeout=2.5, retries=3, curve=None, trace=None, spin=SPIN):
         self.address = address
         self._lock = UseLock()
         self._codec = Codec(default=self._encode_object, on_key=self._decode_key)
@@ -74,7 +76,7 @@ class BrokerClient:
         self._root = None
         self._changes = LocalChanges()
         self._numbers = itertools.count(1)
-        self._conn = Connection(address, self._codec, timeout, retries, curve, trace)
+        self._conn = Connection(address, self._codec, timeout, retries, curve, trace, spin)
         try:
             with self._lock:
                 self._hello()

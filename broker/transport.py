@@ -32,6 +32,13 @@ _POLLIN = int(zmq.POLLIN)
 
 # Seconds a wait for a reply may go on after the connection is closing.
 WAIT_SLICE = 0.1
+# Seconds a client busy-waits for the reply to a quick request (see
+# protocol.INLINE) before it blocks.  A blocked thread is woken up about as
+# slowly as the round trip itself, on a virtual machine above all (here a
+# load took 90 us spinning, 150-230 us blocked).  Bounded: the spinning
+# thread holds the GIL, and burns what it would have waited anyway.
+SPIN = 0.0002
+MAX_SPIN = 0.01
 
 
 def send_frames(sock, frames):
@@ -139,6 +146,15 @@ def check_duration(name, value):
     return value
 
 
+def check_spin(value):
+    """`value`, seconds to busy-wait for a quick reply: 0 (never) up to MAX_SPIN."""
+    if type(value) not in (int, float):
+        raise TypeError("spin is a number of seconds, not %r" % (value,))
+    if not 0 <= value <= MAX_SPIN:
+        raise ValueError("spin must be from 0 to %r seconds, not %r" % (MAX_SPIN, value))
+    return value
+
+
 class UseLock:
     """A client's lock, held by every use of the client: taken once the
     client is closed, it raises ClientClosed (cached reads included)."""
@@ -162,13 +178,15 @@ class UseLock:
 class Connection:
     """One client's DEALER and SUB sockets to one server address."""
 
-    def __init__(self, address, codec, timeout=2.5, retries=3, curve=None, trace=None):
+    def __init__(self, address, codec, timeout=2.5, retries=3, curve=None, trace=None,
+                 spin=SPIN):
         if type(retries) is not int or retries < 0:
             raise ValueError("retries is a number of retries (an int >= 0), not %r"
                              % (retries,))
         self.address = address
         self.codec = codec
         self.timeout = check_duration("timeout", timeout)
+        self.spin = check_spin(spin)
         self.retries = retries
         self.curve = curve
         self.trace = trace
@@ -268,14 +286,19 @@ class Connection:
             send_frames(self._dealer, frames)
             if while_waiting is not None and not attempt:
                 while_waiting()
-            reply = self._await(rid)
+            reply = self._await(rid, self.spin if op in protocol.INLINE else 0)
             if reply is not None:
                 return reply
         raise BrokerTimeout("no reply from %s to %s after %d attempt(s) of %.1f s"
                             % (self.address, op, self.retries + 1, self.timeout))
 
-    def _await(self, rid):
+    def _await(self, rid, spin=0):
         dealer = self._dealer
+        if spin:
+            until = time.perf_counter() + spin
+            events = dealer.getsockopt
+            while not events(_EVENTS) & _POLLIN and time.perf_counter() < until:
+                pass
         deadline = time.monotonic() + self.timeout
         while True:
             try:

@@ -9,7 +9,8 @@ import zmq
 from broker import protocol
 from broker.codec import Codec
 from broker.exc import AddressError, BrokerTimeout, ClientClosed, CurveKeyError, ProtocolError
-from broker.transport import WAIT_SLICE, Connection, UseLock, bound, reachable_broadcast
+from broker.transport import (MAX_SPIN, WAIT_SLICE, Connection, UseLock, bound,
+                              reachable_broadcast)
 from broker_fixtures import run_python, wait_until
 
 codec = Codec()
@@ -96,6 +97,21 @@ def test_malformed_reply_frames_raise_protocol_error(flaky):
     try:
         with pytest.raises(ProtocolError):
             connection.request("ping", {})
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("spin", [0, MAX_SPIN])
+def test_only_quick_requests_busy_wait_for_their_reply(flaky, spin):
+    server = flaky()
+    connection = Connection(server.address, codec, timeout=1, retries=0, spin=spin)
+    waits = []
+    await_reply = connection._await
+    connection._await = lambda rid, spun=0: waits.append(spun) or await_reply(rid, spun)
+    try:
+        for op in ("ping", "load", "sync", "commit", "call", "find"):
+            assert connection.request(op, {})[2] == "fresh"
+        assert waits == [spin] * 3 + [0] * 3
     finally:
         connection.close()
 
@@ -221,8 +237,12 @@ def test_binding_an_address_twice_is_an_address_error():
     ({"timeout": float("nan")}, ValueError, "positive"),
     ({"retries": -1}, ValueError, "retries is a number"),
     ({"retries": 1.5}, ValueError, "retries is a number"),
+    ({"spin": "0"}, TypeError, "spin is a number of seconds"),
+    ({"spin": -0.001}, ValueError, "from 0 to"),
+    ({"spin": MAX_SPIN * 2}, ValueError, "from 0 to"),
+    ({"spin": float("nan")}, ValueError, "from 0 to"),
 ])
-def test_bad_timeouts_and_retries_are_refused_at_once(options, error, message):
+def test_bad_timeouts_retries_and_spins_are_refused_at_once(options, error, message):
     with pytest.raises(error, match=message):
         Connection("tcp://127.0.0.1:9", codec, **options)
 
