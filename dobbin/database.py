@@ -57,8 +57,11 @@ class Database:
 
     `durability` is "fsync" (the default: a commit returns only once its
     record is on disk) or "none" (the operating system writes it when it
-    likes: fast, for bulk loads and tests, and a crash may lose the
-    latest commits but never corrupts the file).  `lock_timeout` bounds
+    likes: fast, for bulk loads and tests.  A crashed process loses
+    nothing, but a crash of the system may lose the latest commits, and
+    if it wrote a later record and not an earlier one the file then opens
+    only with `repair`, which keeps what comes before the damage; see
+    docs/format.txt).  `lock_timeout` bounds
     the wait for the write lock.  `cache_size` bounds, in bytes, the
     loaded states kept in memory (None: no bound); the oldest loaded
     states that no thread has checked out are dropped first and loaded

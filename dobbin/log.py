@@ -8,6 +8,7 @@ beside the file) from damage in the middle (`CorruptionError`).
 
 import errno
 import fcntl
+import hashlib
 import os
 import stat
 import struct
@@ -55,6 +56,22 @@ DURABILITY = ("fsync", "none")
 
 
 INCOMPLETE = "incomplete record"  # diagnose(): being written or torn, not damage
+
+
+def _side_path(path, suffix):
+    """`path`.`suffix`, its name shortened (keeping a digest of the whole
+    path) where the file system would refuse a name that long."""
+    directory, name = os.path.split(path)
+    try:
+        longest = os.pathconf(directory or ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    encoded = os.fsencode(name)
+    if len(encoded) + 1 + len(suffix) > longest:
+        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16].encode()
+        keep = max(0, longest - len(suffix) - len(digest) - 2)
+        name = os.fsdecode(encoded[:keep] + b"~" + digest)
+    return os.path.join(directory, "%s.%s" % (name, suffix))
 
 
 @implementer(ILog)
@@ -463,24 +480,33 @@ class Log(ReservedSpace):
                         "saved_as": saved, "reason": reason}
 
     def _save_tail(self, label):
+        """Copy the bytes after the records beside the file; return the copy's path.
+
+        Raises StorageError (nothing cut yet) if the copy cannot be made.
+        """
         self.size_before_cut = self.size() - self.end
         n = 0
         while True:
-            saved = "%s.%s-%d-%d" % (self.path, label, self.last_tid, n)
+            saved = _side_path(self.path, "%s-%d-%d" % (label, self.last_tid, n))
             if not os.path.exists(saved):
                 break
             n += 1
-        with open(saved, "xb") as out:
-            position = self.end
-            while True:
-                chunk = os.pread(self.fd, READ_AHEAD, position)
-                if not chunk:
-                    break
-                out.write(chunk)
-                position += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        self._fsync_directory()
+        try:
+            with open(saved, "xb") as out:
+                position = self.end
+                while True:
+                    chunk = os.pread(self.fd, READ_AHEAD, position)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    position += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            self._fsync_directory()
+        except OSError as error:
+            raise StorageError("cannot save the %d bytes after the records of %s as %s (%s); "
+                               "nothing was cut" % (self.size_before_cut, self.path, saved,
+                                                    error)) from error
         return saved
 
     def _sound_at(self, offset, file_size):

@@ -17,6 +17,7 @@ import zlib
 
 import pytest
 
+import dobbin.log as log_module
 from conftest import flip_bit, forge_file_header
 from dobbin.exc import CorruptionError, DobbinError, ReadOnlyError, StorageError
 from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE, INCOMPLETE,
@@ -572,6 +573,31 @@ def test_a_torn_tail_is_cut_and_kept_beside_the_file(tmp_path, path):
     assert read_file(path + ".torn-2-1") == records[2][:70]
     assert read_file(path + ".torn-2-0") == b"an earlier cut"
     assert os.path.getsize(path) == offsets[2]
+
+
+def test_a_torn_tail_of_a_file_with_a_long_name_is_saved_under_a_name_that_fits(tmp_path):
+    # The saved name used to add ".torn-T-N" to a legal 250-byte name:
+    # ENAMETOOLONG, a stray OSError, and no writable open ever again.
+    path = str(tmp_path / ("x" * 243 + ".dobbin"))
+    records = commits(tmp_path, 2)
+    offsets = make_file(path, [records[0], records[1][:70]])
+    tids, dropped = recover(path)
+    assert tids == [1] and os.path.getsize(path) == offsets[1]
+    saved = os.path.basename(dropped["saved_as"])
+    assert len(saved) <= 255 and saved.startswith("x" * 200) and saved.endswith(".torn-1-0")
+    assert read_file(dropped["saved_as"]) == records[1][:70]
+
+
+def test_a_tail_that_cannot_be_saved_is_a_storage_error_and_stays(tmp_path, path,
+                                                                    monkeypatch):
+    records = commits(tmp_path, 2)
+    make_file(path, [records[0], records[1][:70]])
+    before = read_file(path)
+    # A name the file system refuses (ENAMETOOLONG) was a stray OSError.
+    monkeypatch.setattr(log_module, "_side_path", lambda path, suffix: path + "y" * 300)
+    with pytest.raises(StorageError, match="cannot save the 70 bytes after the records"):
+        recover(path)
+    assert read_file(path) == before
 
 
 def test_a_read_only_log_leaves_a_torn_tail_alone(tmp_path, path):
