@@ -452,7 +452,7 @@ class Log(ReservedSpace):
                 yield record
                 continue
             witness = find_witness(self.fd, search_from, file_size, self.last_tid + 1,
-                                   self.checkpoint)
+                                   self.checkpoint, self.end)
             if witness is None:
                 # Nothing later says this record was ever durable: a torn write.
                 self._cut("torn", "%s at the end of what was durable" % reason)
@@ -540,7 +540,7 @@ class Log(ReservedSpace):
             # a staged file's record is zeros until its entries are).
             if checkpoint_without_header(self.fd, self.end) or find_witness(
                     self.fd, damage.span_end or self.end + 1, self.size(), self.last_tid + 1,
-                    self.checkpoint) is None:
+                    self.checkpoint, self.end) is None:
                 return INCOMPLETE
             # A witness: unless a writer finished the record meanwhile.
             try:

@@ -237,9 +237,9 @@ def newest_checkpoint(fd, file_size):
     return record._replace(entries=[record.entries[0]._replace(data=data[8:])])
 
 
-def find_witness(fd, start, file_size, damaged_tid, checkpoint):
+def find_witness(fd, start, file_size, damaged_tid, checkpoint, damaged_at):
     """The offset of a valid record after `start` that vouches for the
-    damaged record of `damaged_tid`, or None.
+    damaged record of `damaged_tid` (which starts at `damaged_at`), or None.
 
     A record's lag says how many records before it its writer did not
     yet know to be durable (see docs/format.txt).  If a valid later
@@ -249,6 +249,7 @@ def find_witness(fd, start, file_size, damaged_tid, checkpoint):
     buffer first, so the search stays linear in the file's size.
     `checkpoint` is the newest checkpoint before the damage.
     """
+    foreign = set()
     position = start
     while position < file_size:
         chunk = os.pread(fd, READ_AHEAD + TX_HEADER_SIZE, position)
@@ -265,10 +266,40 @@ def find_witness(fd, start, file_size, damaged_tid, checkpoint):
                 except (Incomplete, Damaged):
                     pass
                 else:
-                    return position + index
+                    if _ours(fd, position + index, header, damaged_tid, damaged_at, foreign):
+                        return position + index
             index = chunk.find(TX_MAGIC, index + 1)
         position += READ_AHEAD
     return None
+
+
+def _ours(fd, offset, header, damaged_tid, damaged_at, foreign):
+    """Does the record at `offset` follow the damaged one in this file?
+
+    Walked back through the trailers, the records after the damage lead
+    down to it with tids above its own (a checkpoint may repeat it).  The
+    records of a Dobbin file stored as a payload inside the damaged
+    record lead down to their own first tid instead: they vouch for
+    nothing here.  Offsets of such chains go in `foreign`, so that each
+    is walked once.
+    """
+    walked = []
+    while True:
+        if offset in foreign or header.tid < damaged_tid or (
+                header.tid == damaged_tid and header.status != CHECKPOINT):
+            foreign.update(walked)
+            return False
+        walked.append(offset)
+        if offset - TRAILER_SIZE < damaged_at + TX_HEADER_SIZE:
+            return True
+        _crc, magic, length = TRAILER.unpack(os.pread(fd, TRAILER_SIZE, offset - TRAILER_SIZE))
+        before = offset - length
+        if magic != TRAILER_MAGIC or not damaged_at < before < offset:
+            return True  # the damaged record's trailer, or no trailer: the chain ends
+        earlier = parse_header(os.pread(fd, TX_HEADER_SIZE, before))
+        if earlier is None or earlier.length != length or earlier.tid > header.tid:
+            return True
+        offset, header = before, earlier
 
 
 # -- one record ----------------------------------------------------------------

@@ -421,6 +421,22 @@ def test_damage_no_later_record_vouches_for_is_a_torn_write(tmp_path, path):
     assert read_file(dropped["saved_as"]) == b"".join(records[1:])
 
 
+def test_records_of_a_dobbin_file_stored_in_a_torn_record_vouch_for_nothing(tmp_path, path):
+    # The last record holds a copy of another Dobbin file, and its header
+    # was lost.  The copy's records (their tids from 1, so never above
+    # the damaged record's and the ones after it) were taken for records
+    # after the damage that vouched for it: CorruptionError, not a cut.
+    other = str(tmp_path / "other.dobbin")
+    make_file(other, commits(tmp_path, 5))
+    records = commits(tmp_path, 2)
+    stored = records_of(tmp_path, (COMMITTED, [ObjectEntry(3, 0, read_file(other))]))[0]
+    stored[:TX_HEADER_SIZE] = bytes(TX_HEADER_SIZE)
+    offsets = make_file(path, records + [stored])
+    tids, dropped = recover(path)
+    assert tids == [1, 2] and dropped["offset"] == offsets[2]
+    assert read_file(dropped["saved_as"]) == stored
+
+
 def test_damage_a_later_record_vouches_for_is_corruption(tmp_path, path):
     records = commits(tmp_path, 4)
     _entry_crc(records[1], entry_offsets(records[1]))
