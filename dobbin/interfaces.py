@@ -391,7 +391,9 @@ class ISession(IDataManager, ISavepointDataManager):
     writes a failed record naming the error to each database, which is
     counted in ``tx_count`` and never applied; the checked-out objects
     then show the latest committed state until the transaction is
-    aborted.  Two Database objects open on
+    aborted (by the application, or at once by the transaction package
+    itself when the transaction has after-commit hooks, which it calls
+    and then aborts every data manager).  Two Database objects open on
     one file cannot take part in one transaction (`DobbinError`).
     """
 
