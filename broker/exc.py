@@ -77,9 +77,10 @@ class Busy(BrokerError, TransientError):
 
 
 class ResultLost(BrokerError):
-    """A call or invoke ran and committed, but its server stopped before
-    replying, and the server that got the client's copy does not know the
-    method's return value (only that it ran).  It is not run again."""
+    """A call or invoke ran and committed, but its return value cannot
+    reach the client: its server stopped before replying, and the server
+    that got the client's copy knows only that it ran; or the value
+    cannot be sent (too big, or not encodable).  It is not run again."""
 
 
 class AddressError(BrokerError):

@@ -17,15 +17,16 @@ import logging
 import transaction
 
 from broker.codec import ABSENT, Codec
-from broker.exc import (AccessDenied, ConflictError, MultipleResultsError, NoResultError,
-                        ProtocolError, ReadConflictError, ResultLost)
+from broker.exc import (AccessDenied, ConflictError, EncodeError, MultipleResultsError,
+                        NoResultError, ProtocolError, ReadConflictError, ResultLost)
 from broker.export import class_name, hidden_item, visible_instances, visible_items
 from broker.keys import Key
-from broker.outcomes import COMMIT_MARK, commit_mark
+from broker.outcomes import COMMIT_MARK, check_created, commit_mark, commit_reply, ok_value
 from broker.protocol import VERSION
 from broker.snapshots import Snapshot, tree_lookup
 from broker.states import Record
-from broker.values import check_sendable, placeholder_key, resolve_values, same_value
+from broker.values import (Touched, as_sent, check_sendable, placeholder_key, resolve_values,
+                           same_value)
 from dobbin.exc import ConflictError as StoreConflictError
 from dobbin.btree import OOBTree
 from dobbin.bucket import _check_key
@@ -289,9 +290,11 @@ class Handlers:
     def op_commit(self, f):
         """Apply a commit request.  The server adds to its fields the request's
         "rid" and, for a copy of a commit an earlier server ran, that one's
-        "recorded" outcome (see broker.outcomes)."""
+        "recorded" outcome (see broker.outcomes); this sets "committed" once
+        the transaction is.  Once it is, the reply cannot fail for its size."""
         if f["recorded"] is not None:
             return self.recorded_commit(f, f["recorded"])
+        check_created(len(f["new"]), self.server._codec)
         for _attempt in range(COMMIT_ATTEMPTS):
             txn = transaction.begin()
             try:
@@ -300,6 +303,7 @@ class Handlers:
                 mark = commit_mark(f["token"], f["rid"], touched.created)
                 txn.setExtendedInfo(COMMIT_MARK, mark)
                 transaction.commit()
+                f["committed"] = True
             except StoreConflictError:
                 transaction.abort()
                 continue
@@ -321,9 +325,10 @@ class Handlers:
         tid = self.server.sync_database()
         created = [[num, self.keyring.sign("o", obj._p_oid)]
                    for num, obj in touched.created.items() if obj._p_oid is not None]
-        return {"tid": tid, "created": created,
-                "changed": self.server.history.changes(f["since"], tid),
-                "root": self.root_key(), "states": self.states_at(touched, tid)}
+        return Record(commit_reply(
+            {"tid": tid, "created": created, "root": self.root_key(), "states": [],
+             "changed": self.server.history.changes(f["since"], tid)},
+            self.states_at(touched, tid), self.server._codec))
 
     def recorded_commit(self, f, recorded):
         """The reply to a commit that ran before a restart: as its own server
@@ -335,23 +340,25 @@ class Handlers:
                 "root": self.root_key(), "states": []}
 
     def states_at(self, objects, tid):
-        """[key, record] at `tid` of the stored ones among `objects` (for a commit reply)."""
-        states, seen = [], set()
+        """Yield (key, record) at `tid` of the stored ones among `objects`
+        (for a commit reply)."""
+        seen = set()
         for obj in objects:
             oid = obj._p_oid
             if oid is None or oid in seen:
                 continue
             seen.add(oid)
             try:
-                states.append([self.keyring.sign("o", oid), self.record(obj, tid)])
+                record = self.record(obj, tid)
             except Exception:
                 # The commit is done; a missing state only costs the client a load.
                 logger.debug("no state record of oid %d at %d", oid, tid, exc_info=True)
-        return states
+                continue
+            yield self.keyring.sign("o", oid), record
 
     def apply_commit(self, f):
         """Check and apply one commit message in the current transaction."""
-        touched = _Touched()
+        touched = Touched()
         created = touched.created
         for num, cname, fields in f["new"]:
             rules = self.exports.by_name(cname)
@@ -403,15 +410,17 @@ class Handlers:
             mapping, rules = self._writable_mapping(key, created, touched)
             item = stored(item)
             self._verify(key, item, self._current_item(mapping, rules, key, item),
-                         compared(old))
+                         compared(old), created)
             if hidden_item(rules, item):
                 raise AccessDenied("this item of %s cannot be set by clients" % key)
-            self._mutate(mapping, touched, lambda m: m.__setitem__(item, stored(new)))
+            value = stored(new)
+            self._mutate(mapping, touched, lambda m: m.__setitem__(item, value))
+            touched.items.append((key, item, value))  # see check_sendable
         for key, item, old in f["delitem"]:
             mapping, rules = self._writable_mapping(key, created, touched)
             item = compared(item)
             current = self._current_item(mapping, rules, key, item)
-            self._verify(key, item, current, compared(old))
+            self._verify(key, item, current, compared(old), created)
             if current is not ABSENT:
                 self._mutate(mapping, touched, lambda m: m.__delitem__(item))
         return touched
@@ -465,27 +474,25 @@ class Handlers:
             # hidden field, or a method that is not exported.
             raise AccessDenied("%s of %s has no such attribute for clients" % (rules.name, key))
 
-    def _verify(self, key, field, current, old):
+    def _verify(self, key, field, current, old, created=None):
+        """ConflictError unless `current` is `old`; an item `field` is named
+        with its objects by their keys, those `created` by number."""
         if not same_value(current, old):
-            raise ConflictError(key=str(key), field=field if isinstance(field, str)
-                                else repr(self._as_sent(field)))
-
-    def _as_sent(self, item):
-        """A mapping item as clients know it: its objects as their keys (a
-        repr of the objects themselves would show server addresses)."""
-        if isinstance(item, Persistent) and item._p_oid is not None:
-            return self.keyring.sign("o", item._p_oid)
-        if type(item) in (tuple, frozenset):
-            return type(item)(self._as_sent(x) for x in item)
-        return item
+            if not isinstance(field, str):
+                numbers = {id(obj): num for num, obj in (created or {}).items()}
+                field = repr(as_sent(field, lambda obj: Key("n", numbers[id(obj)])
+                                     if id(obj) in numbers else self.server.key_for(obj)))
+            raise ConflictError(key=str(key), field=field)
 
     def _run_in_transaction(self, f, func, args, kwargs):
         """Run an application method for call/invoke request `f` in a
-        transaction marked, as a commit's is, with the request's token."""
+        transaction marked, as a commit's is, with the request's token; set
+        f["committed"] once it is, and return its result encoded (a Record).
+        A result that cannot be sent is ResultLost: the method ran."""
+        name = f.get("method", f.get("name"))
         if f["recorded"] is not None:
             raise ResultLost("%r ran before the server restarted (transaction %d); its "
-                             "result was not kept" % (f.get("method", f.get("name")),
-                                                       f["recorded"].tid))
+                             "result was not kept" % (name, f["recorded"].tid))
         txn = transaction.begin()
         try:
             txn.setExtendedInfo(COMMIT_MARK, commit_mark(f["token"], f["rid"], {}))
@@ -494,7 +501,12 @@ class Handlers:
         except BaseException:
             transaction.abort()
             raise
-        return result
+        f["committed"] = True
+        try:
+            return Record(ok_value(self.server._codec, result))
+        except EncodeError as error:
+            raise ResultLost("%r ran and committed, but its result cannot be sent: %s"
+                             % (name, error)) from None
 
     def op_call(self, f):
         method = getattr(self.server, "do_" + f["name"], None)
@@ -584,11 +596,3 @@ def _tree_item_to_write(tree, item):
             _path, _bucket, state, index, present = found
             return state["values"][index] if present else ABSENT
     raise StoreConflictError("the B-tree kept changing under the commit", oid=tree._p_oid)
-
-
-class _Touched(list):
-    """Objects a commit changed, and its new objects by temporary number."""
-
-    def __init__(self):
-        super().__init__()
-        self.created = {}

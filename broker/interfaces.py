@@ -163,8 +163,8 @@ class ICommitOutcomes(Interface):
         the caller answers (and `finish`es) as if it had run it."""
 
     def finish(key, reply, remember=True):
-        """Remember the encoded `reply` of a commit that ran (unless not
-        `remember`: it failed, and a copy may run again); return the
+        """Remember the encoded `reply` of a request that ran (unless not
+        `remember`: it did not commit, and a copy may run again); return the
         routing ids of the copies that waited for it.  An outcome is kept
         while a client may still resend its request, however many others
         finish meanwhile (up to a hard bound in bytes)."""

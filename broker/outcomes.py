@@ -18,6 +18,11 @@ then reaches the next server on the address.  So each commit's record
 also carries its token (in the transaction's extension, under
 `COMMIT_MARK`), and a starting server `recall`s the marks of the latest
 commits: a copy of one of those is answered as done, never run again.
+
+An outcome is what the request's client must hear of it: once a request's
+transaction committed, its reply says so whatever its size (`commit_reply`
+lets a commit's states and `changed` give way; a call's result that cannot
+be sent is answered as lost) and every copy gets that reply.
 """
 
 import collections
@@ -26,6 +31,7 @@ import time
 
 from zope.interface import implementer
 
+from broker.exc import EncodeError, ProtocolError
 from broker.interfaces import ICommitOutcomes
 
 RUN = "run"
@@ -40,6 +46,63 @@ ENTRY_COST = 300
 
 #: A commit found in the log (`recall`): its tid, and [new object number, oid] pairs.
 Recorded = collections.namedtuple("Recorded", "tid created")
+
+#: Bytes a reply adds to its ok value spliced in (id, srv), at most.
+REPLY_HEAD = 32
+#: Bytes a commit reply spends on a state besides its record (array, key,
+#: bin header), and on a new object's [number, key], at most.
+STATE_ENTRY = 40
+CREATED_ENTRY = 40
+#: Bytes and items of a commit reply besides its "created" and "states",
+#: "changed" nil.
+COMMIT_REPLY_ROOM = 1024
+
+
+def ok_value(codec, value):
+    """`value` encoded by `codec` as a reply's ok value, which the server
+    splices in (broker.states.Record).  EncodeError if it cannot be, or if
+    the reply would be over the codec's `max_message`."""
+    data = codec.encode(value)
+    if len(data) > codec.max_message - REPLY_HEAD:
+        raise EncodeError("message of %d bytes exceeds the limit of %d"
+                          % (len(data) + REPLY_HEAD, codec.max_message))
+    return data
+
+
+def check_created(count, codec):
+    """Raise ProtocolError if a commit creating `count` objects could not
+    be answered with `codec` (its reply names each): refused before it runs."""
+    most = min((codec.max_message - COMMIT_REPLY_ROOM) // CREATED_ENTRY,
+               (codec.max_items - COMMIT_REPLY_ROOM) // 3)
+    if count > most:
+        raise ProtocolError("a commit creates at most %d objects (its reply names each)"
+                            % most)
+
+
+def commit_reply(result, states, codec):
+    """The encoded ok value of the reply to a commit that is stored: map
+    `result` ("states" empty) with as many of the (key, record) pairs
+    `states` yields as fit, and "changed" nil (the client flushes its
+    cache) if even `result` does not fit.  The client loads the states
+    left out.  Fails only for a "created" `check_created` refuses."""
+    try:
+        bare = ok_value(codec, result)
+    except EncodeError:
+        result["changed"] = None
+        bare = ok_value(codec, result)
+    # The states' array header grows from 1 byte to at most 5.
+    room = codec.max_message - REPLY_HEAD - len(bare) - 4
+    kept = result["states"]
+    for key, record in states:
+        if len(record) + STATE_ENTRY <= room:
+            room -= len(record) + STATE_ENTRY
+            kept.append([key, record])
+    if not kept:
+        return bare
+    try:
+        return ok_value(codec, result)
+    except EncodeError:  # past the codec's items (3 a state), not its bytes
+        return bare
 
 
 def commit_mark(token, rid, created):

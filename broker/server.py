@@ -126,7 +126,7 @@ class BrokerServer:
         self._handlers = Handlers(self)
         self._ops = {op: getattr(self._handlers, "op_" + op) for op in protocol.REQUESTS}
         # The MAC check is a pure function of a key's bytes: remember its results.
-        self._codec = Codec(default=self._encode_object, on_key=self._check_key,
+        self._codec = Codec(default=self.key_for, on_key=self._check_key,
                             max_message=max_message, key_cache=KEY_CACHE)
         self._unchecked_codec = Codec(max_message=max_message)
         self._work = queue.Queue()
@@ -174,10 +174,9 @@ class BrokerServer:
         path = self._static_paths.get(id(obj))
         if path is not None:
             return self.keyring.sign("s", path)
-        raise exc.EncodeError("%r is neither stored nor a static object" % (obj,))
-
-    def _encode_object(self, obj):
-        return self.key_for(obj)
+        # Its type only: a repr shows fields and server addresses.
+        raise exc.EncodeError("an object of type %s is neither stored nor static"
+                              % type(obj).__name__)
 
     def _check_key(self, key):
         if key.kind != "n":
@@ -320,10 +319,8 @@ class BrokerServer:
         self._threads["front"].join()
         self._threads["poller"].join()
         self._threads = {}
-        try:
+        with contextlib.suppress(ValueError):
             self.db.unsubscribe(self._on_commit)
-        except ValueError:
-            pass
         with self._pub_lock:
             self._pub.close(0)
             self._pub = None
@@ -411,9 +408,9 @@ class BrokerServer:
                 return None
             if type(outcome) is bytes:
                 return [routing, b"", protocol.MAGIC, outcome]
-            # For the handler (the schema keeps clients from setting these).
-            fields["rid"] = rid
-            fields["recorded"] = outcome if type(outcome) is Recorded else None
+            # For the handler (clients cannot set these); it sets "committed".
+            fields.update(rid=rid, committed=False,
+                          recorded=outcome if type(outcome) is Recorded else None)
             if (op == "commit" and len(data) <= INLINE_COMMIT
                     and self._commit_seconds <= INLINE_SECONDS
                     and not self._work.unfinished_tasks and not self.db.write_lock_busy()):
@@ -463,23 +460,23 @@ class BrokerServer:
                 "message": "a %s whose reply could not be encoded" % type(error).__name__}))
 
     def _answer(self, routing, rid, op, fields):
-        return [routing, b"", protocol.MAGIC, self._reply(rid, op, fields)[0]]
+        return [routing, b"", protocol.MAGIC, self._reply(rid, op, fields)]
 
     def _reply(self, rid, op, fields):
-        """(the encoded reply to a request, whether it is an error reply)."""
+        """The encoded reply to a request (an error reply if it failed)."""
         try:
             result = self._ops[op](fields)
             if type(result) is Record:
                 # {"id": rid, "srv": ..., "ok": record}, the record spliced in as encoded.
-                return b"\x83\xa2id" + msgpack.packb(rid) + self._reply_head + result.data, False
-            return self._codec.encode(protocol.ok_reply(rid, self.instance, result)), False
+                return b"\x83\xa2id" + msgpack.packb(rid) + self._reply_head + result.data
+            return self._codec.encode(protocol.ok_reply(rid, self.instance, result))
         except BaseException as error:
             # BaseException too: an application method calling sys.exit()
             # would otherwise end the worker thread, for good.
             tb = traceback.format_exc() if self.debug else None
             if not isinstance(error, (exc.BrokerError, KeyError, AttributeError)):
                 logger.debug("request %s failed", op, exc_info=True)
-            return self._error_data(rid, error, tb), True
+            return self._error_data(rid, error, tb)
 
     # -- workers -----------------------------------------------------------------------
 
@@ -523,7 +520,7 @@ class BrokerServer:
         key = (fields["token"], rid)
         started = time.monotonic()
         try:
-            data, failed = self._reply(rid, op, fields)
+            data = self._reply(rid, op, fields)
         except Exception:
             logger.exception("request %s failed unanswered", op)
             self._outcomes.abandon(key)
@@ -533,10 +530,10 @@ class BrokerServer:
                 # A moving average: commits go to the workers while they are
                 # slow, and come back once they are quick again.
                 self._commit_seconds += (time.monotonic() - started - self._commit_seconds) / 8
-        # A failed request changed nothing, so a copy may run again: only
-        # what ran is remembered, and failures (cheap to cause) cannot push
-        # other clients' outcomes out.  A recorded one's answer is kept.
-        remember = not failed or fields["recorded"] is not None
+        # What committed is remembered whatever its reply, so no copy runs it
+        # again (a recorded one's answer too); what did not changed nothing,
+        # and such failures (cheap to cause) cannot push others' outcomes out.
+        remember = fields["committed"] or fields["recorded"] is not None
         return [routing, b"", protocol.MAGIC, data], self._outcomes.finish(key, data, remember)
 
     # -- invalidations -------------------------------------------------------------------

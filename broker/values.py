@@ -80,12 +80,24 @@ def _resolve(value, resolve_key, memo, storing, depth):
     return result
 
 
-def check_sendable(objects, exports, codec):
-    """Raise ProtocolError if the state record of one of `objects` (as
-    the calling thread has it) would not encode with `codec`: a commit
-    that made one so would leave it unreadable for every client.  The
-    codec's `default` turns objects and streams into `placeholder_key`s."""
-    for obj in objects:
+class Touched(list):
+    """The objects a commit changed, its new objects by the client's
+    numbers (`created`), and the (mapping key, item, value) it writes
+    into mappings (`items`)."""
+
+    def __init__(self, objects=(), items=()):
+        super().__init__(objects)
+        self.created = {}
+        self.items = list(items)
+
+
+def check_sendable(touched, exports, codec):
+    """Raise ProtocolError if the state record of one of the objects a
+    commit `touched` (as the calling thread has them), or one of its
+    `items`, as a page of it alone, would not encode with `codec`: a
+    commit that made one so would leave it unreadable for every client.
+    The codec's `default` turns objects and streams into `placeholder_key`s."""
+    for obj in touched:
         rules = exports.lookup(type(obj))
         try:
             codec.encode({"class": rules.name, "serial": 0,
@@ -93,6 +105,15 @@ def check_sendable(objects, exports, codec):
         except EncodeError as error:
             raise ProtocolError("the commit would leave %s unsendable: %s"
                                 % (rules.name, error)) from None
+    for key, item, value in touched.items:
+        # Each alone: a part it shares with another item may come first in
+        # one message and be refused in another (a cycle through a tuple).
+        try:
+            codec.encode({"id": 0, "srv": 0, "ok": {"items": [[item, value]], "more": False,
+                                                    "len": 0, "deps": None}})
+        except EncodeError as error:
+            raise ProtocolError("the commit would store an item of %s that cannot be sent: "
+                                "%s" % (key, error)) from None
 
 
 def placeholder_key(value):
@@ -100,6 +121,16 @@ def placeholder_key(value):
     if isinstance(value, (Persistent, PersistentStream)):
         return _PLACEHOLDER_KEY
     return None
+
+
+def as_sent(item, key_of):
+    """Mapping `item` as its client knows it, for an error: each object in
+    it as `key_of(object)` (a repr of the object would show its fields and
+    server address).  Items are hashable: objects, tuples, frozensets, scalars."""
+    t = type(item)
+    if t is tuple or t is frozenset:
+        return t(as_sent(x, key_of) for x in item)
+    return item if t in _SCALARS else key_of(item)
 
 
 def same_value(a, b):

@@ -4,10 +4,15 @@ import threading
 
 from zope.interface.verify import verifyObject
 
+import pytest
+
+from broker.codec import Codec
+from broker.exc import EncodeError, ProtocolError
 from broker.interfaces import ICommitOutcomes
+from broker.keys import Key
 from broker import outcomes as outcomes_module
-from broker.outcomes import (COMMIT_MARK, ENTRY_COST, RUN, WAIT, CommitOutcomes, Recorded,
-                             commit_mark)
+from broker.outcomes import (COMMIT_MARK, ENTRY_COST, REPLY_HEAD, RUN, WAIT, CommitOutcomes,
+                             Recorded, check_created, commit_mark, commit_reply, ok_value)
 from dobbin.meta import TransactionInfo
 
 
@@ -135,3 +140,47 @@ def test_malformed_commit_marks_are_ignored():
     outcomes = CommitOutcomes()
     outcomes.recall([info(n, {COMMIT_MARK: mark}) for n, mark in enumerate(bad_marks)])
     assert outcomes.start((b"t" * 16, 1), b"r") is RUN
+
+
+def commit_result(changed=(), created=0):
+    return {"tid": 9, "created": [[n, Key("o", n, bytes(16))] for n in range(created)],
+            "changed": list(changed), "root": Key("o", 1, bytes(16)), "states": []}
+
+
+def states(*sizes):
+    return iter([(Key("o", n, bytes(16)), b"r" * size) for n, size in enumerate(sizes)])
+
+
+def test_a_commit_reply_keeps_the_states_that_fit_and_always_encodes():
+    codec = Codec(max_message=2000)
+    data = commit_reply(commit_result([5, 6]), states(900, 2000, 700, 300), codec)
+    reply = codec.decode(data)
+    assert [len(record) for _key, record in reply["states"]] == [900, 700]
+    assert reply["changed"] == [5, 6] and len(data) <= 2000 - REPLY_HEAD
+    # Too many oids changed to name: the client is told to flush instead.
+    reply = codec.decode(commit_reply(commit_result(range(2 ** 40, 2 ** 40 + 300)),
+                                      states(100), codec))
+    assert reply["changed"] is None and len(reply["states"]) == 1
+    # States past the codec's items: none sent, the client loads them.
+    codec = Codec(max_message=10000, max_items=60)
+    reply = codec.decode(commit_reply(commit_result(), states(*[1] * 30), codec))
+    assert reply["states"] == [] and reply["tid"] == 9
+
+
+def test_ok_values_leave_room_for_the_reply_around_them():
+    codec = Codec(max_message=1000)
+    assert codec.decode(ok_value(codec, "x" * 900)) == "x" * 900
+    with pytest.raises(EncodeError, match="exceeds the limit of 1000"):
+        ok_value(codec, "x" * (1000 - REPLY_HEAD))
+
+
+def test_a_commit_creating_more_than_its_reply_can_name_is_refused():
+    codec = Codec(max_message=5024)
+    check_created(100, codec)
+    with pytest.raises(ProtocolError, match="creates at most 100 objects"):
+        check_created(101, codec)
+    commit_reply(commit_result(range(100), created=100), states(), codec)  # it fits
+    codec = Codec(max_items=1324)
+    with pytest.raises(ProtocolError, match="creates at most 100 objects"):
+        check_created(101, codec)
+    commit_reply(commit_result(created=100), states(), codec)

@@ -20,7 +20,7 @@ from broker.codec import ABSENT, Codec
 from broker.interfaces import IBrokerServer
 from broker.keys import Key
 from broker.server import INLINE_COMMIT, PUSH_OBJECTS, BrokerServer
-from broker.states import unseal
+from broker.states import Record, unseal
 from broker_fixtures import (TIMEOUT, Item, Profile, TestServer, broker,  # noqa: F401
                              configure, make_database, served, wait_until)
 from conftest import append_record, flip_bit
@@ -246,6 +246,35 @@ def test_a_write_call_sent_twice_runs_once_and_both_copies_get_its_result(peer, 
     transaction.begin()
     db.sync()
     assert db.root.item.renames == 2
+
+
+@pytest.mark.parametrize("result, refusal", [
+    (lambda: [0] * 1_100_000, "more than 1000000 items"),
+    (lambda: Item("never stored"), "an object of type Item is neither stored nor static"),
+])
+def test_a_write_whose_result_cannot_be_sent_runs_once_and_every_copy_hears_so(
+        peer, broker, result, refusal):
+    # It committed, then its result failed to encode: the error was not
+    # remembered, and each copy of the request ran the method again.
+    db, server, connect = broker
+
+    def do_rename_lost(name):
+        server.db.root.item.rename(name)
+        return result()
+
+    server.do_rename_lost = do_rename_lost
+    request = codec.encode({"id": 3, "op": "call", "name": "rename_lost", "args": ["lost"],
+                            "kwargs": {}, "token": b"l" * 16})
+    first = peer.request(request)
+    error_type, message = error_of(first)
+    assert error_type == "ResultLost" and "ran and committed" in message and refusal in message
+    assert " at 0x" not in message
+    assert peer.request(request) == first and peer.request(request) == first
+    with pytest.raises(exc.ResultLost, match="'rename_lost' ran and committed"):
+        connect().call("rename_lost", "again")
+    transaction.begin()
+    db.sync()
+    assert db.root.item.renames == 2 and db.root.item.name == "again"
 
 
 @pytest.mark.parametrize("name, args, outcome", [
@@ -585,6 +614,101 @@ def test_a_commit_that_would_make_an_object_unsendable_is_refused(broker):
     assert fresh.root.title == "root" and len(fresh.root.junk_a) == 600_000
 
 
+@pytest.mark.parametrize("mapping", ["things", "tree"])
+def test_a_commit_that_would_store_an_unsendable_item_is_refused(broker, mapping):
+    # Items are not in their mapping's record, which alone was checked:
+    # items "a" and "b" went in one message (the list first), and "b"
+    # alone, a cycle through a tuple, could never be sent back.
+    db, _server, connect = broker
+    client = connect()
+    loop = []
+    pair = (loop,)
+    loop.append(pair)
+    items = getattr(client.root, mapping)
+    items["a"], items["b"] = loop, pair
+    with pytest.raises(exc.ProtocolError, match="would store an item of oid .* that cannot "
+                                                "be sent: cannot send a cycle through a tuple"):
+        client.commit()
+    client.begin()
+    assert list(getattr(client.root, mapping).items()) == []
+    transaction.begin()
+    db.sync()
+    assert len(getattr(db.root, mapping)) == 0
+
+
+@pytest.mark.parametrize("mapping", ["things", "tree"])
+def test_an_item_past_the_codec_s_items_is_refused(peer, broker, mapping):
+    # Plain values were decoded past the million items the codec encodes,
+    # and stored: refused now, when decoded or when checked.
+    db, _server, _connect = broker
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": hello["tid"]})["ok"]
+    key = root["state"][mapping]
+    placeholder = "big value placeholder"
+    request = codec.encode({"id": 3, "op": "commit", "tx": hello["tid"], "since": None,
+                            "token": b"i" * 16, "new": [], "set": [], "del": [], "delitem": [],
+                            "setitem": [[key, "big", ABSENT, placeholder]]})
+    request = request.replace(codec.encode(placeholder),
+                              msgpack.packb([[0] * 1000 for _ in range(1001)]))
+    error_type, message = error_of(peer.request(request))
+    assert error_type in ("ProtocolError", "DecodeError") and "1000000 items" in message
+    transaction.begin()
+    assert db.sync() == hello["tid"] and len(getattr(db.root, mapping)) == 0
+
+
+def test_a_commit_whose_states_do_not_fit_its_reply_is_answered_done(tmp_path):
+    # The reply carried every state written: over max_message it failed to
+    # encode after the commit, and the client heard that its commit failed.
+    db = make_database(str(tmp_path / "test.dobbin"))
+    with served(db, max_message=1024 * 1024) as server:
+        client = BrokerClient(server.address, timeout=10)
+        states = []
+        commit = server._ops["commit"]
+
+        def op_commit(fields):
+            reply = commit(fields)
+            result = Codec().decode(reply.data) if type(reply) is Record else reply
+            states.append(len(result["states"]))
+            return reply
+
+        server._ops["commit"] = op_commit
+        try:
+            client.root.item.name = "n" * 600_000
+            client.commit()
+            client.root.title = "t" * 600_000
+            client.root.item.renames = 1
+            tid = client.commit()  # two records of 600 kB: one fits
+            assert states == [1, 1]
+            assert client.root.item.renames == 1 and len(client.root.title) == 600_000
+            assert client.tid == tid
+        finally:
+            client.close()
+            transaction.abort()
+    transaction.begin()
+    assert db.sync() == tid and db.root.item.renames == 1
+    db.close()
+
+
+def test_a_commit_creating_more_objects_than_its_reply_can_name_is_refused(tmp_path):
+    db = make_database(str(tmp_path / "test.dobbin"))
+    with served(db, max_message=8192) as server:
+        client = BrokerClient(server.address, timeout=10)
+        try:
+            # (8192 - 1024) // 40 = 179: room for each entry of "created".
+            client.root.item.name = [client.new("broker_fixtures.Item") for _ in range(180)]
+            with pytest.raises(exc.ProtocolError, match="creates at most 179 objects"):
+                client.commit()
+            client.root.item.name = [client.new("broker_fixtures.Item") for _ in range(179)]
+            tid = client.commit()  # the states are left out
+            assert len(client.root.item.name) == 179
+        finally:
+            client.close()
+            transaction.abort()
+    transaction.begin()
+    assert db.sync() == tid == 2 and len(db.root.item.name) == 179
+    db.close()
+
+
 def test_a_conflict_on_an_item_names_its_objects_by_key_not_by_address(broker):
     db, _server, connect = broker
     client = connect()
@@ -599,6 +723,26 @@ def test_a_conflict_on_an_item_names_its_objects_by_key_not_by_address(broker):
     with pytest.raises(exc.ConflictError) as caught:
         client.commit()
     assert caught.value.field == repr((item._key, "pair")) and " at 0x" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mapping, item, named", [
+    ("things", Key("n", 1), "<Key new object #1>"),
+    ("things", (Key("n", 1), 2), "(<Key new object #1>, 2)"),
+    ("things", frozenset({Key("n", 1)}), "frozenset({<Key new object #1>})"),
+    ("tree", (Key("n", 1), 2), "(<Key new object #1>, 2)"),  # (an object alone is no key)
+])
+def test_a_conflict_on_an_item_names_new_objects_by_their_number(peer, broker, mapping, item,
+                                                                 named):
+    # They have no key yet: their repr went out, with a server address.
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": hello["tid"]})["ok"]
+    reply = peer.request({"id": 3, "op": "commit", "tx": hello["tid"], "since": None,
+                          "token": b"n" * 16, "set": [], "del": [], "delitem": [],
+                          "new": [[1, "broker_fixtures.Item", {"name": "a"}]],
+                          "setitem": [[root["state"][mapping], item, "wrong", 1]]})
+    error_type, message = error_of(reply)
+    assert error_type == "ConflictError" and reply["error"]["info"]["field"] == named
+    assert " at 0x" not in message
 
 
 def test_a_static_object_can_be_passed_but_not_stored(broker):
@@ -1284,8 +1428,8 @@ def test_a_commit_landing_between_an_item_check_and_its_write_makes_the_write_co
     land = commit_during(start_thread, lambda: set_k("theirs"))
     verify = server._handlers._verify
 
-    def verify_then_land(key, field, current, old):
-        verify(key, field, current, old)
+    def verify_then_land(*args):
+        verify(*args)
         land()
 
     monkeypatch.setattr(server._handlers, "_verify", verify_then_land)

@@ -7,8 +7,8 @@ from broker.codec import ABSENT, MAX_DEPTH, Codec
 from broker.exc import ProtocolError
 from broker.keys import Key
 from broker.export import ExportRegistry
-from broker.values import (MAX_VALUE_DEPTH, check_sendable, placeholder_key, resolve_values,
-                           same_value)
+from broker.values import (MAX_VALUE_DEPTH, Touched, as_sent, check_sendable, placeholder_key,
+                           resolve_values, same_value)
 from broker_fixtures import Item
 
 
@@ -179,7 +179,33 @@ def test_check_sendable_refuses_a_record_the_codec_could_not_send():
     exports = ExportRegistry()
     small, big = Item("small"), Item(list(range(20)))
     holder = Item([small, big])  # objects count as keys, whatever their own size
-    check_sendable([small, holder], exports, codec)
+    check_sendable(Touched([small, holder]), exports, codec)
     with pytest.raises(ProtocolError, match="would leave broker_fixtures.Item unsendable"):
-        check_sendable([small, big], exports, codec)
+        check_sendable(Touched([small, big]), exports, codec)
     assert placeholder_key("text") is None
+
+
+def test_check_sendable_refuses_an_item_the_codec_could_not_send_alone():
+    codec = Codec(default=placeholder_key, max_items=30)
+    exports = ExportRegistry()
+    loop = []
+    pair = (loop,)
+    loop.append(pair)
+    check_sendable(Touched(items=[("oid 3", "a", loop), ("oid 3", (Item("x"), 1), [1, 2])]),
+                   exports, codec)
+    Codec().encode([loop, pair])  # the list first, together they encode...
+    with pytest.raises(ProtocolError, match="an item of oid 3 that cannot be sent: cannot "
+                                            "send a cycle through a tuple"):
+        check_sendable(Touched(items=[("oid 3", "a", loop), ("oid 3", "b", pair)]),
+                       exports, codec)  # ...but not "b" alone
+    for item, value in [("k", list(range(40))), (tuple(range(40)), 1)]:
+        with pytest.raises(ProtocolError, match="cannot be sent: value has more than 30 items"):
+            check_sendable(Touched(items=[("oid 3", item, value)]), exports, codec)
+
+
+def test_as_sent_names_every_object_by_key_of():
+    new, stored = Item("new"), Item("stored")
+    names = {id(new): "new #1", id(stored): "oid 5"}.__getitem__
+    item = (new, frozenset({stored}), "text", 1.5, None)
+    assert as_sent(item, lambda obj: names(id(obj))) == (
+        "new #1", frozenset({"oid 5"}), "text", 1.5, None)
