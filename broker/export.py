@@ -10,6 +10,16 @@ The rules, per class (looked up along the MRO, so subclasses inherit):
   (or keeps every public attribute when fields is None), makes the readable
   ones writable except `readonly` (True: none), and makes `callables` plus
   the decorated methods callable.
+- Writable are instance fields only: never a method, property or other
+  descriptor, and a name with a class-level value only when `fields` or
+  `refs` declares it or the class's own methods store it on objects (the
+  value is then a field's default; otherwise it is a setting the server's
+  code reads, such as OOBTree.max_bucket_size).  Dobbin's own classes
+  (B-trees and their parts, PersistentDict) have no writable attribute, and
+  the names they define are never writable in subclasses either.
+- A subclass inherits `callables` by name, but a decorated method only
+  while its own attribute of that name is still decorated: an override
+  without `exported` is not callable.
 - `hidden` names are never readable, writable or callable, and are never
   sent, not even their names; for a mapping class they also name the items
   clients can neither see nor set (to them these items are absent).
@@ -17,12 +27,16 @@ The rules, per class (looked up along the MRO, so subclasses inherit):
 """
 
 import collections.abc
+import dis
+import inspect
+import types
 
 from zope.interface import implementer
 
 from broker.codec import ABSENT
 from broker.exc import ExportError, ProtocolError
 from broker.interfaces import IClassExport, IExportRegistry
+from dobbin.bucket import Bucket, Length, Node
 from dobbin.persistent import Persistent, state_of
 
 _MAPPING_METHODS = ("keys", "items", "values", "__getitem__", "__len__", "__contains__",
@@ -50,6 +64,37 @@ def is_mapping_class(cls):
 def class_name(cls):
     """Return the wire name of a class: "module.QualName"."""
     return "%s.%s" % (cls.__module__, cls.__qualname__)
+
+
+def _is_dobbins(cls):
+    return cls.__module__ == "dobbin" or cls.__module__.startswith("dobbin.")
+
+
+def _functions(value):
+    """The plain functions behind a class attribute (method, property...)."""
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    if isinstance(value, property):
+        found = (value.fget, value.fset, value.fdel)
+    else:
+        found = (value,)
+    return [inspect.unwrap(f) for f in found if isinstance(f, types.FunctionType)]
+
+
+def stored_names(cls):
+    """The attribute names that the methods of `cls` (and of its bases but
+    Dobbin's own) assign or delete on objects: its instance fields, also
+    those that have a class-level default."""
+    codes = [func.__code__ for base in cls.__mro__
+             if base is not object and not _is_dobbins(base)
+             for value in vars(base).values() for func in _functions(value)]
+    names = set()
+    while codes:
+        code = codes.pop()
+        names.update(instruction.argval for instruction in dis.get_instructions(code)
+                     if instruction.opname in ("STORE_ATTR", "DELETE_ATTR"))
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return frozenset(names)
 
 
 def _names(value, what):
@@ -88,6 +133,9 @@ class ClassExport:
             name for name in dir(cls)
             if not name.startswith("_") and is_exported(getattr(cls, name, None)))
         named = _names(callables, "callables") or frozenset()
+        # Kept apart from the decorated ones, which a subclass inherits
+        # only while its own attribute is still decorated (ExportRegistry._inherit).
+        self.named_callables = named
         self.callables = (named | decorated) - self.hidden
         for name in self.callables:
             if not callable(getattr(cls, name, None)):
@@ -99,6 +147,11 @@ class ClassExport:
         self.creatable = bool(creatable)
         self.extent = extent
         self.mapping = is_mapping_class(cls)
+        self._declared = (self.fields or frozenset()) | self.refs
+        # The attributes of Dobbin's own classes (B-trees and their parts,
+        # PersistentDict) are its internals: clients change items only.
+        self._sealed = _is_dobbins(cls) or issubclass(cls, (Bucket, Node, Length))
+        self._stored = None  # stored_names(cls), when first needed
         self._unreadable = self.hidden | self.callables
         self._meta = None
 
@@ -108,9 +161,23 @@ class ClassExport:
         return self.fields is None or name in self.fields or name in self.refs
 
     def writable(self, name):
-        if self.readonly is True or name in self.readonly:
+        if self.readonly is True or name in self.readonly or self._sealed:
             return False
-        return self.readable(name) and not self.behaviour(name)
+        if not self.readable(name) or self.behaviour(name):
+            return False
+        defined_by = [base for base in self.cls.__mro__ if name in vars(base)]
+        if not defined_by:
+            return True  # an instance field
+        if any(_is_dobbins(base) for base in defined_by):
+            return False  # the database's internals, whatever the export says
+        if name in self._declared:
+            return True
+        # Otherwise a class-level value is a setting the server's code reads
+        # (a client's value would replace it for that object), unless the
+        # class's methods store the name: then it is a field's default.
+        if self._stored is None:
+            self._stored = stored_names(self.cls)
+        return name in self._stored
 
     def behaviour(self, name):
         """Whether `name` is a method or property of the class: a value
@@ -154,7 +221,7 @@ class ClassExport:
         if self._meta is None:
             known = None if self.fields is None else sorted(
                 (self.fields | self.refs) - self.hidden)
-            if self.readonly is True:
+            if self.readonly is True or self._sealed:
                 writable = []
             elif known is None:
                 writable = None
@@ -214,10 +281,13 @@ class ExportRegistry:
         return frozenset(self._explicit)
 
     def _inherit(self, cls, parent):
+        # Only the names the parent's export gave; ClassExport finds the
+        # decorated methods of `cls` itself, so an undecorated override of
+        # a decorated method is not callable.
+        named = parent.named_callables
         return ClassExport(
             cls, fields=parent.fields, refs=parent.refs,
-            callables=parent.callables - {n for n in parent.callables
-                                          if not callable(getattr(cls, n, None))},
+            callables={n for n in named if callable(getattr(cls, n, None))},
             hidden=parent.hidden, readonly=parent.readonly,
             creatable=parent.creatable, extent=parent.extent)
 

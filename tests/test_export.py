@@ -1,16 +1,18 @@
 """broker.export: what clients may read, write and call."""
 
 import pytest
+import transaction
 from zope.interface.verify import verifyObject
 
 from broker.codec import ABSENT
-from broker.exc import ExportError, ProtocolError
+from broker.exc import AccessDenied, ExportError, ProtocolError
 from broker.export import (ClassExport, ExportRegistry, exported, is_mapping_class,
                            visible_instances, visible_items)
 from broker.interfaces import IClassExport, IExportRegistry
-from broker_fixtures import Item
+from broker_fixtures import Item, broker  # noqa: F401 (a fixture)
 from dobbin.btree import OOBTree
-from dobbin.persistent import Persistent, PersistentDict
+from dobbin.bucket import Bucket, Length, Node
+from dobbin.persistent import Persistent, PersistentDict, checkout
 
 
 class Plain(Persistent):
@@ -77,7 +79,7 @@ def test_methods_and_properties_are_never_writable():
         colour = None
 
         def paint(self):
-            return "painted"
+            self.colour = "painted"
 
         @property
         def shade(self):
@@ -88,6 +90,67 @@ def test_methods_and_properties_are_never_writable():
     assert rules.writable("colour") and rules.writable("anything_new")
     assert not rules.writable("paint") and not rules.writable("shade")
     assert rules.meta()["writable"] is None  # every field: none declared
+    declared = ClassExport(WithBehaviour, fields="colour paint shade", readonly=())
+    assert declared.writable("colour")
+    assert not declared.writable("paint") and not declared.writable("shade")
+
+
+class Tuned(Persistent):
+    """A class-level setting its code reads, and fields with class defaults."""
+
+    limit = 10
+    size = 0
+    label = None
+
+    def __init__(self, label):
+        self.label = label
+
+    def grow(self):
+        if self.size < self.limit:
+            self.size += 1
+
+
+def test_class_level_settings_are_writable_only_when_declared():
+    # A client's value under `limit` would replace the setting the server's
+    # code reads; `label` and `size` are fields its methods store.
+    rules = ClassExport(Tuned, readonly=())
+    assert not rules.writable("limit")
+    assert rules.writable("label") and rules.writable("size") and rules.writable("new_field")
+    assert rules.readable("limit")  # still readable, as every public name
+    declared = ClassExport(Tuned, fields="limit label", readonly=())
+    assert declared.writable("limit") and declared.writable("label")
+    assert declared.meta()["writable"] == ["label", "limit"]
+    registry = ExportRegistry()
+    registry.export_class(Tuned)
+    assert not registry.lookup(type("SubTuned", (Tuned,), {})).writable("limit")
+
+
+@pytest.mark.parametrize("cls", [OOBTree, Bucket, Node, Length, PersistentDict])
+def test_dobbins_own_classes_have_no_writable_attribute(cls):
+    registry = ExportRegistry()
+    registry.export_class(Persistent, readonly=())  # even exported as writable as can be
+    for rules in (registry.lookup(cls), registry.export_class(cls, readonly=())):
+        for name in ("max_bucket_size", "max_node_size", "keys", "values", "next", "high",
+                     "unlinked", "children", "value", "anything_new"):
+            assert not rules.writable(name), name
+        assert rules.meta()["writable"] == []
+    assert registry.lookup(cls).meta()["items_writable"] is is_mapping_class(cls)
+
+
+def test_names_dobbin_defines_are_not_writable_in_subclasses_even_if_declared():
+    class Catalogue(OOBTree):
+        pass
+
+    class Shelf(PersistentDict):
+        label = None
+
+    registry = ExportRegistry()
+    tree = registry.export_class(Catalogue, fields="max_bucket_size label", readonly=())
+    assert not tree.writable("max_bucket_size") and tree.writable("label")
+    assert tree.meta()["writable"] == ["label"] and tree.meta()["items_writable"]
+    registry.export_class(PersistentDict)
+    shelf = registry.lookup(Shelf)
+    assert shelf.writable("other") and not shelf.writable("get") and not shelf.writable("label")
 
 
 def test_value_seen_is_what_filter_state_shows():
@@ -103,6 +166,45 @@ def test_value_seen_is_what_filter_state_shows():
             assert rules.value_seen(state, name) == shown.get(name, ABSENT)
     assert declared.value_seen(state, "colour") == "red"
     assert undeclared.value_seen(state, "colour") is ABSENT
+
+
+class QuietItem(Item):
+    """Item (exported, shout decorated) with an override of shout that is not."""
+
+    def shout(self, suffix="!"):
+        return "server-only: %s" % self.secret
+
+
+class Override(Plain):
+    def hello(self):  # not exported: server-side only
+        return "secret"
+
+
+class Reexported(Plain):
+    @exported
+    def hello(self):
+        return "hi again"
+
+
+def test_an_undecorated_override_of_an_exported_method_is_not_callable():
+    registry = ExportRegistry()
+    registry.export_class(Plain, readonly=())
+    assert registry.lookup(Plain).callable("hello") and registry.lookup(Child).callable("hello")
+    assert not registry.lookup(Override).callable("hello")
+    assert registry.lookup(Override).meta()["callables"] == []
+    assert registry.lookup(Reexported).callable("hello")
+    # Without any export_class, as with one.
+    assert not ExportRegistry().lookup(Override).callable("hello")
+
+
+def test_callables_named_by_export_class_are_inherited_by_name():
+    registry = ExportRegistry()
+    registry.export_class(Plain, callables="private_logic")
+    rules = registry.lookup(Override)
+    assert rules.callable("private_logic") and not rules.callable("hello")
+    assert rules.named_callables == {"private_logic"}
+    registry.export_class(Override, callables="hello")  # the subclass's own export names it
+    assert registry.lookup(Override).callable("hello")
 
 
 def test_subclasses_inherit_rules():
@@ -150,3 +252,40 @@ def test_visible_items_and_instances_skip_what_clients_cannot_see():
         list(visible_instances(root, Item, registry, 1))
     rules = registry.lookup(Item)
     assert visible_items(rules, {"secret": 1, "name": 2, 3: 4}) == {"name": 2, 3: 4}
+
+
+def test_a_client_cannot_call_an_undecorated_override(broker):
+    db, _server, connect = broker
+    checkout(db.root.things)
+    db.root.things["quiet"] = QuietItem("quiet", secret="top secret")
+    transaction.commit()
+    client = connect()
+    quiet = client.root.things["quiet"]
+    assert quiet.rename("still exported") == "still exported"
+    with pytest.raises(AttributeError):
+        quiet.shout()
+    # Asked directly, the server refuses too.
+    with pytest.raises(AccessDenied, match="not exported"):
+        client._invoke(quiet, "shout", (), {})
+    assert client.root.item.shout() == "FIRST!"
+
+
+def test_a_client_cannot_change_a_b_tree_setting(broker):
+    db, _server, connect = broker
+    client = connect()
+    tree = client.root.tree
+    with pytest.raises(AttributeError, match="not writable"):
+        tree.max_bucket_size = "x"
+    # Past the client's own check, the server refuses the commit.
+    client._changes.set_attr(tree, "max_bucket_size", "x", ABSENT)
+    with pytest.raises(AccessDenied, match="max_bucket_size"):
+        client.commit()
+    tree["k"] = 1  # items stay writable
+    client.root.item.name = "fields with class defaults too"
+    client.commit()
+    transaction.begin()
+    assert db.root.tree.max_bucket_size == 64
+    db.root.tree["server"] = 2  # the server's own inserts still work
+    transaction.commit()
+    assert dict(db.root.tree.items()) == {"k": 1, "server": 2}
+    assert db.root.item.name == "fields with class defaults too"
