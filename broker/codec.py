@@ -23,11 +23,17 @@ before its items) and is refused when encoding.
 
 Decoding never runs code chosen by the sender: unknown extension codes,
 map keys other than str and bin in plain maps, oversize strings, arrays
-and maps, too deep nesting and trailing bytes all raise DecodeError.  Nothing here imports
-pickle.
+and maps, too deep nesting, trailing bytes and more than `max_items`
+items all raise DecodeError.  Nothing here imports pickle.
+
+Items are counted alike when encoding and decoding, as they travel: each
+member of an array (a list, or the payload of a tuple, a set or a dict with
+a key that is not str: its keys and values) and each entry of a map, and an
+empty container as one (so that a message of empty containers counts too).
+A shared container counts once when encoding, and wherever it occurs when
+decoding (see _DecodeState._count).
 """
 
-import itertools
 import struct
 import threading
 
@@ -110,7 +116,7 @@ class Codec:
                     converted = self._convert_simple(value, _SimpleState(), 0)
                 except _NotSimple:
                     converted = self._convert(value, _EncodeState(self._shared(value)), 0)
-            elif len(converted) > self.max_items:
+            elif (len(converted) or 1) > self.max_items:
                 raise EncodeError("value has more than %d items" % self.max_items)
             else:
                 for k, v in converted.items():
@@ -141,7 +147,7 @@ class Codec:
             seen[i] = obj
             if depth >= self.max_depth:
                 raise EncodeError("value nested deeper than %d levels" % self.max_depth)
-            count += len(obj)
+            count += _items(obj) or 1
             if count > self.max_items:
                 raise EncodeError("value has more than %d items" % self.max_items)
             depth += 1
@@ -174,7 +180,7 @@ class Codec:
         state.seen.add(i)
         if depth >= self.max_depth:
             raise EncodeError("value nested deeper than %d levels" % self.max_depth)
-        state.count += len(obj)
+        state.count += len(obj) or 1  # no dict key here is other than str
         if state.count > self.max_items:
             raise EncodeError("value has more than %d items" % self.max_items)
         depth += 1
@@ -279,7 +285,7 @@ class Codec:
         if len(data) > self.max_message:
             raise DecodeError("message of %d bytes exceeds the limit of %d"
                               % (len(data), self.max_message))
-        state = _DecodeState(self)
+        state = _DecodeState(self, len(data))
         try:
             value = state.unpack(data)
             if state.defs and type(value) in _KINDS:
@@ -316,12 +322,17 @@ class _EncodeState:
 class _DecodeState:
     """Per-message decoding state: the DEF table and the ext nesting depth."""
 
-    def __init__(self, codec):
+    def __init__(self, codec, size):
         self.codec = codec
         self.defs = {}
         self.depth = 0
         self.size = codec.max_message
         self.items = codec.max_items
+        # Each item takes a byte of the message at least (an empty container
+        # two, counting it as its parent's member): a message of at most half
+        # the limit in bytes needs no counting, which would slow it down.
+        self.counted = 2 * size > self.items
+        self.held = 0  # items decoded so far, when counted
         # id of each container built here -> (its items, counting a shared
         # container at every place it occurs; the container, kept so that
         # its id stays its own while decoding): see _count.
@@ -329,10 +340,26 @@ class _DecodeState:
 
     def unpack(self, data):
         n = min(len(data), self.items)
+        if self.counted:
+            # Counted as each container is built: max_array_len and
+            # max_map_len bound each alone, not the message.
+            return msgpack.unpackb(
+                data, raw=False, strict_map_key=True, use_list=True, ext_hook=self.ext_hook,
+                list_hook=self._held, object_hook=self._held,
+                max_str_len=len(data), max_bin_len=len(data), max_array_len=n,
+                max_map_len=n, max_ext_len=len(data))
         return msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True, ext_hook=self.ext_hook,
             max_str_len=len(data), max_bin_len=len(data), max_array_len=n,
             max_map_len=n, max_ext_len=len(data))
+
+    def _held(self, container):
+        """list_hook and object_hook: count the items of `container` (an
+        array or a map just built) in the message's."""
+        self.held += len(container) or 1
+        if self.held > self.items:
+            raise DecodeError("message holds more than %d items" % self.items)
+        return container
 
     def ext_hook(self, code, payload):
         self.depth += 1
@@ -435,8 +462,10 @@ class _DecodeState:
         stack = [container]
         while stack:
             value = stack.pop()
-            for child in (itertools.chain(value, value.values()) if type(value) is dict
-                          else value):
+            if not value:
+                total += 1  # an empty container is an item too (see the module)
+            # A map's keys are str or bytes: its values are its items.
+            for child in value.values() if type(value) is dict else value:
                 total += 1
                 if type(child) in _KINDS:
                     known = sizes.get(id(child))
@@ -490,6 +519,13 @@ def _pack(value):
     if len(data) > _KEEP_PACKER:
         del _local.packer
     return data
+
+
+def _items(container):
+    """The items `container` travels as (see the module docstring); 0 if empty."""
+    if type(container) is dict and not all(type(k) is str for k in container):
+        return 2 * len(container)  # an array of its keys and values
+    return len(container)
 
 
 def _flat_map(value):

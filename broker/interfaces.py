@@ -174,7 +174,7 @@ class ICommitOutcomes(Interface):
 
 
 class IReplyBacklog(Interface):
-    """The big replies a server handed to ZeroMQ and ZeroMQ has not yet
+    """The replies a server handed to ZeroMQ and ZeroMQ has not yet
     sent, in bytes per connection and in all; used by one thread only."""
 
     max_bytes = Attribute("Bytes that may be pending, all connections together.")
@@ -184,11 +184,11 @@ class IReplyBacklog(Interface):
 
     def send(router, frames):
         """Send reply `frames` ([routing id, b"", MAGIC, body]) on the
-        ROUTER socket `router`: a big body tracked, or dropped past the
-        bounds (its client asks again after its timeout)."""
+        ROUTER socket `router`: counted until ZeroMQ is done with it, or
+        dropped past the bounds (its client asks again after its timeout)."""
 
     def admits(routing, size):
-        """Return True if a big reply of `size` bytes to connection
+        """Return True if a reply of `size` bytes to connection
         `routing` may be sent now: it keeps that connection and all of
         them within their bounds, or that connection has nothing pending
         and all of them are within their bound."""

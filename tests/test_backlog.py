@@ -1,9 +1,13 @@
-"""broker.backlog: big replies not yet sent, bounded per connection and in all."""
+"""broker.backlog: replies not yet sent, bounded per connection and in all."""
 
+import pytest
+import zmq
 from zope.interface.verify import verifyObject
 
-from broker.backlog import ReplyBacklog
+from broker.backlog import REPLY_OVERHEAD, REPLY_QUEUE, ReplyBacklog
 from broker.interfaces import IReplyBacklog
+from broker.protocol import MAGIC
+from broker_fixtures import wait_until
 
 
 class Tracker:
@@ -47,3 +51,97 @@ def test_a_connection_with_nothing_pending_gets_one_reply_of_any_size_while_all_
     assert backlog.admits(b"b", 10) and backlog.pending_bytes == 0
     backlog.track(b"b", 200, Tracker())
     assert backlog.admits(b"c", 10_000)  # nothing of its own pending, all within
+
+
+@pytest.fixture
+def router():
+    """(ROUTER socket taking in little, connect(routing id) -> a DEALER it knows)."""
+    context = zmq.Context()
+    sockets = []
+
+    def socket(kind, **options):
+        sock = context.socket(kind)
+        sockets.append(sock)
+        for option, value in dict(options, LINGER=0).items():
+            sock.setsockopt(getattr(zmq, option), value)
+        return sock
+
+    server = socket(zmq.ROUTER, SNDHWM=REPLY_QUEUE, SNDBUF=4096)
+    address = "tcp://127.0.0.1:%d" % server.bind_to_random_port("tcp://127.0.0.1")
+
+    def connect(routing):
+        # One that reads next to nothing unless told to.
+        dealer = socket(zmq.DEALER, ROUTING_ID=routing, RCVHWM=1, RCVBUF=4096)
+        dealer.connect(address)
+        dealer.send(b"hello")
+        assert server.poll(5000) and server.recv_multipart() == [routing, b"hello"]
+        return dealer
+
+    try:
+        yield server, connect
+    finally:
+        for sock in sockets:
+            sock.close(0)
+        context.term()
+
+
+def reply(routing, body):
+    return [routing, b"", MAGIC, body]
+
+
+def test_a_reply_of_any_size_counts_until_zeromq_is_done_with_it(router):
+    # Replies under 64 KiB were not counted at all: 64 per connection, for
+    # as many connections as did not read them.
+    server, connect = router
+    backlog = ReplyBacklog()
+    reader = connect(b"reader")
+    for body in [b"pong", b"x" * 100_000]:
+        backlog.send(server, reply(b"reader", body))
+        assert backlog.pending_bytes == len(body) + REPLY_OVERHEAD  # a tiny one too
+        assert reader.poll(5000) and reader.recv_multipart() == [b"", MAGIC, body]
+        assert wait_until(lambda: backlog.admits(b"other", 1) and not backlog.pending_bytes)
+
+
+def test_small_replies_to_connections_that_do_not_read_are_bounded_in_all(router):
+    server, connect = router
+    backlog = ReplyBacklog(max_bytes=64 * 1024)
+    slow = [b"slow%d" % n for n in range(4)]
+    for routing in slow:
+        connect(routing)
+    body = b"x" * 1000
+    for _ in range(300):
+        for routing in slow:
+            backlog.send(server, reply(routing, body))
+    # 2.4 MB: more than the kernel takes for connections reading nothing.
+    assert backlog.dropped
+    assert backlog.pending_bytes <= backlog.max_bytes + len(body) + REPLY_OVERHEAD
+
+
+def test_past_the_bound_of_all_a_small_reply_is_dropped_like_a_big_one(router):
+    server, connect = router
+    backlog = ReplyBacklog(max_bytes=10_000)
+    tracker = Tracker()
+    backlog.track(b"someone", 10_000, tracker)
+    reader = connect(b"reader")
+    backlog.send(server, reply(b"reader", b"pong"))
+    assert backlog.dropped == 1
+    tracker.done = True
+    backlog.send(server, reply(b"reader", b"pong again"))  # the client asked again
+    assert reader.poll(5000) and reader.recv_multipart() == [b"", MAGIC, b"pong again"]
+    assert backlog.dropped == 1
+
+
+def test_replies_zeromq_drops_past_its_queue_stop_counting(router):
+    # Small replies share a tracked frame, REPLY_QUEUE of them at most: the
+    # ones ZeroMQ drops count as long as the others of their frame.
+    server, connect = router
+    backlog = ReplyBacklog()
+    connect(b"slow")
+    size = 1000 + REPLY_OVERHEAD
+    for _ in range(500):
+        backlog.send(server, reply(b"slow", b"x" * 1000))
+    assert not backlog.dropped  # by the backlog: ZeroMQ dropped most
+    # ZeroMQ holds REPLY_QUEUE at most (and one it is writing): two frames'.
+    assert wait_until(lambda: backlog.admits(b"other", 1)
+                      and backlog.pending_bytes <= (2 * REPLY_QUEUE + 1) * size)
+    assert backlog.pending_bytes >= size  # what ZeroMQ holds still counts

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
 from broker.codec import (ABSENT, EXT_DEF, EXT_DICT, EXT_KEY, EXT_REF, EXT_SET, EXT_TUPLE,
-                          Codec)
+                          MAX_MESSAGE, Codec)
 from broker.exc import AccessDenied, DecodeError, EncodeError
 from broker.interfaces import ICodec
 from broker.keys import Key, KeyRing
@@ -163,6 +163,59 @@ def test_item_limit_when_encoding():
         Codec(max_items=10).encode(list(range(11)))
 
 
+def item_count(value):
+    """The items the codec counts in `value`: the least max_items encoding it."""
+    low, high = 1, 10_000
+    while low < high:
+        middle = (low + high) // 2
+        try:
+            Codec(max_items=middle).encode(value)
+        except EncodeError:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+@pytest.mark.parametrize("value, items", [
+    ([[0] * 15 for _ in range(40)], 640),                     # plain lists
+    ({"a": [{"b": 1, "c": [2, 3]} for _ in range(20)]}, 101),  # maps: their entries
+    ([[] for _ in range(50)] + [set() for _ in range(50)], 200),  # an empty one: one
+    ({(1, 2): [3]}, 5),                                       # flat: keys and values
+    ([(1, 2), {1: "x"}, {"a": set()}, [[[]]]], 13),
+])
+def test_the_encoder_and_the_decoder_count_items_alike(value, items):
+    # Decoding counted no plain message, max_array_len bounding each array
+    # alone: 16 MiB of msgpack decoded to 14 million lists (a gigabyte).
+    # It refuses past the items the encoder counts, and no sooner.
+    data = codec.encode(value)
+    assert item_count(value) == items
+    assert Codec(max_items=items).decode(data) == value
+    with pytest.raises(DecodeError, match="holds more than %d items" % (items - 1)):
+        Codec(max_items=items - 1).decode(data)
+
+
+def test_a_plain_message_of_more_than_a_million_items_is_refused():
+    within = msgpack.packb({"id": 1, "op": "ping", "x": [[0] * 9 for _ in range(99_000)]})
+    assert len(codec.decode(within)["x"]) == 99_000
+    data = msgpack.packb({"id": 1, "op": "ping", "x": [[0] * 9 for _ in range(100_001)]})
+    assert len(data) < MAX_MESSAGE // 8
+    with pytest.raises(DecodeError, match="holds more than 1000000 items"):
+        codec.decode(data)
+
+
+def test_empty_containers_held_by_unfinished_ones_are_counted_as_they_come():
+    # Each array is counted once built, so its items only when it is: in
+    # [[] x 999,999, [[] x 999,999, [...]]] the outer arrays' empty lists
+    # (a byte each, 64 in memory) waited uncounted, a gigabyte in 15 MB.
+    levels = b"\x90"
+    for _ in range(4):
+        levels = b"\xdd" + (1001).to_bytes(4, "big") + b"\x90" * 1000 + levels
+    with pytest.raises(DecodeError, match="holds more than 3000 items"):
+        Codec(max_items=3000).decode(levels)
+    assert len(Codec(max_items=8005).decode(levels)) == 1001
+
+
 def test_size_limits():
     small = Codec(max_message=100)
     with pytest.raises(EncodeError, match="exceeds the limit"):
@@ -229,7 +282,7 @@ def test_a_small_message_that_expands_to_a_huge_tree_is_refused(kind):
 def test_many_references_to_one_big_part_are_refused_as_a_whole():
     data = msgpack.packb([shared_tree(10)]
                          + [msgpack.ExtType(EXT_REF, struct.pack(">I", 10))] * 300)
-    assert len(codec.decode(data)) == 301  # 301 x 2,046 items: within a million
+    assert len(codec.decode(data)) == 301  # 301 x 3,070 items: within a million
     with pytest.raises(DecodeError, match="expands to more than 100000 items"):
         Codec(max_items=100_000).decode(data)
 
