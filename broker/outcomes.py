@@ -85,6 +85,12 @@ def commit_reply(result, states, codec):
     `states` yields as fit, and "changed" nil (the client flushes its
     cache) if even `result` does not fit.  The client loads the states
     left out.  Fails only for a "created" `check_created` refuses."""
+    states = list(states)
+    result["states"] = [[key, record] for key, record in states]
+    try:
+        return ok_value(codec, result)  # the usual case: everything fits
+    except EncodeError:
+        result["states"] = []
     try:
         bare = ok_value(codec, result)
     except EncodeError:
