@@ -277,16 +277,16 @@ def _ours(fd, offset, header, damaged_tid, damaged_at, foreign):
     """Does the record at `offset` follow the damaged one in this file?
 
     Walked back through the trailers, the records after the damage lead
-    down to it with tids above its own (a checkpoint may repeat it).  The
-    records of a Dobbin file stored as a payload inside the damaged
-    record lead down to their own first tid instead: they vouch for
-    nothing here.  Offsets of such chains go in `foreign`, so that each
-    is walked once.
+    down to it with tids of at least `damaged_tid` (the damaged record's
+    if it was a transaction; if it was a checkpoint, which repeats the
+    tid before it, the next one's), checkpoints one less.  The records
+    of a Dobbin file stored as a payload inside the damaged record lead
+    down to their own first tid instead: they vouch for nothing here.
+    Offsets of such chains go in `foreign`, so that each is walked once.
     """
     walked = []
     while True:
-        if offset in foreign or header.tid < damaged_tid or (
-                header.tid == damaged_tid and header.status != CHECKPOINT):
+        if offset in foreign or header.tid < damaged_tid - (header.status == CHECKPOINT):
             foreign.update(walked)
             return False
         walked.append(offset)
