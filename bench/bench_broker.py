@@ -8,7 +8,7 @@ on 127.0.0.1, and stops by itself at the end.  Reports:
   (a) p50/p99 latency of loading one uncached object (broker, ZEO), next to
       the raw pyzmq DEALER/ROUTER round trip of a small message, both
       blocking for the reply and busy-waiting for it first as the broker
-      client does for quick requests (broker.transport.SPIN);
+      client does for quick reads (broker.transport.SPIN, protocol.QUICK);
   (b) invalidation latency: from one client's commit returning until
       another client, polling with new transactions, sees the new value
       (also with both sides' readers asking the server at each begin, and

@@ -54,7 +54,7 @@ class BrokerClient:
     client secret key) for a CURVE server.  `trace`, if given, is called
     with (direction, frames) for every message sent and received.  `spin`
     is how many seconds to busy-wait for the reply to a quick read (a load,
-    a sync) before blocking: 0 never does (see broker.transport.SPIN).
+    an item) before blocking: 0 never does (see broker.transport.SPIN).
     """
 
     def __init__(self, address, timeout=2.5, retries=3, curve=None, trace=None, spin=SPIN):

@@ -207,6 +207,11 @@ REQUESTS = {
 # others go to the worker pool.
 INLINE = frozenset({"hello", "ping", "sync", "load", "meta", "static", "item"})
 
+# Of those, the ones answered from what the server holds, whose replies a
+# client busy-waits for (broker.transport.SPIN).  Not sync: it waits for
+# commits being published, and a client spinning meanwhile slows them.
+QUICK = INLINE - {"sync"}
+
 # Requests that may write: the server runs one per (token, id), however
 # often the client sends it (broker.outcomes).
 ONCE = frozenset({"commit", "call", "invoke"})

@@ -33,7 +33,7 @@ _POLLIN = int(zmq.POLLIN)
 # Seconds a wait for a reply may go on after the connection is closing.
 WAIT_SLICE = 0.1
 # Seconds a client busy-waits for the reply to a quick request (see
-# protocol.INLINE) before it blocks.  A blocked thread is woken up about as
+# protocol.QUICK) before it blocks.  A blocked thread is woken up about as
 # slowly as the round trip itself, on a virtual machine above all (here a
 # load took 90 us spinning, 150-230 us blocked).  Bounded: the spinning
 # thread holds the GIL, and burns what it would have waited anyway.
@@ -286,7 +286,7 @@ class Connection:
             send_frames(self._dealer, frames)
             if while_waiting is not None and not attempt:
                 while_waiting()
-            reply = self._await(rid, self.spin if op in protocol.INLINE else 0)
+            reply = self._await(rid, self.spin if op in protocol.QUICK else 0)
             if reply is not None:
                 return reply
         raise BrokerTimeout("no reply from %s to %s after %d attempt(s) of %.1f s"
