@@ -340,18 +340,13 @@ class _DecodeState:
 
     def unpack(self, data):
         n = min(len(data), self.items)
-        if self.counted:
-            # Counted as each container is built: max_array_len and
-            # max_map_len bound each alone, not the message.
-            return msgpack.unpackb(
-                data, raw=False, strict_map_key=True, use_list=True, ext_hook=self.ext_hook,
-                list_hook=self._held, object_hook=self._held,
-                max_str_len=len(data), max_bin_len=len(data), max_array_len=n,
-                max_map_len=n, max_ext_len=len(data))
+        # Counted as each container is built: max_array_len and max_map_len
+        # bound each alone, not the message.
+        hooks = {"list_hook": self._held, "object_hook": self._held} if self.counted else {}
         return msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True, ext_hook=self.ext_hook,
             max_str_len=len(data), max_bin_len=len(data), max_array_len=n,
-            max_map_len=n, max_ext_len=len(data))
+            max_map_len=n, max_ext_len=len(data), **hooks)
 
     def _held(self, container):
         """list_hook and object_hook: count the items of `container` (an
