@@ -32,13 +32,52 @@ from dobbin.bucket import (Bucket, Length, Node, RangeView, _bucket_state, _buck
                            _check_key, _clears, _count, _counter_since, _index_of, _last_key,
                            _leaves_backwards, _node_state)
 from dobbin.exc import ConflictError
-from dobbin.persistent import Persistent, checked_out, checkout, state_of
+from dobbin.persistent import Persistent, checked_out, checkout, state_of, working_copy
+from dobbin.session import session_hints
 
 _MISSING = object()
 _GONE = object()  # popitem's default: its key was removed by a commit meanwhile
 # Restarts allowed before a writer gives up; each one means another thread
 # committed a structural change during this very call.
 _RESTARTS = 100
+def _insert_hinted(hint, key, value, replace):
+    """`OOBTree._store` without a walk from the root, into the bucket
+    where the thread's last insert into the tree appended a key in this
+    transaction (a load in key order appends key after key there);
+    _MISSING unless `key` surely belongs there and no split is due.
+
+    `hint` is (tree, root, length, counter, bucket, state, limit), the
+    last four the working copies and size limit of that insert.  Sure
+    when the tree has the same root (no clear, no root split since), the
+    counter and the bucket are checked out in the same working copies (so
+    in this transaction), and ``keys[0] <= key < high`` there.  A bucket's
+    lower bound only falls as neighbours are unlinked; a concurrent split,
+    unlink or clear makes the commit conflict, as when `_find` leads there.
+    """
+    tree, root, length, counter, bucket, state, limit = hint
+    keys, high = state["keys"], state["high"]
+    try:
+        # The range first: random inserts mostly miss, and cheaply.
+        if not keys or key < keys[0] or (high is not None and not key < high):
+            return _MISSING
+        tree_state = state_of(tree)
+        if (tree_state["_root"] is not root or tree_state["_length"] is not length
+                or working_copy(bucket) is not state or working_copy(length) is not counter
+                or state.get("unlinked", False)):
+            return _MISSING
+        index = bisect_left(keys, key)
+        if index < len(keys) and not key < keys[index]:
+            if replace:
+                state["values"][index] = value
+            return state["values"][index]
+    except TypeError as exc:
+        raise _incomparable(key, exc) from None
+    if len(keys) >= limit:
+        return _MISSING
+    keys.insert(index, key)
+    state["values"].insert(index, value)
+    counter["value"] += 1
+    return value
 
 
 def _await_publication(tree):
@@ -330,9 +369,18 @@ class OOBTree(Persistent):
         _check_key(key)
         # Methods through type(self), state through state_of: every
         # attribute of a persistent object is a Python-level lookup.
+        hints = session_hints()
+        hint = hints.get(id(self)) if hints else None
+        if hint is not None and hint[0] is self:
+            stored = _insert_hinted(hint, key, value, replace)
+            if stored is not _MISSING:
+                return stored
+            del hints[id(self)]  # a miss: most likely the next one misses too
         writable_bucket = type(self)._writable_bucket
-        length = state_of(self)["_length"]
+        tree = state_of(self)
+        length, root = tree["_length"], tree["_root"]
         cleared = _clears(state_of(length))
+        limit = self.max_bucket_size
         for _ in range(_RESTARTS):
             found = writable_bucket(self, key)
             if found is None:
@@ -344,7 +392,6 @@ class OOBTree(Persistent):
                 if replace:
                     values[index] = value
                 return values[index]
-            limit = self.max_bucket_size
             if len(keys) >= limit and not self._checkout_for_split(path, bucket):
                 continue
             counter = _counter_since(length, cleared)
@@ -356,6 +403,10 @@ class OOBTree(Persistent):
             counter["value"] += 1
             if len(keys) > limit:
                 self._split_bucket(path, bucket)
+            elif index == len(keys) - 1:
+                # Appended: the next key may well follow.  Kept in this
+                # transaction's session (we checked out, so we joined it).
+                session_hints()[id(self)] = (self, root, length, counter, bucket, state, limit)
             return value
         raise self._gave_up(key)
 

@@ -20,7 +20,7 @@ from dobbin.stream import PersistentFile
 
 # PersistentFile lives in dobbin.stream; the user's guide imports it from here.
 __all__ = ["Persistent", "PersistentDict", "PersistentFile", "checkout", "checked_out",
-           "state_of"]
+           "state_of", "working_copy"]
 
 _get_ident = threading.get_ident
 _object_getattribute = object.__getattribute__
@@ -61,8 +61,12 @@ def _is_data_descriptor(attribute):
     return hasattr(kind, "__set__") or hasattr(kind, "__delete__")
 
 
-def _local_state(obj):
-    """The calling thread's working copy of obj, or None."""
+def working_copy(obj):
+    """The calling thread's working copy of checked-out `obj`, or None.
+
+    Unlike `state_of`, never the shared state: after a commit, the shared
+    state may be the very dict that was the working copy.
+    """
     table = _get_local(obj)
     if table:
         return table.get(current_thread_key())
@@ -70,7 +74,7 @@ def _local_state(obj):
 
 
 def _writable_state(obj):
-    state = _local_state(obj)
+    state = working_copy(obj)
     if state is not None:
         return state
     if _get_init(obj) == _get_ident() and _get_oid(obj) is None:
@@ -362,7 +366,7 @@ def committed_state(obj):
 
 def checked_out(obj):
     """True when the calling thread has `obj` checked out."""
-    return _local_state(obj) is not None
+    return working_copy(obj) is not None
 
 
 @implementer(IPersistentDict)

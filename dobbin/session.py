@@ -144,6 +144,15 @@ def current_session():
     return session
 
 
+def session_hints():
+    """A dict for shortcuts that hold within the calling thread's current
+    transaction only (where a B-tree's last insert went, say), emptied
+    when it ends, so that it keeps nothing alive; None before any.
+    Consult it after a checkout, which joins the current transaction."""
+    session = getattr(_threads, "session", None)
+    return None if session is None else session.hints
+
+
 # The statuses in which a transaction takes new data managers (the
 # transaction package's Status.ACTIVE and Status.DOOMED).
 _JOINABLE = frozenset({"Active", "Doomed"})
@@ -176,6 +185,8 @@ class Session:
         self._committing = False
         self._failure_recorded = False
         self._locked_all = False
+        # Shortcuts valid within this transaction only (see session_hints).
+        self.hints = {}
         # Set once the session has left its transaction (committed,
         # aborted, or unjoined by a savepoint rollback): a later checkout
         # in the same transaction joins a new session.
@@ -345,6 +356,7 @@ class Session:
         self.checkouts = {}
         self.elected = {}
         self._adopted = []
+        self.hints = {}
 
 
 def _notify(commits):

@@ -386,6 +386,18 @@ class TreeMachine(RuleBasedStateMachine):
             with pytest.raises(ValueError):
                 self.tree.maxKey(key)
 
+    @rule(start=keys, count=st.integers(min_value=1, max_value=12))
+    def set_in_key_order(self, start, count):
+        # Key after key: inserts that skip the walk from the root.
+        for key in range(start, start + count):
+            self.tree[key] = -key
+            self.model[key] = -key
+
+    @rule()
+    def clear(self):
+        self.tree.clear()
+        self.model.clear()
+
     @rule()
     def popitem(self):
         if self.model:
@@ -632,6 +644,65 @@ def test_length_resolves_by_adding_deltas():
 
 
 # -- concurrency: threads sharing one Database --------------------------------
+
+class CountingTree(OOBTree):
+    """Counts the walks from the root its writers make."""
+
+    walks = 0
+
+    def _find(self, key):
+        type(self).walks += 1
+        return super()._find(key)
+
+
+def test_inserts_in_key_order_skip_the_walk_from_the_root(db):
+    tree = stored(db, CountingTree())
+    CountingTree.walks = 0
+    for key in range(640):
+        tree[key] = key
+    # A walk per split (at 65 keys, then every 32), not one per insert.
+    assert CountingTree.walks < 40
+    transaction.commit()
+    check_invariants(tree)
+    assert list(tree.items()) == [(key, key) for key in range(640)]
+
+
+def test_an_insert_skipping_the_walk_merges_with_a_concurrent_insert(db):
+    tree = stored(db, OOBTree((k, k) for k in range(10)))
+    tree[10] = tree[11] = "ours"  # key after key: the next insert skips the walk
+    in_other_thread(lambda: tree.update({12: "theirs", 13: "theirs"}))
+    tree[14] = "ours"  # into our copy of the bucket they changed meanwhile
+    transaction.commit()  # different keys of one bucket: merged
+    check_invariants(tree)
+    assert [tree[k] for k in range(10, 15)] == ["ours"] * 2 + ["theirs"] * 2 + ["ours"]
+
+
+def test_an_insert_skipping_the_walk_conflicts_with_a_concurrent_split(db):
+    tree = stored(db, OOBTree((k, k) for k in range(10)))
+    tree[10] = tree[11] = "ours"
+    in_other_thread(lambda: tree.update((k, "theirs") for k in range(100, 160)))
+    tree[12] = "ours"  # into our copy of the bucket they split meanwhile
+    with pytest.raises(ConflictError):
+        transaction.commit()
+    transaction.abort()
+    for key in (10, 11, 12):  # the application's retry, walking anew
+        tree[key] = "ours"
+    transaction.commit()
+    check_invariants(tree)
+    assert len(tree) == 73 and tree[12] == "ours" and tree[159] == "theirs"
+
+
+def test_where_an_insert_went_is_forgotten_when_its_transaction_ends(db):
+    from dobbin.session import session_hints
+    tree = stored(db, OOBTree())
+    tree[1] = tree[2] = 1
+    assert session_hints()
+    transaction.commit()
+    assert not session_hints()  # nothing of the transaction is kept alive
+    tree[3] = 1
+    transaction.abort()
+    assert not session_hints() and list(tree) == [1, 2]
+
 
 class ThreadTree(OOBTree):
     """Small enough that concurrent inserts split and unlink a lot."""
