@@ -1,23 +1,10 @@
 """The broker client: proxies of a remote Dobbin database, one transaction at a time.
 
 A client transaction reads one snapshot of the database, named by its tid.
-Object states are loaded at that tid and cached across transactions; at
-every boundary (begin, commit, abort) the client applies the invalidations
-it has learned since, and only then moves to the new snapshot, so objects
-never change under a running transaction.
-
-It learns invalidations two ways: from the server's broadcasts (drained
-at boundaries) and from the "changed" list of sync and commit replies,
-which covers everything since the last tid it knew.  When it cannot prove
-it knows every change (the server's history does not reach back, or the
-server restarted), it flushes its whole cache instead.
-
-It also learns new states without loading them: a commit reply carries the
-states of the objects the commit wrote, and broadcasts carry the sealed
-states of small transactions' objects, which the client unseals with the
-keys it holds.  A broadcast state replaces a cached one only at a boundary,
-and only if the client has every broadcast up to the new snapshot (so it is
-sure that state is the newest as of the snapshot).
+Object states are loaded at that tid and cached across transactions.  What
+the client learns of the server's changes (broadcasts, sync and commit
+replies) and how it applies that to its caches at transaction boundaries
+is broker.invalidations; this module is the requests and the proxies' side.
 """
 
 import itertools
@@ -31,9 +18,9 @@ from broker import exc, protocol
 from broker.changes import DELETED, LocalChanges, private_copy
 from broker.codec import ABSENT, Codec
 from broker.interfaces import IBrokerClient
+from broker.invalidations import Invalidations
 from broker.keys import Key
 from broker.proxy import MappingProxy, Proxy, RemoteMethod, RemoteStream
-from broker.states import unseal
 from broker.transport import SPIN, Connection, UseLock
 
 PAGE = 1000
@@ -65,18 +52,12 @@ class BrokerClient:
         self._metas = {}
         self._searches = {}      # (mode, target, query bytes, limit) -> (result, deps)
         self._watch = {}         # oid -> set of mapping proxies whose items depend on it
-        self._pending = []       # (tid, oids, {oid: record}) broadcast, not yet applied
-        self._pending_statics = set()
-        self._gap = False        # broadcasts were missed since _known
-        self._flush_needed = False
-        self._known = None       # every invalidation up to this tid is applied or pending
-        self._tid = None         # the snapshot of the current transaction
-        self._server = None
-        self._seq = None
         self._root = None
         self._changes = LocalChanges()
         self._numbers = itertools.count(1)
         self._conn = Connection(address, self._codec, timeout, retries, curve, trace, spin)
+        self._invalidations = Invalidations(self._conn, self._cache, self._searches,
+                                            self._watch, self._record, self._take)
         try:
             with self._lock:
                 self._hello()
@@ -89,7 +70,7 @@ class BrokerClient:
 
     def _call(self, op, while_waiting=None, **fields):
         server, ok, result = self._conn.request(op, fields, while_waiting)
-        if server != self._server and op != "hello":
+        if server != self._invalidations.server and op != "hello":
             self._server_changed()
         if not ok:
             raise exc.from_wire(result)
@@ -100,19 +81,14 @@ class BrokerClient:
         if info["version"] != protocol.VERSION:
             raise exc.ProtocolError("server speaks protocol %r, we speak %d"
                                     % (info["version"], protocol.VERSION))
-        if self._server is not None and info["server"] != self._server:
-            self._flush_needed = True
-        self._server = info["server"]
-        self._seq = info.get("seq")
-        self._late = (0, 0)  # broadcast numbers a sync found missing (see begin)
+        self._invalidations.follow(info["server"], info.get("seq"))
         self._root = info["root"]
         self._conn.subscribe(info["broadcast"])
 
     def _server_changed(self):
         # Another server instance answered (a restart): what we know of
         # invalidations may have holes, and the broadcast endpoint may move.
-        self._gap = True
-        self._flush_needed = True
+        self._invalidations.restarted()
         self._hello()
 
     # -- codec hooks -----------------------------------------------------------
@@ -150,24 +126,16 @@ class BrokerClient:
         with self._lock:
             self._changes.clear()
             # Broadcasts are taken in while the server works.
-            result = self._call("sync", since=self._known, while_waiting=self._drain)
+            result = self._call("sync", since=self._known,
+                                while_waiting=self._invalidations.drain)
             self._root = result["root"]
-            self._drain()
-            seq = result.get("seq")  # broadcasts sent before the sync (None: an old server)
-            if seq is not None and self._seq is not None and seq > self._seq:
-                # Lost (the last ones: no later number reveals them) or late: the
-                # sync covers their transactions, not statics; late ones are skipped.
-                self._pending_statics.add(None)
-                self._late, self._seq = (self._seq, seq), seq
-            self._advance(result["tid"], result["changed"])
+            self._invalidations.synced(result["tid"], result["changed"], result.get("seq"))
             return self._tid
 
     def abort(self):
         with self._lock:
             self._changes.clear()
-            self._drain()
-            if not self._gap and self._known is not None:
-                self._advance(self._known, [])
+            self._invalidations.aborted()
 
     def commit(self):
         with self._lock:
@@ -179,7 +147,8 @@ class BrokerClient:
             changed = self._changes.changed_proxies()
             try:
                 result = self._call("commit", tx=self._tid, since=self._known,
-                                    token=os.urandom(16), while_waiting=self._drain, **fields)
+                                    token=os.urandom(16),
+                                    while_waiting=self._invalidations.drain, **fields)
             except BaseException:
                 for proxy in changed:
                     proxy._ghostify()
@@ -193,147 +162,11 @@ class BrokerClient:
                 proxy._ghostify()
             self._changes.clear()
             self._root = result["root"]
-            self._drain()
             # The reply has the states of what we wrote, as of the new snapshot.
-            self._advance(result["tid"], result["changed"],
-                          [(decoded._key.token, data) for decoded, data in result["states"]])
+            self._invalidations.committed(
+                result["tid"], result["changed"],
+                [(decoded._key.token, data) for decoded, data in result["states"]])
             return result["tid"]
-
-    def _drain(self):
-        """Take the waiting broadcasts into the pending invalidations."""
-        for message in self._conn.broadcasts():
-            self._receive(message)
-
-    def _receive(self, message):
-        if message["srv"] != self._server:
-            return  # another instance (before or after a restart): sync covers it
-        if self._seq is not None and message["seq"] != self._seq + 1:
-            if self._late[0] < message["seq"] <= self._late[1]:
-                return  # accounted for by a sync, in begin()
-            self._gap = True
-            self._flush_needed = self._flush_needed or message["seq"] <= self._seq
-            self._pending_statics.add(None)  # unknown static changes: drop them all
-        self._seq = message["seq"]
-        tid = message["tid"]
-        if tid is None:
-            self._pending_statics.update(tuple(p) for p in message["statics"])
-            return
-        if self._known is not None and tid <= self._known:
-            return
-        oids = frozenset(message["oids"])
-        states = {}
-        for oid, sealed in message.get("states", ()):
-            # For objects whose state we hold: unsealed now, applied at the
-            # next boundary if still the newest.
-            proxy = self._cache.get(("o", oid))
-            if proxy is not None and proxy._state is not None and oid in oids:
-                record = self._record(unseal(proxy._key.mac, message["srv"], tid, sealed), tid)
-                if record is not None:
-                    states[oid] = record
-        self._pending.append((tid, oids, states))
-        if not self._gap and message["prev"] == self._known:
-            self._known = tid
-        else:
-            self._gap = True
-
-    def _advance(self, tid, changed, states=()):
-        """Apply every invalidation up to `tid` and make it the snapshot.
-
-        `states` lists (key token, record) of objects as of `tid`.
-        """
-        if changed is None or self._flush_needed:
-            pushed = {}
-            self._flush()
-        else:
-            pushed = self._pushed_states(tid)
-            oids = set(changed)
-            for pending_tid, pending_oids, _states in self._pending:
-                if pending_tid <= tid:
-                    oids.update(pending_oids)
-            self._invalidate(oids)
-        self._pending = [p for p in self._pending if p[0] > tid]
-        if self._pending_statics:
-            # Searches of a static mapping depend on no oid: on any static.
-            for entry, (_result, deps) in list(self._searches.items()):
-                if deps is None:
-                    del self._searches[entry]
-        if None in self._pending_statics:
-            for proxy in list(self._cache.values()):
-                if proxy._key.kind == "s":
-                    proxy._ghostify()
-        else:
-            for path in self._pending_statics:
-                proxy = self._cache.get(("s", path))
-                if proxy is not None:
-                    proxy._ghostify()
-        self._pending_statics = set()
-        self._tid = self._known = tid
-        self._gap = self._flush_needed = False
-        for token, data in states:
-            proxy = self._cache.get(token)
-            if proxy is not None and proxy._state is None:
-                record = self._record(data, None)
-                if record is not None:
-                    self._take(proxy, record)
-        for oid, record in pushed.items():
-            proxy = self._cache.get(("o", oid))
-            if proxy is not None and proxy._state is None:
-                self._take(proxy, record)
-
-    def _pushed_states(self, tid):
-        """{oid: record} of broadcast states that are the newest as of `tid`.
-
-        Only when every broadcast up to `tid` is here: otherwise a newer
-        change of the object could be among those missed.
-        """
-        if self._gap or self._known is None or self._known < tid:
-            return {}
-        newest = {}
-        for pending_tid, oids, states in self._pending:
-            if pending_tid <= tid:
-                for oid in oids:
-                    # Changed: no state unless this broadcast brought it.
-                    newest[oid] = states.get(oid)
-        return {oid: record for oid, record in newest.items() if record is not None}
-
-    def _record(self, data, serial):
-        """The state record encoded in `data` (of transaction `serial`, if given), or None.
-
-        Anything unexpected (noise from a wrong key, a class whose
-        description we lack) gives None: the object is loaded as usual.
-        """
-        try:
-            record = protocol.check_result("load", self._codec.decode(data))
-        except exc.BrokerError:
-            return None
-        if record["class"] not in self._metas or (
-                serial is not None and record["serial"] != serial):
-            return None
-        return record
-
-    def _take(self, proxy, record):
-        self._set_class(proxy, record["class"])
-        object.__setattr__(proxy, "_state", record["state"])
-
-    def _invalidate(self, oids):
-        if not oids:
-            return
-        for oid in oids:
-            proxy = self._cache.get(("o", oid))
-            if proxy is not None:
-                proxy._ghostify()
-            for watcher in self._watch.pop(oid, ()):
-                watcher._ghostify()
-        for entry, (_result, deps) in list(self._searches.items()):
-            if deps is None or not oids.isdisjoint(deps):
-                del self._searches[entry]
-
-    def _flush(self):
-        for proxy in list(self._cache.values()):
-            proxy._ghostify()
-        self._searches.clear()
-        self._watch.clear()
-        self._pending = []
 
     def wait_for_broadcast(self, tid=None, timeout=1.0):
         """Wait up to `timeout` s for a broadcast (of `tid` or later, if given).
@@ -346,15 +179,13 @@ class BrokerClient:
         while True:
             # The lock is let go between polls: other threads read meanwhile.
             with self._lock:
-                if tid is not None and self._known is not None and tid <= self._known:
-                    return self._known
-                for message in self._conn.broadcasts(timeout=0.02):
-                    self._receive(message)
-                seen = max((p[0] for p in self._pending), default=None)
-                if seen is not None and (tid is None or seen >= tid):
-                    return seen
-            if time.monotonic() >= deadline:
+                done, seen = self._invalidations.poll(tid)
+            if done or time.monotonic() >= deadline:
                 return seen
+
+    # The snapshot and the last tid known, which requests name.
+    _tid = property(lambda self: self._invalidations.tid)
+    _known = property(lambda self: self._invalidations.known)
 
     # -- objects ---------------------------------------------------------------
 
@@ -379,6 +210,25 @@ class BrokerClient:
         object.__setattr__(proxy, "_class", class_name)
         if self._meta(class_name)["mapping"] and type(proxy) is Proxy:
             object.__setattr__(proxy, "__class__", MappingProxy)
+
+    def _record(self, data, serial):
+        """The state record encoded in `data` (of transaction `serial`, if given), or None.
+
+        Anything unexpected (noise from a wrong key, a class whose
+        description we lack) gives None: the object is loaded as usual.
+        """
+        try:
+            record = protocol.check_result("load", self._codec.decode(data))
+        except exc.BrokerError:
+            return None
+        if record["class"] not in self._metas or (
+                serial is not None and record["serial"] != serial):
+            return None
+        return record
+
+    def _take(self, proxy, record):
+        self._set_class(proxy, record["class"])
+        object.__setattr__(proxy, "_state", record["state"])
 
     def _proxy_meta(self, proxy):
         self._load(proxy)

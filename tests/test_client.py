@@ -336,14 +336,15 @@ def test_gap_in_broadcasts_is_noticed_and_healed(broker):
     one.root.item.name = "missed"
     one.commit()
     # A broadcast two never saw: the next one does not chain to its last tid.
-    two._receive({"srv": server.instance, "seq": two._seq + 1, "tid": two._known + 5,
-                  "prev": two._known + 4, "oids": []})
-    assert two._gap
+    seen = two._invalidations
+    seen.receive({"srv": server.instance, "seq": seen.seq + 1, "tid": seen.known + 5,
+                  "prev": seen.known + 4, "oids": []})
+    assert two._invalidations.gap
     two.abort()
     assert two.root.item.name == "first"   # no proof of completeness: snapshot kept
     two.begin()
     assert two.root.item.name == "missed"
-    assert not two._gap
+    assert not two._invalidations.gap
 
 
 def test_client_flushes_when_server_history_is_short(tmp_path):
@@ -698,7 +699,7 @@ def test_a_missed_broadcast_means_loading_again(broker):
     one.root.item.name = "second change"
     tid = one.commit()
     assert two.wait_for_broadcast(tid, timeout=2) == tid
-    assert two._gap
+    assert two._invalidations.gap
     loads = server.requests["load"]
     two.begin()                               # ...so it cannot trust the newer one
     assert item.name == "second change"
@@ -718,8 +719,8 @@ def test_a_state_pushed_before_a_newer_change_is_not_used(broker):
     one.root.item.name = "new"
     tid = one.commit()
     assert two.wait_for_broadcast(tid, timeout=2) == tid
-    newest = two._pending[-1]
-    two._pending[-1] = (newest[0], newest[1], {})
+    newest = two._invalidations.pending[-1]
+    two._invalidations.pending[-1] = (newest[0], newest[1], {})
     two.begin()
     assert item.name == "new"
 

@@ -1560,9 +1560,9 @@ def test_a_client_that_missed_the_last_broadcasts_learns_it_from_its_sync(broker
     assert remote.colour == "blue"
     monkeypatch.undo()
     # Should the lost one come after all, late, it is no gap to flush for.
-    client._receive(protocol.static_invalidation(server.instance, server.broadcast_seq,
-                                                 [["settings"]]))
-    assert not client._gap and not client._flush_needed
+    client._invalidations.receive(
+        protocol.static_invalidation(server.instance, server.broadcast_seq, [["settings"]]))
+    assert not client._invalidations.gap and not client._invalidations.flush_needed
     loads = server.requests["load"]
     client.begin()  # in step again: the static is kept
     assert remote.colour == "blue" and server.requests["load"] == loads
