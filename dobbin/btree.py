@@ -181,7 +181,7 @@ class OOBTree(Persistent):
         changed after a transaction: the lookup gives the value as of it."""
         _check_key(key)
         try:
-            path, bucket, _ = self._find(key)
+            path, bucket, _ = type(self)._find(self, key)
         except TypeError as exc:
             raise _incomparable(key, exc) from None
         return [self] + [node for node, _ in path] + [bucket]
@@ -189,7 +189,7 @@ class OOBTree(Persistent):
     def _lookup(self, key):
         """Return (value, True), or (None, False) if `key` is absent."""
         _check_key(key)
-        _, _, (keys, values, _, _, _) = self._find(key)
+        _, _, (keys, values, _, _, _) = type(self)._find(self, key)
         try:
             index = bisect_left(keys, key)
             if index < len(keys) and not key < keys[index]:
@@ -220,18 +220,18 @@ class OOBTree(Persistent):
     # -- reading -----------------------------------------------------------
 
     def __getitem__(self, key):
-        value, found = self._lookup(key)
+        value, found = type(self)._lookup(self, key)
         if not found:
             raise KeyError(key)
         return value
 
     def get(self, key, default=None):
         """Return the value for `key`, or `default` if it is absent."""
-        value, found = self._lookup(key)
+        value, found = type(self)._lookup(self, key)
         return value if found else default
 
     def __contains__(self, key):
-        return self._lookup(key)[1]
+        return type(self)._lookup(self, key)[1]
 
     def __len__(self):
         return _count(state_of(self)["_length"])
@@ -269,11 +269,11 @@ class OOBTree(Persistent):
         # the way costs a fresh descent, never a repeat or a skip.
         after, exclusive = min, excludemin
         end_of = bisect_left if excludemax else bisect_right
-        _, _, state = self._find(after)
+        _, _, state = type(self)._find(self, after)
         while True:
             keys, values, next, _, unlinked = state
             if unlinked:
-                _, _, state = self._find(after)
+                _, _, state = type(self)._find(self, after)
                 continue
             start = 0
             if after is not None:
@@ -317,7 +317,7 @@ class OOBTree(Persistent):
                 raise ValueError("empty OOBTree has no maximum key")
             return found
         _check_key(key)
-        path, _, (keys, _, _, _, _) = self._find(key)
+        path, _, (keys, _, _, _, _) = type(self)._find(self, key)
         index = bisect_right(keys, key)
         if index:
             return keys[index - 1]
@@ -357,7 +357,7 @@ class OOBTree(Persistent):
     # -- writing -----------------------------------------------------------
 
     def __setitem__(self, key, value):
-        self._store(key, value, True)
+        type(self)._store(self, key, value, True)
 
     def _store(self, key, value, replace):
         """Store `value` under `key`, unless the key is there and not
@@ -453,7 +453,7 @@ class OOBTree(Persistent):
             self._insert_child(path[:-1], node, promoted, sibling)
 
     def __delitem__(self, key):
-        self._remove(key)
+        type(self)._remove(self, key)
 
     def _remove(self, key, default=_MISSING):
         """Remove `key` and return its value; if absent return `default`,
@@ -565,12 +565,12 @@ class OOBTree(Persistent):
     def pop(self, key, default=_MISSING):
         """Remove `key` and return its value; if absent return `default`,
         or raise KeyError when no default is given."""
-        if not self._lookup(key)[1]:
+        if not type(self)._lookup(self, key)[1]:
             # Absent: nothing to change (checking a bucket out would write it).
             if default is _MISSING:
                 raise KeyError(key)
             return default
-        return self._remove(key, default)
+        return type(self)._remove(self, key, default)
 
     def popitem(self):
         """Remove and return the (key, value) pair with the smallest key.
@@ -579,7 +579,7 @@ class OOBTree(Persistent):
         """
         for _ in range(_RESTARTS):
             for key, _value in self._iter_range(None, None, False, False):
-                value = self._remove(key, _GONE)
+                value = type(self)._remove(self, key, _GONE)
                 if value is not _GONE:
                     return key, value
                 break  # removed meanwhile by another commit: look again
@@ -589,10 +589,10 @@ class OOBTree(Persistent):
 
     def setdefault(self, key, default=None):
         """Return the value for `key`, first storing `default` if absent."""
-        value, found = self._lookup(key)
+        value, found = type(self)._lookup(self, key)
         if found:
             return value
-        return self._store(key, default, False)
+        return type(self)._store(self, key, default, False)
 
     def update(self, other=(), **kwargs):
         """Store every item of `other` (a mapping, or an iterable of
@@ -622,7 +622,7 @@ class OOBTree(Persistent):
         # checked out after the tree, or the slow way is taken.
         if not self._all_droppable(self._root) or checked_out(length):
             for key in list(self.keys()):
-                self._remove(key, None)  # one removed meanwhile is gone all the same
+                type(self)._remove(self, key, None)  # one removed meanwhile is gone all the same
             return
         checkout(self)
         self._root = Bucket()
