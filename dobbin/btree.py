@@ -33,7 +33,7 @@ from dobbin.bucket import (Bucket, Length, Node, RangeView, _bucket_state, _buck
                            _leaves_backwards, _node_state)
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checked_out, checkout, state_of, working_copy
-from dobbin.session import session_hints
+from dobbin.session import serial_at_checkout, session_hints
 
 _MISSING = object()
 _GONE = object()  # popitem's default: its key was removed by a commit meanwhile
@@ -46,15 +46,16 @@ def _insert_hinted(hint, key, value, replace):
     transaction (a load in key order appends key after key there);
     _MISSING unless `key` surely belongs there and no split is due.
 
-    `hint` is (tree, root, length, counter, bucket, state, limit), the
-    last four the working copies and size limit of that insert.  Sure
-    when the tree has the same root (no clear, no root split since), the
-    counter and the bucket are checked out in the same working copies (so
-    in this transaction), and ``keys[0] <= key < high`` there.  A bucket's
-    lower bound only falls as neighbours are unlinked; a concurrent split,
-    unlink or clear makes the commit conflict, as when `_find` leads there.
+    `hint` is (tree, root, length, counter, bucket, state, serial, limit):
+    the working copies, the bucket's serial and the size limit of that
+    insert.  Sure when the tree has the same root (no clear, no root split
+    since), the counter and the bucket are checked out in the same working
+    copies (so in this transaction), no other commit changed the bucket
+    since its checkout (a split or unlink would: the walk would then lead
+    elsewhere), and ``keys[0] <= key < high`` there.  A bucket's lower
+    bound only falls, as neighbours are unlinked.
     """
-    tree, root, length, counter, bucket, state, limit = hint
+    tree, root, length, counter, bucket, state, serial, limit = hint
     keys, high = state["keys"], state["high"]
     try:
         # The range first: random inserts mostly miss, and cheaply.
@@ -63,7 +64,7 @@ def _insert_hinted(hint, key, value, replace):
         tree_state = state_of(tree)
         if (tree_state["_root"] is not root or tree_state["_length"] is not length
                 or working_copy(bucket) is not state or working_copy(length) is not counter
-                or state.get("unlinked", False)):
+                or bucket._p_serial != serial or state.get("unlinked", False)):
             return _MISSING
         index = bisect_left(keys, key)
         if index < len(keys) and not key < keys[index]:
@@ -406,7 +407,10 @@ class OOBTree(Persistent):
             elif index == len(keys) - 1:
                 # Appended: the next key may well follow.  Kept in this
                 # transaction's session (we checked out, so we joined it).
-                session_hints()[id(self)] = (self, root, length, counter, bucket, state, limit)
+                serial = serial_at_checkout(bucket)
+                if serial == bucket._p_serial:
+                    session_hints()[id(self)] = (self, root, length, counter, bucket, state,
+                                                 serial, limit)
             return value
         raise self._gave_up(key)
 

@@ -153,6 +153,15 @@ def session_hints():
     return None if session is None else session.hints
 
 
+def serial_at_checkout(obj):
+    """The serial `obj` had when the calling thread's current transaction
+    checked it out (compare its `_p_serial`: another thread's commit of it
+    since changes that), or None if not checked out in it."""
+    session = getattr(_threads, "session", None)
+    entry = None if session is None else session.checkouts.get(id(obj))
+    return entry.serial if entry is not None and entry.obj is obj else None
+
+
 # The statuses in which a transaction takes new data managers (the
 # transaction package's Status.ACTIVE and Status.DOOMED).
 _JOINABLE = frozenset({"Active", "Doomed"})

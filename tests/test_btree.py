@@ -692,6 +692,17 @@ def test_an_insert_skipping_the_walk_conflicts_with_a_concurrent_split(db):
     assert len(tree) == 73 and tree[12] == "ours" and tree[159] == "theirs"
 
 
+def test_an_insert_after_a_concurrent_split_of_the_last_bucket_goes_where_lookups_go(db):
+    tree = stored(db, OOBTree((k, k) for k in range(100)))
+    tree[100] = tree[101] = "ours"  # key after key into the last bucket
+    in_other_thread(lambda: tree.update((k, "theirs") for k in range(200, 320, 2)))
+    tree[251] = "ours"  # above the split: the walk leads to their new bucket
+    assert tree.get(251) == "ours" and 251 in tree
+    del tree[251]  # this transaction finds its own insert
+    with pytest.raises(ConflictError):
+        transaction.commit()  # we changed the bucket they split
+
+
 def test_where_an_insert_went_is_forgotten_when_its_transaction_ends(db):
     from dobbin.session import session_hints
     tree = stored(db, OOBTree())
