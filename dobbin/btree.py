@@ -40,26 +40,41 @@ _GONE = object()  # popitem's default: its key was removed by a commit meanwhile
 # Restarts allowed before a writer gives up; each one means another thread
 # committed a structural change during this very call.
 _RESTARTS = 100
+def _lower_bound(path, leaf):
+    """The lowest key a walk along `path` sends to `leaf` (None: no
+    bound), or _MISSING if the nodes changed since the walk."""
+    child = leaf
+    for node, index in reversed(path):
+        keys, children = _node_state(node)
+        if index >= len(children) or children[index] is not child:
+            return _MISSING
+        if index:
+            return keys[index - 1]
+        child = node
+    return None
+
+
 def _insert_hinted(hint, key, value, replace):
     """`OOBTree._store` without a walk from the root, into the bucket
     where the thread's last insert into the tree appended a key in this
     transaction (a load in key order appends key after key there);
     _MISSING unless `key` surely belongs there and no split is due.
 
-    `hint` is (tree, root, length, counter, bucket, state, serial, limit):
-    the working copies, the bucket's serial and the size limit of that
-    insert.  Sure when the tree has the same root (no clear, no root split
-    since), the counter and the bucket are checked out in the same working
-    copies (so in this transaction), no other commit changed the bucket
-    since its checkout (a split or unlink would: the walk would then lead
-    elsewhere), and ``keys[0] <= key < high`` there.  A bucket's lower
-    bound only falls, as neighbours are unlinked.
+    `hint` is (tree, root, length, counter, bucket, state, serial, low,
+    limit): the working copies, the bucket's serial, the lowest key the
+    walk sent there and the size limit of that insert.  Sure when the
+    tree has the same root (no clear, no root split since), the counter
+    and the bucket are checked out in the same working copies (so in this
+    transaction), no other commit changed the bucket since its checkout (a
+    split or unlink would: the walk would then lead elsewhere), and
+    ``low <= key < high``.  The lower bound of a bucket's range only falls,
+    as neighbours are unlinked.
     """
-    tree, root, length, counter, bucket, state, serial, limit = hint
+    tree, root, length, counter, bucket, state, serial, low, limit = hint
     keys, high = state["keys"], state["high"]
     try:
         # The range first: random inserts mostly miss, and cheaply.
-        if not keys or key < keys[0] or (high is not None and not key < high):
+        if (low is not None and key < low) or (high is not None and not key < high):
             return _MISSING
         tree_state = state_of(tree)
         if (tree_state["_root"] is not root or tree_state["_length"] is not length
@@ -408,9 +423,10 @@ class OOBTree(Persistent):
                 # Appended: the next key may well follow.  Kept in this
                 # transaction's session (we checked out, so we joined it).
                 serial = serial_at_checkout(bucket)
-                if serial == bucket._p_serial:
+                low = _lower_bound(path, bucket)
+                if serial == bucket._p_serial and low is not _MISSING:
                     session_hints()[id(self)] = (self, root, length, counter, bucket, state,
-                                                 serial, limit)
+                                                 serial, low, limit)
             return value
         raise self._gave_up(key)
 
