@@ -40,6 +40,8 @@ _GONE = object()  # popitem's default: its key was removed by a commit meanwhile
 # Restarts allowed before a writer gives up; each one means another thread
 # committed a structural change during this very call.
 _RESTARTS = 100
+
+
 def _lower_bound(path, leaf):
     """The lowest key a walk along `path` sends to `leaf` (None: no
     bound), or _MISSING if the nodes changed since the walk."""
