@@ -166,7 +166,7 @@ class Persistent:
         return value
 
     def __setattr__(self, name, value):
-        if name[0] == "_" and name[:3] == "_p_":  # name[0] makes no new string
+        if name[:1] == "_" and name[:3] == "_p_":  # one character: no new string
             return _object_setattr(self, name, value)
         # _writable_state(), inlined: every attribute an __init__ sets comes here.
         table = _get_local(self)
