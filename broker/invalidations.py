@@ -76,9 +76,10 @@ class Invalidations:
         self.gap = True
         self.flush_needed = True
 
-    def drain(self):
-        """Take the waiting broadcasts into the pending invalidations."""
-        for message in self._conn.broadcasts():
+    def drain(self, timeout=0):
+        """Take the waiting broadcasts into the pending invalidations,
+        waiting up to `timeout` s for one."""
+        for message in self._conn.broadcasts(timeout=timeout):
             self.receive(message)
 
     def receive(self, message):
@@ -123,8 +124,7 @@ class Invalidations:
         """
         if tid is not None and self.known is not None and tid <= self.known:
             return True, self.known
-        for message in self._conn.broadcasts(timeout=POLL):
-            self.receive(message)
+        self.drain(POLL)
         seen = max((p[0] for p in self.pending), default=None)
         return seen is not None and (tid is None or seen >= tid), seen
 
