@@ -17,7 +17,10 @@ snapshots (`_bucket_state`), restart on meeting an unlinked object, and
 move right along `next` past a concurrent split, as in Lehman and Yao's
 B-link trees.  Writers check out what they change, re-check in their own
 copy that it is still the right object (key below `high`, child still in
-its parent) and start over if not.
+its parent) and start over if not.  A walk that meets this thread's own
+copy of a tree, node or bucket that another commit has since changed
+(a bucket: restructured) raises ConflictError: that copy can lead it
+astray, and the transaction could not commit anyway.
 
 Transactions: `Bucket._p_resolve_conflict` merges changes to different keys
 of a bucket, `Length._p_resolve_conflict` merges counts.  A structural
@@ -28,9 +31,10 @@ writer of those conflicts instead of losing items.
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, MutableMapping
 
-from dobbin.bucket import (Bucket, Length, Node, RangeView, _bucket_state, _buckets_before,
+from dobbin.bucket import (Bucket, Length, Node, RangeView, _buckets_before,
                            _check_key, _clears, _count, _counter_since, _index_of, _last_key,
-                           _leaves_backwards, _node_state)
+                           _checkouts, _leaves_backwards, _node_state, _refuse_stale_copy,
+                           _walkable_bucket_state, _walkable_node_state)
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checked_out, checkout, state_of, working_copy
 from dobbin.session import serial_at_checkout, session_hints
@@ -162,26 +166,28 @@ class OOBTree(Persistent):
         `key` is None for the first leaf.  The path may be stale; writers
         verify it after checking out.
         """
+        if _checkouts(self):
+            _refuse_stale_copy(self)
         for attempt in range(_RESTARTS):
             if attempt:
                 _await_publication(self)
             path, node = [], state_of(self)["_root"]
             try:
                 while type(node) is Node:  # isinstance() would ask a Bucket its __class__
-                    keys, children = _node_state(node)
+                    keys, children = _walkable_node_state(node)
                     if not children:
                         break  # unlinked by a concurrent commit
                     index = 0 if key is None else bisect_right(keys, key)
                     path.append((node, index))
                     node = children[index]
                 else:
-                    state = _bucket_state(node)
+                    state = _walkable_bucket_state(node)
                     # A concurrent split may have moved our key rightwards.
                     while (key is not None and not state[4]
                            and state[3] is not None and not key < state[3]
                            and state[2] is not None):
                         node = state[2]
-                        state = _bucket_state(node)
+                        state = _walkable_bucket_state(node)
                     if not state[4]:
                         return path, node, state
             except TypeError as exc:
@@ -216,11 +222,20 @@ class OOBTree(Persistent):
             raise _incomparable(key, exc) from None
         return None, False
 
-    def _writable_bucket(self, key):
+    def _writable_bucket(self, key, to_remove=False):
         """Return (path, bucket, state, index, found) with `bucket` checked
         out and verified to be the one for `key`, `state` its working copy;
-        None if it must start over."""
-        path, bucket, _ = type(self)._find(self, key)
+        None if it must start over.  `to_remove`: when the key is absent
+        from the bucket as this thread sees it, it is not checked out
+        (found is False; nothing else is meaningful)."""
+        path, bucket, (keys, _, _, _, _) = type(self)._find(self, key)
+        if to_remove:
+            try:
+                index = bisect_left(keys, key)
+                if index == len(keys) or key < keys[index]:
+                    return path, bucket, None, index, False
+            except TypeError as exc:
+                raise _incomparable(key, exc) from None
         checkout(bucket)
         # Its working dict, not its attributes: an insert into a big tree
         # is mostly attribute lookups otherwise.
@@ -287,11 +302,16 @@ class OOBTree(Persistent):
         # the way costs a fresh descent, never a repeat or a skip.
         after, exclusive = min, excludemin
         end_of = bisect_left if excludemax else bisect_right
-        _, _, state = type(self)._find(self, after)
+        bucket, restarts = None, 0
         while True:
-            keys, values, next, _, unlinked = state
+            if bucket is None:
+                _, bucket, _ = type(self)._find(self, after)
+            keys, values, next, _, unlinked = _walkable_bucket_state(bucket)
             if unlinked:
-                _, _, state = type(self)._find(self, after)
+                restarts += 1
+                if restarts > _RESTARTS:
+                    raise self._gave_up(after)
+                bucket = None
                 continue
             start = 0
             if after is not None:
@@ -305,8 +325,8 @@ class OOBTree(Persistent):
             if end < len(keys) or next is None:
                 return
             if end > start:
-                after, exclusive = keys[end - 1], True
-            state = _bucket_state(next)
+                after, exclusive, restarts = keys[end - 1], True, 0
+            bucket = next
 
     def minKey(self, key=None):
         """Return the smallest key (at least `key`, if given).
@@ -485,7 +505,7 @@ class OOBTree(Persistent):
         length = state_of(self)["_length"]
         cleared = _clears(state_of(length))
         for _ in range(_RESTARTS):
-            found = self._writable_bucket(key)
+            found = self._writable_bucket(key, to_remove=True)
             if found is None:
                 _await_publication(self)
                 continue

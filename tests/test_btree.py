@@ -20,6 +20,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 from dobbin.btree import Bucket, Length, Node, OOBTree, RangeView
 from dobbin.database import Database
 from dobbin.exc import ConflictError
+from dobbin.persistent import checked_out
 
 
 class SmallTree(OOBTree):
@@ -483,6 +484,16 @@ def test_values_and_items_load_each_leafs_values_together(tmp_path):
         assert [value.value for value in tree.values()] == list(range(12))
 
 
+def test_removing_an_absent_key_checks_nothing_out(db):
+    tree = stored(db, SmallTree((k, k) for k in range(0, 40, 2)))
+    bucket = leaf_for(tree, 21)
+    assert tree.pop(21, "absent") == "absent"
+    with pytest.raises(KeyError):
+        del tree[21]
+    assert not checked_out(bucket) and not checked_out(tree._length)
+    assert tree.pop(20) == 20 and checked_out(bucket)  # present: it changes
+
+
 def test_a_change_rewrites_one_bucket(db):
     tree = stored(db, OOBTree((k, k) for k in range(5000)))
     changed = []
@@ -506,7 +517,7 @@ def commit_in_another_thread_at_checkout(monkeypatch, db, change, at_call):
     original = OOBTree._writable_bucket
     calls = []
 
-    def writable_bucket(tree, key):
+    def writable_bucket(tree, key, *args, **kwargs):
         if threading.get_ident() == caller:
             calls.append(key)
             if len(calls) == at_call:
@@ -518,7 +529,7 @@ def commit_in_another_thread_at_checkout(monkeypatch, db, change, at_call):
                 thread = threading.Thread(target=commit)
                 thread.start()
                 thread.join()
-        return original(tree, key)
+        return original(tree, key, *args, **kwargs)
 
     monkeypatch.setattr(OOBTree, "_writable_bucket", writable_bucket)
 
@@ -681,7 +692,8 @@ def test_an_insert_skipping_the_walk_conflicts_with_a_concurrent_split(db):
     tree = stored(db, OOBTree((k, k) for k in range(10)))
     tree[10] = tree[11] = "ours"
     in_other_thread(lambda: tree.update((k, "theirs") for k in range(100, 160)))
-    tree[12] = "ours"  # into our copy of the bucket they split meanwhile
+    with pytest.raises(ConflictError, match="split or unlinked by another commit"):
+        tree[12] = "ours"  # into our copy of the bucket they split meanwhile
     with pytest.raises(ConflictError):
         transaction.commit()
     transaction.abort()
@@ -876,10 +888,74 @@ def test_insert_after_a_concurrent_unlink_of_its_bucket(raced):
     assert raced[21] == "ours" and len(raced) == 21 - len(doomed)
 
 
+def test_iterating_past_our_copy_of_a_bucket_relinked_by_another_commit(db):
+    tree = stored(db, SmallTree((k, k) for k in range(0, 40, 2)))
+    ours = leaf_for(tree, 20)
+    doomed = list(ours.next.keys)
+    tree[21] = "ours"  # our copy of the bucket still links to the next one
+
+    def unlink_next():
+        for key in doomed:
+            del tree[key]
+    in_other_thread(unlink_next)  # relinks the committed bucket past it
+    with pytest.raises(ConflictError, match="split or unlinked by another commit"):
+        list(tree.keys())  # went round forever: back to our copy, on to the unlinked one
+    with pytest.raises(ConflictError):
+        tree.clear()  # we changed the size: it removes key by key, so it iterates
+    with pytest.raises(ConflictError):
+        transaction.commit()
+    transaction.abort()
+    assert list(tree.keys()) == [k for k in range(0, 40, 2) if k not in doomed]
+
+
+def test_iterating_our_copy_of_the_last_bucket_after_another_commit_split_it(db):
+    tree = stored(db, SmallTree((k, k) for k in range(0, 40, 2)))
+    tree[38] = "ours"  # our copy of the last bucket: no next
+    in_other_thread(lambda: tree.update((k, "theirs") for k in range(39, 45)))
+    with pytest.raises(ConflictError):
+        list(tree.items())  # stopped at our copy: 6 keys short of len()
+    with pytest.raises(ConflictError):
+        transaction.commit()
+
+
+def test_walking_through_our_copy_of_a_node_another_commit_changed(db):
+    tree = stored(db, SmallTree((k, k) for k in range(0, 40, 2)))
+    parent = [node for node, _ in tree._find(20)[0]][-1]
+    split_20s(tree)  # we check out the parent, to add a bucket to it
+    assert checked_out(parent)
+    assert leaf_for(tree, 16).keys == [16, 18]  # the parent's other bucket
+    in_other_thread(lambda: tree.update({17: 1, 17.5: 1, 19: 1}))  # they split it
+    with pytest.raises(ConflictError, match="Node oid .* changed by another commit"):
+        tree.get(21)  # our copy routes it; theirs may not route our later inserts
+    with pytest.raises(ConflictError):
+        transaction.commit()
+
+
+def test_walking_from_our_copy_of_a_tree_another_commit_changed(db):
+    tree = stored(db, SmallTree({1: 1, 2: 2, 3: 3}))
+    tree.update({4: 4, 5: 5})  # a new root: we check out the tree
+    assert checked_out(tree)
+    in_other_thread(lambda: tree.update({6: 6, 7: 7}))  # and so do they
+    with pytest.raises(ConflictError, match="SmallTree oid .* changed by another commit"):
+        tree.get(1)
+    with pytest.raises(ConflictError):
+        transaction.commit()
+
+
+def test_iterating_our_copy_of_a_bucket_another_commit_only_added_to(db):
+    tree = stored(db, SmallTree((k, k) for k in range(0, 40, 2)))
+    tree[20] = "ours"
+    in_other_thread(lambda: tree.__setitem__(21, "theirs"))  # no split
+    assert dict(tree.items())[20] == "ours" and 21 not in list(tree)  # our copy
+    transaction.commit()  # different keys of one bucket: merged
+    assert tree[20] == "ours" and tree[21] == "theirs"
+    check_invariants(tree)
+
+
 def test_lookup_moves_right_past_a_concurrent_split(raced, monkeypatch):
     import dobbin.btree
     bucket = leaf_for(raced, 22)
-    real_node_state = dobbin.btree._node_state
+    real_node_state = dobbin.btree._walkable_node_state
     pending = [lambda: in_other_thread(lambda: split_20s(raced))]
 
     def node_state(node):
@@ -887,7 +963,7 @@ def test_lookup_moves_right_past_a_concurrent_split(raced, monkeypatch):
         if pending and any(child is bucket for child in state[1]):
             pending.pop()()  # split the bucket after its parent was read
         return state
-    monkeypatch.setattr(dobbin.btree, "_node_state", node_state)
+    monkeypatch.setattr(dobbin.btree, "_walkable_node_state", node_state)
     assert raced[22] == 22  # found in the new right sibling
     assert not pending and 22 not in bucket.keys
 
