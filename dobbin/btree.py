@@ -9,7 +9,7 @@ Invariants: a node's child ``i`` holds the keys ``k`` with
 holds sorted `keys`, parallel `values`, `next` (the following bucket) and
 `high` (exclusive upper bound of its range; None is +infinity).  Emptied
 buckets and childless nodes are unlinked (buckets are marked `unlinked`),
-except new ones (see `_kept_alive`), so a linked bucket may be empty.
+except new ones (see `dobbin.reshape`), so a linked bucket may be empty.
 
 Threads: another thread's commit replaces an object's state at any moment,
 even between two of our attribute reads.  So readers read per-object
@@ -31,12 +31,14 @@ writer of those conflicts instead of losing items.
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, MutableMapping
 
-from dobbin.bucket import (Bucket, Length, Node, RangeView, _buckets_before,
-                           _check_key, _clears, _count, _counter_since, _index_of, _last_key,
-                           _checkouts, _leaves_backwards, _node_state, _refuse_stale_copy,
+from dobbin.bucket import (Bucket, Length, Node, RangeView, _buckets_before, _check_key,
+                           _checkouts, _clears, _count, _counter_since, _last_key,
+                           _leaves_backwards, _node_state, _refuse_stale_copy,
                            _walkable_bucket_state, _walkable_node_state)
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checked_out, checkout, state_of, working_copy
+from dobbin.reshape import (all_droppable, checkout_for_split, checkout_for_unlink, split_bucket,
+                            unlink)
 from dobbin.session import serial_at_checkout, session_hints
 
 _MISSING = object()
@@ -114,18 +116,6 @@ def _await_publication(tree):
 def _incomparable(key, exc):
     return TypeError("key %r (%s) cannot be compared with the keys already "
                      "in this OOBTree: %s" % (key, type(key).__name__, exc))
-
-
-def _kept_alive(obj):
-    """Must `obj`, which we are about to change, stay in the tree?"""
-    # The store refuses to commit a new object that this thread checked out
-    # and then left unreachable, and changing an object checks it out.
-    return obj._p_oid is None
-
-
-def _droppable(obj):
-    """May `obj` be cut loose from the tree without being changed?"""
-    return obj._p_oid is not None or not checked_out(obj)
 
 
 class OOBTree(Persistent):
@@ -430,7 +420,7 @@ class OOBTree(Persistent):
                 if replace:
                     values[index] = value
                 return values[index]
-            if len(keys) >= limit and not self._checkout_for_split(path, bucket):
+            if len(keys) >= limit and not checkout_for_split(self, path, bucket):
                 continue
             counter = _counter_since(length, cleared)
             if counter is None:
@@ -440,7 +430,7 @@ class OOBTree(Persistent):
             values.insert(index, value)
             counter["value"] += 1
             if len(keys) > limit:
-                self._split_bucket(path, bucket)
+                split_bucket(self, path, bucket)
             elif index == len(keys) - 1:
                 # Appended: the next key may well follow.  Kept in this
                 # transaction's session (we checked out, so we joined it).
@@ -451,48 +441,6 @@ class OOBTree(Persistent):
                                                  serial, low, limit)
             return value
         raise self._gave_up(key)
-
-    def _checkout_for_split(self, path, child):
-        """Check out each ancestor a split of `child` will change; False
-        if one of them no longer holds the child we came through."""
-        for node, _ in reversed(path):
-            checkout(node)
-            if _index_of(node.children, child) < 0:
-                return False
-            if len(node.children) < self.max_node_size:
-                return True
-            child = node
-        checkout(self)
-        return self._root is child
-
-    def _split_bucket(self, path, bucket):
-        """Move the upper half of checked-out `bucket` to a new bucket."""
-        middle = len(bucket.keys) // 2
-        right = Bucket(bucket.keys[middle:], bucket.values[middle:],
-                       bucket.next, bucket.high)
-        del bucket.keys[middle:]
-        del bucket.values[middle:]
-        bucket.next = right
-        bucket.high = right.keys[0]
-        self._insert_child(path, bucket, right.keys[0], right)
-
-    def _insert_child(self, path, left, separator, right):
-        """Put `right` after `left` in the (checked-out) node `path` ends
-        at, splitting nodes upwards as they overflow."""
-        if not path:
-            self._root = Node([separator], [left, right])
-            return
-        node = path[-1][0]
-        index = _index_of(node.children, left)
-        node.keys.insert(index, separator)
-        node.children.insert(index + 1, right)
-        if len(node.children) > self.max_node_size:
-            middle = len(node.children) // 2
-            promoted = node.keys[middle - 1]
-            sibling = Node(node.keys[middle:], node.children[middle:])
-            del node.keys[middle - 1:]
-            del node.children[middle:]
-            self._insert_child(path[:-1], node, promoted, sibling)
 
     def __delitem__(self, key):
         type(self)._remove(self, key)
@@ -517,7 +465,7 @@ class OOBTree(Persistent):
             keys, values = state["keys"], state["values"]
             plan = None
             if len(keys) == 1 and path:
-                plan = self._checkout_for_unlink(path, bucket)
+                plan = checkout_for_unlink(self, path, bucket)
                 if plan is None:
                     continue
             counter = _counter_since(length, cleared)
@@ -529,80 +477,9 @@ class OOBTree(Persistent):
             del values[index]
             counter["value"] -= 1
             if plan:
-                self._unlink(path, bucket, *plan)
+                unlink(self, path, bucket, *plan)
             return value
         raise self._gave_up(key)
-
-    def _checkout_for_unlink(self, path, bucket):
-        """Check out and verify what unlinking `bucket` changes.
-
-        Returns (level, previous): path[level] is the node that keeps
-        other children (-1: the root empties), previous the bucket before.
-        Returns False to keep the bucket (empty) instead, None to start
-        over after a concurrent change.
-        """
-        if _kept_alive(bucket):
-            return False
-        child, level = bucket, len(path) - 1
-        while level >= 0:
-            node = path[level][0]
-            checkout(node)
-            index = _index_of(node.children, child)
-            if index < 0:
-                return None
-            path[level] = (node, index)
-            if len(node.children) > 1:
-                break
-            if _kept_alive(node):
-                return False
-            child, level = node, level - 1
-        if level < 0:
-            checkout(self)
-            if self._root is not path[0][0]:
-                return None
-        previous = next(_buckets_before(path), None)
-        if previous is not None:
-            checkout(previous)
-            if previous.unlinked or previous.next is not bucket:
-                return None
-        return level, previous
-
-    def _unlink(self, path, bucket, level, previous):
-        """Cut emptied `bucket` (and nodes left childless) out of the tree;
-        every object involved is checked out by `_checkout_for_unlink`."""
-        bucket.unlinked = True
-        if previous is not None:
-            previous.next = bucket.next
-            if level >= 0 and path[level][1] > 0:
-                # The left neighbour takes over the range of the bucket.
-                previous.high = bucket.high
-        for node, _ in path[level + 1:]:
-            del node.children[:]  # an unlinked node has no children
-        if level < 0:
-            self._root = Bucket()
-            return
-        node, index = path[level]
-        del node.children[index]
-        # Child i's range joins its left neighbour's (or child 0's, the new
-        # first child's, which then reaches down to the node's lower bound).
-        del node.keys[index - 1 if index else 0]
-        if level == 0 and len(node.children) == 1:
-            self._collapse_root(node)
-
-    def _collapse_root(self, root):
-        """Replace checked-out root node `root`, which has a single child,
-        by that child (and so on down)."""
-        checkout(self)
-        if self._root is not root:
-            return  # a concurrent root split: root is an inner node now
-        while (isinstance(root, Node) and len(root.children) == 1
-               and not _kept_alive(root)):
-            checkout(root)
-            child = root.children[0]
-            # Rewritten, so a concurrent split into the node conflicts.
-            del root.children[:]
-            root = child
-        self._root = root
 
     def pop(self, key, default=_MISSING):
         """Remove `key` and return its value; if absent return `default`,
@@ -662,7 +539,7 @@ class OOBTree(Persistent):
         # A commit installs states in checkout order, and other writers must
         # not see the counter cleared before the new root: so the counter is
         # checked out after the tree, or the slow way is taken.
-        if not self._all_droppable(self._root) or checked_out(length):
+        if not all_droppable(self._root) or checked_out(length):
             for key in list(self.keys()):
                 type(self)._remove(self, key, None)  # one removed meanwhile is gone all the same
             return
@@ -675,15 +552,5 @@ class OOBTree(Persistent):
         counter = state_of(length)
         counter["value"] = 0
         counter["cleared"] = _clears(counter) + 1
-
-    @staticmethod
-    def _all_droppable(node):
-        if not _droppable(node):
-            return False
-        if isinstance(node, Node):
-            return all(OOBTree._all_droppable(child)
-                       for child in _node_state(node)[1])
-        return True
-
 
 MutableMapping.register(OOBTree)

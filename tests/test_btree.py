@@ -22,12 +22,8 @@ from dobbin.database import Database
 from dobbin.exc import ConflictError
 from dobbin.persistent import checked_out
 
-
-class SmallTree(OOBTree):
-    """Tiny nodes so that a few dozen keys build a three-level tree."""
-
-    max_bucket_size = 4
-    max_node_size = 4
+from btree_fixtures import (SmallTree, check_invariants, in_other_thread, leaf_for, stored,
+                            tree_depth)
 
 
 @pytest.fixture(autouse=True)
@@ -43,68 +39,6 @@ def db(tmp_path):
     yield database
     transaction.abort()
     database.close()
-
-
-def stored(db, tree):
-    """Make `tree` the root of `db` and commit it."""
-    db.elect(tree)
-    transaction.commit()
-    return tree
-
-
-def check_invariants(tree, allow_empty=False):
-    """Check every structural invariant of `tree`; return its leaves.
-
-    `allow_empty`: buckets created and emptied in one transaction stay
-    in the tree, so tests that do that allow empty buckets.
-    """
-    leaves = []
-    root = tree._root
-
-    def walk(node, low, high, level):
-        if isinstance(node, Node):
-            assert len(node.children) == len(node.keys) + 1
-            assert 1 <= len(node.children) <= tree.max_node_size
-            assert node.keys == sorted(set(node.keys))
-            for key in node.keys:
-                assert low is None or low <= key
-                assert high is None or key < high
-            bounds = [low] + list(node.keys) + [high]
-            levels = {walk(child, bounds[i], bounds[i + 1], level + 1)
-                      for i, child in enumerate(node.children)}
-            assert len(levels) == 1, "leaves at different depths"
-            return levels.pop()
-        assert isinstance(node, Bucket)
-        assert not node.unlinked
-        assert len(node.keys) == len(node.values)
-        assert node.keys == sorted(set(node.keys))
-        assert len(node.keys) <= tree.max_bucket_size
-        assert node.high == high, "bucket's high bound disagrees with tree"
-        if node is not root and not allow_empty:
-            assert node.keys, "empty bucket left linked in the tree"
-        for key in node.keys:
-            assert low is None or low <= key
-            assert high is None or key < high
-        leaves.append(node)
-        return level
-
-    walk(root, None, None, 0)
-    for left, right in zip(leaves, leaves[1:]):
-        assert left.next is right, "leaves not linked in order"
-    assert leaves[-1].next is None
-    assert sum(len(leaf.keys) for leaf in leaves) == len(tree)
-    return leaves
-
-
-def tree_depth(tree):
-    node, levels = tree._root, 0
-    while isinstance(node, Node):
-        node, levels = node.children[0], levels + 1
-    return levels
-
-
-def leaf_for(tree, key):
-    return tree._find(key)[1]
 
 
 # -- pure structure ---------------------------------------------------------
@@ -128,79 +62,12 @@ def test_empty_tree():
     check_invariants(tree)
 
 
-def test_inserts_split_buckets_and_nodes():
-    tree = SmallTree()
-    keys = list(range(100))
-    random.Random(1).shuffle(keys)
-    for key in keys:
-        tree[key] = key * 10
-        check_invariants(tree)
-    assert len(tree) == 100
-    assert tree_depth(tree) >= 3
-    assert list(tree) == list(range(100))
-    assert list(tree.values()) == [k * 10 for k in range(100)]
-    assert tree[42] == 420 and 42 in tree and 100 not in tree
-
-
 def test_constructor_and_overwrite():
     tree = SmallTree((k, k) for k in range(20))
     check_invariants(tree)
     tree[5] = "five"
     assert len(tree) == 20 and tree[5] == "five"
     check_invariants(tree)
-
-
-def test_deletes_unlink_buckets_and_collapse_root(db):
-    tree = stored(db, SmallTree((k, str(k)) for k in range(200)))
-    keys = list(range(200))
-    random.Random(2).shuffle(keys)
-    for count, key in enumerate(keys, 1):
-        del tree[key]
-        leaves = check_invariants(tree)
-        assert len(tree) == 200 - count
-        # Committed buckets are unlinked once empty: no leaf is wasted.
-        assert len(leaves) <= max(1, len(tree))
-        if count % 50 == 0:
-            transaction.commit()
-    transaction.commit()
-    assert isinstance(tree._root, Bucket) and tree_depth(tree) == 0
-    tree["again"] = 1
-    transaction.commit()
-    assert list(tree.items()) == [("again", 1)]
-
-
-def test_delete_from_the_middle_relinks_leaves(db):
-    tree = stored(db, SmallTree((k, k) for k in range(60)))
-    for key in range(20, 40):
-        del tree[key]
-        check_invariants(tree)
-    transaction.commit()
-    assert list(tree) == list(range(20)) + list(range(40, 60))
-    assert tree.maxKey(30) == 19 and tree.minKey(30) == 40
-    tree[30] = "refills the gap"
-    check_invariants(tree)
-    transaction.commit()
-
-
-def test_new_buckets_emptied_in_their_transaction_stay(db):
-    # The store refuses to commit a checked-out new object that became
-    # unreachable, so such buckets stay (empty) instead of being unlinked.
-    tree = stored(db, SmallTree())
-    for key in range(40):
-        tree[key] = key
-    for key in range(40):
-        del tree[key]
-    check_invariants(tree, allow_empty=True)
-    transaction.commit()
-    assert len(tree) == 0 and list(tree) == []
-    with pytest.raises(ValueError):
-        tree.maxKey()
-    for key in range(0, 40, 3):
-        tree[key] = key
-    check_invariants(tree, allow_empty=True)
-    transaction.commit()
-    assert list(tree) == list(range(0, 40, 3))
-    assert tree.maxKey(38) == 36 and tree.minKey(37) == 39
 
 
 def test_clear_after_inserts_in_one_transaction(db):
@@ -818,23 +685,6 @@ def test_threads_insert_and_delete_concurrently(db):
         expected.update((key, number) for key in mine if key not in deleted)
     assert tree == expected
     check_invariants(tree, allow_empty=True)
-
-
-def in_other_thread(work):
-    """Run `work` in another thread, in its own committed transaction."""
-    errors = []
-
-    def run():
-        try:
-            work()
-            transaction.commit()
-        except Exception:
-            errors.append(traceback.format_exc())
-            transaction.abort()
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(30)
-    assert not errors, errors[0]
 
 
 class RacedTree(SmallTree):
