@@ -20,9 +20,10 @@ from dobbin.exc import (CorruptionError, DobbinError, LoadError, LockTimeoutErro
 from dobbin.index import Index, check_oid
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock, checked_timeout
-from dobbin.log import INCOMPLETE, Log
+from dobbin.log import Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT, IndexEntry,
                            NoteEntry, ObjectEntry, RootEntry)
+from dobbin.recovery import INCOMPLETE
 from dobbin.meta import meta_entry, recent_transactions
 from dobbin.notify import Notifier
 from dobbin.persistent import Persistent, _set_jar, _set_oid, ghost_oid, new_ghost

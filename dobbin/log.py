@@ -2,13 +2,13 @@
 
 This module knows bytes, offsets and checksums, nothing about objects.
 It appends framed, checksummed transaction records with one write and
-one fsync, reads them back, and tells a torn tail (cut back, bytes kept
-beside the file) from damage in the middle (`CorruptionError`).
+one fsync, and reads them back; `dobbin.recovery` tells a torn tail (cut
+back, bytes kept beside the file) from damage in the middle
+(`CorruptionError`).
 """
 
 import errno
 import fcntl
-import hashlib
 import os
 import stat
 import struct
@@ -30,11 +30,11 @@ from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY, ENTRY_SIZE, FAILED,
                            TRAILER_SIZE, TX_HEADER, TX_HEADER_SIZE, TX_MAGIC, Entry, IndexEntry,
                            MetaEntry, NoteEntry, ObjectEntry, Record, RootEntry, StreamEntry,
                            build_record, header_last, parse_header, stream_size)
-from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete, check_entry_offset,
-                           checkpoint_without_header, find_witness, newest_checkpoint,
-                           object_entry_in, read_record, records_before, stream_entry_at,
-                           zeros_from)
+from dobbin.reader import (ZERO_HEADER, Damaged, Incomplete, check_entry_offset,
+                           newest_checkpoint, object_entry_in, read_record, records_before,
+                           stream_entry_at, zeros_from)
 from dobbin.record import crc as _crc
+from dobbin.recovery import Recovery
 from dobbin.space import ReservedSpace
 
 __all__ = ["Log", "DURABILITY", "CHECKPOINT", "COMMITTED", "ENTRY", "ENTRY_SIZE", "FAILED",
@@ -55,27 +55,8 @@ _IOV_MAX = 512
 DURABILITY = ("fsync", "none")
 
 
-INCOMPLETE = "incomplete record"  # diagnose(): being written or torn, not damage
-
-
-def _side_path(path, suffix):
-    """`path`.`suffix`, its name shortened (keeping a digest of the whole
-    path) where the file system would refuse a name that long."""
-    directory, name = os.path.split(path)
-    try:
-        longest = os.pathconf(directory or ".", "PC_NAME_MAX")
-    except (OSError, ValueError):
-        longest = 255
-    encoded = os.fsencode(name)
-    if len(encoded) + 1 + len(suffix) > longest:
-        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16].encode()
-        keep = max(0, longest - len(suffix) - len(digest) - 2)
-        name = os.fsdecode(encoded[:keep] + b"~" + digest)
-    return os.path.join(directory, "%s.%s" % (name, suffix))
-
-
 @implementer(ILog)
-class Log(ReservedSpace):
+class Log(Recovery, ReservedSpace):
     """One Dobbin file, opened for appending and reading.
 
     The caller (the database) holds the write lock around `append`,
@@ -414,112 +395,6 @@ class Log(ReservedSpace):
             self._advance(record)
             yield record
 
-    def _skip(self, damage):
-        self.skipped.append((self.end, damage.reason))  # the checkpoint record's offset
-        self.end = damage.skip_to
-
-    def recover(self, repair=False):
-        """Yield every valid record after `self.end`, dealing with damage.
-
-        Called with the write lock held.  A torn tail is cut back, its
-        bytes saved beside the file.  Damage with a valid record after it
-        raises `CorruptionError`, or with `repair` is cut away (saved too).
-        After the last record, `self.dropped` tells what was cut.
-        """
-        self.dropped = None
-        while True:
-            head = self._peek()
-            if not head or (head == ZERO_HEADER and self._reserved_space_here()):
-                return
-            file_size = self.size()
-            try:
-                record = read_record(self.fd, self.end, self.last_tid + 1, file_size)
-            except Incomplete:
-                # A sound header running past the end: the record was being
-                # written; what lies after its header is its own payload.
-                self._cut("torn", "an incomplete record at the end of what was durable")
-                return
-            except Damaged as damage:
-                if damage.skip_to is not None and self._sound_at(damage.skip_to, file_size):
-                    self._skip(damage)  # a damaged checkpoint is only redundant
-                    continue
-                reason, where = damage.reason, damage.offset
-                # Inside a record whose length we trust, record-like bytes
-                # are payload (a stored backup of a Dobbin file, say).
-                search_from = damage.span_end or self.end + 1
-            else:
-                self._advance(record)
-                yield record
-                continue
-            witness = find_witness(self.fd, search_from, file_size, self.last_tid + 1,
-                                   self.checkpoint, self.end)
-            if witness is None:
-                # Nothing later says this record was ever durable: a torn write.
-                self._cut("torn", "%s at the end of what was durable" % reason)
-            elif repair:
-                self._cut("damaged", "damage at offset %d (%s)" % (where, reason))
-            else:
-                raise CorruptionError(
-                    "damaged transaction record (%s); a valid record follows at offset %d and "
-                    "says it was durable; open with repair=True to keep the %d transactions "
-                    "before it" % (reason, witness, self.last_tid), self.path, where)
-            return
-
-    def _cut(self, label, reason):
-        if self.read_only:
-            return  # leave it; a writer will deal with it
-        saved = self._save_tail(label)
-        try:
-            self._truncate(self.end)
-            self._exclusive_sync()
-        except OSError as error:
-            self.broken = error
-            raise StorageError("cutting the torn tail of %s failed (%s); the database refuses "
-                               "writes until reopened" % (self.path, error)) from error
-        self.dropped = {"offset": self.end, "bytes": self.size_before_cut,
-                        "saved_as": saved, "reason": reason}
-
-    def _save_tail(self, label):
-        """Copy the bytes after the records beside the file; return the copy's path.
-
-        Raises StorageError (nothing cut yet) if the copy cannot be made.
-        """
-        self.size_before_cut = self.size() - self.end
-        n = 0
-        while True:
-            saved = _side_path(self.path, "%s-%d-%d" % (label, self.last_tid, n))
-            if not os.path.exists(saved):
-                break
-            n += 1
-        try:
-            with open(saved, "xb") as out:
-                position = self.end
-                while True:
-                    chunk = os.pread(self.fd, READ_AHEAD, position)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    position += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            self._fsync_directory()
-        except OSError as error:
-            raise StorageError("cannot save the %d bytes after the records of %s as %s (%s); "
-                               "nothing was cut" % (self.size_before_cut, self.path, saved,
-                                                    error)) from error
-        return saved
-
-    def _sound_at(self, offset, file_size):
-        """Is `offset` the end of the records (the file's end, or reserved
-        space) or the start of a valid record?"""
-        if offset == file_size or zeros_from(self.fd, offset, file_size):
-            return True
-        try:
-            read_record(self.fd, offset, None, file_size)
-        except (Incomplete, Damaged):
-            return False
-        return True
-
     def records_before(self, end, max_bytes):
         """`dobbin.reader.records_before` in this log; damage raises DamagedHistoryError."""
         try:
@@ -527,27 +402,6 @@ class Log(ReservedSpace):
         except Damaged as damage:
             raise DamagedHistoryError("damaged record in the history (%s)" % damage.reason,
                                       self.path, damage.offset) from None
-
-    def diagnose(self):
-        """Why the record at `end` can't be read (maybe INCOMPLETE), or None if it can."""
-        try:
-            read_record(self.fd, self.end, self.last_tid + 1, self.size())
-        except Incomplete:
-            return INCOMPLETE
-        except Damaged as damage:
-            # As recover() tells them: with no later record vouching for it,
-            # it was never known durable (torn by a crash, or being written:
-            # a staged file's record is zeros until its entries are).
-            if checkpoint_without_header(self.fd, self.end) or find_witness(
-                    self.fd, damage.span_end or self.end + 1, self.size(), self.last_tid + 1,
-                    self.checkpoint, self.end) is None:
-                return INCOMPLETE
-            # A witness: unless a writer finished the record meanwhile.
-            try:
-                read_record(self.fd, self.end, self.last_tid + 1, self.size())
-            except (Incomplete, Damaged):
-                return "%s (at offset %d)" % (damage.reason, damage.offset)
-        return None
 
     # -- random access -------------------------------------------------
 

@@ -4,12 +4,12 @@
 docs/format.txt promises: header crc, sane length, tid sequence, every
 entry's crc and stream chunk crcs, the trailer.  It raises `Incomplete`
 when the file ends inside the record and `Damaged` when a check fails;
-`dobbin.log.Log` decides whether that is a commit still being written,
-a torn write or corruption.  The searches it decides with are here too:
-where the records end (before reserved space), the last sound record
-header, the newest checkpoint, and a later record that vouches for a
-damaged one; and the checked reading of one object or stream entry by
-its offset.
+the log (`dobbin.recovery`) decides whether that is a commit still being
+written, a torn write or corruption.  The searches it decides with are
+here too: where the records end (before reserved space), the last sound
+record header, the newest checkpoint, and a later record that vouches
+for a damaged one; and the checked reading of one object or stream
+entry by its offset.
 """
 
 import os
@@ -35,7 +35,7 @@ _MAX_RECORD = 1 << 50
 
 
 class Damaged(Exception):
-    """A record failed a check; `dobbin.log.Log` decides what that means.
+    """A record failed a check; `dobbin.recovery` decides what that means.
 
     `skip_to` is set for a checkpoint whose header is sound: being
     redundant, it can be stepped over.

@@ -12,10 +12,11 @@ import os
 
 from dobbin.commit import Commit
 from dobbin.exc import CorruptionError, DobbinError, HistoryError, LockTimeoutError
-from dobbin.log import INCOMPLETE, Log
+from dobbin.log import Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, FILE_HEADER_SIZE, KIND_META,
                            KIND_OBJECT, KIND_STREAM, TX_HEADER_SIZE, ObjectEntry, RootEntry,
                            stream_entry_size)
+from dobbin.recovery import INCOMPLETE
 from dobbin.meta import transaction_info
 from dobbin.serialize import StateWriter, load_state
 from dobbin.stream import PersistentStream, copy_source
