@@ -25,8 +25,8 @@ from broker.outcomes import COMMIT_MARK, check_created, commit_mark, commit_repl
 from broker.protocol import VERSION
 from broker.snapshots import Snapshot, tree_lookup
 from broker.states import Record
-from broker.values import (Touched, as_sent, check_sendable, placeholder_key, resolve_values,
-                           same_value)
+from broker.values import (Touched, as_sent, changed_in_transaction, check_sendable,
+                           placeholder_key, resolve_values, same_value)
 from dobbin.exc import ConflictError as StoreConflictError
 from dobbin.btree import OOBTree
 from dobbin.bucket import _check_key
@@ -497,6 +497,9 @@ class Handlers:
         try:
             txn.setExtendedInfo(COMMIT_MARK, commit_mark(f["token"], f["rid"], {}))
             result = func(*args, **kwargs)
+            # As for a client's commit: nothing it stores may be unsendable.
+            check_sendable(changed_in_transaction(self.db), self.exports,
+                           self._sizing_codec)
             transaction.commit()
         except BaseException:
             transaction.abort()

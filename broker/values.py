@@ -13,7 +13,9 @@ from collections import Counter
 from broker.codec import ABSENT, MAX_DEPTH
 from broker.exc import EncodeError, ProtocolError
 from broker.keys import MAC_SIZE, Key
-from dobbin.persistent import Persistent, state_of
+from dobbin.bucket import Bucket, Length, Node
+from dobbin.persistent import Persistent, PersistentDict, state_of
+from dobbin.session import transaction_checkouts
 from dobbin.stream import PersistentStream
 
 # Stands in for the key of every object and stream in a record whose size
@@ -114,6 +116,62 @@ def check_sendable(touched, exports, codec):
         except EncodeError as error:
             raise ProtocolError("the commit would store an item of %s that cannot be sent: "
                                 "%s" % (key, error)) from None
+
+
+def changed_in_transaction(database):
+    """A `Touched` of what the calling thread's transaction changed in
+    `database`, for `check_sendable` before an application method's
+    commit: the objects it checked out and the new objects they reach.
+    Mappings count as their new or changed items, which clients read
+    page by page; a B-tree's buckets as their items alone."""
+    touched = Touched()
+    seen, pending = set(), []
+    for entry in transaction_checkouts(database):
+        seen.add(id(entry.obj))
+        _add_changes(touched, entry.obj, entry.old, pending)
+    while pending:
+        obj = pending.pop()
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            _add_changes(touched, obj, None, pending)
+    return touched
+
+
+def _add_changes(touched, obj, old, pending):
+    """Add `obj`'s changes since state `old` (None: it is new) to
+    `touched`, and the new objects its state refers to to `pending`."""
+    state = state_of(obj)
+    if isinstance(obj, Bucket):
+        items = zip(state["keys"], state["values"])
+        before = zip(old["keys"], old["values"]) if old else ()
+    elif isinstance(obj, PersistentDict):
+        items = state["_data"].items()
+        before = old["_data"].items() if old else ()
+        touched.append(obj)  # its attributes
+    else:
+        items = before = ()
+        if not isinstance(obj, (Node, Length)):  # tree internals: no client reads them
+            touched.append(obj)
+    was = dict(before)
+    description = "a %s" % type(obj).__name__
+    touched.items.extend((description, item, value) for item, value in items
+                         if item not in was or not same_value(was[item], value))
+    _find_new(state, pending)
+
+
+def _find_new(state, pending):
+    """Add the new persistent objects inside `state` to `pending`."""
+    stack, visited = [state], set()
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Persistent):
+            if value._p_oid is None:
+                pending.append(value)
+        elif type(value) in _CONTAINERS and id(value) not in visited:
+            visited.add(id(value))  # shared and cyclic parts once
+            stack.extend(value)
+            if type(value) is dict:
+                stack.extend(value.values())
 
 
 def placeholder_key(value):

@@ -153,6 +153,17 @@ def session_hints():
     return None if session is None else session.hints
 
 
+def transaction_checkouts(database):
+    """The checkouts (obj, old, serial) of the calling thread's current
+    transaction whose object belongs to `database`, in checkout order;
+    none before its first checkout.  Unlike `current_session`, never
+    joins the transaction."""
+    session = getattr(_threads, "session", None)
+    if session is None or session.finished or session.transaction is not transaction.get():
+        return []
+    return session.objects_of(database)
+
+
 def serial_at_checkout(obj):
     """The serial `obj` had when the calling thread's current transaction
     checked it out (compare its `_p_serial`: another thread's commit of it

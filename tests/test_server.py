@@ -636,6 +636,45 @@ def test_a_commit_that_would_store_an_unsendable_item_is_refused(broker, mapping
     assert len(getattr(db.root, mapping)) == 0
 
 
+def _tuple_cycle():
+    loop = []
+    loop.append((loop,))
+    return loop[0]  # the tuple: it alone cannot be sent
+
+
+@pytest.mark.parametrize("store, refusal", [
+    (lambda root: setattr(root, "junk_b", [0] * 600_000),
+     "would leave .*Folder unsendable: value has more than 1000000 items"),
+    (lambda root: root.things.__setitem__("b", _tuple_cycle()),
+     "would store an item of a PersistentDict that cannot be sent: cannot send a cycle"),
+    (lambda root: root.tree.__setitem__("b", _tuple_cycle()),
+     "would store an item of a Bucket that cannot be sent: cannot send a cycle"),
+    (lambda root: setattr(root, "new", Item([0] * 1_100_000)),  # reached through root
+     "would leave .*Item unsendable: value has more than 1000000 items"),
+], ids=["attribute", "dict-item", "tree-item", "new-object"])
+def test_a_call_that_would_store_what_clients_cannot_read_is_refused(broker, store, refusal):
+    # Client commits were checked; application methods' writes were not.
+    db, server, connect = broker
+    client = connect()
+    client.root.junk_a = [0] * 600_000
+    client.commit()
+
+    def do_store():
+        for obj in (db.root, db.root.things):
+            checkout(obj)
+        store(db.root)
+        return "stored"
+
+    server.do_store = do_store
+    with pytest.raises(exc.ProtocolError, match=refusal):
+        client.call("store")
+    client.begin()
+    root = client.root
+    assert not hasattr(root, "junk_b") and not hasattr(root, "new")
+    assert dict(root.things.items()) == {} and dict(root.tree.items()) == {}
+    assert client.call("hello", "still serving") == "hello still serving"
+
+
 @pytest.mark.parametrize("mapping", ["things", "tree"])
 def test_an_item_past_the_codec_s_items_is_refused(peer, broker, mapping):
     # Plain values were decoded past the million items the codec encodes,

@@ -209,3 +209,33 @@ def test_as_sent_names_every_object_by_key_of():
     item = (new, frozenset({stored}), "text", 1.5, None)
     assert as_sent(item, lambda obj: names(id(obj))) == (
         "new #1", frozenset({"oid 5"}), "text", 1.5, None)
+
+
+def test_changed_in_transaction_lists_changes_and_the_new_objects_they_reach(open_db):
+    import transaction
+    from dobbin.btree import OOBTree
+    from dobbin.persistent import PersistentDict, checkout
+    from broker.values import changed_in_transaction
+    db = open_db(durability="none")
+    root = PersistentDict(kept="same", changed=1)
+    checkout(root)
+    root.tree = OOBTree({"kept": "same", "changed": 1})
+    db.elect(root)
+    transaction.commit()
+    assert list(changed_in_transaction(db)) == [] and changed_in_transaction(db).items == []
+
+    checkout(root)
+    root["changed"] = 2.0  # 1 and 1.0 differ for clients
+    new = Item("new")
+    root["added"] = [new]  # reached only through the item
+    root.tree["changed"] = 2
+    root.tree.update(("k%03d" % n, n) for n in range(100))  # splits: new buckets, nodes
+    touched = changed_in_transaction(db)
+    # The tree for its attributes (a root split changed it); no pieces.
+    assert set(map(type, touched)) == {PersistentDict, Item, OOBTree}
+    assert new in touched and root in touched
+    items = {(where, item) for where, item, _value in touched.items}
+    assert ("a PersistentDict", "changed") in items and ("a PersistentDict", "added") in items
+    assert ("a Bucket", "changed") in items and ("a Bucket", "k099") in items
+    assert ("a PersistentDict", "kept") not in items  # (a split moved the tree's "kept")
+    transaction.abort()
