@@ -13,7 +13,8 @@ from conftest import commit_in_thread, two_databases
 from dobbin.exc import (ConflictError, DobbinError, LockTimeoutError, ObjectGraphError,
                         StorageError, WriteConflictError)
 from dobbin.log import FAILED, Log
-from dobbin.persistent import Persistent, checked_out, checkout
+from dobbin.persistent import Persistent, PersistentDict, checked_out, checkout
+from dobbin.session import transaction_checkouts
 
 READ_ONLY = "Can't set attribute in read-only mode."
 
@@ -600,3 +601,18 @@ def test_databases_lock_in_one_order_however_their_paths_are_spelled(
         transaction.commit()
     assert [os.stat(db.path).st_ino for db in locked[:2]] == \
         [os.stat(db.path).st_ino for db in locked[2:]]
+
+
+def test_transaction_checkouts_lists_one_database_s_without_joining(open_db, tmp_path):
+    first, second = open_db(), open_db(str(tmp_path / "second.dobbin"))
+    for db in (first, second):
+        db.elect(PersistentDict())
+        transaction.commit()
+    txn = transaction.begin()
+    assert transaction_checkouts(first) == []
+    assert txn._resources == []  # not joined: a commit now writes nothing
+    checkout(second.root)
+    checkout(first.root)
+    assert [entry.obj for entry in transaction_checkouts(first)] == [first.root]
+    transaction.commit()
+    assert transaction_checkouts(first) == []
