@@ -1,28 +1,40 @@
-"""One database's part of a commit in progress, and the GC pause of big ones.
+"""One database's part of a commit in progress: its record laid out, and
+the GC pause of big ones.
 
-`Database` makes a `Commit` when it takes its commit lock and fills it
-while the record is laid out (`_p_commit_prepare`, which asks `resolve`
-about objects changed meanwhile), written and published
-(`_p_commit_finish`) or given up (`_p_commit_abort`).  A snapshot writes
-its one record through a `Commit` too.
+`Database` makes a `Commit` when it takes its commit lock.  `lay_out`
+turns the session's checkouts into the record's entries (asking
+`resolve` about objects changed meanwhile, and giving new objects their
+oids); the database then writes and publishes the record
+(`_p_commit_finish`) or gives it up (`_p_commit_abort`).  A snapshot
+writes its one record through a `Commit` too.
 """
 
+import collections
 import copy
 import gc
 import logging
 import threading
 
 from dobbin import staging
-from dobbin.exc import ConflictError, LoadError, ReadConflictError, WriteConflictError
-from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, StreamEntry,
+from dobbin.exc import (ConflictError, DobbinError, LoadError, ReadConflictError,
+                        WriteConflictError)
+from dobbin.persistent import Persistent, _set_jar, _set_oid
+from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, ObjectEntry, StreamEntry,
                            stream_entry_size)
-from dobbin.stream import FileSpan, StreamSpan
+from dobbin.serialize import PLAIN_TYPES
+from dobbin.stream import (FileSpan, PersistentFile, PersistentStream, StreamSpan,
+                           copy_source)
 
 # A commit storing this many objects pauses the cyclic GC until its
 # states are installed.
 BIG_COMMIT = 1000
 
 logger = logging.getLogger("dobbin")
+
+# Slot accessors: laying out reads these for every object it stores, and
+# Persistent.__getattribute__ is a Python call.
+_oid_of = Persistent._p_oid.__get__
+_jar_of = Persistent._p_jar.__get__
 
 
 class _CollectorPause:
@@ -80,6 +92,101 @@ class Commit:
         self.meta = None             # its MetaEntry, laid out last
         self.published = False
         self.collector_paused = False
+
+    def lay_out(self, session, database, writer, index, log):
+        """Check the conflicts of `session`'s checkouts of `database` and lay
+        their states out as this record's entries, with the new objects and
+        the streams they reach (nothing is written yet).  `writer` is the
+        database's StateWriter, `index` its oid index, `log` where stored
+        files are staged."""
+        queue = collections.deque()
+        queued = set()
+
+        def enqueue(obj):
+            if id(obj) not in queued:
+                queued.add(id(obj))
+                queue.append(obj)
+
+        for entry in session.objects_of(database):
+            obj = entry.obj
+            if obj._p_oid is not None and obj._p_serial != entry.serial:
+                obj._p_local[session.thread] = self.resolve(entry, session)
+            enqueue(obj)
+        root = session.elected.get(database)
+        if root is not None and _oid_of(root) is None:
+            # A stored root is written only if checked out (above): its
+            # shared state may be stale, or not loaded at all.
+            enqueue(root)
+
+        def persistent_id(value):
+            if type(value) in PLAIN_TYPES:
+                return None
+            if isinstance(value, Persistent):
+                jar = _jar_of(value)
+                if jar is None:
+                    _set_jar(value, database)
+                    self.adopted.append(value)
+                elif jar is not database:
+                    raise DobbinError("%r refers to %r of another database" % (obj, value))
+                oid = _oid_of(value)
+                if oid is None:
+                    oid = self._assign_oid(value)
+                    enqueue(value)
+                return (oid, type(value))
+            if isinstance(value, (PersistentFile, PersistentStream)):
+                return ("S", self._stream_offset(value, obj, database, log))
+            return None
+
+        writer.reference_id = persistent_id
+        try:
+            while queue:
+                obj = queue.popleft()
+                oid = _oid_of(obj)
+                if oid is None:
+                    oid = self._assign_oid(obj)
+                state = session.working_state(obj)
+                data = writer.dump(type(obj), state)
+                entry = ObjectEntry(oid, index.offset_of(oid), data)
+                self.stored.append((obj, state, entry))
+                if len(self.stored) == BIG_COMMIT:
+                    # Paused under the commit lock only: small commits, and
+                    # the fsyncs of big ones, never keep the collector off.
+                    self.pause_collector()
+        finally:
+            writer.reference_id = None  # the hook holds this commit's states
+        if root is not None:
+            self.check_root(session.root_seen.get(database), index)
+            self.root_oid = root._p_oid
+        if self.restated:
+            self.restate_copied_streams()
+
+    def _assign_oid(self, obj):
+        oid = self.oid_high
+        _set_oid(obj, oid)
+        self.oid_high = oid + 1
+        self.new.append(obj)
+        return oid
+
+    def _stream_offset(self, value, holder, database, log):
+        """The offset of the S entry of stream or stored file `value`, which
+        the state of `holder` refers to; laid out here if new to `database`."""
+        offset = self.stream_offsets.get(id(value))
+        if offset is None:
+            if isinstance(value, PersistentStream) and value._jar is database:
+                return value._offset
+            if isinstance(value, PersistentFile) and not value._p_stored_by_other(self):
+                value._p_laid_out(self)  # it becomes our stream at publication
+                return self.add_stream(id(value), value._p_source(), value, log)
+            # Another database's stream, or a file that another database of
+            # this transaction stores too (and turns into its stream): we
+            # store a copy (block by block, if large).
+            source = (copy_source(value) if isinstance(value, PersistentStream)
+                      else value._p_source())
+            offset = self.add_stream(id(value), source, None, log)
+            self.copies[id(value)] = PersistentStream(database, offset)
+        if id(value) in self.copies:
+            self.restated.add(id(holder))
+        return offset
 
     def add_stream(self, key, data, owner, log=None):
         """Lay out `data` as a stream of this record (streams come first);

@@ -3,10 +3,10 @@
 It keeps an index of oid -> offset of the object's latest record (built
 from record headers, never by unpickling), loads states lazily when an
 object is first touched, and turns a session's checkouts into one log
-record: lock, catch up, check conflicts, lay out, write, publish.
+record: lock, catch up, check conflicts and lay out (`dobbin.commit`),
+write, publish.
 """
 
-import collections
 import logging
 import os
 import threading
@@ -22,24 +22,22 @@ from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock, checked_timeout
 from dobbin.log import Log
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT, IndexEntry,
-                           NoteEntry, ObjectEntry, RootEntry)
+                           NoteEntry, RootEntry)
 from dobbin.recovery import INCOMPLETE
 from dobbin.meta import meta_entry, recent_transactions
 from dobbin.notify import Notifier
-from dobbin.persistent import Persistent, _set_jar, _set_oid, ghost_oid, new_ghost
-from dobbin.serialize import PLAIN_TYPES, StateWriter, load_state
-from dobbin.commit import BIG_COMMIT, Commit, message_of
+from dobbin.persistent import Persistent, ghost_oid, new_ghost
+from dobbin.serialize import StateWriter, load_state
+from dobbin.commit import Commit, message_of
 from dobbin.session import (Synchronizer, copy_state, current_session, note_root_seen,
                             root_seen)
 from dobbin.snapshot import snapshot, verify, version_data
-from dobbin.stream import PersistentFile, PersistentStream, copy_source
+from dobbin.stream import PersistentFile, PersistentStream
 
 __all__ = ["Database", "PersistentStream"]
 
-# Slot accessors: the commit path reads these for every object it
-# stores, and Persistent.__getattribute__ is a Python call.
-_oid_of = Persistent._p_oid.__get__
-_jar_of = Persistent._p_jar.__get__
+# Slot accessors: loading reads these often, and Persistent.__getattribute__
+# is a Python call.
 _is_ghost = Persistent._p_ghost.__get__
 _serial_of = Persistent._p_serial.__get__
 _committed_state = Persistent.__dict__["__dict__"].__get__  # never a thread's working copy
@@ -447,67 +445,8 @@ class Database:
 
     def _p_commit_prepare(self, commit, session):
         """Check conflicts and lay out the record (nothing is written yet)."""
-        queue = collections.deque()
-        queued = set()
-
-        def enqueue(obj):
-            if id(obj) not in queued:
-                queued.add(id(obj))
-                queue.append(obj)
-
-        for entry in session.objects_of(self):
-            obj = entry.obj
-            if obj._p_oid is not None and obj._p_serial != entry.serial:
-                obj._p_local[session.thread] = commit.resolve(entry, session)
-            enqueue(obj)
-        root = session.elected.get(self)
-        if root is not None and _oid_of(root) is None:
-            # A stored root is written only if checked out (above): its
-            # shared state may be stale, or not loaded at all.
-            enqueue(root)
-
-        def persistent_id(value):
-            if type(value) in PLAIN_TYPES:
-                return None
-            if isinstance(value, Persistent):
-                jar = _jar_of(value)
-                if jar is None:
-                    _set_jar(value, self)
-                    commit.adopted.append(value)
-                elif jar is not self:
-                    raise DobbinError("%r refers to %r of another database" % (obj, value))
-                oid = _oid_of(value)
-                if oid is None:
-                    oid = self._assign_oid(value, commit)
-                    enqueue(value)
-                return (oid, type(value))
-            if isinstance(value, (PersistentFile, PersistentStream)):
-                return ("S", self._stream_offset(value, commit, obj))
-            return None
-
-        writer = self._writer  # under the commit lock: one commit at a time
-        writer.reference_id = persistent_id
-        try:
-            while queue:
-                obj = queue.popleft()
-                oid = _oid_of(obj)
-                if oid is None:
-                    oid = self._assign_oid(obj, commit)
-                state = session.working_state(obj)
-                data = writer.dump(type(obj), state)
-                entry = ObjectEntry(oid, self._index.offset_of(oid), data)
-                commit.stored.append((obj, state, entry))
-                if len(commit.stored) == BIG_COMMIT:
-                    # Paused under the commit lock only: small commits, and
-                    # the fsyncs of big ones, never keep the collector off.
-                    commit.pause_collector()
-        finally:
-            writer.reference_id = None  # the hook holds this commit's states
-        if root is not None:
-            commit.check_root(session.root_seen.get(self), self._index)
-            commit.root_oid = root._p_oid
-        if commit.restated:
-            commit.restate_copied_streams()
+        # The reused writer: under the commit lock, one commit at a time.
+        commit.lay_out(session, self, self._writer, self._index, self._log)
 
     def _p_commit_describe(self, commit):
         """Lay out the transaction's metadata, once every database in the
@@ -519,34 +458,6 @@ class Database:
         take part (a full disk must not half-apply them)."""
         if self.durability == "fsync" or several:
             self._log.claim(commit.offset, commit.record_length())
-
-    def _assign_oid(self, obj, commit):
-        oid = commit.oid_high
-        _set_oid(obj, oid)
-        commit.oid_high = oid + 1
-        commit.new.append(obj)
-        return oid
-
-    def _stream_offset(self, value, commit, holder):
-        """The offset of the S entry of stream or stored file `value`, which
-        the state of `holder` refers to; laid out in `commit` if new here."""
-        offset = commit.stream_offsets.get(id(value))
-        if offset is None:
-            if isinstance(value, PersistentStream) and value._jar is self:
-                return value._offset
-            if isinstance(value, PersistentFile) and not value._p_stored_by_other(commit):
-                value._p_laid_out(commit)  # it becomes our stream at publication
-                return commit.add_stream(id(value), value._p_source(), value, self._log)
-            # Another database's stream, or a file that another database of
-            # this transaction stores too (and turns into its stream): we
-            # store a copy (block by block, if large).
-            source = (copy_source(value) if isinstance(value, PersistentStream)
-                      else value._p_source())
-            offset = commit.add_stream(id(value), source, None, self._log)
-            commit.copies[id(value)] = PersistentStream(self, offset)
-        if id(value) in commit.copies:
-            commit.restated.add(id(holder))
-        return offset
 
     def _p_record_failure(self, commit, error):
         """Append a failed record saying why; it is counted, never applied."""
@@ -576,7 +487,7 @@ class Database:
                 record = self._log.append(COMMITTED, commit.oid_high, entries, wait=False)
                 for obj, state, entry in commit.stored:
                     self._cache.install(obj, state, record.tid, len(entry.data))
-                # _stream_offset gives each file one owner; checked all the same.
+                # Commit._stream_offset gives each file one owner; checked all the same.
                 for owner, offset, size in commit.stream_owners:
                     if isinstance(owner, PersistentFile):
                         owner._p_become_stream(self, offset, size)

@@ -20,6 +20,7 @@ import transaction
 from transaction.interfaces import TransientError
 
 from conftest import child_env, commit_in_thread, flip_bit, in_commit_order
+from dobbin.commit import Commit
 from dobbin.database import Database, PersistentStream
 from dobbin.exc import (ConflictError, CorruptionError, DobbinError, HistoryError, LoadError,
                         LockTimeoutError, ReadConflictError, ReadOnlyError, UnstorableError,
@@ -82,15 +83,15 @@ class BrokenCounter(Counter):
 def _fresh_records(monkeypatch):
     Recorded.handed = []
     Counter.calls = []
-    assign_oid = Database._assign_oid
+    assign_oid = Commit._assign_oid
 
-    def recording_assign_oid(self, obj, commit):
-        oid = assign_oid(self, obj, commit)
+    def recording_assign_oid(self, obj):
+        oid = assign_oid(self, obj)
         if isinstance(obj, Recorded):
             Recorded.handed.append(oid)
         return oid
 
-    monkeypatch.setattr(Database, "_assign_oid", recording_assign_oid)
+    monkeypatch.setattr(Commit, "_assign_oid", recording_assign_oid)
 
 
 def new_container_db(open_db, path=None, **options):
