@@ -15,8 +15,13 @@ timeout, and a write is then answered with its remembered outcome
 read as "did not run").  A reply goes whatever its size to a connection
 with nothing pending (but the small replies of its current frame, see
 below) while all of them are within their bound, so that no reply is too
-big to send ever.  Past the bound of all of them, small replies (a ping's
-too) are dropped like big ones, until ZeroMQ has sent enough.
+big to send ever.  Past the bound of all of them, a connection with
+nothing pending at all still gets a small reply, out of a reserve of
+`reserve_bytes` more: connections that never read, however much they
+hold, must not stop the server answering the ones that do (a client that
+reads has nothing pending when it asks again).  Such a reply is tracked
+alone, so that it stops counting as soon as ZeroMQ has written it.  Other
+replies past that bound are dropped, until ZeroMQ has sent enough.
 
 Tracking one message costs pyzmq some microseconds (a frame, an event, a
 wake-up of its garbage collector thread), a tenth of a ping's round trip.
@@ -91,9 +96,11 @@ class _Peer:
 class ReplyBacklog:
     """The replies not yet sent, by connection (routing id)."""
 
-    def __init__(self, max_bytes=256 * 1024 * 1024, max_peer_bytes=32 * 1024 * 1024):
+    def __init__(self, max_bytes=256 * 1024 * 1024, max_peer_bytes=32 * 1024 * 1024,
+                 reserve_bytes=16 * 1024 * 1024):
         self.max_bytes = max_bytes
         self.max_peer_bytes = max_peer_bytes
+        self.reserve_bytes = reserve_bytes
         self.pending_bytes = 0
         self.dropped = 0       # replies dropped, ever
         self._peers = {}       # routing id -> _Peer, while it has replies pending
@@ -111,7 +118,8 @@ class ReplyBacklog:
         send = router.send
         for frame in frames[:-2]:
             send(frame, _SNDMORE)
-        if len(body) >= SHARED_REPLY:
+        if len(body) >= SHARED_REPLY or self.pending_bytes >= self.max_bytes:
+            # Big, or out of the reserve: tracked alone.
             send(magic, _SNDMORE)
             # Without a copy whatever its size: pyzmq cannot track a copied one.
             frame = zmq.Frame(body, copy=False, track=True)
@@ -168,6 +176,9 @@ class ReplyBacklog:
                 earlier -= peer.shared[1]
         if not earlier and self.pending_bytes < self.max_bytes:
             return True
+        if (not peer_bytes and size < SHARED_REPLY + REPLY_OVERHEAD
+                and self.pending_bytes + size <= self.max_bytes + self.reserve_bytes):
+            return True  # out of the reserve
         return (peer_bytes + size <= self.max_peer_bytes
                 and self.pending_bytes + size <= self.max_bytes)
 

@@ -179,6 +179,8 @@ class IReplyBacklog(Interface):
 
     max_bytes = Attribute("Bytes that may be pending, all connections together.")
     max_peer_bytes = Attribute("Bytes that may be pending for one connection.")
+    reserve_bytes = Attribute("Bytes past `max_bytes` that small replies to "
+                              "connections with nothing pending may take.")
     pending_bytes = Attribute("Bytes pending now (as of the last `admits`).")
     dropped = Attribute("How many replies were dropped past the bounds, ever.")
 
@@ -191,7 +193,8 @@ class IReplyBacklog(Interface):
         """Return True if a reply of `size` bytes to connection
         `routing` may be sent now: it keeps that connection and all of
         them within their bounds, or that connection has nothing pending
-        and all of them are within their bound."""
+        and all of them are within their bound, or (a small reply) that
+        connection has nothing pending and the reserve has room."""
 
     def track(routing, size, tracker):
         """Count a reply of `size` bytes sent to `routing` until `tracker`

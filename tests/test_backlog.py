@@ -4,7 +4,7 @@ import pytest
 import zmq
 from zope.interface.verify import verifyObject
 
-from broker.backlog import REPLY_OVERHEAD, REPLY_QUEUE, ReplyBacklog
+from broker.backlog import REPLY_OVERHEAD, REPLY_QUEUE, SHARED_REPLY, ReplyBacklog
 from broker.interfaces import IReplyBacklog
 from broker.protocol import MAGIC
 from broker_fixtures import wait_until
@@ -34,15 +34,30 @@ def test_a_connection_gets_up_to_its_bound_then_again_once_its_replies_are_sent(
 
 
 def test_all_connections_together_are_bounded():
-    backlog = ReplyBacklog(max_bytes=300, max_peer_bytes=250)
+    backlog = ReplyBacklog(max_bytes=300, max_peer_bytes=250, reserve_bytes=0)
     for peer in [b"a", b"b", b"c"]:
         assert backlog.admits(peer, 100)
         backlog.track(peer, 100, Tracker())
     assert not backlog.admits(b"d", 100) and backlog.pending_bytes == 300
 
 
+def test_past_the_bound_of_all_small_replies_to_connections_with_nothing_pending_use_a_reserve():
+    # Connections that never read held the bound full: every reply to the
+    # ones that do was dropped, for as long as they stayed connected.
+    backlog = ReplyBacklog(max_bytes=300, max_peer_bytes=250, reserve_bytes=150)
+    for peer in [b"a", b"b", b"c"]:
+        backlog.track(peer, 100, Tracker())
+    assert not backlog.admits(b"a", 10)  # something pending: no
+    big = SHARED_REPLY + REPLY_OVERHEAD
+    assert not backlog.admits(b"d", big)  # not small: no
+    assert backlog.admits(b"d", 100)
+    backlog.track(b"d", 100, Tracker())
+    assert not backlog.admits(b"d", 10)  # one at a time
+    assert backlog.admits(b"e", 50) and not backlog.admits(b"e", 51)  # within the reserve
+
+
 def test_a_connection_with_nothing_pending_gets_one_reply_of_any_size_while_all_are_within():
-    backlog = ReplyBacklog(max_bytes=300, max_peer_bytes=250)
+    backlog = ReplyBacklog(max_bytes=300, max_peer_bytes=250, reserve_bytes=0)
     assert backlog.admits(b"a", 10_000)
     tracker = Tracker()
     backlog.track(b"a", 10_000, tracker)
@@ -117,17 +132,19 @@ def test_small_replies_to_connections_that_do_not_read_are_bounded_in_all(router
     assert backlog.pending_bytes <= backlog.max_bytes + len(body) + REPLY_OVERHEAD
 
 
-def test_past_the_bound_of_all_a_small_reply_is_dropped_like_a_big_one(router):
+def test_past_the_bound_of_all_a_reader_is_still_answered(router):
     server, connect = router
-    backlog = ReplyBacklog(max_bytes=10_000)
-    tracker = Tracker()
-    backlog.track(b"someone", 10_000, tracker)
+    backlog = ReplyBacklog(max_bytes=10_000, reserve_bytes=5_000)
+    backlog.track(b"never reads", 10_000, Tracker())
     reader = connect(b"reader")
-    backlog.send(server, reply(b"reader", b"pong"))
-    assert backlog.dropped == 1
-    tracker.done = True
-    backlog.send(server, reply(b"reader", b"pong again"))  # the client asked again
-    assert reader.poll(5000) and reader.recv_multipart() == [b"", MAGIC, b"pong again"]
+    for n in range(5):
+        body = b"pong %d" % n
+        backlog.send(server, reply(b"reader", body))
+        assert reader.poll(5000) and reader.recv_multipart() == [b"", MAGIC, body]
+        # Tracked alone: it stops counting once written, not an epoch later.
+        assert wait_until(lambda: backlog.admits(b"reader", 100))
+    assert backlog.dropped == 0
+    backlog.send(server, reply(b"reader", b"x" * SHARED_REPLY))  # not out of the reserve
     assert backlog.dropped == 1
 
 

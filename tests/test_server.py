@@ -407,6 +407,20 @@ def test_big_replies_past_a_connection_s_bound_are_dropped_and_others_served(pee
     assert len(replies) + server._backlog.dropped == 20 and server._backlog.dropped
 
 
+def test_connections_that_never_read_cannot_stop_replies_to_one_that_does(peer, broker):
+    # Together they held the bound of all full: every reply to every other
+    # client was dropped, for as long as they stayed connected.
+    _db, server, connect = broker
+    never_done = type("Pending", (), {"done": False})()
+    for hoarder in (b"first", b"second"):
+        server._backlog.track(hoarder, server._backlog.max_bytes // 2, never_done)
+    client = connect()
+    for n in range(20):  # small replies, out of the reserve, each sent once read
+        assert client.call("hello", str(n)) == "hello %d" % n
+        assert peer.request({"id": n, "op": "ping"})["ok"] is None
+    assert server._backlog.dropped == 0
+
+
 def test_a_write_whose_big_reply_was_dropped_is_answered_again_not_run_again(peer, broker):
     db, server, _connect = broker
     server._backlog.max_bytes = 0  # every big reply to a busy connection is dropped
