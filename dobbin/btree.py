@@ -17,10 +17,10 @@ snapshots (`_bucket_state`), restart on meeting an unlinked object, and
 move right along `next` past a concurrent split, as in Lehman and Yao's
 B-link trees.  Writers check out what they change, re-check in their own
 copy that it is still the right object (key below `high`, child still in
-its parent) and start over if not.  A walk that meets this thread's own
-copy of a tree, node or bucket that another commit has since changed
-(a bucket: restructured) raises ConflictError: that copy can lead it
-astray, and the transaction could not commit anyway.
+its parent) and start over if not.  An iteration that meets this
+thread's own copy of a bucket that another commit has since split or
+unlinked raises ConflictError: that copy's links could make it skip keys
+or go round forever (see `_walkable_bucket_state`).
 
 Transactions: `Bucket._p_resolve_conflict` merges changes to different keys
 of a bucket, `Length._p_resolve_conflict` merges counts.  A structural
@@ -31,10 +31,9 @@ writer of those conflicts instead of losing items.
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, MutableMapping
 
-from dobbin.bucket import (Bucket, Length, Node, RangeView, _buckets_before, _check_key,
-                           _checkouts, _clears, _count, _counter_since, _last_key,
-                           _leaves_backwards, _node_state, _refuse_stale_copy,
-                           _walkable_bucket_state, _walkable_node_state)
+from dobbin.bucket import (Bucket, Length, Node, RangeView, _bucket_state, _buckets_before,
+                           _check_key, _clears, _count, _counter_since, _last_key,
+                           _leaves_backwards, _node_state, _walkable_bucket_state)
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checked_out, checkout, state_of, working_copy
 from dobbin.reshape import (all_droppable, checkout_for_split, checkout_for_unlink, split_bucket,
@@ -156,28 +155,26 @@ class OOBTree(Persistent):
         `key` is None for the first leaf.  The path may be stale; writers
         verify it after checking out.
         """
-        if _checkouts(self):
-            _refuse_stale_copy(self)
         for attempt in range(_RESTARTS):
             if attempt:
                 _await_publication(self)
             path, node = [], state_of(self)["_root"]
             try:
                 while type(node) is Node:  # isinstance() would ask a Bucket its __class__
-                    keys, children = _walkable_node_state(node)
+                    keys, children = _node_state(node)
                     if not children:
                         break  # unlinked by a concurrent commit
                     index = 0 if key is None else bisect_right(keys, key)
                     path.append((node, index))
                     node = children[index]
                 else:
-                    state = _walkable_bucket_state(node)
+                    state = _bucket_state(node)
                     # A concurrent split may have moved our key rightwards.
                     while (key is not None and not state[4]
                            and state[3] is not None and not key < state[3]
                            and state[2] is not None):
                         node = state[2]
-                        state = _walkable_bucket_state(node)
+                        state = _bucket_state(node)
                     if not state[4]:
                         return path, node, state
             except TypeError as exc:

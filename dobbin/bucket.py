@@ -245,8 +245,10 @@ def _walkable_bucket_state(bucket):
     bucket that another commit has since restructured.
 
     A walk along `next` links through such a stale copy can skip keys,
-    or loop at an unlinked bucket, and its transaction cannot commit
-    (`Bucket._p_resolve_conflict` refuses changed shapes): fail now.
+    or loop at an unlinked bucket.  Its transaction cannot commit either
+    (`Bucket._p_resolve_conflict` refuses changed shapes), unless a
+    savepoint rollback drops the copy first.  Lookups, which end at the
+    copy, read it as this thread's view.
     """
     if _checkouts(bucket) and serial_at_checkout(bucket) not in (None, bucket._p_serial):
         copy, shared = working_copy(bucket), committed_state(bucket)
@@ -258,33 +260,11 @@ def _walkable_bucket_state(bucket):
                 "bucket oid %s was split or unlinked by another commit since "
                 "this transaction checked it out" % (oid,), oid=oid,
                 class_name=type(bucket).__name__)
-    state = state_of(bucket)  # inlined _bucket_state: lookups take this path
-    return (state["keys"], state["values"], state["next"], state["high"],
-            state.get("unlinked", False))
+    return _bucket_state(bucket)
 
 
 def _node_state(node):
     """Return (keys, children) from one state; no children: unlinked."""
-    state = state_of(node)
-    return state["keys"], state["children"]
-
-
-def _refuse_stale_copy(obj):
-    """ConflictError if this thread checked out `obj`, a tree or a node,
-    and another commit changed it since.  A walk through that copy can
-    miss this very transaction's inserts, and the transaction cannot
-    commit anyway (trees and nodes have no conflict resolution)."""
-    if _checkouts(obj) and serial_at_checkout(obj) not in (None, obj._p_serial):
-        oid = obj._p_oid
-        raise ConflictError("%s oid %s was changed by another commit since this "
-                            "transaction checked it out" % (type(obj).__name__, oid),
-                            oid=oid, class_name=type(obj).__name__)
-
-
-def _walkable_node_state(node):
-    """`_node_state` of a node that is not a stale copy (see above)."""
-    if _checkouts(node):  # rarely: the call is what a lookup would pay
-        _refuse_stale_copy(node)
     state = state_of(node)
     return state["keys"], state["children"]
 
