@@ -145,8 +145,9 @@ def _add_changes(touched, obj, old, pending):
         items = zip(state["keys"], state["values"])
         before = zip(old["keys"], old["values"]) if old else ()
     elif isinstance(obj, PersistentDict):
-        items = state["_data"].items()
-        before = old["_data"].items() if old else ()
+        # .get: server.obj_new makes objects without running __init__.
+        items = state.get("_data", {}).items()
+        before = old.get("_data", {}).items() if old else ()
         touched.append(obj)  # its attributes
     else:
         items = before = ()

@@ -239,3 +239,24 @@ def test_changed_in_transaction_lists_changes_and_the_new_objects_they_reach(ope
     assert ("a Bucket", "changed") in items and ("a Bucket", "k099") in items
     assert ("a PersistentDict", "kept") not in items  # (a split moved the tree's "kept")
     transaction.abort()
+
+
+def test_changed_in_transaction_takes_a_mapping_made_without_its_init(open_db):
+    # As server.obj_new makes them: cls.__new__, then fields.
+    import transaction
+    from dobbin.persistent import PersistentDict, checkout
+    from broker.values import changed_in_transaction
+    db = open_db(durability="none")
+    root = PersistentDict()
+    checkout(root)
+    db.elect(root)
+    transaction.commit()
+    made = PersistentDict.__new__(PersistentDict)
+    checkout(made)
+    made.title = "no items"
+    checkout(root)
+    root["made"] = made
+    touched = changed_in_transaction(db)
+    assert any(obj is made for obj in touched)
+    assert [item for _, item, _ in touched.items] == ["made"]
+    transaction.abort()
