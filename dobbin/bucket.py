@@ -17,7 +17,6 @@ from dobbin.persistent import Persistent, checkout, committed_state, state_of, w
 from dobbin.session import checkout_base, serial_at_checkout
 
 _MISSING = object()
-_checkouts = Persistent._p_local.__get__  # its threads' working copies, if any
 
 
 def _same_ref(a, b):
@@ -250,8 +249,9 @@ def _walkable_bucket_state(bucket):
     savepoint rollback drops the copy first.  Lookups, which end at the
     copy, read it as this thread's view.
     """
-    if _checkouts(bucket) and serial_at_checkout(bucket) not in (None, bucket._p_serial):
-        copy, shared = working_copy(bucket), committed_state(bucket)
+    copy = working_copy(bucket)
+    if copy is not None and serial_at_checkout(bucket) not in (None, bucket._p_serial):
+        shared = committed_state(bucket)
         if not (_same_ref(copy["next"], shared["next"])
                 and _same_value(copy["high"], shared["high"])
                 and copy.get("unlinked", False) == shared.get("unlinked", False)):
