@@ -167,7 +167,8 @@ class IDatabase(Interface):
 
     def write_lock_busy():
         """True when a commit (of any thread or process) holds the file's
-        write lock now: a hint, for callers that would rather not wait."""
+        write lock now: a hint, for callers that would rather not wait.
+        `dobbin.exc.DobbinError` in a forked child (see `in_this_process`)."""
 
     def subscribe(callback):
         """Call ``callback(tid, oids)`` for each committed transaction learned.
@@ -347,7 +348,10 @@ class INotifier(Interface):
 class IWriteLock(Interface):
     """One writer at a time per file, across threads and processes.
 
-    Released by the kernel when its holder dies, even by SIGKILL.
+    Released by the kernel when its holder dies, even by SIGKILL.  Every
+    method but `held` raises `dobbin.exc.DobbinError` in a forked child
+    of the process that made the lock: the child shares its parent's
+    file lock, and would take or drop it.
     """
 
     held = Attribute("True when the calling thread holds the lock.")

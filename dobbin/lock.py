@@ -6,16 +6,22 @@ kernel the moment its holder dies (even by SIGKILL), two `Database`
 instances in one process exclude each other, and closing some other
 descriptor of the same file does not drop it (unlike POSIX `fcntl`
 locks).  Threads sharing one descriptor are ordered by a mutex first.
+
+For the same reason a forked child shares its parent's hold: any flock
+call of the child's on the inherited descriptor would take, convert or
+drop the parent's lock.  So the lock refuses every use outside the
+process that made it.
 """
 
 import contextlib
 import fcntl
+import os
 import threading
 import time
 
 from zope.interface import implementer
 
-from dobbin.exc import LockTimeoutError
+from dobbin.exc import DobbinError, LockTimeoutError
 from dobbin.interfaces import IWriteLock
 
 # Poll interval bounds while another process holds the lock: short enough
@@ -58,9 +64,16 @@ class WriteLock:
         self.path = path
         self._mutex = threading.Lock()
         self._owner = None
+        self._pid = os.getpid()
+
+    def _check_process(self):
+        if os.getpid() != self._pid:
+            raise DobbinError("the write lock of %s belongs to process %d; a forked child "
+                              "must open the database anew" % (self.path, self._pid))
 
     def acquire(self, timeout=None):
         """Take the lock, waiting up to `timeout` seconds (default: ours)."""
+        self._check_process()
         if timeout is None:
             timeout = self.timeout
         if self._owner == threading.get_ident():
@@ -110,6 +123,7 @@ class WriteLock:
         file up; closing the descriptor inside the block gives it back).
         The calling thread's own hold, if any, is simply kept.
         """
+        self._check_process()
         if self._owner == threading.get_ident():
             yield False
             return
@@ -133,6 +147,7 @@ class WriteLock:
 
         A hint, for choosing where to wait: the answer may be stale at once.
         """
+        self._check_process()
         if not self._mutex.acquire(blocking=False):
             return True
         try:

@@ -1002,6 +1002,34 @@ def test_a_child_forked_while_a_thread_syncs_and_loads_opens_anew_and_closes(db_
     db.close()
 
 
+def test_a_forked_child_cannot_probe_the_write_lock_its_parent_holds(db_path):
+    # The probe once took the flock the child shares with its parent and
+    # dropped it: another writer then committed inside the parent's commit,
+    # and both transactions were cut off as a torn tail at the next open.
+    db = Database(db_path, durability="none")
+    db._lock.acquire()  # as during a commit
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                db.write_lock_busy()
+            except DobbinError:
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        probe = os.open(db_path, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # still ours
+        finally:
+            os.close(probe)
+    finally:
+        db._lock.release()
+    db.close()
+
+
 def test_a_close_that_times_out_leaves_the_database_open_to_close_again(db_path):
     db = Database(db_path, durability="none", lock_timeout=0.2)
     holding, release = threading.Event(), threading.Event()

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from dobbin.exc import LockTimeoutError
+from dobbin.exc import DobbinError, LockTimeoutError
 from dobbin.lock import WriteLock, flock_within
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -269,6 +269,42 @@ def test_busy_tells_whether_a_thread_or_process_holds_the_lock(lock_file, new_lo
     assert probe_from_another_process(lock_file)[0] == "free"
     lock.acquire(timeout=0)
     lock.release()
+
+
+def _refused_in_a_forked_child(lock):
+    """Run each flock-taking use of `lock` in a forked child; return how
+    many raised DobbinError (the child shares the parent's file lock)."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        refused = 0
+        for use in (lock.busy, lambda: lock.acquire(timeout=0), lambda: lock.closing().__enter__()):
+            try:
+                use()
+            except DobbinError:
+                refused += 1
+            except BaseException:
+                pass
+        os.write(writer, bytes([refused]))
+        os._exit(0)
+    os.close(writer)
+    try:
+        return os.read(reader, 1)[0]
+    finally:
+        os.close(reader)
+        os.waitpid(pid, 0)
+
+
+def test_a_forked_child_can_neither_probe_nor_take_its_parents_lock(lock_file, new_lock):
+    lock = new_lock()
+    lock.acquire()
+    try:
+        assert _refused_in_a_forked_child(lock) == 3
+        # Its probe would have taken the shared lock and dropped it.
+        assert probe_from_another_process(lock_file)[0] == "busy"
+    finally:
+        lock.release()
+    assert _refused_in_a_forked_child(lock) == 3  # free or not: not the child's
 
 
 @pytest.mark.parametrize("timeout", ["1", None, -0.5, float("inf"), float("nan")])
