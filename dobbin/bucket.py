@@ -11,9 +11,12 @@ Readers take each piece's state as one dict (`_bucket_state`,
 `_node_state`), which a concurrent commit replaces but never changes.
 """
 
+import pickle
+import struct
 
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checkout, committed_state, state_of, working_copy
+from dobbin.serialize import PROTOCOL
 from dobbin.session import checkout_base, serial_at_checkout
 
 _MISSING = object()
@@ -28,16 +31,47 @@ def _same_ref(a, b):
 
 
 def _same_value(a, b):
-    """Is `b` unchanged from `a`?  Unsure means changed (safe)."""
+    """Is `b` unchanged from `a`: the same content, not merely equal?
+
+    Equal values can differ (0.0 and -0.0, one instant in two time zones,
+    Decimal 1.0 and 1.00): a merge that took the one for the other would
+    undo a committed change.  Unsure means changed (safe: a conflict).
+    """
     if a is b:
         return True
     if a is _MISSING or b is _MISSING:
         return False
-    if isinstance(a, Persistent) or isinstance(b, Persistent):
-        return _same_ref(a, b)
     try:
-        return type(a) is type(b) and bool(a == b)
-    except (TypeError, ValueError):
+        return _same_content(a, b)
+    except RecursionError:
+        return False
+
+
+# Types whose equal values have the same content.
+_EXACT = frozenset((str, bytes, int, bool, type(None)))
+_DOUBLE = struct.Struct("<d")
+
+
+def _same_content(a, b):
+    kind = type(a)
+    if a is b or kind in _EXACT:
+        return a is b or (type(b) is kind and a == b)
+    if type(b) is not kind:
+        return False
+    if kind is float:
+        return _DOUBLE.pack(a) == _DOUBLE.pack(b)  # tells -0.0 from 0.0
+    if isinstance(a, Persistent):
+        return _same_ref(a, b)
+    if kind is list or kind is tuple:
+        return len(a) == len(b) and all(map(_same_content, a, b))
+    if kind is dict:  # the same items in the same order
+        return (len(a) == len(b) and all(map(_same_content, a, b))
+                and all(map(_same_content, a.values(), b.values())))
+    # Anything else: the same pickle is the same content.  Sets whose
+    # order differs, or values holding persistent objects, count as changed.
+    try:
+        return pickle.dumps(a, PROTOCOL) == pickle.dumps(b, PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError, ValueError):
         return False
 
 

@@ -2,6 +2,8 @@
 persistence through a real Database, conflict resolution (unit, across
 threads, and across two real processes)."""
 
+import copy
+import datetime
 import decimal
 import multiprocessing
 import random
@@ -493,6 +495,46 @@ def test_resolve_refuses_split_or_unlink(changed):
         Bucket()._p_resolve_conflict(old, reshaped, grown)
     with pytest.raises(ConflictError, match="split or unlinked"):
         Bucket()._p_resolve_conflict(old, grown, reshaped)
+
+
+_UTC, _CET = datetime.timezone.utc, datetime.timezone(datetime.timedelta(hours=1))
+
+
+@pytest.mark.parametrize("before, after", [
+    (0.0, -0.0),
+    (decimal.Decimal("1.0"), decimal.Decimal("1.00")),
+    (datetime.datetime(2024, 1, 1, 12, tzinfo=_UTC), datetime.datetime(2024, 1, 1, 13, tzinfo=_CET)),
+    ((1,), (True,)),
+    ([1, [2.0]], [1, [2]]),
+    ({"a": 1}, {"a": True}),
+    (frozenset({1}), frozenset({True})),
+])
+def test_resolve_keeps_a_change_to_an_equal_but_different_value(before, after):
+    # Equal is not unchanged: taking it for unchanged undid the other commit.
+    resolved = resolve([(1, before)], [(1, after)], [(1, before), (2, "ours")])
+    assert resolved["keys"] == [1, 2] and resolved["values"][0] is after
+    with pytest.raises(ConflictError, match="both transactions changed"):
+        resolve([(1, before)], [(1, after)], [(1, "ours")])
+
+
+def test_a_merge_keeps_another_commits_change_to_an_equal_value(db):
+    tree = stored(db, OOBTree({"zero": 0.0, "price": decimal.Decimal("1.0")}))
+    tree["ours"] = 1
+    in_other_thread(lambda: tree.update(zero=-0.0, price=decimal.Decimal("1.00")))
+    transaction.commit()  # one bucket, different keys: merged
+    assert str(tree["zero"]) == "-0.0" and str(tree["price"]) == "1.00" and tree["ours"] == 1
+
+
+def test_resolve_takes_copies_of_unchanged_values_as_unchanged():
+    # The states a resolver gets are deep copies: equal content, new objects.
+    items = Bucket(), Bucket()
+    values = [[items[0], 1.5, ("t", None)], {"k": [b"x"], "z": -0.0},
+              datetime.datetime(2024, 1, 1, tzinfo=_CET), decimal.Decimal("1.10"), float("nan")]
+    old = [(n, value) for n, value in enumerate(values)]
+    saved = copy.deepcopy(old) + [(10, "theirs")]
+    new = copy.deepcopy(old) + [(11, "ours")]
+    resolved = resolve(old, saved, new)
+    assert resolved["keys"] == list(range(len(values))) + [10, 11]
 
 
 def test_resolve_refuses_emptied_bucket():
