@@ -503,7 +503,8 @@ _UTC, _CET = datetime.timezone.utc, datetime.timezone(datetime.timedelta(hours=1
 @pytest.mark.parametrize("before, after", [
     (0.0, -0.0),
     (decimal.Decimal("1.0"), decimal.Decimal("1.00")),
-    (datetime.datetime(2024, 1, 1, 12, tzinfo=_UTC), datetime.datetime(2024, 1, 1, 13, tzinfo=_CET)),
+    (datetime.datetime(2024, 1, 1, 12, tzinfo=_UTC),
+     datetime.datetime(2024, 1, 1, 13, tzinfo=_CET)),  # one instant
     ((1,), (True,)),
     ([1, [2.0]], [1, [2]]),
     ({"a": 1}, {"a": True}),

@@ -278,7 +278,8 @@ def _refused_in_a_forked_child(lock):
     pid = os.fork()
     if pid == 0:
         refused = 0
-        for use in (lock.busy, lambda: lock.acquire(timeout=0), lambda: lock.closing().__enter__()):
+        uses = lock.busy, lambda: lock.acquire(timeout=0), lambda: lock.closing().__enter__()
+        for use in uses:
             try:
                 use()
             except DobbinError:
