@@ -169,8 +169,10 @@ class ICommitOutcomes(Interface):
         while a client may still resend its request, however many others
         finish meanwhile (up to a hard bound in bytes)."""
 
-    def abandon(key):
-        """Forget a started commit that will not run (the server is stopping)."""
+    def abandon(key, recorded=None):
+        """Forget a started request that will not run here (the server is
+        stopping, or too busy); `recorded`, the `Recorded` commit `start`
+        returned for it, is kept for the next copy."""
 
 
 class IReplyBacklog(Interface):

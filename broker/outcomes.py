@@ -200,7 +200,11 @@ class CommitOutcomes:
                 self._bytes -= len(oldest_reply) + ENTRY_COST
             return waiting
 
-    def abandon(self, key):
-        """The commit will not run here (the server is stopping): forget it."""
+    def abandon(self, key, recorded=None):
+        """The request will not run here (the server is stopping, or too
+        busy): forget it.  The `Recorded` commit `start` handed out for it,
+        if any, stays recorded: a copy must never run it again."""
         with self._lock:
             self._running.pop(key, None)
+            if recorded is not None:
+                self._recorded[key] = recorded

@@ -424,7 +424,7 @@ class BrokerServer:
             if refused is None:
                 return None
         if op in protocol.ONCE:
-            self._outcomes.abandon((fields["token"], rid))
+            self._outcomes.abandon((fields["token"], rid), fields["recorded"])
         return refused
 
     def _queue(self, routing, rid, op, fields, size):
@@ -523,7 +523,7 @@ class BrokerServer:
             data = self._reply(rid, op, fields)
         except Exception:
             logger.exception("request %s failed unanswered", op)
-            self._outcomes.abandon(key)
+            self._outcomes.abandon(key, fields["recorded"])
             return None, ()
         finally:
             if op == "commit":

@@ -107,6 +107,17 @@ def test_an_abandoned_commit_runs_when_sent_again():
     assert outcomes.start("k", b"b") is RUN
 
 
+def test_an_abandoned_recalled_commit_stays_recorded():
+    # A copy refused as Busy once lost its record: the next copy ran it again.
+    token = bytes(range(16))
+    outcomes = CommitOutcomes()
+    outcomes.recall([info(40, {COMMIT_MARK: commit_mark(token, 5, {})})])
+    recorded = outcomes.start((token, 5), b"copy")
+    assert recorded == Recorded(40, [])
+    outcomes.abandon((token, 5), recorded)
+    assert outcomes.start((token, 5), b"next copy") == recorded
+
+
 def test_one_run_among_threads():
     outcomes = CommitOutcomes()
     results = []

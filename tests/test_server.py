@@ -1395,6 +1395,35 @@ def test_curve_server_answers_worker_requests(tmp_path):
     db.close()
 
 
+def test_a_recalled_write_refused_as_busy_still_never_runs_again(tmp_path):
+    # The refusal took the recalled record with it: the next copy ran again.
+    path = str(tmp_path / "d.dobbin")
+    db = make_database(path)
+    call = {"id": 1, "op": "call", "name": "rename", "args": ["once"], "kwargs": {},
+            "token": b"b" * 16}
+    with served(db) as server:
+        peer = RawPeer(server.address)
+        try:
+            assert peer.request(call)["ok"] == "once"
+        finally:
+            peer.close()
+    with served(db) as server:
+        peer = RawPeer(server.address)
+        try:
+            with server._queued_lock:
+                server._queued_bytes = server_module.MAX_QUEUED_BYTES  # as if full
+            assert error_of(peer.request(call))[0] == "Busy"
+            with server._queued_lock:
+                server._queued_bytes = 0
+            assert error_of(peer.request(call))[0] == "ResultLost"  # ran: not again
+        finally:
+            peer.close()
+    transaction.begin()
+    db.sync()
+    assert db.root.item.renames == 1
+    db.close()
+
+
 def test_a_restart_recalls_the_commits_after_damage_further_back(tmp_path, caplog):
     # One damaged old record made the recall raise and recall nothing: a
     # resent write then ran a second time.
