@@ -26,7 +26,7 @@ from broker.protocol import VERSION
 from broker.snapshots import Snapshot, tree_lookup
 from broker.states import Record
 from broker.values import (Touched, as_sent, changed_in_transaction, check_sendable,
-                           placeholder_key, resolve_values, same_value)
+                           not_a_key, placeholder_key, resolve_values, same_value)
 from dobbin.exc import ConflictError as StoreConflictError
 from dobbin.btree import OOBTree
 from dobbin.bucket import _check_key
@@ -241,9 +241,7 @@ class Handlers:
             value, deps = self.mapping_at(
                 obj, f["tx"], lambda items: [items[item]] if item in items else [])
         except TypeError as error:
-            # Unhashable, or not ordered with a B-tree's keys.
-            raise ProtocolError("the item cannot be a key of %s: %s" % (f["key"], error)) \
-                from None
+            raise not_a_key(f["key"], item, error) from None
         return {"value": value, "deps": deps}
 
     def tree_item(self, tree, item, f):
@@ -456,8 +454,7 @@ class Handlers:
                 return _tree_item_to_write(mapping, item)
             return mapping.get(item, ABSENT)
         except TypeError as error:
-            # Unhashable, or not ordered with a B-tree's keys.
-            raise ProtocolError("the item cannot be a key of %s: %s" % (key, error)) from None
+            raise not_a_key(key, item, error) from None
 
     @staticmethod
     def _mutate(mapping, touched, change):

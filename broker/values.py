@@ -73,13 +73,48 @@ def _resolve(value, resolve_key, memo, storing, depth):
         return result
     if t is dict:
         result = memo[id(value)] = {}
-        result.update((_resolve(k, resolve_key, memo, storing, depth),
-                       _resolve(v, resolve_key, memo, storing, depth))
-                      for k, v in value.items())
+        for k, v in value.items():
+            k, v = (_resolve(k, resolve_key, memo, storing, depth),
+                    _resolve(v, resolve_key, memo, storing, depth))
+            try:
+                result[k] = v
+            except TypeError:
+                raise _unhashable(k, "as a dict key") from None
         return result
-    result = t(_resolve(x, resolve_key, memo, storing, depth) for x in value)
-    memo[id(value)] = result
+    items = [_resolve(x, resolve_key, memo, storing, depth) for x in value]
+    if t is not tuple:
+        for item in items:
+            try:
+                hash(item)
+            except TypeError:
+                raise _unhashable(item, "in a " + t.__name__) from None
+    result = memo[id(value)] = t(items)
     return result
+
+
+def _unhashable(obj, place):
+    # A key naming a mapping is unhashable here.  Its type only: a repr
+    # could show what clients may not read.
+    return ProtocolError("a request value cannot hold an object of type %s %s: it is "
+                         "unhashable" % (type(obj).__name__, place))
+
+
+def not_a_key(where, item, error):
+    """The ProtocolError for resolved `item`, which TypeError `error` says
+    cannot be a key of the mapping named `where` (unhashable, or not
+    ordered with a B-tree's keys).  The error's text shows the item's
+    repr: passed on only for plain data, which the client sent itself;
+    an object's repr could show what clients may not read."""
+    reason = str(error) if _plain(item) else (
+        "an object of type %s is unhashable, or not ordered with the keys there"
+        % type(item).__name__)
+    return ProtocolError("the item cannot be a key of %s: %s" % (where, reason))
+
+
+def _plain(value):
+    if type(value) in _SCALARS:
+        return True
+    return type(value) in (tuple, frozenset) and all(map(_plain, value))
 
 
 class Touched(list):

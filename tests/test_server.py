@@ -1087,6 +1087,23 @@ def test_hidden_items_of_a_mapping_can_be_neither_guessed_nor_changed(broker):
     assert dict(db.root.things["alice"]) == {"password": "hunter2"}
 
 
+def test_an_object_as_a_tree_item_is_refused_without_its_repr(broker):
+    # The refusal once passed on the TypeError's text, which shows the
+    # object's repr: its address, or a custom repr's hidden fields.
+    _db, _server, connect = broker
+    client = connect()
+    tree, item = client.root.tree, client.root.item
+
+    def set_item():
+        tree[item] = 1
+        client.commit()
+    for attempt in (lambda: tree.get(item), set_item):
+        with pytest.raises(exc.ProtocolError, match="type Item is unhashable, or not ordered") \
+                as info:
+            attempt()
+        assert "0x" not in str(info.value) and "object at" not in str(info.value)
+
+
 def test_broadcast_states_are_sealed_for_key_holders(broker):
     db, server, connect = broker
     frames = []

@@ -7,9 +7,10 @@ from broker.codec import ABSENT, MAX_DEPTH, Codec
 from broker.exc import ProtocolError
 from broker.keys import Key
 from broker.export import ExportRegistry
-from broker.values import (MAX_VALUE_DEPTH, Touched, as_sent, check_sendable, placeholder_key,
-                           resolve_values, same_value)
+from broker.values import (MAX_VALUE_DEPTH, Touched, as_sent, check_sendable, not_a_key,
+                           placeholder_key, resolve_values, same_value)
 from broker_fixtures import Item
+from dobbin.persistent import PersistentDict
 
 
 class Static:
@@ -17,7 +18,7 @@ class Static:
 
 
 OBJECTS = {Key("n", 1): Item("new"), Key("s", ("status",)): Static(),
-           Key("s", ("item",)): Item("static but persistent")}
+           Key("s", ("item",)): Item("static but persistent"), Key("n", 2): PersistentDict()}
 
 
 def nested(depth):
@@ -59,6 +60,31 @@ def test_nesting_is_bounded_below_what_the_codec_sends():
     for depth in (MAX_VALUE_DEPTH + 1, 900, 5000):  # past Python's recursion limit too
         with pytest.raises(ProtocolError, match="nested deeper than %d" % MAX_VALUE_DEPTH):
             resolve_values(nested(depth), OBJECTS.__getitem__)
+
+
+@pytest.mark.parametrize("value, place", [
+    (frozenset([Key("n", 2)]), "in a frozenset"), ({Key("n", 2)}, "in a set"),
+    ({Key("n", 2): 1}, "as a dict key"), ([{"x": frozenset([1, Key("n", 2)])}], "in a frozenset"),
+])
+def test_a_mapping_in_a_set_or_as_a_dict_key_is_refused(value, place):
+    # Unhashable on the server: it once answered an untyped TypeError.
+    with pytest.raises(ProtocolError, match="type PersistentDict %s: it is unhashable" % place):
+        resolve_values(value, OBJECTS.__getitem__)
+    assert resolve_values((Key("n", 2),), OBJECTS.__getitem__) == (OBJECTS[Key("n", 2)],)
+
+
+class Secretive:
+    def __repr__(self):
+        return "Secretive(password='s3cr3t')"
+
+
+def test_not_a_key_shows_plain_data_but_never_an_objects_repr():
+    error = TypeError("OOBTree keys must be totally ordered; Secretive(password='s3cr3t') "
+                      "(Secretive) has no ordering")
+    refusal = not_a_key("oid 3", Secretive(), error)
+    assert "s3cr3t" not in str(refusal) and "type Secretive" in str(refusal)
+    nan = TypeError("OOBTree keys must be totally ordered; nan in key (1, nan) is not")
+    assert str(nan) in str(not_a_key("oid 3", (1, float("nan")), nan))
 
 
 def test_a_static_object_is_refused_only_where_it_would_be_stored():
