@@ -21,7 +21,8 @@ from broker.exc import (AccessDenied, ConflictError, EncodeError, MultipleResult
                         NoResultError, ProtocolError, ReadConflictError, ResultLost)
 from broker.export import class_name, hidden_item, visible_instances, visible_items
 from broker.keys import Key
-from broker.outcomes import COMMIT_MARK, check_created, commit_mark, commit_reply, ok_value
+from broker.outcomes import (COMMIT_MARK, check_created, commit_mark, commit_reply,
+                             ok_value, page_value)
 from broker.protocol import VERSION
 from broker.snapshots import Snapshot, tree_lookup
 from broker.states import Record
@@ -268,8 +269,8 @@ class Handlers:
 
         obj = self.resolve(f["key"])
         (length, start, items), deps = self.mapping_at(obj, f["tx"], page)
-        return {"items": items, "more": start + len(items) < length, "len": length,
-                "deps": deps}
+        return Record(page_value(self.server._codec, items, lambda head: {
+            "items": head, "more": start + len(head) < length, "len": length, "deps": deps}))
 
     def op_stream(self, f):
         oid, field = f["key"].ident

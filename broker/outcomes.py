@@ -69,6 +69,20 @@ def ok_value(codec, value):
     return data
 
 
+def page_value(codec, items, result_of):
+    """The encoded ok value `result_of(head)` for the longest head of list
+    `items` that fits in a reply (halving it until it does): a page of a
+    mapping too big to send is cut short, and the client reads on from
+    there.  EncodeError if even one item does not fit."""
+    while True:
+        try:
+            return ok_value(codec, result_of(items))
+        except EncodeError:
+            if len(items) <= 1:
+                raise
+            items = items[:len(items) // 2]
+
+
 def check_created(count, codec):
     """Raise ProtocolError if a commit creating `count` objects could not
     be answered with `codec` (its reply names each): refused before it runs."""

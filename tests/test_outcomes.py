@@ -2,6 +2,8 @@
 
 import threading
 
+import msgpack
+
 from zope.interface.verify import verifyObject
 
 import pytest
@@ -12,7 +14,8 @@ from broker.interfaces import ICommitOutcomes
 from broker.keys import Key
 from broker import outcomes as outcomes_module
 from broker.outcomes import (COMMIT_MARK, ENTRY_COST, REPLY_HEAD, RUN, WAIT, CommitOutcomes,
-                             Recorded, check_created, commit_mark, commit_reply, ok_value)
+                             Recorded, check_created, commit_mark, commit_reply, ok_value,
+                             page_value)
 from dobbin.meta import TransactionInfo
 
 
@@ -195,3 +198,16 @@ def test_a_commit_creating_more_than_its_reply_can_name_is_refused():
     with pytest.raises(ProtocolError, match="creates at most 100 objects"):
         check_created(101, codec)
     commit_reply(commit_result(created=100), states(), codec)
+
+
+def test_a_page_too_big_to_send_is_cut_short():
+    codec = Codec(max_message=1000)
+    items = [b"x" * 300] * 5
+
+    def result_of(head):
+        return {"items": head, "more": len(head) < len(items)}
+    page = msgpack.unpackb(page_value(codec, items, result_of))
+    assert 1 <= len(page["items"]) < 5 and page["more"]
+    assert len(msgpack.unpackb(page_value(codec, items[:2], result_of))["items"]) == 2
+    with pytest.raises(EncodeError):
+        page_value(codec, [b"x" * 2000], result_of)

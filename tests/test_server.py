@@ -762,6 +762,25 @@ def test_a_commit_creating_more_objects_than_its_reply_can_name_is_refused(tmp_p
     db.close()
 
 
+def test_a_mapping_whose_items_fit_one_by_one_lists_whole(tmp_path):
+    # Each commit checks its items alone; a page of them all was too big
+    # to send, and the mapping could no longer be listed at all.
+    db = make_database(str(tmp_path / "test.dobbin"))
+    with served(db, max_message=8192) as server:
+        client = BrokerClient(server.address, timeout=10)
+        try:
+            things = client.root.things
+            for n in range(6):
+                things["big%d" % n] = bytes([n]) * 3000
+                client.commit()
+            assert len(things) == 6 and sorted(things) == ["big%d" % n for n in range(6)]
+            assert dict(things.items())["big5"] == bytes([5]) * 3000
+        finally:
+            client.close()
+            transaction.abort()
+    db.close()
+
+
 def test_a_conflict_on_an_item_names_its_objects_by_key_not_by_address(broker):
     db, _server, connect = broker
     client = connect()
