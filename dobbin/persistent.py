@@ -14,6 +14,7 @@ from collections.abc import ItemsView, KeysView, MutableMapping, ValuesView
 
 from zope.interface import implementer
 
+from dobbin.exc import ReadOnlyError
 from dobbin.interfaces import IPersistent, IPersistentDict
 from dobbin.session import _threads, copy_state, current_session, current_thread_key, thread_key
 from dobbin.stream import PersistentFile
@@ -289,7 +290,8 @@ def checkout(obj):
 
     The copy lasts until the thread's transaction ends (commit or abort);
     checking out twice in one transaction does nothing.  Returns None:
-    the object's identity never changes.
+    the object's identity never changes.  ReadOnlyError if the object's
+    database is closed: its commit could not be.
     """
     if not isinstance(obj, Persistent):
         raise TypeError("only persistent objects can be checked out, not %r"
@@ -303,6 +305,8 @@ def checkout(obj):
     if jar is None:
         _take_working_copy(obj, ident, session)
         return
+    if jar.closed:
+        raise ReadOnlyError("%s is closed" % jar.path)
     jar._p_register_thread()
     # Under the database's state lock, which eviction takes too: once our
     # copy is in the table the object can't be evicted, and until then it

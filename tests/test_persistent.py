@@ -9,6 +9,7 @@ import pytest
 import transaction
 
 from dobbin.database import Database
+from dobbin.exc import ReadOnlyError
 from dobbin.persistent import Persistent, PersistentDict, checked_out, checkout, state_of
 
 READ_ONLY = "Can't set attribute in read-only mode."
@@ -70,6 +71,20 @@ def test_checkout_of_non_persistent_object_raises_type_error():
     for value in (Plain(), {}, [], 42):
         with pytest.raises(TypeError, match="only persistent objects can be checked out"):
             checkout(value)
+
+
+def test_checkout_of_an_object_of_a_closed_database_raises_at_once(db_path):
+    # It used to succeed, and the commit failed later, far from the cause.
+    db = Database(db_path, durability="none")
+    db.elect(PersistentDict(name="root"))
+    transaction.commit()
+    root = db.root
+    root["name"]  # loaded
+    db.close()
+    with pytest.raises(ReadOnlyError, match="is closed"):
+        checkout(root)
+    assert not checked_out(root)
+    transaction.abort()
 
 
 # -- __init__ runs once ----------------------------------------------------------
