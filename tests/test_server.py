@@ -1431,18 +1431,28 @@ def test_curve_server_answers_worker_requests(tmp_path):
     db.close()
 
 
+def rename_call(token):
+    """A raw call request of the fixtures' counted write, Item.rename."""
+    return {"id": 1, "op": "call", "name": "rename", "args": ["once"], "kwargs": {},
+            "token": token}
+
+
+def request_served(db, request):
+    """Serve `db` for one raw `request`; return its reply."""
+    with served(db) as server:
+        peer = RawPeer(server.address)
+        try:
+            return peer.request(request)
+        finally:
+            peer.close()
+
+
 def test_a_recalled_write_refused_as_busy_still_never_runs_again(tmp_path):
     # The refusal took the recalled record with it: the next copy ran again.
     path = str(tmp_path / "d.dobbin")
     db = make_database(path)
-    call = {"id": 1, "op": "call", "name": "rename", "args": ["once"], "kwargs": {},
-            "token": b"b" * 16}
-    with served(db) as server:
-        peer = RawPeer(server.address)
-        try:
-            assert peer.request(call)["ok"] == "once"
-        finally:
-            peer.close()
+    call = rename_call(b"b" * 16)
+    assert request_served(db, call)["ok"] == "once"
     with served(db) as server:
         peer = RawPeer(server.address)
         try:
@@ -1473,24 +1483,13 @@ def test_a_restart_recalls_the_commits_after_damage_further_back(tmp_path, caplo
         checkout(db.root)
         db.root.pad = os.urandom(3000).hex()
         transaction.commit()
-    call = {"id": 1, "op": "call", "name": "rename", "args": ["once"], "kwargs": {},
-            "token": b"k" * 16}
-    with served(db) as server:
-        peer = RawPeer(server.address)
-        try:
-            assert peer.request(call)["ok"] == "once"
-        finally:
-            peer.close()
+    call = rename_call(b"k" * 16)
+    assert request_served(db, call)["ok"] == "once"
     db.close()
     flip_bit(path, early_end - 40)
     db = Database(path, durability="none")
     try:
-        with served(db) as server:
-            peer = RawPeer(server.address)
-            try:
-                assert error_of(peer.request(call))[0] == "ResultLost"  # ran: not again
-            finally:
-                peer.close()
+        assert error_of(request_served(db, call))[0] == "ResultLost"  # ran: not again
         transaction.begin()
         db.sync()
         assert db.root.item.renames == 1
