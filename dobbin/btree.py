@@ -30,14 +30,15 @@ writer of those conflicts instead of losing items.
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, MutableMapping
+from operator import itemgetter
 
 from dobbin.bucket import (Bucket, Length, Node, RangeView, _bucket_state, _buckets_before,
                            _check_key, _clears, _count, _counter_since, _last_key,
                            _leaves_backwards, _node_state, _walkable_bucket_state)
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checked_out, checkout, state_of, working_copy
-from dobbin.reshape import (all_droppable, checkout_for_split, checkout_for_unlink, split_bucket,
-                            unlink)
+from dobbin.reshape import (all_droppable, built, checkout_for_split, checkout_for_unlink,
+                            split_bucket, unlink)
 from dobbin.session import serial_at_checkout, session_hints
 
 _MISSING = object()
@@ -117,6 +118,18 @@ def _incomparable(key, exc):
                      "in this OOBTree: %s" % (key, type(key).__name__, exc))
 
 
+def _pairs_of(other):
+    """The (key, value) pairs of a mapping, or of an iterable of pairs."""
+    if isinstance(other, OOBTree):
+        return list(other.items())  # other may be the tree being updated
+    if isinstance(other, Mapping) or hasattr(other, "keys"):
+        return [(key, other[key]) for key in other.keys()]
+    return other
+
+
+_first = itemgetter(0)
+
+
 class OOBTree(Persistent):
     """A persistent, ordered mapping stored as a B-tree of small buckets.
 
@@ -141,10 +154,19 @@ class OOBTree(Persistent):
     max_node_size = 128
 
     def __init__(self, items=None):
-        self._root = Bucket()
-        self._length = Length()
-        if items is not None:
-            self.update(items)
+        # Built whole, in the new pieces' own states: inserting would check
+        # the buckets out, into this thread's transaction alone (an abort
+        # then emptied the tree, and another thread saw it empty).
+        latest = {}
+        for key, value in _pairs_of(() if items is None else items):
+            _check_key(key)
+            latest[key] = value
+        try:
+            pairs = sorted(latest.items(), key=_first)
+        except TypeError as exc:
+            raise TypeError("OOBTree keys must be mutually comparable: %s" % exc) from None
+        self._root = built(pairs, type(self).max_bucket_size, type(self).max_node_size)
+        self._length = Length(len(pairs))
 
     # -- finding things ----------------------------------------------------
 
@@ -513,13 +535,7 @@ class OOBTree(Persistent):
     def update(self, other=(), **kwargs):
         """Store every item of `other` (a mapping, or an iterable of
         pairs) and then of `kwargs`, like dict.update."""
-        if isinstance(other, OOBTree):
-            pairs = list(other.items())  # other may be self
-        elif isinstance(other, Mapping) or hasattr(other, "keys"):
-            pairs = [(key, other[key]) for key in other.keys()]
-        else:
-            pairs = other
-        for key, value in pairs:
+        for key, value in _pairs_of(other):
             self[key] = value
         for key, value in kwargs.items():
             self[key] = value

@@ -88,6 +88,32 @@ def _insert_child(tree, path, left, separator, right):
         _insert_child(tree, path[:-1], node, promoted, sibling)
 
 
+# -- a whole tree at once ---------------------------------------------------------
+
+def built(pairs, max_bucket_size, max_node_size):
+    """The root of a new tree holding `pairs` (sorted, distinct keys):
+    buckets three quarters full, linked in order, under nodes as full,
+    every leaf at one depth.  The pieces are new objects, their states
+    set by their constructors: nothing is checked out."""
+    if not pairs:
+        return Bucket()
+    keys, values = [key for key, _ in pairs], [value for _, value in pairs]
+    per_bucket = max(1, max_bucket_size * 3 // 4)
+    starts = range(0, len(keys), per_bucket)
+    level, following = [], None
+    for start in reversed(starts):  # right to left: each links to the next
+        end = start + per_bucket
+        following = Bucket(keys[start:end], values[start:end], following,
+                           keys[end] if end < len(keys) else None)
+        level.append((keys[start], following))  # (lowest key, subtree)
+    level.reverse()
+    per_node = max(2, max_node_size * 3 // 4)
+    while len(level) > 1:
+        level = [(group[0][0], Node([low for low, _ in group[1:]], [child for _, child in group]))
+                 for group in (level[at:at + per_node] for at in range(0, len(level), per_node))]
+    return level[0][1]
+
+
 # -- unlinks -------------------------------------------------------------------
 
 def checkout_for_unlink(tree, path, bucket):

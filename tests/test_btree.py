@@ -24,8 +24,8 @@ from dobbin.database import Database
 from dobbin.exc import ConflictError
 from dobbin.persistent import checked_out
 
-from btree_fixtures import (SmallTree, check_invariants, in_other_thread, leaf_for, stored,
-                            tree_depth)
+from btree_fixtures import (SmallTree, check_invariants, grown, in_other_thread, leaf_for,
+                            stored, tree_depth)
 
 
 @pytest.fixture(autouse=True)
@@ -437,6 +437,40 @@ def test_clearing_key_by_key_while_another_commit_removes_a_key(db, monkeypatch)
     check_invariants(tree, allow_empty=True)
 
 
+@pytest.mark.parametrize("count", [0, 1, 3, 4, 5, 17, 100, 1000])
+def test_a_tree_built_from_items_is_whole_in_every_thread_and_transaction(count):
+    # Built by inserts, its items were one thread's checkouts: an abort
+    # emptied it, and other threads saw it empty.
+    items = {k: -k for k in range(count, 0, -1)}
+    tree = SmallTree(items)
+    assert not any(checked_out(leaf) for leaf in check_invariants(tree, allow_empty=True))
+    transaction.abort()
+    seen = []
+    in_other_thread(lambda: seen.append(dict(tree.items())))
+    assert seen == [items] and dict(tree.items()) == items and len(tree) == count
+    tree.update((k, k) for k in range(count, count + 40))  # grows as any tree
+    del tree[count + 1]
+    check_invariants(tree)
+    transaction.abort()
+
+
+def test_a_tree_built_from_items_takes_what_update_takes():
+    assert dict(OOBTree([(2, "a"), (1, "b"), (2, "c")]).items()) == {1: "b", 2: "c"}
+    assert list(OOBTree(OOBTree({"x": 1, "w": 2}))) == ["w", "x"]
+    with pytest.raises(TypeError, match="may not be None"):
+        OOBTree({None: 1})
+    with pytest.raises(TypeError, match="mutually comparable"):
+        OOBTree({1: 1, "a": 2})
+
+
+def test_a_scratch_tree_built_from_items_joins_no_transaction(db):
+    tree = stored(db, OOBTree({"a": 1}))
+    assert tree == OOBTree({"a": 1})  # a scratch tree, never stored
+    tree["b"] = 2
+    transaction.commit()  # failed: the scratch tree's checkouts were unreachable
+    assert dict(tree.items()) == {"a": 1, "b": 2}
+
+
 def state(pairs, next=None, high=None):
     pairs = sorted(pairs)
     return {"keys": [k for k, _ in pairs], "values": [v for _, v in pairs],
@@ -614,7 +648,7 @@ def test_an_insert_skipping_the_walk_conflicts_with_a_concurrent_split(db):
 
 
 def test_an_insert_after_a_concurrent_split_of_the_last_bucket_goes_where_lookups_go(db):
-    tree = stored(db, OOBTree((k, k) for k in range(100)))
+    tree = grown(db, OOBTree(), ((k, k) for k in range(100)))  # a last bucket of 50
     tree[100] = tree[101] = "ours"  # key after key into the last bucket
     in_other_thread(lambda: tree.update((k, "theirs") for k in range(200, 320, 2)))
     tree[251] = "ours"  # above the split: the walk leads to their new bucket
@@ -744,7 +778,7 @@ class RacedTree(SmallTree):
 
 @pytest.fixture
 def raced(db):
-    tree = stored(db, RacedTree((k, k) for k in range(0, 40, 2)))
+    tree = grown(db, RacedTree(), ((k, k) for k in range(0, 40, 2)))
     yield tree
     RacedTree.race = None
 
@@ -813,7 +847,7 @@ def test_iterating_our_copy_of_the_last_bucket_after_another_commit_split_it(db)
 def test_a_lookup_reads_our_copy_of_a_bucket_another_commit_split(db):
     # No conflict yet: a savepoint rollback may drop the copy, and then
     # the transaction commits.
-    tree = stored(db, SmallTree((k, k) for k in range(0, 40, 2)))
+    tree = grown(db, SmallTree(), ((k, k) for k in range(0, 40, 2)))
     savepoint = transaction.savepoint()
     tree[21] = "tentative"  # our copy of bucket [20, 22]
     in_other_thread(lambda: split_20s(tree))

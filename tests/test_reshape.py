@@ -6,12 +6,12 @@ import random
 import pytest
 import transaction
 
-from dobbin.btree import Bucket
-from dobbin.persistent import checked_out
-from dobbin.reshape import all_droppable, checkout_for_split, checkout_for_unlink
+from dobbin.btree import Bucket, Length
+from dobbin.persistent import checked_out, checkout
+from dobbin.reshape import all_droppable, built, checkout_for_split, checkout_for_unlink
 
-from btree_fixtures import (SmallTree, check_invariants, in_other_thread, leaf_for, stored,
-                            tree_depth)
+from btree_fixtures import (SmallTree, check_invariants, grown, in_other_thread, leaf_for,
+                            stored, tree_depth)
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_a_split_gives_up_when_another_commit_unlinked_the_bucket(db):
 
 
 def test_an_unlink_gives_up_when_another_commit_moved_the_bucket(db):
-    tree = stored(db, SmallTree((k, k) for k in range(0, 40, 2)))
+    tree = grown(db, SmallTree(), ((k, k) for k in range(0, 40, 2)))
     path, bucket, _ = tree._find(32)
     parent = path[-1][0]
     # Their inserts split the bucket twice, and then its parent: the
@@ -118,3 +118,15 @@ def test_new_buckets_are_kept_rather_than_unlinked(db):
     assert all_droppable(tree._root) and not checked_out(tree._root)
     tree.clear()
     assert isinstance(tree._root, Bucket) and len(tree) == 0
+
+
+def test_built_fills_buckets_and_nodes_three_quarters_with_every_leaf_at_one_depth():
+    tree = SmallTree()
+    checkout(tree)
+    tree._root = built([(k, str(k)) for k in range(100)], 4, 4)
+    tree._length = Length(100)
+    leaves = check_invariants(tree)
+    assert [len(leaf.keys) for leaf in leaves] == [3] * 33 + [1]
+    assert tree_depth(tree) == 4 and tree[57] == "57"  # 34 leaves, 12, 4, 2, 1 nodes
+    assert isinstance(built([], 4, 4), Bucket) and not built([], 4, 4).keys
+    transaction.abort()
