@@ -27,7 +27,8 @@ from broker.protocol import VERSION
 from broker.snapshots import Snapshot, tree_lookup
 from broker.states import Record
 from broker.values import (Touched, as_sent, changed_in_transaction, check_sendable,
-                           not_a_key, placeholder_key, resolve_values, same_value)
+                           new_object, not_a_key, placeholder_key, resolve_values,
+                           same_value)
 from dobbin.exc import ConflictError as StoreConflictError
 from dobbin.btree import OOBTree
 from dobbin.bucket import _check_key
@@ -365,9 +366,7 @@ class Handlers:
                 raise AccessDenied("clients may not create %s objects" % cname)
             if num in created:
                 raise ProtocolError("commit declares new object #%d twice" % num)
-            # __init__ is not run: the client supplies the fields; defaults
-            # belong in class attributes.
-            created[num] = obj = rules.cls.__new__(rules.cls)
+            created[num] = obj = new_object(rules.cls)
             checkout(obj)
             touched.append(obj)
         # One copy of each shared part of the stored values; the values

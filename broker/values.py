@@ -13,6 +13,7 @@ from collections import Counter
 from broker.codec import ABSENT, MAX_DEPTH
 from broker.exc import EncodeError, ProtocolError
 from broker.keys import MAC_SIZE, Key
+from dobbin.btree import OOBTree
 from dobbin.bucket import Bucket, Length, Node
 from dobbin.persistent import Persistent, PersistentDict, state_of
 from dobbin.session import transaction_checkouts
@@ -115,6 +116,19 @@ def _plain(value):
     if type(value) in _SCALARS:
         return True
     return type(value) in (tuple, frozenset) and all(map(_plain, value))
+
+
+def new_object(cls):
+    """A new `cls` object for a client's commit.  Its __init__ is not run:
+    the client supplies the fields, and defaults belong in class
+    attributes.  But a Dobbin mapping's base __init__ is, with no
+    arguments: its items live in structures that makes."""
+    obj = cls.__new__(cls)
+    for mapping in (OOBTree, PersistentDict):
+        if isinstance(obj, mapping):
+            mapping.__init__(obj)
+            break
+    return obj
 
 
 class Touched(list):

@@ -21,12 +21,13 @@ from broker.interfaces import IBrokerServer
 from broker.keys import Key
 from broker.server import INLINE_COMMIT, PUSH_OBJECTS, BrokerServer
 from broker.states import Record, unseal
-from broker_fixtures import (TIMEOUT, Item, Profile, TestServer, broker,  # noqa: F401
-                             configure, make_database, served, wait_until)
+from broker_fixtures import (TIMEOUT, Folder, Item, Profile, TestServer,  # noqa: F401
+                             broker, configure, make_database, served, wait_until)
 from conftest import append_record, flip_bit
 from dobbin.database import Database
 from dobbin.log import COMMITTED, MetaEntry
-from dobbin.persistent import checkout
+from dobbin.btree import OOBTree
+from dobbin.persistent import PersistentDict, checkout
 
 codec = Codec()
 
@@ -778,6 +779,30 @@ def test_a_mapping_whose_items_fit_one_by_one_lists_whole(tmp_path):
         finally:
             client.close()
             transaction.abort()
+    db.close()
+
+
+def test_a_client_creates_working_mappings_empty_or_filled(tmp_path):
+    # Made without any __init__, a new mapping had no structure: filled,
+    # its commit failed; empty, it was stored broken for good.
+    db = make_database(str(tmp_path / "test.dobbin"))
+    server = BrokerServer(db, address="tcp://127.0.0.1:*")
+    server.export_class(Folder)
+    for cls in (PersistentDict, OOBTree):
+        server.export_class(cls, creatable=True)
+    with server, BrokerClient(server.address, timeout=10) as client:
+        made = {}
+        for name in ("dobbin.persistent.PersistentDict", "dobbin.btree.OOBTree"):
+            made[name + " empty"], made[name] = client.new(name), client.new(name)
+            made[name]["a"] = 1
+        client.root.title = made
+        client.commit()
+    transaction.begin()
+    db.sync()
+    stored = db.root.title
+    assert {name: dict(mapping.items()) for name, mapping in stored.items()} == {
+        name: {} if name.endswith("empty") else {"a": 1} for name in made}
+    assert [len(mapping) for mapping in stored.values()] == [0, 1, 0, 1]
     db.close()
 
 
