@@ -767,18 +767,14 @@ def test_a_mapping_whose_items_fit_one_by_one_lists_whole(tmp_path):
     # Each commit checks its items alone; a page of them all was too big
     # to send, and the mapping could no longer be listed at all.
     db = make_database(str(tmp_path / "test.dobbin"))
-    with served(db, max_message=8192) as server:
-        client = BrokerClient(server.address, timeout=10)
-        try:
-            things = client.root.things
-            for n in range(6):
-                things["big%d" % n] = bytes([n]) * 3000
-                client.commit()
-            assert len(things) == 6 and sorted(things) == ["big%d" % n for n in range(6)]
-            assert dict(things.items())["big5"] == bytes([5]) * 3000
-        finally:
-            client.close()
-            transaction.abort()
+    with served(db, max_message=8192) as server, \
+            BrokerClient(server.address, timeout=10) as client:
+        things = client.root.things
+        for n in range(6):
+            things["big%d" % n] = bytes([n]) * 3000
+            client.commit()
+        assert len(things) == 6 and sorted(things) == ["big%d" % n for n in range(6)]
+        assert dict(things.items())["big5"] == bytes([5]) * 3000
     db.close()
 
 
