@@ -53,11 +53,13 @@ _DOUBLE = struct.Struct("<d")
 
 
 def _same_content(a, b):
+    if a is b:
+        return True
     kind = type(a)
-    if a is b or kind in _EXACT:
-        return a is b or (type(b) is kind and a == b)
     if type(b) is not kind:
         return False
+    if kind in _EXACT:
+        return a == b
     if kind is float:
         return _DOUBLE.pack(a) == _DOUBLE.pack(b)  # tells -0.0 from 0.0
     if isinstance(a, Persistent):
