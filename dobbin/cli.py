@@ -68,15 +68,25 @@ def _positive_int(text):
 
 
 def load_app(spec):
-    """Return the function named by "module:function"."""
+    """Return the function named by "module:function"; SystemExit with a
+    message if there is none."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise SystemExit("--app wants MODULE:FUNCTION, got %r" % spec)
-    return getattr(importlib.import_module(module_name), function_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SystemExit("--app %s: cannot import %s: %s" % (spec, module_name, error)) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise SystemExit("--app %s: %s has no function %s" % (spec, module_name, function_name))
+    return function
 
 
 def serve(args):
+    from broker.exc import BrokerError
     from broker.server import BrokerServer
+    from broker.transport import broadcast_address_for
     from dobbin.database import Database
     from dobbin.exc import DobbinError
 
@@ -85,23 +95,30 @@ def serve(args):
     def on_signal(signum, frame):
         stop.set()
 
+    # What can be checked before the database file is created, is.
+    configure = load_app(args.app) if args.app else None
     try:
+        if args.broadcast is None:
+            broadcast_address_for(args.bind)
         db = Database(args.path, durability=args.durability)
-    except (DobbinError, OSError) as error:
+    except (BrokerError, DobbinError, OSError) as error:
         print("dobbin serve: %s" % error, file=sys.stderr)
         return 1
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server = BrokerServer(db, address=args.bind, broadcast=args.broadcast, debug=args.debug,
                               workers=args.workers)
-        if args.app:
-            load_app(args.app)(server)
+        if configure is not None:
+            configure(server)
         with server:
             print("serving %s at %s (broadcasts at %s, %d workers)"
                   % (args.path, server.address, server.broadcast_address, server.workers),
                   flush=True)
             while not stop.wait(0.5):
                 pass
+    except BrokerError as error:
+        print("dobbin serve: %s" % error, file=sys.stderr)
+        return 1
     finally:
         db.close()
         for sig, handler in previous.items():
@@ -111,13 +128,22 @@ def serve(args):
 
 def shell(args):
     from broker.client import BrokerClient
+    from broker.exc import BrokerError
 
-    client = BrokerClient(args.address, timeout=args.timeout)
     try:
+        client = BrokerClient(args.address, timeout=args.timeout)
+    except BrokerError as error:
+        print("dobbin shell: %s" % error, file=sys.stderr)
+        return 1
+    try:
+        try:
+            root = client.root
+        except BrokerError as error:
+            print("dobbin shell: %s" % error, file=sys.stderr)
+            return 1
         banner = ("Dobbin shell on %s: `client` and `root` are bound; "
                   "client.commit() sends your changes." % args.address)
-        code.interact(banner=banner, local={"client": client, "root": client.root},
-                      exitmsg="")
+        code.interact(banner=banner, local={"client": client, "root": root}, exitmsg="")
     finally:
         client.close()
     return 0

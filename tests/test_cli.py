@@ -91,8 +91,11 @@ def test_parser_and_app_loading(capsys):
             build_parser().parse_args(["serve", "x", "--workers", bad])
         assert "positive integer" in capsys.readouterr().err
     assert load_app("os.path:join") is __import__("os").path.join
-    with pytest.raises(SystemExit):
-        load_app("nocolon")
+    for spec, message in [("nocolon", "MODULE:FUNCTION"), ("no_such_module:f", "cannot import"),
+                          ("os:no_such_function", "has no function"),
+                          ("os:sep", "has no function")]:
+        with pytest.raises(SystemExit, match=message):
+            load_app(spec)
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
 
@@ -202,3 +205,32 @@ def test_a_path_that_is_no_database_gets_a_message_not_a_hang_or_traceback(
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=child_env())
     assert done.returncode == 1
     assert message in done.stdout + done.stderr and "Traceback" not in done.stderr
+
+
+def _failed_run(argv):
+    done = subprocess.run([sys.executable, "-m", "dobbin"] + argv, capture_output=True,
+                          text=True, timeout=60, env=child_env(), stdin=subprocess.DEVNULL)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    return done.stderr
+
+
+def test_serve_refuses_a_bad_address_or_app_before_making_the_file(tmp_path):
+    path = tmp_path / "never.dobbin"
+    assert "bogus://x" in _failed_run(["serve", str(path), "--bind", "bogus://x"])
+    assert "cannot import" in _failed_run(["serve", str(path), "--app", "no_such_module:f"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_serve_reports_an_address_in_use_and_shell_a_silent_server(tmp_path):
+    path = str(tmp_path / "db.dobbin")
+    process, address = start_serving(path)
+    try:
+        stderr = _failed_run(["serve", str(tmp_path / "other.dobbin"), "--bind", address])
+        assert "cannot bind" in stderr and address in stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        process.stdout.close()
+        process.stderr.close()
+    # Nothing answers there now.
+    assert "no reply" in _failed_run(["shell", address, "--timeout", "0.2"])
