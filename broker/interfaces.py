@@ -438,4 +438,8 @@ class IRemoteStream(Interface):
         """Return the position."""
 
     def close():
-        """Close the view; further reads raise ValueError."""
+        """Close the view; further reads and iteration raise ValueError."""
+
+    def __iter__():
+        """Yield the stream's bytes in chunks from the start, whatever the
+        position; ValueError if the view is closed, also mid-way."""

@@ -206,8 +206,13 @@ class RemoteStream:
         self.close()
 
     def __iter__(self):
+        self._check_open()  # here, not at the first next(): a generator starts late
+        return self._chunks()
+
+    def _chunks(self):
         offset = 0
         while True:
+            self._check_open()
             chunk = self._fetch(offset, STREAM_CHUNK)
             if not chunk:
                 return

@@ -247,9 +247,15 @@ def test_streams_are_read_in_chunks(broker):
         stream.seek(1.5)
     with pytest.raises(TypeError):
         stream.read(2.5)
+    chunks = iter(stream)
+    assert next(chunks) == data[:STREAM_CHUNK]
     stream.close()
     with pytest.raises(ValueError):
         stream.read()
+    with pytest.raises(ValueError):
+        iter(stream)  # a closed stream was still iterable
+    with pytest.raises(ValueError):
+        next(chunks)
 
 
 def test_each_read_of_a_stream_attribute_is_a_stream_of_its_own_at_its_snapshot(broker):
