@@ -353,30 +353,59 @@ class OOBTree(Persistent):
 
         Raises ValueError when there is no such key.
         """
-        if key is None:
+        if key is not None:
+            _check_key(key)
+        found = self._largest(key, True)
+        if found is _MISSING:
+            if key is None:
+                raise ValueError("empty OOBTree has no maximum key")
+            raise ValueError("no key in the OOBTree is <= %r" % (key,))
+        return found
+
+    def _largest(self, bound, inclusive):
+        """The largest key below `bound` (None: no bound; `inclusive`: or
+        equal to it), or _MISSING."""
+        if bound is None:
             found = _last_key(_leaves_backwards(self._root))
             # A concurrent split may have moved keys right of the last leaf
             # its parent's state showed: scan on from there (or, having
             # found nothing in a changing tree, from the start).
             for found, _ in self._iter_range(found, None, found is not None, False):
                 pass
-            if found is None:
-                raise ValueError("empty OOBTree has no maximum key")
-            return found
-        _check_key(key)
-        path, _, (keys, _, _, _, _) = type(self)._find(self, key)
-        index = bisect_right(keys, key)
+            return _MISSING if found is None else found
+        path, _, (keys, _, _, _, _) = type(self)._find(self, bound)
+        index = (bisect_right if inclusive else bisect_left)(keys, bound)
         if index:
             return keys[index - 1]
-        # Every key here is above `key`: take the last key of the leaves
+        # Every key here is above `bound`: take the last key of the leaves
         # before, then scan forward from it in case a concurrent split
         # (that _find moved right past) put keys in between.
         found = _last_key(_buckets_before(path))
-        for found, _ in self._iter_range(found, key, True, False):
+        for found, _ in self._iter_range(found, bound, True, not inclusive):
             pass
-        if found is None:
-            raise ValueError("no key in the OOBTree is <= %r" % (key,))
-        return found
+        return _MISSING if found is None else found
+
+    def __reversed__(self):
+        # Without it, reversed() would index the tree by 0..len-1.
+        return (key for key, _ in self._iter_backwards(None, None, False, False))
+
+    def _iter_backwards(self, min, max, excludemin, excludemax):
+        """`_iter_range` from the top down: each leaf's pairs from one state
+        of it, and a fresh descent for the largest key below the last one
+        yielded, so a concurrent split never repeats or skips a key."""
+        for bound in (min, max):
+            if bound is not None:
+                _check_key(bound)
+        found = self._largest(max, not excludemax)
+        while found is not _MISSING:
+            _, _, (keys, values, _, _, _) = type(self)._find(self, found)
+            for at in range(bisect_right(keys, found) - 1, -1, -1):
+                key = keys[at]
+                if min is not None and (key < min or excludemin and not min < key):
+                    return
+                yield key, values[at]
+                found = key
+            found = self._largest(found, False)
 
     def __eq__(self, other):
         """Equal to another OOBTree or any mapping with equal items."""

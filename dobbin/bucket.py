@@ -397,7 +397,13 @@ class RangeView:
         self._bounds = (min, max, excludemin, excludemax)
 
     def __iter__(self):
-        pairs = self._tree._iter_range(*self._bounds, prefetch=self._kind != 0)
+        return self._shaped(self._tree._iter_range(*self._bounds, prefetch=self._kind != 0))
+
+    def __reversed__(self):
+        return self._shaped(self._tree._iter_backwards(*self._bounds))
+
+    def _shaped(self, pairs):
+        """The view's kind of items from (key, value) pairs."""
         if self._kind == 0:
             return (key for key, _ in pairs)
         if self._kind == 1:

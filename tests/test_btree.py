@@ -137,6 +137,17 @@ def test_min_and_max_key():
         tree.maxKey(9)
 
 
+def test_reversed_goes_by_keys_not_by_position(db):
+    # Without __reversed__, reversed() indexed the tree by 0..len-1.
+    tree = grown(db, SmallTree(), ((name, len(name)) for name in ("ann", "bo", "cy", "dee")))
+    assert list(reversed(tree)) == ["dee", "cy", "bo", "ann"]
+    assert list(reversed(tree.items("b", "d"))) == [("cy", 2), ("bo", 2)]
+    assert list(reversed(tree.values(excludemax=True, max="dee"))) == [2, 2, 3]
+    numbered = stored(db, SmallTree((k, -k) for k in range(30)))
+    assert list(reversed(numbered)) == list(range(29, -1, -1))
+    assert list(reversed(stored(db, SmallTree()))) == []
+
+
 def test_mapping_api():
     tree = SmallTree()
     assert tree.setdefault("b", 2) == 2 and tree.setdefault("b", 3) == 2
@@ -244,8 +255,17 @@ class TreeMachine(RuleBasedStateMachine):
             (k, v) for k, v in sorted(self.model.items())
             if (low is None or k > low or (k == low and not excludemin))
             and (high is None or k < high or (k == high and not excludemax))]
-        assert list(self.tree.items(low, high, excludemin, excludemax)) \
-            == expected
+        view = self.tree.items(low, high, excludemin, excludemax)
+        assert list(view) == expected
+        assert list(reversed(view)) == expected[::-1]
+        assert list(reversed(self.tree.keys(low, high, excludemin, excludemax))) \
+            == [k for k, _ in reversed(expected)]
+
+    @rule()
+    def reverse(self):
+        assert list(reversed(self.tree)) == sorted(self.model, reverse=True)
+        assert list(reversed(self.tree.values())) == [
+            self.model[k] for k in sorted(self.model, reverse=True)]
 
     @rule(key=keys)
     def max_key(self, key):
@@ -734,6 +754,9 @@ def test_threads_insert_and_delete_concurrently(db):
                 # In order, no repeats, and old keys always there.
                 assert keys == sorted(set(keys)), "iteration out of order"
                 assert set(range(-100, 0)) <= set(keys)
+                backwards = list(reversed(tree))
+                assert backwards == sorted(set(backwards), reverse=True), "reversed out of order"
+                assert set(range(-100, 0)) <= set(backwards)
                 for key in random.sample(range(-100, 0), 10):
                     assert tree[key] == "old"
                 transaction.abort()
