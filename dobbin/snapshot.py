@@ -69,7 +69,7 @@ def snapshot(source, target, until=None):
         raise DobbinError("the snapshot target %s is not empty" % target.path)
     if until is None:
         until = source.last_tid
-    if not isinstance(until, int) or not 0 <= until <= source.last_tid:
+    if type(until) is not int or not 0 <= until <= source.last_tid:
         raise ValueError("until must be a transaction id from 0 to %d, not %r"
                          % (source.last_tid, until))
     streams, stream_offsets, objects = [], {}, []

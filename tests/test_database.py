@@ -744,6 +744,15 @@ def test_snapshot_until_gives_state_as_of_that_transaction(open_db, tmp_path):
     assert not hasattr(target.get(first[0]._p_oid), "changed")
 
 
+@pytest.mark.parametrize("until", [True, 1.0, "1", -1, 99])
+def test_snapshot_until_must_be_a_transaction_id(open_db, tmp_path, until):
+    db, _root = new_container_db(open_db)
+    target = open_db(str(tmp_path / "target.dobbin"))
+    with pytest.raises(ValueError, match="until must be a transaction id"):
+        db.snapshot(target, until=until)  # True passed as tid 1
+    assert target.tx_count == 0
+
+
 def test_snapshot_into_non_empty_target_raises(open_db, tmp_path):
     db, _root = new_container_db(open_db)
     target = open_db(str(tmp_path / "target.dobbin"))
