@@ -148,6 +148,10 @@ class ClassExport:
         self.extent = extent
         self.mapping = is_mapping_class(cls)
         self._declared = (self.fields or frozenset()) | self.refs
+        for name in self._declared:
+            if self.behaviour(name):
+                raise ExportError("%s.%s is a method or property, not a stored field"
+                                  % (self.name, name))
         # The attributes of Dobbin's own classes (B-trees and their parts,
         # PersistentDict) are its internals: clients change items only.
         self._sealed = _is_dobbins(cls) or issubclass(cls, (Bucket, Node, Length))
@@ -182,8 +186,7 @@ class ClassExport:
     def behaviour(self, name):
         """Whether `name` is a method or property of the class: a value
         stored under it would replace the behaviour for the server's own code."""
-        attribute = getattr(self.cls, name, None)
-        return callable(attribute) or hasattr(type(attribute), "__get__")
+        return _behaviour(self.cls, name)
 
     def callable(self, name):
         return name in self.callables
@@ -195,13 +198,17 @@ class ClassExport:
                   if type(k) is str and k[:1] != "_" and k not in unreadable
                   and (fields is None or k in fields or k in self.refs)}
         if self.fields is not None:
-            # Declared fields fall back to class-level defaults.
-            for name in self.fields | self.refs:
-                if name not in result and name not in self.hidden:
-                    value = getattr(self.cls, name, None)
-                    if value is not None and not callable(value):
+            for name in self._declared - self.hidden:
+                if name not in result:
+                    value = self._default(name)
+                    if value is not ABSENT:
                         result[name] = value
         return result
+
+    def _default(self, name):
+        """A declared field's class-level default, or ABSENT."""
+        value = getattr(self.cls, name, None)
+        return ABSENT if value is None else value
 
     def value_seen(self, state, name):
         """The value of `name` that clients see in `state`, as filter_state
@@ -211,9 +218,7 @@ class ClassExport:
         if name in state:
             return state[name]
         if self.fields is not None:  # declared fields fall back to class defaults
-            value = getattr(self.cls, name, None)
-            if value is not None and not callable(value):
-                return value
+            return self._default(name)
         return ABSENT
 
     def meta(self):
@@ -285,11 +290,19 @@ class ExportRegistry:
         # decorated methods of `cls` itself, so an undecorated override of
         # a decorated method is not callable.
         named = parent.named_callables
+
+        def stored(names):  # less any that `cls` turned into a method or property
+            return names and {n for n in names if not _behaviour(cls, n)}
         return ClassExport(
-            cls, fields=parent.fields, refs=parent.refs,
+            cls, fields=stored(parent.fields), refs=stored(parent.refs),
             callables={n for n in named if callable(getattr(cls, n, None))},
             hidden=parent.hidden, readonly=parent.readonly,
             creatable=parent.creatable, extent=parent.extent)
+
+
+def _behaviour(cls, name):
+    attribute = getattr(cls, name, None)
+    return callable(attribute) or hasattr(type(attribute), "__get__")
 
 
 def hidden_item(rules, item):

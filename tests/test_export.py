@@ -90,9 +90,30 @@ def test_methods_and_properties_are_never_writable():
     assert rules.writable("colour") and rules.writable("anything_new")
     assert not rules.writable("paint") and not rules.writable("shade")
     assert rules.meta()["writable"] is None  # every field: none declared
-    declared = ClassExport(WithBehaviour, fields="colour paint shade", readonly=())
-    assert declared.writable("colour")
-    assert not declared.writable("paint") and not declared.writable("shade")
+    # Nor can they be declared fields: a property object went into every
+    # state sent, and no object of the class could be loaded.
+    for name in ("paint", "shade"):
+        with pytest.raises(ExportError, match="is a method or property, not a stored field"):
+            ClassExport(WithBehaviour, fields=["colour", name], readonly=())
+        with pytest.raises(ExportError, match=name):
+            ClassExport(WithBehaviour, refs=[name])
+
+
+def test_a_field_a_subclass_turns_into_a_property_is_not_inherited():
+    class Named(Persistent):
+        full = ""
+
+    class Computed(Named):
+        @property
+        def full(self):
+            return "computed"
+
+    registry = ExportRegistry()
+    registry.export_class(Named, fields="first full")
+    rules = registry.lookup(Computed)
+    assert rules.fields == {"first"}
+    assert rules.filter_state({"first": "Ada"}) == {"first": "Ada"}
+    assert registry.lookup(Named).filter_state({}) == {"full": ""}
 
 
 class Tuned(Persistent):
