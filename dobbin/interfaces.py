@@ -375,7 +375,9 @@ class IWriteLock(Interface):
         """A context manager for closing the file: it waits (up to
         `timeout`, then `LockTimeoutError`) for this process's writing
         thread, keeps the others out, and yields True if no other process
-        held the lock either.  The caller closes the file inside it."""
+        held the lock either.  The caller closes the file inside it;
+        afterwards every use of the lock raises ReadOnlyError (the
+        descriptor's number may name another file by then)."""
 
 
 class ISession(IDataManager, ISavepointDataManager):

@@ -10,7 +10,9 @@ locks).  Threads sharing one descriptor are ordered by a mutex first.
 For the same reason a forked child shares its parent's hold: any flock
 call of the child's on the inherited descriptor would take, convert or
 drop the parent's lock.  So the lock refuses every use outside the
-process that made it.
+process that made it.  Once `closing()` has let the file close, the lock
+refuses every use too: its descriptor number may belong to another file
+by then, whose lock a flock call would take or drop.
 """
 
 import contextlib
@@ -21,7 +23,7 @@ import time
 
 from zope.interface import implementer
 
-from dobbin.exc import DobbinError, LockTimeoutError
+from dobbin.exc import DobbinError, LockTimeoutError, ReadOnlyError
 from dobbin.interfaces import IWriteLock
 
 # Poll interval bounds while another process holds the lock: short enough
@@ -65,6 +67,13 @@ class WriteLock:
         self._mutex = threading.Lock()
         self._owner = None
         self._pid = os.getpid()
+        self._retired = False  # closing() ran: the descriptor is no longer ours
+
+    def _check_retired(self):
+        """Under the mutex: refuse a flock on a descriptor closed by closing()."""
+        if self._retired:
+            self._mutex.release()
+            raise ReadOnlyError("%s is closed" % self.path)
 
     def _check_process(self):
         if os.getpid() != self._pid:
@@ -82,6 +91,7 @@ class WriteLock:
         if not self._mutex.acquire(timeout=max(timeout, 0)):
             raise LockTimeoutError("another thread held the write lock of %s for more than %.3gs"
                                    % (self.path, timeout))
+        self._check_retired()
         try:
             wait = _FIRST_WAIT
             while True:
@@ -107,7 +117,8 @@ class WriteLock:
             raise RuntimeError("the write lock of %s is not held by this thread" % self.path)
         self._owner = None
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            if not self._retired:  # else closing the descriptor gave the flock up
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
         finally:
             self._mutex.release()
 
@@ -121,17 +132,22 @@ class WriteLock:
         under it and was reused.  Yields True if no other process held
         the file lock either (it is then ours, for the caller to tidy the
         file up; closing the descriptor inside the block gives it back).
-        The calling thread's own hold, if any, is simply kept.
+        The calling thread's own hold, if any, is simply kept.  After the
+        block the lock is retired: every later use raises ReadOnlyError.
         """
         self._check_process()
         if self._owner == threading.get_ident():
-            yield False
+            try:
+                yield False
+            finally:
+                self._retired = True
             return
         if timeout is None:
             timeout = self.timeout
         if not self._mutex.acquire(timeout=max(timeout, 0)):
             raise LockTimeoutError("another thread held the write lock of %s for more than %.3gs"
                                    % (self.path, timeout))
+        self._check_retired()
         try:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -140,6 +156,7 @@ class WriteLock:
                 free = False  # another process writes, through its own descriptor
             yield free
         finally:
+            self._retired = True
             self._mutex.release()
 
     def busy(self):
@@ -150,6 +167,9 @@ class WriteLock:
         self._check_process()
         if not self._mutex.acquire(blocking=False):
             return True
+        if self._retired:
+            self._mutex.release()
+            return False
         try:
             # Holding the mutex, no thread of ours holds the flock, so
             # releasing the one we may get here drops nobody else's.

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from dobbin.exc import DobbinError, LockTimeoutError
+from dobbin.exc import DobbinError, LockTimeoutError, ReadOnlyError
 from dobbin.lock import WriteLock, flock_within
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -222,11 +222,14 @@ def test_closing_waits_for_the_writing_thread_then_keeps_threads_out(new_lock):
 
 
 def test_closing_beside_another_process_or_in_the_holding_thread(lock_file, new_lock):
-    lock = new_lock()
+    fd = os.open(lock_file, os.O_RDWR)
+    lock = WriteLock(fd, lock_file, timeout=5)
     lock.acquire()
     with lock.closing() as alone:  # its own hold: kept, nothing to wait for
         assert alone is False and lock.held
+        os.close(fd)
     lock.release()
+    lock = new_lock()
     ready, done = SPAWN.Event(), SPAWN.Event()
     holder = SPAWN.Process(target=_hold_until, args=(lock_file, ready, done))
     holder.start()
@@ -237,6 +240,59 @@ def test_closing_beside_another_process_or_in_the_holding_thread(lock_file, new_
     finally:
         done.set()
         holder.join(60)
+
+
+def _flock_held(path):
+    probe = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(probe)
+
+
+def test_after_closing_the_lock_never_touches_its_descriptor_number_again(lock_file, tmp_path):
+    # A thread that passed the database's "closed?" check before close()
+    # took the lock flocked the closed descriptor's number afterwards: the
+    # number of whatever file opened next, whose lock it then dropped.
+    other = str(tmp_path / "other")
+    open(other, "w").close()
+    fd = os.open(lock_file, os.O_RDWR)
+    lock = WriteLock(fd, lock_file, timeout=1)
+    with lock.closing():
+        os.close(fd)
+    reused = os.open(other, os.O_RDONLY)
+    try:
+        assert reused == fd  # the lowest free number
+        fcntl.flock(reused, fcntl.LOCK_EX)
+        with pytest.raises(ReadOnlyError, match="closed"):
+            lock.acquire()
+        with pytest.raises(ReadOnlyError):
+            with lock.closing():
+                pass
+        assert lock.busy() is False
+        assert _flock_held(other)
+    finally:
+        os.close(reused)
+
+
+def test_a_holder_that_closes_releases_without_touching_the_descriptor(lock_file, tmp_path):
+    other = str(tmp_path / "other")
+    open(other, "w").close()
+    fd = os.open(lock_file, os.O_RDWR)
+    lock = WriteLock(fd, lock_file, timeout=1)
+    lock.acquire()
+    with lock.closing():
+        os.close(fd)
+    reused = os.open(other, os.O_RDONLY)
+    try:
+        fcntl.flock(reused, fcntl.LOCK_EX)
+        lock.release()
+        assert _flock_held(other) and not lock.held
+    finally:
+        os.close(reused)
 
 
 def test_closing_times_out_on_a_thread_that_keeps_the_lock(new_lock):
