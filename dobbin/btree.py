@@ -32,11 +32,11 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, MutableMapping
 from operator import itemgetter
 
-from dobbin.bucket import (Bucket, Length, Node, RangeView, _bucket_state, _buckets_before,
-                           _check_key, _clears, _count, _counter_since, _last_key,
+from dobbin.bucket import (Bucket, Length, Node, RangeView, TreePart, _bucket_state,
+                           _buckets_before, _check_key, _clears, _count, _counter_since, _last_key,
                            _leaves_backwards, _node_state, _walkable_bucket_state)
 from dobbin.exc import ConflictError
-from dobbin.persistent import Persistent, checked_out, checkout, state_of, working_copy
+from dobbin.persistent import checked_out, checkout, state_of, working_copy
 from dobbin.reshape import (all_droppable, built, checkout_for_split, checkout_for_unlink,
                             split_bucket, unlink)
 from dobbin.session import serial_at_checkout, session_hints
@@ -130,7 +130,7 @@ def _pairs_of(other):
 _first = itemgetter(0)
 
 
-class OOBTree(Persistent):
+class OOBTree(TreePart):
     """A persistent, ordered mapping stored as a B-tree of small buckets.
 
     Supports the full mutable mapping API plus ordered ranges

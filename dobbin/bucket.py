@@ -77,7 +77,16 @@ def _same_content(a, b):
         return False
 
 
-class Length(Persistent):
+class TreePart(Persistent):
+    """A B-tree or one of its pieces.  Their own methods check them out, so
+    one that no stored object reaches at commit is a scratch object, not
+    one left out by mistake: the commit keeps it out (and its changes
+    stay its own) rather than failing (session._scratch)."""
+
+    _p_checks_itself_out = True
+
+
+class Length(TreePart):
     """A persistent integer counter whose concurrent changes merge.
 
     `value` is the count.  Transactions that change it concurrently do
@@ -152,7 +161,7 @@ def _counter_since(length, cleared):
     return counter if _clears(counter) == cleared else None
 
 
-class Bucket(Persistent):
+class Bucket(TreePart):
     """A leaf of an `OOBTree`: `keys`, `values`, `next`, `high`.
 
     Only `OOBTree` should create or change buckets.  Concurrent changes to
@@ -253,7 +262,7 @@ def _merge_sorted(old, saved, new):
             out_values.append(chosen)
 
 
-class Node(Persistent):
+class Node(TreePart):
     """An interior node of an `OOBTree`: separator `keys` and `children`.
 
     Only `OOBTree` should create or change nodes.  Nodes change only when a

@@ -22,6 +22,7 @@ from dobbin.interfaces import ISession
 
 _threads = threading.local()
 _object_getattribute = object.__getattribute__
+_object_setattr = object.__setattr__
 
 
 def thread_key():
@@ -178,6 +179,13 @@ def serial_at_checkout(obj):
 _JOINABLE = frozenset({"Active", "Doomed"})
 
 
+def _scratch(obj):
+    """Whether `obj`, new and unconnected at commit, is a scratch object:
+    one of the B-tree's pieces, which its own methods check out (so none
+    was left out by mistake).  Its changes stay its own."""
+    return getattr(type(obj), "_p_checks_itself_out", False)
+
+
 class _Checkout:
     """One checked-out object: its state and serial when checked out."""
 
@@ -289,7 +297,7 @@ class Session:
 
     def tpc_vote(self, txn):
         for entry in self.checkouts.values():
-            if entry.obj._p_oid is None:
+            if entry.obj._p_oid is None and not _scratch(entry.obj):
                 error = ObjectGraphError("%r not connected to graph." % (entry.obj,),
                                          entry.obj)
                 self._record_failure(error)
@@ -314,6 +322,9 @@ class Session:
                     for later, later_pending in commits[index:]:
                         later._p_commit_abort(later_pending)
                     raise
+            for entry in self.checkouts.values():
+                if entry.obj._p_oid is None:  # a scratch piece (the vote checked)
+                    _object_setattr(entry.obj, "__dict__", self.working_state(entry.obj))
         finally:
             self._committing = False
             self._release()

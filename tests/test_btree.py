@@ -21,8 +21,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 
 from dobbin.btree import Bucket, Length, Node, OOBTree, RangeView
 from dobbin.database import Database
-from dobbin.exc import ConflictError
-from dobbin.persistent import checked_out
+from dobbin.exc import ConflictError, ObjectGraphError
+from dobbin.persistent import PersistentDict, checked_out, checkout
 
 from btree_fixtures import (SmallTree, check_invariants, grown, in_other_thread, leaf_for,
                             stored, tree_depth)
@@ -489,6 +489,48 @@ def test_a_scratch_tree_built_from_items_joins_no_transaction(db):
     tree["b"] = 2
     transaction.commit()  # failed: the scratch tree's checkouts were unreachable
     assert dict(tree.items()) == {"a": 1, "b": 2}
+
+
+def test_a_scratch_tree_filled_by_inserts_stays_out_of_the_commit(db):
+    # Its inserts check its new pieces out: an unreachable checkout failed
+    # the commit, even in a thread that had touched no database.
+    root = stored(db, PersistentDict())
+    scratch = SmallTree()
+    for key in range(40):  # splits: new buckets, nodes and a new root
+        scratch[key] = -key
+    checkout(root)
+    root["smallest"] = scratch.minKey()
+    objects = len(db)
+    transaction.commit()
+    assert db.root["smallest"] == 0 and len(db) == objects
+    assert scratch._p_oid is None and list(scratch.items()) == [(k, -k) for k in range(40)]
+    check_invariants(scratch)
+    scratch[40] = -40
+    transaction.abort()  # changes since are undone, like any transaction's
+    assert 40 not in scratch and len(scratch) == 40
+
+    done = []
+
+    def no_database():
+        tree = OOBTree()
+        tree[2], tree[1] = "b", "a"
+        transaction.commit()
+        done.append(list(tree.items()))
+    in_other_thread(no_database)
+    assert done == [[(1, "a"), (2, "b")]]
+
+
+def test_an_object_checked_out_by_hand_and_left_unconnected_still_fails_the_commit(db):
+    root = stored(db, PersistentDict())
+    scratch, forgotten = OOBTree({1: 1}), PersistentDict()
+    scratch[2] = 2
+    checkout(forgotten)
+    checkout(root)
+    root["x"] = 1
+    with pytest.raises(ObjectGraphError):
+        transaction.commit()
+    transaction.abort()
+    assert "x" not in db.root and dict(scratch.items()) == {1: 1}
 
 
 def state(pairs, next=None, high=None):
