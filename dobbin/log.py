@@ -9,6 +9,7 @@ back, bytes kept beside the file) from damage in the middle
 
 import errno
 import fcntl
+import functools
 import os
 import stat
 import struct
@@ -53,6 +54,51 @@ _CREATE_TIMEOUT = 30.0
 _CREATE_GRACE = 0.2
 _IOV_MAX = 512
 DURABILITY = ("fsync", "none")
+
+
+# What a read of a log that closed under it may raise: pread of a closed
+# descriptor, or of whatever file took its number, and checks failing.
+_READ_ERRORS = (OSError, TypeError, DobbinError, Damaged, Incomplete)
+
+
+def _open_log_read(method):
+    """Wrap a read: if close() came meanwhile, the descriptor's number may
+    have named another file during the read, so whatever it got or raised
+    (EBADF, another file's bytes failing a checksum), it raises ReadOnlyError."""
+    @functools.wraps(method)
+    def read(self, *args):
+        try:
+            result = method(self, *args)
+        except _READ_ERRORS:
+            if self.fd is None:
+                raise self._closed_error() from None
+            raise
+        if self.fd is None:
+            raise self._closed_error()
+        return result
+    return read
+
+
+def _open_log_records(method):
+    """`_open_log_read` for a generator of records: checked at each one."""
+    @functools.wraps(method)
+    def records(self, *args):
+        found = method(self, *args)
+        while True:
+            try:
+                record = next(found)
+            except StopIteration:
+                break
+            except _READ_ERRORS:
+                if self.fd is None:
+                    raise self._closed_error() from None
+                raise
+            if self.fd is None:
+                raise self._closed_error()
+            yield record
+        if self.fd is None:
+            raise self._closed_error()
+    return records
 
 
 @implementer(ILog)
@@ -360,6 +406,7 @@ class Log(Recovery, ReservedSpace):
     def size(self):
         return os.fstat(self.fd).st_size
 
+    @_open_log_read
     def at_end(self):
         """Have the records been read to their end (reserved space aside)?"""
         size = self.size()
@@ -371,6 +418,7 @@ class Log(Recovery, ReservedSpace):
         made its fdatasync a third slower (multigrain timestamps, likely)."""
         return os.pread(self.fd, TX_HEADER_SIZE, self.end)
 
+    @_open_log_records
     def follow(self):
         """Yield the complete, valid records after `self.end`, advancing.
 
@@ -395,6 +443,7 @@ class Log(Recovery, ReservedSpace):
             self._advance(record)
             yield record
 
+    @_open_log_records
     def records_before(self, end, max_bytes):
         """`dobbin.reader.records_before` in this log; damage raises DamagedHistoryError."""
         try:
@@ -407,9 +456,13 @@ class Log(Recovery, ReservedSpace):
 
     def _reading_fd(self):
         if self.fd is None:
-            raise ReadOnlyError("%s is closed" % self.path)
+            raise self._closed_error()
         return self.fd
 
+    def _closed_error(self):
+        return ReadOnlyError("%s is closed" % self.path)
+
+    @_open_log_read
     def read_object(self, offset, oid=None):
         """Return `(tid, previous, data)` of the O entry at `offset`, checked."""
         # Most states are small: one read usually brings header and data.
@@ -417,6 +470,7 @@ class Log(Recovery, ReservedSpace):
         block = os.pread(self._reading_fd(), _OBJECT_READ, offset)
         return self._object_in(block, 0, offset, oid)
 
+    @_open_log_read
     def read_objects(self, wanted):
         """Return `{offset: (tid, previous, data)}` for the O entries `wanted`
         (`(offset, oid)` pairs), each checked as by `read_object`.
@@ -445,10 +499,12 @@ class Log(Recovery, ReservedSpace):
     def _object_in(self, block, at, offset, oid):
         return object_entry_in(self._reading_fd(), block, at, offset, oid, self.end, self.path)
 
+    @_open_log_read
     def open_stream(self, offset):
         """Return `(size, chunk_crcs)` of the S entry at `offset`, checked."""
         return stream_entry_at(self._reading_fd(), offset, self.end, self.path)
 
+    @_open_log_read
     def read_stream_chunk(self, offset, chunk_crcs, size, index):
         """Return chunk `index` of the stream whose S entry is at `offset`."""
         start = index * STREAM_CHUNK

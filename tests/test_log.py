@@ -276,6 +276,38 @@ def test_read_stream_chunk_checks_the_chunk(stored, path):
         log.read_stream_chunk(stream, crcs, size, 1)
 
 
+@pytest.mark.parametrize("read", ["object", "objects", "stream", "chunk", "follow", "records"])
+def test_a_read_that_a_close_overtook_raises_read_only_whatever_it_read(
+        stored, tmp_path, monkeypatch, read):
+    # A close() in another thread between a read's descriptor lookup and
+    # its pread gave the number away: the read got EBADF, or read the file
+    # that took the number and reported it as corruption of ours.
+    log, obj, stream = stored
+    size, crcs = log.open_stream(stream)
+    reads = {"object": lambda: log.read_object(obj, 1),
+             "objects": lambda: log.read_objects([(obj, 1)]),
+             "stream": lambda: log.open_stream(stream),
+             "chunk": lambda: log.read_stream_chunk(stream, crcs, size, 0),
+             "follow": lambda: list(log.follow()),
+             "records": lambda: list(log.records_before(log.end, 1 << 20))}
+    other = tmp_path / "other"
+    other.write_bytes(os.urandom(1 << 18))
+    number, real_pread, opened = log.fd, os.pread, []
+
+    def pread(fd, length, offset):
+        if not opened:
+            log.close()
+            opened.append(os.open(other, os.O_RDONLY))  # the lowest free number
+        return real_pread(fd, length, offset)
+    monkeypatch.setattr(os, "pread", pread)
+    try:
+        with pytest.raises(ReadOnlyError, match="is closed"):
+            reads[read]()
+        assert opened == [number]
+    finally:
+        os.close(opened[0])
+
+
 # -- writing: durability and refusals --------------------------------------------------
 
 
