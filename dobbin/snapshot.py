@@ -129,6 +129,8 @@ def _write_snapshot(target, streams, entries, oid_high):
             record = target._log.append(COMMITTED, oid_high, commit.streams + entries)
             commit.published = True
             target._apply(record)
+            # Else every open of a big snapshot would replay all of it.
+            target._maybe_checkpoint()
     finally:
         if commit is not None:
             commit.unstage(target._log)  # unless published

@@ -21,11 +21,12 @@ from transaction.interfaces import TransientError
 
 from conftest import child_env, commit_in_thread, flip_bit, in_commit_order
 from dobbin.commit import Commit
-from dobbin.database import Database, PersistentStream
+from dobbin.database import CHECKPOINT_MIN_BYTES, Database, PersistentStream
 from dobbin.exc import (ConflictError, CorruptionError, DobbinError, HistoryError, LoadError,
                         LockTimeoutError, ReadConflictError, ReadOnlyError, UnstorableError,
                         WriteConflictError)
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
+from dobbin.log import Log
 from dobbin.stream import BLOCK
 
 
@@ -558,7 +559,6 @@ def test_a_commit_leaves_nothing_of_itself_in_the_reused_writer(open_db):
 
 
 def test_verify_waits_for_a_record_half_written_by_a_live_writer(open_db, monkeypatch):
-    from dobbin.log import Log
     writer = open_db()
     root = PersistentDict()
     writer.elect(root)
@@ -742,6 +742,28 @@ def test_snapshot_until_gives_state_as_of_that_transaction(open_db, tmp_path):
     assert describe(target) == expected
     assert not hasattr(target.root, "stream")
     assert not hasattr(target.get(first[0]._p_oid), "changed")
+
+
+def test_a_big_snapshot_is_opened_from_a_checkpoint_not_replayed(open_db, tmp_path):
+    # Its one record had no checkpoint after it: every open replayed it,
+    # reading and checking every state and every stored file's bytes.
+    db, root = new_container_db(open_db)
+    checkout(root)
+    root.big = PersistentFile(io.BytesIO(os.urandom(CHECKPOINT_MIN_BYTES * 4)))
+    add_new(root, 200)
+    transaction.commit()
+    target = open_db(str(tmp_path / "target.dobbin"))
+    db.snapshot(target)
+    target.close()
+    log = Log(target.path, read_only=True)
+    try:
+        checkpoint = log.open_checkpoint()
+        assert checkpoint is not None and checkpoint.tid == 1
+        assert list(log.recover()) == []  # nothing left to replay
+    finally:
+        log.close()
+    target = open_db(target.path)
+    assert len(target) == len(db) and target.verify()["ok"]
 
 
 @pytest.mark.parametrize("until", [True, 1.0, "1", -1, 99])
