@@ -157,6 +157,8 @@ class ObjectCache:
             self._drop_state(oid, obj)
         # States that stayed because they are checked out would be scanned
         # again on every load (quadratic in a big commit): try again only
-        # once the cache has grown by another eighth.
-        self._evict_retry_at = (self.loaded_bytes + cache_size // 8
-                                if self.loaded_bytes > cache_size else 0)
+        # once the cache has grown by another eighth, of the bound or of
+        # what it holds, whichever is more (with a tiny bound, the latter).
+        self._evict_retry_at = (
+            self.loaded_bytes + max(cache_size, self.loaded_bytes) // 8
+            if self.loaded_bytes > cache_size else 0)

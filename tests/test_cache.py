@@ -114,6 +114,26 @@ def test_a_cache_full_of_checked_out_states_is_not_rescanned_on_every_install():
     assert cache.loaded_bytes <= cache.cache_size
 
 
+def test_checked_out_states_far_past_a_tiny_bound_are_rescanned_rarely(monkeypatch):
+    # With a bound of a byte, "another eighth of the bound" was nothing:
+    # every install scanned every pinned state again (quadratic).
+    cache = ObjectCache(1)
+    passes = []
+    real_evict = ObjectCache._evict
+    monkeypatch.setattr(ObjectCache, "_evict", lambda self: passes.append(real_evict(self)))
+    pinned = []
+    for oid in range(1, 2001):
+        obj = loaded(cache, oid)
+        obj._p_local = {"a thread": {}}
+        pinned.append(obj)
+    assert len(cache.loaded) == 2000
+    assert len(passes) < 100  # geometric: about log(2000) / log(9/8) passes
+    for obj in pinned:
+        obj._p_local = None
+    loaded(cache, 3000, size=cache.loaded_bytes)  # past the next eighth
+    assert list(cache.loaded) == [3000]
+
+
 def test_a_state_is_billed_for_the_ghosts_its_load_made(tmp_path):
     import transaction
 
