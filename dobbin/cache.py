@@ -149,16 +149,18 @@ class ObjectCache:
                 break
             victims.append((oid, obj))
             excess -= _size_of(obj)
+        spared = 0
         for oid, obj in victims:
             if _checkouts_of(obj):
                 del loaded[oid]
                 loaded[oid] = obj  # checked out, so in use: now the newest
+                spared += _size_of(obj)
                 continue
             self._drop_state(oid, obj)
         # States that stayed because they are checked out would be scanned
         # again on every load (quadratic in a big commit): try again only
-        # once the cache has grown by another eighth, of the bound or of
-        # what it holds, whichever is more (with a tiny bound, the latter).
+        # once the cache has grown by another eighth of the bound, or of
+        # the states spared, if more (so the scans add up to a few per load).
         self._evict_retry_at = (
-            self.loaded_bytes + max(cache_size, self.loaded_bytes) // 8
+            self.loaded_bytes + max(cache_size, spared) // 8
             if self.loaded_bytes > cache_size else 0)
