@@ -31,7 +31,7 @@ from dobbin.serialize import StateWriter, load_state
 from dobbin.commit import Commit, message_of
 from dobbin.session import (Synchronizer, copy_state, current_session, note_root_seen,
                             root_seen)
-from dobbin.snapshot import snapshot, verify, version_data
+from dobbin.snapshot import ROOTLESS, snapshot, verify, version_data
 from dobbin.stream import PersistentFile, PersistentStream
 
 __all__ = ["Database", "PersistentStream"]
@@ -171,6 +171,8 @@ class Database:
                 return None
             root = self._root
             if root is None or root._p_oid != oid:
+                if not self._index.offset_of(oid):
+                    raise CorruptionError(ROOTLESS % oid, self.path)
                 root = self._root = self.get(oid)
             return root
 

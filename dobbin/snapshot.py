@@ -24,6 +24,9 @@ from dobbin.stream import PersistentStream, copy_source
 # How long verify() waits for a writer to finish the record it is writing.
 TAIL_WAIT = 1.0
 
+# A root entry naming an object no record stores: only a forged file has one.
+ROOTLESS = "the root is oid %d, which no record stores"
+
 
 class _Reference:
     """A reference read from a record without touching any cache."""
@@ -172,6 +175,9 @@ def verify(db):
             report["errors"].append("damaged index checkpoint at offset %d (skipped; the "
                                     "log rebuilds it): %s" % (offset, reason))
         with db._state_lock:
+            root = db._index.root_oid()
+            if root is not None and not db._index.offset_of(root):
+                report["errors"].append(ROOTLESS % root)
             for oid, offset in latest.items():
                 current = db._index.offset_of(oid)
                 # Either side may have read commits the other has not.

@@ -26,7 +26,7 @@ from dobbin.exc import (ConflictError, CorruptionError, DobbinError, HistoryErro
                         LockTimeoutError, ReadConflictError, ReadOnlyError, UnstorableError,
                         WriteConflictError)
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
-from dobbin.log import Log
+from dobbin.log import COMMITTED, Log, RootEntry
 from dobbin.stream import BLOCK
 
 
@@ -764,6 +764,19 @@ def test_a_big_snapshot_is_opened_from_a_checkpoint_not_replayed(open_db, tmp_pa
         log.close()
     target = open_db(target.path)
     assert len(target) == len(db) and target.verify()["ok"]
+
+
+def test_a_root_entry_naming_no_stored_object_is_corruption(db_path):
+    # Checksums all sound (only a forged file has one): a bare KeyError
+    # came out of db.root, and verify() called the file sound.
+    log = Log(db_path, durability="none")
+    log.append(COMMITTED, 5, [RootEntry(3)])
+    log.close()
+    with Database(db_path) as db:
+        report = db.verify()
+        assert not report["ok"] and "root is oid 3" in report["errors"][0]
+        with pytest.raises(CorruptionError, match="root is oid 3, which no record stores"):
+            db.root
 
 
 @pytest.mark.parametrize("until", [True, 1.0, "1", -1, 99])
