@@ -19,7 +19,11 @@ from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, FILE_HEADER_SIZE, KIND
 from dobbin.recovery import INCOMPLETE
 from dobbin.meta import transaction_info
 from dobbin.serialize import StateWriter, load_state
-from dobbin.stream import PersistentStream, copy_source
+from dobbin.stream import PersistentStream, StreamSpan, copy_source
+
+# Small streams a snapshot holds in memory, at most, before it stages the
+# rest block by block like big ones (each staging costs a sync).
+HELD_STREAM_BYTES = 16 << 20
 
 # How long verify() waits for a writer to finish the record it is writing.
 TAIL_WAIT = 1.0
@@ -77,6 +81,7 @@ def snapshot(source, target, until=None):
                          % (source.last_tid, until))
     streams, stream_offsets, objects = [], {}, []
     position = [FILE_HEADER_SIZE + TX_HEADER_SIZE]
+    held = [0]  # bytes of small streams held until the record is written
 
     def reference(pid):
         key, value = pid
@@ -89,7 +94,13 @@ def snapshot(source, target, until=None):
             # Stream bytes are copied (large ones block by block when the
             # record is written): the target must not point into us.
             if value.offset not in stream_offsets:
-                data = copy_source(PersistentStream(source, value.offset))
+                stream = PersistentStream(source, value.offset)
+                if held[0] + stream.size > HELD_STREAM_BYTES:
+                    data = StreamSpan(stream)  # staged: any number of files fit
+                else:
+                    data = copy_source(stream)
+                    if type(data) is bytes:
+                        held[0] += len(data)
                 stream_offsets[value.offset] = position[0]
                 position[0] += stream_entry_size(len(data))
                 streams.append(data)

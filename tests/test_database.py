@@ -695,6 +695,32 @@ def test_snapshot_copies_stream_bytes_into_target(open_db, db_path, tmp_path):
     assert b"".join(leaf.small) == b"abc"
 
 
+def test_snapshot_holds_small_streams_in_memory_up_to_a_bound(open_db, tmp_path, monkeypatch):
+    # Every stream under the staging size was held whole until the one
+    # record was written: memory grew with the database.
+    import dobbin.snapshot
+    monkeypatch.setattr(dobbin.snapshot, "HELD_STREAM_BYTES", 256 << 10)
+    db = open_db()
+    root = Container()
+    checkout(root)
+    files = [os.urandom(100 << 10) for _ in range(12)]  # 1.2 MiB, each held if alone
+    root.items = [PersistentFile(io.BytesIO(data)) for data in files]
+    db.elect(root)
+    transaction.commit()
+    target = open_db(str(tmp_path / "target.dobbin"))
+    tracemalloc.start()
+    try:
+        db.snapshot(target)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 700 << 10
+    target.close()
+    target = open_db(target.path)
+    assert [b"".join(stream) for stream in target.root.items] == files
+    assert target.verify()["ok"]
+
+
 def test_snapshot_copies_a_large_stream_block_by_block(open_db, tmp_path):
     data = os.urandom(6 * BLOCK + 5)
     db = open_db()
