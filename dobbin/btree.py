@@ -561,7 +561,7 @@ class OOBTree(TreePart):
             return value
         return type(self)._store(self, key, default, False)
 
-    def update(self, other=(), **kwargs):
+    def update(self, other=(), /, **kwargs):
         """Store every item of `other` (a mapping, or an iterable of
         pairs) and then of `kwargs`, like dict.update."""
         for key, value in _pairs_of(other):

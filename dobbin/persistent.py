@@ -87,7 +87,7 @@ def _wrap_init(init):
     # Attributes set while __init__ runs go straight to the new object's
     # state; afterwards the object is read-only like any other.
     @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
+    def __init__(self, /, *args, **kwargs):
         outer = _get_init(self)
         _set_init(self, _get_ident())
         try:
@@ -380,7 +380,7 @@ class PersistentDict(Persistent):
     It behaves like `dict`; every mutation needs a checkout.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, /, *args, **kwargs):  # positional-only: dict(self=1) works
         self._data = dict(*args, **kwargs)
 
     def _items_for_writing(self):
@@ -467,7 +467,7 @@ class PersistentDict(Persistent):
     def setdefault(self, key, default=None):
         return self._items_for_writing().setdefault(key, default)
 
-    def update(self, *args, **kwargs):
+    def update(self, /, *args, **kwargs):
         self._items_for_writing().update(*args, **kwargs)
 
     def __ior__(self, other):

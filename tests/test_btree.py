@@ -155,6 +155,8 @@ def test_mapping_api():
     tree.update([("e", 5)])
     assert list(tree.items()) == [("a", 1), ("b", 2), ("c", 3), ("d", 4),
                                   ("e", 5)]
+    tree.update(other=6, self=7)  # names of parameters: items all the same
+    assert tree.pop("other") == 6 and tree.pop("self") == 7
     assert tree.pop("a") == 1 and tree.pop("a", None) is None
     with pytest.raises(KeyError):
         tree.pop("a")

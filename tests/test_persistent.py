@@ -284,7 +284,10 @@ def test_dict_mutating_api_matches_dict_when_checked_out():
         target.update(h=8)
         target.update({"i": 9}, j=10)
         assert target.popitem() == ("j", 10)  # last in, first out
+        target.update(self=11, other=12)  # names of parameters: items all the same
+        assert [target.popitem() for _ in range(2)] == [("other", 12), ("self", 11)]
     assert pdict == plain
+    assert PersistentDict(self=1, other=2) == {"self": 1, "other": 2}
     assert list(pdict.items()) == list(plain.items())
     pdict.clear()
     assert pdict == {} and len(pdict) == 0
