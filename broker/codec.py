@@ -170,7 +170,8 @@ class Codec:
             return obj
         if t is int:
             if not _INT_MIN <= obj <= _INT_MAX:
-                raise EncodeError("integer %d does not fit in 64 bits" % obj)
+                raise EncodeError("an integer outside the 64-bit range (%d bits)"
+                                  % obj.bit_length())
             return obj
         if t not in _KINDS:
             return self._convert_other(obj, t)
@@ -208,7 +209,8 @@ class Codec:
             return obj
         if t is int:
             if not _INT_MIN <= obj <= _INT_MAX:
-                raise EncodeError("integer %d does not fit in 64 bits" % obj)
+                raise EncodeError("an integer outside the 64-bit range (%d bits)"
+                                  % obj.bit_length())
             return obj
         if t in _KINDS:
             return self._convert_container(obj, t, state, depth)

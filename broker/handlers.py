@@ -495,7 +495,7 @@ class Handlers:
             txn.setExtendedInfo(COMMIT_MARK, commit_mark(f["token"], f["rid"], {}))
             result = func(*args, **kwargs)
             # As for a client's commit: nothing it stores may be unsendable.
-            check_sendable(changed_in_transaction(self.db), self.exports,
+            check_sendable(changed_in_transaction(self.db, self.exports), self.exports,
                            self._sizing_codec)
             transaction.commit()
         except BaseException:

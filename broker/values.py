@@ -12,6 +12,7 @@ from collections import Counter
 
 from broker.codec import ABSENT, MAX_DEPTH
 from broker.exc import EncodeError, ProtocolError
+from broker.export import hidden_item
 from broker.keys import MAC_SIZE, Key
 from dobbin.btree import OOBTree
 from dobbin.bucket import Bucket, Length, Node
@@ -167,46 +168,53 @@ def check_sendable(touched, exports, codec):
                                 "%s" % (key, error)) from None
 
 
-def changed_in_transaction(database):
+def changed_in_transaction(database, exports):
     """A `Touched` of what the calling thread's transaction changed in
     `database`, for `check_sendable` before an application method's
-    commit: the objects it checked out and the new objects they reach.
-    Mappings count as their new or changed items, which clients read
-    page by page; a B-tree's buckets as their items alone."""
+    commit: the objects it checked out and the new objects clients can
+    reach from them.  Mappings count as their new or changed items, which
+    clients read page by page; a B-tree's buckets as their items alone.
+    What `exports` hides from clients is left out: it is never sent."""
     touched = Touched()
     seen, pending = set(), []
     for entry in transaction_checkouts(database):
         seen.add(id(entry.obj))
-        _add_changes(touched, entry.obj, entry.old, pending)
+        _add_changes(touched, entry.obj, entry.old, pending, exports)
     while pending:
         obj = pending.pop()
         if id(obj) not in seen:
             seen.add(id(obj))
-            _add_changes(touched, obj, None, pending)
+            _add_changes(touched, obj, None, pending, exports)
     return touched
 
 
-def _add_changes(touched, obj, old, pending):
+def _add_changes(touched, obj, old, pending, exports):
     """Add `obj`'s changes since state `old` (None: it is new) to
-    `touched`, and the new objects its state refers to to `pending`."""
+    `touched`, and the new objects clients can reach from it to `pending`."""
     state = state_of(obj)
-    if isinstance(obj, Bucket):
-        items = zip(state["keys"], state["values"])
-        before = zip(old["keys"], old["values"]) if old else ()
-    elif isinstance(obj, PersistentDict):
-        # .get: server.obj_new makes objects without running __init__.
-        items = state.get("_data", {}).items()
-        before = old.get("_data", {}).items() if old else ()
-        touched.append(obj)  # its attributes
-    else:
+    if isinstance(obj, (Bucket, Node, Length)):
+        # Tree internals: no client reads them, only a bucket's items.
         items = before = ()
-        if not isinstance(obj, (Node, Length)):  # tree internals: no client reads them
-            touched.append(obj)
+        if isinstance(obj, Bucket):
+            items = zip(state["keys"], state["values"])
+            before = zip(old["keys"], old["values"]) if old else ()
+        reachable = state
+    else:
+        rules = exports.lookup(type(obj))
+        touched.append(obj)  # its attributes
+        reachable = rules.filter_state(state)
+        items = before = ()
+        if isinstance(obj, PersistentDict):
+            # .get: server.obj_new makes objects without running __init__.
+            items = [(item, value) for item, value in state.get("_data", {}).items()
+                     if not hidden_item(rules, item)]
+            before = old.get("_data", {}).items() if old else ()
+            reachable = [reachable, dict(items)]
     was = dict(before)
     description = "a %s" % type(obj).__name__
     touched.items.extend((description, item, value) for item, value in items
                          if item not in was or not same_value(was[item], value))
-    _find_new(state, pending)
+    _find_new(reachable, pending)
 
 
 def _find_new(state, pending):

@@ -248,7 +248,8 @@ def test_changed_in_transaction_lists_changes_and_the_new_objects_they_reach(ope
     root.tree = OOBTree({"kept": "same", "changed": 1})
     db.elect(root)
     transaction.commit()
-    assert list(changed_in_transaction(db)) == [] and changed_in_transaction(db).items == []
+    unchanged = changed_in_transaction(db, ExportRegistry())
+    assert list(unchanged) == [] and unchanged.items == []
 
     checkout(root)
     root["changed"] = 2.0  # 1 and 1.0 differ for clients
@@ -256,7 +257,7 @@ def test_changed_in_transaction_lists_changes_and_the_new_objects_they_reach(ope
     root["added"] = [new]  # reached only through the item
     root.tree["changed"] = 2
     root.tree.update(("k%03d" % n, n) for n in range(100))  # splits: new buckets, nodes
-    touched = changed_in_transaction(db)
+    touched = changed_in_transaction(db, ExportRegistry())
     # The tree for its attributes (a root split changed it); no pieces.
     assert set(map(type, touched)) == {PersistentDict, Item, OOBTree}
     assert new in touched and root in touched
@@ -265,6 +266,41 @@ def test_changed_in_transaction_lists_changes_and_the_new_objects_they_reach(ope
     assert ("a Bucket", "changed") in items and ("a Bucket", "k099") in items
     assert ("a PersistentDict", "kept") not in items  # (a split moved the tree's "kept")
     transaction.abort()
+
+
+def test_changed_in_transaction_leaves_out_what_clients_never_see(open_db):
+    # A hidden item, and a new object reached only through a hidden field,
+    # were checked as if sent: an exported method storing one that the
+    # codec refuses was refused, and the message showed the hidden value.
+    import transaction
+    from dobbin.persistent import checkout
+    from broker.values import changed_in_transaction
+    db = open_db(durability="none")
+    exports = ExportRegistry()
+    exports.export_class(PersistentDict, hidden="password")
+    exports.export_class(Item, hidden="vault")
+    root = PersistentDict()
+    checkout(root)
+    root.holder = Item("holder")
+    db.elect(root)
+    transaction.commit()
+    checkout(root)
+    root["password"], root["owner"] = 2 ** 70, "me"
+    checkout(root.holder)
+    secret, seen = Item(2 ** 70), Item("seen")
+    root.holder.vault, root.holder.friend = secret, seen
+    touched = changed_in_transaction(db, exports)
+    assert [item for _, item, _ in touched.items] == ["owner"]
+    assert seen in touched and secret not in touched
+    check_sendable(touched, exports, Codec(default=placeholder_key))
+    transaction.abort()
+
+
+def test_an_integer_too_big_to_send_is_not_quoted():
+    with pytest.raises(ProtocolError) as refused:
+        check_sendable(Touched(items=[("a Vault", "pin", 12345 ** 9)]), ExportRegistry(), Codec())
+    assert "an integer outside the 64-bit range (123 bits)" in str(refused.value)
+    assert str(12345 ** 9) not in str(refused.value)
 
 
 def test_changed_in_transaction_takes_a_mapping_made_without_its_init(open_db):
@@ -282,7 +318,7 @@ def test_changed_in_transaction_takes_a_mapping_made_without_its_init(open_db):
     made.title = "no items"
     checkout(root)
     root["made"] = made
-    touched = changed_in_transaction(db)
+    touched = changed_in_transaction(db, ExportRegistry())
     assert any(obj is made for obj in touched)
     assert [item for _, item, _ in touched.items] == ["made"]
     transaction.abort()
