@@ -26,7 +26,7 @@ from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT
 from dobbin.recovery import INCOMPLETE
 from dobbin.meta import meta_entry, recent_transactions
 from dobbin.notify import Notifier
-from dobbin.persistent import Persistent, ghost_oid, new_ghost
+from dobbin.persistent import Persistent, _set_oid, ghost_oid, new_ghost
 from dobbin.serialize import StateWriter, load_state
 from dobbin.commit import Commit, message_of
 from dobbin.session import (Synchronizer, copy_state, current_session, note_root_seen,
@@ -512,7 +512,7 @@ class Database:
         commit.resume_collector()
         if not commit.published:
             for obj in commit.new:
-                obj._p_oid = None
+                _set_oid(obj, None)
             for obj in commit.adopted:
                 obj._p_jar = None
         if commit.locked:

@@ -26,7 +26,8 @@ class IPersistent(Interface):
         """The object id, an int unique for the life of the file, or None.
 
         Assigned by the database when the object is first committed;
-        never reused, not even after a failed commit or a reopen.
+        never reused, not even after a failed commit or a reopen.  Setting
+        it raises AttributeError.
         """)
 
     _p_jar = Attribute(

@@ -168,6 +168,10 @@ class Persistent:
 
     def __setattr__(self, name, value):
         if name[:1] == "_" and name[:3] == "_p_":  # one character: no new string
+            if name == "_p_oid":
+                # A stored object under another oid would write records the
+                # next open calls corrupt.
+                raise AttributeError("_p_oid is set by the database only")
             return _object_setattr(self, name, value)
         # _writable_state(), inlined: every attribute an __init__ sets comes here.
         table = _get_local(self)

@@ -89,6 +89,22 @@ def test_checkout_of_an_object_of_a_closed_database_raises_at_once(db_path):
 
 # -- __init__ runs once ----------------------------------------------------------
 
+def test_the_oid_is_the_databases_to_set(open_db):
+    # A stored object given another oid was written under it: the next open
+    # of the file called the record corrupt (an oid above its oid high).
+    db = open_db()
+    root = PersistentDict()
+    db.elect(root)
+    transaction.commit()
+    for obj in (root, Persistent()):
+        with pytest.raises(AttributeError, match="_p_oid is set by the database only"):
+            obj._p_oid = 999
+    assert root._p_oid == 1
+    checkout(root)
+    root._p_local = root._p_local  # other _p_ attributes stay settable
+    transaction.abort()
+
+
 def test_init_runs_once_not_on_load_reopen_or_catch_up(open_db):
     Counted.inits = 0
     db, root = stored_root(open_db)
