@@ -87,8 +87,10 @@ class BrokerClient:
 
     def _server_changed(self):
         # Another server instance answered (a restart): what we know of
-        # invalidations may have holes, and the broadcast endpoint may move.
+        # invalidations may have holes, the broadcast endpoint may move, and
+        # the classes' export rules may be others.
         self._invalidations.restarted()
+        self._metas.clear()
         self._hello()
 
     # -- codec hooks -----------------------------------------------------------

@@ -54,7 +54,7 @@ class Handlers:
         self.exports = server.exports
         self.keyring = server.keyring
         # Encodes records only to see that they fit (see check_sendable).
-        self._sizing_codec = Codec(default=placeholder_key, max_message=server.max_message)
+        self.sizing_codec = Codec(default=placeholder_key, max_message=server.max_message)
 
     # -- resolving keys ------------------------------------------------------
 
@@ -299,7 +299,7 @@ class Handlers:
             txn = transaction.begin()
             try:
                 touched = self.apply_commit(f)
-                check_sendable(touched, self.exports, self._sizing_codec)
+                check_sendable(touched, self.exports, self.sizing_codec)
                 mark = commit_mark(f["token"], f["rid"], touched.created)
                 txn.setExtendedInfo(COMMIT_MARK, mark)
                 transaction.commit()
@@ -491,16 +491,19 @@ class Handlers:
             raise ResultLost("%r ran before the server restarted (transaction %d); its "
                              "result was not kept" % (name, f["recorded"].tid))
         txn = transaction.begin()
+        self.server._in_request(txn)  # the server's obj_update etc. join it
         try:
             txn.setExtendedInfo(COMMIT_MARK, commit_mark(f["token"], f["rid"], {}))
             result = func(*args, **kwargs)
             # As for a client's commit: nothing it stores may be unsendable.
             check_sendable(changed_in_transaction(self.db, self.exports), self.exports,
-                           self._sizing_codec)
+                           self.sizing_codec)
             transaction.commit()
         except BaseException:
             transaction.abort()
             raise
+        finally:
+            self.server._in_request(None)
         f["committed"] = True
         try:
             return Record(ok_value(self.server._codec, result))

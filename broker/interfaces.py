@@ -301,21 +301,29 @@ class IBrokerServer(Interface):
         """Stop serving: stop and join every thread, close every socket.
 
         Idempotent.  Requests in flight are answered or dropped; clients
-        retry them against the next server on the address.
+        retry them against the next server on the address.  Called by a
+        method the server runs (a do_NAME), it returns at once, and another
+        thread stops the server once that method has returned.
         """
 
     def export_class(cls, **options):
-        """Shorthand for exports.export_class; call before start()."""
+        """Shorthand for exports.export_class; before start() (or after
+        stop()), else broker.exc.ExportError."""
 
     def add_static(obj, *path):
-        """Serve `obj` under the application-chosen key path (str/int parts).
+        """Serve `obj` under the application-chosen key path: 1 to 16 parts,
+        each a str of at most 256 characters or a 64-bit int (else
+        broker.exc.ExportError).
 
         Clients get it with client.static(*path); the key is stable across
-        restarts as long as the application registers the same path.
+        restarts as long as the application registers the same path.  An
+        object may have several paths; replacing the object at a path is
+        broadcast like a change of it.
         """
 
     def del_static(*path):
-        """Stop serving the static object at `path`."""
+        """Stop serving the static object at `path` (KeyError if none), and
+        broadcast it."""
 
     def key_for(obj):
         """Return the signed Key of a persistent (stored) or static object."""
@@ -324,7 +332,7 @@ class IBrokerServer(Interface):
         """Create an instance of `cls`, check it out in the calling thread and set fields.
 
         __init__ is not run (the fields are the whole state), as for objects
-        clients create.
+        clients create; a PersistentDict's or OOBTree's base __init__ is.
         It is stored by the next commit that makes it reachable (obj_update).
         """
 
@@ -332,13 +340,41 @@ class IBrokerServer(Interface):
         """Set fields of `obj` and commit the calling thread's transaction.
 
         For a persistent object this is one Dobbin transaction (which clients
-        learn of through the usual invalidation broadcast); for a static
-        object, the attributes are set and a static invalidation is
-        broadcast.  Returns the new tid (None for statics).
+        learn of through the usual invalidation broadcast), refused like a
+        client's commit (ProtocolError) if it would store what clients could
+        not be sent; for a static object, the attributes are set and a
+        static invalidation is broadcast.  Returns the new tid (None for
+        statics, and inside a request).  All or nothing: a failure leaves
+        the transaction as it was before the call.  Private names (a
+        leading "_") are an ExportError.  Called while the server runs a
+        method for a client (do_NAME or an exported method), the change
+        joins that request's transaction, which commits when it returns.
         """
 
     def obj_delete(container, name):
-        """Delete item `name` of a mapping or attribute `name` of an object, and commit."""
+        """Delete item `name` of a mapping or attribute `name` of an object,
+        and commit, as obj_update does."""
+
+
+class IStatics(Interface):
+    """The non-persistent objects a server exports, by key path.
+
+    Thread-safe.  An object may be registered at several paths; it is
+    known by its first while it has any (then it may go, and its id() be
+    another object's).
+    """
+
+    def add(obj, path):
+        """Serve `obj` at tuple `path`; return the object replaced there, or None."""
+
+    def remove(path):
+        """Stop serving the object at `path` and return it; KeyError if none."""
+
+    def get(path):
+        """The object at `path`; KeyError if none."""
+
+    def path_of(obj):
+        """The first path `obj` is served at, or None."""
 
 
 class IBrokerClient(Interface):

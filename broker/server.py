@@ -41,7 +41,6 @@ import time
 import traceback
 
 import msgpack
-import transaction
 import zmq
 from zope.interface import implementer
 
@@ -54,11 +53,11 @@ from broker.history import InvalidationHistory
 from broker.interfaces import IBrokerServer
 from broker.keys import KeyRing, load_or_create_secret, secret_path_for
 from broker.outcomes import WAIT, CommitOutcomes, Recorded
+from broker.serverside import ServerSideChanges
 from broker.states import Record, StateCache, seal
 from broker.transport import (bound, broadcast_address_for, curve_authenticator, recv_frames,
                               send_frames, set_curve_key)
 from dobbin.exc import DamagedHistoryError, DobbinError
-from dobbin.persistent import Persistent, checkout
 
 logger = logging.getLogger("broker.server")
 
@@ -80,7 +79,7 @@ MAX_QUEUED_BYTES = 16 * 1024 * 1024
 
 
 @implementer(IBrokerServer)
-class BrokerServer:
+class BrokerServer(ServerSideChanges):
     """Serves `db` at `address` ("tcp://127.0.0.1:*", "ipc:///path"...).
 
     `broadcast` is the PUB endpoint (default: same host, any port; for
@@ -121,8 +120,7 @@ class BrokerServer:
         self.requests = collections.Counter()
         self.curve_secret_key = curve_secret_key
         self.curve_allow = curve_allow
-        self._statics = {}
-        self._static_paths = {}
+        self._init_server_side()
         self._handlers = Handlers(self)
         self._ops = {op: getattr(self._handlers, "op_" + op) for op in protocol.REQUESTS}
         # The MAC check is a pure function of a key's bytes: remember its results.
@@ -151,76 +149,15 @@ class BrokerServer:
     # -- configuration -----------------------------------------------------------
 
     def export_class(self, cls, **options):
+        if self._running:
+            # The states it sent and cached went by the old rules.
+            raise exc.ExportError("export_class() goes before start() (or after stop())")
         return self.exports.export_class(cls, **options)
-
-    def add_static(self, obj, *path):
-        path = _check_path(path)
-        self._statics[path] = obj
-        self._static_paths[id(obj)] = path
-
-    def del_static(self, *path):
-        obj = self._statics.pop(_check_path(path))
-        self._static_paths.pop(id(obj), None)
-
-    def static_object(self, path):
-        try:
-            return self._statics[tuple(path)]
-        except KeyError:
-            raise KeyError("no static object at %r" % (tuple(path),)) from None
-
-    def key_for(self, obj):
-        if isinstance(obj, Persistent) and obj._p_oid is not None:
-            return self.keyring.sign("o", obj._p_oid)
-        path = self._static_paths.get(id(obj))
-        if path is not None:
-            return self.keyring.sign("s", path)
-        # Its type only: a repr shows fields and server addresses.
-        raise exc.EncodeError("an object of type %s is neither stored nor static"
-                              % type(obj).__name__)
 
     def _check_key(self, key):
         if key.kind != "n":
             self.keyring.verify(key)
         return key
-
-    # -- server-side changes -------------------------------------------------------
-
-    def obj_new(self, cls, **fields):
-        # Like objects clients create: __init__ is not run, `fields` are the state.
-        obj = cls.__new__(cls)
-        checkout(obj)
-        for name, value in fields.items():
-            setattr(obj, name, value)
-        return obj
-
-    def obj_update(self, obj, **fields):
-        if not isinstance(obj, Persistent):
-            for name, value in fields.items():
-                setattr(obj, name, value)
-            path = self._static_paths.get(id(obj))
-            if path is not None:
-                self._broadcast_statics([list(path)])
-            return None
-        checkout(obj)
-        for name, value in fields.items():
-            setattr(obj, name, value)
-        transaction.commit()
-        return obj._p_serial
-
-    def obj_delete(self, container, name):
-        if isinstance(container, Persistent):
-            checkout(container)
-        if hasattr(container, "keys") and hasattr(container, "__delitem__"):
-            del container[name]
-        else:
-            delattr(container, name)
-        if isinstance(container, Persistent):
-            transaction.commit()
-            return container._p_serial
-        path = self._static_paths.get(id(container))
-        if path is not None:
-            self._broadcast_statics([list(path)])
-        return None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -247,7 +184,25 @@ class BrokerServer:
             pub = self._socket(zmq.PUB)
             pub.setsockopt(zmq.SNDHWM, BROADCAST_QUEUE)
             self.broadcast_address = bound(pub, self.requested_broadcast)
+            self._new_instance()
+            self.db.sync()
+            # No callback runs while the database's notify lock is held (a
+            # private lock of dobbin.database.Database): every transaction
+            # after `tid` reaches _on_commit, and none up to it is mistaken
+            # for a new one.
+            with getattr(self.db, "_notify_lock", None) or contextlib.nullcontext():
+                tid = self.db.last_tid
+                self.history = InvalidationHistory(tid, self.history.size,
+                                                   self.history.max_oids)
+                self.states = StateCache(tid, self.states.max_bytes)
+                self._last_broadcast = tid
+                self._pub = pub
+                self.db.subscribe(self._on_commit)
         except BaseException:
+            # Nothing left bound or running.
+            with contextlib.suppress(ValueError):
+                self.db.unsubscribe(self._on_commit)
+            self._pub = None
             for sock in (router, pub):
                 if sock is not None:
                     sock.close(0)
@@ -255,18 +210,6 @@ class BrokerServer:
             self._context.term()
             self._context = None
             raise
-        self._new_instance()
-        self.db.sync()
-        # No callback runs while the database's notify lock is held (a private
-        # lock of dobbin.database.Database): every transaction after `tid`
-        # reaches _on_commit, and none up to it is mistaken for a new one.
-        with getattr(self.db, "_notify_lock", None) or contextlib.nullcontext():
-            tid = self.db.last_tid
-            self.history = InvalidationHistory(tid, self.history.size, self.history.max_oids)
-            self.states = StateCache(tid, self.states.max_bytes)
-            self._last_broadcast = tid
-            self._pub = pub
-            self.db.subscribe(self._on_commit)
         self._running = True
         self._stopping = threading.Event()
         self._work = queue.Queue()  # nothing queued before a stop runs after it
@@ -301,6 +244,13 @@ class BrokerServer:
 
     def stop(self):
         if not self._running:
+            return
+        running = self._threads.get("workers", []) + [self._threads.get("front"),
+                                                      self._threads.get("poller")]
+        if threading.current_thread() in running:
+            # Asked by a method the server runs: it cannot join its own
+            # thread, so another stops it, once the method has returned.
+            threading.Thread(target=self.stop, name="broker-stop").start()
             return
         self._running = False
         self._stopping.set()
@@ -590,11 +540,3 @@ class BrokerServer:
                 self.sync_database()
             except Exception:
                 logger.exception("catching up with %s failed", self.db.path)
-
-
-def _check_path(path):
-    if not path or not all(isinstance(p, (str, int)) for p in path):
-        raise exc.ExportError("a static key path is one or more str or int parts, got %r"
-                              % (path,))
-    return tuple(path)
-

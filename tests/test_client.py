@@ -14,8 +14,8 @@ from broker.interfaces import IBrokerClient, IProxy, IRemoteStream
 from broker.keys import Key
 from broker.outcomes import COMMIT_MARK
 from broker.proxy import STREAM_CHUNK, MappingProxy, Proxy
-from broker_fixtures import (TIMEOUT, BrokerClient, ServerProcess, broker, make_database,  # noqa
-                             run_python, served, wait_until)
+from broker_fixtures import (TIMEOUT, BrokerClient, Item, ServerProcess, TestServer,  # noqa
+                             broker, configure, make_database, run_python, served, wait_until)
 from dobbin.database import Database
 from dobbin.persistent import PersistentFile, checkout
 
@@ -443,6 +443,29 @@ def test_server_killed_and_restarted_under_a_live_client(tmp_path):
             assert restarted.stop() == 0   # clean shutdown on SIGTERM
         if process.process.poll() is None:
             process.stop()
+
+
+def test_a_client_learns_a_restarted_servers_export_rules(tmp_path):
+    # It kept the first server's class descriptions for ever, and refused
+    # locally what the new server allows.
+    db = make_database(str(tmp_path / "d.dobbin"))
+    address = "ipc://%s/broker.sock" % tmp_path
+    try:
+        strict = configure(TestServer(db, address=address))
+        strict.export_class(Item, readonly=True)
+        with strict:
+            client = BrokerClient(address, timeout=TIMEOUT, retries=20)
+            item = client.root.item
+            with pytest.raises(AttributeError, match="not writable"):
+                item.name = "refused"
+        with served(db, address=address):  # configure() makes Item writable
+            client.begin()
+            item.name = "allowed"
+            client.commit()
+        assert db.root.item.name == "allowed"
+        client.close()
+    finally:
+        db.close()
 
 
 @contextlib.contextmanager
