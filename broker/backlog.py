@@ -16,10 +16,11 @@ read as "did not run").  A reply goes whatever its size to a connection
 with nothing pending (but the small replies of its current frame, see
 below) while all of them are within their bound, so that no reply is too
 big to send ever.  Past the bound of all of them, a connection with
-nothing pending at all still gets a small reply, out of a reserve of
-`reserve_bytes` more: connections that never read, however much they
-hold, must not stop the server answering the ones that do (a client that
-reads has nothing pending when it asks again).  Such a reply is tracked
+at most one small reply pending still gets a small reply, out of a
+reserve of `reserve_bytes` more: connections that never read, however
+much they hold, must not stop the server answering the ones that do (a
+client that reads has nothing pending when it asks again, but for the
+reply it has just read, which pyzmq may not have reported sent yet).  Such a reply is tracked
 alone, so that it stops counting as soon as ZeroMQ has written it.  Other
 replies past that bound are dropped, until ZeroMQ has sent enough.
 
@@ -176,7 +177,11 @@ class ReplyBacklog:
                 earlier -= peer.shared[1]
         if not earlier and self.pending_bytes < self.max_bytes:
             return True
-        if (not peer_bytes and size < SHARED_REPLY + REPLY_OVERHEAD
+        small = SHARED_REPLY + REPLY_OVERHEAD
+        # At most one small reply pending: the one a reading client has just
+        # read may not be reported sent yet (pyzmq's garbage collector
+        # thread tells, when it gets the GIL).
+        if (peer_bytes < small and size < small and peer_bytes + size <= self.max_peer_bytes
                 and self.pending_bytes + size <= self.max_bytes + self.reserve_bytes):
             return True  # out of the reserve
         return (peer_bytes + size <= self.max_peer_bytes
