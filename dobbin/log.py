@@ -155,6 +155,7 @@ class Log(Recovery, ReservedSpace):
         self.synced_end = 0        # bytes known to be durable
         self.written_end = 0       # the end of the last record we appended
         self.synced_tid = 0        # the last tid within them
+        self._tail = None          # (offset, tid, time, header) of the last record read or written
         self._sync_done = threading.Condition()
         self._syncing = False
 
@@ -298,6 +299,7 @@ class Log(Recovery, ReservedSpace):
         header = None
         if status == CHECKPOINT:
             segments, header = header_last(segments)
+        written_header = bytes(memoryview(header or segments[0][1][0])[:TX_HEADER_SIZE])
         self._reserve(offset, length)
         try:
             for at, buffers in segments:
@@ -312,6 +314,7 @@ class Log(Recovery, ReservedSpace):
         record = Record(tid, status, offset, length, oid_high, stamp, self.checkpoint, lag,
                         read_entries)
         self._advance(record)
+        self._tail = (offset, tid, stamp, written_header)
         self.written_end = self.end
         if wait:
             self.flush(self.end)
@@ -385,6 +388,8 @@ class Log(Recovery, ReservedSpace):
                                % (self.path, self.broken))
 
     def _advance(self, record):
+        # See _check_records_kept; the header's bytes once it has read them.
+        self._tail = (record.offset, record.tid, record.time, None)
         self.end = record.offset + record.length
         self.last_tid = record.tid
         self.oid_high = max(self.oid_high, record.oid_high)
@@ -429,16 +434,21 @@ class Log(Recovery, ReservedSpace):
         while True:
             head = self._peek()
             if len(head) < TX_HEADER_SIZE or head == ZERO_HEADER:
-                return  # the end, reserved space, or a record still being written
+                # The end, reserved space, or a record still being written:
+                # but after our records, still?
+                self._check_records_kept()
+                return
             file_size = self.size()
             try:
                 record = read_record(self.fd, self.end, self.last_tid + 1, file_size)
             except Damaged as damage:
                 if damage.skip_to is None or not self._sound_at(damage.skip_to, file_size):
+                    self._check_records_kept()
                     return
                 self._skip(damage)
                 continue
             except Incomplete:
+                self._check_records_kept()
                 return
             self._advance(record)
             yield record

@@ -7,7 +7,7 @@ damage that a later record proves was durable raises `CorruptionError`,
 or with `repair` is cut away too; a damaged checkpoint, being redundant,
 is stepped over.  `diagnose` tells the same apart for a reader holding no
 lock.  It uses the log's `fd`, `path`, `end`, `last_tid`, `checkpoint`,
-`read_only`, `broken`, `skipped`, `size()`, `_peek()`, `_advance()`,
+`read_only`, `broken`, `skipped`, `_tail`, `size()`, `_peek()`, `_advance()`,
 `_truncate()`, `_exclusive_sync()`, `_fsync_directory()` and
 `_reserved_space_here()`; the log's `follow` and `_create` use
 `_sound_at`, `_skip` and `_save_tail`.
@@ -17,6 +17,7 @@ import hashlib
 import os
 
 from dobbin.exc import CorruptionError, StorageError
+from dobbin.record import TX_HEADER_SIZE, parse_header
 from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete,
                            checkpoint_without_header, find_witness, read_record, zeros_from)
 
@@ -54,16 +55,19 @@ class Recovery:
         while True:
             head = self._peek()
             if not head or (head == ZERO_HEADER and self._reserved_space_here()):
+                self._check_records_kept()  # the end: but of our records?
                 return
             file_size = self.size()
             try:
                 record = read_record(self.fd, self.end, self.last_tid + 1, file_size)
             except Incomplete:
+                self._check_records_kept()
                 # A sound header running past the end: the record was being
                 # written; what lies after its header is its own payload.
                 self._cut("torn", "an incomplete record at the end of what was durable")
                 return
             except Damaged as damage:
+                self._check_records_kept()
                 if damage.skip_to is not None and self._sound_at(damage.skip_to, file_size):
                     self._skip(damage)  # a damaged checkpoint is only redundant
                     continue
@@ -88,6 +92,31 @@ class Recovery:
                     "says it was durable; open with repair=True to keep the %d transactions "
                     "before it" % (reason, witness, self.last_tid), self.path, where)
             return
+
+    def _records_kept(self):
+        """Is the last record this process read still where it read it?
+        Not if another process cut the file below it (a repair), and others
+        may have written since: writing or cutting at our end would then
+        leave a hole, or destroy what they wrote."""
+        if self._tail is None:
+            return True
+        offset, tid, stamp, seen = self._tail
+        data = os.pread(self.fd, TX_HEADER_SIZE, offset)
+        if data == seen:
+            return True  # the bytes found there before: no need to parse them again
+        header = parse_header(data) if len(data) == TX_HEADER_SIZE else None
+        if header is None or (header.tid, header.time) != (tid, stamp):
+            return False
+        self._tail = (offset, tid, stamp, data)
+        return True
+
+    def _check_records_kept(self):
+        """CorruptionError unless `_records_kept()`."""
+        if not self._records_kept():
+            raise CorruptionError(
+                "the record of transaction %d that this process read is gone: another process "
+                "cut the file (a repair?); open it again" % self._tail[1], self.path,
+                self._tail[0])
 
     def diagnose(self):
         """Why the record at `end` can't be read (maybe INCOMPLETE), or None if it can."""

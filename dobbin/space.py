@@ -3,7 +3,7 @@ new file size to make durable (see docs/format.txt, "Reserved space after the re
 
 `ReservedSpace` is the part of `dobbin.log.Log` that allocates that space
 and gives it back; it uses the log's `fd`, `path`, `end`, `read_only`,
-`broken`, `size()` and `_peek()`.  Readers treat the zeros after the
+`broken`, `size()`, `_peek()` and `_records_kept()`.  Readers treat the zeros after the
 records as the end of the file.
 """
 
@@ -73,7 +73,8 @@ class ReservedSpace:
         if self.fd is None or self.read_only or self.broken is not None:
             return
         try:
-            if self._peek() == ZERO_HEADER and self._reserved_space_here():
+            if (self._peek() == ZERO_HEADER and self._reserved_space_here()
+                    and self._records_kept()):
                 # Not the I/O seam, and no fsync: only zeros go, so a failed
                 # or lost cut leaves the file as valid as a done one.
                 os.ftruncate(self.fd, self.end)

@@ -518,3 +518,48 @@ def test_a_damaged_last_checkpoint_before_reserved_space_is_stepped_over(path):
     assert [offset for offset, _reason in opener.skipped] == [checkpoint]
     assert os.path.getsize(path) > end
     opener.close()
+
+
+# -- a file cut by another process ------------------------------------------------------
+
+
+def test_records_another_process_cut_away_are_not_written_over_or_read_past(tmp_path, path):
+    # A repair elsewhere cut the file below what a live writer and a live
+    # reader had read: the writer's next commit "returned" into a hole past
+    # the new end (the file then refused to open), and the reader read the
+    # records others wrote since at its old offsets.
+    import transaction
+    from dobbin.database import Database
+    from dobbin.persistent import PersistentDict, checkout
+    writer = Database(path)
+    writer.elect(PersistentDict())
+    transaction.commit()
+    for n in range(5):
+        checkout(writer.root)
+        writer.root[n] = n
+        transaction.commit()
+    reader = Database(path, read_only=True)
+    reader.sync()
+    probe = Log(path, read_only=True)
+    third = [record for record in probe.follow() if record.tid == 3][0]
+    probe.close()
+    flip_bit(path, third.offset + TX_HEADER_SIZE + 4)
+    with Database(path, repair=True) as repairer:
+        assert repairer.last_tid == 2
+        checkout(repairer.root)
+        repairer.root["since"] = bytes(8192)  # zeros where the writer's records ended
+        transaction.commit()
+    cut_at = os.path.getsize(path)
+    assert cut_at > writer._log.end
+    checkout(writer.root)
+    writer.root["ours"] = "lost?"
+    with pytest.raises(CorruptionError, match="transaction 6 that this process read is gone"):
+        transaction.commit()
+    transaction.abort()
+    with pytest.raises(CorruptionError, match="is gone"):
+        reader.sync()
+    writer.close()  # which gives back the space after its records, if they are its
+    reader.close()
+    assert os.path.getsize(path) == cut_at  # nothing written over the others' records
+    with Database(path, read_only=True) as reopened:
+        assert reopened.root["since"] == bytes(8192) and reopened.last_tid == 3
