@@ -7,6 +7,7 @@ back, bytes kept beside the file) from damage in the middle
 (`CorruptionError`).
 """
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -540,6 +541,10 @@ class Log(Recovery, ReservedSpace):
                     self._sync_done.wait()
                 closing, self.fd = self.fd, None
             if closing is not None:
+                # The lock goes with the descriptor, unless a forked child
+                # holds a copy of it: then only this gives it back.
+                with contextlib.suppress(OSError):
+                    fcntl.flock(closing, fcntl.LOCK_UN)
                 self._closer()
 
     def close_inherited(self):

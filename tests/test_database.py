@@ -608,6 +608,32 @@ def test_commit_failing_on_unpicklable_state_writes_failed_record(open_db):
     assert db.tx_count == count + 2
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+def test_closing_leaves_no_lock_with_a_child_forked_while_open(db_path, read_only):
+    # close() took the file lock to tidy up and let it go only by closing
+    # its descriptor: a child forked meanwhile kept it, and every writer
+    # timed out for as long as the child lived.
+    with Database(db_path) as db:
+        db.elect(PersistentDict())
+        transaction.commit()
+    db = Database(db_path, read_only=read_only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # forking with threads
+        pid = os.fork()
+    if pid == 0:
+        time.sleep(30)  # a worker of a pool, say, never touching the database
+        os._exit(0)
+    try:
+        db.close()
+        with Database(db_path, lock_timeout=1) as writer:
+            checkout(writer.root)
+            writer.root["after"] = 1
+            transaction.commit()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
 # -- snapshots -----------------------------------------------------------------------------------
 
 def describe(db):
