@@ -64,7 +64,14 @@ class ReservedSpace:
         if offset + length <= self._reserved:
             return
         ahead = RESERVE if self._reserving and length <= RESERVE else 0
-        self._allocate(offset, length + ahead)
+        try:
+            self._allocate(offset, length + ahead)
+        except OSError:
+            if not ahead:
+                raise
+            # A nearly full disk: the record alone may still fit.
+            self._allocate(offset, length)
+            ahead = 0
         self._reserved = offset + length + ahead
 
     def trim(self):

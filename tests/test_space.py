@@ -99,8 +99,38 @@ def test_a_full_disk_skips_reserving_once_and_tries_again_later(db_path, monkeyp
     monkeypatch.setattr(Log, "_allocate", full_once)
     log = Log(db_path)
     small_commits(log, 2)
-    assert len(calls) == 2 and os.path.getsize(db_path) > log.end, "reserved at the second commit"
+    first, alone, second = calls  # the record alone, and the reserve again at the second
+    assert first == alone < second and os.path.getsize(db_path) > log.end
     log.close()
+
+
+def test_a_record_that_fits_is_claimed_without_the_reserve_that_does_not(
+        open_db, db_path, monkeypatch):
+    # With less room left than the reserve, every commit's vote failed,
+    # however small its record: the claim asked for the reserve too.
+    db = open_db()
+    db.elect(PersistentDict())
+    transaction.commit()
+    Database(db_path).close()  # trims the reserve: the next claim allocates
+    room = os.path.getsize(db_path) + 20_000
+    real = Log._allocate
+
+    def nearly_full(self, offset, length):
+        if offset + length > room:
+            raise OSError(errno.EFBIG, "File too large")
+        return real(self, offset, length)
+
+    monkeypatch.setattr(Log, "_allocate", nearly_full)
+    for n in range(3):
+        checkout(db.root)
+        db.root[n] = PersistentDict(payload="x" * 5_000)
+        transaction.commit()
+    assert [db.root[n]["payload"] for n in range(3)] == ["x" * 5_000] * 3
+    checkout(db.root)
+    db.root["too big"] = "x" * 20_000
+    with pytest.raises(StorageError, match="no room for a record"):
+        transaction.commit()
+    transaction.abort()
 
 
 def test_a_claim_looks_at_the_file_not_at_what_it_reserved_before(
