@@ -71,11 +71,9 @@ def _open_log_read(method):
         try:
             result = method(self, *args)
         except _READ_ERRORS:
-            if self.fd is None:
-                raise self._closed_error() from None
+            self._check_open()
             raise
-        if self.fd is None:
-            raise self._closed_error()
+        self._check_open()
         return result
     return read
 
@@ -91,14 +89,11 @@ def _open_log_records(method):
             except StopIteration:
                 break
             except _READ_ERRORS:
-                if self.fd is None:
-                    raise self._closed_error() from None
+                self._check_open()
                 raise
-            if self.fd is None:
-                raise self._closed_error()
+            self._check_open()
             yield record
-        if self.fd is None:
-            raise self._closed_error()
+        self._check_open()
     return records
 
 
@@ -466,12 +461,12 @@ class Log(Recovery, ReservedSpace):
     # -- random access -------------------------------------------------
 
     def _reading_fd(self):
-        if self.fd is None:
-            raise self._closed_error()
+        self._check_open()
         return self.fd
 
-    def _closed_error(self):
-        return ReadOnlyError("%s is closed" % self.path)
+    def _check_open(self):
+        if self.fd is None:
+            raise ReadOnlyError("%s is closed" % self.path)
 
     @_open_log_read
     def read_object(self, offset, oid=None):

@@ -721,6 +721,16 @@ def test_snapshot_copies_stream_bytes_into_target(open_db, db_path, tmp_path):
     assert b"".join(leaf.small) == b"abc"
 
 
+def snapshot_peak(db, target):
+    """The most memory `db.snapshot(target)` took at once, in bytes."""
+    tracemalloc.start()
+    try:
+        db.snapshot(target)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_snapshot_holds_small_streams_in_memory_up_to_a_bound(open_db, tmp_path, monkeypatch):
     # Every stream under the staging size was held whole until the one
     # record was written: memory grew with the database.
@@ -734,13 +744,7 @@ def test_snapshot_holds_small_streams_in_memory_up_to_a_bound(open_db, tmp_path,
     db.elect(root)
     transaction.commit()
     target = open_db(str(tmp_path / "target.dobbin"))
-    tracemalloc.start()
-    try:
-        db.snapshot(target)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 700 << 10
+    assert snapshot_peak(db, target) < 700 << 10
     target.close()
     target = open_db(target.path)
     assert [b"".join(stream) for stream in target.root.items] == files
@@ -756,13 +760,7 @@ def test_snapshot_copies_a_large_stream_block_by_block(open_db, tmp_path):
     db.elect(root)
     transaction.commit()
     target = open_db(str(tmp_path / "target.dobbin"))
-    tracemalloc.start()
-    try:
-        db.snapshot(target)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < BLOCK  # a few chunks, never the whole stream (6 blocks)
+    assert snapshot_peak(db, target) < BLOCK  # a few chunks, never the whole stream (6 blocks)
     target.close()
     target = open_db(target.path)
     assert b"".join(target.root.big) == data and target.verify()["ok"]

@@ -253,20 +253,33 @@ def _flock_held(path):
         os.close(probe)
 
 
-def test_after_closing_the_lock_never_touches_its_descriptor_number_again(lock_file, tmp_path):
-    # A thread that passed the database's "closed?" check before close()
-    # took the lock flocked the closed descriptor's number afterwards: the
-    # number of whatever file opened next, whose lock it then dropped.
+@contextlib.contextmanager
+def closed_and_number_reused(lock_file, tmp_path, hold=False):
+    """(lock, descriptor): a WriteLock (held first, with `hold`) whose file
+    closed inside closing(), and another file's descriptor that took its
+    number and holds that file's lock."""
     other = str(tmp_path / "other")
     open(other, "w").close()
     fd = os.open(lock_file, os.O_RDWR)
     lock = WriteLock(fd, lock_file, timeout=1)
+    if hold:
+        lock.acquire()
     with lock.closing():
         os.close(fd)
     reused = os.open(other, os.O_RDONLY)
     try:
         assert reused == fd  # the lowest free number
         fcntl.flock(reused, fcntl.LOCK_EX)
+        yield lock, other
+    finally:
+        os.close(reused)
+
+
+def test_after_closing_the_lock_never_touches_its_descriptor_number_again(lock_file, tmp_path):
+    # A thread that passed the database's "closed?" check before close()
+    # took the lock flocked the closed descriptor's number afterwards: the
+    # number of whatever file opened next, whose lock it then dropped.
+    with closed_and_number_reused(lock_file, tmp_path) as (lock, other):
         with pytest.raises(ReadOnlyError, match="closed"):
             lock.acquire()
         with pytest.raises(ReadOnlyError):
@@ -274,25 +287,12 @@ def test_after_closing_the_lock_never_touches_its_descriptor_number_again(lock_f
                 pass
         assert lock.busy() is False
         assert _flock_held(other)
-    finally:
-        os.close(reused)
 
 
 def test_a_holder_that_closes_releases_without_touching_the_descriptor(lock_file, tmp_path):
-    other = str(tmp_path / "other")
-    open(other, "w").close()
-    fd = os.open(lock_file, os.O_RDWR)
-    lock = WriteLock(fd, lock_file, timeout=1)
-    lock.acquire()
-    with lock.closing():
-        os.close(fd)
-    reused = os.open(other, os.O_RDONLY)
-    try:
-        fcntl.flock(reused, fcntl.LOCK_EX)
+    with closed_and_number_reused(lock_file, tmp_path, hold=True) as (lock, other):
         lock.release()
         assert _flock_held(other) and not lock.held
-    finally:
-        os.close(reused)
 
 
 def test_closing_times_out_on_a_thread_that_keeps_the_lock(new_lock):
