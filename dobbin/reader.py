@@ -190,6 +190,13 @@ def find_last_header(fd, file_size):
     return None
 
 
+def reserved_head(head):
+    """Do the bytes read where a record would start (a header's worth, or
+    fewer at the end of the file) begin reserved space: zeros only?  A
+    record may fill the reserve up to a few bytes short of its end."""
+    return head.count(0) == len(head)
+
+
 def checkpoint_without_header(fd, offset):
     """Is a checkpoint being written at `offset`: no header yet (zeros),
     its I entry after it, whose index starts with `offset`, as every one

@@ -18,8 +18,8 @@ import os
 
 from dobbin.exc import CorruptionError, StorageError
 from dobbin.record import TX_HEADER_SIZE, parse_header
-from dobbin.reader import (READ_AHEAD, ZERO_HEADER, Damaged, Incomplete,
-                           checkpoint_without_header, find_witness, read_record, zeros_from)
+from dobbin.reader import (READ_AHEAD, Damaged, Incomplete, checkpoint_without_header,
+                           find_witness, read_record, reserved_head, zeros_from)
 
 INCOMPLETE = "incomplete record"  # diagnose(): being written or torn, not damage
 
@@ -54,7 +54,7 @@ class Recovery:
         self.dropped = None
         while True:
             head = self._peek()
-            if not head or (head == ZERO_HEADER and self._reserved_space_here()):
+            if not head or (reserved_head(head) and self._reserved_space_here()):
                 self._check_records_kept()  # the end: but of our records?
                 return
             file_size = self.size()

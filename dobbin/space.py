@@ -11,7 +11,7 @@ import errno
 import os
 
 from dobbin.exc import StorageError
-from dobbin.reader import ZERO_HEADER, zeros_from
+from dobbin.reader import reserved_head, zeros_from
 
 # Space reserved ahead of the records at a time.
 RESERVE = 256 * 1024
@@ -80,7 +80,7 @@ class ReservedSpace:
         if self.fd is None or self.read_only or self.broken is not None:
             return
         try:
-            if (self._peek() == ZERO_HEADER and self._reserved_space_here()
+            if (reserved_head(self._peek()) and self._reserved_space_here()
                     and self._records_kept()):
                 # Not the I/O seam, and no fsync: only zeros go, so a failed
                 # or lost cut leaves the file as valid as a done one.

@@ -157,3 +157,27 @@ def test_a_claim_looks_at_the_file_not_at_what_it_reserved_before(
     monkeypatch.undo()
     db.sync()
     assert "big" not in db.root and db.verify()["failed"] == 1  # recorded, never applied
+
+
+def test_reserved_space_shorter_than_a_record_header_is_not_a_torn_tail(db_path):
+    # Records filled the reserve up to a few bytes short of its end: the
+    # writer took those zeros for a torn record, cut them and saved them
+    # beside the file, every few thousand small commits.
+    log = Log(db_path)
+    small_commits(log, 2)
+    end = log.end
+    log.close()
+    os.truncate(db_path, end + 47)
+    writer = Log(db_path)
+    assert [r.tid for r in writer.recover()] == [1, 2]
+    assert writer.dropped is None
+    writer.append(COMMITTED, 100, [object_entry(3)])
+    writer.close()
+    os.truncate(db_path, writer.end + 47)
+    writer = Log(db_path)
+    assert [r.tid for r in writer.recover()] == [1, 2, 3]
+    writer.trim()
+    assert os.path.getsize(db_path) == writer.end, "trim gives a short reserve back too"
+    writer.close()
+    directory, name = os.path.split(db_path)
+    assert [entry for entry in os.listdir(directory) if entry != name] == []
