@@ -5,13 +5,15 @@ Parent side: `run(module, function, **kwargs)` starts
 function's result dict; `start` does the same without waiting, for
 W5's writers, which say when they are ready and wait for `release`.
 
-Child side (``__main__``): imports ``bench.MODULE``, calls FUNCTION with
-the JSON keyword arguments, and prints ``BENCH-RESULT <json>`` on
+Child side (``__main__``): imports ``bench.MODULE``, collects garbage
+once (so that no measurement pays for collecting what importing left),
+calls FUNCTION with the JSON keyword arguments, and prints ``BENCH-RESULT <json>`` on
 stdout.  Anything else the workload prints goes to stderr, so stdout
 carries only the protocol.  A function that takes a `go` argument gets a
 callable that prints ``BENCH-READY`` and waits for a line on stdin.
 """
 
+import gc
 import inspect
 import json
 import os
@@ -94,6 +96,7 @@ def _main(argv):
     kwargs = json.loads(arguments)
     if "go" in inspect.signature(function).parameters:
         kwargs["go"] = go
+    gc.collect()
     if profile:
         import cProfile
         import pstats
