@@ -156,7 +156,10 @@ class Commit:
             writer.reference_id = None  # the hook holds this commit's states
         if root is not None:
             self.check_root(session.root_seen.get(database), index)
-            self.root_oid = root._p_oid
+            if root._p_oid != index.root_oid():
+                # Electing the root again changes nothing, and adds no root
+                # change for every checkpoint to carry.
+                self.root_oid = root._p_oid
         if self.restated:
             self.restate_copied_streams()
 

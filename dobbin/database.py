@@ -471,6 +471,7 @@ class Database:
             with self._state_lock:
                 record = self._log.append(FAILED, commit.oid_high, [NoteEntry(info)])
                 self._apply(record)
+                self._maybe_checkpoint()  # failed records too are replayed on open
         except DobbinError:
             logger.exception("could not record the failed commit in %s", self.path)
         commit.offset = self._log.end

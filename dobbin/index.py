@@ -72,7 +72,7 @@ class Index:
 
     def size(self, oid_high):
         """Roughly the bytes of a checkpoint of this index."""
-        return 8 * min(len(self._offsets), oid_high)
+        return 8 * min(len(self._offsets), oid_high) + 16 * (len(self._sparse) + len(self.roots))
 
     def payload(self, oid_high):
         """The index as a checkpoint's I entry (layout in docs/format.txt)."""

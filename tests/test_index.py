@@ -139,3 +139,50 @@ def test_without_a_usable_checkpoint_the_index_is_rebuilt_from_the_log(tmp_path,
         assert {n: db.root[n]._p_oid for n in range(60)} == oids
         assert len(db) == 61
     assert os.path.getsize(path) > 0
+
+
+def test_failed_commits_are_checkpointed_too(tmp_path, monkeypatch):
+    # Only successful commits wrote checkpoints: after a run of failed ones,
+    # every open replayed them all.
+    monkeypatch.setattr(dobbin.database, "CHECKPOINT_MIN_BYTES", 1024)
+    path = str(tmp_path / "db.dobbin")
+    with Database(path, durability="none") as db:
+        db.elect(PersistentDict())
+        transaction.commit()
+        for _ in range(40):
+            checkout(db.root)
+            db.root["bad"] = lambda: None  # not picklable: the commit fails
+            with pytest.raises(dobbin.exc.UnstorableError):
+                transaction.commit()
+            transaction.abort()
+        assert db.verify()["failed"] == 40
+    assert checkpoints_in(path), "the failed records were checkpointed"
+
+
+def test_electing_the_root_again_adds_no_root_change(tmp_path, monkeypatch):
+    # Each election of the same root added a root change, and every
+    # checkpoint wrote all of them: the file grew quadratically.
+    path = str(tmp_path / "db.dobbin")
+    with Database(path, durability="none") as db:
+        root = PersistentDict()
+        db.elect(root)
+        transaction.commit()
+        for n in range(20):
+            checkout(root)
+            root["n"] = n
+            db.elect(root)
+            transaction.commit()
+        assert [oid for _tid, oid in db._index.roots] == [root._p_oid]
+        other = PersistentDict()
+        db.elect(other)
+        transaction.commit()
+        assert [oid for _tid, oid in db._index.roots] == [root._p_oid, other._p_oid]
+    with Database(path) as db:
+        assert db.root is not root and db.root._p_oid == other._p_oid
+
+
+def test_a_checkpoint_counts_the_root_changes_it_holds():
+    index = Index()
+    index.set_offset(1, 64)
+    index.roots.extend((tid, 1) for tid in range(1, 1001))
+    assert index.size(2) >= len(index.payload(2)) - 40
