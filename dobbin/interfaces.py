@@ -333,8 +333,9 @@ class INotifier(Interface):
 
     def note(durable_at, tid, oids):
         """Queue the news of transaction `tid`, which changed `oids`, to be
-        told once the file is durable up to `durable_at` (notes come in
-        tid order)."""
+        told once the file is durable up to `durable_at`, or once the log
+        is broken (no fsync will tell; the database shows the change
+        all the same).  Notes come in tid order."""
 
     def clear():
         """Drop the notes not yet told."""

@@ -56,8 +56,12 @@ class Notifier:
             while self._notes:
                 try:
                     durable_at, tid, oids = self._notes[0]
-                    if durable_at > self._log.synced_end and self._log.durability == "fsync":
-                        break  # its writer will flush it once the fsync is done
+                    log = self._log
+                    if (durable_at > log.synced_end and log.durability == "fsync"
+                            and log.broken is None):
+                        # Its writer will flush it once the fsync is done.  (Once
+                        # one failed, none is; the database shows the change.)
+                        break
                     self._notes.popleft()
                 except IndexError:
                     break

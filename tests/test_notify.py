@@ -16,10 +16,28 @@ class FakeLog:
     def __init__(self, durability="fsync"):
         self.durability = durability
         self.synced_end = 0
+        self.broken = None
 
 
 def test_implements_interface():
     assert verifyObject(INotifier, Notifier(FakeLog()))
+
+
+def test_once_the_log_is_broken_notes_wait_for_no_fsync():
+    # A failed fsync left its commit's note waiting for a durability that
+    # never comes, and every later note (other processes' commits caught up
+    # with) behind it: subscribers heard of nothing again.
+    log = FakeLog()
+    notifier = Notifier(log)
+    told = []
+    notifier.subscribe(lambda tid, oids: told.append(tid))
+    notifier.note(100, 2, frozenset({5}))
+    notifier.note(0, 3, frozenset({6}))
+    notifier.flush()
+    assert told == []
+    log.broken = OSError(5, "Input/output error")
+    notifier.flush()
+    assert told == [2, 3], "the database shows both changes: its subscribers hear of them"
 
 
 def test_notes_are_told_in_order_once_durable():
