@@ -10,6 +10,7 @@ write, publish.
 import logging
 import os
 import threading
+import weakref
 
 import transaction
 from zope.interface import implementer
@@ -50,6 +51,33 @@ CHECKPOINT_MIN_BYTES = 1 << 14
 DEFAULT_CACHE_SIZE = 128 << 20
 
 
+class _InheritedLock:
+    """The state lock of a database in a child forked after it was opened:
+    the parent's threads may have held it at the fork, for ever here, so
+    every use is refused (the child opens the file anew)."""
+
+    def __init__(self, database):
+        self._database = database
+
+    def __enter__(self):
+        raise self._database._inherited_error()
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+# Open databases, whose state locks a forked child must not take.
+_open_databases = weakref.WeakSet()
+
+
+def _refuse_state_locks_in_child():
+    for database in list(_open_databases):
+        database._state_lock = _InheritedLock(database)
+
+
+os.register_at_fork(after_in_child=_refuse_state_locks_in_child)
+
+
 @implementer(IDatabase)
 class Database:
     """Persistent objects connected to a root, stored in one log file.
@@ -80,6 +108,7 @@ class Database:
         self._lock = WriteLock(self._log.fd, self.path, lock_timeout)
         self._pid = os.getpid()
         self._state_lock = threading.RLock()
+        _open_databases.add(self)
         self._writer = StateWriter(None)  # reused: a pickler costs more than a small record
         self._notifier = Notifier(self._log)
         self._notify_lock = self._notifier.lock  # a broker server holds it to subscribe
@@ -277,6 +306,7 @@ class Database:
         if self.closed:
             return
         self.closed = True  # no commit begins from here on
+        _open_databases.discard(self)
         if not self.in_this_process:
             # A forked child: its writers, its lock and its syncs are the
             # parent's (and their locks may be held, for ever here).
@@ -415,11 +445,14 @@ class Database:
         if self.read_only:
             raise ReadOnlyError("%s is open read-only" % self.path)
         if not self.in_this_process:
-            raise DobbinError("%s was opened in process %d; open it anew in process %d"
-                              % (self.path, self._pid, os.getpid()))
+            raise self._inherited_error()
         if self._log.broken is not None:
             raise StorageError("%s refuses writes after an I/O error: %s"
                                % (self.path, self._log.broken))
+
+    def _inherited_error(self):
+        return DobbinError("%s was opened in process %d; open it anew in process %d"
+                           % (self.path, self._pid, os.getpid()))
 
     def _p_commit_begin(self):
         """Lock and catch up; return the commit's bookkeeping."""

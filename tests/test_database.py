@@ -1124,6 +1124,50 @@ def test_a_forked_child_cannot_probe_the_write_lock_its_parent_holds(db_path):
     db.close()
 
 
+def test_a_forked_child_is_refused_what_takes_its_parents_state_lock(db_path):
+    # sync() and recent_transactions() ran in the child, and hung for ever
+    # when the fork caught a parent thread holding the state lock.
+    db = Database(db_path, durability="none")
+    db.elect(PersistentDict(a=PersistentDict()))
+    transaction.commit()
+    oid = db.root["a"]._p_oid
+    db.close()
+    db = Database(db_path, durability="none")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_state_lock():
+        with db._state_lock:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_the_state_lock)
+    holder.start()
+    holding.wait(10)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # forking with threads
+            pid = os.fork()
+        if pid == 0:
+            refused = 0
+            try:
+                signal.alarm(10)
+                for use in (db.sync, db.recent_transactions, lambda: db.root,
+                            lambda: db.get(oid), lambda: db.load_state(oid)):
+                    try:
+                        use()
+                    except DobbinError as error:
+                        refused += "open it anew in process %d" % os.getpid() in str(error)
+                db.close()
+            finally:
+                os._exit(0 if refused == 5 else 1)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        release.set()
+        holder.join()
+    assert db.root["a"]._p_oid == oid, "the parent's database works on"
+    db.close()
+
+
 def test_a_close_that_times_out_leaves_the_database_open_to_close_again(db_path):
     db = Database(db_path, durability="none", lock_timeout=0.2)
     holding, release = threading.Event(), threading.Event()
