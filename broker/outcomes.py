@@ -172,6 +172,8 @@ class CommitOutcomes:
         """Take the commit marks of `transactions` (`dobbin.meta.TransactionInfo`)."""
         found = {}
         for info in transactions:
+            if type(info.extension) is not dict:
+                continue  # an earlier version recorded any extension as it was
             recorded = _recorded(info.extension.get(COMMIT_MARK), info.tid)
             if recorded is not None:
                 found[recorded[0]] = recorded[1]

@@ -10,7 +10,8 @@ no entry.  Values are JSON: a stored persistent object of the database
 is recorded as its oid, one stored by another database of the
 transaction as {"database": its path, "oid": its oid} (one the commit
 leaves unconnected fails it with `ObjectGraphError`), and anything else
-JSON can't hold fails the commit too, before anything is written.
+JSON can't hold fails the commit too, before anything is written, as do
+an extension that is not a dict and one nested deeper than MAX_NESTING.
 """
 
 import json
@@ -22,6 +23,8 @@ from dobbin.record import COMMITTED, KIND_META, MetaEntry
 
 #: The first format version with M entries.
 META_VERSION = 2
+#: How deep containers may nest in each value of a transaction's extension.
+MAX_NESTING = 100
 #: How far back `recent_transactions` reads.
 RECENT_BYTES = 64 << 20
 
@@ -48,6 +51,11 @@ def meta_entry(txn, jar, version):
             info[name] = value
     extension = getattr(txn, "extension", None)
     if extension:
+        if not isinstance(extension, dict):
+            raise DobbinError("the transaction's extension must be a mapping, not a %s"
+                              % type(extension).__name__)
+        for value in extension.values():
+            _check_nesting(value, MAX_NESTING)
         info["extension"] = extension
     if not info:
         return None
@@ -67,6 +75,17 @@ def meta_entry(txn, jar, version):
     except (TypeError, ValueError, RecursionError) as error:
         raise DobbinError("the transaction's metadata cannot be recorded: %s" % error) from None
     return MetaEntry(data.encode("utf-8"))
+
+
+def _check_nesting(value, levels):
+    """Refuse containers nested more than `levels` deep in `value`: reading
+    the record back must not depend on how deep the reader's stack is."""
+    if isinstance(value, (dict, list, tuple)):
+        if not levels:
+            raise DobbinError("the transaction's metadata cannot be recorded: nested deeper "
+                              "than %d levels" % MAX_NESTING)
+        for item in value.values() if isinstance(value, dict) else value:
+            _check_nesting(item, levels - 1)
 
 
 def transaction_info(record, path):

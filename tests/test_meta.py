@@ -98,7 +98,8 @@ def nested_lists(depth):
     (object(), DobbinError, "metadata cannot be recorded: <object"),
     (PersistentDict(), ObjectGraphError, "not connected to graph"),
     (float("inf"), DobbinError, "metadata cannot be recorded: Out of range float"),
-    (nested_lists(5000), DobbinError, "metadata cannot be recorded: maximum recursion")])
+    (nested_lists(5000), DobbinError, "metadata cannot be recorded: nested deeper than 100"),
+    (nested_lists(100), DobbinError, "metadata cannot be recorded: nested deeper than 100")])
 def test_metadata_json_cannot_hold_fails_the_commit_before_anything_is_written(
         open_db, value, error, message):
     db = open_db()
@@ -112,6 +113,36 @@ def test_metadata_json_cannot_hold_fails_the_commit_before_anything_is_written(
     transaction.abort()
     assert "a" not in root and db.recent_transactions(1)[0].tid == tid
     assert db.verify()["failed"] == 1  # recorded and counted, never applied
+
+
+def test_metadata_nested_as_deep_as_allowed_reads_back_from_a_deep_stack(open_db):
+    # Only the writer's stack bounded the nesting: an extension nested 980
+    # deep committed, then read back as "damage" from a deeper stack.
+    db = open_db()
+    root = new_root(db)
+    checkout(root)
+    root["a"] = 1
+    transaction.get().setExtendedInfo("x", nested_lists(99))
+
+    def deep(levels):
+        return deep(levels - 1) if levels else db.recent_transactions(1)[0]
+
+    transaction.commit()
+    assert deep(800).extension == {"x": nested_lists(99)}
+    assert db.verify()["ok"]
+
+
+def test_an_extension_that_is_not_a_mapping_fails_the_commit(open_db):
+    # It was recorded as is, and a broker server could then not start on the file.
+    db = open_db()
+    root = new_root(db)
+    checkout(root)
+    root["a"] = 1
+    transaction.get().extension = ["not", "a", "mapping"]
+    with pytest.raises(DobbinError, match="extension must be a mapping, not a list"):
+        transaction.commit()
+    transaction.abort()
+    assert "a" not in root and db.recent_transactions(1)[0].extension == {}
 
 
 def test_a_transaction_without_metadata_adds_no_entry(open_db, db_path):

@@ -153,6 +153,8 @@ def test_malformed_commit_marks_are_ignored():
                  dict(good, created=[[1, "9"]]), dict(good, created=[5])]
     outcomes = CommitOutcomes()
     outcomes.recall([info(n, {COMMIT_MARK: mark}) for n, mark in enumerate(bad_marks)])
+    # An extension that is not a mapping (an earlier version recorded one) too.
+    outcomes.recall([info(20, ["not", "a", "mapping"]), info(21, "x")])
     assert outcomes.start((b"t" * 16, 1), b"r") is RUN
 
 
