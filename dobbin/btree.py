@@ -377,10 +377,11 @@ class OOBTree(TreePart):
         index = (bisect_right if inclusive else bisect_left)(keys, bound)
         if index:
             return keys[index - 1]
-        # Every key here is above `bound`: take the last key of the leaves
-        # before, then scan forward from it in case a concurrent split
-        # (that _find moved right past) put keys in between.
-        found = _last_key(_buckets_before(path))
+        # Every key here is above `bound`: take the last key below it of the
+        # leaves before, then scan forward from it in case a concurrent split
+        # (that _find moved right past) put keys in between.  Below it: after
+        # a concurrent unlink, the positions the walk took take in this leaf.
+        found = _last_key(_buckets_before(path), bound, inclusive)
         for found, _ in self._iter_range(found, bound, True, not inclusive):
             pass
         return _MISSING if found is None else found

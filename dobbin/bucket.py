@@ -13,6 +13,7 @@ Readers take each piece's state as one dict (`_bucket_state`,
 
 import pickle
 import struct
+from bisect import bisect_left, bisect_right
 
 from dobbin.exc import ConflictError
 from dobbin.persistent import Persistent, checkout, committed_state, state_of, working_copy
@@ -338,12 +339,15 @@ def _buckets_before(path):
             yield from _leaves_backwards(child)
 
 
-def _last_key(buckets):
-    """The last key of the first non-empty bucket, or None."""
+def _last_key(buckets, bound=None, inclusive=False):
+    """The largest key below `bound` (None: no bound; `inclusive`: or equal
+    to it) of the first of `buckets` that holds one, or None."""
     for bucket in buckets:
         keys = _bucket_state(bucket)[0]
-        if keys:
-            return keys[-1]
+        at = (len(keys) if bound is None
+              else (bisect_right if inclusive else bisect_left)(keys, bound))
+        if at:
+            return keys[at - 1]
     return None
 
 

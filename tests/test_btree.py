@@ -967,6 +967,31 @@ def test_max_key_moves_right_past_a_concurrent_split(raced, monkeypatch):
     assert not pending and 42 not in last.keys
 
 
+def test_max_key_below_a_bound_after_a_concurrent_unlink_on_its_left(db, monkeypatch):
+    # The buckets left of the one found were read from positions the walk
+    # took; after another commit unlinked one, they took in the bucket
+    # found itself: maxKey(11) returned 12, and reversed() repeated keys.
+    import dobbin.btree
+    tree = stored(db, SmallTree((k, k) for k in (0, 1, 2, 10, 11, 12, 20, 21, 22)))
+    del tree[10], tree[11]
+    transaction.commit()
+    assert [list(bucket.keys) for bucket in tree._root.children] == [[0, 1, 2], [12], [20, 21, 22]]
+    real_buckets_before = dobbin.btree._buckets_before
+    pending = [lambda: in_other_thread(lambda: [tree.pop(k) for k in (0, 1, 2)])]
+
+    def buckets_before(path):
+        if pending:
+            pending.pop()()  # the first bucket goes, after the walk to [12]
+        return real_buckets_before(path)
+
+    monkeypatch.setattr(dobbin.btree, "_buckets_before", buckets_before)
+    with pytest.raises(ValueError, match="no key in the OOBTree is <= 11"):
+        tree.maxKey(11)
+    assert not pending and list(tree) == [12, 20, 21, 22]
+    pending.append(lambda: in_other_thread(lambda: tree.__setitem__(5, 5)))
+    assert tree.maxKey(11) == 5  # still found, when the race adds a key
+
+
 def test_a_lookup_waits_for_a_commit_publishing_an_unlink(db, monkeypatch):
     tree = stored(db, SmallTree((k, k) for k in range(40)))
     doomed = list(leaf_for(tree, 21).keys)
