@@ -35,10 +35,11 @@ REPLY_QUEUE count as long as the others of their frame.  A bigger reply
 is tracked through its body.
 
 All the counts are brought up to date once per as many replies as there
-are connections with replies pending (and a few more), so that it costs
-about one connection looked at per reply; the total may lag behind (too
-high).  Before a reply is refused, they are again, or only its
-connection's if they were less than as many replies ago.
+were connections with replies pending when they last were (and a few
+more), so that it costs about two connections looked at per reply; the
+total may lag behind (too high).  Before a reply is refused, they are
+again, or only its connection's if they were less than as many replies
+ago.
 
 Only the server's front thread sends, so this needs no lock.
 """
@@ -106,6 +107,7 @@ class ReplyBacklog:
         self.dropped = 0       # replies dropped, ever
         self._peers = {}       # routing id -> _Peer, while it has replies pending
         self._unswept = 0      # calls to admits since all peers were brought up to date
+        self._swept_peers = 0  # peers left pending then
 
     def send(self, router, frames):
         """Send reply `frames` ([routing id, b"", MAGIC, body]) on ROUTER
@@ -145,12 +147,14 @@ class ReplyBacklog:
         """True if a reply of `size` bytes to `routing` may be sent now
         (see the module docstring)."""
         self._unswept += 1
-        if self._unswept > len(self._peers) + _SWEEP_SLACK:
+        # Not len(self._peers): with one reply to each new connection (pings)
+        # it grows as fast as the calls, and the sweep never came.
+        if self._unswept > self._swept_peers + _SWEEP_SLACK:
             self._sweep()
         if self._within(routing, size):
             return True
         # Not refused for counts behind (see the module docstring).
-        if self._unswept >= len(self._peers):
+        if self._unswept >= self._swept_peers:
             self._sweep()
         else:
             peer = self._peers.get(routing)
@@ -203,6 +207,7 @@ class ReplyBacklog:
         now = time.monotonic()
         for routing, peer in list(self._peers.items()):
             self._forget_sent(routing, peer, now)
+        self._swept_peers = len(self._peers)
 
     def _forget_sent(self, routing, peer, now):
         if peer.frame is not None:

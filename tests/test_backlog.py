@@ -61,6 +61,21 @@ def test_past_the_bound_of_all_small_replies_to_connections_with_little_pending_
     assert not backlog.admits(b"e", room + 1)  # within the reserve
 
 
+def test_connections_that_ask_once_each_are_forgotten_once_answered():
+    # The counts were brought up to date once per as many replies as there
+    # were connections pending, and with one reply to each new connection
+    # both grew alike: 3,000 health-check pings stayed counted for ever, and
+    # the bound of all then dropped the replies to new connections.
+    backlog = ReplyBacklog(max_bytes=100 * 1000, max_peer_bytes=1000, reserve_bytes=0)
+    for n in range(3000):
+        peer = b"ping%d" % n
+        assert backlog.admits(peer, 1000), "connection %d refused" % n
+        tracker = Tracker()
+        backlog.track(peer, 1000, tracker)
+        tracker.done = True  # answered, and gone
+    assert len(backlog._peers) < 100 and backlog.pending_bytes < 100 * 1000
+
+
 def test_a_connection_with_nothing_pending_gets_one_reply_of_any_size_while_all_are_within():
     backlog = ReplyBacklog(max_bytes=300, max_peer_bytes=250, reserve_bytes=0)
     assert backlog.admits(b"a", 10_000)
