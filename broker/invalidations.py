@@ -99,6 +99,16 @@ class Invalidations:
             return
         if self.known is not None and tid <= self.known:
             return
+        if self.gap or message["prev"] != self.known:
+            # A gap: the sync (or commit) that closes it names every oid
+            # changed since `known`, so of what comes meanwhile only the
+            # newest tid is kept (for poll): a client that only aborts, and
+            # so never closes it, kept every broadcast.
+            self.gap = True
+            while self.pending and (self.known is None or self.pending[-1][0] > self.known):
+                self.pending.pop()
+            self.pending.append((tid, frozenset(), {}))
+            return
         oids = frozenset(message["oids"])
         states = {}
         for oid, sealed in message.get("states", ()):
@@ -110,10 +120,7 @@ class Invalidations:
                 if record is not None:
                     states[oid] = record
         self.pending.append((tid, oids, states))
-        if not self.gap and message["prev"] == self.known:
-            self.known = tid
-        else:
-            self.gap = True
+        self.known = tid
 
     def poll(self, tid=None):
         """Take the broadcasts that come within POLL s; return (done, newest).

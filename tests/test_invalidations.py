@@ -102,6 +102,24 @@ def test_a_missed_broadcast_is_a_gap_that_only_a_sync_closes():
     assert one._state is None and static._state is None  # its statics are unknown: all go
 
 
+def test_after_a_gap_broadcasts_are_not_kept_one_by_one():
+    # A client that only aborts never closes a gap: it kept every later
+    # broadcast, oids and states, and its memory grew with every commit.
+    client = Client()
+    one = client.loaded("o", 1, name="one")
+    client.view.receive(changed(1, 11, [1]))
+    client.view.receive(changed(3, 13, [1]))  # broadcast 2 (tid 12) never came
+    for n in range(4, 1000):
+        sealed = seal(MAC, SERVER, n + 10, data(n + 10, name="new"))
+        client.view.receive(changed(n, n + 10, [1, 2, 3], [[1, sealed]]))
+        client.view.aborted()
+    assert [tid for tid, _, _ in client.view.pending] == [11, 1009]
+    assert client.view.pending[-1][1:] == (frozenset(), {})
+    assert client.view.poll(1009) == (True, 1009)
+    client.view.synced(1009, [1, 2, 3], 999)  # what the sync says changed since 11
+    assert one._state is None and client.view.pending == [] and not client.view.gap
+
+
 def test_a_broadcast_state_is_taken_only_when_it_is_the_newest_at_the_snapshot():
     client = Client()
     item = client.loaded("o", 1, name="first")
