@@ -41,6 +41,13 @@ SPIN = 0.0002
 MAX_SPIN = 0.01
 
 
+# Broadcasts ZeroMQ holds for a client that does not take them (its default,
+# 1,000, read ahead; with up to 256 KiB of states each, an idle client grew
+# by 270 MB at its next begin()).  Past it they are dropped: the gap in
+# their numbers makes the client ask at its next boundary.
+BROADCAST_QUEUE = 100
+
+
 def send_frames(sock, frames):
     """socket.send_multipart(frames), cheaper."""
     send = sock.send
@@ -244,6 +251,7 @@ class Connection:
         if endpoint == self._sub_endpoint:
             return
         self._sub = self._socket(zmq.SUB, replacing=self._sub)
+        self._sub.setsockopt(zmq.RCVHWM, BROADCAST_QUEUE)
         self._sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC)
         self._connect_and_wait(self._sub, endpoint)
         self._sub_endpoint = endpoint

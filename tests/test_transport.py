@@ -9,8 +9,8 @@ import zmq
 from broker import protocol
 from broker.codec import Codec
 from broker.exc import AddressError, BrokerTimeout, ClientClosed, CurveKeyError, ProtocolError
-from broker.transport import (MAX_SPIN, WAIT_SLICE, Connection, UseLock, bound,
-                              reachable_broadcast)
+from broker.transport import (BROADCAST_QUEUE, MAX_SPIN, WAIT_SLICE, Connection, UseLock,
+                              bound, reachable_broadcast)
 from broker_fixtures import run_python, wait_until
 
 codec = Codec()
@@ -70,6 +70,32 @@ def flaky(request):
     yield make
     for server in servers:
         server.close()
+
+
+def test_a_client_that_takes_no_broadcasts_holds_a_bounded_number(tmp_path):
+    # ZeroMQ's default read ahead 1,000 broadcasts of up to 256 KiB each.
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, 0)  # the server's bound aside: ours alone
+    pub.setsockopt(zmq.LINGER, 0)
+    address = "ipc://%s/pub.sock" % tmp_path
+    pub.bind(address)
+    connection = Connection("ipc://%s/none.sock" % tmp_path, Codec(), timeout=2)
+    try:
+        connection.subscribe(address)
+        body = bytes(64 * 1024)
+        for _ in range(BROADCAST_QUEUE * 10):
+            pub.send_multipart([protocol.TOPIC, body], zmq.NOBLOCK)
+        time.sleep(0.5)  # ZeroMQ reads ahead meanwhile
+        held = 0
+        while connection._sub.poll(0):
+            connection._sub.recv_multipart()
+            held += 1
+        assert 0 < held < BROADCAST_QUEUE * 5, held
+    finally:
+        connection.close()
+        pub.close(0)
+        context.term()
 
 
 def test_retry_on_a_fresh_socket_after_a_lost_request(flaky):
