@@ -34,6 +34,7 @@ does not reach back that far).
 import collections
 import contextlib
 import logging
+import os
 import queue
 import random
 import threading
@@ -277,6 +278,15 @@ class BrokerServer(ServerSideChanges):
         self._stop_curve()
         self._context.term()
         self._context = None
+        self._remove_socket_files()
+
+    def _remove_socket_files(self):
+        """Remove the files of ipc:// endpoints (ZeroMQ builds differ in
+        whether closing does; the one here leaves them)."""
+        for address in (self.address, self.broadcast_address):
+            if address and address.startswith("ipc://") and not address.startswith("ipc://@"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(address[len("ipc://"):])
 
     def _socket(self, kind):
         sock = self._context.socket(kind)

@@ -1740,3 +1740,14 @@ def test_clients_that_come_and_go_while_nothing_commits_leave_nothing_behind(tmp
     finally:
         assert process.stop() == 0
     assert after - before < 400 * 3, "%d KiB kept for 400 clients gone" % (after - before)
+
+
+def test_stopping_removes_its_ipc_socket_files(tmp_path):
+    # ZeroMQ (the build here) leaves them behind, even on unbind.
+    db = make_database(str(tmp_path / "d.dobbin"))
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    with served(db, address="ipc://%s/s.sock" % sockets):
+        assert sorted(os.listdir(sockets)) == ["s.sock", "s.sock.pub"]
+    assert os.listdir(sockets) == []
+    db.close()
