@@ -52,6 +52,7 @@ class BrokerClient:
         self._metas = {}
         self._searches = {}      # (mode, target, query bytes, limit) -> (result, deps)
         self._watch = {}         # oid -> set of mapping proxies whose items depend on it
+        self._watch_pruned_at = 0  # len(_watch) when its empty sets were last dropped
         self._root = None
         self._changes = LocalChanges()
         self._numbers = itertools.count(1)
@@ -342,6 +343,11 @@ class BrokerClient:
             if watchers is None:
                 watchers = self._watch[oid] = weakref.WeakSet()
             watchers.add(proxy)
+        if len(self._watch) > 2 * self._watch_pruned_at:
+            # Those of dropped proxies stayed, empty, until their oid changed.
+            for oid in [oid for oid, watchers in self._watch.items() if not watchers]:
+                del self._watch[oid]
+            self._watch_pruned_at = max(256, len(self._watch))
 
     def _get_item(self, proxy, item):
         with self._lock:
