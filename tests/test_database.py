@@ -1,6 +1,7 @@
 """Tests of dobbin.database: oids, failed records, snapshots, conflicts
 and their resolution, and the errors that wrong use of the API gets."""
 
+import contextlib
 import fcntl
 import glob
 import io
@@ -617,9 +618,7 @@ def test_closing_leaves_no_lock_with_a_child_forked_while_open(db_path, read_onl
         db.elect(PersistentDict())
         transaction.commit()
     db = Database(db_path, read_only=read_only)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # forking with threads
-        pid = os.fork()
+    pid = fork_with_threads()
     if pid == 0:
         time.sleep(30)  # a worker of a pool, say, never touching the database
         os._exit(0)
@@ -1039,6 +1038,34 @@ def test_a_wrong_lock_timeout_is_refused_before_the_file_is_opened(db_path, time
     assert not os.path.exists(db_path)
 
 
+def fork_with_threads():
+    """os.fork(), without the warning that forking a process with threads gets."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+@contextlib.contextmanager
+def state_lock_held_in_another_thread(db):
+    """`db`'s state lock held by another thread for the block, as during a
+    load or a commit's publication."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with db._state_lock:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
 def test_a_child_forked_while_a_thread_syncs_and_loads_opens_anew_and_closes(db_path):
     # The child once hung for ever: in close(), on the parent's sync in
     # progress, and in begin(), whose catch-up of the inherited database
@@ -1046,51 +1073,38 @@ def test_a_child_forked_while_a_thread_syncs_and_loads_opens_anew_and_closes(db_
     db = Database(db_path, durability="none")
     db.elect(PersistentDict())
     transaction.commit()
-    holding, release = threading.Event(), threading.Event()
-
-    def hold_locks():
-        with db._state_lock:
-            holding.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold_locks)
-    holder.start()
-    holding.wait(10)
-    with db._log._sync_done:
-        db._log._syncing = True  # as during a parent thread's fsync
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # forking with threads
-        pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fresh = Database(db_path, durability="none")
-            transaction.begin()
-            checkout(fresh.root)
-            fresh.root["child"] = os.getpid()
-            transaction.commit()
-            fresh.close()
-            db.close()
-            code = 0 if not db.in_this_process else 2
-        finally:
-            os._exit(code)
-    try:
-        for _ in range(1000):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.01)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung")
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
+    with state_lock_held_in_another_thread(db):
         with db._log._sync_done:
-            db._log._syncing = False
-            db._log._sync_done.notify_all()
-        release.set()
-        holder.join()
+            db._log._syncing = True  # as during a parent thread's fsync
+        pid = fork_with_threads()
+        if pid == 0:
+            code = 1
+            try:
+                fresh = Database(db_path, durability="none")
+                transaction.begin()
+                checkout(fresh.root)
+                fresh.root["child"] = os.getpid()
+                transaction.commit()
+                fresh.close()
+                db.close()
+                code = 0 if not db.in_this_process else 2
+            finally:
+                os._exit(code)
+        try:
+            for _ in range(1000):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                time.sleep(0.01)
+            else:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung")
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            with db._log._sync_done:
+                db._log._syncing = False
+                db._log._sync_done.notify_all()
     transaction.begin()
     assert db.in_this_process and db.root["child"] == pid
     db.close()
@@ -1133,20 +1147,8 @@ def test_a_forked_child_is_refused_what_takes_its_parents_state_lock(db_path):
     oid = db.root["a"]._p_oid
     db.close()
     db = Database(db_path, durability="none")
-    holding, release = threading.Event(), threading.Event()
-
-    def hold_the_state_lock():
-        with db._state_lock:
-            holding.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold_the_state_lock)
-    holder.start()
-    holding.wait(10)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # forking with threads
-            pid = os.fork()
+    with state_lock_held_in_another_thread(db):
+        pid = fork_with_threads()
         if pid == 0:
             refused = 0
             try:
@@ -1161,9 +1163,6 @@ def test_a_forked_child_is_refused_what_takes_its_parents_state_lock(db_path):
             finally:
                 os._exit(0 if refused == 5 else 1)
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-    finally:
-        release.set()
-        holder.join()
     assert db.root["a"]._p_oid == oid, "the parent's database works on"
     db.close()
 
