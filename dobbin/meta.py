@@ -52,7 +52,7 @@ def meta_entry(txn, jar, version):
     extension = getattr(txn, "extension", None)
     if extension:
         if not isinstance(extension, dict):
-            raise DobbinError("the transaction's extension must be a mapping, not a %s"
+            raise DobbinError("the transaction's extension must be a dict, not a %s"
                               % type(extension).__name__)
         for value in extension.values():
             _check_nesting(value, MAX_NESTING)

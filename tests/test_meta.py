@@ -139,7 +139,7 @@ def test_an_extension_that_is_not_a_mapping_fails_the_commit(open_db):
     checkout(root)
     root["a"] = 1
     transaction.get().extension = ["not", "a", "mapping"]
-    with pytest.raises(DobbinError, match="extension must be a mapping, not a list"):
+    with pytest.raises(DobbinError, match="extension must be a dict, not a list"):
         transaction.commit()
     transaction.abort()
     assert "a" not in root and db.recent_transactions(1)[0].extension == {}
