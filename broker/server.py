@@ -173,6 +173,7 @@ class BrokerServer(ServerSideChanges):
             return self
         self._context = zmq.Context()
         router = pub = None
+        bound_here = []  # only these files are ours to remove if starting fails
         try:
             if self.curve_secret_key is not None:
                 self._start_curve()
@@ -181,10 +182,12 @@ class BrokerServer(ServerSideChanges):
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             router.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
             self.address = bound(router, self.requested_address)
+            bound_here.append(self.address)
             router.bind(self._front_endpoint)
             pub = self._socket(zmq.PUB)
             pub.setsockopt(zmq.SNDHWM, BROADCAST_QUEUE)
             self.broadcast_address = bound(pub, self.requested_broadcast)
+            bound_here.append(self.broadcast_address)
             self._new_instance()
             self.db.sync()
             # No callback runs while the database's notify lock is held (a
@@ -210,6 +213,7 @@ class BrokerServer(ServerSideChanges):
             self._stop_curve()
             self._context.term()
             self._context = None
+            self._remove_socket_files(bound_here)
             raise
         self._running = True
         self._stopping = threading.Event()
@@ -278,12 +282,13 @@ class BrokerServer(ServerSideChanges):
         self._stop_curve()
         self._context.term()
         self._context = None
-        self._remove_socket_files()
+        self._remove_socket_files([self.address, self.broadcast_address])
 
-    def _remove_socket_files(self):
-        """Remove the files of ipc:// endpoints (ZeroMQ builds differ in
-        whether closing does; the one here leaves them)."""
-        for address in (self.address, self.broadcast_address):
+    def _remove_socket_files(self, addresses):
+        """Remove the files of the ipc:// endpoints among `addresses`, which
+        we bound (ZeroMQ builds differ in whether closing does; the one here
+        leaves them)."""
+        for address in addresses:
             if address and address.startswith("ipc://") and not address.startswith("ipc://@"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(address[len("ipc://"):])

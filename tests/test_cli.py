@@ -10,7 +10,7 @@ import pytest
 import transaction
 
 from broker.client import BrokerClient
-from broker_fixtures import TIMEOUT, child_env
+from broker_fixtures import TIMEOUT, child_env, make_database
 from conftest import flip_bit
 from dobbin.cli import build_parser, load_app, main
 from dobbin.database import Database
@@ -219,6 +219,16 @@ def test_serve_refuses_a_bad_address_or_app_before_making_the_file(tmp_path):
     assert "bogus://x" in _failed_run(["serve", str(path), "--bind", "bogus://x"])
     assert "cannot import" in _failed_run(["serve", str(path), "--app", "no_such_module:f"])
     assert os.listdir(tmp_path) == []
+
+
+def test_serving_a_database_at_an_ipc_path_naming_it_leaves_it_whole(tmp_path):
+    # ZeroMQ deletes whatever a bound ipc:// path names: the database too.
+    path = tmp_path / "db.dobbin"
+    make_database(str(path)).close()
+    before = path.read_bytes()
+    stderr = _failed_run(["serve", str(path), "--bind", "ipc://%s" % path])
+    assert "is not a socket" in stderr
+    assert path.read_bytes() == before
 
 
 def test_serve_reports_an_address_in_use_and_shell_a_silent_server(tmp_path):

@@ -1751,3 +1751,26 @@ def test_stopping_removes_its_ipc_socket_files(tmp_path):
         assert sorted(os.listdir(sockets)) == ["s.sock", "s.sock.pub"]
     assert os.listdir(sockets) == []
     db.close()
+
+
+def test_a_start_that_fails_removes_the_socket_files_it_made_and_no_others(tmp_path):
+    db = make_database(str(tmp_path / "d.dobbin"))
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    with served(db, address="ipc://%s/first.sock" % sockets) as first, served(db) as tcp:
+        # Its request endpoint is bound when the broadcast one, taken, fails.
+        second = TestServer(db, address="ipc://%s/second.sock" % sockets,
+                            broadcast=tcp.broadcast_address)
+        with pytest.raises(exc.AddressError, match="Address already in use"):
+            second.start()
+        assert sorted(os.listdir(sockets)) == ["first.sock", "first.sock.pub"]
+        # A live server's socket is neither taken over nor removed.
+        third = TestServer(db, address=first.address)
+        with pytest.raises(exc.AddressError, match="a server listens there"):
+            third.start()
+        assert sorted(os.listdir(sockets)) == ["first.sock", "first.sock.pub"]
+        client = BrokerClient(first.address, timeout=TIMEOUT)
+        assert client.root.item.name == "first"
+        client.close()
+    assert os.listdir(sockets) == []
+    db.close()
