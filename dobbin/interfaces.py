@@ -20,6 +20,11 @@ class IPersistent(Interface):
     (`dobbin.persistent.checkout`), or the object is new and its
     ``__init__`` is running.  A checked-out object shows the thread its
     own working copy until the thread's transaction ends.
+
+    Its state is its instance ``__dict__``, stored and loaded as it is: a
+    subclass that declares ``__slots__`` or has ``__getstate__`` or
+    ``__setstate__`` (which would be ignored) raises ``TypeError`` when
+    it is defined.
     """
 
     _p_oid = Attribute(

@@ -134,6 +134,15 @@ class Persistent:
             # thread's private copy nor part of the stored state.
             raise TypeError("persistent class %s may not declare __slots__ (%r): its "
                             "attributes must live in its state" % (cls.__name__, slots))
+        for name in ("__getstate__", "__setstate__"):
+            owner = next((klass for klass in cls.__mro__
+                          if klass is not object and name in vars(klass)), None)
+            if owner is not None:
+                # It would be ignored: a state is the instance dict, stored
+                # and loaded as it is (and shared by every thread).
+                raise TypeError("persistent class %s may not have %s (from %s): its state is "
+                                "its instance dict, stored and loaded as it is"
+                                % (cls.__name__, name, owner.__name__))
         _check_init(cls)  # checked again when first instantiated, see __new__
 
     def __getattribute__(self, name):

@@ -414,6 +414,28 @@ def test_inherited_and_generated_inits_may_set_attributes(open_db):
     assert (root["mixed"].x, root["child"].x, root["data"]) == (2, 1, _Data(3, ["a"]))
 
 
+class _Pickles:
+    """A mixin of the kind pickle honours, and Dobbin would not."""
+
+    def __getstate__(self):
+        return {"balance": 0}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, restored=True)
+
+
+@pytest.mark.parametrize("namespace, bases, message", [
+    ({"__getstate__": lambda self: {}}, (Persistent,), "__getstate__ .from Account"),
+    ({"__setstate__": lambda self, state: None}, (Persistent,), "__setstate__ .from Account"),
+    ({}, (Persistent, _Pickles), "__getstate__ .from _Pickles"),
+    ({}, (PersistentDict, _Pickles), "__getstate__ .from _Pickles"),
+])
+def test_a_persistent_class_may_not_have_getstate_or_setstate(namespace, bases, message):
+    # They were ignored: a stored state is the instance dict as it is.
+    with pytest.raises(TypeError, match="may not have " + message):
+        type("Account", bases, namespace)
+
+
 @pytest.mark.parametrize("slots", ["balance", ("balance", "owner")])
 def test_a_persistent_class_may_not_declare_slots(slots):
     # Slot values would be shared by every thread and never stored.
