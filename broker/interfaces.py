@@ -344,8 +344,10 @@ class IBrokerServer(Interface):
         client's commit (ProtocolError) if it would store what clients could
         not be sent; for a static object, the attributes are set and a
         static invalidation is broadcast.  Returns the new tid (None for
-        statics, and inside a request).  All or nothing: a failure leaves
-        the transaction as it was before the call.  Private names (a
+        statics, and inside a request).  All or nothing: a change refused
+        (before committing) leaves the transaction as it was before the
+        call; a commit that fails (a conflict, say) aborts the transaction,
+        as ``transaction.commit()`` does.  Private names (a
         leading "_") are an ExportError.  Called while the server runs a
         method for a client (do_NAME or an exported method), the change
         joins that request's transaction, which commits when it returns.

@@ -176,9 +176,13 @@ class ServerSideChanges:
             # As for a client's commit: nothing stored may be unsendable.
             check_sendable(changed_in_transaction(self.db, self.exports), self.exports,
                            self._handlers.sizing_codec)
+        except BaseException:
+            savepoint.rollback()  # refused: what the thread had before stays
+            raise
+        try:
             transaction.commit()
         except BaseException:
-            transaction.abort()
+            transaction.abort()  # a failed commit leaves nothing to keep
             raise
         return obj._p_serial
 

@@ -103,6 +103,21 @@ def test_a_failed_obj_update_or_obj_delete_leaves_nothing_behind(broker):
     assert item.name == "works"
 
 
+def test_a_refused_obj_update_keeps_what_the_thread_had_pending(broker):
+    # It aborted the whole transaction: an object made by obj_new before
+    # lost its state, and was then stored empty.
+    db, server, connect = broker
+    made = server.obj_new(Item, name="made")
+    before = db.root.item.name
+    with pytest.raises(exc.ProtocolError, match="unsendable"):
+        server.obj_update(db.root.item, name=object())
+    assert made.name == "made" and db.root.item.name == before
+    server.obj_update(db.root, made=made)
+    client = connect()
+    assert client.root.made.name == "made"
+    client.close()
+
+
 class ChangingServer(TestServer):
     __test__ = False
 
