@@ -383,8 +383,9 @@ class IWriteLock(Interface):
         `timeout`, then `LockTimeoutError`) for this process's writing
         thread, keeps the others out, and yields True if no other process
         held the lock either.  The caller closes the file inside it;
-        afterwards every use of the lock raises ReadOnlyError (the
-        descriptor's number may name another file by then)."""
+        afterwards `acquire` and `closing` raise ReadOnlyError and `busy`
+        is False (the descriptor's number may name another file by then:
+        no flock call is made on it again)."""
 
 
 class ISession(IDataManager, ISavepointDataManager):

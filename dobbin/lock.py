@@ -113,6 +113,9 @@ class WriteLock:
 
     def release(self):
         """Give the lock up; only its holder may."""
+        # A child forked by the holding thread passes the owner check: its
+        # flock call would drop the parent's lock.
+        self._check_process()
         if self._owner != threading.get_ident():
             raise RuntimeError("the write lock of %s is not held by this thread" % self.path)
         self._owner = None
@@ -133,7 +136,8 @@ class WriteLock:
         the file lock either (it is then ours, for the caller to tidy the
         file up; closing the descriptor inside the block gives it back).
         The calling thread's own hold, if any, is simply kept.  After the
-        block the lock is retired: every later use raises ReadOnlyError.
+        block the lock is retired: acquire() and closing() raise
+        ReadOnlyError, and busy() is False.
         """
         self._check_process()
         if self._owner == threading.get_ident():
