@@ -9,9 +9,10 @@ Only what is set is written; a transaction with none of the three adds
 no entry.  Values are JSON: a stored persistent object of the database
 is recorded as its oid, one stored by another database of the
 transaction as {"database": its path, "oid": its oid} (one the commit
-leaves unconnected fails it with `ObjectGraphError`), and anything else
-JSON can't hold fails the commit too, before anything is written, as do
-an extension that is not a dict and one nested deeper than MAX_NESTING.
+leaves unconnected fails it with `ObjectGraphError`), a tuple as a list,
+and anything else JSON can't hold fails the commit too, before anything
+is written, as do an extension that is not a dict, a dict key that is not
+text, and an extension value nested deeper than MAX_NESTING.
 """
 
 import json
@@ -54,8 +55,7 @@ def meta_entry(txn, jar, version):
         if not isinstance(extension, dict):
             raise DobbinError("the transaction's extension must be a dict, not a %s"
                               % type(extension).__name__)
-        for value in extension.values():
-            _check_nesting(value, MAX_NESTING)
+        _check_extension(extension, MAX_NESTING + 1)
         info["extension"] = extension
     if not info:
         return None
@@ -77,15 +77,23 @@ def meta_entry(txn, jar, version):
     return MetaEntry(data.encode("utf-8"))
 
 
-def _check_nesting(value, levels):
-    """Refuse containers nested more than `levels` deep in `value`: reading
-    the record back must not depend on how deep the reader's stack is."""
+def _check_extension(value, levels):
+    """Refuse containers nested more than `levels` deep in `value` (reading
+    the record back must not depend on how deep the reader's stack is),
+    and dict keys that are not text: JSON would turn 1 into "1", silently,
+    and one of {1: ..., "1": ...} would be lost."""
     if isinstance(value, (dict, list, tuple)):
         if not levels:
             raise DobbinError("the transaction's metadata cannot be recorded: nested deeper "
                               "than %d levels" % MAX_NESTING)
-        for item in value.values() if isinstance(value, dict) else value:
-            _check_nesting(item, levels - 1)
+        if isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, str):
+                    raise DobbinError("the transaction's metadata cannot be recorded: a key "
+                                      "that is not text (%r)" % (key,))
+            value = value.values()
+        for item in value:
+            _check_extension(item, levels - 1)
 
 
 def transaction_info(record, path):

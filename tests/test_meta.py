@@ -99,7 +99,9 @@ def nested_lists(depth):
     (PersistentDict(), ObjectGraphError, "not connected to graph"),
     (float("inf"), DobbinError, "metadata cannot be recorded: Out of range float"),
     (nested_lists(5000), DobbinError, "metadata cannot be recorded: nested deeper than 100"),
-    (nested_lists(100), DobbinError, "metadata cannot be recorded: nested deeper than 100")])
+    (nested_lists(100), DobbinError, "metadata cannot be recorded: nested deeper than 100"),
+    # JSON made the keys "1" and "1": one of the two was lost, silently.
+    ({1: "one", "1": "uno"}, DobbinError, "a key that is not text .1.")])
 def test_metadata_json_cannot_hold_fails_the_commit_before_anything_is_written(
         open_db, value, error, message):
     db = open_db()
@@ -113,6 +115,28 @@ def test_metadata_json_cannot_hold_fails_the_commit_before_anything_is_written(
     transaction.abort()
     assert "a" not in root and db.recent_transactions(1)[0].tid == tid
     assert db.verify()["failed"] == 1  # recorded and counted, never applied
+
+
+def test_an_extension_key_that_is_not_text_fails_the_commit(open_db):
+    db = open_db()
+    root = new_root(db)
+    checkout(root)
+    root["a"] = 1
+    transaction.get().setExtendedInfo(2, "two")
+    with pytest.raises(DobbinError, match="a key that is not text .2."):
+        transaction.commit()
+    transaction.abort()
+    assert "a" not in root
+
+
+def test_an_extension_tuple_reads_back_as_a_list(open_db):
+    db = open_db()
+    root = new_root(db)
+    checkout(root)
+    root["a"] = 1
+    transaction.get().setExtendedInfo("pair", (1, "b"))
+    transaction.commit()
+    assert db.recent_transactions(1)[0].extension == {"pair": [1, "b"]}
 
 
 def test_metadata_nested_as_deep_as_allowed_reads_back_from_a_deep_stack(open_db):
