@@ -63,7 +63,8 @@ class IPersistentFile(Interface):
     block by block while the commit is prepared, never held whole in
     memory; if reading it fails (it ends short of its size when the
     commit began, say), the commit fails with `dobbin.exc.StreamError`
-    before anything is written.  Anything else is read whole, once.
+    and nothing is committed (a failed record says why; the blocks copied
+    are cut back).  Anything else is read whole, once.
     The caller closes the file.
     """
 
