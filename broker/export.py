@@ -328,6 +328,9 @@ def live_contents(obj, rules):
     return found
 
 
+_WALKED = (Persistent, dict, list, tuple, set, frozenset)
+
+
 def visible_instances(root, cls, exports, limit, contents=live_contents):
     """Yield the stored instances of `cls` that clients can reach from
     `root`: a full walk, through readable fields and visible items only,
@@ -340,20 +343,25 @@ def visible_instances(root, cls, exports, limit, contents=live_contents):
     """
     if root is None:
         return
-    seen = set()
+    walked = 0
+    # Containers too, each once: a stored value may hold itself (a client
+    # can store a list in a list), and a shared one is walked once.  By
+    # id, each kept alive here so that no id is another's meanwhile.
+    seen = {}
     stack = [root]
     while stack:
         value = stack.pop()
+        if not isinstance(value, _WALKED) or id(value) in seen:
+            continue
+        seen[id(value)] = value
         if isinstance(value, Persistent):
-            if id(value) in seen:
-                continue
-            seen.add(id(value))
-            if len(seen) > limit:
+            walked += 1
+            if walked > limit:
                 raise ProtocolError("class search walked more than %d objects" % limit)
             if isinstance(value, cls):
                 yield value
             stack.extend(contents(value, exports.lookup(type(value))))
         elif isinstance(value, dict):
             stack.extend(value.values())
-        elif isinstance(value, (list, tuple, set, frozenset)):
+        else:
             stack.extend(value)

@@ -202,18 +202,22 @@ def internal_nodes(mapping):
     """The mapping itself and the persistent objects inside it that are not values."""
     values = {id(v) for v in mapping.values() if isinstance(v, Persistent)}
     found = [mapping]
-    seen = {id(mapping)}
+    # Plain containers too, each once: a client may have stored a list
+    # holding itself.  Each is kept alive here, so that no id is reused.
+    seen = {id(mapping): mapping}
     stack = [committed_state(mapping)]
     while stack:
         value = stack.pop()
+        if not isinstance(value, (Persistent, dict, list, tuple)) or id(value) in seen:
+            continue
+        seen[id(value)] = value
         if isinstance(value, Persistent):
-            if id(value) in seen or id(value) in values:
+            if id(value) in values:
                 continue
-            seen.add(id(value))
             found.append(value)
             stack.append(committed_state(value))
         elif isinstance(value, dict):
             stack.extend(value.values())
-        elif isinstance(value, (list, tuple)):
+        else:
             stack.extend(value)
     return found

@@ -275,6 +275,26 @@ def test_visible_items_and_instances_skip_what_clients_cannot_see():
     assert visible_items(rules, {"secret": 1, "name": 2, 3: 4}) == {"name": 2, 3: 4}
 
 
+def test_a_class_search_walks_values_that_hold_themselves_once(open_db):
+    # A client may store a list in itself: the walk went round it for ever,
+    # holding a worker each time; a shared value was walked per occurrence.
+    db = open_db(durability="none")
+    registry = ExportRegistry()
+    registry.export_class(Item)
+    loop = []
+    loop.append(loop)
+    shared = [Item("in a shared list")]
+    for _ in range(40):
+        shared = [shared, shared]  # 2**40 paths, 41 lists
+    root = Item("root")
+    checkout(root)
+    root.tags, root.shared, root.again = loop, shared, {"loop": loop}
+    db.elect(root)
+    transaction.commit()
+    found = list(visible_instances(root, Item, registry, 10))
+    assert sorted(item.name for item in found) == ["in a shared list", "root"]
+
+
 def test_a_client_cannot_call_an_undecorated_override(broker):
     db, _server, connect = broker
     checkout(db.root.things)

@@ -181,6 +181,24 @@ def test_a_mapping_of_another_kind_is_read_live_unless_it_changed(open_db):
         snapshot.run(lambda: dict(snapshot.mapping(root).items()))
 
 
+def test_a_mapping_of_another_kind_holding_a_list_that_holds_itself_is_read(open_db):
+    # A client may store such a list as an item: the walk of the mapping's
+    # parts went round it for ever, in the server's front thread.
+    db = open_db(durability="none")
+    root = Catalog()
+    checkout(root)
+    loop = []
+    loop.append(loop)
+    root.entries["loop"] = loop
+    root.entries["thing"] = Thing("a value, not a part")
+    root.spare = [loop, (loop, {"again": loop})]
+    db.elect(root)
+    transaction.commit()
+    snapshot = Snapshot(db, db.last_tid, Gone)
+    items = snapshot.run(lambda: dict(snapshot.mapping(root).items()))
+    assert items["loop"][0] is items["loop"] and snapshot.oids() == [root._p_oid]
+
+
 def test_an_object_graph_is_walked_as_of_the_snapshot(open_db):
     db = open_db(durability="none")
     registry = ExportRegistry()
