@@ -13,7 +13,7 @@ import transaction
 
 from dobbin.exc import LoadError, UnstorableError
 from dobbin.persistent import Persistent, checkout
-from dobbin.serialize import StateWriter, load_state
+from dobbin.serialize import RENEW_AFTER, StateWriter, load_state
 
 
 class Ref:
@@ -201,6 +201,24 @@ def test_one_writer_serves_commit_after_commit_with_its_hook_swapped():
     second = writer.dump(Persistent, {"other": Ref(1)})
     assert load_alone(first)[1] == {"other": ("ref", 1)}
     assert load_alone(second)[1] == {"other": ("other", 1)}
+
+
+def test_after_a_long_record_the_writer_starts_afresh_keeping_its_hook():
+    # Clearing a pickler's memo costs the size its table grew to, and it
+    # never shrinks: after one state of 900,000 strings, every later small
+    # commit of the database took 45 times as long.
+    writer = StateWriter(ref_id)
+    pickler = writer._pickler
+    writer.dump(Persistent, {"a": 1, "other": Ref(2)})
+    assert writer._pickler is pickler  # short: the same pickler goes on
+    long_record = writer.dump(Persistent, {"many": [str(i) for i in range(100000)]})
+    assert len(long_record) > RENEW_AFTER and writer._pickler is not pickler
+    assert sys.getsizeof(writer._buffer) < RENEW_AFTER  # nor is its room kept
+    assert load_alone(writer.dump(Persistent, {"other": Ref(3)}))[1] == {"other": ("ref", 3)}
+    pickler = writer._pickler
+    with pytest.raises(UnstorableError):
+        writer.dump(Persistent, {"many": [str(i) for i in range(100000)] + [lambda: 0]})
+    assert writer._pickler is not pickler  # a failed one may have grown the memo too
 
 
 def test_a_state_nested_past_the_recursion_limit_is_unstorable():
