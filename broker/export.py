@@ -22,7 +22,11 @@ The rules, per class (looked up along the MRO, so subclasses inherit):
   without `exported` is not callable.
 - `hidden` names are never readable, writable or callable, and are never
   sent, not even their names; for a mapping class they also name the items
-  clients can neither see nor set (to them these items are absent).
+  clients can neither see nor set (to them these items are absent).  Where
+  clients may set names that do not exist yet (without `fields`, or items
+  of a writable mapping), the refusal to set a hidden one tells them that
+  it is hidden (never its value); with `fields` declared, a hidden name is
+  refused as any undeclared one is.
 - Names starting with "_" are never exported, whatever the configuration.
 """
 
