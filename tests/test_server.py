@@ -953,6 +953,23 @@ def test_a_refused_write_tells_an_unexported_method_from_a_hidden_field_no_more(
     assert "secret" not in hidden and "internal" not in method
 
 
+def test_with_fields_declared_a_hidden_name_is_refused_as_an_undeclared_one(broker):
+    # Without them a client may add any public field: a refusal then tells
+    # a hidden name (docs/broker_guide.txt says so); with them it does not.
+    _db, server, _connect = broker
+    server.stop()
+    server.export_class(Item, fields=["name"], hidden="secret", creatable=True)
+    server.start()
+    peer = RawPeer(server.address)
+    try:
+        (hidden_type, hidden), (other_type, other) = refused_sets(
+            peer, ["secret", "undeclared"], ABSENT)
+    finally:
+        peer.close()
+    assert hidden_type == other_type == "AccessDenied"
+    assert hidden == other and "secret" not in hidden
+
+
 def test_clients_cannot_store_values_over_methods(broker):
     db, _server, connect = broker
     client = connect()
