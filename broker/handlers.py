@@ -33,7 +33,7 @@ from dobbin.exc import ConflictError as StoreConflictError
 from dobbin.btree import OOBTree
 from dobbin.bucket import _check_key
 from dobbin.exc import HistoryError, ObjectGraphError
-from dobbin.persistent import Persistent, PersistentDict, checkout, state_of
+from dobbin.persistent import Persistent, checkout, state_of
 from dobbin.stream import PersistentStream
 
 logger = logging.getLogger("broker.server")
@@ -183,9 +183,8 @@ class Handlers:
         if not isinstance(obj, Persistent):
             return read(visible_items(rules, obj)), None  # a static: no history
         self.catch_up(tid)
-        if isinstance(obj, PersistentDict):
-            _serial, state = self._state_as_of(obj, tid)
-            return read(visible_items(rules, state.get("_data", {}))), [obj._p_oid]
+        # A PersistentDict's live state too, not a copy: an item read once
+        # copied the whole mapping (a large value in it made every read slow).
         snapshot = self.snapshot(tid, obj)
         # Read, then checked: a check first would let a commit landing
         # while we read show through.

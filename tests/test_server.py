@@ -970,6 +970,29 @@ def test_with_fields_declared_a_hidden_name_is_refused_as_an_undeclared_one(brok
     assert hidden == other and "secret" not in hidden
 
 
+def test_an_item_of_a_persistent_dict_is_read_without_copying_the_dict(broker, monkeypatch):
+    # Each item read deep-copied the whole mapping (db.load_state): a large
+    # value stored in it made every client's reads of it slow.
+    db, _server, connect = broker
+    checkout(db.root.things)
+    db.root.things.update(small="value", large=list(range(100000)))
+    transaction.commit()
+    client = connect()
+    things = client.root.things
+    copies = []
+    load_state = db.load_state
+    monkeypatch.setattr(db, "load_state", lambda *args: copies.append(args) or load_state(*args))
+    assert things["small"] == "value" and "missing" not in things
+    assert copies == []
+    # As of an older snapshot, the dict's version then is read all the same.
+    checkout(db.root.things)
+    db.root.things["small"] = "changed"
+    transaction.commit()
+    assert things["large"][-1] == 99999 and copies
+    client.begin()
+    assert client.root.things["small"] == "changed"
+
+
 def test_clients_cannot_store_values_over_methods(broker):
     db, _server, connect = broker
     client = connect()
