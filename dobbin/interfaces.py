@@ -24,7 +24,10 @@ class IPersistent(Interface):
     Its state is its instance ``__dict__``, stored and loaded as it is: a
     subclass that declares ``__slots__`` or has ``__getstate__`` or
     ``__setstate__`` (which would be ignored) raises ``TypeError`` when
-    it is defined.
+    it is defined.  There is no ``_p_changed`` to set: a checked-out
+    object is stored whole (setting it on one is harmless, on any other a
+    ``RuntimeError`` asking for a checkout); other ``_p_`` names are the
+    database's, and setting one raises ``AttributeError``.
     """
 
     _p_oid = Attribute(

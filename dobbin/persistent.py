@@ -177,11 +177,26 @@ class Persistent:
 
     def __setattr__(self, name, value):
         if name[:1] == "_" and name[:3] == "_p_":  # one character: no new string
+            if name in _SETTABLE_SLOTS:
+                return _object_setattr(self, name, value)
             if name == "_p_oid":
                 # A stored object under another oid would write records the
                 # next open calls corrupt.
                 raise AttributeError("_p_oid is set by the database only")
-            return _object_setattr(self, name, value)
+            if name == "_p_changed":
+                # ZODB's way to save a change made in place.  A checked-out
+                # object is stored whole anyway; any other must be checked
+                # out first (before the change, which was made to the state
+                # every thread shares).
+                if working_copy(self) is None:
+                    raise RuntimeError("%s: check the object out (dobbin.persistent.checkout) "
+                                       "before changing it; a checked-out object is stored "
+                                       "whole, with no _p_changed" % _READ_ONLY)
+                return None
+            # Any other _p_ name would go into the state that every thread
+            # shares, with no checkout, and be stored as data.
+            raise AttributeError("%s is not an attribute a program may set (_p_ names are "
+                                 "the database's)" % name)
         # _writable_state(), inlined: every attribute an __init__ sets comes here.
         table = _get_local(self)
         state = table.get(getattr(_threads, "key", None)) if table else None
@@ -219,6 +234,11 @@ class Persistent:
     def __reduce__(self):
         raise TypeError("persistent objects are stored by the database, not pickled directly")
 
+
+# The _p_ slots that Dobbin's own code sets by assignment (_p_oid is set
+# through _set_oid only).
+_SETTABLE_SLOTS = frozenset(("_p_jar", "_p_serial", "_p_ghost", "_p_local", "_p_init",
+                             "_p_size"))
 
 # The slots' own getters and setters: much cheaper than object's generic
 # getattr and setattr, which look the name up first.

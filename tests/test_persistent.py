@@ -105,6 +105,25 @@ def test_the_oid_is_the_databases_to_set(open_db):
     transaction.abort()
 
 
+def test_p_changed_asks_for_a_checkout_and_other_p_names_are_refused(open_db):
+    # ZODB's `obj._p_changed = True` went into the state every thread
+    # shares, with no checkout, and the next commit stored it as data.
+    db = open_db()
+    root = PersistentDict(items=[])
+    db.elect(root)
+    transaction.commit()
+    root["items"].append("in place")  # what a ZODB program does first
+    with pytest.raises(RuntimeError, match="check the object out"):
+        root._p_changed = True
+    with pytest.raises(AttributeError, match="_p_volatile is not an attribute"):
+        root._p_volatile = 1
+    checkout(root)
+    root["items"] = ["checked out"]
+    root._p_changed = True  # harmless: a checked-out object is stored whole
+    transaction.commit()
+    assert db.load_state(root._p_oid)[1] == {"_data": {"items": ["checked out"]}}
+
+
 def test_init_runs_once_not_on_load_reopen_or_catch_up(open_db):
     Counted.inits = 0
     db, root = stored_root(open_db)
