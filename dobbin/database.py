@@ -231,7 +231,13 @@ class Database:
                 raise KeyError(oid)
             tid, _previous, data = self._log.read_object(offset, oid)
             cls, state, made = self._load_billed(data, oid)
-            obj = self._new_ghost(oid, cls)
+            # Loading may run code (a dict key's __hash__) that loads an
+            # object referring back to this one: its ghost is the one, then.
+            obj = self._cache.get(oid)
+            if obj is None:
+                obj = self._new_ghost(oid, cls)
+            elif not obj._p_ghost:
+                return obj
             self._cache.install(obj, state, tid, len(data), made)
             return obj
 

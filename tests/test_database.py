@@ -36,6 +36,26 @@ class Container(Persistent):
         self.items = []
 
 
+class Tag(Persistent):
+    def __init__(self, name):
+        self.name = name
+        self.owner = None
+
+
+class TagKey:
+    """A plain dict key whose hash reads a persistent Tag: loading a dict
+    of them loads the tags."""
+
+    def __init__(self, tag):
+        self.tag = tag
+
+    def __hash__(self):
+        return hash(self.tag.name)
+
+    def __eq__(self, other):
+        return isinstance(other, TagKey) and self.tag.name == other.tag.name
+
+
 class Recorded(Persistent):
     """Remembers every oid the database ever hands to one of its kind
     (see `_fresh_records`)."""
@@ -1367,6 +1387,32 @@ def test_identity_holds_while_reachable_even_after_eviction(open_db):
         small.root[n]["payload"]
     assert small.root[5] is held
     assert small.get(held._p_oid) is held
+
+
+def test_one_object_per_oid_when_loading_loads_an_object_referring_back(open_db):
+    # Loading the root hashed a key, which loaded a tag referring back to the
+    # root: two objects for oid 1, and a commit through one was lost.
+    db = open_db()
+    root = PersistentDict()
+    db.elect(root)
+    transaction.commit()
+    tag = Tag("red")
+    checkout(root)
+    root["by_tag"] = {TagKey(tag): "red things"}
+    root["tag"] = tag
+    transaction.commit()
+    checkout(tag)
+    tag.owner = root
+    transaction.commit()
+    db.close()
+    db = open_db()
+    root = db.root
+    assert root["tag"].owner is root and db.get(root._p_oid) is root
+    checkout(root)
+    root["a"] = 1
+    transaction.commit()
+    db.close()
+    assert "a" in open_db().root
 
 
 # -- load_state: versions as of a transaction ---------------------------------
