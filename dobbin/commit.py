@@ -22,6 +22,7 @@ from dobbin.persistent import Persistent, _set_jar, _set_oid
 from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, ObjectEntry, StreamEntry,
                            stream_entry_size)
 from dobbin.serialize import PLAIN_TYPES
+from dobbin.session import named
 from dobbin.stream import (FileSpan, PersistentFile, PersistentStream, StreamSpan,
                            copy_source)
 
@@ -127,7 +128,8 @@ class Commit:
                     _set_jar(value, database)
                     self.adopted.append(value)
                 elif jar is not database:
-                    raise DobbinError("%r refers to %r of another database" % (obj, value))
+                    raise DobbinError("%s refers to %s of another database (%s)"
+                                      % (named(obj), named(value), jar.path))
                 oid = _oid_of(value)
                 if oid is None:
                     oid = self._assign_oid(value)

@@ -20,6 +20,7 @@ from collections import namedtuple
 
 from dobbin.exc import CorruptionError, DamagedHistoryError, DobbinError, ObjectGraphError
 from dobbin.persistent import Persistent
+from dobbin.session import named
 from dobbin.record import COMMITTED, KIND_META, MetaEntry
 
 #: The first format version with M entries.
@@ -63,7 +64,7 @@ def meta_entry(txn, jar, version):
     def stored_oid(value):
         if isinstance(value, Persistent):
             if value._p_jar is None or value._p_oid is None:
-                raise ObjectGraphError("%r not connected to graph." % (value,), value)
+                raise ObjectGraphError("%s not connected to graph." % named(value), value)
             if value._p_jar is jar:
                 return value._p_oid
             # Stored by another database of the same transaction.

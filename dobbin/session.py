@@ -79,6 +79,13 @@ def _kept_as_is(value):
     return kind in _IMMUTABLE or hasattr(kind, "_p_oid")
 
 
+def named(obj):
+    """Persistent `obj` named in an error message: its class, id and oid,
+    not its repr (a mapping's shows every item, loading the objects in them)."""
+    oid = _object_getattribute(obj, "_p_oid")
+    return object.__repr__(obj) if oid is None else "%s (oid %d)" % (object.__repr__(obj), oid)
+
+
 def checkout_base(obj):
     """The state the calling thread's checkout of `obj` started from, or
     None if the thread has not checked `obj` out."""
@@ -298,7 +305,7 @@ class Session:
     def tpc_vote(self, txn):
         for entry in self.checkouts.values():
             if entry.obj._p_oid is None and not _scratch(entry.obj):
-                error = ObjectGraphError("%r not connected to graph." % (entry.obj,),
+                error = ObjectGraphError("%s not connected to graph." % named(entry.obj),
                                          entry.obj)
                 self._record_failure(error)
                 raise error

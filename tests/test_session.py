@@ -72,6 +72,28 @@ def test_failed_commit_shows_latest_committed_state_then_read_only_after_abort(
     assert (a.x, b.x) == ("theirs", 0)
 
 
+def test_an_error_names_an_object_by_class_and_oid_not_by_its_repr(open_db, tmp_path):
+    # The repr of a mapping shows every item, loading every object in it:
+    # one such error was 3.2 MB long, and loaded 20,000 objects first.
+    db, root, a, _b = stored_pair(open_db)
+    big = PersistentDict({n: PersistentDict(n=n) for n in range(1000)})
+    checkout(big)
+    with pytest.raises(ObjectGraphError, match="not connected to graph") as caught:
+        transaction.commit()
+    assert str(caught.value) == "%s not connected to graph." % object.__repr__(big)
+    transaction.abort()
+    other = open_db(str(tmp_path / "other.dobbin"))
+    other.elect(big)
+    transaction.commit()
+    checkout(a)
+    a.x = big
+    with pytest.raises(DobbinError, match="another database") as caught:
+        transaction.commit()
+    transaction.abort()
+    assert "(oid %d) of another database" % big._p_oid in str(caught.value)
+    assert len(str(caught.value)) < 300
+
+
 def test_unconnected_new_object_raises_object_graph_error(open_db):
     db, _root, a, _b = stored_pair(open_db)
     count, objects = db.tx_count, len(db)
