@@ -22,7 +22,7 @@ from dobbin.persistent import Persistent, _set_jar, _set_oid
 from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, ObjectEntry, StreamEntry,
                            stream_entry_size)
 from dobbin.serialize import PLAIN_TYPES
-from dobbin.session import named
+from dobbin.session import KeepPersistent, copy_state, named
 from dobbin.stream import (FileSpan, PersistentFile, PersistentStream, StreamSpan,
                            copy_source)
 
@@ -232,8 +232,8 @@ class Commit:
             # Copies of the committed states: a resolver that changes its
             # arguments (saved["n"] += ...) must change neither what other
             # threads read nor another checkout's starting point.
-            resolved = obj._p_resolve_conflict(copy.deepcopy(entry.old),
-                                               copy.deepcopy(obj.__dict__),
+            resolved = obj._p_resolve_conflict(copy_state(entry.old),
+                                               copy_state(obj.__dict__),
                                                session.working_state(obj))
         except ConflictError:
             raise error from None
@@ -267,7 +267,7 @@ class Commit:
                 # deepcopy takes a value found in its memo as is: each
                 # stream, however deep, becomes its copy; persistent
                 # objects stay themselves (their __deepcopy__).
-                stored[index] = (obj, copy.deepcopy(state, dict(self.copies)), entry)
+                stored[index] = (obj, copy.deepcopy(state, KeepPersistent(self.copies)), entry)
 
     def record_length(self):
         """The length of the record as laid out so far (as `build_record` makes it)."""

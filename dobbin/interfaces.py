@@ -27,7 +27,9 @@ class IPersistent(Interface):
     it is defined.  There is no ``_p_changed`` to set: a checked-out
     object is stored whole (setting it on one is harmless, on any other a
     ``RuntimeError`` asking for a checkout); other ``_p_`` names are the
-    database's, and setting one raises ``AttributeError``.
+    database's, and setting one raises ``AttributeError``.  ``copy.copy``
+    and ``copy.deepcopy`` of a persistent object raise ``TypeError`` (a
+    checkout's copy of a state keeps the objects it refers to).
     """
 
     _p_oid = Attribute(

@@ -16,7 +16,8 @@ from zope.interface import implementer
 
 from dobbin.exc import ReadOnlyError
 from dobbin.interfaces import IPersistent, IPersistentDict
-from dobbin.session import _threads, copy_state, current_session, current_thread_key, thread_key
+from dobbin.session import (KeepPersistent, _threads, copy_state, current_session,
+                            current_thread_key, thread_key)
 from dobbin.stream import PersistentFile
 
 # PersistentFile lives in dobbin.stream; the user's guide imports it from here.
@@ -229,7 +230,16 @@ class Persistent:
     def __deepcopy__(self, memo):
         # Checkouts copy states deeply, but references to other persistent
         # objects must keep their identity.
-        return self
+        if isinstance(memo, KeepPersistent):
+            return self
+        # Anyone else's copy would have been the object itself, silently:
+        # "clone a template, change the clone" changed the template.
+        raise TypeError("a persistent object is not copied by copy.deepcopy (the copy would "
+                        "be the same object): make a new %s" % type(self).__name__)
+
+    def __copy__(self):
+        raise TypeError("a persistent object is not copied by copy.copy: make a new %s"
+                        % type(self).__name__)
 
     def __reduce__(self):
         raise TypeError("persistent objects are stored by the database, not pickled directly")

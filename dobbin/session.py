@@ -47,6 +47,11 @@ def current_thread_key():
 _IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None), complex))
 
 
+class KeepPersistent(dict):
+    """A `copy.deepcopy` memo under which persistent objects are kept, not
+    copied (see Persistent.__deepcopy__)."""
+
+
 def copy_state(state):
     """A deep copy of a state; persistent objects are kept, not copied."""
     copied = {}
@@ -56,7 +61,7 @@ def copy_state(state):
             copied[name] = value
             continue
         if memo is None:
-            memo = {}  # one memo, so values shared inside the state stay shared
+            memo = KeepPersistent()  # one, so values shared inside the state stay shared
         copy_ = memo.get(id(value))
         if copy_ is None:
             kind = type(value)

@@ -23,6 +23,7 @@ from dobbin.btree import Bucket, Length, Node, OOBTree, RangeView
 from dobbin.database import Database
 from dobbin.exc import ConflictError, ObjectGraphError
 from dobbin.persistent import PersistentDict, checked_out, checkout
+from dobbin.session import KeepPersistent
 
 from btree_fixtures import (SmallTree, check_invariants, grown, in_other_thread, leaf_for,
                             stored, tree_depth)
@@ -630,8 +631,9 @@ def test_resolve_takes_copies_of_unchanged_values_as_unchanged():
     values = [[items[0], 1.5, ("t", None)], {"k": [b"x"], "z": -0.0},
               datetime.datetime(2024, 1, 1, tzinfo=_CET), decimal.Decimal("1.10"), float("nan")]
     old = [(n, value) for n, value in enumerate(values)]
-    saved = copy.deepcopy(old) + [(10, "theirs")]
-    new = copy.deepcopy(old) + [(11, "ours")]
+    # As the commit copies them: persistent objects kept.
+    saved = copy.deepcopy(old, KeepPersistent()) + [(10, "theirs")]
+    new = copy.deepcopy(old, KeepPersistent()) + [(11, "ours")]
     resolved = resolve(old, saved, new)
     assert resolved["keys"] == list(range(len(values))) + [10, 11]
 

@@ -2,6 +2,7 @@
 checkouts, __init__ that runs once, deletions that persist, and the full
 dict API of PersistentDict."""
 
+import copy
 import dataclasses
 import threading
 
@@ -122,6 +123,26 @@ def test_p_changed_asks_for_a_checkout_and_other_p_names_are_refused(open_db):
     root._p_changed = True  # harmless: a checked-out object is stored whole
     transaction.commit()
     assert db.load_state(root._p_oid)[1] == {"_data": {"items": ["checked out"]}}
+
+
+def test_copying_a_persistent_object_is_refused_not_aliased(open_db):
+    # copy.deepcopy returned the object itself: "clone a template and
+    # change the clone" changed the template.  copy.copy blamed pickling.
+    db = open_db()
+    template = PersistentDict(lines=["a"])
+    db.elect(template)
+    transaction.commit()
+    for copier in (copy.deepcopy, copy.copy):
+        with pytest.raises(TypeError, match="make a new PersistentDict"):
+            copier(template)
+    # A checkout still copies states deeply, keeping references.
+    holder = PersistentDict(template=template, lines=[template, ["b"]])
+    checkout(template)
+    template["holder"] = holder
+    transaction.commit()
+    checkout(holder)
+    assert holder["lines"][0] is template and holder["template"] is template
+    transaction.abort()
 
 
 def test_init_runs_once_not_on_load_reopen_or_catch_up(open_db):
