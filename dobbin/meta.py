@@ -20,8 +20,8 @@ from collections import namedtuple
 
 from dobbin.exc import CorruptionError, DamagedHistoryError, DobbinError, ObjectGraphError
 from dobbin.persistent import Persistent
-from dobbin.session import named
 from dobbin.record import COMMITTED, KIND_META, MetaEntry
+from dobbin.session import named
 
 #: The first format version with M entries.
 META_VERSION = 2
