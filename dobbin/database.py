@@ -15,6 +15,7 @@ import weakref
 import transaction
 from zope.interface import implementer
 
+from dobbin.broken import BrokenClass, persistent_stand_in
 from dobbin.cache import ObjectCache
 from dobbin.exc import (CorruptionError, DobbinError, LoadError, LockTimeoutError, ReadOnlyError,
                         StorageError)
@@ -377,6 +378,8 @@ class Database:
             key, value = pid
             if key == "S" and type(value) is int:
                 return PersistentStream(self, value)
+            if type(value) is BrokenClass:
+                value = persistent_stand_in(value)  # a reference's class is persistent
             if type(key) is int and isinstance(value, type) and issubclass(value, Persistent):
                 obj = self._cache.get(key)
                 if obj is not None:

@@ -107,3 +107,8 @@ class LoadError(DobbinError):
 class UnstorableError(DobbinError, TypeError):
     """A state holds a value that cannot be pickled (a lambda, a class
     defined inside a function, an open file...); the commit fails."""
+
+
+class BrokenObjectError(DobbinError):
+    """An object whose class could not be imported was to be changed (see
+    `dobbin.broken`): restore the class under its old name first."""

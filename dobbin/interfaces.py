@@ -59,6 +59,23 @@ class IPersistentDict(IPersistent):
     """
 
 
+class IBroken(Interface):
+    """A stand-in for an object whose class could not be imported when
+    its record was loaded (`dobbin.broken`).
+
+    Its stand-in class has the missing class's module and name, and its
+    ``_p_broken`` says why the import failed.  A persistent stand-in
+    (an `IPersistent`) reads as stored; checking it out raises
+    `dobbin.exc.BrokenObjectError`.  A value stand-in shows the stored
+    attributes of its state; changing it raises `BrokenObjectError`.
+    Either is written back as it was loaded when a record holding it is
+    stored again, naming the missing class, so restoring the class brings
+    the objects back on the next open.
+    """
+
+    _p_broken = Attribute("Why the class could not be imported (text).")
+
+
 class IPersistentFile(Interface):
     """A single-use wrapper storing an open file's remaining bytes.
 

@@ -14,7 +14,7 @@ from collections.abc import ItemsView, KeysView, MutableMapping, ValuesView
 
 from zope.interface import implementer
 
-from dobbin.exc import ReadOnlyError
+from dobbin.exc import BrokenObjectError, ReadOnlyError
 from dobbin.interfaces import IPersistent, IPersistentDict
 from dobbin.session import (KeepPersistent, _threads, copy_state, current_session,
                             current_thread_key, thread_key)
@@ -120,6 +120,10 @@ class Persistent:
     # a class decorator (@dataclass) may replace it after __init_subclass__.
     # An __init__ assigned to a class after its first instance is not wrapped.
     _p_init_checked = None
+
+    # Why the class is a stand-in for one that could not be imported
+    # (dobbin.broken), or None.
+    _p_broken = None
 
     def __new__(cls, *args, **kwargs):
         if cls._p_init_checked is not cls:  # an inherited mark is the base's
@@ -339,6 +343,11 @@ def checkout(obj):
     if not isinstance(obj, Persistent):
         raise TypeError("only persistent objects can be checked out, not %r"
                         % type(obj).__name__)
+    if type(obj)._p_broken is not None:
+        raise BrokenObjectError("%s.%s oid %s can't be checked out: its class could not be "
+                                "imported (%s); restore the class under that name, and reopen"
+                                % (type(obj).__module__, type(obj).__qualname__, obj._p_oid,
+                                   type(obj)._p_broken))
     ident = thread_key()
     table = _get_local(obj)
     if table and ident in table:

@@ -20,6 +20,7 @@ import sys
 import types
 from sys import intern
 
+from dobbin.broken import BrokenClass, persistent_stand_in, stand_in
 from dobbin.exc import DobbinError, LoadError, UnstorableError
 
 PROTOCOL = 5
@@ -123,7 +124,11 @@ class _StateUnpickler(pickle.Unpickler):
             found = getattr(loaded, name, _MISSING)
             if found is not _MISSING:
                 return found
-        return super().find_class(module, name)
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError) as error:
+            # Gone from the code: see dobbin.broken.
+            return stand_in(module, name, "%s: %s" % (type(error).__name__, error))
 
 
 _modules = sys.modules
@@ -146,6 +151,8 @@ def load_state(data, persistent_load, where="", *where_args):
     except Exception as error:
         raise LoadError("cannot load the record %s: %s: %s"
                         % (where % where_args, type(error).__name__, error)) from error
+    if type(cls) is BrokenClass:
+        cls = persistent_stand_in(cls)  # a record's class is a persistent one
     if not isinstance(cls, type) or not isinstance(state, dict):
         raise LoadError("the record %s is not a (class, state) pair" % (where % where_args))
     # Attribute names are interned, as Python does for names in code: a

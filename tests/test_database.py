@@ -401,9 +401,16 @@ def test_a_thread_joins_the_catch_up_at_a_load_or_any_database_call(open_db, db_
 
 
 def test_a_catch_up_takes_a_whole_record_though_one_state_cannot_load(open_db, db_path,
-                                                                       tmp_path):
-    # Another process (running newer code) commits a state whose class this
-    # process lacks, in the same record as a change this process can load.
+                                                                       tmp_path, monkeypatch):
+    # Another process (running newer code) commits a state that this
+    # process's older version of its class cannot load, in the same record
+    # as a change this process can load.
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "newer_code.py").write_text(
+        "class Gadget:\n    def __setstate__(self, state):\n"
+        "        raise ValueError('the older code')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "older"))
+    monkeypatch.delitem(sys.modules, "newer_code", raising=False)
     db = open_db()
     db.elect(PersistentDict(first=PersistentDict(n=0), second=PersistentDict(n=0)))
     transaction.commit()
@@ -411,7 +418,8 @@ def test_a_catch_up_takes_a_whole_record_though_one_state_cannot_load(open_db, d
     assert (first["n"], second["n"]) == (0, 0)  # both loaded
     checkout(first)
     first["mine"] = True
-    (tmp_path / "newer_code.py").write_text("class Gadget:\n    pass\n")
+    (tmp_path / "newer_code.py").write_text(
+        "class Gadget:\n    def __init__(self):\n        self.size = 1\n")
     writer = (
         "import sys, transaction\n"
         "import newer_code\n"
@@ -431,8 +439,9 @@ def test_a_catch_up_takes_a_whole_record_though_one_state_cannot_load(open_db, d
     transaction.abort()
     transaction.begin()  # catches up, having learned of nothing more
     assert second["n"] == 1
-    with pytest.raises(LoadError, match="newer_code"):
+    with pytest.raises(LoadError, match="the older code"):
         first["n"]
+    sys.modules.pop("newer_code", None)
     checkout(second)
     second["n"] += 10
     transaction.commit()
