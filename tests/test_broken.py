@@ -132,7 +132,8 @@ def test_the_root_loads_when_the_classes_it_refers_to_are_gone(tmp_path, vanishi
         assert root["keyed"].key == "k"
         assert isinstance(root["called"], Broken)  # made by a call: it has no state
     # One warning per missing class, naming it.
-    warnings = [r.getMessage() for r in caplog.records if "could not be imported" in r.getMessage()]
+    warnings = [record.getMessage() for record in caplog.records
+                if "could not be imported" in record.getMessage()]
     assert len(warnings) == len({w.split(" could")[0] for w in warnings}) == 8
     db.close()
 
