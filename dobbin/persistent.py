@@ -58,6 +58,26 @@ def _data_descriptor_names(cls):
     return names
 
 
+_class_dunders = {}
+
+
+def _dunders_of(cls):
+    """The dunder names a class or a base defines (``__class__``,
+    ``__dict__``, ``__doc__``, methods...).
+
+    They are read from the class alone: reading one must neither load a
+    ghost nor look for a checkout (isinstance reads ``__class__``).
+    Other dunder names, such as a ``__parent__`` set in ``__init__``,
+    live in the state like any attribute.  Computed once per class.
+    """
+    names = _class_dunders.get(cls)
+    if names is None:
+        names = frozenset(name for klass in cls.__mro__ for name in vars(klass)
+                          if name[:2] == "__")
+        _class_dunders[cls] = names
+    return names
+
+
 def _is_data_descriptor(attribute):
     kind = type(attribute)
     return hasattr(kind, "__set__") or hasattr(kind, "__delete__")
@@ -151,7 +171,8 @@ class Persistent:
         _check_init(cls)  # checked again when first instantiated, see __new__
 
     def __getattribute__(self, name):
-        if name[0] == "_" and (name[:3] == "_p_" or name[:2] == "__"):
+        if name[0] == "_" and (name[:3] == "_p_" or name[:2] == "__" and name in (
+                _class_dunders.get(type(self)) or _dunders_of(type(self)))):
             return _object_getattribute(self, name)
         table = _get_local(self)
         if table:

@@ -145,6 +145,33 @@ def test_copying_a_persistent_object_is_refused_not_aliased(open_db):
     transaction.abort()
 
 
+class Located(Persistent):
+    """Zope's location pattern: dunder names kept in the state."""
+
+    def __init__(self, name, parent):
+        self.__name__ = name
+        self.__parent__ = parent
+
+
+def test_dunder_attributes_in_the_state_load_ghosts_and_show_checkouts(open_db, db_path,
+                                                                        start_thread):
+    db = open_db()
+    db.elect(PersistentDict(folder=Located("folder", None)))
+    transaction.commit()
+    db.close()
+    folder = open_db(db_path).root["folder"]
+    # Names the class defines come from the class, and load nothing.
+    assert folder.__class__ is Located and not isinstance(folder, PersistentDict)
+    assert folder.__doc__ == Located.__doc__ and folder._p_ghost
+    assert (folder.__name__, folder.__parent__) == ("folder", None)  # loaded on demand
+    checkout(folder)
+    folder.__name__ = "renamed"
+    assert folder.__name__ == "renamed"  # this thread's working copy
+    assert start_thread(lambda: folder.__name__).join() == "folder"
+    transaction.commit()
+    assert start_thread(lambda: folder.__name__).join() == "renamed"
+
+
 def test_init_runs_once_not_on_load_reopen_or_catch_up(open_db):
     Counted.inits = 0
     db, root = stored_root(open_db)
