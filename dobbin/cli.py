@@ -47,7 +47,8 @@ def build_parser():
                             " (default %(default)s)")
     shell = commands.add_parser("shell", help="interactive prompt on a served database")
     shell.add_argument("address", help="the server's request endpoint")
-    shell.add_argument("--timeout", type=float, default=2.5)
+    shell.add_argument("--timeout", type=_positive_seconds, default=2.5,
+                       help="seconds to wait for each reply (default %(default)s)")
     verify = commands.add_parser("verify", help="check a database file's checksums and index")
     verify.add_argument("path", help="database file")
     history = commands.add_parser("history", help="list the latest committed transactions")
@@ -64,6 +65,16 @@ def _positive_int(text):
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError("wants a positive integer, not %r" % text)
+    return value
+
+
+def _positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):  # nan compares false
+        raise argparse.ArgumentTypeError("wants a positive number of seconds, not %r" % text)
     return value
 
 
@@ -116,7 +127,7 @@ def serve(args):
                   flush=True)
             while not stop.wait(0.5):
                 pass
-    except BrokerError as error:
+    except (BrokerError, OSError) as error:  # OSError: its secret file, say
         print("dobbin serve: %s" % error, file=sys.stderr)
         return 1
     finally:

@@ -22,7 +22,7 @@ from dobbin.exc import (CorruptionError, DobbinError, LoadError, LockTimeoutErro
 from dobbin.index import Index, check_oid
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock, checked_timeout
-from dobbin.log import Log
+from dobbin.log import Log, file_path
 from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT, IndexEntry,
                            NoteEntry, RootEntry)
 from dobbin.recovery import INCOMPLETE
@@ -99,7 +99,7 @@ class Database:
 
     def __init__(self, path, durability="fsync", lock_timeout=30.0,
                  cache_size=DEFAULT_CACHE_SIZE, read_only=False, repair=False):
-        self.path = os.fspath(path)
+        self.path = file_path(path)
         self.read_only = read_only
         self.closed = False
         # Options are checked before the file is opened.
@@ -141,6 +141,7 @@ class Database:
                                       "with repair=True to keep the transactions before it"
                                       % problem, self.path, self._log.end)
             self.recovery = None
+            self._notifier.clear()  # what opening read is no news to subscribers
             return
         self._lock.acquire()
         try:

@@ -97,6 +97,16 @@ def _open_log_records(method):
     return records
 
 
+def file_path(path):
+    """`path` (str, bytes or path-like) as an absolute str: side files,
+    checks and messages keep naming the file after a chdir."""
+    return os.path.abspath(os.fsdecode(path))
+
+
+# A write refused for want of room (not an fsync: its pages may be lost).
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 @implementer(ILog)
 class Log(Recovery, ReservedSpace):
     """One Dobbin file, opened for appending and reading.
@@ -108,7 +118,7 @@ class Log(Recovery, ReservedSpace):
     def __init__(self, path, durability="fsync", read_only=False):
         if durability not in DURABILITY:
             raise ValueError("durability must be one of %s, not %r" % (DURABILITY, durability))
-        self.path = os.fspath(path)
+        self.path = file_path(path)
         self.durability = durability
         self.read_only = read_only
         self.broken = None
@@ -116,9 +126,13 @@ class Log(Recovery, ReservedSpace):
         self._reserving = durability == "fsync" and not read_only
         self._tail_checked = False  # the bytes after the records were found zero to the end
         flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
-        created = not os.path.exists(self.path)
-        if read_only and created:
-            raise FileNotFoundError(errno.ENOENT, "no database file", self.path)
+        try:
+            os.stat(self.path)
+            created = False
+        except FileNotFoundError:  # any other error (no permission...) says what it is
+            if read_only:
+                raise FileNotFoundError(errno.ENOENT, "no database file", self.path) from None
+            created = True
         try:
             # Not blocking: a FIFO at the path would wait for a writer for ever.
             self.fd = os.open(self.path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
@@ -127,6 +141,7 @@ class Log(Recovery, ReservedSpace):
             raise DobbinError("%s is a directory, not a database file" % self.path) from None
         try:
             status = os.fstat(self.fd)
+            self._identity = (status.st_dev, status.st_ino)
             if not stat.S_ISREG(status.st_mode):
                 raise DobbinError("%s is not a regular file, so not a database file" % self.path)
             os.set_blocking(self.fd, True)
@@ -298,8 +313,13 @@ class Log(Recovery, ReservedSpace):
         written_header = bytes(memoryview(header or segments[0][1][0])[:TX_HEADER_SIZE])
         self._reserve(offset, length)
         try:
-            for at, buffers in segments:
-                self._write(buffers, at)
+            try:
+                for at, buffers in segments:
+                    self._write(buffers, at)
+            except OSError as error:
+                if error.errno not in _NO_ROOM:
+                    raise
+                self._refuse_record(error, offset)
             if header is not None:
                 # The body durable first: no power cut leaves a sound
                 # header over a lost body, which recovery must step over.
@@ -361,6 +381,16 @@ class Log(Recovery, ReservedSpace):
                 self.synced_end = max(self.synced_end, target)
                 self.synced_tid = max(self.synced_tid, target_tid)
 
+    def _refuse_record(self, error, offset):
+        """A write found no room (a full disk, a quota): nothing written
+        before is in doubt, so the record is cut off and only it fails."""
+        try:
+            self._truncate(offset)
+        except OSError:
+            self._fail(error, offset)
+        raise StorageError("no room for a record in %s (%s): it was not written"
+                           % (self.path, error)) from error
+
     def _fail(self, error, offset):
         # After a failed write or fsync the page cache can't be trusted
         # (retrying fsync may "succeed" having lost the data), so cut the
@@ -406,6 +436,20 @@ class Log(Recovery, ReservedSpace):
 
     def size(self):
         return os.fstat(self.fd).st_size
+
+    def check_same_file(self):
+        """StorageError unless the path still names the file we opened:
+        once it was deleted, or replaced (a backup restored by renaming
+        it over the file), our commits would go to a file nobody opens."""
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            status = None
+        if status is None or (status.st_dev, status.st_ino) != self._identity:
+            raise StorageError("%s is no longer the file this database opened (it was %s): "
+                               "writing on would lose the commits; close the database and "
+                               "open it again" % (self.path, "deleted" if status is None
+                                                  else "replaced by another file"))
 
     @_open_log_read
     def at_end(self):

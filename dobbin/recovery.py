@@ -7,9 +7,9 @@ damage that a later record proves was durable raises `CorruptionError`,
 or with `repair` is cut away too; a damaged checkpoint, being redundant,
 is stepped over.  `diagnose` tells the same apart for a reader holding no
 lock.  It uses the log's `fd`, `path`, `end`, `last_tid`, `checkpoint`,
-`read_only`, `broken`, `skipped`, `_tail`, `size()`, `_peek()`, `_advance()`,
-`_truncate()`, `_exclusive_sync()`, `_fsync_directory()` and
-`_reserved_space_here()`; the log's `follow` and `_create` use
+`read_only`, `broken`, `skipped`, `_tail`, `size()`, `check_same_file()`,
+`_peek()`, `_advance()`, `_truncate()`, `_exclusive_sync()`,
+`_fsync_directory()` and `_reserved_space_here()`; the log's `follow` and `_create` use
 `_sound_at`, `_skip` and `_save_tail`.
 """
 
@@ -52,6 +52,8 @@ class Recovery:
         After the last record, `self.dropped` tells what was cut.
         """
         self.dropped = None
+        if not self.read_only:
+            self.check_same_file()  # before anything is written
         while True:
             head = self._peek()
             if not head or (reserved_head(head) and self._reserved_space_here()):

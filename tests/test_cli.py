@@ -221,6 +221,27 @@ def test_serve_refuses_a_bad_address_or_app_before_making_the_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_serve_reports_an_os_error_of_the_server_as_a_message(tmp_path, monkeypatch, capsys):
+    # Such as its secret file, in a directory it may not write (as root,
+    # which may write anywhere, the error is made up).
+    from broker.server import BrokerServer
+
+    def refused(server):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "db.dobbin.secret.tmp"))
+
+    monkeypatch.setattr(BrokerServer, "start", refused)
+    assert main(["serve", str(tmp_path / "db.dobbin"), "--bind", "tcp://127.0.0.1:*"]) == 1
+    assert "dobbin serve: [Errno 13] Permission denied" in capsys.readouterr().err
+
+
+def test_shell_refuses_a_timeout_that_is_not_a_positive_number(capsys):
+    for bad in ("-1", "0", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["shell", "tcp://127.0.0.1:1", "--timeout", bad])
+        assert "positive number of seconds" in capsys.readouterr().err
+    assert build_parser().parse_args(["shell", "x", "--timeout", "0.5"]).timeout == 0.5
+
+
 def test_serving_a_database_at_an_ipc_path_naming_it_leaves_it_whole(tmp_path):
     # ZeroMQ deletes whatever a bound ipc:// path names: the database too.
     path = tmp_path / "db.dobbin"

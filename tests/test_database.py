@@ -24,8 +24,8 @@ from conftest import child_env, commit_in_thread, flip_bit, in_commit_order
 from dobbin.commit import Commit
 from dobbin.database import CHECKPOINT_MIN_BYTES, Database, PersistentStream
 from dobbin.exc import (ConflictError, CorruptionError, DobbinError, HistoryError, LoadError,
-                        LockTimeoutError, ReadConflictError, ReadOnlyError, UnstorableError,
-                        WriteConflictError)
+                        LockTimeoutError, ReadConflictError, ReadOnlyError, StorageError,
+                        UnstorableError, WriteConflictError)
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
 from dobbin.log import COMMITTED, Log, RootEntry
 from dobbin.stream import BLOCK
@@ -446,6 +446,40 @@ def test_a_catch_up_takes_a_whole_record_though_one_state_cannot_load(open_db, d
     second["n"] += 10
     transaction.commit()
     assert open_db(read_only=True).load_state(second._p_oid)[1]["_data"]["n"] == 11
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_commit_is_refused_once_the_file_was_deleted_or_replaced(open_db, db_path, how):
+    db = open_db()
+    db.elect(PersistentDict(n=1))
+    transaction.commit()
+    if how == "deleted":
+        os.remove(db_path)
+    else:  # a backup restored by renaming it over the file
+        with open(db_path, "rb") as source, open(db_path + ".copy", "wb") as copy:
+            copy.write(source.read())
+        os.rename(db_path + ".copy", db_path)
+    checkout(db.root)
+    db.root["n"] = 2
+    with pytest.raises(StorageError, match="no longer the file this database opened .it was %s"
+                       % how):
+        transaction.commit()  # it would have gone to a file nobody opens
+    transaction.abort()
+    db.close()
+    if how == "replaced":
+        assert Database(db_path, read_only=True).root["n"] == 1
+
+
+def test_a_relative_path_keeps_naming_the_file_after_a_chdir(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    db = Database("relative.dobbin")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    db.elect(PersistentDict(n=1))
+    transaction.commit()
+    assert db.path == str(tmp_path / "relative.dobbin") and db.verify()["ok"]
+    db.close()
+    assert os.listdir(tmp_path / "elsewhere") == []
 
 
 def test_close_waits_for_a_commit_another_thread_is_writing(open_db, db_path,
@@ -1218,6 +1252,25 @@ def test_a_close_that_times_out_leaves_the_database_open_to_close_again(db_path)
         writer.join()
     db.close()
     assert db.closed and db._log.fd is None
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_subscribers_hear_of_commits_after_the_open_only(open_db, db_path, read_only):
+    writer = open_db()
+    writer.elect(PersistentDict(n=0))
+    transaction.commit()
+    for n in range(1, 4):
+        checkout(writer.root)
+        writer.root["n"] = n
+        transaction.commit()
+    reader = open_db(read_only=read_only)
+    heard = []
+    reader.subscribe(lambda tid, oids: heard.append(tid))
+    checkout(writer.root)
+    writer.root["n"] = 4
+    transaction.commit()
+    reader.sync()
+    assert heard == [writer.last_tid]  # not the commits the open read
 
 
 def test_a_subscriber_must_be_callable(db_path):

@@ -41,6 +41,28 @@ def test_a_new_file_is_a_checksummed_header(path):
     assert struct.unpack_from("<I", data, 60) == (crc(data[:60]),)
 
 
+def test_the_path_is_kept_absolute_and_may_be_bytes(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    log = Log("relative.dobbin")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # side files still go beside the file
+    assert log.path == str(tmp_path / "relative.dobbin")
+    log.close()
+    raw = os.fsencode(str(tmp_path / "caf\udce9.dobbin"))  # not UTF-8: surrogate-escaped
+    log = Log(raw)
+    assert log.path == os.fsdecode(raw)
+    log.close()
+    assert os.path.exists(raw)
+
+
+def test_an_unreadable_path_says_why_not_that_no_file_is_there(tmp_path):
+    (tmp_path / "plain").write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        Log(str(tmp_path / "plain" / "log.dobbin"), read_only=True)
+    with pytest.raises(FileNotFoundError, match="no database file"):
+        Log(str(tmp_path / "log.dobbin"), read_only=True)
+
+
 def test_bad_file_magic(path):
     Log(path).close()
     forge_file_header(path, 0, b"\x89DOBBIM\n", reseal=True)
@@ -394,25 +416,36 @@ def test_append_to_a_closed_log_is_refused(path):
         log.append(COMMITTED, 100, [object_entry(1)])
 
 
-def test_a_failed_write_is_cut_back_and_further_writes_refused(path, monkeypatch):
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
+def test_a_failed_write_is_cut_back_and_only_want_of_room_lets_writes_go_on(path, monkeypatch,
+                                                                          code):
     log = Log(path)
     log.append(COMMITTED, 100, [object_entry(1)])
     end = log.end
     real_write = Log._write
 
-    def half_then_no_space(self, buffers, offset):
+    def half_then_fail(self, buffers, offset):
         data = b"".join(bytes(b) for b in ([buffers] if isinstance(buffers, bytes) else buffers))
         real_write(self, data[:len(data) // 2], offset)
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(log, "_write", half_then_no_space.__get__(log))
-    with pytest.raises(StorageError, match="No space"):
+    monkeypatch.setattr(log, "_write", half_then_fail.__get__(log))
+    with pytest.raises(StorageError, match=os.strerror(code)):
         log.append(COMMITTED, 100, [object_entry(2)])
     assert os.path.getsize(path) == end and log.end == end
     monkeypatch.undo()
-    with pytest.raises(StorageError):
-        log.append(COMMITTED, 100, [object_entry(3)])
+    if code == errno.EIO:  # the page cache is in doubt: nothing more is written
+        with pytest.raises(StorageError, match="refuses writes"):
+            log.append(COMMITTED, 100, [object_entry(3)])
+        log.close()
+        return
+    # A full disk doesn't make what was written doubtful: room made, the
+    # next record is written after the first.
+    log.append(COMMITTED, 100, [object_entry(3)])
     log.close()
+    reread = Log(path, read_only=True)
+    assert [entry.oid for record in reread.follow() for entry in record.entries] == [1, 3]
+    reread.close()
 
 
 def test_a_failed_fsync_refuses_further_writes(path, monkeypatch):
