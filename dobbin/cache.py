@@ -90,12 +90,15 @@ class ObjectCache:
 
     def remember(self, obj):
         """Make ghost `obj` the object of its oid while it is reachable."""
-        weak = self._weak
-        weak[_oid_of(obj)] = weakref.ref(obj)
+        self._weak[_oid_of(obj)] = weakref.ref(obj)
         self.ghosts_made += 1
+        self._prune()
+
+    def _prune(self):
+        """Forget dead weak references once the map doubled since the last
+        time: now and then costs less than a callback on every death."""
+        weak = self._weak
         if len(weak) > 2 * self._weak_pruned_at:
-            # Dropping dead references now and then costs less than a
-            # callback on every object's death.
             for oid in [oid for oid, ref in weak.items() if ref() is None]:
                 del weak[oid]
             self._weak_pruned_at = max(1024, len(weak))
@@ -157,6 +160,7 @@ class ObjectCache:
                 spared += _size_of(obj)
                 continue
             self._drop_state(oid, obj)
+        self._prune()  # evicted objects nobody holds die, often unloaded again
         # States that stayed because they are checked out would be scanned
         # again on every load (quadratic in a big commit): try again only
         # once the cache has grown by another eighth of the bound, or of

@@ -80,6 +80,15 @@ def test_an_evicted_object_nobody_holds_is_forgotten():
     assert cache.get(1) is None and cache.get(2) is not None
 
 
+def test_evicted_objects_that_die_are_forgotten_though_nothing_is_loaded():
+    # A process that commits new objects (installed, not loaded) and drops
+    # them: each eviction left a dead weak reference behind, for ever.
+    cache = ObjectCache(4 * state_cost(10))
+    for oid in range(1, 20_001):
+        cache.install(ghost(oid), {"n": oid}, 1, 10)
+    assert len(cache._weak) < 3000
+
+
 def test_the_newest_state_stays_even_if_it_outgrows_the_bound():
     cache = ObjectCache(100)
     obj = loaded(cache, 1, size=1000)
