@@ -26,6 +26,10 @@ from broker.states import unseal
 # between polls).
 POLL = 0.02
 
+# Broadcasts kept for the next boundary; past this many, they are dropped
+# as after a gap (the sync at that boundary names what changed).
+MAX_PENDING = 1000
+
 
 class Invalidations:
     """One client's snapshot tid, the changes it has learned since, and
@@ -121,6 +125,13 @@ class Invalidations:
                     states[oid] = record
         self.pending.append((tid, oids, states))
         self.known = tid
+        if len(self.pending) > MAX_PENDING:
+            # A client that waits for broadcasts and never reaches a boundary
+            # kept them all.  Back to what is applied: the next sync or commit
+            # names every oid changed since the snapshot.
+            self.pending = [(tid, frozenset(), {})]
+            self.known = self.tid
+            self.gap = True
 
     def poll(self, tid=None):
         """Take the broadcasts that come within POLL s; return (done, newest).

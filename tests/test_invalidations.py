@@ -9,7 +9,7 @@ import json
 import weakref
 
 from broker import protocol
-from broker.invalidations import Invalidations
+from broker.invalidations import MAX_PENDING, Invalidations
 from broker.keys import Key
 from broker.proxy import Proxy
 from broker.states import seal
@@ -117,6 +117,23 @@ def test_after_a_gap_broadcasts_are_not_kept_one_by_one():
     assert client.view.pending[-1][1:] == (frozenset(), {})
     assert client.view.poll(1009) == (True, 1009)
     client.view.synced(1009, [1, 2, 3], 999)  # what the sync says changed since 11
+    assert one._state is None and client.view.pending == [] and not client.view.gap
+
+
+def test_a_client_that_never_reaches_a_boundary_keeps_a_bounded_number_of_broadcasts():
+    # One that only waits for broadcasts kept every one, states and all.
+    client = Client()
+    one = client.loaded("o", 1, name="one")
+    for n in range(1, 3 * MAX_PENDING):
+        sealed = seal(MAC, SERVER, n + 10, data(n + 10, name="new"))
+        client.view.receive(changed(n, n + 10, [n % 2 + 1], [[1, sealed]]))
+        assert len(client.view.pending) <= MAX_PENDING
+    newest = 3 * MAX_PENDING + 9
+    assert client.view.poll(newest) == (True, newest)
+    assert one._state == {"name": "one"}  # still the snapshot's
+    # The boundary's sync says what changed since the snapshot (tid 10).
+    assert client.view.gap and client.view.known == 10
+    client.view.synced(newest, [1, 2], 3 * MAX_PENDING - 1)
     assert one._state is None and client.view.pending == [] and not client.view.gap
 
 
