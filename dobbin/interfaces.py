@@ -252,8 +252,13 @@ class IDatabase(Interface):
         """Write the state as of transaction `until` (default: now) into `target`.
 
         `target` must be an empty database.  It receives one transaction
-        holding every object's full state, stream bytes copied (chunk by
-        chunk), oids and the oid counter preserved.
+        holding the full state of every object the root reached then,
+        stream bytes copied (chunk by chunk), oids and the oid counter
+        preserved.  Objects the root no longer reached are garbage and
+        are left out: a snapshot is also how a database is packed.  It may
+        run while other threads and processes commit, so it is also how
+        a live database is backed up (a copy of the file made while it is
+        written may be damaged).
         """
 
     def verify():

@@ -1,13 +1,15 @@
 """Snapshots and verification of a whole database.
 
 `snapshot` writes a database's state as of one transaction into an empty
-database as a single transaction: every object's full state, oids and
-the oid counter kept, stream bytes copied; `version_data` finds the
+database as a single transaction: the full state of every object the root
+reaches (others are garbage: a snapshot packs), oids and the oid counter
+kept, stream bytes copied; `version_data` finds the
 record of an object's version as of a transaction.  `verify` reads the
 whole file back through a fresh reader and checks every checksum and
 the index.
 """
 
+import collections
 import os
 
 from dobbin.commit import Commit
@@ -83,9 +85,21 @@ def snapshot(source, target, until=None):
     position = [FILE_HEADER_SIZE + TX_HEADER_SIZE]
     held = [0]  # bytes of small streams held until the record is written
 
+    with source._state_lock:
+        root = source._index.root_oid(until)
+    # Only what the root reaches is copied (that is packing), breadth
+    # first: what one state refers to is laid out together.
+    reached = collections.deque(() if root is None else (root,))
+    seen = set(reached)
+
     def reference(pid):
         key, value = pid
-        return _StreamReference(value) if key == "S" else _Reference(key, value)
+        if key == "S":
+            return _StreamReference(value)
+        if key not in seen:
+            seen.add(key)
+            reached.append(key)
+        return _Reference(key, value)
 
     def rewrite(value):
         if type(value) is _Reference:
@@ -108,14 +122,12 @@ def snapshot(source, target, until=None):
         return None
 
     writer = StateWriter(rewrite)
-    with source._state_lock:
-        oids = list(source._index.oids())
-        root = source._index.root_oid(until)
-    for oid in oids:
+    while reached:
+        oid = reached.popleft()
         try:
             _serial, data = version_data(source, oid, until)
         except HistoryError:
-            continue  # created after `until`
+            continue  # a dangling reference (only in a damaged file): it stays one
         cls, state = load_state(data, reference, "of oid %d", oid)
         objects.append(ObjectEntry(oid, 0, writer.dump(cls, state)))
     if root is not None:

@@ -90,3 +90,33 @@ def test_verify_calls_a_tail_torn_after_staging_incomplete_not_damage(tmp_path):
     with Database(path) as db:
         assert db.recovery["offset"] == report["incomplete_tail"]["offset"]
         assert db.root.n == 1 and db.verify()["ok"]
+
+
+def test_a_snapshot_copies_what_the_root_reaches_then_and_keeps_the_oid_counter(open_db,
+                                                                                 tmp_path):
+    db = open_db(durability="none")
+    db.elect(PersistentDict(current=PersistentDict(n=0)))
+    transaction.commit()
+    replaced = []
+    for n in range(1, 50):  # each commit makes the previous child garbage
+        replaced.append(db.root["current"]._p_oid)
+        checkout(db.root)
+        db.root["current"] = PersistentDict(n=n, shared=db.root.get("shared"))
+        if n == 10:
+            db.root["shared"] = db.root["current"]  # reached twice, copied once
+        transaction.commit()
+    halfway = db.last_tid - 20
+    packed = open_db(str(tmp_path / "packed.dobbin"))
+    db.snapshot(packed)
+    assert len(db) == 51 and len(packed) == 3  # the root, the current child, "shared"
+    assert packed.root["current"]["n"] == 49 and packed.root["shared"]["n"] == 10
+    assert packed.root["current"]["shared"] is packed.root["shared"]
+    with pytest.raises(KeyError):
+        packed.get(replaced[5])
+    checkout(packed.root)
+    packed.root["new"] = PersistentDict()
+    transaction.commit()
+    assert packed.root["new"]._p_oid > max(replaced)  # oids are never reused
+    older = open_db(str(tmp_path / "older.dobbin"))
+    db.snapshot(older, until=halfway)
+    assert older.root["current"]["n"] == halfway - 1 and len(older) == 3
