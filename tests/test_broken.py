@@ -99,6 +99,14 @@ def vanishing(tmp_path, monkeypatch):
     sys.modules.pop(name, None)
 
 
+def stored_without_its_classes(tmp_path, vanishing):
+    """The path of a database stored with the module's classes, now gone."""
+    path = str(tmp_path / "db.dobbin")
+    store(path, vanishing.load())
+    vanishing.remove()
+    return path
+
+
 def store(path, module):
     db = Database(path)
     db.elect(PersistentDict(
@@ -111,9 +119,7 @@ def store(path, module):
 
 
 def test_the_root_loads_when_the_classes_it_refers_to_are_gone(tmp_path, vanishing, caplog):
-    path = str(tmp_path / "db.dobbin")
-    store(path, vanishing.load())
-    vanishing.remove()
+    path = stored_without_its_classes(tmp_path, vanishing)
     with caplog.at_level(logging.WARNING, logger="dobbin"):
         db = Database(path)
         root = db.root
@@ -139,9 +145,7 @@ def test_the_root_loads_when_the_classes_it_refers_to_are_gone(tmp_path, vanishi
 
 
 def test_stand_ins_cannot_be_changed_or_made(tmp_path, vanishing):
-    path = str(tmp_path / "db.dobbin")
-    store(path, vanishing.load())
-    vanishing.remove()
+    path = stored_without_its_classes(tmp_path, vanishing)
     db = Database(path)
     thing, value = db.root["thing"], db.root["value"]
     with pytest.raises(BrokenObjectError, match=r"Thing oid \d+ can't be checked out"):
@@ -159,9 +163,7 @@ def test_stand_ins_cannot_be_changed_or_made(tmp_path, vanishing):
 
 
 def test_stand_ins_are_written_back_unchanged_until_the_class_returns(tmp_path, vanishing):
-    path = str(tmp_path / "db.dobbin")
-    store(path, vanishing.load())
-    vanishing.remove()
+    path = stored_without_its_classes(tmp_path, vanishing)
     db = Database(path)
     root = db.root
     checkout(root)  # the stand-in values are copied into the working copy
