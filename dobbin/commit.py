@@ -13,6 +13,7 @@ import collections
 import copy
 import gc
 import logging
+import os
 import threading
 
 from dobbin import staging
@@ -66,8 +67,18 @@ class _CollectorPause:
             if self._pausers == 0 and self._was_enabled:
                 gc.enable()
 
+    def after_fork_in_child(self):
+        # The pausing threads are not in the child: none will end its
+        # pause, and the collector stayed off there for good.
+        self._lock = threading.Lock()
+        if self._pausers:
+            self._pausers = 0
+            if self._was_enabled:
+                gc.enable()
+
 
 gc_paused = _CollectorPause()
+os.register_at_fork(after_in_child=gc_paused.after_fork_in_child)
 
 
 class Commit:

@@ -3,7 +3,9 @@ the commit lock, a small one never does, and pauses nest across threads;
 streams are laid out first in the record."""
 
 import gc
+import os
 import threading
+import warnings
 
 import pytest
 import transaction
@@ -99,6 +101,29 @@ def test_gc_paused_nests_and_restores_the_collector(start_thread):
     assert gc.isenabled()
 
 
+
+
+def test_a_child_forked_during_a_pause_has_its_collector_back(start_thread):
+    inside, leave = threading.Event(), threading.Event()
+
+    def pause_in_thread():  # a big commit in another thread, say
+        with gc_paused:
+            inside.set()
+            leave.wait(10)
+
+    thread = start_thread(pause_in_thread)
+    inside.wait(10)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # forking with threads
+            pid = os.fork()
+        if pid == 0:
+            os._exit(0 if gc.isenabled() else 1)
+        assert os.waitpid(pid, 0)[1] == 0, "the child's collector stayed off"
+    finally:
+        leave.set()
+        thread.join()
+    assert gc.isenabled()
 
 
 def test_streams_are_laid_out_first_one_after_another():
