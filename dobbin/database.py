@@ -142,6 +142,7 @@ class Database:
                                       % problem, self.path, self._log.end)
             self.recovery = None
             self._notifier.clear()  # what opening read is no news to subscribers
+            self._applied_tid = self._log.last_tid
             return
         self._lock.acquire()
         try:
@@ -151,6 +152,7 @@ class Database:
             self.recovery = self._log.dropped
         finally:
             self._lock.release()
+        self._applied_tid = self._log.last_tid  # the checkpoint's and every record's
         self._notifier.clear()
         if self.recovery:
             logger.warning("%s: cut %d bytes at offset %d (%s); saved as %s", self.path,
@@ -271,6 +273,7 @@ class Database:
             raise ReadOnlyError("%s is closed" % self.path)
         self._register_thread()
         with self._state_lock:
+            self._check_caught_up()
             for record in self._log.follow():
                 self._apply(record)
             last_tid = self._log.last_tid
@@ -418,6 +421,7 @@ class Database:
         Subscribers hear of it once the file is durable up to `durable_at`.
         """
         if record.status != COMMITTED:
+            self._applied_tid = record.tid
             return
         changed = []
         for entry in record.entries:
@@ -431,6 +435,18 @@ class Database:
             elif entry.kind == KIND_ROOT:
                 self._index.roots.append((record.tid, entry.oid))
         self._notifier.note(durable_at, record.tid, frozenset(changed))
+        self._applied_tid = record.tid
+
+    def _check_caught_up(self):
+        """StorageError if a record the log read was never taken in: an
+        exception raised asynchronously (KeyboardInterrupt, a timeout's)
+        stopped it half-way, and the index and the objects lag the file
+        for good (a commit would overwrite what it missed, a checkpoint
+        would save the stale index)."""
+        if self._applied_tid != self._log.last_tid:
+            raise StorageError("%s: taking in transaction %d was interrupted, so this database "
+                               "no longer shows its file; close it and open it again"
+                               % (self.path, self._applied_tid + 1))
 
     def _reload(self, obj, entry, tid):
         """Load another writer's new state of a loaded object.
@@ -472,6 +488,7 @@ class Database:
             if self.closed:  # while we waited for the lock
                 raise ReadOnlyError("%s is closed" % self.path)
             with self._state_lock:
+                self._check_caught_up()
                 known = self._log.last_tid
                 for record in self._log.recover():
                     self._apply(record)

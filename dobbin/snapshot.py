@@ -144,6 +144,7 @@ def _write_snapshot(target, streams, entries, oid_high):
     commit = None
     try:
         with target._state_lock:
+            target._check_caught_up()
             for record in target._log.recover():
                 target._apply(record)
             # The snapshot laid its streams out from the file header on.

@@ -1273,6 +1273,45 @@ def test_subscribers_hear_of_commits_after_the_open_only(open_db, db_path, read_
     assert heard == [writer.last_tid]  # not the commits the open read
 
 
+@pytest.mark.parametrize("interrupted", ["sync", "commit"])
+def test_an_interrupted_catch_up_refuses_to_go_on_behind_the_file(open_db, db_path, monkeypatch,
+                                                                  interrupted):
+    # KeyboardInterrupt (or a timeout's exception) raised while another
+    # writer's record was taken in: the log had read it, the index never
+    # did, and the next commit overwrote it with no conflict.
+    mine, theirs = open_db(), open_db()
+    mine.elect(PersistentDict(n=0))
+    transaction.commit()
+    theirs.sync()
+    checkout(theirs.root)
+    theirs.root["theirs"] = True
+    transaction.commit()
+    real_apply = Database._apply
+
+    def interrupted_once(db, record, *args, **kwargs):
+        monkeypatch.setattr(Database, "_apply", real_apply)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Database, "_apply", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        if interrupted == "sync":
+            mine.sync()
+        else:
+            checkout(mine.root)
+            mine.root["n"] = 1
+            transaction.commit()
+    transaction.abort()
+    with pytest.raises(StorageError, match="interrupted.*open it again"):
+        mine.sync()
+    checkout(mine.root)
+    mine.root["n"] = 2
+    with pytest.raises(StorageError, match="interrupted"):
+        transaction.commit()
+    transaction.abort()
+    mine.close()
+    assert open_db().root["theirs"] is True
+
+
 def test_a_subscriber_must_be_callable(db_path):
     db = Database(db_path, durability="none")
     with pytest.raises(TypeError, match="subscriber"):
