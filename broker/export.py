@@ -210,9 +210,8 @@ class ClassExport:
         return result
 
     def _default(self, name):
-        """A declared field's class-level default, or ABSENT."""
-        value = getattr(self.cls, name, None)
-        return ABSENT if value is None else value
+        """A declared field's class-level default (None is one), or ABSENT."""
+        return getattr(self.cls, name, ABSENT)
 
     def value_seen(self, state, name):
         """The value of `name` that clients see in `state`, as filter_state

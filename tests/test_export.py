@@ -69,9 +69,12 @@ def test_hidden_fields_are_filtered_from_states():
 def test_declared_fields_fall_back_to_class_defaults():
     class WithDefault(Persistent):
         colour = "red"
+        shade = None  # a default like any other: embedded code reads None
 
-    rules = ClassExport(WithDefault, fields=["colour"])
-    assert rules.filter_state({}) == {"colour": "red"}
+    rules = ClassExport(WithDefault, fields=["colour", "shade", "size"])
+    assert rules.filter_state({}) == {"colour": "red", "shade": None}
+    assert rules.value_seen({}, "shade") is None
+    assert rules.value_seen({}, "size") is ABSENT
 
 
 def test_methods_and_properties_are_never_writable():
