@@ -28,7 +28,7 @@ from broker.snapshots import Snapshot, tree_lookup
 from broker.states import Record
 from broker.values import (Touched, as_sent, changed_in_transaction, check_sendable,
                            new_object, not_a_key, placeholder_key, resolve_values,
-                           same_value)
+                           same_value, streams_as_keys)
 from dobbin.exc import ConflictError as StoreConflictError
 from dobbin.btree import OOBTree
 from dobbin.bucket import _check_key
@@ -134,11 +134,12 @@ class Handlers:
         """Return (serial, encoded record) of `obj` as of `tid`, which the database knows."""
         oid = obj._p_oid
         rules, serial, state = self._readable_state(obj, tid)
-        for name, value in state.items():
-            if isinstance(value, PersistentStream):
-                state[name] = self.keyring.sign("f", (oid, name))
+        state = streams_as_keys(state, oid, self._stream_key)
         return serial, self.server._codec.encode(
             {"class": rules.name, "serial": serial, "state": state})
+
+    def _stream_key(self, oid, name):
+        return self.keyring.sign("f", (oid, name))
 
     def records_of(self, tid, oids):
         """Return {oid: record} of the objects transaction `tid` changed (those that can be read).

@@ -20,7 +20,8 @@ from zope.interface import implementer
 from broker import exc
 from broker.interfaces import IStatics
 from broker.keys import check_ident
-from broker.values import changed_in_transaction, check_sendable, new_object
+from broker.values import (STREAMS, changed_in_transaction, check_reply, check_sendable,
+                           new_object, stream_not_attribute)
 from dobbin.persistent import Persistent, checkout
 
 
@@ -127,6 +128,8 @@ class ServerSideChanges:
         path = self.statics.path_of(obj)
         if path is not None:
             return self.keyring.sign("s", path)
+        if isinstance(obj, STREAMS):
+            raise stream_not_attribute()
         # Its type only: a repr shows fields and server addresses.
         raise exc.EncodeError("an object of type %s is neither stored nor static"
                               % type(obj).__name__)
@@ -143,7 +146,7 @@ class ServerSideChanges:
     def obj_update(self, obj, **fields):
         _checked_names(fields)
         if not isinstance(obj, Persistent):
-            _set_plain_fields(obj, fields)
+            _set_plain_fields(obj, fields, lambda: self._check_static(obj))
             self._static_changed(obj)
             return None
         return self._change(lambda: _set_fields(obj, fields), obj)
@@ -154,6 +157,15 @@ class ServerSideChanges:
             self._static_changed(container)
             return None
         return self._change(lambda: _delete(container, name), container)
+
+    def _check_static(self, obj):
+        """Raise ProtocolError unless a client could load static `obj`."""
+        rules, state = self._handlers.static_state(obj)
+        try:
+            check_reply(self._codec, {"class": rules.name, "serial": None, "state": state})
+        except (exc.EncodeError, exc.DecodeError) as error:
+            raise exc.ProtocolError("the update would leave %s unsendable: %s"
+                                    % (rules.name, error)) from None
 
     def _static_changed(self, obj):
         path = self.statics.path_of(obj)
@@ -194,12 +206,13 @@ def _set_fields(obj, fields):
         setattr(obj, name, value)
 
 
-def _set_plain_fields(obj, fields):
-    """Set the fields of a static object, all or none."""
+def _set_plain_fields(obj, fields, check):
+    """Set the fields of a static object, all or none: none if `check()` raises."""
     before = {name: getattr(obj, name, _ABSENT) for name in fields}
     try:
         for name, value in fields.items():
             setattr(obj, name, value)
+        check()
     except BaseException:
         for name, value in before.items():
             if value is _ABSENT:

@@ -11,18 +11,24 @@ import struct
 from collections import Counter
 
 from broker.codec import ABSENT, MAX_DEPTH
-from broker.exc import EncodeError, ProtocolError
+from broker.exc import DecodeError, EncodeError, ProtocolError
 from broker.export import hidden_item
-from broker.keys import MAC_SIZE, Key
+from broker.keys import MAC_SIZE, MAX_PART_LEN, Key
 from dobbin.btree import OOBTree
 from dobbin.bucket import Bucket, Length, Node
-from dobbin.persistent import Persistent, PersistentDict, state_of
+from dobbin.persistent import Persistent, PersistentDict, PersistentFile, state_of
 from dobbin.session import transaction_checkouts
 from dobbin.stream import PersistentStream
 
-# Stands in for the key of every object and stream in a record whose size
-# is checked: the longest a key gets.
-_PLACEHOLDER_KEY = Key("o", 2 ** 63 - 1, bytes(MAC_SIZE))
+# Stand in for the keys in a record whose size is checked: the longest an
+# object's key gets, and the id and MAC of a stream's.
+_PLACEHOLDER_OID = 2 ** 63 - 1
+_PLACEHOLDER_KEY = Key("o", _PLACEHOLDER_OID, bytes(MAC_SIZE))
+# The largest request id and server number a reply carries: a record must
+# fit in the reply that sends it.
+_LARGEST_ID = 2 ** 64 - 1
+# A stored file is a stream once its commit publishes it.
+STREAMS = (PersistentStream, PersistentFile)
 
 # Values nest this deep at most: a reply nests a value a few levels into
 # its message, and the codec sends MAX_DEPTH levels.
@@ -146,26 +152,54 @@ class Touched(list):
 def check_sendable(touched, exports, codec):
     """Raise ProtocolError if the state record of one of the objects a
     commit `touched` (as the calling thread has them), or one of its
-    `items`, as a page of it alone, would not encode with `codec`: a
-    commit that made one so would leave it unreadable for every client.
-    The codec's `default` turns objects and streams into `placeholder_key`s."""
+    `items`, as a page of it alone, would not reach a client: a commit
+    that made one so would leave it unreadable for every client.
+
+    Each is encoded with `codec` (whose `default` is `placeholder_key`)
+    in the reply that would carry it, and decoded again: the decoder
+    counts a shared part wherever it occurs, as a client's does."""
     for obj in touched:
         rules = exports.lookup(type(obj))
         try:
-            codec.encode({"class": rules.name, "serial": 0,
-                          "state": rules.filter_state(state_of(obj))})
-        except EncodeError as error:
+            state = streams_as_keys(rules.filter_state(state_of(obj)), _PLACEHOLDER_OID,
+                                    _placeholder_stream_key)
+            check_reply(codec, {"class": rules.name, "serial": _LARGEST_ID, "state": state})
+        except (EncodeError, DecodeError) as error:
             raise ProtocolError("the commit would leave %s unsendable: %s"
                                 % (rules.name, error)) from None
     for key, item, value in touched.items:
         # Each alone: a part it shares with another item may come first in
         # one message and be refused in another (a cycle through a tuple).
         try:
-            codec.encode({"id": 0, "srv": 0, "ok": {"items": [[item, value]], "more": False,
-                                                    "len": 0, "deps": None}})
-        except EncodeError as error:
+            check_reply(codec, {"items": [[item, value]], "more": False, "len": _LARGEST_ID,
+                                "deps": None})
+        except (EncodeError, DecodeError) as error:
             raise ProtocolError("the commit would store an item of %s that cannot be sent: "
                                 "%s" % (key, error)) from None
+
+
+def check_reply(codec, result):
+    """Raise EncodeError or DecodeError unless `codec` can send `result`
+    in a reply that a client can decode."""
+    codec.decode(codec.encode({"id": _LARGEST_ID, "srv": _LARGEST_ID, "ok": result}))
+
+
+def streams_as_keys(state, oid, stream_key):
+    """`state` (a record's, a copy), each stream attribute replaced by the
+    key clients read it by, `stream_key(oid, name)`.  A stream anywhere
+    else (inside a list, say) cannot be sent: see `placeholder_key`."""
+    for name, value in state.items():
+        if isinstance(value, STREAMS):
+            if len(name) > MAX_PART_LEN:
+                raise EncodeError("the name of a stream attribute may have at most %d "
+                                  "characters, not %d (%s...)"
+                                  % (MAX_PART_LEN, len(name), name[:20]))
+            state[name] = stream_key(oid, name)
+    return state
+
+
+def _placeholder_stream_key(oid, name):
+    return Key("f", (oid, name), bytes(MAC_SIZE))
 
 
 def changed_in_transaction(database, exports):
@@ -233,10 +267,17 @@ def _find_new(state, pending):
 
 
 def placeholder_key(value):
-    """`_PLACEHOLDER_KEY` for a persistent object or stream, else None."""
-    if isinstance(value, (Persistent, PersistentStream)):
+    """`_PLACEHOLDER_KEY` for a persistent object, else None."""
+    if isinstance(value, Persistent):
         return _PLACEHOLDER_KEY
+    if isinstance(value, STREAMS):
+        raise stream_not_attribute()
     return None
+
+
+def stream_not_attribute():
+    return EncodeError("a stream can be sent only as an attribute of its own, "
+                       "not inside a list, a dict or another value")
 
 
 def as_sent(item, key_of):

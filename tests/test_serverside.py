@@ -1,5 +1,6 @@
 """broker.serverside: statics, and changes the server's own code makes."""
 
+import io
 import threading
 
 import pytest
@@ -14,7 +15,7 @@ from broker.serverside import Statics, checked_path
 from broker_fixtures import (TIMEOUT, Item, TestServer, broker, configure,  # noqa: F401
                              make_database, wait_until)
 from dobbin.btree import OOBTree
-from dobbin.persistent import PersistentDict, checkout
+from dobbin.persistent import PersistentDict, PersistentFile, checkout
 
 
 class Status:
@@ -66,6 +67,28 @@ def test_replacing_or_removing_a_static_is_broadcast(broker):
     client.abort()
     with pytest.raises(KeyError):
         client.static("status")
+
+
+def test_an_update_that_would_make_a_static_unsendable_is_undone_and_refused(broker):
+    # It was accepted and broadcast; then no client could load the static.
+    _db, server, connect = broker
+    status = Status("OK")
+    server.add_static(status, "status")
+    with pytest.raises(exc.ProtocolError, match="would leave .*Status unsendable: an object "
+                                                "of type object is neither stored nor static"):
+        server.obj_update(status, health="DOWN", since=object())
+    assert status.health == "OK" and not hasattr(status, "since")
+    assert connect().static("status").health == "OK"
+
+
+def test_server_code_stores_a_file_that_clients_then_read(broker):
+    # It was refused as unsendable: a stored file is a stream only once committed.
+    db, server, connect = broker
+    server.obj_update(db.root.item, cover=PersistentFile(io.BytesIO(b"cover")))
+    assert connect().root.item.cover.read() == b"cover"
+    with pytest.raises(exc.ProtocolError, match="a stream can be sent only as an attribute"):
+        server.obj_update(db.root.item, covers=[db.root.item.cover])
+    assert not hasattr(db.root.item, "covers")
 
 
 def test_obj_update_refuses_private_names(broker):

@@ -1,5 +1,7 @@
 """broker.values: request values resolved, and refused when they could not be sent back."""
 
+import io
+
 import msgpack
 import pytest
 
@@ -10,7 +12,7 @@ from broker.export import ExportRegistry
 from broker.values import (MAX_VALUE_DEPTH, Touched, as_sent, check_sendable, not_a_key,
                            placeholder_key, resolve_values, same_value)
 from broker_fixtures import Item
-from dobbin.persistent import PersistentDict, _set_oid
+from dobbin.persistent import PersistentDict, PersistentFile, _set_oid
 
 
 class Static:
@@ -211,6 +213,39 @@ def test_check_sendable_refuses_a_record_the_codec_could_not_send():
     with pytest.raises(ProtocolError, match="would leave broker_fixtures.Item unsendable"):
         check_sendable(Touched([small, big]), exports, codec)
     assert placeholder_key("text") is None
+
+
+def test_check_sendable_counts_shared_parts_wherever_they_occur_as_clients_do():
+    codec = Codec(default=placeholder_key, max_items=1000)
+    exports = ExportRegistry()
+    row = list(range(100))
+    check_sendable(Touched([Item([row] * 8)]), exports, codec)  # 808 items as decoded
+    # Encoded, the row counts once (110 items); a client would decode 1,110.
+    with pytest.raises(ProtocolError, match="more than 1000 items through its shared parts"):
+        check_sendable(Touched([Item([row] * 10)]), exports, codec)
+    # And the reply around a record counts too: its id, server and result.
+    state = ExportRegistry().lookup(Item).filter_state(Item(None).__dict__)
+    size = 1000 - 3 - len(state)  # the record's 3 entries, its state's, the list's items
+    state["name"] = list(range(size))
+    codec.encode({"class": "broker_fixtures.Item", "serial": 0, "state": state})  # alone, fits
+    item = Item(list(range(size)))
+    with pytest.raises(ProtocolError, match="more than 1000 items"):
+        check_sendable(Touched([item]), exports, codec)
+
+
+def test_check_sendable_takes_a_stream_only_as_an_attribute_of_its_own():
+    codec = Codec(default=placeholder_key)
+    exports = ExportRegistry()
+    stored_file = PersistentFile(io.BytesIO(b"bytes"))
+    check_sendable(Touched([Item(stored_file)]), exports, codec)  # sent as a stream key
+    for value in ([stored_file], {"cover": stored_file}, (1, stored_file)):
+        with pytest.raises(ProtocolError, match="a stream can be sent only as an attribute "
+                                                "of its own"):
+            check_sendable(Touched([Item(value)]), exports, codec)
+    named = Item("x")
+    named.__dict__["s" * 257] = stored_file  # a stream key holds its name: 256 at most
+    with pytest.raises(ProtocolError, match="may have at most 256 characters, not 257"):
+        check_sendable(Touched([named]), exports, codec)
 
 
 def test_check_sendable_refuses_an_item_the_codec_could_not_send_alone():
