@@ -353,9 +353,12 @@ class BrokerClient:
         with self._lock:
             self._check_mapping(proxy)
             value = self._changes.get_item(proxy, item, ABSENT)
+            if value is DELETED:
+                raise KeyError(item)
+            if value is not ABSENT:
+                return value  # pending: as an attribute's, changes to it are committed
+            value = self._remote_item(proxy, item)
             if value is ABSENT:
-                value = self._remote_item(proxy, item)
-            if value is ABSENT or value is DELETED:
                 raise KeyError(item)
             return private_copy(value)
 

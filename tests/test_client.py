@@ -561,13 +561,19 @@ def test_changing_a_value_read_in_place_changes_nothing_until_it_is_assigned(bro
     entry["tags"].append("y")
     assert things["k"] == {"tags": ["x"]} and dict(things.items())["k"] == {"tags": ["x"]}
     things["k"] = entry
+    # Once assigned, a value is this transaction's own, an item's as an
+    # attribute's: a change to it goes in (an item's was dropped silently).
+    item.name.append("c")
+    things["k"]["tags"].append("z")
+    assert item.name is tags and things["k"] is entry
     client.commit()
     other.begin()
-    assert other.root.item.name == ["a", "b"] and other.root.things["k"] == {"tags": ["x", "y"]}
+    assert other.root.item.name == ["a", "b", "c"]
+    assert other.root.things["k"] == {"tags": ["x", "y", "z"]}
     item.name.append("local only")
     dict(things.items())["k"]["tags"].append("local only")
     client.begin()
-    assert item.name == ["a", "b"] and things["k"] == {"tags": ["x", "y"]}
+    assert item.name == ["a", "b", "c"] and things["k"] == {"tags": ["x", "y", "z"]}
 
 
 def test_a_value_holding_nan_can_be_changed(broker):
