@@ -103,6 +103,8 @@ class Commit:
         self.transaction = None      # the `transaction` whose metadata it records
         self.meta = None             # its MetaEntry, laid out last
         self.published = False
+        self.tid = None              # once published: its tid, and the file
+        self.durable_at = None       # offset up to which it must be durable
         self.collector_paused = False
 
     def lay_out(self, session, database, writer, index, log):

@@ -537,7 +537,9 @@ class Database:
         commit.offset = self._log.end
 
     def _p_commit_finish(self, commit):
-        """Write, sync and publish the record; release the lock."""
+        """Write and publish the record; release the lock.  Then
+        `_p_commit_sync` makes it durable: a session publishes in every
+        database of its transaction before it waits for any disk."""
         entries = list(commit.streams)
         entries.extend(entry for _obj, _state, entry in commit.stored)
         if commit.root_oid is not None:
@@ -563,10 +565,14 @@ class Database:
             commit.resume_collector()
             commit.locked = False
             self._lock.release()
+        commit.tid, commit.durable_at = record.tid, record.offset + record.length
+
+    def _p_commit_sync(self, commit):
+        """Wait until the published record is durable."""
         # Outside the lock: the next writer goes ahead while we wait, and
         # one fsync serves both.
-        self._log.flush(record.offset + record.length)
-        self._threads.committed_tid = record.tid
+        self._log.flush(commit.durable_at)
+        self._threads.committed_tid = commit.tid
 
     def _p_commit_abort(self, commit):
         """Undo what a commit that won't happen gave to new objects."""

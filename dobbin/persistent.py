@@ -14,10 +14,10 @@ from collections.abc import ItemsView, KeysView, MutableMapping, ValuesView
 
 from zope.interface import implementer
 
-from dobbin.exc import BrokenObjectError, ReadOnlyError
+from dobbin.exc import BrokenObjectError, DobbinError, ReadOnlyError
 from dobbin.interfaces import IPersistent, IPersistentDict
-from dobbin.session import (KeepPersistent, _threads, copy_state, current_session,
-                            current_thread_key, thread_key)
+from dobbin.session import (KeepPersistent, _threads, committing_threads, copy_state,
+                            current_session, current_thread_key, named, thread_key)
 from dobbin.stream import PersistentFile
 
 # PersistentFile lives in dobbin.stream; the user's guide imports it from here.
@@ -98,10 +98,21 @@ def working_copy(obj):
 def _writable_state(obj):
     state = working_copy(obj)
     if state is not None:
+        if committing_threads and current_thread_key() in committing_threads:
+            refuse_late_change(obj)
         return state
     if _get_init(obj) == _get_ident() and _get_oid(obj) is None:
         return _get_dict(obj)
     raise RuntimeError(_READ_ONLY)
+
+
+def refuse_late_change(obj):
+    """Raise DobbinError: the calling thread's commit has stored its states
+    already (another data manager's phase of the two-phase commit runs),
+    so a change to `obj` now would be shown to every thread, unstored."""
+    raise DobbinError("%s can't be changed or checked out now: this thread's transaction is "
+                      "committing and has written its objects; change it before "
+                      "transaction.commit() or after it returns" % named(obj))
 
 
 def _wrap_init(init):
@@ -225,7 +236,13 @@ class Persistent:
                                  "the database's)" % name)
         # _writable_state(), inlined: every attribute an __init__ sets comes here.
         table = _get_local(self)
-        state = table.get(getattr(_threads, "key", None)) if table else None
+        if table:
+            key = getattr(_threads, "key", None)
+            state = table.get(key)
+            if state is not None and committing_threads and key in committing_threads:
+                refuse_late_change(self)
+        else:
+            state = None
         if state is None:
             if _get_init(self) != _get_ident() or _get_oid(self) is not None:
                 raise RuntimeError(_READ_ONLY)
@@ -370,6 +387,8 @@ def checkout(obj):
                                 % (type(obj).__module__, type(obj).__qualname__, obj._p_oid,
                                    type(obj)._p_broken))
     ident = thread_key()
+    if committing_threads and ident in committing_threads:
+        refuse_late_change(obj)
     table = _get_local(obj)
     if table and ident in table:
         return

@@ -8,6 +8,7 @@ the thread.
 """
 
 import copy
+import logging
 import os
 import sys
 import threading
@@ -20,7 +21,11 @@ from zope.interface import implementer
 from dobbin.exc import DobbinError, ObjectGraphError, StorageError
 from dobbin.interfaces import ISession
 
+logger = logging.getLogger(__name__)
 _threads = threading.local()
+# The keys of the threads whose commit has laid out its record, until it
+# ends: a change to a working copy then would be published unwritten.
+committing_threads = set()
 _object_getattribute = object.__getattribute__
 _object_setattr = object.__setattr__
 
@@ -306,6 +311,10 @@ class Session:
         except Exception as error:  # an unpicklable state fails the commit too
             self._record_failure(error)
             raise
+        # The states are pickled: what another data manager or hook changes
+        # from now on could not be stored (persistent.refuse_late_change).
+        committing_threads.add(self.thread)
+        self.hints = {}  # they shortcut B-tree inserts past checkout()
 
     def tpc_vote(self, txn):
         for entry in self.checkouts.values():
@@ -324,20 +333,12 @@ class Session:
     def tpc_finish(self, txn):
         commits, self._commits = self._commits, []
         try:
-            for index, (database, pending) in enumerate(commits):
-                try:
-                    database._p_commit_finish(pending)
-                except BaseException:
-                    # It and the databases after it write nothing now (unless
-                    # it published already): release the locks and take back
-                    # the oids handed out.
-                    for later, later_pending in commits[index:]:
-                        later._p_commit_abort(later_pending)
-                    raise
+            _finish(commits)
             for entry in self.checkouts.values():
                 if entry.obj._p_oid is None:  # a scratch piece (the vote checked)
                     _object_setattr(entry.obj, "__dict__", self.working_state(entry.obj))
         finally:
+            committing_threads.discard(self.thread)
             self._committing = False
             self._release()
             self.finished = True
@@ -358,6 +359,7 @@ class Session:
                 if isinstance(error, Exception):
                     self._record_failure(error)
         finally:  # whatever recording did: unlock, and show the latest states
+            committing_threads.discard(self.thread)
             commits, self._commits = self._commits, []
             try:
                 for database, pending in commits:
@@ -400,6 +402,40 @@ class Session:
         self.elected = {}
         self._adopted = []
         self.hints = {}
+
+
+def _finish(commits):
+    """Publish each database's commit, then wait for each to be durable.
+
+    If the first fails, none is published: the transaction failed.  Once
+    one is published, every thread reads it: the others are published all
+    the same (a database that fails then misses the transaction, which is
+    logged), and the first error is raised once every disk was waited for.
+    """
+    published, error = [], None
+    for database, pending in commits:
+        if error is not None and not published:
+            database._p_commit_abort(pending)  # unlock; its new objects' oids go back
+            continue
+        try:
+            database._p_commit_finish(pending)
+            published.append((database, pending))
+        except BaseException as failure:
+            database._p_commit_abort(pending)
+            if error is None:
+                error = failure
+            if published:
+                logger.critical("%s did not take the transaction that %s took: %s",
+                                database.path, ", ".join(db.path for db, _ in published),
+                                failure)
+    for database, pending in published:
+        try:
+            database._p_commit_sync(pending)
+        except BaseException as failure:
+            if error is None:
+                error = failure
+    if error is not None:
+        raise error
 
 
 def _notify(commits):

@@ -9,7 +9,10 @@ import threading
 import pytest
 import transaction
 
+import dobbin.log
+
 from conftest import commit_in_thread, two_databases
+from dobbin.btree import OOBTree
 from dobbin.exc import (ConflictError, DobbinError, LockTimeoutError, ObjectGraphError,
                         StorageError, WriteConflictError)
 from dobbin.log import FAILED, Log
@@ -552,6 +555,69 @@ def test_a_failed_write_to_one_database_lets_the_others_of_the_transaction_go(
     second.root.n = 1
     transaction.commit()
     assert second.root.n == 1
+
+
+def test_a_failing_sync_after_publication_still_publishes_every_database(
+        tmp_path, open_db, monkeypatch):
+    # The first database published, failed its fsync, and the second was
+    # then never written: half a transfer, on disk too.
+    first, second = two_databases(open_db, tmp_path)
+    checkout(first.root)
+    checkout(second.root)
+    first.root.balance, second.root.balance = -100, 100
+
+    def failing_sync(fd):
+        raise OSError(5, "Input/output error")
+
+    arm = FailingDataManager(None, "z-after-dobbin")
+    arm.tpc_vote = lambda txn: monkeypatch.setattr(dobbin.log, "_fdatasync", failing_sync)
+    transaction.get().join(arm)
+    with pytest.raises(StorageError, match="fsync of .* failed"):
+        transaction.commit()
+    transaction.abort()
+    monkeypatch.undo()
+    assert (first.root.balance, second.root.balance) == (-100, 100)
+    for db in (first, second):
+        db.close()
+        assert open_db(db.path).root.balance == db.root.balance
+
+
+@pytest.mark.parametrize("phase, key", [("commit", "z-after-dobbin"),
+                                        ("tpc_vote", "z-after-dobbin"),
+                                        ("tpc_vote", "a-before-dobbin")])
+@pytest.mark.parametrize("change", ["write", "checkout", "tree"])
+def test_changes_made_once_our_states_are_written_are_refused(open_db, phase, key, change):
+    # They were published to every thread but never written, or dropped.
+    db, root, a, b = stored_pair(open_db)
+    checkout(root)
+    root.tree = OOBTree()
+    transaction.commit()
+    count = db.tx_count
+    checkout(a)
+    a.x = 1
+    root.tree[1] = "one"  # checked out, and a shortcut for the next insert
+    late = FailingDataManager(None, key)
+
+    def change_late(txn):
+        if change == "write":
+            a.x = 2
+        elif change == "checkout":
+            checkout(b)
+        else:
+            root.tree[2] = "two"
+
+    setattr(late, phase, change_late)
+    transaction.get().join(late)
+    with pytest.raises(DobbinError, match="committing and has written its objects"):
+        transaction.commit()
+    transaction.abort()
+    assert (a.x, b.x, dict(root.tree)) == (0, 0, {})
+    assert db.tx_count == count + 1  # the failed commit, recorded
+    checkout(a)  # and the thread may change objects again
+    a.x = 3
+    transaction.commit()
+    db.close()
+    assert open_db(db.path).root.a.x == 3
 
 
 def test_two_database_objects_on_one_file_in_one_transaction_are_refused(open_db):
