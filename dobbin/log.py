@@ -513,6 +513,13 @@ class Log(Recovery, ReservedSpace):
             raise ReadOnlyError("%s is closed" % self.path)
 
     @_open_log_read
+    def identity(self):
+        """(device, inode) of the open file."""
+        info = os.fstat(self._reading_fd())
+        self._check_open()  # closed meanwhile: its number may have named another file
+        return info.st_dev, info.st_ino
+
+    @_open_log_read
     def read_object(self, offset, oid=None):
         """Return `(tid, previous, data)` of the O entry at `offset`, checked."""
         # Most states are small: one read usually brings header and data.

@@ -9,7 +9,6 @@ the thread.
 
 import copy
 import logging
-import os
 import sys
 import threading
 import weakref
@@ -18,7 +17,7 @@ import transaction
 from transaction.interfaces import NoTransaction
 from zope.interface import implementer
 
-from dobbin.exc import DobbinError, ObjectGraphError, StorageError
+from dobbin.exc import DobbinError, ObjectGraphError, ReadOnlyError, StorageError
 from dobbin.interfaces import ISession
 
 logger = logging.getLogger(__name__)
@@ -142,7 +141,11 @@ class Synchronizer:
         # Not one a forked child inherited: its locks may be held by the
         # parent's threads, for ever here.
         if database is not None and not database.closed and database.in_this_process:
-            database.sync()
+            try:
+                database.sync()
+            except ReadOnlyError:
+                if not database.closed:
+                    raise  # closing it meanwhile is no error of the new transaction
 
 
 def current_session():
@@ -253,10 +256,13 @@ class Session:
         """Make `obj` the root of `database` when this transaction commits,
         if its root is then still `seen` (an oid, or None)."""
         self.root_seen.setdefault(database, seen)
+        before = self.elected.get(database)
         if obj._p_jar is None:
             obj._p_jar = database
             self._adopted.append(obj)
         self.elected[database] = obj
+        if before is not None and before is not obj:
+            self._unadopt()
 
     def working_state(self, obj):
         """The state to store for `obj`: our copy if checked out, else shared."""
@@ -395,13 +401,23 @@ class Session:
     def _release(self):
         for entry in self.checkouts.values():
             entry.obj._p_local.pop(self.thread, None)
-        for obj in self._adopted:
-            if obj._p_oid is None:
-                obj._p_jar = None
         self.checkouts = {}
         self.elected = {}
-        self._adopted = []
+        self._unadopt()
         self.hints = {}
+
+    def _unadopt(self):
+        """Give back the database of each object elect() gave one that is
+        no longer elected and still unstored: an object no root reaches is
+        no database's (ObjectGraphError), and may go to another database."""
+        elected = {id(obj) for obj in self.elected.values()}
+        kept = []
+        for obj in self._adopted:
+            if id(obj) in elected:
+                kept.append(obj)
+            elif obj._p_oid is None:
+                obj._p_jar = None
+        self._adopted = kept
 
 
 def _finish(commits):
@@ -456,12 +472,12 @@ def _distinct_files(databases):
             # Its own commit begin says so; until then it sorts by path.
             identities[database] = (-1, -1, database.path)
             continue
-        info = os.fstat(database._log.fd)
-        other = seen.setdefault((info.st_dev, info.st_ino), database)
+        identity = database._log.identity()
+        other = seen.setdefault(identity, database)
         if other is not database:
             raise DobbinError("one transaction changes objects of two Database objects open "
                               "on the same file, %s: commit to one of them" % database.path)
-        identities[database] = (info.st_dev, info.st_ino, database.path)
+        identities[database] = identity + (database.path,)
     return identities
 
 
@@ -484,3 +500,4 @@ class _Savepoint:
             session.checkouts[key] = entry
             entry.obj._p_local[session.thread] = copy_state(state)
         session.elected = dict(self.elected)
+        session._unadopt()

@@ -620,6 +620,50 @@ def test_changes_made_once_our_states_are_written_are_refused(open_db, phase, ke
     assert open_db(db.path).root.a.x == 3
 
 
+@pytest.mark.parametrize("undo", ["rollback", "elect another"])
+def test_an_election_undone_gives_the_object_its_database_back(open_db, tmp_path, undo):
+    # It kept the database: stored in another one it failed as "another
+    # database's", and checked out unconnected it was written as garbage.
+    first, second = two_databases(open_db, tmp_path)
+    counts = len(first), len(second)
+    checkout(first.root)  # the session has joined: a savepoint covers elect()
+    savepoint = transaction.savepoint()
+    candidate = PersistentDict()
+    first.elect(candidate)
+    if undo == "rollback":
+        savepoint.rollback()
+    else:
+        first.elect(first.root)
+    assert candidate._p_jar is None
+    checkout(candidate)
+    with pytest.raises(ObjectGraphError, match="not connected to graph"):
+        transaction.commit()
+    transaction.abort()
+    assert (len(first), len(second)) == counts
+    first.elect(candidate)
+    first.elect(first.root)
+    checkout(second.root)
+    second.root.moved = candidate  # another database takes it
+    transaction.commit()
+    assert candidate._p_jar is second and (len(first), len(second)) == (counts[0], counts[1] + 1)
+
+
+def test_a_new_transaction_skips_a_database_that_closes_as_it_syncs(open_db, monkeypatch):
+    # transaction.begin() raised ReadOnlyError from a database another
+    # thread closed during its synchronizer's sync.
+    db = open_db()
+    db.elect(Persistent())
+    transaction.commit()
+    follow = db._log.follow
+
+    def closing_follow():
+        db.close()
+        return follow()
+    monkeypatch.setattr(db._log, "follow", closing_follow)
+    transaction.begin()
+    assert db.closed
+
+
 def test_two_database_objects_on_one_file_in_one_transaction_are_refused(open_db):
     first = open_db()
     first.elect(Persistent())
