@@ -60,20 +60,30 @@ def _data_descriptor_names(cls):
 
 _class_dunders = {}
 
+# What Python keeps on a class about the class: never an instance's.
+_CLASS_METADATA = frozenset((
+    "__module__", "__qualname__", "__doc__", "__slots__", "__annotations__", "__hash__",
+    "__abstractmethods__", "__orig_bases__", "__parameters__", "__match_args__",
+    "__dataclass_fields__", "__dataclass_params__", "__firstlineno__",
+    "__static_attributes__", "__type_params__", "__weakrefoffset__"))
+
 
 def _dunders_of(cls):
-    """The dunder names a class or a base defines (``__class__``,
-    ``__dict__``, ``__doc__``, methods...).
+    """The dunder names a class or a base defines as behaviour or as
+    metadata: descriptors (``__class__``, ``__dict__``, methods) and
+    `_CLASS_METADATA` (``__doc__``, ``__module__``...).
 
     They are read from the class alone: reading one must neither load a
-    ghost nor look for a checkout (isinstance reads ``__class__``).
-    Other dunder names, such as a ``__parent__`` set in ``__init__``,
-    live in the state like any attribute.  Computed once per class.
+    ghost nor look for a checkout (isinstance reads ``__class__``), and
+    setting one is refused.  A dunder name with a plain class-level value
+    (Zope's ``__parent__ = None``) is a default, like any attribute's:
+    the state's value wins.  Computed once per class.
     """
     names = _class_dunders.get(cls)
     if names is None:
-        names = frozenset(name for klass in cls.__mro__ for name in vars(klass)
-                          if name[:2] == "__")
+        names = frozenset(name for klass in cls.__mro__ for name, value in vars(klass).items()
+                          if name[:2] == "__" and name[-2:] == "__"
+                          and (name in _CLASS_METADATA or hasattr(type(value), "__get__")))
         _class_dunders[cls] = names
     return names
 
@@ -104,6 +114,15 @@ def _writable_state(obj):
     if _get_init(obj) == _get_ident() and _get_oid(obj) is None:
         return _get_dict(obj)
     raise RuntimeError(_READ_ONLY)
+
+
+def _refuse_class_name(obj, name):
+    """Refuse to set `name`, which `_dunders_of` reads from the class, unless
+    it is a data descriptor (``__class__``, a property): a value stored
+    under it would never be read back."""
+    if not _is_data_descriptor(_class_attribute(type(obj), name)):
+        raise AttributeError("%s is read from the class %s, not from the state: it can't be "
+                             "set on an instance" % (name, type(obj).__name__))
 
 
 def refuse_late_change(obj):
@@ -213,27 +232,31 @@ class Persistent:
         return value
 
     def __setattr__(self, name, value):
-        if name[:1] == "_" and name[:3] == "_p_":  # one character: no new string
-            if name in _SETTABLE_SLOTS:
-                return _object_setattr(self, name, value)
-            if name == "_p_oid":
-                # A stored object under another oid would write records the
-                # next open calls corrupt.
-                raise AttributeError("_p_oid is set by the database only")
-            if name == "_p_changed":
-                # ZODB's way to save a change made in place.  A checked-out
-                # object is stored whole anyway; any other must be checked
-                # out first (before the change, which was made to the state
-                # every thread shares).
-                if working_copy(self) is None:
-                    raise RuntimeError("%s: check the object out (dobbin.persistent.checkout) "
-                                       "before changing it; a checked-out object is stored "
-                                       "whole, with no _p_changed" % _READ_ONLY)
-                return None
-            # Any other _p_ name would go into the state that every thread
-            # shares, with no checkout, and be stored as data.
-            raise AttributeError("%s is not an attribute a program may set (_p_ names are "
-                                 "the database's)" % name)
+        if name[:1] == "_":  # one character: no new string
+            if name[:2] == "__":
+                if name in _dunders_of(type(self)):
+                    _refuse_class_name(self, name)
+            elif name[:3] == "_p_":
+                if name in _SETTABLE_SLOTS:
+                    return _object_setattr(self, name, value)
+                if name == "_p_oid":
+                    # A stored object under another oid would write records
+                    # the next open calls corrupt.
+                    raise AttributeError("_p_oid is set by the database only")
+                if name == "_p_changed":
+                    # ZODB's way to save a change made in place.  A
+                    # checked-out object is stored whole anyway; any other
+                    # must be checked out first (before the change, which
+                    # was made to the state every thread shares).
+                    if working_copy(self) is None:
+                        raise RuntimeError("%s: check the object out (dobbin.persistent."
+                                           "checkout) before changing it; a checked-out object "
+                                           "is stored whole, with no _p_changed" % _READ_ONLY)
+                    return None
+                # Any other _p_ name would go into the state that every
+                # thread shares, with no checkout, and be stored as data.
+                raise AttributeError("%s is not an attribute a program may set (_p_ names "
+                                     "are the database's)" % name)
         # _writable_state(), inlined: every attribute an __init__ sets comes here.
         table = _get_local(self)
         if table:
@@ -259,6 +282,8 @@ class Persistent:
     def __delattr__(self, name):
         if name[:3] == "_p_":
             raise AttributeError("can't delete %s" % name)
+        if name[:2] == "__" and name in _dunders_of(type(self)):
+            _refuse_class_name(self, name)
         state = _writable_state(self)
         attribute = _class_attribute(type(self), name)
         if attribute is not _MISSING and hasattr(type(attribute), "__delete__"):

@@ -172,6 +172,49 @@ def test_dunder_attributes_in_the_state_load_ghosts_and_show_checkouts(open_db, 
     assert start_thread(lambda: folder.__name__).join() == "renamed"
 
 
+class LocatedWithDefaults(Persistent):
+    """zope.location's Location: the names have class-level defaults."""
+
+    __parent__ = None
+    __name__ = None
+
+    def __init__(self, name, parent):
+        self.__name__ = name
+        self.__parent__ = parent
+
+
+def test_dunder_attributes_with_class_defaults_are_read_from_the_state(open_db, db_path):
+    # After a reopen they read the class's None: every Zope location lost.
+    db = open_db()
+    db.elect(PersistentDict())
+    transaction.commit()
+    checkout(db.root)
+    db.root["folder"] = LocatedWithDefaults("folder", db.root)
+    transaction.commit()
+    db.close()
+    root = open_db(db_path).root
+    folder = root["folder"]
+    assert folder._p_ghost and folder.__name__ == "folder" and folder.__parent__ is root
+    assert LocatedWithDefaults("bare", None).__module__ == __name__  # metadata: the class's
+
+
+def test_a_dunder_name_the_class_keeps_can_not_be_set_on_an_instance(open_db):
+    # It was stored, and never read back: reads go to the class.
+    db = open_db()
+    db.elect(PersistentDict(folder=Located("folder", None)))
+    transaction.commit()
+    folder = db.root["folder"]
+    checkout(folder)
+    for name in ("__doc__", "__module__", "__repr__"):
+        with pytest.raises(AttributeError, match="%s is read from the class Located" % name):
+            setattr(folder, name, "x")
+        with pytest.raises(AttributeError, match="%s is read from the class Located" % name):
+            delattr(folder, name)
+    folder.__name__ = "renamed"  # a name of the state
+    transaction.commit()
+    assert folder.__name__ == "renamed" and folder.__doc__ == Located.__doc__
+
+
 def test_init_runs_once_not_on_load_reopen_or_catch_up(open_db):
     Counted.inits = 0
     db, root = stored_root(open_db)
