@@ -76,7 +76,11 @@ def copy_state(state):
             elif (kind is tuple or kind is frozenset) and all(map(_kept_as_is, value)):
                 copy_ = value  # nothing in it can change: shared
             else:
-                copy_ = copy.deepcopy(value, memo)
+                try:
+                    copy_ = copy.deepcopy(value, memo)
+                except RecursionError:
+                    raise DobbinError("the value of %r nests too deeply to be copied here "
+                                      "(Python's recursion limit)" % (name,)) from None
         copied[name] = copy_
     return copied
 

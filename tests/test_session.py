@@ -4,6 +4,7 @@ one another, and retries with transaction.manager.attempts()."""
 
 import json
 import os
+import sys
 import threading
 
 import pytest
@@ -528,6 +529,18 @@ def test_copy_state_copies_what_frozensets_and_tuples_hold_unless_it_cannot_chan
         value.text = "changed"
     assert [next(iter(state["labels"])).text, next(iter(state["listed"][0])).text,
             state["held"][0].text] == ["kept", "kept", "kept"]
+
+
+def test_a_state_nested_past_the_recursion_limit_fails_to_copy_clearly():
+    # A bare RecursionError came out of checkout() (a value that nests
+    # less deeply than that fails as deep in the call stack).
+    from dobbin.session import copy_state
+
+    nested = []
+    for _ in range(sys.getrecursionlimit()):
+        nested = [nested, {}]  # not a list of plain values: deepcopy walks it
+    with pytest.raises(DobbinError, match="'nested' nests too deeply to be copied"):
+        copy_state({"nested": nested})
 
 
 def test_a_failed_write_to_one_database_lets_the_others_of_the_transaction_go(
