@@ -33,7 +33,12 @@ def private_copy(value, memo=None):
     else:
         # Tuples and frozensets too: they may hold lists.  Set members and
         # dict keys are hashable, so nothing in them can change.
-        copy = memo[id(value)] = t(private_copy(x, memo) for x in value)
+        items = [private_copy(x, memo) for x in value]
+        # Made while copying its items, if a cycle leads back to it (as
+        # copy.deepcopy does): one copy, or the cycle would close elsewhere.
+        copy = memo.get(id(value))
+        if copy is None:
+            copy = memo[id(value)] = t(items)
     return copy
 
 

@@ -26,6 +26,16 @@ def test_private_copy_copies_what_can_change_and_keeps_sharing_and_cycles():
         assert private_copy(immutable) is immutable
 
 
+def test_a_cycle_through_a_tuple_closes_on_the_tuple_copied():
+    # The tuple was copied twice, once inside its own cycle.
+    loop = []
+    pair = (loop,)
+    loop.append(pair)
+    copy = private_copy(pair)
+    assert copy is not pair and copy[0] is not loop
+    assert copy[0][0] is copy
+
+
 def test_the_message_sends_each_change_with_the_first_old_value():
     changes = LocalChanges()
     assert not changes
