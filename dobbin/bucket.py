@@ -171,6 +171,10 @@ class Bucket(TreePart):
 
     # Set on a bucket cut out of its tree, so stale readers start over.
     unlinked = False
+    # Counts the splits and unlinks that changed its `next` or `high`: a
+    # split undone by an unlink gives the same shape back, but a thread
+    # holding a copy from before sent keys of the copy to the other bucket.
+    reshaped = 0
 
     def __init__(self, keys=(), values=(), next=None, high=None):
         self.keys = list(keys)
@@ -185,7 +189,8 @@ class Bucket(TreePart):
         committed meanwhile, `new` ours.  Changes to different keys merge.
         Refused: both sides changed the same key; either side changed
         `next`, `high` or `unlinked` (a split or an unlink, which other
-        objects depend on); either side emptied the bucket; or the merge
+        objects depend on), even if back again (`reshaped` counts those
+        changes); either side emptied the bucket; or the merge
         would empty it (an empty bucket should have been unlinked).  A
         merged bucket may exceed the size limit until the next insert
         into it splits it.
@@ -198,8 +203,8 @@ class Bucket(TreePart):
                 % (oid, reason), oid=oid, class_name=type(self).__name__)
 
         try:
-            shapes = [(state["next"], state["high"],
-                       state.get("unlinked", False))
+            shapes = [(state["next"], state["high"], state.get("unlinked", False),
+                       state.get("reshaped", 0))
                       for state in (old, saved, new)]
             sides = [(state["keys"], state["values"])
                      for state in (old, saved, new)]
@@ -208,7 +213,7 @@ class Bucket(TreePart):
         for shape in shapes[1:]:
             if not (_same_ref(shapes[0][0], shape[0])
                     and _same_value(shapes[0][1], shape[1])
-                    and shapes[0][2] == shape[2]):
+                    and shapes[0][2:] == shape[2:]):
                 raise refuse("the bucket was split or unlinked")
         if sides[0][0] and not (sides[1][0] and sides[2][0]):
             raise refuse("the bucket was emptied")
@@ -300,7 +305,8 @@ def _walkable_bucket_state(bucket):
         shared = committed_state(bucket)
         if not (_same_ref(copy["next"], shared["next"])
                 and _same_value(copy["high"], shared["high"])
-                and copy.get("unlinked", False) == shared.get("unlinked", False)):
+                and copy.get("unlinked", False) == shared.get("unlinked", False)
+                and copy.get("reshaped", 0) == shared.get("reshaped", 0)):
             oid = bucket._p_oid
             raise ConflictError(
                 "bucket oid %s was split or unlinked by another commit since "

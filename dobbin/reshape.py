@@ -66,6 +66,7 @@ def split_bucket(tree, path, bucket):
     del bucket.values[middle:]
     bucket.next = right
     bucket.high = right.keys[0]
+    bucket.reshaped += 1
     _insert_child(tree, path, bucket, right.keys[0], right)
 
 
@@ -160,6 +161,7 @@ def unlink(tree, path, bucket, level, previous):
         if level >= 0 and path[level][1] > 0:
             # The left neighbour takes over the range of the bucket.
             previous.high = bucket.high
+        previous.reshaped += 1
     for node, _ in path[level + 1:]:
         del node.children[:]  # an unlinked node has no children
     if level < 0:

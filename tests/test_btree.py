@@ -585,7 +585,7 @@ def test_resolve_refuses_same_key(saved, new):
 
 
 @pytest.mark.parametrize("changed", [
-    {"next": Bucket()}, {"high": 2}, {"unlinked": True}])
+    {"next": Bucket()}, {"high": 2}, {"unlinked": True}, {"reshaped": 2}])
 def test_resolve_refuses_split_or_unlink(changed):
     old = state([(1, 1), (2, 2)], high=10)
     reshaped = dict(state([(1, 1)], high=10), **changed)
@@ -722,6 +722,28 @@ def test_an_insert_after_a_concurrent_split_of_the_last_bucket_goes_where_lookup
     del tree[251]  # this transaction finds its own insert
     with pytest.raises(ConflictError):
         transaction.commit()  # we changed the bucket they split
+
+
+class TinyTree(OOBTree):
+    """Five keys split a bucket."""
+
+    max_bucket_size = max_node_size = 4
+
+
+def test_a_split_undone_by_an_unlink_still_conflicts_with_our_copy_of_the_bucket(db):
+    # Split, then the new half emptied and unlinked: the bucket had its
+    # shape back, the merge took our stale copy, and our removal of our
+    # own insert (sent to the other half meanwhile) was lost: 10 stored.
+    tree = stored(db, TinyTree([(0, "base")]))
+    tree[10] = "ours"
+    in_other_thread(lambda: tree.update({1: "x", 2: "x", 3: "x", 4: "x"}))
+    tree.pop(10, None)
+    in_other_thread(lambda: [tree.pop(key) for key in (2, 3, 4)])
+    with pytest.raises(ConflictError, match="Bucket"):
+        transaction.commit()
+    transaction.abort()
+    assert dict(tree) == {0: "base", 1: "x"}
+    check_invariants(tree)
 
 
 def test_where_an_insert_went_is_forgotten_when_its_transaction_ends(db):
