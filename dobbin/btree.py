@@ -118,6 +118,13 @@ def _incomparable(key, exc):
                      "in this OOBTree: %s" % (key, type(key).__name__, exc))
 
 
+def _bisect(function, keys, bound):
+    try:
+        return function(keys, bound)
+    except TypeError as exc:
+        raise _incomparable(bound, exc) from None
+
+
 def _pairs_of(other):
     """The (key, value) pairs of a mapping, or of an iterable of pairs."""
     if isinstance(other, OOBTree):
@@ -324,9 +331,8 @@ class OOBTree(TreePart):
                 continue
             start = 0
             if after is not None:
-                start = (bisect_right if exclusive else bisect_left)(
-                    keys, after)
-            end = len(keys) if max is None else end_of(keys, max)
+                start = _bisect(bisect_right if exclusive else bisect_left, keys, after)
+            end = len(keys) if max is None else _bisect(end_of, keys, max)
             if jar is not None and end > start:
                 jar.prefetch(values[start:end])
             for at in range(start, end):
@@ -374,7 +380,7 @@ class OOBTree(TreePart):
                 pass
             return _MISSING if found is None else found
         path, _, (keys, _, _, _, _) = type(self)._find(self, bound)
-        index = (bisect_right if inclusive else bisect_left)(keys, bound)
+        index = _bisect(bisect_right if inclusive else bisect_left, keys, bound)
         if index:
             return keys[index - 1]
         # Every key here is above `bound`: take the last key below it of the
@@ -402,8 +408,11 @@ class OOBTree(TreePart):
             _, _, (keys, values, _, _, _) = type(self)._find(self, found)
             for at in range(bisect_right(keys, found) - 1, -1, -1):
                 key = keys[at]
-                if min is not None and (key < min or excludemin and not min < key):
-                    return
+                try:
+                    if min is not None and (key < min or excludemin and not min < key):
+                        return
+                except TypeError as exc:
+                    raise _incomparable(min, exc) from None
                 yield key, values[at]
                 found = key
             found = self._largest(found, False)

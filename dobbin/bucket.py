@@ -222,7 +222,7 @@ class Bucket(TreePart):
         except TypeError as exc:
             raise refuse("keys do not compare: %s" % exc) from None
         except _BothChanged as exc:
-            raise refuse("both transactions changed key %r" % exc.args[0]) \
+            raise refuse("both transactions changed key %r" % (exc.args[0],)) \
                 from None
         if not keys:
             raise refuse("the merge would empty the bucket")
@@ -385,11 +385,12 @@ def _check_key(key):
 
 def _unordered_part(key):
     """A part of `key`, or `key` itself, that breaks a total order: a NaN
-    (unequal to itself) or a frozenset, alone or anywhere in a tuple."""
+    (unequal to itself) or a frozenset, alone or anywhere in a tuple
+    (or a tuple's subclass)."""
     parts = [key]
     while parts:
         part = parts.pop()
-        if type(part) is tuple:
+        if isinstance(part, tuple):  # a namedtuple compares as one
             parts.extend(part)
         elif isinstance(part, frozenset):
             return part
@@ -438,12 +439,17 @@ class RangeView:
         if self._kind == 0:
             min, max, excludemin, excludemax = self._bounds
             _check_key(item)
-            if min is not None and (item < min or excludemin
-                                    and not min < item):
-                return False
-            if max is not None and (max < item or excludemax
-                                    and not item < max):
-                return False
+            try:
+                if min is not None and (item < min or excludemin
+                                        and not min < item):
+                    return False
+                if max is not None and (max < item or excludemax
+                                        and not item < max):
+                    return False
+            except TypeError as exc:
+                raise TypeError("%r (%s) cannot be compared with the bounds of this range, "
+                                "%r and %r: %s" % (item, type(item).__name__, min, max, exc)
+                                ) from None
             return item in self._tree
         return any(item == found for found in self)
 

@@ -2,6 +2,7 @@
 persistence through a real Database, conflict resolution (unit, across
 threads, and across two real processes)."""
 
+import collections
 import copy
 import datetime
 import decimal
@@ -187,8 +188,13 @@ def test_unorderable_or_mutable_keys_refused(bad):
     check_invariants(tree)
 
 
+Pair = collections.namedtuple("Pair", "name score")
+
+
 @pytest.mark.parametrize("bad", [("a", float("nan")), ("a", (float("nan"),)),
-                                 ("a", frozenset({1})), ("a", decimal.Decimal("NaN"))])
+                                 ("a", frozenset({1})), ("a", decimal.Decimal("NaN")),
+                                 Pair("a", float("nan")), ("a", Pair("b", frozenset({1}))),
+                                 Pair("a", decimal.Decimal("NaN"))])
 def test_keys_unordered_inside_a_tuple_refused(bad):
     # A NaN compares false both ways: inside a tuple key it passed for
     # equal to a neighbour and overwrote that key's value.
@@ -199,6 +205,19 @@ def test_keys_unordered_inside_a_tuple_refused(bad):
         tree.get(bad)
     assert dict(tree.items()) == {(name, float(n)): n for n, name in enumerate("abcdefgh")}
     check_invariants(tree)
+
+
+@pytest.mark.parametrize("use", [
+    lambda tree: list(tree.keys(min="a")), lambda tree: list(tree.keys(max="a")),
+    lambda tree: list(tree.keys(5, "a")), lambda tree: list(reversed(tree.keys(max="a"))),
+    lambda tree: list(reversed(tree.keys(min="a"))), lambda tree: "a" in tree.keys(0, 5),
+    lambda tree: 3 in tree.keys("a")])
+def test_a_range_bound_or_member_of_another_type_is_named_in_the_error(use):
+    # A bare "'<' not supported" came out of bisect, in a tree of one bucket.
+    tree = OOBTree((k, k) for k in range(10))
+    with pytest.raises(TypeError, match="'a' \\(str\\) cannot be compared with the|"
+                                        "3 \\(int\\) cannot be compared with the bounds"):
+        use(tree)
 
 
 def test_mixed_key_types_refused_without_damage():
@@ -582,6 +601,12 @@ def test_resolve_keeps_other_attributes_of_ours():
 def test_resolve_refuses_same_key(saved, new):
     with pytest.raises(ConflictError, match="both transactions changed"):
         resolve([(1, "a")], saved, new)
+
+
+def test_resolve_names_a_tuple_key_both_changed():
+    # "%r" % key took a tuple key for its arguments: a TypeError, logged.
+    with pytest.raises(ConflictError, match=r"both transactions changed key \(1, 'a'\)"):
+        resolve([((1, "a"), 1)], [((1, "a"), 2)], [((1, "a"), 3)])
 
 
 @pytest.mark.parametrize("changed", [
