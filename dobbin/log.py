@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from dobbin.exc import (CorruptionError, DamagedHistoryError, DobbinError, ReadOnlyError,
                         StorageError)
+from dobbin.fileid import path_identity
 from dobbin.interfaces import ILog
 from dobbin.lock import flock_within
 # The layout's names are part of the log's API, so they are importable here too.
@@ -441,14 +442,11 @@ class Log(Recovery, ReservedSpace):
         """StorageError unless the path still names the file we opened:
         once it was deleted, or replaced (a backup restored by renaming
         it over the file), our commits would go to a file nobody opens."""
-        try:
-            status = os.stat(self.path)
-        except FileNotFoundError:
-            status = None
-        if status is None or (status.st_dev, status.st_ino) != self._identity:
+        named = path_identity(self.path)
+        if named != self._identity:
             raise StorageError("%s is no longer the file this database opened (it was %s): "
                                "writing on would lose the commits; close the database and "
-                               "open it again" % (self.path, "deleted" if status is None
+                               "open it again" % (self.path, "deleted" if named is None
                                                   else "replaced by another file"))
 
     @_open_log_read
@@ -512,12 +510,11 @@ class Log(Recovery, ReservedSpace):
         if self.fd is None:
             raise ReadOnlyError("%s is closed" % self.path)
 
-    @_open_log_read
     def identity(self):
-        """(device, inode) of the open file."""
-        info = os.fstat(self._reading_fd())
-        self._check_open()  # closed meanwhile: its number may have named another file
-        return info.st_dev, info.st_ino
+        """(device, inode) of the open file, as found when it was opened
+        (asking again would slow the next fdatasync: see dobbin.fileid)."""
+        self._check_open()
+        return self._identity
 
     @_open_log_read
     def read_object(self, offset, oid=None):
