@@ -17,7 +17,8 @@ import transaction
 from transaction.interfaces import NoTransaction
 from zope.interface import implementer
 
-from dobbin.exc import DobbinError, ObjectGraphError, ReadOnlyError, StorageError
+from dobbin.exc import (ConflictError, DobbinError, ObjectGraphError, ReadOnlyError,
+                        StorageError)
 from dobbin.interfaces import ISession
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ _threads = threading.local()
 # The keys of the threads whose commit has laid out its record, until it
 # ends: a change to a working copy then would be published unwritten.
 committing_threads = set()
+# Scratch pieces (see _scratch) whose working copy a session installs when
+# it finishes: id(obj) -> (session, obj), from its vote to its end.
+_scratch_claims = {}
+_scratch_claims_lock = threading.Lock()
 _object_getattribute = object.__getattribute__
 _object_setattr = object.__setattr__
 
@@ -334,9 +339,10 @@ class Session:
                 self._record_failure(error)
                 raise error
         try:
+            self._claim_scratch()
             for database, pending in self._commits:
                 database._p_commit_vote(pending, len(self._commits) > 1)
-        except StorageError as error:
+        except (ConflictError, StorageError) as error:
             self._record_failure(error)
             raise
 
@@ -349,6 +355,7 @@ class Session:
                     _object_setattr(entry.obj, "__dict__", self.working_state(entry.obj))
         finally:
             committing_threads.discard(self.thread)
+            self._release_scratch()
             self._committing = False
             self._release()
             self.finished = True
@@ -370,6 +377,7 @@ class Session:
                     self._record_failure(error)
         finally:  # whatever recording did: unlock, and show the latest states
             committing_threads.discard(self.thread)
+            self._release_scratch()
             commits, self._commits = self._commits, []
             try:
                 for database, pending in commits:
@@ -383,6 +391,31 @@ class Session:
         return _Savepoint(self)
 
     # -- helpers -------------------------------------------------------
+
+    def _claim_scratch(self):
+        """Claim the scratch pieces this commit will install, or raise
+        ConflictError if another thread's commit installed one since we
+        checked it out, or is about to: ours would overwrite its changes
+        piece by piece (a B-tree's keys lost, its length wrong)."""
+        pieces = [entry for entry in self.checkouts.values() if entry.obj._p_oid is None]
+        if not pieces:
+            return
+        with _scratch_claims_lock:
+            for entry in pieces:
+                claim = _scratch_claims.get(id(entry.obj))
+                if ((claim is not None and claim[0] is not self)
+                        or _object_getattribute(entry.obj, "__dict__") is not entry.old):
+                    raise ConflictError(
+                        "another thread committed changes to the never-stored %s since this "
+                        "transaction changed it" % type(entry.obj).__name__,
+                        class_name=type(entry.obj).__qualname__)
+            for entry in pieces:
+                _scratch_claims[id(entry.obj)] = (self, entry.obj)
+
+    def _release_scratch(self):
+        with _scratch_claims_lock:
+            for key in [key for key, claim in _scratch_claims.items() if claim[0] is self]:
+                del _scratch_claims[key]
 
     def _record_failure(self, error):
         self._failure_recorded = True

@@ -542,6 +542,83 @@ def test_a_scratch_tree_filled_by_inserts_stays_out_of_the_commit(db):
     assert done == [[(1, "a"), (2, "b")]]
 
 
+def test_threads_changing_one_scratch_tree_conflict_instead_of_losing_keys():
+    # Each thread's changes are its own until it commits: the second one's
+    # copies predate the first one's commit, and installing them lost keys.
+    tree = SmallTree({0: 0, 2: 2, 4: 4, 6: 6})
+    first_changed, second_changed, first_done = (threading.Event() for _ in range(3))
+    conflicts = []
+
+    def first():
+        tree[1] = tree[3] = "first"  # the bucket splits
+        first_changed.set()
+        second_changed.wait(30)
+        transaction.commit()
+        first_done.set()
+
+    def second():
+        first_changed.wait(30)
+        tree[5] = "second"
+        second_changed.set()
+        first_done.wait(30)
+        try:
+            transaction.commit()
+        except ConflictError as conflict:
+            conflicts.append(str(conflict))
+            transaction.abort()
+        for attempt in transaction.manager.attempts():
+            with attempt:
+                tree[5] = "second"
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert conflicts and "changes to the never-stored Bucket" in conflicts[0]
+    assert list(tree.items()) == [(0, 0), (1, "first"), (2, 2), (3, "first"), (4, 4),
+                                  (5, "second"), (6, 6)]
+    assert len(tree) == 7
+    check_invariants(tree)
+
+
+def test_a_scratch_tree_is_claimed_from_a_commit_s_vote_to_its_end():
+    # Both threads' copies are current until one installs them: the
+    # second to vote must not go on to install its own over the first's.
+    tree = SmallTree({0: 0, 2: 2})
+    voted, conflicts = threading.Event(), []
+
+    class SlowVoter:
+        """A data manager voting after the session, while another thread commits."""
+        transaction_manager = transaction.manager
+
+        def sortKey(self):
+            return "~after the session"
+        abort = commit = tpc_begin = tpc_finish = tpc_abort = lambda self, txn: None
+
+        def tpc_vote(self, txn):
+            voted.set()
+            other.join(30)
+
+    def second():
+        voted.wait(30)
+        tree[3] = "second"
+        try:
+            transaction.commit()
+        except ConflictError as conflict:
+            conflicts.append(str(conflict))
+            transaction.abort()
+    other = threading.Thread(target=second)
+    other.start()
+    tree[1] = "first"
+    transaction.get().join(SlowVoter())
+    transaction.commit()
+    assert conflicts and "never-stored" in conflicts[0]
+    assert list(tree.items()) == [(0, 0), (1, "first"), (2, 2)]
+    tree[3] = "first, later"  # the claims ended with the commits
+    transaction.commit()
+    assert tree[3] == "first, later"
+
+
 def test_an_object_checked_out_by_hand_and_left_unconnected_still_fails_the_commit(db):
     root = stored(db, PersistentDict())
     scratch, forgotten = OOBTree({1: 1}), PersistentDict()
