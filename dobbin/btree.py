@@ -211,8 +211,11 @@ class OOBTree(TreePart):
         raise self._gave_up(key)
 
     def _gave_up(self, key):
-        return ConflictError("OOBTree oid %s changed under this thread on "
-                             "every try at key %r" % (self._p_oid, key),
+        # Two causes: other commits kept reshaping the tree, or this
+        # transaction's own copy of a piece links to one since unlinked.
+        return ConflictError("OOBTree oid %s: no consistent path to key %r in %d tries; "
+                             "other commits reshaped it, so this transaction must be retried"
+                             % (self._p_oid, key, _RESTARTS),
                              oid=self._p_oid, class_name=type(self).__name__)
 
     def lookup_path(self, key):

@@ -619,6 +619,18 @@ def test_a_scratch_tree_is_claimed_from_a_commit_s_vote_to_its_end():
     assert tree[3] == "first, later"
 
 
+def test_a_lookup_through_a_copy_another_commit_made_stale_says_to_retry(db):
+    tree = stored(db, SmallTree())
+    tree.update({1: 1, 3: 3, 5: 5, 7: 7, 9: 9})  # [1, 3] | [5, 7, 9]
+    transaction.commit()
+    tree[0] = "ours"  # our copy of [1, 3] links on to [5, 7, 9]
+    in_other_thread(lambda: [tree.pop(key) for key in (3, 5, 7, 9)])  # unlinked
+    with pytest.raises(ConflictError, match="no consistent path to key 6 .* must be retried"):
+        tree.get(6)
+    transaction.abort()
+    assert tree.get(6) is None and list(tree) == [1]
+
+
 def test_an_object_checked_out_by_hand_and_left_unconnected_still_fails_the_commit(db):
     root = stored(db, PersistentDict())
     scratch, forgotten = OOBTree({1: 1}), PersistentDict()
