@@ -14,11 +14,12 @@ object that refers to them; they are not objects with an oid of their own.
 """
 
 import io
+import threading
 import weakref
 
 from zope.interface import implementer
 
-from dobbin.exc import StreamError
+from dobbin.exc import ConflictError, StreamError
 from dobbin.interfaces import IPersistentFile, IPersistentStream
 from dobbin.log import STREAM_CHUNK
 
@@ -27,6 +28,12 @@ from dobbin.log import STREAM_CHUNK
 BLOCK = 16 * STREAM_CHUNK
 # Smaller files are read whole: staging one costs a sync.
 STAGE_MIN = BLOCK
+# Guards which commit turns a PersistentFile into its stream (see
+# PersistentFile._p_claim), and that turning.
+_claims_lock = threading.Lock()
+
+# What PersistentFile._p_claim tells a commit to store.
+OWN, COPY, BECAME_STREAM = "own", "copy", "became a stream"
 
 
 class FileSpan:
@@ -136,22 +143,36 @@ class PersistentFile:
             self._source = None
         return self._data
 
-    def _p_stored_by_other(self, commit):
-        """Does another commit in progress (another database of the same
-        transaction) turn this file into its stream?"""
-        other = self._p_laid_out_by()
-        return (other is not None and other is not commit and other.locked
-                and not other.published)
+    def _p_claim(self, commit):
+        """What `commit` stores for this file: OWN, the file itself, which
+        becomes its stream when it is published; COPY, the bytes, when
+        another database's commit in the same transaction does that; or
+        BECAME_STREAM: another commit turned it into its stream already.
 
-    def _p_laid_out(self, commit):
-        """`commit` turns this file into its stream when it is published."""
-        self._p_laid_out_by = weakref.ref(commit)
+        ConflictError while another thread's commit stores it: the two
+        would read one file position at once (wrong bytes, with good
+        checksums).  Retried, the commit stores a copy of that stream.
+        """
+        with _claims_lock:
+            if self.__class__ is not PersistentFile:
+                return BECAME_STREAM
+            other = self._p_laid_out_by()
+            if (other is not None and other is not commit and other.locked
+                    and not other.published):
+                if other.transaction is not commit.transaction:
+                    raise ConflictError("a PersistentFile being stored by another thread's "
+                                        "commit was stored by this one too: retry it to "
+                                        "store a copy of the stream it becomes")
+                return COPY
+            self._p_laid_out_by = weakref.ref(commit)
+            return OWN
 
     def _p_become_stream(self, jar, offset, size):
         # Same identity, new class: the object now reads from the log.
-        self.__class__ = PersistentStream
-        self.__dict__.clear()
-        self._p_attach(jar, offset, size)
+        with _claims_lock:
+            self.__class__ = PersistentStream
+            self.__dict__.clear()
+            self._p_attach(jar, offset, size)
 
     def __deepcopy__(self, memo):
         return self

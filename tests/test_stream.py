@@ -16,7 +16,7 @@ import transaction
 from conftest import child_env, flip_bit, in_commit_order, two_databases
 from dobbin import staging
 from dobbin.database import Database
-from dobbin.exc import CorruptionError, ObjectGraphError, StreamError
+from dobbin.exc import ConflictError, CorruptionError, ObjectGraphError, StreamError
 from dobbin.log import ENTRY_SIZE, STREAM_CHUNK
 from dobbin.persistent import Persistent, PersistentDict, PersistentFile, checkout
 from dobbin.stream import BLOCK, STAGE_MIN, FileSpan, PersistentStream
@@ -677,6 +677,60 @@ def test_one_file_stored_in_two_databases_at_once(open_db, tmp_path, size):
     assert second.root.file is not pfile and second.root.file._jar is second
     first.close()
     assert b"".join(second.root.file) == data
+    for db in (first, second):
+        reopened = Database(db.path, read_only=True)
+        assert b"".join(reopened.root.file) == data
+        reopened.close()
+
+
+@pytest.mark.parametrize("size", [6, BIG])
+def test_one_file_stored_by_two_threads_at_once_conflicts_then_is_copied(
+        open_db, tmp_path, size):
+    # Both commits read the one file: its position moved under each (wrong
+    # bytes, with good checksums), or it "ended short".
+    data = os.urandom(size)
+    first, second = two_databases(open_db, tmp_path)
+    pfile = PersistentFile(io.BytesIO(data))
+    voted, tried, first_done = threading.Event(), threading.Event(), threading.Event()
+    conflicts = []
+
+    class SlowVoter:
+        """Votes after the session (the file claimed), while the other thread commits."""
+        transaction_manager = transaction.manager
+        abort = commit = tpc_begin = tpc_finish = tpc_abort = lambda self, txn: None
+
+        def sortKey(self):
+            return "~after the session"
+
+        def tpc_vote(self, txn):
+            voted.set()
+            tried.wait(30)
+
+    def store_in_second():
+        voted.wait(30)
+        for attempt in transaction.manager.attempts():
+            with attempt:
+                checkout(second.root)
+                second.root.file = pfile
+                if not conflicts:
+                    try:
+                        transaction.commit()
+                    except ConflictError as conflict:
+                        conflicts.append(str(conflict))
+                        tried.set()
+                        first_done.wait(30)  # the retry copies the stream it became
+                        raise
+    other = threading.Thread(target=store_in_second)
+    other.start()
+    checkout(first.root)
+    first.root.file = pfile
+    transaction.get().join(SlowVoter())
+    transaction.commit()
+    first_done.set()
+    other.join(30)
+    assert conflicts and "stored by another thread's commit" in conflicts[0]
+    assert first.root.file is pfile and pfile._jar is first
+    assert second.root.file is not pfile and second.root.file._jar is second
     for db in (first, second):
         reopened = Database(db.path, read_only=True)
         assert b"".join(reopened.root.file) == data
