@@ -78,6 +78,7 @@ class ObjectCache:
         self._weak = {}                # oid -> weakref
         self._weak_pruned_at = 1024
         self._evict_retry_at = 0
+        self._evicting = False
         self.ghosts_made = 0           # ever: a loader bills the ones its load made
 
     def get(self, oid):
@@ -116,7 +117,7 @@ class ObjectCache:
         self._weak.pop(oid, None)  # after the line above, so `get` always finds it
         self.loaded_bytes += cost
         if (self.cache_size is not None and self.loaded_bytes > self.cache_size
-                and self.loaded_bytes > self._evict_retry_at):
+                and self.loaded_bytes > self._evict_retry_at and not self._evicting):
             self._evict()
 
     def unload(self, obj, serial):
@@ -129,13 +130,16 @@ class ObjectCache:
             self._drop_state(oid, obj)
 
     def _drop_state(self, oid, obj):
-        """Make loaded `obj` a ghost, still the object of `oid` while reachable."""
+        """Make loaded `obj` a ghost, still the object of `oid` while
+        reachable; return the state it had (see _evict)."""
         self._weak[oid] = weakref.ref(obj)  # before it leaves `loaded`: see get
         del self.loaded[oid]
         self.loaded_bytes -= _size_of(obj)
+        state = obj.__dict__
         # Ghost flag first, then the empty dict: see Persistent.__getattribute__.
         _set_ghost(obj, True)
         object.__setattr__(obj, "__dict__", {})
+        return state
 
     def _evict(self):
         loaded = self.loaded
@@ -153,18 +157,29 @@ class ObjectCache:
             victims.append((oid, obj))
             excess -= _size_of(obj)
         spared = 0
-        for oid, obj in victims:
-            if _checkouts_of(obj):
-                del loaded[oid]
-                loaded[oid] = obj  # checked out, so in use: now the newest
-                spared += _size_of(obj)
-                continue
-            self._drop_state(oid, obj)
-        self._prune()  # evicted objects nobody holds die, often unloaded again
-        # States that stayed because they are checked out would be scanned
-        # again on every load (quadratic in a big commit): try again only
-        # once the cache has grown by another eighth of the bound, or of
-        # the states spared, if more (so the scans add up to a few per load).
-        self._evict_retry_at = (
-            self.loaded_bytes + max(cache_size, spared) // 8
-            if self.loaded_bytes > cache_size else 0)
+        # Freeing a state may run finalizers (__del__, weakref callbacks) that
+        # load objects: until the states are freed, at the end, a load evicts
+        # nothing (nor a cascade of such finalizers).
+        dropped = []
+        self._evicting = True
+        try:
+            for oid, obj in victims:
+                if loaded.get(oid) is not obj:
+                    continue  # unloaded meanwhile
+                if _checkouts_of(obj):
+                    del loaded[oid]
+                    loaded[oid] = obj  # checked out, so in use: now the newest
+                    spared += _size_of(obj)
+                    continue
+                dropped.append(self._drop_state(oid, obj))
+            self._prune()  # evicted objects nobody holds die, often unloaded again
+            # States that stayed because they are checked out would be scanned
+            # again on every load (quadratic in a big commit): try again only
+            # once the cache has grown by another eighth of the bound, or of
+            # the states spared, if more (so the scans add up to a few per load).
+            self._evict_retry_at = (
+                self.loaded_bytes + max(cache_size, spared) // 8
+                if self.loaded_bytes > cache_size else 0)
+            del victims, dropped
+        finally:
+            self._evicting = False

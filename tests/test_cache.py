@@ -190,3 +190,66 @@ def test_a_wrong_cache_size_is_refused_before_the_file_is_opened(tmp_path):
             Database(str(path), durability="none", cache_size=size)
         assert not path.exists()
     assert ObjectCache(None).cache_size is None and ObjectCache(1).cache_size == 1
+
+
+class ReadsOnFree:
+    """A value whose finalizer reads a persistent object, as cleanup code
+    may: evicting the state that holds it loads another state."""
+
+    database = None
+
+    def __init__(self, index):
+        self.index = index
+
+    def __del__(self):
+        if self.database is None or self.database.closed:
+            return
+        items = self.database.root["items"]
+        items[(self.index * 7 + 3) % len(items)].index
+
+
+class Holder(Persistent):
+    def __init__(self, index):
+        self.index = index
+        self.token = ReadsOnFree(index)
+        self.padding = "x" * 100
+
+
+def fill(path, count=200):
+    import transaction
+    from dobbin.persistent import PersistentDict
+    db = Database(path, durability="none")
+    db.elect(PersistentDict(items=[Holder(i) for i in range(count)], counter=0))
+    transaction.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("cache_size", [3000, 30000])
+def test_finalizers_that_load_during_eviction_break_neither_reads_nor_commits(
+        tmp_path, cache_size):
+    # The load inside the eviction evicted again: the outer one then
+    # failed with KeyError, in a read or in a commit (written, reported failed).
+    import transaction
+    from dobbin.persistent import PersistentDict, checkout
+    path = str(tmp_path / "db.dobbin")
+    fill(path)
+    db = ReadsOnFree.database = Database(path, durability="none", cache_size=cache_size)
+    try:
+        for _ in range(3):
+            assert sum(item.index for item in db.root["items"]) == sum(range(200))
+        checkout(db.root)
+        db.root["counter"] += 1
+        db.root["new"] = new = PersistentDict(blob="b" * 20000)  # its install evicts
+        transaction.commit()
+        assert new._p_oid is not None
+        cache = db._cache
+        assert cache.loaded_bytes == sum(obj._p_size for obj in cache.loaded.values())
+        checkout(db.root)
+        db.root["counter"] += 1
+        transaction.commit()
+    finally:
+        db.close()
+        ReadsOnFree.database = None
+    reopened = Database(path, read_only=True)
+    assert reopened.root["counter"] == 2 and "new" in reopened.root
+    reopened.close()
