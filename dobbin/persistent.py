@@ -219,16 +219,24 @@ class Persistent:
                 return _lookup(self, state, name)
         if _get_ghost(self):
             _get_jar(self)._p_activate(self)
+        # The cache may evict the state while we read it (ghost flag first,
+        # then an empty dict): then the value came from the class, maybe
+        # for want of the instance's.  The state, loaded again, says.
+        # Reading again instead would run a property again, and one that
+        # reads more than the cache holds evicts its object every time.
         try:
             value = _object_getattribute(self, name)
         except AttributeError:
             if not _get_ghost(self):
                 raise
-            return self.__getattribute__(name)
-        # The cache may have evicted the state while we read it (ghost
-        # flag first, then an empty dict): then read again, loaded.
+            state = _reloaded_state(self)
+            if name in state and name not in _data_descriptor_names(type(self)):
+                return state[name]
+            raise
         if _get_ghost(self):
-            return self.__getattribute__(name)
+            state = _reloaded_state(self)
+            if name in state and name not in _data_descriptor_names(type(self)):
+                return state[name]
         return value
 
     def __setattr__(self, name, value):
@@ -393,6 +401,15 @@ def _lookup(obj, state, name):
     if fallback is not _MISSING:
         return fallback(obj, name)
     raise AttributeError("%r object has no attribute %r" % (cls.__name__, name))
+
+
+def _reloaded_state(obj):
+    """The state of `obj`, a ghost, loaded again (see __getattribute__)."""
+    while True:
+        _get_jar(obj)._p_activate(obj)
+        state = _get_dict(obj)
+        if not _get_ghost(obj):  # not evicted again before we took it
+            return state
 
 
 def checkout(obj):

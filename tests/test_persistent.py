@@ -575,3 +575,43 @@ def test_a_persistent_class_may_declare_empty_slots(open_db):
 def test_state_of_something_not_persistent_is_a_type_error(value):
     with pytest.raises(TypeError, match="is not a persistent object"):
         state_of(value)
+
+
+class Child(Persistent):
+    def __init__(self, value):
+        self.value = value
+        self.padding = "c" * 200
+
+
+class Parent(Persistent):
+    calls = 0
+
+    def __init__(self, count):
+        self.children = [Child(i) for i in range(count)]
+
+    @property
+    def total(self):
+        type(self).calls += 1
+        total = sum(child.value for child in self.children)
+        type(self).evicted_itself = self._p_ghost
+        return total
+
+
+def test_a_property_reading_more_than_the_cache_holds_runs_once(tmp_path):
+    # Its reads evict its own object: the lookup saw a ghost after it and
+    # ran the property again, for ever (RecursionError after ~1000 runs).
+    path = str(tmp_path / "db.dobbin")
+    db = Database(path, durability="none")
+    db.elect(Parent(500))
+    transaction.commit()
+    db.close()
+    db = Database(path, durability="none", cache_size=100_000)
+    try:
+        parent = db.root
+        Parent.calls = 0
+        assert parent.total == sum(range(500))
+        assert Parent.calls == 1
+        assert Parent.evicted_itself  # by the property's own reads, indeed
+        assert not parent._p_ghost and len(parent.children) == 500
+    finally:
+        db.close()
