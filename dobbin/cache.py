@@ -19,6 +19,7 @@ from dobbin.persistent import Persistent, install_state
 # The slots read directly: eviction touches every cached object and must
 # not pay for Persistent.__getattribute__.
 _size_of = Persistent._p_size.__get__
+_state_of = Persistent.__dict__["__dict__"].__get__  # never a thread's working copy
 _oid_of = Persistent._p_oid.__get__
 _checkouts_of = Persistent._p_local.__get__
 _set_ghost = Persistent._p_ghost.__set__
@@ -135,7 +136,7 @@ class ObjectCache:
         self._weak[oid] = weakref.ref(obj)  # before it leaves `loaded`: see get
         del self.loaded[oid]
         self.loaded_bytes -= _size_of(obj)
-        state = obj.__dict__
+        state = _state_of(obj)
         # Ghost flag first, then the empty dict: see Persistent.__getattribute__.
         _set_ghost(obj, True)
         object.__setattr__(obj, "__dict__", {})

@@ -19,7 +19,7 @@ import threading
 from dobbin import staging
 from dobbin.exc import (ConflictError, DobbinError, LoadError, ReadConflictError,
                         WriteConflictError)
-from dobbin.persistent import Persistent, _set_jar, _set_oid
+from dobbin.persistent import Persistent, _set_jar, _set_oid, committed_state
 from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, ObjectEntry, StreamEntry,
                            stream_entry_size)
 from dobbin.serialize import PLAIN_TYPES
@@ -246,7 +246,7 @@ class Commit:
             # arguments (saved["n"] += ...) must change neither what other
             # threads read nor another checkout's starting point.
             resolved = obj._p_resolve_conflict(copy_state(entry.old),
-                                               copy_state(obj.__dict__),
+                                               copy_state(committed_state(obj)),
                                                session.working_state(obj))
         except ConflictError:
             raise error from None

@@ -120,6 +120,10 @@ def _refuse_class_name(obj, name):
     """Refuse to set `name`, which `_dunders_of` reads from the class, unless
     it is a data descriptor (``__class__``, a property): a value stored
     under it would never be read back."""
+    if name == "__class__" and _get_oid(obj) is not None:
+        # It would change at once in every thread, and no commit stores it.
+        raise AttributeError("the class of stored object %s can't be changed: store a new "
+                             "object of the other class instead" % named(obj))
     if not _is_data_descriptor(_class_attribute(type(obj), name)):
         raise AttributeError("%s is read from the class %s, not from the state: it can't be "
                              "set on an instance" % (name, type(obj).__name__))
@@ -203,6 +207,8 @@ class Persistent:
     def __getattribute__(self, name):
         if name[0] == "_" and (name[:3] == "_p_" or name[:2] == "__" and name in (
                 _class_dunders.get(type(self)) or _dunders_of(type(self)))):
+            if name == "__dict__":  # vars(obj), dir(obj): what attribute reads show
+                return state_of(self)
             return _object_getattribute(self, name)
         table = _get_local(self)
         if table:
@@ -229,12 +235,12 @@ class Persistent:
         except AttributeError:
             if not _get_ghost(self):
                 raise
-            state = _reloaded_state(self)
+            state = committed_state(self)
             if name in state and name not in _data_descriptor_names(type(self)):
                 return state[name]
             raise
         if _get_ghost(self):
-            state = _reloaded_state(self)
+            state = committed_state(self)
             if name in state and name not in _data_descriptor_names(type(self)):
                 return state[name]
         return value
@@ -401,15 +407,6 @@ def _lookup(obj, state, name):
     if fallback is not _MISSING:
         return fallback(obj, name)
     raise AttributeError("%r object has no attribute %r" % (cls.__name__, name))
-
-
-def _reloaded_state(obj):
-    """The state of `obj`, a ghost, loaded again (see __getattribute__)."""
-    while True:
-        _get_jar(obj)._p_activate(obj)
-        state = _get_dict(obj)
-        if not _get_ghost(obj):  # not evicted again before we took it
-            return state
 
 
 def checkout(obj):

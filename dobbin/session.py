@@ -432,7 +432,7 @@ class Session:
             if obj._p_ghost:
                 obj._p_jar._p_activate(obj)
             entry.serial = obj._p_serial
-            entry.old = obj.__dict__
+            entry.old = _object_getattribute(obj, "__dict__")  # the shared state
             obj._p_local[self.thread] = copy_state(entry.old)
 
     def _release(self):

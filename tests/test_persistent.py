@@ -615,3 +615,43 @@ def test_a_property_reading_more_than_the_cache_holds_runs_once(tmp_path):
         assert not parent._p_ghost and len(parent.children) == 500
     finally:
         db.close()
+
+
+class Other(Persistent):
+    pass
+
+
+def test_vars_shows_what_attribute_reads_show(tmp_path):
+    # Evicted, it showed {}; checked out, the committed state and not the
+    # thread's changes.
+    path = str(tmp_path / "db.dobbin")
+    db = Database(path, durability="none", cache_size=4000)
+    try:
+        db.elect(PersistentDict(children=[Child(i) for i in range(20)]))
+        transaction.commit()
+        first, *others = db.root["children"]
+        assert vars(first)["value"] == 0
+        for child in others:
+            child.value  # their loads evict the first
+        assert first._p_ghost
+        assert vars(first) == {"value": 0, "padding": "c" * 200}
+        assert "value" in dir(first)
+        checkout(first)
+        first.value = 10
+        assert vars(first)["value"] == 10
+        first.__dict__["padding"] = "changed in place"
+        transaction.commit()
+        assert (first.value, first.padding) == (10, "changed in place")
+    finally:
+        db.close()
+
+
+def test_the_class_of_a_stored_object_can_t_be_assigned(open_db):
+    db = open_db()
+    db.elect(Child(2))
+    transaction.commit()
+    checkout(db.root)
+    with pytest.raises(AttributeError, match="class of stored object .* can't be changed"):
+        db.root.__class__ = Other
+    assert type(db.root) is Child
+    transaction.abort()
