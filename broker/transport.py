@@ -331,6 +331,10 @@ class Connection:
             reply = self._await(rid, self.spin if op in protocol.QUICK else 0)
             if reply is not None:
                 return reply
+        # The last attempt's socket still holds the request: ZeroMQ would
+        # deliver it once the server answers again, and a commit the caller
+        # was told failed would be applied.  A new socket drops it.
+        self._connect()
         raise BrokerTimeout("no reply from %s to %s after %d attempt(s) of %.1f s"
                             % (self.address, op, self.retries + 1, self.timeout))
 

@@ -156,6 +156,36 @@ def test_timeout_after_every_retry(flaky):
     connection.close()  # idempotent
 
 
+def test_a_request_that_timed_out_is_not_delivered_when_a_server_comes_back():
+    # The last attempt's socket kept it queued: a commit the caller was
+    # told failed was applied once the server restarted.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = "tcp://127.0.0.1:%d" % probe.getsockname()[1]
+    connection = Connection(address, codec, timeout=0.05, retries=1)
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    try:
+        with pytest.raises(BrokerTimeout):
+            connection.request("commit", {})  # nobody listens
+        router.bind(address)
+        assert not router.poll(1000)  # two reconnect intervals: it would be here
+
+        def reply():
+            routing, empty, _magic, body = router.recv_multipart()
+            router.send_multipart([routing, empty, protocol.MAGIC, codec.encode(
+                protocol.ok_reply(codec.decode(body)["id"], 7, "fresh"))])
+        replies = threading.Thread(target=reply)
+        replies.start()
+        assert connection.request("ping", {})[2] == "fresh"  # the next request gets through
+        replies.join(10)
+    finally:
+        connection.close()
+        router.close(0)
+        context.term()
+
+
 def test_a_wait_longer_than_a_slice_still_gets_its_reply():
     # Waits go in slices of WAIT_SLICE; a reply after several still counts.
     context = zmq.Context()
