@@ -263,8 +263,9 @@ class ExportRegistry:
             raise ExportError("export_class needs a class, got %r" % (cls,))
         rules = ClassExport(cls, readonly=options.pop("readonly", ()), **options)
         self._explicit[cls] = rules
+        # Rules derived before (a subclass inherits these) are stale now.
         self._cache.clear()
-        self._by_name[rules.name] = rules
+        self._by_name = {explicit.name: explicit for explicit in self._explicit.values()}
         return rules
 
     def lookup(self, cls):

@@ -333,3 +333,19 @@ def test_a_client_cannot_change_a_b_tree_setting(broker):
     transaction.commit()
     assert dict(db.root.tree.items()) == {"k": 1, "server": 2}
     assert db.root.item.name == "fields with class defaults too"
+
+
+def test_exporting_a_class_again_changes_what_its_subclasses_inherit():
+    # The rules a subclass derived stayed known by name: clients could still
+    # create it with the hidden field set.
+    registry = ExportRegistry()
+    registry.export_class(Plain, creatable=True)
+    assert registry.lookup(Child).creatable
+    name = registry.lookup(Child).name
+    assert registry.by_name(name).creatable
+    registry.export_class(Plain, hidden="secret", creatable=False)
+    assert registry.by_name(name) in (None, registry.lookup(Child))
+    derived = registry.lookup(Child)
+    assert not derived.creatable and "secret" in derived.hidden
+    assert registry.by_name(name) is derived
+    assert registry.by_name(registry.lookup(Plain).name) is registry.lookup(Plain)
