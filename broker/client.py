@@ -54,6 +54,7 @@ class BrokerClient:
         self._watch = {}         # oid -> set of mapping proxies whose items depend on it
         self._watch_pruned_at = 0  # len(_watch) when its empty sets were last dropped
         self._root = None
+        self._asked_latest_at = -1.0  # see wait_for_broadcast
         self._changes = LocalChanges()
         self._numbers = itertools.count(1)
         self._conn = Connection(address, self._codec, timeout, retries, curve, trace, spin)
@@ -176,7 +177,10 @@ class BrokerClient:
 
         Broadcasts received are kept for the next boundary; returns the
         highest tid broadcast so far (at once if `tid` is known already),
-        or None if none came.
+        or None if none came.  If the wait ends short of that, the server
+        is asked once (at most once a second) for its latest tid, which
+        is returned if it is the one awaited: broadcasts are lost while
+        a restarted server is reached again (maybe at another port).
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -184,7 +188,20 @@ class BrokerClient:
             with self._lock:
                 done, seen = self._invalidations.poll(tid)
             if done or time.monotonic() >= deadline:
-                return seen
+                break
+        if done or time.monotonic() < self._asked_latest_at + 1:
+            return seen
+        with self._lock:
+            self._asked_latest_at = time.monotonic()
+            info = self._call("hello")
+            if info["server"] != self._invalidations.server:
+                self._server_changed()  # follows it: its broadcasts reach us
+        latest, known = info["tid"], self._invalidations.known
+        heard = [number for number in (seen, known) if number is not None]
+        if (latest is not None and (not heard or latest > max(heard))
+                and (tid is None or latest >= tid)):
+            return latest  # committed since the last we heard of
+        return seen
 
     # The snapshot and the last tid known, which requests name.
     _tid = property(lambda self: self._invalidations.tid)

@@ -468,6 +468,29 @@ def test_a_client_learns_a_restarted_servers_export_rules(tmp_path):
         db.close()
 
 
+def test_waiting_for_broadcasts_hears_of_commits_after_a_restart(tmp_path):
+    # The new instance's broadcasts were dropped (not the instance the
+    # client followed), or lost while it reconnected: deaf for good.
+    db = make_database(str(tmp_path / "d.dobbin"))
+    address = "ipc://%s/broker.sock" % tmp_path
+    try:
+        with served(db, address=address):
+            client = BrokerClient(address, timeout=TIMEOUT, retries=20)
+            assert client.root.item.name == "first"
+        with served(db, address=address):
+            checkout(db.root.item)
+            db.root.item.name = "after the restart"
+            transaction.commit()
+            tid = db.last_tid
+            assert client.wait_for_broadcast(tid, timeout=0.2) == tid
+            client.begin()
+            assert client.root.item.name == "after the restart"
+            assert client.wait_for_broadcast(timeout=0.2) in (None, tid)  # nothing newer
+            client.close()
+    finally:
+        db.close()
+
+
 @contextlib.contextmanager
 def dying_then_restarted(tmp_path):
     """(path, address, dying server): a server that dies inside the first
