@@ -9,7 +9,7 @@ import transaction
 
 from conftest import child_env
 from dobbin.database import Database
-from dobbin.exc import CorruptionError
+from dobbin.exc import CorruptionError, DobbinError
 from dobbin.log import COMMITTED, TX_HEADER_SIZE, Log, ObjectEntry
 from dobbin.persistent import PersistentDict, checkout
 
@@ -120,3 +120,14 @@ def test_a_snapshot_copies_what_the_root_reaches_then_and_keeps_the_oid_counter(
     older = open_db(str(tmp_path / "older.dobbin"))
     db.snapshot(older, until=halfway)
     assert older.root["current"]["n"] == halfway - 1 and len(older) == 3
+
+
+def test_a_snapshot_into_another_handle_on_the_source_file_is_refused(open_db, db_path):
+    # The empty source took an empty record of its own.
+    source = open_db()
+    same_file = open_db()
+    with pytest.raises(DobbinError, match="is the source's own file"):
+        source.snapshot(same_file)
+    assert source.last_tid == 0 and same_file.last_tid == 0
+    with pytest.raises(TypeError, match="another, empty Database"):
+        source.snapshot(source)
