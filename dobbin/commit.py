@@ -24,7 +24,7 @@ from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, ObjectEntry
                            stream_entry_size)
 from dobbin.serialize import PLAIN_TYPES
 from dobbin.session import KeepPersistent, copy_state, named
-from dobbin.stream import (OWN, FileSpan, PersistentFile, PersistentStream, StreamSpan,
+from dobbin.stream import (FileSpan, PersistentFile, PersistentStream, StreamSpan,
                            copy_source)
 
 # A commit storing this many objects pauses the cyclic GC until its
@@ -190,7 +190,7 @@ class Commit:
         the state of `holder` refers to; laid out here if new to `database`."""
         offset = self.stream_offsets.get(id(value))
         if offset is None:
-            if isinstance(value, PersistentFile) and value._p_claim(self) == OWN:
+            if isinstance(value, PersistentFile) and value._p_claim(self):
                 # It becomes our stream at publication.
                 return self.add_stream(id(value), value._p_source(), value, log)
             if isinstance(value, PersistentStream) and value._jar is database:

@@ -32,9 +32,6 @@ STAGE_MIN = BLOCK
 # PersistentFile._p_claim), and that turning.
 _claims_lock = threading.Lock()
 
-# What PersistentFile._p_claim tells a commit to store.
-OWN, COPY, BECAME_STREAM = "own", "copy", "became a stream"
-
 
 class FileSpan:
     """`size` bytes of a seekable binary file from `start`, read in blocks."""
@@ -144,10 +141,10 @@ class PersistentFile:
         return self._data
 
     def _p_claim(self, commit):
-        """What `commit` stores for this file: OWN, the file itself, which
-        becomes its stream when it is published; COPY, the bytes, when
-        another database's commit in the same transaction does that; or
-        BECAME_STREAM: another commit turned it into its stream already.
+        """Does `commit` store the file itself, which becomes its stream
+        when it is published?  Not if another database's commit in the
+        same transaction does (this one stores a copy), nor if a commit
+        turned it into its stream already.
 
         ConflictError while another thread's commit stores it: the two
         would read one file position at once (wrong bytes, with good
@@ -155,7 +152,7 @@ class PersistentFile:
         """
         with _claims_lock:
             if self.__class__ is not PersistentFile:
-                return BECAME_STREAM
+                return False
             other = self._p_laid_out_by()
             if (other is not None and other is not commit and other.locked
                     and not other.published):
@@ -163,9 +160,9 @@ class PersistentFile:
                     raise ConflictError("a PersistentFile being stored by another thread's "
                                         "commit was stored by this one too: retry it to "
                                         "store a copy of the stream it becomes")
-                return COPY
+                return False
             self._p_laid_out_by = weakref.ref(commit)
-            return OWN
+            return True
 
     def _p_become_stream(self, jar, offset, size):
         # Same identity, new class: the object now reads from the log.
