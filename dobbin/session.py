@@ -332,14 +332,18 @@ class Session:
         self.hints = {}  # they shortcut B-tree inserts past checkout()
 
     def tpc_vote(self, txn):
+        scratch = []
         for entry in self.checkouts.values():
-            if entry.obj._p_oid is None and not _scratch(entry.obj):
-                error = ObjectGraphError("%s not connected to graph." % named(entry.obj),
-                                         entry.obj)
-                self._record_failure(error)
-                raise error
+            if entry.obj._p_oid is None:
+                if not _scratch(entry.obj):
+                    error = ObjectGraphError("%s not connected to graph." % named(entry.obj),
+                                             entry.obj)
+                    self._record_failure(error)
+                    raise error
+                scratch.append(entry)
         try:
-            self._claim_scratch()
+            if scratch:
+                self._claim_scratch(scratch)
             for database, pending in self._commits:
                 database._p_commit_vote(pending, len(self._commits) > 1)
         except (ConflictError, StorageError) as error:
@@ -392,14 +396,11 @@ class Session:
 
     # -- helpers -------------------------------------------------------
 
-    def _claim_scratch(self):
-        """Claim the scratch pieces this commit will install, or raise
-        ConflictError if another thread's commit installed one since we
-        checked it out, or is about to: ours would overwrite its changes
+    def _claim_scratch(self, pieces):
+        """Claim the scratch pieces (checkouts) this commit will install, or
+        raise ConflictError if another thread's commit installed one since
+        we checked it out, or is about to: ours would overwrite its changes
         piece by piece (a B-tree's keys lost, its length wrong)."""
-        pieces = [entry for entry in self.checkouts.values() if entry.obj._p_oid is None]
-        if not pieces:
-            return
         with _scratch_claims_lock:
             for entry in pieces:
                 claim = _scratch_claims.get(id(entry.obj))
@@ -413,6 +414,8 @@ class Session:
                 _scratch_claims[id(entry.obj)] = (self, entry.obj)
 
     def _release_scratch(self):
+        if not _scratch_claims:  # the usual case: no lock taken per commit
+            return
         with _scratch_claims_lock:
             for key in [key for key, claim in _scratch_claims.items() if claim[0] is self]:
                 del _scratch_claims[key]
