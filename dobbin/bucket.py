@@ -203,18 +203,13 @@ class Bucket(TreePart):
                 % (oid, reason), oid=oid, class_name=type(self).__name__)
 
         try:
-            shapes = [(state["next"], state["high"], state.get("unlinked", False),
-                       state.get("reshaped", 0))
-                      for state in (old, saved, new)]
+            reshaped = not (_same_place(old, saved) and _same_place(old, new))
             sides = [(state["keys"], state["values"])
                      for state in (old, saved, new)]
         except (KeyError, TypeError, AttributeError):
             raise refuse("unexpected state layout") from None
-        for shape in shapes[1:]:
-            if not (_same_ref(shapes[0][0], shape[0])
-                    and _same_value(shapes[0][1], shape[1])
-                    and shapes[0][2:] == shape[2:]):
-                raise refuse("the bucket was split or unlinked")
+        if reshaped:
+            raise refuse("the bucket was split or unlinked")
         if sides[0][0] and not (sides[1][0] and sides[2][0]):
             raise refuse("the bucket was emptied")
         try:
@@ -302,17 +297,21 @@ def _walkable_bucket_state(bucket):
     """
     copy = working_copy(bucket)
     if copy is not None and serial_at_checkout(bucket) not in (None, bucket._p_serial):
-        shared = committed_state(bucket)
-        if not (_same_ref(copy["next"], shared["next"])
-                and _same_value(copy["high"], shared["high"])
-                and copy.get("unlinked", False) == shared.get("unlinked", False)
-                and copy.get("reshaped", 0) == shared.get("reshaped", 0)):
+        if not _same_place(copy, committed_state(bucket)):
             oid = bucket._p_oid
             raise ConflictError(
                 "bucket oid %s was split or unlinked by another commit since "
                 "this transaction checked it out" % (oid,), oid=oid,
                 class_name=type(bucket).__name__)
     return _bucket_state(bucket)
+
+
+def _same_place(state, other):
+    """Do two states of a bucket hold the same place in the tree: the same
+    `next` and `high`, unlinked alike, and split or unlinked as often?"""
+    return (_same_ref(state["next"], other["next"]) and _same_value(state["high"], other["high"])
+            and state.get("unlinked", False) == other.get("unlinked", False)
+            and state.get("reshaped", 0) == other.get("reshaped", 0))
 
 
 def _node_state(node):

@@ -233,16 +233,14 @@ class Persistent:
         try:
             value = _object_getattribute(self, name)
         except AttributeError:
-            if not _get_ghost(self):
+            found = _instance_value(self, name) if _get_ghost(self) else _MISSING
+            if found is _MISSING:
                 raise
-            state = committed_state(self)
-            if name in state and name not in _data_descriptor_names(type(self)):
-                return state[name]
-            raise
+            return found
         if _get_ghost(self):
-            state = committed_state(self)
-            if name in state and name not in _data_descriptor_names(type(self)):
-                return state[name]
+            found = _instance_value(self, name)
+            if found is not _MISSING:
+                return found
         return value
 
     def __setattr__(self, name, value):
@@ -407,6 +405,15 @@ def _lookup(obj, state, name):
     if fallback is not _MISSING:
         return fallback(obj, name)
     raise AttributeError("%r object has no attribute %r" % (cls.__name__, name))
+
+
+def _instance_value(obj, name):
+    """`name` in the state of `obj`, evicted while it was read, loaded
+    again; _MISSING if the class answers for it (see __getattribute__)."""
+    state = committed_state(obj)
+    if name in state and name not in _data_descriptor_names(type(obj)):
+        return state[name]
+    return _MISSING
 
 
 def checkout(obj):

@@ -73,7 +73,7 @@ def snapshot(source, target, until=None):
     """Write `source`'s state as of `until` into the empty database `target`."""
     if type(target) is not type(source) or target is source:
         raise TypeError("snapshot() needs another, empty Database as its target")
-    if not (source.closed or target.closed) and source._log.identity() == target._log.identity():
+    if source._log.identity() == target._log.identity():  # ReadOnlyError if one is closed
         raise DobbinError("the snapshot target %s is the source's own file" % target.path)
     source.sync()
     if target.sync():
