@@ -34,7 +34,6 @@ does not reach back that far).
 import collections
 import contextlib
 import logging
-import os
 import queue
 import random
 import threading
@@ -56,8 +55,8 @@ from broker.keys import KeyRing, load_or_create_secret, secret_path_for
 from broker.outcomes import WAIT, CommitOutcomes, Recorded
 from broker.serverside import ServerSideChanges
 from broker.states import Record, StateCache, seal
-from broker.transport import (bound, broadcast_address_for, curve_authenticator, recv_frames,
-                              send_frames, set_curve_key)
+from broker.endpoints import bind, broadcast_address_for
+from broker.transport import curve_authenticator, recv_frames, send_frames, set_curve_key
 from dobbin.exc import DamagedHistoryError, DobbinError
 
 logger = logging.getLogger("broker.server")
@@ -103,6 +102,7 @@ class BrokerServer(ServerSideChanges):
         self.requested_broadcast = broadcast or broadcast_address_for(address)
         self.address = None
         self.broadcast_address = None
+        self._bindings = []  # endpoints bound by start(), released by stop()
         if type(workers) is not int or workers < 1:
             raise exc.ExportError("workers must be a positive int, not %r" % (workers,))
         self.workers = workers
@@ -173,7 +173,7 @@ class BrokerServer(ServerSideChanges):
             return self
         self._context = zmq.Context()
         router = pub = None
-        bound_here = []  # only these files are ours to remove if starting fails
+        self._bindings = []
         try:
             if self.curve_secret_key is not None:
                 self._start_curve()
@@ -181,13 +181,11 @@ class BrokerServer(ServerSideChanges):
             router.setsockopt(zmq.MAXMSGSIZE, self.max_message + 4096)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             router.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
-            self.address = bound(router, self.requested_address)
-            bound_here.append(self.address)
+            self.address = self._bind(router, self.requested_address)
             router.bind(self._front_endpoint)
             pub = self._socket(zmq.PUB)
             pub.setsockopt(zmq.SNDHWM, BROADCAST_QUEUE)
-            self.broadcast_address = bound(pub, self.requested_broadcast)
-            bound_here.append(self.broadcast_address)
+            self.broadcast_address = self._bind(pub, self.requested_broadcast)
             self._new_instance()
             self.db.sync()
             # No callback runs while the database's notify lock is held (a
@@ -213,7 +211,7 @@ class BrokerServer(ServerSideChanges):
             self._stop_curve()
             self._context.term()
             self._context = None
-            self._remove_socket_files(bound_here)
+            self._release_bindings()
             raise
         self._running = True
         self._stopping = threading.Event()
@@ -282,16 +280,19 @@ class BrokerServer(ServerSideChanges):
         self._stop_curve()
         self._context.term()
         self._context = None
-        self._remove_socket_files([self.address, self.broadcast_address])
+        self._release_bindings()
 
-    def _remove_socket_files(self, addresses):
-        """Remove the files of the ipc:// endpoints among `addresses`, which
-        we bound (ZeroMQ builds differ in whether closing does; the one here
-        leaves them)."""
-        for address in addresses:
-            if address and address.startswith("ipc://") and not address.startswith("ipc://@"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(address[len("ipc://"):])
+    def _bind(self, sock, address):
+        binding = bind(sock, address)
+        self._bindings.append(binding)
+        return binding.endpoint
+
+    def _release_bindings(self):
+        """Give back the ipc:// paths bound, once their sockets are closed
+        (ZeroMQ builds differ in whether closing removes the file)."""
+        for binding in self._bindings:
+            binding.release()
+        self._bindings = []
 
     def _socket(self, kind):
         sock = self._context.socket(kind)

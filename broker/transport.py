@@ -12,9 +12,6 @@ Not thread-safe on its own: BrokerClient serializes every call.
 """
 
 import itertools
-import os
-import socket
-import stat
 import threading
 import time
 import weakref
@@ -67,46 +64,6 @@ def recv_frames(sock):
     return frames
 
 
-def bound(sock, address):
-    """Bind `sock` to `address`; return the endpoint it got (a "*" port chosen)."""
-    if type(address) is str and address.startswith("ipc://"):
-        _check_ipc_path_free(address)
-    try:
-        sock.bind(address)
-    except zmq.ZMQError as error:
-        raise AddressError("cannot bind %r: %s" % (address, error)) from None
-    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-
-
-def _check_ipc_path_free(address):
-    """AddressError unless binding ipc:// `address` harms nothing.
-
-    ZeroMQ binds an ipc:// path by first deleting whatever is there: a
-    database file named by mistake, or a running server's socket, whose
-    clients would then reach the new one (tcp:// refuses an address in use).
-    Only a socket file that nothing listens on, left by a crash, may go.
-    """
-    path = address[len("ipc://"):]
-    if path.startswith("@") or path == "*":
-        return  # Linux's abstract namespace, or a name ZeroMQ makes up: no file
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return  # nothing there (or nothing we can see: then the bind fails)
-    if not stat.S_ISSOCK(mode):
-        raise AddressError("cannot bind %r: %s exists and is not a socket (binding would "
-                           "delete it)" % (address, path))
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return  # no listener: a socket file left behind
-    finally:
-        probe.close()
-    raise AddressError("cannot bind %r: Address already in use (a server listens there)"
-                       % address)
-
-
 def connected(sock, address):
     """Connect `sock` to `address` (ZeroMQ connects in the background:
     only a malformed address fails here)."""
@@ -114,19 +71,6 @@ def connected(sock, address):
         sock.connect(address)
     except (zmq.ZMQError, TypeError) as error:
         raise AddressError("cannot connect to %r: %s" % (address, error)) from None
-
-
-def broadcast_address_for(address):
-    """The PUB endpoint a server at `address` binds unless told another."""
-    if type(address) is not str:
-        raise AddressError("an address is a str, not %r" % (address,))
-    if address.startswith("ipc://") or address.startswith("inproc://"):
-        return address + ".pub"
-    if address.startswith("tcp://"):
-        host = address[len("tcp://"):].rsplit(":", 1)[0]
-        return "tcp://%s:*" % host
-    raise AddressError("cannot derive a broadcast endpoint from %r; pass broadcast="
-                       % address)
 
 
 def reachable_broadcast(broadcast, address):

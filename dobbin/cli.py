@@ -97,7 +97,7 @@ def load_app(spec):
 def serve(args):
     from broker.exc import BrokerError
     from broker.server import BrokerServer
-    from broker.transport import broadcast_address_for
+    from broker.endpoints import broadcast_address_for
     from dobbin.database import Database
     from dobbin.exc import DobbinError
 

@@ -12,7 +12,7 @@ import transaction
 import zmq
 from zope.interface.verify import verifyObject
 
-from broker import exc, protocol
+from broker import endpoints, exc, protocol
 from broker import server as server_module
 from broker.client import BrokerClient
 from broker.changes import DELETED
@@ -1788,9 +1788,51 @@ def test_stopping_removes_its_ipc_socket_files(tmp_path):
     sockets = tmp_path / "sockets"
     sockets.mkdir()
     with served(db, address="ipc://%s/s.sock" % sockets):
-        assert sorted(os.listdir(sockets)) == ["s.sock", "s.sock.pub"]
+        assert sorted(os.listdir(sockets)) == ["s.sock", "s.sock.lock", "s.sock.pub",
+                                               "s.sock.pub.lock"]
     assert os.listdir(sockets) == []
     db.close()
+
+
+def test_of_two_servers_starting_at_once_on_one_ipc_path_one_serves_it(tmp_path, monkeypatch):
+    # Each saw nothing listening, then both bound: the second took the
+    # path (and the first one's clients), and stopping either removed the
+    # socket file the other still served.  The pause after the check
+    # makes the two starts overlap every time.
+    check = endpoints._check_ipc_path_free
+
+    def check_slowly(*args):
+        check(*args)
+        time.sleep(0.2)
+
+    monkeypatch.setattr(endpoints, "_check_ipc_path_free", check_slowly)
+    db = make_database(str(tmp_path / "d.dobbin"))
+    address = "ipc://%s/s.sock" % tmp_path
+    servers = [configure(TestServer(db, address=address)) for _ in range(2)]
+    started, refused = [], []
+
+    def start(server):
+        try:
+            started.append(server.start())
+        except exc.AddressError:
+            refused.append(server)
+
+    threads = [threading.Thread(target=start, args=(server,)) for server in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert (len(started), len(refused)) == (1, 1)
+        refused[0].stop()  # a server that did not start stops nothing of the other's
+        client = BrokerClient(address, timeout=TIMEOUT, retries=0)
+        assert client.root.item.name == "first"
+        client.close()
+    finally:
+        for server in started:
+            server.stop()
+        db.close()
+    assert [name for name in os.listdir(tmp_path) if name.startswith("s.sock")] == []
 
 
 def test_a_start_that_fails_removes_the_socket_files_it_made_and_no_others(tmp_path):
@@ -1803,12 +1845,13 @@ def test_a_start_that_fails_removes_the_socket_files_it_made_and_no_others(tmp_p
                             broadcast=tcp.broadcast_address)
         with pytest.raises(exc.AddressError, match="Address already in use"):
             second.start()
-        assert sorted(os.listdir(sockets)) == ["first.sock", "first.sock.pub"]
+        ours = ["first.sock", "first.sock.lock", "first.sock.pub", "first.sock.pub.lock"]
+        assert sorted(os.listdir(sockets)) == ours
         # A live server's socket is neither taken over nor removed.
         third = TestServer(db, address=first.address)
-        with pytest.raises(exc.AddressError, match="a server listens there"):
+        with pytest.raises(exc.AddressError, match="Address already in use"):
             third.start()
-        assert sorted(os.listdir(sockets)) == ["first.sock", "first.sock.pub"]
+        assert sorted(os.listdir(sockets)) == ours
         client = BrokerClient(first.address, timeout=TIMEOUT)
         assert client.root.item.name == "first"
         client.close()

@@ -11,7 +11,7 @@ from broker import protocol
 from broker.codec import Codec
 from broker.exc import AddressError, BrokerTimeout, ClientClosed, CurveKeyError, ProtocolError
 from broker.transport import (BROADCAST_QUEUE, MAX_SPIN, WAIT_SLICE, Connection, UseLock,
-                              bound, reachable_broadcast)
+                              reachable_broadcast)
 from broker_fixtures import run_python, wait_until
 
 codec = Codec()
@@ -272,72 +272,6 @@ def test_close_twice_is_harmless():
 def test_an_address_that_is_no_endpoint_is_an_address_error(address):
     with pytest.raises(AddressError, match="cannot connect to"):
         Connection(address, codec, timeout=0.1, retries=0)
-
-
-def test_binding_an_address_twice_is_an_address_error():
-    context = zmq.Context()
-    first, second = context.socket(zmq.ROUTER), context.socket(zmq.ROUTER)
-    try:
-        endpoint = bound(first, "tcp://127.0.0.1:*")
-        assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith("*")
-        with pytest.raises(AddressError, match="cannot bind .*in use"):
-            bound(second, endpoint)
-    finally:
-        first.close(0)
-        second.close(0)
-        context.term()
-
-
-def _listening(path):
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
-def test_binding_an_ipc_path_in_use_is_an_address_error_as_with_tcp(tmp_path):
-    # ZeroMQ itself would take the path over: the first socket's clients
-    # would reach the second.
-    context = zmq.Context()
-    first, second = context.socket(zmq.ROUTER), context.socket(zmq.ROUTER)
-    try:
-        endpoint = bound(first, "ipc://%s/s.sock" % tmp_path)
-        with pytest.raises(AddressError, match="cannot bind .*in use"):
-            bound(second, endpoint)
-        first.close(0)
-        # Once nothing listens (ZeroMQ closes in the background), the
-        # socket file left behind is replaced.
-        path = endpoint[len("ipc://"):]
-        assert wait_until(lambda: not _listening(path))
-        assert bound(second, endpoint) == endpoint
-    finally:
-        first.close(0)
-        second.close(0)
-        context.term()
-
-
-@pytest.mark.parametrize("name", ["data.dobbin", "a directory"])
-def test_binding_an_ipc_path_that_is_no_socket_leaves_it_alone(tmp_path, name):
-    # ZeroMQ deletes whatever is at the path: `dobbin serve data.dobbin
-    # --bind ipc://data.dobbin` deleted the database it served.
-    path = tmp_path / name
-    if name == "a directory":
-        path.mkdir()
-    else:
-        path.write_bytes(b"precious")
-    context = zmq.Context()
-    sock = context.socket(zmq.ROUTER)
-    try:
-        with pytest.raises(AddressError, match="exists and is not a socket"):
-            bound(sock, "ipc://%s" % path)
-    finally:
-        sock.close(0)
-        context.term()
-    assert path.is_dir() if name == "a directory" else path.read_bytes() == b"precious"
 
 
 @pytest.mark.parametrize("options, error, message", [
