@@ -131,6 +131,12 @@ _ENTRY_HEAD = struct.Struct("<c3sI")
 _ENTRY_TAIL = struct.Struct("<QQQQ")
 
 
+def entry_header(kind, oid, tid, previous, length, checked):
+    """The 40 bytes of an entry header, its crc over them and `checked` included."""
+    tail = _ENTRY_TAIL.pack(oid, tid, previous, length)
+    return _ENTRY_HEAD.pack(kind, b"\0\0\0", zlib.crc32(checked, zlib.crc32(tail))) + tail
+
+
 class StagedStream:
     """A stream's bytes already copied to their place in the file (see
     "Stored files: staged first" in docs/format.txt): only their length
@@ -146,6 +152,51 @@ class StagedStream:
         return self.size
 
 
+class StagedObjects:
+    """O entries already written in place, back to back (a big snapshot's,
+    see `dobbin.staging.stage_objects`): `size` bytes from `offset`,
+    their entry headers joined (the trailer crc covers them), and each
+    one's oid and data length, in order."""
+
+    __slots__ = ("offset", "size", "headers", "oids", "lengths")
+
+    def __init__(self, offset, size, headers, oids, lengths):
+        self.offset = offset
+        self.size = size
+        self.headers = headers
+        self.oids = oids
+        self.lengths = lengths
+
+    def __len__(self):
+        return len(self.oids)
+
+    def entries(self, tid):
+        """Their `Entry`s as read back (without the data), made one at a time."""
+        at = self.offset
+        for oid, length in zip(self.oids, self.lengths):
+            yield Entry(KIND_OBJECT, oid, tid, 0, at, length, None)
+            at += ENTRY_SIZE + length
+
+
+class LaidOutEntries:
+    """A record's entries as read back, where runs of staged O entries are
+    made only as they are iterated (a snapshot's millions of them)."""
+
+    def __init__(self, parts, tid):
+        self._parts = parts
+        self._tid = tid
+
+    def __iter__(self):
+        for part in self._parts:
+            if type(part) is StagedObjects:
+                yield from part.entries(self._tid)
+            else:
+                yield part
+
+    def __len__(self):
+        return sum(len(part) if type(part) is StagedObjects else 1 for part in self._parts)
+
+
 def record_header(status, lag, length, tid, oid_high, stamp, checkpoint, count):
     """The 56 bytes of a record header, its crc included."""
     head = TX_HEADER.pack(TX_MAGIC, status, lag.to_bytes(3, "little"), length, tid, oid_high,
@@ -158,17 +209,26 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
 
     Returns the segments to write, `(offset, buffers)` pairs in file
     order (small parts joined, large payloads kept as they are; the bytes
-    of a `StagedStream` are in place already, so the parts around them
-    form separate segments), the record's length, and its entries as read
-    back.
+    of a `StagedStream` or `StagedObjects` are in place already, so the
+    parts around them form separate segments), the record's length, and
+    its entries as read back.
     """
     parts = [None]
     segments = [(offset, parts)]
     position = offset + TX_HEADER_SIZE
     entry_headers = []
     laid_out = []
-    pack_head, pack_tail, crc32 = _ENTRY_HEAD.pack, _ENTRY_TAIL.pack, zlib.crc32
+    count = 0
     for entry in entries:
+        if type(entry) is StagedObjects:
+            entry_headers.append(entry.headers)
+            laid_out.append(entry)
+            count += len(entry)
+            position += entry.size
+            parts = []  # after the staged entries
+            segments.append((position, parts))
+            continue
+        count += 1
         kind = entry.kind
         oid = previous = 0
         if kind == KIND_OBJECT:
@@ -192,10 +252,9 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
         else:
             data = checked = json.dumps(entry.info, sort_keys=True).encode("utf-8")
         length = len(entry.data) + len(data[1]) if kind == KIND_STREAM else len(data)
-        tail = pack_tail(oid, tid, previous, length)
-        entry_header = pack_head(kind, b"\0\0\0", crc32(checked, crc32(tail))) + tail
-        entry_headers.append(entry_header)
-        parts.append(entry_header)
+        header = entry_header(kind, oid, tid, previous, length, checked)
+        entry_headers.append(header)
+        parts.append(header)
         if kind == KIND_STREAM and data[0] is None:
             parts = [data[1]]  # after the staged bytes
             segments.append((position + ENTRY_SIZE + len(entry.data), parts))
@@ -207,11 +266,13 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
                               data if kind in KEPT_KINDS else None))
         position += ENTRY_SIZE + length
     length = position + TRAILER_SIZE - offset
-    header = record_header(status, lag, length, tid, oid_high, stamp, checkpoint, len(entries))
+    header = record_header(status, lag, length, tid, oid_high, stamp, checkpoint, count)
     segments[0][1][0] = header
-    binding = crc32(b"".join(entry_headers), crc32(header))
+    binding = zlib.crc32(b"".join(entry_headers), zlib.crc32(header))
     parts.append(TRAILER.pack(binding, TRAILER_MAGIC, length))
-    return [(at, _coalesce(chunk)) for at, chunk in segments], length, laid_out
+    if count != len(laid_out):
+        laid_out = LaidOutEntries(laid_out, tid)
+    return [(at, _coalesce(chunk)) for at, chunk in segments if chunk], length, laid_out
 
 
 def header_last(segments):

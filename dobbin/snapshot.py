@@ -9,23 +9,27 @@ whole file back through a fresh reader and checks every checksum and
 the index.
 """
 
-import collections
+import array
 import os
 
 from dobbin.commit import Commit
-from dobbin.exc import CorruptionError, DobbinError, HistoryError, LockTimeoutError
+from dobbin.exc import CorruptionError, DobbinError, HistoryError, LoadError, LockTimeoutError
 from dobbin.log import Log
-from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, FILE_HEADER_SIZE, KIND_META,
-                           KIND_OBJECT, KIND_STREAM, TX_HEADER_SIZE, ObjectEntry, RootEntry,
-                           stream_entry_size)
+from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
+                           KIND_META, KIND_OBJECT, KIND_STREAM, TRAILER_SIZE, TX_HEADER_SIZE,
+                           ObjectEntry, RootEntry, stream_entry_size)
 from dobbin.recovery import INCOMPLETE
 from dobbin.meta import transaction_info
 from dobbin.serialize import StateWriter, load_state
+from dobbin.staging import stage_objects
 from dobbin.stream import PersistentStream, StreamSpan, copy_source
 
 # Small streams a snapshot holds in memory, at most, before it stages the
 # rest block by block like big ones (each staging costs a sync).
 HELD_STREAM_BYTES = 16 << 20
+# Pickled states a snapshot holds from measuring them to writing them, at
+# most; it reads and pickles the others again (see _Copier).
+HELD_STATE_BYTES = 32 << 20
 
 # How long verify() waits for a writer to finish the record it is writing.
 TAIL_WAIT = 1.0
@@ -83,64 +87,141 @@ def snapshot(source, target, until=None):
     if type(until) is not int or not 0 <= until <= source.last_tid:
         raise ValueError("until must be a transaction id from 0 to %d, not %r"
                          % (source.last_tid, until))
-    streams, stream_offsets, objects = [], {}, []
-    position = [FILE_HEADER_SIZE + TX_HEADER_SIZE]
-    held = [0]  # bytes of small streams held until the record is written
+    copier = _Copier(source, until)
+    copier.measure()
+    _write_snapshot(target, copier)
 
-    with source._state_lock:
-        root = source._index.root_oid(until)
-    # Only what the root reaches is copied (that is packing), breadth
-    # first: what one state refers to is laid out together.
-    reached = collections.deque(() if root is None else (root,))
-    seen = set(reached)
 
-    def reference(pid):
+class _OidSet:
+    """The oids a snapshot has reached: a bit each below `limit` (it may
+    reach millions), a set above (only a damaged file refers there)."""
+
+    def __init__(self, limit):
+        self._bits = bytearray(limit // 8 + 1)
+        self._others = set()
+
+    def add(self, oid):
+        """Add `oid`; return whether it was new."""
+        if oid < 8 * len(self._bits):
+            byte, bit = oid >> 3, 1 << (oid & 7)
+            if self._bits[byte] & bit:
+                return False
+            self._bits[byte] |= bit
+            return True
+        if oid in self._others:
+            return False
+        self._others.add(oid)
+        return True
+
+
+class _Copier:
+    """What a snapshot copies: the state, as of `until`, of every object
+    the root reaches (others are garbage: a snapshot packs), and the
+    streams they refer to.
+
+    Two passes, so that memory holds no more than HELD_STATE_BYTES of
+    states however big the database: `measure` walks the objects and
+    notes each one's oid and pickled size (enough to lay the record out),
+    then `states` gives them again, in the same order, for writing.
+    """
+
+    def __init__(self, source, until):
+        self.source = source
+        self.until = until
+        self.oid_high = source._log.oid_high
+        with source._state_lock:
+            self.root = source._index.root_oid(until)
+        self.oids, self.lengths = array.array("Q"), array.array("Q")
+        self.held, self.held_bytes = {}, 0  # states kept from measuring to writing
+        self.streams, self.stream_offsets = [], {}
+        self.position = FILE_HEADER_SIZE + TX_HEADER_SIZE  # where the next stream goes
+        self.held_stream_bytes = 0  # small streams held until the record is written
+        self._writer = StateWriter(self._rewrite)
+        self._reached = None  # during `measure`: the oids found, in the order found
+
+    def measure(self):
+        """The first pass, breadth first: what one state refers to is laid
+        out together."""
+        if self.root is None:
+            return
+        seen = _OidSet(self.oid_high)
+        seen.add(self.root)
+        self._reached = reached = array.array("Q", [self.root])
+        self._seen = seen
+        at = 0
+        while at < len(reached):
+            oid = reached[at]
+            at += 1
+            data = self._state(oid)
+            if data is None:
+                continue  # a dangling reference (only in a damaged file): it stays one
+            self.oids.append(oid)
+            self.lengths.append(len(data))
+            if self.held_bytes + len(data) <= HELD_STATE_BYTES:
+                self.held[oid] = data
+                self.held_bytes += len(data)
+        self._reached = self._seen = None
+
+    def states(self):
+        """The second pass: `(oid, data)` of every object measured, in order."""
+        for oid in self.oids:
+            data = self.held.pop(oid, None)
+            if data is None:
+                data = self._state(oid)
+            if data is None:
+                raise HistoryError("oid %d's state as of transaction %d is gone"
+                                   % (oid, self.until))
+            yield oid, data
+
+    def all_held(self):
+        return len(self.held) == len(self.oids)
+
+    def _state(self, oid):
+        """`oid`'s state as of `until`, pickled for the target; None if
+        no record has it."""
+        try:
+            _serial, data = version_data(self.source, oid, self.until)
+        except HistoryError:
+            return None
+        cls, state = load_state(data, self._reference, "of oid %d", oid)
+        return self._writer.dump(cls, state)
+
+    def _reference(self, pid):
         key, value = pid
         if key == "S":
             return _StreamReference(value)
-        if key not in seen:
-            seen.add(key)
-            reached.append(key)
+        if type(key) is not int or key < 0:
+            raise LoadError("a reference to %r, which is not an oid" % (key,))
+        if self._reached is not None and self._seen.add(key):
+            self._reached.append(key)
         return _Reference(key, value)
 
-    def rewrite(value):
+    def _rewrite(self, value):
         if type(value) is _Reference:
             return (value.oid, value.cls)
         if type(value) is _StreamReference:
             # Stream bytes are copied (large ones block by block when the
             # record is written): the target must not point into us.
-            if value.offset not in stream_offsets:
-                stream = PersistentStream(source, value.offset)
-                if held[0] + stream.size > HELD_STREAM_BYTES:
+            if value.offset not in self.stream_offsets:
+                stream = PersistentStream(self.source, value.offset)
+                if self.held_stream_bytes + stream.size > HELD_STREAM_BYTES:
                     data = StreamSpan(stream)  # staged: any number of files fit
                 else:
                     data = copy_source(stream)
                     if type(data) is bytes:
-                        held[0] += len(data)
-                stream_offsets[value.offset] = position[0]
-                position[0] += stream_entry_size(len(data))
-                streams.append(data)
-            return ("S", stream_offsets[value.offset])
+                        self.held_stream_bytes += len(data)
+                self.stream_offsets[value.offset] = self.position
+                self.position += stream_entry_size(len(data))
+                self.streams.append(data)
+            return ("S", self.stream_offsets[value.offset])
         return None
 
-    writer = StateWriter(rewrite)
-    while reached:
-        oid = reached.popleft()
-        try:
-            _serial, data = version_data(source, oid, until)
-        except HistoryError:
-            continue  # a dangling reference (only in a damaged file): it stays one
-        cls, state = load_state(data, reference, "of oid %d", oid)
-        objects.append(ObjectEntry(oid, 0, writer.dump(cls, state)))
-    if root is not None:
-        objects.append(RootEntry(root))
-    _write_snapshot(target, streams, objects, source._log.oid_high)
 
-
-def _write_snapshot(target, streams, entries, oid_high):
-    """Write a snapshot's one record into `target`: `streams` (bytes, or
-    spans staged block by block), laid out first in this order, then the
-    other `entries`."""
+def _write_snapshot(target, copier):
+    """Write a snapshot's one record into `target`: the streams first, in
+    the order `copier` laid them out, then the objects, then the root.
+    Objects that `copier` could not all hold are staged (written in place
+    behind a staging header) before the record itself."""
     target._check_writable()
     target._lock.acquire()
     commit = None
@@ -152,10 +233,21 @@ def _write_snapshot(target, streams, entries, oid_high):
             # The snapshot laid its streams out from the file header on.
             if target._log.last_tid or target._log.end != FILE_HEADER_SIZE:
                 raise DobbinError("the snapshot target %s is not empty" % target.path)
-            commit = Commit(0, target._log.end, oid_high)
-            for number, data in enumerate(streams):
-                commit.add_stream(number, data, None, target._log)
-            record = target._log.append(COMMITTED, oid_high, commit.streams + entries)
+            log, oid_high = target._log, copier.oid_high
+            commit = Commit(0, log.end, oid_high)
+            for number, data in enumerate(copier.streams):
+                commit.add_stream(number, data, None, log)
+            root = [] if copier.root is None else [RootEntry(copier.root)]
+            if copier.all_held():
+                objects = [ObjectEntry(oid, 0, data) for oid, data in copier.states()]
+            else:
+                commit.staged = True
+                end = (commit.streams_end + ENTRY_SIZE * len(copier.oids) + sum(copier.lengths)
+                       + ENTRY_SIZE * len(root) + TRAILER_SIZE)
+                count = len(commit.streams) + len(copier.oids) + len(root)
+                objects = [stage_objects(log, log.end, commit.streams_end, copier.lengths,
+                                         end - log.end, count, oid_high, copier.states())]
+            record = log.append(COMMITTED, oid_high, commit.streams + objects + root)
             commit.published = True
             target._apply(record)
             # Else every open of a big snapshot would replay all of it.

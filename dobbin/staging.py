@@ -17,15 +17,20 @@ should not be: the staged bytes mean nothing until their record's
 trailer is written and synced.
 """
 
+import array
 import os
 import threading
 import time
 
-from dobbin.record import (COMMITTED, ENTRY_SIZE, TRAILER_SIZE, StagedStream, chunk_table,
-                           record_header, stream_entry_size)
+from dobbin.exc import DobbinError
+from dobbin.record import (COMMITTED, ENTRY_SIZE, KIND_OBJECT, TRAILER_SIZE, StagedObjects,
+                           StagedStream, chunk_table, entry_header, record_header,
+                           stream_entry_size)
 
 # Early syncs start after this many bytes written since the last one.
 EVERY = 8 * 1024 * 1024
+# Staged object entries are written in pieces of about this size.
+PIECE = 1024 * 1024
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
@@ -67,6 +72,60 @@ def stage(log, record_offset, entry_offset, source, oid_high, count):
         unstage(log, record_offset)
         raise
     return StagedStream(len(source), b"".join(tables))
+
+
+def stage_objects(log, record_offset, at, planned, length, count, oid_high, states):
+    """Write O entries back to back from `at` in the record coming at
+    `record_offset` of `log`, behind a synced staging header; return
+    them as `StagedObjects`.
+
+    `states` yields `(oid, data)`; `planned` is the data lengths they
+    were measured at, in order, and the record will be `length` bytes of
+    `count` entries in all (a snapshot measures first, so that the
+    staging header can cover them: see docs/format.txt).  A state that
+    differs from its measure fails the copy; failures are cut back as in
+    `stage`.
+    """
+    log._check_writable()
+    log.claim(record_offset, length)
+    tid = log.last_tid + 1
+    header = record_header(COMMITTED, 0, length, tid, oid_high, time.time_ns(), log.checkpoint,
+                           count)
+    start, headers, oids = at, bytearray(), array.array("Q")
+    early = EarlySync(log.path, EVERY if log.durability == "fsync" else None)
+    try:
+        log._write(header, record_offset)
+        log._exclusive_sync()  # no staged byte may reach the disk without it
+        try:
+            piece = bytearray()
+            for (oid, data), size in zip(states, planned):
+                if len(data) != size:
+                    raise DobbinError("oid %d's state measured %d bytes and came to %d: "
+                                      "nothing was written" % (oid, size, len(data)))
+                head = entry_header(KIND_OBJECT, oid, tid, 0, size, data)
+                headers += head
+                oids.append(oid)
+                piece += head
+                piece += data
+                if len(piece) >= PIECE:
+                    log._write(piece, at)
+                    at += len(piece)
+                    early.wrote(len(piece))
+                    piece = bytearray()
+            if piece:
+                log._write(piece, at)
+                at += len(piece)
+            if len(oids) != len(planned):
+                raise DobbinError("%d states came of the %d measured: nothing was written"
+                                  % (len(oids), len(planned)))
+        finally:
+            early.finish()  # no sync of ours may outlive the copy
+    except OSError as error:
+        log._fail(error, record_offset)
+    except BaseException:
+        unstage(log, record_offset)
+        raise
+    return StagedObjects(start, at - start, bytes(headers), oids, planned)
 
 
 def unstage(log, record_offset):

@@ -1,17 +1,21 @@
-"""dobbin.snapshot: verify beside live writers, and versions read back
-through their chain of previous offsets."""
+"""dobbin.snapshot: verify beside live writers, versions read back through
+their chain of previous offsets, and snapshots bigger than what they hold."""
 
+import io
+import os
 import subprocess
 import sys
+import tracemalloc
 
 import pytest
 import transaction
 
 from conftest import child_env
+from dobbin import snapshot as snapshot_module
 from dobbin.database import Database
 from dobbin.exc import CorruptionError, DobbinError
-from dobbin.log import COMMITTED, TX_HEADER_SIZE, Log, ObjectEntry
-from dobbin.persistent import PersistentDict, checkout
+from dobbin.log import COMMITTED, FILE_HEADER_SIZE, TX_HEADER_SIZE, Log, ObjectEntry
+from dobbin.persistent import PersistentDict, PersistentFile, checkout
 
 
 def test_verify_is_sound_when_a_commit_lands_after_it_read_the_log(
@@ -131,3 +135,98 @@ def test_a_snapshot_into_another_handle_on_the_source_file_is_refused(open_db, d
     assert source.last_tid == 0 and same_file.last_tid == 0
     with pytest.raises(TypeError, match="another, empty Database"):
         source.snapshot(source)
+
+
+# -- a snapshot bigger than the states it may hold -----------------------------------------------
+
+def _many_objects(db, count=3000, size=1024):
+    """A root list of `count` dicts of about `size` bytes each, a stream
+    among them; return each one's oid and contents."""
+    db.elect(PersistentDict(items=[PersistentDict(n=n, text=str(n).rjust(size, "x"))
+                                   for n in range(count)],
+                            stream=PersistentFile(io.BytesIO(b"streamed" * 1000))))
+    transaction.commit()
+    return {item._p_oid: dict(item) for item in db.root["items"]}
+
+
+def test_a_snapshot_holds_a_bounded_amount_of_states_and_stages_the_rest(
+        open_db, tmp_path, monkeypatch):
+    # Every state was held (twice: entries, then the record laid out)
+    # until the one record was written: a database bigger than memory
+    # could not be packed.
+    monkeypatch.setattr(snapshot_module, "HELD_STATE_BYTES", 64 << 10)
+    db = open_db(durability="none")
+    expected = _many_objects(db, size=4096)  # 12 MiB of states
+    target = open_db(str(tmp_path / "target.dobbin"))
+    tracemalloc.start()
+    try:
+        db.snapshot(target)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, "%d bytes held at once" % peak
+    target.close()
+    target = open_db(target.path)
+    assert target.tx_count == 1 and target.verify()["ok"]
+    assert {item._p_oid: dict(item) for item in target.root["items"]} == expected
+    assert b"".join(target.root["stream"]) == b"streamed" * 1000
+    assert target.root._p_oid == db.root._p_oid and len(target) == len(db)
+
+
+def test_a_state_that_pickles_otherwise_the_second_time_fails_the_snapshot_cleanly(
+        open_db, tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot_module, "HELD_STATE_BYTES", 0)
+    db = open_db(durability="none")
+    _many_objects(db, count=50)
+    state = snapshot_module._Copier._state
+    measured = set()
+
+    def another_state_the_second_time(copier, oid):
+        data = state(copier, oid)
+        if oid in measured and oid % 7 == 0:
+            return data + b"."
+        measured.add(oid)
+        return data
+
+    monkeypatch.setattr(snapshot_module._Copier, "_state", another_state_the_second_time)
+    target = open_db(str(tmp_path / "target.dobbin"))
+    with pytest.raises(DobbinError, match="measured .* bytes and came to"):
+        db.snapshot(target)
+    monkeypatch.undo()
+    assert target.tx_count == 0 and os.path.getsize(target.path) == FILE_HEADER_SIZE
+    db.snapshot(target)  # the target is still an empty database
+    assert target.tx_count == 1 and target.verify()["ok"]
+
+
+CRASHED_WHILE_STAGING_OBJECTS = """
+import os, sys
+import dobbin.snapshot, dobbin.staging
+from dobbin.database import Database
+from dobbin.log import Log
+dobbin.snapshot.HELD_STATE_BYTES = 0
+dobbin.staging.PIECE = 4096
+write = Log._write
+pieces = []
+def die_after_some_pieces(log, buffers, offset):
+    pieces.append(offset)
+    if len(pieces) == 6:  # the staging header and 4 pieces are written
+        os._exit(0)
+    write(log, buffers, offset)
+Log._write = die_after_some_pieces
+Database(sys.argv[1]).snapshot(Database(sys.argv[2]))
+"""
+
+
+def test_a_crash_while_staging_objects_leaves_the_target_empty(open_db, tmp_path):
+    source = open_db(durability="none")
+    expected = _many_objects(source, count=200)
+    source.close()
+    target_path = str(tmp_path / "target.dobbin")
+    subprocess.run([sys.executable, "-c", CRASHED_WHILE_STAGING_OBJECTS, source.path,
+                    target_path], check=True, env=child_env(), timeout=60)
+    assert os.path.getsize(target_path) > FILE_HEADER_SIZE + 4 * 4096
+    target = open_db(target_path)
+    assert target.root is None and target.tx_count == 0 and target.verify()["ok"]
+    assert target.recovery is not None  # the staged tail was cut back, and kept aside
+    open_db(source.path).snapshot(target)
+    assert {item._p_oid: dict(item) for item in target.root["items"]} == expected
