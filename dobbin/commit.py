@@ -11,18 +11,22 @@ writes its one record through a `Commit` too.
 
 import collections
 import copy
+import datetime
+import decimal
+import fractions
 import gc
 import logging
 import os
 import threading
+import uuid
 
 from dobbin import staging
 from dobbin.exc import (ConflictError, DobbinError, LoadError, ReadConflictError,
-                        WriteConflictError)
+                        UnstorableError, WriteConflictError)
 from dobbin.persistent import Persistent, _set_jar, _set_oid, committed_state
 from dobbin.record import (ENTRY_SIZE, TRAILER_SIZE, TX_HEADER_SIZE, ObjectEntry, StreamEntry,
                            stream_entry_size)
-from dobbin.serialize import PLAIN_TYPES
+from dobbin.serialize import PLAIN_TYPES, load_state
 from dobbin.session import KeepPersistent, copy_state, named
 from dobbin.stream import (FileSpan, PersistentFile, PersistentStream, StreamSpan,
                            copy_source)
@@ -30,6 +34,11 @@ from dobbin.stream import (FileSpan, PersistentFile, PersistentStream, StreamSpa
 # A commit storing this many objects pauses the cyclic GC until its
 # states are installed.
 BIG_COMMIT = 1000
+
+# Types (beside PLAIN_TYPES) whose values always load back as pickled:
+# a state holding other values is loaded back once before it is stored.
+LOADS_BACK = frozenset((datetime.datetime, datetime.date, datetime.time, datetime.timedelta,
+                        datetime.timezone, decimal.Decimal, fractions.Fraction, uuid.UUID))
 
 logger = logging.getLogger("dobbin")
 
@@ -132,8 +141,12 @@ class Commit:
             # shared state may be stale, or not loaded at all.
             enqueue(root)
 
+        references = {}  # of the state being pickled: what each id stands for
+        reduced = []  # values of it pickled by their own reduce (see _check_loads_back)
+
         def persistent_id(value):
-            if type(value) in PLAIN_TYPES:
+            kind = type(value)
+            if kind in PLAIN_TYPES:
                 return None
             if isinstance(value, Persistent):
                 jar = _jar_of(value)
@@ -147,9 +160,14 @@ class Commit:
                 if oid is None:
                     oid = self._assign_oid(value)
                     enqueue(value)
-                return (oid, type(value))
+                references[oid] = value
+                return (oid, kind)
             if isinstance(value, (PersistentFile, PersistentStream)):
-                return ("S", self._stream_offset(value, obj, database, log))
+                pid = ("S", self._stream_offset(value, obj, database, log))
+                references[pid] = value
+                return pid
+            if kind not in LOADS_BACK:
+                reduced.append(value)
             return None
 
         writer.reference_id = persistent_id
@@ -161,6 +179,10 @@ class Commit:
                     oid = self._assign_oid(obj)
                 state = session.working_state(obj)
                 data = writer.dump(type(obj), state)
+                if reduced:
+                    reduced.clear()
+                    _check_loads_back(obj, data, references)
+                references.clear()
                 entry = ObjectEntry(oid, index.offset_of(oid), data)
                 self.stored.append((obj, state, entry))
                 if len(self.stored) == BIG_COMMIT:
@@ -307,6 +329,27 @@ class Commit:
         if self.collector_paused:
             self.collector_paused = False
             gc_paused.__exit__()
+
+
+def _check_loads_back(obj, data, references):
+    """UnstorableError unless the record `data` of `obj` loads back.
+
+    A value may pickle and yet not load: an exception whose __init__
+    takes other arguments than it passes on, a __reduce__ that names the
+    wrong function.  Stored, it would make its object unloadable after a
+    restart, and with the root every object.  `references` maps the oids
+    and stream ids in `data` to the objects they stand for, given back as
+    they are.
+    """
+    def referenced(pid):
+        return references[pid if pid[0] == "S" else pid[0]]
+
+    try:
+        load_state(data, referenced, "of %s", named(obj))
+    except LoadError as error:
+        cause = error.__cause__ or error
+        raise UnstorableError("cannot store %s: its state would not load back (%s: %s)"
+                              % (named(obj), type(cause).__name__, message_of(cause))) from error
 
 
 def message_of(error):

@@ -28,7 +28,7 @@ from dobbin.record import (CHECKPOINT, COMMITTED, FAILED, KIND_OBJECT, KIND_ROOT
 from dobbin.recovery import INCOMPLETE
 from dobbin.meta import meta_entry, recent_transactions
 from dobbin.notify import Notifier
-from dobbin.persistent import Persistent, _set_oid, ghost_oid, new_ghost
+from dobbin.persistent import Persistent, _set_jar, _set_oid, ghost_oid, new_ghost
 from dobbin.serialize import StateWriter, load_state
 from dobbin.commit import Commit, message_of
 from dobbin.session import (Synchronizer, copy_state, current_session, note_root_seen,
@@ -581,7 +581,7 @@ class Database:
             for obj in commit.new:
                 _set_oid(obj, None)
             for obj in commit.adopted:
-                obj._p_jar = None
+                _set_jar(obj, None)
         if commit.locked:
             commit.unstage(self._log)
             commit.locked = False

@@ -249,12 +249,11 @@ class Persistent:
                 if name in _dunders_of(type(self)):
                     _refuse_class_name(self, name)
             elif name[:3] == "_p_":
-                if name in _SETTABLE_SLOTS:
-                    return _object_setattr(self, name, value)
-                if name == "_p_oid":
-                    # A stored object under another oid would write records
-                    # the next open calls corrupt.
-                    raise AttributeError("_p_oid is set by the database only")
+                if name in _SLOTS:
+                    # Another oid: records the next open calls corrupt;
+                    # another jar: a reference to whatever object has the
+                    # same oid there; and so on.
+                    raise AttributeError("%s is set by the database only" % name)
                 if name == "_p_changed":
                     # ZODB's way to save a change made in place.  A
                     # checked-out object is stored whole anyway; any other
@@ -324,10 +323,8 @@ class Persistent:
         raise TypeError("persistent objects are stored by the database, not pickled directly")
 
 
-# The _p_ slots that Dobbin's own code sets by assignment (_p_oid is set
-# through _set_oid only).
-_SETTABLE_SLOTS = frozenset(("_p_jar", "_p_serial", "_p_ghost", "_p_local", "_p_init",
-                             "_p_size"))
+# The _p_ slots: Dobbin's code sets them through their setters (below).
+_SLOTS = frozenset(name for name in Persistent.__slots__ if name[:3] == "_p_")
 
 # The slots' own getters and setters: much cheaper than object's generic
 # getattr and setattr, which look the name up first.

@@ -94,9 +94,10 @@ class StateWriter:
         except DobbinError:
             self._renew(self._pickler.reference_id)  # its memo may have grown all the same
             raise  # from the reference hook: already says what is wrong
-        except (pickle.PicklingError, AttributeError, TypeError, RecursionError) as error:
+        except Exception as error:  # pickle's own, or raised by a value's __reduce__
             self._renew(self._pickler.reference_id)
-            raise UnstorableError("cannot store a %s: %s" % (cls.__name__, error)) from error
+            raise UnstorableError("cannot store a %s: %s: %s"
+                                  % (cls.__name__, type(error).__name__, error)) from error
         data = buffer.getvalue()
         if len(data) > RENEW_AFTER:
             self._renew(self._pickler.reference_id)  # the buffer's room goes too

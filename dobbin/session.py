@@ -86,6 +86,9 @@ def copy_state(state):
                 except RecursionError:
                     raise DobbinError("the value of %r nests too deeply to be copied here "
                                       "(Python's recursion limit)" % (name,)) from None
+                except Exception as error:  # a value's own __deepcopy__ or __reduce__
+                    raise DobbinError("the value of %r cannot be copied: %s: %s"
+                                      % (name, type(error).__name__, error)) from error
         copied[name] = copy_
     return copied
 
@@ -267,7 +270,7 @@ class Session:
         self.root_seen.setdefault(database, seen)
         before = self.elected.get(database)
         if obj._p_jar is None:
-            obj._p_jar = database
+            object.__setattr__(obj, "_p_jar", database)  # the slot: __setattr__ refuses
             self._adopted.append(obj)
         self.elected[database] = obj
         if before is not None and before is not obj:
@@ -456,7 +459,7 @@ class Session:
             if id(obj) in elected:
                 kept.append(obj)
             elif obj._p_oid is None:
-                obj._p_jar = None
+                object.__setattr__(obj, "_p_jar", None)
         self._adopted = kept
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from dobbin.cache import ObjectCache, state_cost
 from dobbin.database import Database
-from dobbin.persistent import Persistent, new_ghost
+from dobbin.persistent import Persistent, _set_local, new_ghost
 
 
 class Thing(Persistent):
@@ -98,7 +98,7 @@ def test_the_newest_state_stays_even_if_it_outgrows_the_bound():
 def test_checked_out_states_are_spared_and_become_the_newest():
     cache = ObjectCache(2 * state_cost(10))
     first = loaded(cache, 1)
-    first._p_local = {"a thread": {"n": 1}}
+    _set_local(first, {"a thread": {"n": 1}})
     for oid in range(2, 5):
         loaded(cache, oid)
     assert not first._p_ghost
@@ -111,13 +111,13 @@ def test_a_cache_full_of_checked_out_states_is_not_rescanned_on_every_install():
     pinned = []
     for oid in range(1, 18):  # the 17th install finds nothing to evict
         obj = loaded(cache, oid)
-        obj._p_local = {"a thread": {}}
+        _set_local(obj, {"a thread": {}})
         pinned.append(obj)
     order = list(cache.loaded)
     loaded(cache, 18)  # an eighth of the bound has not been added since
     assert list(cache.loaded) == order + [18], "no second pass over the pinned states"
     for obj in pinned:
-        obj._p_local = None
+        _set_local(obj, None)
     loaded(cache, 19)
     loaded(cache, 20)  # past the eighth: evicts what is no longer checked out
     assert cache.loaded_bytes <= cache.cache_size
@@ -133,12 +133,12 @@ def test_checked_out_states_far_past_a_tiny_bound_are_rescanned_rarely(monkeypat
     pinned = []
     for oid in range(1, 2001):
         obj = loaded(cache, oid)
-        obj._p_local = {"a thread": {}}
+        _set_local(obj, {"a thread": {}})
         pinned.append(obj)
     assert len(cache.loaded) == 2000
     assert len(passes) < 100  # geometric: about log(2000) / log(9/8) passes
     for obj in pinned:
-        obj._p_local = None
+        _set_local(obj, None)
     loaded(cache, 3000, size=cache.loaded_bytes)  # past the next eighth
     assert list(cache.loaded) == [3000]
 

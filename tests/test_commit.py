@@ -1,7 +1,10 @@
 """Tests of dobbin.commit: a big commit pauses the cyclic GC while it holds
 the commit lock, a small one never does, and pauses nest across threads;
-streams are laid out first in the record."""
+streams are laid out first in the record; a state that would not load
+back is not stored."""
 
+import datetime
+import decimal
 import gc
 import os
 import threading
@@ -10,9 +13,10 @@ import warnings
 import pytest
 import transaction
 
+from dobbin import commit as commit_module
 from dobbin.commit import BIG_COMMIT, Commit, gc_paused
-from dobbin.exc import ObjectGraphError
-from dobbin.persistent import Persistent, checkout
+from dobbin.exc import ObjectGraphError, UnstorableError
+from dobbin.persistent import Persistent, PersistentDict, checkout
 from dobbin.record import TX_HEADER_SIZE, stream_entry_size
 
 
@@ -160,3 +164,71 @@ def test_the_claimed_length_is_the_length_of_the_record_written(open_db, monkeyp
     transaction.commit()
     [(offset, length)] = claimed
     assert db._log.end == offset + length
+
+
+# -- a state must load back ------------------------------------------------------------------
+
+class CodedError(Exception):
+    """Pickles (BaseException keeps only the message in args) but does not
+    load: its __init__ wants two arguments.  A classic."""
+
+    def __init__(self, code, detail):
+        super().__init__("code %s" % code)
+        self.code = code
+        self.detail = detail
+
+
+class Holder:
+    """A plain object that holds a persistent one, rebuilt by its own reduce."""
+
+    def __init__(self, held):
+        self.held = held
+
+    def __reduce__(self):
+        return Holder, (self.held,)
+
+
+def test_a_state_that_would_not_load_back_is_not_stored(open_db, db_path):
+    # It was: the object could no longer be checked out (a stray TypeError
+    # from copying it), and after a restart the root failed to load, and
+    # with it every object of the database.
+    db = open_db()
+    db.elect(PersistentDict(users=1))
+    transaction.commit()
+    before = db.tx_count
+    checkout(db.root)
+    db.root["last_error"] = CodedError(42, "disk full")
+    with pytest.raises(UnstorableError, match="would not load back .*TypeError: .*detail"):
+        transaction.commit()
+    transaction.abort()
+    assert db.tx_count == before + 1  # the failed commit is recorded
+    checkout(db.root)
+    db.root["users"] = 2
+    transaction.commit()
+    db.close()
+    db = open_db(db_path)
+    assert dict(db.root) == {"users": 2}
+
+
+def test_values_rebuilt_by_their_reduce_are_loaded_back_with_their_references(
+        open_db, monkeypatch):
+    checked = []
+    check = commit_module._check_loads_back
+
+    def counted(obj, data, references):
+        checked.append(obj)
+        return check(obj, data, references)
+
+    monkeypatch.setattr(commit_module, "_check_loads_back", counted)
+    db = open_db()
+    child = PersistentDict(n=1)
+    db.elect(PersistentDict(holder=Holder(child), child=child))
+    transaction.commit()
+    assert checked == [db.root]  # the child holds only plain values
+    checkout(db.root)
+    db.root["when"] = datetime.datetime(2026, 11, 23, tzinfo=datetime.timezone.utc)
+    db.root["amount"] = decimal.Decimal("1.10")
+    del db.root["holder"]
+    transaction.commit()
+    assert checked == [db.root]  # values of types that always load back: no check
+    assert db.load_state(db.root._p_oid)[1]["_data"]["amount"] == decimal.Decimal("1.10")

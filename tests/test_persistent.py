@@ -10,7 +10,7 @@ import pytest
 import transaction
 
 from dobbin.database import Database
-from dobbin.exc import ReadOnlyError
+from dobbin.exc import DobbinError, ReadOnlyError
 from dobbin.persistent import Persistent, PersistentDict, checked_out, checkout, state_of
 
 READ_ONLY = "Can't set attribute in read-only mode."
@@ -101,8 +101,25 @@ def test_the_oid_is_the_databases_to_set(open_db):
         with pytest.raises(AttributeError, match="_p_oid is set by the database only"):
             obj._p_oid = 999
     assert root._p_oid == 1
-    checkout(root)
-    root._p_local = root._p_local  # other _p_ attributes stay settable
+
+
+@pytest.mark.parametrize("name", ["_p_jar", "_p_serial", "_p_ghost", "_p_local", "_p_init",
+                                  "_p_size"])
+def test_the_other_p_slots_are_the_databases_to_set_too(open_db, tmp_path, name):
+    # `item._p_jar = other_db` was taken: storing the item there then wrote
+    # a reference to whatever object of the other database had its oid.
+    db = open_db()
+    db.elect(PersistentDict(item=PersistentDict(name="item")))
+    transaction.commit()
+    item = db.root["item"]
+    other = open_db(str(tmp_path / "other.dobbin"))
+    value = other if name == "_p_jar" else getattr(item, name)
+    with pytest.raises(AttributeError, match="%s is set by the database only" % name):
+        setattr(item, name, value)
+    assert item._p_jar is db
+    other.elect(PersistentDict(moved=item))
+    with pytest.raises(DobbinError, match="another database"):
+        transaction.commit()
     transaction.abort()
 
 

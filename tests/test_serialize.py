@@ -229,3 +229,15 @@ def test_a_state_nested_past_the_recursion_limit_is_unstorable():
         value = [value]
     with pytest.raises(UnstorableError, match="cannot store a Persistent"):
         StateWriter(ref_id).dump(Persistent, {"deep": value})
+
+
+class RefusesToPickle:
+    def __reduce__(self):
+        raise ValueError("holds a live connection")
+
+
+def test_a_value_whose_reduce_raises_is_unstorable_naming_the_class():
+    # Its own ValueError came out of commit(), naming neither the value
+    # nor the object being stored.
+    with pytest.raises(UnstorableError, match="cannot store a Persistent: ValueError: holds"):
+        StateWriter(ref_id).dump(Persistent, {"connection": RefusesToPickle()})

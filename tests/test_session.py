@@ -543,6 +543,20 @@ def test_a_state_nested_past_the_recursion_limit_fails_to_copy_clearly():
         copy_state({"nested": nested})
 
 
+class Uncopyable:
+    def __deepcopy__(self, memo):
+        raise ValueError("not today")
+
+
+def test_a_value_that_fails_to_copy_fails_the_checkout_clearly():
+    # Its own exception came out of checkout() (a TypeError from copy's
+    # internals for a value whose reduce does not fit its __init__).
+    from dobbin.session import copy_state
+
+    with pytest.raises(DobbinError, match="'odd' cannot be copied: ValueError: not today"):
+        copy_state({"odd": [Uncopyable()]})
+
+
 def test_a_failed_write_to_one_database_lets_the_others_of_the_transaction_go(
         tmp_path, open_db, monkeypatch):
     first, second = two_databases(open_db, tmp_path)
