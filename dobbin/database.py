@@ -31,8 +31,8 @@ from dobbin.notify import Notifier
 from dobbin.persistent import Persistent, _set_jar, _set_oid, ghost_oid, new_ghost
 from dobbin.serialize import StateWriter, load_state
 from dobbin.commit import Commit, message_of
-from dobbin.session import (Synchronizer, copy_state, current_session, note_root_seen,
-                            root_seen)
+from dobbin.session import (Synchronizer, copy_state, current_session, named,
+                            note_root_seen, root_seen)
 from dobbin.snapshot import ROOTLESS, snapshot, verify, version_data
 from dobbin.stream import PersistentFile, PersistentStream
 
@@ -213,7 +213,8 @@ class Database:
         if not isinstance(obj, Persistent):
             raise TypeError("the root must be a persistent object, not %r" % type(obj).__name__)
         if obj._p_jar is not None and obj._p_jar is not self:
-            raise DobbinError("%r belongs to another database" % (obj,))
+            raise DobbinError("%s belongs to another database (%s)" % (named(obj),
+                                                                      obj._p_jar.path))
         self._check_writable()
         self._register_thread()
         with self._state_lock:
@@ -298,6 +299,10 @@ class Database:
 
     def load_state(self, oid, tid=None):
         check_oid(oid)
+        if tid is not None and type(tid) is not int:
+            raise TypeError("tid is a transaction id (an int) or None, not %r" % (tid,))
+        if tid is not None and tid < 0:
+            raise ValueError("a transaction id is never negative, not %d" % tid)
         self._register_thread()
         with self._state_lock:
             # A loaded state is the newest version, right for any snapshot

@@ -47,13 +47,15 @@ def flock_within(fd, kind, timeout, purpose):
 
 
 def checked_timeout(timeout):
-    """`timeout`, a finite number of seconds >= 0; TypeError or ValueError otherwise."""
+    """`timeout`, a finite number of seconds >= 0, at most
+    threading.TIMEOUT_MAX (about 292 years: a longer one, a way to say
+    "for ever", is cut to it); TypeError or ValueError otherwise."""
     if type(timeout) not in (int, float):
         raise TypeError("the lock timeout is a number of seconds, not %r" % (timeout,))
     if not 0 <= timeout < float("inf"):
         raise ValueError("the lock timeout must be from 0 to a finite number of seconds, "
                          "not %r" % (timeout,))
-    return timeout
+    return min(timeout, threading.TIMEOUT_MAX)
 
 
 @implementer(IWriteLock)

@@ -3,7 +3,7 @@ new file size to make durable (see docs/format.txt, "Reserved space after the re
 
 `ReservedSpace` is the part of `dobbin.log.Log` that allocates that space
 and gives it back; it uses the log's `fd`, `path`, `end`, `read_only`,
-`broken`, `size()`, `_peek()` and `_records_kept()`.  Readers treat the zeros after the
+`broken`, `size()`, `_peek()`, `_records_kept()` and `_check_writable()`.  Readers treat the zeros after the
 records as the end of the file.
 """
 
@@ -44,6 +44,7 @@ class ReservedSpace:
         """Allocate the disk space of a record before its commit votes yes, so
         that a full disk fails the vote, not the finish (where the file
         system can't allocate ahead, nothing is promised)."""
+        self._check_writable()  # closed by the committing thread itself, say
         try:
             self._allocated(offset, length, look=True)
         except OSError as error:

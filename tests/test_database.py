@@ -1086,6 +1086,46 @@ def test_reference_to_object_of_another_database_raises_dobbin_error(open_db, tm
     assert root.items == []
 
 
+def test_electing_a_ghost_of_a_closed_database_names_it_without_loading_it(open_db, tmp_path):
+    # The message was built with repr(): a ghost of a closed database said
+    # "... is closed" instead, and a big mapping's message held every item.
+    _other, foreign = new_container_db(open_db, str(tmp_path / "other.dobbin"))
+    _other.close()
+    other = open_db(_other.path)
+    ghost = other.get(foreign._p_oid)
+    other.close()
+    db = open_db()
+    with pytest.raises(DobbinError, match=r"\(oid %d\) belongs to another database \(.*other"
+                       % ghost._p_oid):
+        db.elect(ghost)
+
+
+def test_closing_a_database_inside_its_own_commit_fails_the_commit_as_closed(open_db):
+    # Another data manager of the transaction closed it: the vote raised a
+    # TypeError from os.lseek(None, ...).
+    db = open_db()
+    db.elect(PersistentDict())
+    transaction.commit()
+
+    class Closer:
+        transaction_manager = transaction.manager
+
+        def sortKey(self):
+            return "~ after dobbin"
+
+        def tpc_begin(self, txn):
+            db.close()
+
+        commit = tpc_vote = tpc_finish = tpc_abort = abort = lambda self, txn: None
+
+    checkout(db.root)
+    db.root["x"] = 1
+    transaction.get().join(Closer())
+    with pytest.raises(ReadOnlyError, match="is closed"):
+        transaction.commit()
+    transaction.abort()
+
+
 def test_bogus_durability_raises_value_error(db_path):
     with pytest.raises(ValueError, match="durability"):
         Database(db_path, durability="bogus")
@@ -1099,6 +1139,14 @@ def test_a_wrong_lock_timeout_is_refused_before_the_file_is_opened(db_path, time
     with pytest.raises(error, match="lock timeout"):
         Database(db_path, lock_timeout=timeout)
     assert not os.path.exists(db_path)
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_lock_timeout_past_what_threading_can_wait_opens_and_closes(db_path, read_only):
+    Database(db_path).close()
+    db = Database(db_path, lock_timeout=1e10, read_only=read_only)
+    db.close()
+    assert db._log.fd is None
 
 
 def fork_with_threads():
@@ -1541,6 +1589,18 @@ def test_load_state_gives_each_version_as_of_a_transaction(open_db):
     assert db.load_state(oid) == (db.last_tid, {"items": [child]})
     with pytest.raises(HistoryError):
         db.load_state(oid, first - 1)
+
+
+@pytest.mark.parametrize("tid, error", [("1", TypeError), (1.5, TypeError), (True, TypeError),
+                                        (-1, ValueError)])
+def test_load_state_refuses_what_is_not_a_transaction_id(open_db, tid, error):
+    # "1" raised a bare TypeError from a comparison deep inside; 1.5 was
+    # taken as a transaction id.
+    db = open_db()
+    db.elect(PersistentDict())
+    transaction.commit()
+    with pytest.raises(error, match="transaction id"):
+        db.load_state(db.root._p_oid, tid)
 
 
 def test_load_state_of_a_loaded_object_is_an_independent_copy(open_db, monkeypatch):

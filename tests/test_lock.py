@@ -375,6 +375,21 @@ def test_a_wrong_timeout_is_refused(lock_file, timeout):
         os.close(fd)
 
 
+def test_a_timeout_past_what_threading_can_wait_is_cut_to_it(lock_file):
+    # 1e10 (a way to say "for ever") was taken, then every wait on it
+    # raised OverflowError, closing a read-only database included.
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT)
+    try:
+        lock = WriteLock(fd, lock_file, 1e10)
+        assert lock.timeout == threading.TIMEOUT_MAX
+        lock.acquire()
+        lock.release()
+        with lock.closing():
+            pass
+    finally:
+        os.close(fd)
+
+
 def test_flock_within_waits_then_names_its_purpose(lock_file):
     holder, waiter = os.open(lock_file, os.O_RDWR), os.open(lock_file, os.O_RDWR)
     try:
