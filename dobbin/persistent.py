@@ -116,6 +116,18 @@ def _writable_state(obj):
     raise RuntimeError(_READ_ONLY)
 
 
+def _replace_state(obj, value):
+    """`obj.__dict__ = value`: the calling thread's working copy takes the
+    items of `value` (the slot itself holds the state every thread shares,
+    and no commit would have stored what was put there)."""
+    if not isinstance(value, dict):
+        raise TypeError("__dict__ must be set to a dictionary, not a '%s'" % type(value).__name__)
+    state = _writable_state(obj)
+    items = dict(value)  # before clearing: `value` may be the state itself
+    state.clear()
+    state.update(items)
+
+
 def _refuse_class_name(obj, name):
     """Refuse to set `name`, which `_dunders_of` reads from the class, unless
     it is a data descriptor (``__class__``, a property): a value stored
@@ -246,6 +258,8 @@ class Persistent:
     def __setattr__(self, name, value):
         if name[:1] == "_":  # one character: no new string
             if name[:2] == "__":
+                if name == "__dict__":
+                    return _replace_state(self, value)
                 if name in _dunders_of(type(self)):
                     _refuse_class_name(self, name)
             elif name[:3] == "_p_":

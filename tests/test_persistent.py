@@ -672,3 +672,28 @@ def test_the_class_of_a_stored_object_can_t_be_assigned(open_db):
         db.root.__class__ = Other
     assert type(db.root) is Child
     transaction.abort()
+
+
+def test_assigning_dict_replaces_the_threads_working_copy(open_db, start_thread):
+    # It replaced the state every thread shares: others saw the uncommitted
+    # value at once, and the commit stored the working copy, losing it.
+    db = open_db()
+    root = Persistent()
+    checkout(root)
+    root.a = 1
+    db.elect(root)
+    transaction.commit()
+    checkout(root)
+    root.__dict__ = {"a": 3, "b": 4}
+    seen = []
+    start_thread(lambda: seen.append(vars(root).copy())).join()
+    assert seen == [{"a": 1}] and vars(root) == {"a": 3, "b": 4}
+    root.__dict__ = root.__dict__  # its own items: kept
+    transaction.commit()
+    assert (root.a, root.b) == (3, 4) and db.load_state(root._p_oid)[1] == {"a": 3, "b": 4}
+    with pytest.raises(RuntimeError, match="read-only"):
+        root.__dict__ = {}  # not checked out
+    checkout(root)
+    with pytest.raises(TypeError, match="dictionary"):
+        root.__dict__ = [("a", 5)]
+    transaction.abort()
