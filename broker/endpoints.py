@@ -34,10 +34,9 @@ class Binding:
         (in that order: whoever takes the lock next finds neither)."""
         if self._lock_fd is None:
             return
-        for path in (self._path, self._path + ".lock"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        os.close(self._lock_fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path)
+        _unlock(self._path, self._lock_fd)
         self._lock_fd = None
 
 
@@ -55,9 +54,17 @@ def bind(sock, address):
             raise AddressError("cannot bind %r: %s" % (address, error)) from None
     except BaseException:
         if lock_fd is not None:
-            os.close(lock_fd)
+            _unlock(path, lock_fd)
         raise
     return Binding(sock.getsockopt(zmq.LAST_ENDPOINT).decode(), path, lock_fd)
+
+
+def _unlock(path, lock_fd):
+    """Remove `path`.lock, then give up the lock held on it (in that order:
+    whoever takes the lock next finds no stale file)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path + ".lock")
+    os.close(lock_fd)
 
 
 def _ipc_path(address):

@@ -134,7 +134,13 @@ def test_binding_an_ipc_path_that_is_no_socket_leaves_it_alone(tmp_path, name, s
     with pytest.raises(AddressError, match="exists and is not a socket"):
         bind(sockets(), "ipc://%s" % path)
     assert path.is_dir() if name == "a directory" else path.read_bytes() == b"precious"
-    assert sorted(os.listdir(tmp_path)) == [name, name + ".lock"]  # not held: reusable
+    assert os.listdir(tmp_path) == [name]  # no lock file left behind
+
+
+def test_a_bind_zeromq_refuses_leaves_no_lock_file(tmp_path, sockets):
+    with pytest.raises(AddressError, match="cannot bind"):
+        bind(sockets(), "ipc://%s/%s" % (tmp_path, "s" * 120))  # past a socket name's limit
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_ipc_path_in_a_directory_that_cannot_be_written_is_an_address_error(sockets):
