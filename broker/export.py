@@ -255,26 +255,39 @@ class ExportRegistry:
 
     def __init__(self):
         self._explicit = {}
+        self._options = {}  # export_class options per class, to rebuild its rules
         self._cache = {}
         self._by_name = {}
 
     def export_class(self, cls, **options):
         if not isinstance(cls, type):
             raise ExportError("export_class needs a class, got %r" % (cls,))
-        rules = ClassExport(cls, readonly=options.pop("readonly", ()), **options)
-        self._explicit[cls] = rules
+        options.setdefault("readonly", ())
+        self._explicit[cls] = ClassExport(cls, **options)
+        self._options[cls] = options
         # Rules derived before (a subclass inherits these) are stale now.
         self._cache.clear()
-        self._by_name = {explicit.name: explicit for explicit in self._explicit.values()}
-        return rules
+        self._by_name = {}
+        for explicit in self._explicit:
+            self.lookup(explicit)
+        return self._cache[cls]
 
     def lookup(self, cls):
         rules = self._cache.get(cls)
         if rules is None:
+            # Every field an exported base hides stays hidden, whichever
+            # base's rules the class follows (or its own).
+            hidden = frozenset().union(*(self._explicit[base].hidden for base in cls.__mro__
+                                         if base in self._explicit))
             for base in cls.__mro__:
                 explicit = self._explicit.get(base)
                 if explicit is not None:
-                    rules = explicit if base is cls else self._inherit(cls, explicit)
+                    if base is not cls:
+                        rules = self._inherit(cls, explicit, hidden)
+                    elif hidden <= explicit.hidden:
+                        rules = explicit
+                    else:
+                        rules = ClassExport(cls, **dict(self._options[cls], hidden=hidden))
                     break
             else:
                 rules = ClassExport(cls)
@@ -289,7 +302,7 @@ class ExportRegistry:
         """The classes configured with export_class (searchable by name)."""
         return frozenset(self._explicit)
 
-    def _inherit(self, cls, parent):
+    def _inherit(self, cls, parent, hidden):
         # Only the names the parent's export gave; ClassExport finds the
         # decorated methods of `cls` itself, so an undecorated override of
         # a decorated method is not callable.
@@ -300,7 +313,7 @@ class ExportRegistry:
         return ClassExport(
             cls, fields=stored(parent.fields), refs=stored(parent.refs),
             callables={n for n in named if callable(getattr(cls, n, None))},
-            hidden=parent.hidden, readonly=parent.readonly,
+            hidden=hidden, readonly=parent.readonly,
             creatable=parent.creatable, extent=parent.extent)
 
 

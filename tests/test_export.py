@@ -349,3 +349,36 @@ def test_exporting_a_class_again_changes_what_its_subclasses_inherit():
     assert not derived.creatable and "secret" in derived.hidden
     assert registry.by_name(name) is derived
     assert registry.by_name(registry.lookup(Plain).name) is registry.lookup(Plain)
+
+
+class WithPassword(Persistent):
+    pass
+
+
+class Named(Persistent):
+    pass
+
+
+class User(Named, WithPassword):
+    pass
+
+
+class Admin(WithPassword):
+    pass
+
+
+def test_a_field_any_exported_base_hides_stays_hidden():
+    # Only the first exported class of the MRO counted: a User(Named,
+    # WithPassword) sent its password, and so did a subclass exported on
+    # its own.
+    registry = ExportRegistry()
+    registry.export_class(WithPassword, hidden="password")
+    registry.export_class(Named, fields=("name", "password"))
+    for cls in (User, Admin, WithPassword):
+        rules = registry.lookup(cls)
+        assert "password" in rules.hidden and not rules.readable("password"), cls
+    assert registry.lookup(User).readable("name") and not registry.lookup(User).readable("age")
+    explicit = registry.export_class(Admin, creatable=True)
+    assert explicit is registry.lookup(Admin) and "password" in explicit.hidden
+    assert explicit.creatable and not explicit.readable("password")
+    assert registry.by_name(explicit.name) is explicit
