@@ -29,7 +29,7 @@ setup(
     # the former (bin/py could not import dobbin without it).
     package_dir={"": "."},
     install_requires=[
-        "transaction",
+        "transaction >= 3.0",  # abort hooks (broker.serverside)
         "zope.interface",
         "pyzmq",
         "msgpack",

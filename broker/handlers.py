@@ -224,7 +224,10 @@ class Handlers:
 
     def op_static(self, f):
         obj = self.server.static_object(f["path"])
-        return self.server.key_for(obj)
+        if isinstance(obj, Persistent):  # stored (see add_static): its own key
+            return self.server.key_for(obj)
+        # The path asked for: the object's first path may come to serve another.
+        return self.server.keyring.sign("s", tuple(f["path"]))
 
     def op_load(self, f):
         key, tid = f["key"], f["tx"]

@@ -105,11 +105,17 @@ class ServerSideChanges:
         """Mark `txn` (None: no more) as the transaction of the request this
         thread runs: changes made meanwhile join it (see the module)."""
         self._requests.transaction = txn
+        self._requests.static_changes = []
 
     # -- statics -----------------------------------------------------------
 
     def add_static(self, obj, *path):
         path = checked_path(path)
+        if isinstance(obj, Persistent) and obj._p_oid is None:
+            # Clients could neither load it nor search it, and a commit
+            # referring to it would store it as a side effect.
+            raise exc.ExportError("%s is persistent but not stored: store it first, or serve "
+                                  "a plain object" % type(obj).__name__)
         replaced = self.statics.add(obj, path)
         if replaced is not None and replaced is not obj:
             self._broadcast_statics([list(path)])
@@ -146,17 +152,38 @@ class ServerSideChanges:
     def obj_update(self, obj, **fields):
         _checked_names(fields)
         if not isinstance(obj, Persistent):
-            _set_plain_fields(obj, fields, lambda: self._check_static(obj))
-            self._static_changed(obj)
-            return None
+            return self._change_static(
+                obj, lambda: _set_plain_fields(obj, fields, lambda: self._check_static(obj)))
         return self._change(lambda: _set_fields(obj, fields), obj)
 
     def obj_delete(self, container, name):
         if not isinstance(container, Persistent):
-            _delete(container, name)
-            self._static_changed(container)
-            return None
+            return self._change_static(container, lambda: _delete_plain(container, name))
         return self._change(lambda: _delete(container, name), container)
+
+    def _change_static(self, obj, change):
+        """Run `change` on static `obj` (it returns its undo) and broadcast
+        it: now, or once the request's transaction it joins commits;
+        undone if that transaction does not."""
+        undo = change()
+        txn = getattr(self._requests, "transaction", None)
+        if txn is None or txn is not transaction.get():
+            self._static_changed(obj)
+            return None
+        changes = self._requests.static_changes
+        if not changes:
+            txn.addAfterCommitHook(self._static_outcome, (changes,))
+            txn.addAfterAbortHook(_undo_static, (changes,))
+        changes.append((obj, undo))
+        return None
+
+    def _static_outcome(self, committed, changes):
+        if not committed:
+            _undo_static(changes)
+            return
+        for obj, _undo in changes:
+            self._static_changed(obj)
+        changes.clear()
 
     def _check_static(self, obj):
         """Raise ProtocolError unless a client could load static `obj`."""
@@ -207,25 +234,49 @@ def _set_fields(obj, fields):
 
 
 def _set_plain_fields(obj, fields, check):
-    """Set the fields of a static object, all or none: none if `check()` raises."""
+    """Set the fields of a static object, all or none: none if `check()`
+    raises; return the function that sets them back."""
     before = {name: getattr(obj, name, _ABSENT) for name in fields}
-    try:
-        for name, value in fields.items():
-            setattr(obj, name, value)
-        check()
-    except BaseException:
+
+    def undo():
         for name, value in before.items():
             if value is _ABSENT:
                 if hasattr(obj, name):
                     delattr(obj, name)
             else:
                 setattr(obj, name, value)
+
+    try:
+        for name, value in fields.items():
+            setattr(obj, name, value)
+        check()
+    except BaseException:
+        undo()
         raise
+    return undo
+
+
+def _delete_plain(container, name):
+    """Delete item or attribute `name` of a static object; return the
+    function that puts it back."""
+    if hasattr(container, "keys") and hasattr(container, "__delitem__"):
+        value = container[name]
+        del container[name]
+        return lambda: container.__setitem__(name, value)
+    value = getattr(container, name)
+    delattr(container, name)
+    return lambda: setattr(container, name, value)
+
+
+def _undo_static(changes):
+    """Undo a request's static changes, the latest first."""
+    while changes:
+        _obj, undo = changes.pop()
+        undo()
 
 
 def _delete(container, name):
-    if isinstance(container, Persistent):
-        checkout(container)
+    checkout(container)
     if hasattr(container, "keys") and hasattr(container, "__delitem__"):
         del container[name]
     else:

@@ -231,3 +231,73 @@ def test_a_start_that_fails_after_binding_leaves_the_address_free(tmp_path):
     finally:
         sock.close(0)
         context.term()
+
+
+class StatusServer(TestServer):
+    """Changes its statics inside calls, which may then fail."""
+
+    __test__ = False
+
+    def do_degrade(self, fail):
+        self.obj_update(self.static_object(["status"]), health="degraded")
+        self.obj_delete(self.static_object(["flags"]), "maintenance")
+        self.obj_update(self.db.root.item, name="changed")
+        if fail:
+            raise ValueError("failed after its changes")
+        return "degraded"
+
+
+@pytest.fixture
+def status_server(tmp_path):
+    db = make_database(str(tmp_path / "d.dobbin"))
+    server = configure(StatusServer(db, address="ipc://%s/s.sock" % tmp_path))
+    server.add_static(Status("OK"), "status")
+    server.add_static({"maintenance": False}, "flags")
+    server.start()
+    try:
+        yield db, server
+    finally:
+        server.stop()
+        db.close()
+
+
+def test_static_changes_of_a_call_that_fails_are_undone_with_the_rest(status_server):
+    # The persistent change was rolled back, the static one kept and broadcast.
+    db, server = status_server
+    client = BrokerClient(server.address, timeout=TIMEOUT)
+    try:
+        with pytest.raises(exc.RemoteError, match="failed after its changes"):
+            client.call("degrade", True)
+        assert server.static_object(["status"]).health == "OK"
+        assert server.static_object(["flags"]) == {"maintenance": False}
+        assert db.root.item.name == "first"
+        assert client.call("degrade", False) == "degraded"
+        assert server.static_object(["status"]).health == "degraded"
+        assert server.static_object(["flags"]) == {}
+        assert wait_until(lambda: client.wait_for_broadcast(timeout=0.1) or client.abort()
+                          or client.static("status").health == "degraded")
+    finally:
+        client.close()
+
+
+def test_a_static_asked_for_by_path_keeps_that_path(broker):
+    # static("alias") answered the key of the object's first path: once
+    # another object took that path, the proxy showed it.
+    _db, server, connect = broker
+    shared = Status("A")
+    server.add_static(shared, "primary")
+    server.add_static(shared, "alias")
+    client = connect()
+    alias = client.static("alias")
+    server.add_static(Status("B"), "primary")
+    client.wait_for_broadcast(timeout=1)
+    client.abort()
+    assert alias.health == "A" and client.static("primary").health == "B"
+
+
+def test_an_unstored_persistent_object_is_not_made_static(broker):
+    # Clients got a key they could not load, and a commit referring to it
+    # stored it as a side effect.
+    _db, server, _connect = broker
+    with pytest.raises(exc.ExportError, match="not stored"):
+        server.add_static(PersistentDict(), "settings")
