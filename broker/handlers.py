@@ -548,9 +548,12 @@ class Handlers:
             else:
                 candidates = self.instances_at(rules.cls, tid)
             deps = None
-        matches = []
+        matches, seen = [], set()
         for candidate in candidates:
             if isinstance(candidate, Persistent) and candidate._p_oid is not None:
+                if candidate._p_oid in seen:
+                    continue  # under several keys: one object, one result
+                seen.add(candidate._p_oid)
                 if deps is not None:
                     deps.append(candidate._p_oid)
                 if self._matches(candidate, tid, query):

@@ -1125,6 +1125,20 @@ def test_a_class_search_finds_no_object_kept_in_a_hidden_or_private_field(broker
     assert client.count("broker_fixtures.Item", name="admin only") == 0
 
 
+def test_a_mapping_search_counts_an_object_under_two_keys_once(broker):
+    # get() said 2 objects matched, count() said 2, find() gave it twice;
+    # a class search for the same query said 1.
+    db, _server, connect = broker
+    checkout(db.root.things)
+    emma = Item("Emma")
+    db.root.things["emma"] = db.root.things["emma-alias"] = emma
+    transaction.commit()
+    client = connect()
+    things = client.root.things
+    assert client.get(things, name="Emma") is things["emma"]
+    assert client.count(things, name="Emma") == 1 == len(client.find(things, name="Emma"))
+
+
 def test_hidden_items_of_a_mapping_never_leave_the_server(broker):
     db, _server, connect = broker
     root = db.root
