@@ -18,6 +18,7 @@ trailer is written and synced.
 """
 
 import array
+import contextlib
 import os
 import threading
 import time
@@ -35,35 +36,24 @@ PIECE = 1024 * 1024
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
-def stage(log, record_offset, entry_offset, source, oid_high, count):
-    """Copy a stored file's bytes to their place in the record coming at
-    `record_offset` of `log` (its S entry at `entry_offset`, the
-    `count`-th stream), behind a synced staging header; return a
-    `StagedStream`.
-
-    `source` has a length and `blocks()` of whole chunks.  A failing
-    source is cut back and re-raised; a failing write or sync marks the
-    log broken, as in `Log.append`.
-    """
+@contextlib.contextmanager
+def _staging(log, record_offset, length, oid_high, count):
+    """Claim the `length` bytes of the record coming at `record_offset`
+    of `log`, write and sync its staging header, and give the copy that
+    follows an `EarlySync`.  A copy that fails is cut back and re-raised;
+    a failing write or sync marks the log broken, as in `Log.append`."""
     log._check_writable()
-    staged_end = entry_offset + stream_entry_size(len(source))
     # Allocated first, where the file system can: a full disk then fails
     # this commit alone, while a failed write breaks the log until reopened.
-    log.claim(record_offset, staged_end + TRAILER_SIZE - record_offset)
-    header = record_header(COMMITTED, 0, staged_end + TRAILER_SIZE - record_offset,
-                           log.last_tid + 1, oid_high, time.time_ns(), log.checkpoint, count)
-    tables = []
+    log.claim(record_offset, length)
+    header = record_header(COMMITTED, 0, length, log.last_tid + 1, oid_high, time.time_ns(),
+                           log.checkpoint, count)
     early = EarlySync(log.path, EVERY if log.durability == "fsync" else None)
     try:
         log._write(header, record_offset)
         log._exclusive_sync()  # no staged byte may reach the disk without it
-        at = entry_offset + ENTRY_SIZE
         try:
-            for block in source.blocks():  # whole chunks: each block's crcs are its own
-                tables.append(chunk_table(block))
-                log._write(block, at)
-                at += len(block)
-                early.wrote(len(block))
+            yield early
         finally:
             early.finish()  # no sync of ours may outlive the copy
     except OSError as error:
@@ -71,6 +61,24 @@ def stage(log, record_offset, entry_offset, source, oid_high, count):
     except BaseException:
         unstage(log, record_offset)
         raise
+
+
+def stage(log, record_offset, entry_offset, source, oid_high, count):
+    """Copy a stored file's bytes to their place in the record coming at
+    `record_offset` of `log` (its S entry at `entry_offset`, the
+    `count`-th stream), behind a synced staging header; return a
+    `StagedStream`.  `source` has a length and `blocks()` of whole chunks.
+    """
+    staged_end = entry_offset + stream_entry_size(len(source))
+    tables = []
+    with _staging(log, record_offset, staged_end + TRAILER_SIZE - record_offset, oid_high,
+                  count) as early:
+        at = entry_offset + ENTRY_SIZE
+        for block in source.blocks():  # whole chunks: each block's crcs are its own
+            tables.append(chunk_table(block))
+            log._write(block, at)
+            at += len(block)
+            early.wrote(len(block))
     return StagedStream(len(source), b"".join(tables))
 
 
@@ -83,48 +91,32 @@ def stage_objects(log, record_offset, at, planned, length, count, oid_high, stat
     were measured at, in order, and the record will be `length` bytes of
     `count` entries in all (a snapshot measures first, so that the
     staging header can cover them: see docs/format.txt).  A state that
-    differs from its measure fails the copy; failures are cut back as in
-    `stage`.
+    differs from its measure fails the copy, which is cut back.
     """
-    log._check_writable()
-    log.claim(record_offset, length)
     tid = log.last_tid + 1
-    header = record_header(COMMITTED, 0, length, tid, oid_high, time.time_ns(), log.checkpoint,
-                           count)
     start, headers, oids = at, bytearray(), array.array("Q")
-    early = EarlySync(log.path, EVERY if log.durability == "fsync" else None)
-    try:
-        log._write(header, record_offset)
-        log._exclusive_sync()  # no staged byte may reach the disk without it
-        try:
-            piece = bytearray()
-            for (oid, data), size in zip(states, planned):
-                if len(data) != size:
-                    raise DobbinError("oid %d's state measured %d bytes and came to %d: "
-                                      "nothing was written" % (oid, size, len(data)))
-                head = entry_header(KIND_OBJECT, oid, tid, 0, size, data)
-                headers += head
-                oids.append(oid)
-                piece += head
-                piece += data
-                if len(piece) >= PIECE:
-                    log._write(piece, at)
-                    at += len(piece)
-                    early.wrote(len(piece))
-                    piece = bytearray()
-            if piece:
+    with _staging(log, record_offset, length, oid_high, count) as early:
+        piece = bytearray()
+        for (oid, data), size in zip(states, planned):
+            if len(data) != size:
+                raise DobbinError("oid %d's state measured %d bytes and came to %d: "
+                                  "nothing was written" % (oid, size, len(data)))
+            head = entry_header(KIND_OBJECT, oid, tid, 0, size, data)
+            headers += head
+            oids.append(oid)
+            piece += head
+            piece += data
+            if len(piece) >= PIECE:
                 log._write(piece, at)
                 at += len(piece)
-            if len(oids) != len(planned):
-                raise DobbinError("%d states came of the %d measured: nothing was written"
-                                  % (len(oids), len(planned)))
-        finally:
-            early.finish()  # no sync of ours may outlive the copy
-    except OSError as error:
-        log._fail(error, record_offset)
-    except BaseException:
-        unstage(log, record_offset)
-        raise
+                early.wrote(len(piece))
+                piece = bytearray()
+        if piece:
+            log._write(piece, at)
+            at += len(piece)
+        if len(oids) != len(planned):
+            raise DobbinError("%d states came of the %d measured: nothing was written"
+                              % (len(oids), len(planned)))
     return StagedObjects(start, at - start, bytes(headers), oids, planned)
 
 
