@@ -16,10 +16,13 @@ import socket
 import stat
 
 import zmq
+from zope.interface import implementer
 
 from broker.exc import AddressError
+from broker.interfaces import IBinding
 
 
+@implementer(IBinding)
 class Binding:
     """An endpoint a socket was bound to, and for ipc:// the path and
     lock it holds until `release()`, called once the socket is closed."""

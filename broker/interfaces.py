@@ -379,6 +379,20 @@ class IStatics(Interface):
         """The first path `obj` is served at, or None."""
 
 
+class IBinding(Interface):
+    """An endpoint a server's socket was bound to (see broker.endpoints).
+
+    For ipc://PATH it holds PATH and an exclusive lock on PATH.lock from
+    before the bind, so that no other server binds the path meanwhile.
+    """
+
+    endpoint = Attribute("The endpoint bound, with the port chosen for a '*'.")
+
+    def release():
+        """Once the socket is closed: remove PATH and PATH.lock and give the
+        lock up (nothing to do for other transports); later calls do nothing."""
+
+
 class IBrokerClient(Interface):
     """A connection to a broker server, with one client transaction at a time.
 

@@ -7,9 +7,11 @@ import socket
 
 import pytest
 import zmq
+from zope.interface.verify import verifyObject
 
 from broker.endpoints import bind, broadcast_address_for
 from broker.exc import AddressError
+from broker.interfaces import IBinding
 from broker_fixtures import run_python
 
 
@@ -55,6 +57,7 @@ def test_an_ipc_path_is_held_from_bind_to_release_and_then_free(tmp_path, socket
     # would reach the second.
     first = sockets()
     binding = bind(first, "ipc://%s/s.sock" % tmp_path)
+    assert verifyObject(IBinding, binding)
     endpoint = binding.endpoint
     assert sorted(os.listdir(tmp_path)) == ["s.sock", "s.sock.lock"]
     with pytest.raises(AddressError, match="cannot bind .*in use"):
