@@ -137,7 +137,8 @@ class _Copier:
         self.position = FILE_HEADER_SIZE + TX_HEADER_SIZE  # where the next stream goes
         self.held_stream_bytes = 0  # small streams held until the record is written
         self._writer = StateWriter(self._rewrite)
-        self._reached = None  # during `measure`: the oids found, in the order found
+        self._reached = None  # during `measure`: the oids found, in the order found,
+        self._seen = None     # and the set of them
 
     def measure(self):
         """The first pass, breadth first: what one state refers to is laid

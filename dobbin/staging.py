@@ -117,7 +117,7 @@ def stage_objects(log, record_offset, at, planned, length, count, oid_high, stat
         if len(oids) != len(planned):
             raise DobbinError("%d states came of the %d measured: nothing was written"
                               % (len(oids), len(planned)))
-    return StagedObjects(start, at - start, bytes(headers), oids, planned)
+    return StagedObjects(start, at - start, headers, oids, planned)
 
 
 def unstage(log, record_offset):
