@@ -14,6 +14,8 @@ from collections.abc import ItemsView, KeysView, MutableMapping, ValuesView
 
 from zope.interface import implementer
 
+from dobbin.classes import (MISSING, class_attribute, class_dunders, data_descriptor_names,
+                            descriptor_names, dunders_of, is_data_descriptor)
 from dobbin.exc import BrokenObjectError, DobbinError, ReadOnlyError
 from dobbin.interfaces import IPersistent, IPersistentDict
 from dobbin.session import (KeepPersistent, _threads, committing_threads, copy_state,
@@ -27,70 +29,9 @@ __all__ = ["Persistent", "PersistentDict", "PersistentFile", "checkout", "checke
 _get_ident = threading.get_ident
 _object_getattribute = object.__getattribute__
 _object_setattr = object.__setattr__
-_MISSING = object()
 _READ_ONLY = "Can't set attribute in read-only mode."
 # Creating the per-object checkout table races between threads.
 _local_table_lock = threading.Lock()
-
-
-def _class_attribute(cls, name):
-    for klass in cls.__mro__:
-        if name in klass.__dict__:
-            return klass.__dict__[name]
-    return _MISSING
-
-
-_descriptor_names = {}
-
-
-def _data_descriptor_names(cls):
-    """Names of a class's data descriptors (properties, slots...).
-
-    They take precedence over the instance state.  Computed once per
-    class: a data descriptor added to a class after its instances were
-    first used is not seen.
-    """
-    names = _descriptor_names.get(cls)
-    if names is None:
-        names = frozenset(name for klass in cls.__mro__ for name, value in vars(klass).items()
-                          if _is_data_descriptor(value))
-        _descriptor_names[cls] = names
-    return names
-
-
-_class_dunders = {}
-
-# What Python keeps on a class about the class: never an instance's.
-_CLASS_METADATA = frozenset((
-    "__module__", "__qualname__", "__doc__", "__slots__", "__annotations__", "__hash__",
-    "__abstractmethods__", "__orig_bases__", "__parameters__", "__match_args__",
-    "__dataclass_fields__", "__dataclass_params__", "__firstlineno__",
-    "__static_attributes__", "__type_params__", "__weakrefoffset__"))
-
-
-def _dunders_of(cls):
-    """The dunder names a class or a base defines as behaviour or as
-    metadata: descriptors (``__class__``, ``__dict__``, methods) and
-    `_CLASS_METADATA` (``__doc__``, ``__module__``...).
-
-    They are read from the class alone: reading one must neither load a
-    ghost nor look for a checkout (isinstance reads ``__class__``), and
-    setting one is refused.  A dunder name with a plain class-level value
-    (Zope's ``__parent__ = None``) is a default, like any attribute's:
-    the state's value wins.  Computed once per class.
-    """
-    names = _class_dunders.get(cls)
-    if names is None:
-        names = frozenset(name for klass in cls.__mro__ for name, value in vars(klass).items()
-                          if name[:2] == "__" and name[-2:] == "__"
-                          and (name in _CLASS_METADATA or hasattr(type(value), "__get__")))
-        _class_dunders[cls] = names
-    return names
-
-
-def _is_data_descriptor(attribute):
-    kind = type(attribute)
-    return hasattr(kind, "__set__") or hasattr(kind, "__delete__")
 
 
 def working_copy(obj):
@@ -129,14 +70,14 @@ def _replace_state(obj, value):
 
 
 def _refuse_class_name(obj, name):
-    """Refuse to set `name`, which `_dunders_of` reads from the class, unless
+    """Refuse to set `name`, which `dunders_of` reads from the class, unless
     it is a data descriptor (``__class__``, a property): a value stored
     under it would never be read back."""
     if name == "__class__" and _get_oid(obj) is not None:
         # It would change at once in every thread, and no commit stores it.
         raise AttributeError("the class of stored object %s can't be changed: store a new "
                              "object of the other class instead" % named(obj))
-    if not _is_data_descriptor(_class_attribute(type(obj), name)):
+    if not is_data_descriptor(class_attribute(type(obj), name)):
         raise AttributeError("%s is read from the class %s, not from the state: it can't be "
                              "set on an instance" % (name, type(obj).__name__))
 
@@ -218,7 +159,7 @@ class Persistent:
 
     def __getattribute__(self, name):
         if name[0] == "_" and (name[:3] == "_p_" or name[:2] == "__" and name in (
-                _class_dunders.get(type(self)) or _dunders_of(type(self)))):
+                class_dunders.get(type(self)) or dunders_of(type(self)))):
             if name == "__dict__":  # vars(obj), dir(obj): what attribute reads show
                 return state_of(self)
             return _object_getattribute(self, name)
@@ -226,7 +167,7 @@ class Persistent:
         if table:
             state = table.get(getattr(_threads, "key", None))  # current_thread_key(), inlined
             if state is not None:
-                names = _descriptor_names.get(type(self)) or _data_descriptor_names(type(self))
+                names = descriptor_names.get(type(self)) or data_descriptor_names(type(self))
                 if name not in names:
                     if name in state:
                         return state[name]
@@ -245,13 +186,13 @@ class Persistent:
         try:
             value = _object_getattribute(self, name)
         except AttributeError:
-            found = _instance_value(self, name) if _get_ghost(self) else _MISSING
-            if found is _MISSING:
+            found = _instance_value(self, name) if _get_ghost(self) else MISSING
+            if found is MISSING:
                 raise
             return found
         if _get_ghost(self):
             found = _instance_value(self, name)
-            if found is not _MISSING:
+            if found is not MISSING:
                 return found
         return value
 
@@ -260,7 +201,7 @@ class Persistent:
             if name[:2] == "__":
                 if name == "__dict__":
                     return _replace_state(self, value)
-                if name in _dunders_of(type(self)):
+                if name in dunders_of(type(self)):
                     _refuse_class_name(self, name)
             elif name[:3] == "_p_":
                 if name in _SLOTS:
@@ -295,9 +236,9 @@ class Persistent:
             if _get_init(self) != _get_ident() or _get_oid(self) is not None:
                 raise RuntimeError(_READ_ONLY)
             state = _get_dict(self)  # a new object in its __init__
-        names = _descriptor_names.get(type(self)) or _data_descriptor_names(type(self))
+        names = descriptor_names.get(type(self)) or data_descriptor_names(type(self))
         if name in names:
-            attribute = _class_attribute(type(self), name)
+            attribute = class_attribute(type(self), name)
             setter = getattr(type(attribute), "__set__", None)
             if setter is not None:
                 setter(attribute, self, value)
@@ -307,11 +248,11 @@ class Persistent:
     def __delattr__(self, name):
         if name[:3] == "_p_":
             raise AttributeError("can't delete %s" % name)
-        if name[:2] == "__" and name in _dunders_of(type(self)):
+        if name[:2] == "__" and name in dunders_of(type(self)):
             _refuse_class_name(self, name)
         state = _writable_state(self)
-        attribute = _class_attribute(type(self), name)
-        if attribute is not _MISSING and hasattr(type(attribute), "__delete__"):
+        attribute = class_attribute(type(self), name)
+        if attribute is not MISSING and hasattr(type(attribute), "__delete__"):
             type(attribute).__delete__(attribute, self)
             return
         try:
@@ -402,29 +343,29 @@ def ghost_oid(obj, jar):
 def _lookup(obj, state, name):
     """Attribute lookup with `state` standing in for the instance dict."""
     cls = type(obj)
-    attribute = _class_attribute(cls, name)
-    if name in _data_descriptor_names(cls):
+    attribute = class_attribute(cls, name)
+    if name in data_descriptor_names(cls):
         return type(attribute).__get__(attribute, obj, cls)
     try:
         return state[name]
     except KeyError:
         pass
-    if attribute is not _MISSING:
+    if attribute is not MISSING:
         getter = getattr(type(attribute), "__get__", None)
         return attribute if getter is None else getter(attribute, obj, cls)
-    fallback = _class_attribute(cls, "__getattr__")
-    if fallback is not _MISSING:
+    fallback = class_attribute(cls, "__getattr__")
+    if fallback is not MISSING:
         return fallback(obj, name)
     raise AttributeError("%r object has no attribute %r" % (cls.__name__, name))
 
 
 def _instance_value(obj, name):
     """`name` in the state of `obj`, evicted while it was read, loaded
-    again; _MISSING if the class answers for it (see __getattribute__)."""
+    again; MISSING if the class answers for it (see __getattribute__)."""
     state = committed_state(obj)
-    if name in state and name not in _data_descriptor_names(type(obj)):
+    if name in state and name not in data_descriptor_names(type(obj)):
         return state[name]
-    return _MISSING
+    return MISSING
 
 
 def checkout(obj):
