@@ -148,7 +148,10 @@ class ClassExport:
         if readonly is not True:
             readonly = _names(readonly, "readonly") or frozenset()
         self.readonly = readonly
-        self.creatable = bool(creatable)
+        if type(creatable) is not bool:
+            # creatable="no" would be true, and let clients create them.
+            raise ExportError("creatable is True or False, not %r" % (creatable,))
+        self.creatable = creatable
         self.extent = extent
         self.mapping = is_mapping_class(cls)
         self._declared = (self.fields or frozenset()) | self.refs

@@ -247,6 +247,8 @@ def test_subclasses_inherit_rules():
     ({"fields": 5}, "fields is a space-separated str or an iterable of names, not 5"),
     ({"hidden": object()}, "hidden is a space-separated str"),
     ({"extent": "all"}, "extent is a function"),
+    ({"creatable": "no"}, "creatable is True or False, not 'no'"),
+    ({"creatable": 1}, "creatable is True or False"),
 ])
 def test_bad_configuration_raises_export_error(options, message):
     with pytest.raises(ExportError, match=message):
