@@ -46,6 +46,7 @@ class Binding:
 def bind(sock, address):
     """Bind `sock` to `address`; return its Binding, whose endpoint has the
     port chosen for a "*".  AddressError if the address is taken or bad."""
+    check_tcp_port(address, "bind")
     path = _ipc_path(address)
     lock_fd = None if path is None else _lock_ipc_path(address, path)
     try:
@@ -60,6 +61,19 @@ def bind(sock, address):
             _unlock(path, lock_fd)
         raise
     return Binding(sock.getsockopt(zmq.LAST_ENDPOINT).decode(), path, lock_fd)
+
+
+def check_tcp_port(address, action):
+    """AddressError unless a tcp:// `address` ends in a port ZeroMQ takes
+    as written: "*", or 0 to 65535.  ZeroMQ itself wraps 70000 to 4464
+    and reads "-1" as 65535, so a server would listen where no one looks."""
+    if type(address) is not str or not address.startswith("tcp://"):
+        return
+    port = address.rpartition(":")[2]
+    if port == "*" or (port.isdigit() and port.isascii() and int(port) <= 65535):
+        return
+    raise AddressError("cannot %s %r: a tcp address ends in :PORT, a port from 0 to 65535, "
+                       "or :* for any free port" % (action, address))
 
 
 def _unlock(path, lock_fd):

@@ -20,6 +20,7 @@ import zmq
 
 from broker import protocol
 from broker.codec import Codec
+from broker.endpoints import check_tcp_port
 from broker.exc import (AddressError, BrokerTimeout, ClientClosed, CurveKeyError, DecodeError,
                         ProtocolError)
 
@@ -67,6 +68,7 @@ def recv_frames(sock):
 def connected(sock, address):
     """Connect `sock` to `address` (ZeroMQ connects in the background:
     only a malformed address fails here)."""
+    check_tcp_port(address, "connect to")
     try:
         sock.connect(address)
     except (zmq.ZMQError, TypeError) as error:

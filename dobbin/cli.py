@@ -97,7 +97,7 @@ def load_app(spec):
 def serve(args):
     from broker.exc import BrokerError
     from broker.server import BrokerServer
-    from broker.endpoints import broadcast_address_for
+    from broker.endpoints import broadcast_address_for, check_tcp_port
     from dobbin.database import Database
     from dobbin.exc import DobbinError
 
@@ -109,8 +109,11 @@ def serve(args):
     # What can be checked before the database file is created, is.
     configure = load_app(args.app) if args.app else None
     try:
+        check_tcp_port(args.bind, "bind")
         if args.broadcast is None:
             broadcast_address_for(args.bind)
+        else:
+            check_tcp_port(args.broadcast, "bind")
         db = Database(args.path, durability=args.durability)
     except (BrokerError, DobbinError, OSError) as error:
         print("dobbin serve: %s" % error, file=sys.stderr)

@@ -218,6 +218,9 @@ def test_serve_refuses_a_bad_address_or_app_before_making_the_file(tmp_path):
     path = tmp_path / "never.dobbin"
     assert "bogus://x" in _failed_run(["serve", str(path), "--bind", "bogus://x"])
     assert "cannot import" in _failed_run(["serve", str(path), "--app", "no_such_module:f"])
+    assert "0 to 65535" in _failed_run(["serve", str(path), "--bind", "tcp://127.0.0.1:70000"])
+    assert "0 to 65535" in _failed_run(["serve", str(path), "--bind", "tcp://127.0.0.1:*",
+                                        "--broadcast", "tcp://127.0.0.1:99999"])
     assert os.listdir(tmp_path) == []
 
 

@@ -52,6 +52,13 @@ def test_binding_an_address_twice_is_an_address_error(sockets):
     binding.release()  # nothing to give back for tcp://
 
 
+@pytest.mark.parametrize("port", ["70000", "-1", "5555x", "\u0665", ""])
+def test_a_tcp_port_zeromq_would_read_otherwise_is_an_address_error(sockets, port):
+    # ZeroMQ binds 70000 as 4464 and -1 as 65535: a server nobody finds.
+    with pytest.raises(AddressError, match="a port from 0 to 65535"):
+        bind(sockets(), "tcp://127.0.0.1:" + port)
+
+
 def test_an_ipc_path_is_held_from_bind_to_release_and_then_free(tmp_path, sockets):
     # ZeroMQ itself would take the path over: the first socket's clients
     # would reach the second.

@@ -268,7 +268,9 @@ def test_close_twice_is_harmless():
         connection.request("ping", {})
 
 
-@pytest.mark.parametrize("address", ["not-an-endpoint", "tcp://", "bogus://x", 5, None])
+@pytest.mark.parametrize("address", ["not-an-endpoint", "tcp://", "bogus://x", 5, None,
+                                     "tcp://127.0.0.1:70000", "tcp://127.0.0.1:-1",
+                                     "tcp://127.0.0.1:5555x"])
 def test_an_address_that_is_no_endpoint_is_an_address_error(address):
     with pytest.raises(AddressError, match="cannot connect to"):
         Connection(address, codec, timeout=0.1, retries=0)
