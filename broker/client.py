@@ -454,14 +454,14 @@ class BrokerClient:
                 self._changes.set_attr(proxy, name, value, ABSENT)
             return proxy
 
-    def get(self, target, **query):
-        return self._search(target, "get", query, None)
+    def get(self, target, where=None, /, **fields):
+        return self._search(target, "get", _query(where, fields), None)
 
-    def find(self, target, limit=None, **query):
-        return self._search(target, "find", query, limit)
+    def find(self, target, where=None, /, *, limit=None, **fields):
+        return self._search(target, "find", _query(where, fields), limit)
 
-    def count(self, target, **query):
-        return self._search(target, "count", query, None)
+    def count(self, target, where=None, /, **fields):
+        return self._search(target, "count", _query(where, fields), None)
 
     def _search(self, target, mode, query, limit):
         with self._lock:
@@ -496,3 +496,16 @@ class BrokerClient:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def _query(where, fields):
+    """The fields a search matches: `where` (a dict, for names that are
+    also parameters, such as "limit") and the keyword arguments."""
+    if where is None:
+        return fields
+    if not isinstance(where, dict):
+        raise TypeError("search fields are a dict or keyword arguments, not %r" % (where,))
+    both = sorted(set(where) & set(fields))
+    if both:
+        raise TypeError("search field %s given twice" % ", ".join(map(repr, both)))
+    return {**where, **fields}

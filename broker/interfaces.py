@@ -441,18 +441,21 @@ class IBrokerClient(Interface):
         then reachable from a stored object.
         """
 
-    def get(target, **query):
-        """Return the one object in `target` whose fields equal `query`.
+    def get(target, where=None, /, **fields):
+        """Return the one object in `target` whose fields equal the query.
 
-        `target` is a mapping proxy, or an exported class name.  Raises
-        NoResultError or MultipleResultsError otherwise.
+        `target` is a mapping proxy, or an exported class name.  The query
+        is `where` (a dict: for fields named like a parameter, "target" or
+        "limit") and `fields`.  Raises NoResultError or
+        MultipleResultsError unless exactly one object matches.
         """
 
-    def find(target, limit=None, **query):
-        """Return a list of the objects in `target` whose fields equal `query`."""
+    def find(target, where=None, /, *, limit=None, **fields):
+        """Return a list of the objects in `target` matching the query (see
+        `get`), at most `limit` of them."""
 
-    def count(target, **query):
-        """Return how many objects in `target` have fields equal to `query`."""
+    def count(target, where=None, /, **fields):
+        """Return how many objects in `target` match the query (see `get`)."""
 
     def close():
         """Close the sockets; the client cannot be used afterwards.  Idempotent.

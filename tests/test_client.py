@@ -206,6 +206,29 @@ def test_search_get_find_count_and_invalidation(broker):
         two.count("broker_fixtures.Unknown")
 
 
+def test_search_fields_named_like_parameters_go_in_a_dict(broker):
+    db, _server, connect = broker
+    things = db.root.things
+    checkout(things)
+    for n, (target, limit) in enumerate([("here", 1), ("there", 1), ("here", 2)]):
+        item = Item("n%d" % n)
+        checkout(item)
+        item.target, item.limit = target, limit
+        things["t%d" % n] = item
+    transaction.commit()
+    client = connect()
+    remote = client.root.things
+    assert client.count(remote, {"target": "here"}) == 2
+    assert client.get(remote, {"target": "here", "limit": 2}).name == "n2"
+    assert client.get(remote, {"limit": 2}, target="here").name == "n2"
+    assert len(client.find(remote, {"limit": 1}, limit=1)) == 1
+    assert len(client.find(remote, {"limit": 1})) == 2
+    with pytest.raises(TypeError, match="'target' given twice"):
+        client.count(remote, {"target": "here"}, target="there")
+    with pytest.raises(TypeError, match="a dict or keyword arguments"):
+        client.count(remote, ["target"])
+
+
 def test_what_is_kept_across_transactions_is_bounded(broker, monkeypatch):
     import broker.client as client_module
     monkeypatch.setattr(client_module, "SEARCH_CACHE", 4)
