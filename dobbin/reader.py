@@ -312,8 +312,18 @@ def _ours(fd, offset, header, damaged_tid, damaged_at, foreign):
 # -- one record ----------------------------------------------------------------
 
 def read_record(fd, offset, expected_tid, file_size):
-    """Read and check the record at `offset`; raise Incomplete/Damaged."""
-    header, fields = _read_header(fd, offset, expected_tid, file_size)
+    """Read and check the record at `offset`; raise Incomplete/Damaged.
+
+    A Damaged checkpoint has `skip_to` set if it can be stepped over: its
+    header is sound, or its header is damaged (or missing) but its body
+    is whole and a valid record follows it."""
+    try:
+        header, fields = _read_header(fd, offset, expected_tid, file_size)
+    except Damaged as damage:
+        end = _checkpoint_end_past_header(fd, offset, expected_tid, file_size)
+        if end is not None:
+            damage.skip_to = damage.span_end = end
+        raise
     status, length = fields[0], fields[1]
     try:
         return _read_body(fd, offset, header, *fields)
@@ -424,6 +434,46 @@ def _read_header(fd, offset, expected_tid, file_size):
     if offset + length > file_size:
         raise Incomplete()
     return header, (status, length, tid, oid_high, stamp, checkpoint, lag, count)
+
+
+def _checkpoint_end_past_header(fd, offset, expected_tid, file_size):
+    """The end of the checkpoint at `offset` whose header is unreadable,
+    or None if that is not what is there.
+
+    Its header is written last and covers nothing a later record needs
+    (docs/format.txt), so a lost or damaged one costs nothing when the
+    body is whole: one I entry of the tid before `expected_tid` (a
+    checkpoint repeats it), with a sound crc, whose index starts with
+    `offset`, then a trailer of the record's length, then a valid record.
+    Without that later record it is what a writer left half written:
+    the tail is torn, and not stepped over.
+    """
+    head = os.pread(fd, ENTRY_SIZE + 8, offset + TX_HEADER_SIZE)
+    if len(head) < ENTRY_SIZE + 8 or head[:1] != KIND_INDEX:
+        return None
+    _kind, _res, crc, _oid, tid, _previous, length = ENTRY.unpack_from(head)
+    end = offset + TX_HEADER_SIZE + ENTRY_SIZE + length + TRAILER_SIZE
+    if (expected_tid is not None and tid != expected_tid - 1
+            or int.from_bytes(head[ENTRY_SIZE:], "little") != offset or end > file_size):
+        return None
+    binding = _crc(head[8:ENTRY_SIZE])
+    position, data_end = offset + TX_HEADER_SIZE + ENTRY_SIZE, end - TRAILER_SIZE
+    while position < data_end:
+        chunk = os.pread(fd, min(READ_AHEAD, data_end - position), position)
+        if not chunk:
+            return None
+        binding = _crc(chunk, binding)
+        position += len(chunk)
+    _trailer_crc, magic, record_length = TRAILER.unpack(
+        os.pread(fd, TRAILER_SIZE, data_end).ljust(TRAILER_SIZE, b"\0"))
+    if binding != crc or magic != TRAILER_MAGIC or record_length != end - offset:
+        return None
+    try:
+        header, fields = _read_header(fd, end, tid + 1, file_size)
+        _read_body(fd, end, header, *fields)
+    except (Damaged, Incomplete):
+        return None
+    return end
 
 
 def _check_trailer(fd, offset, end, length, binding):

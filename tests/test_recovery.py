@@ -18,8 +18,8 @@ from dobbin.exc import CorruptionError, StorageError
 from dobbin.log import (CHECKPOINT, COMMITTED, ENTRY_SIZE, STREAM_CHUNK, TRAILER_SIZE,
                         TX_HEADER_SIZE, IndexEntry, Log, NoteEntry, ObjectEntry, StreamEntry)
 from dobbin.recovery import INCOMPLETE
-from log_fixtures import (E_LENGTH, E_TID, H_LENGTH, H_STATUS, H_TID, T_CRC, T_LENGTH, T_MAGIC,
-                          checkpoint_file, commits, entry_offsets, make_file, object_entry,
+from log_fixtures import (E_LENGTH, E_TID, H_CRC, H_LENGTH, H_STATUS, H_TID, T_CRC, T_LENGTH,
+                          T_MAGIC, checkpoint_file, commits, entry_offsets, make_file, object_entry,
                           read_file, records_of, seal, seal_entry, set_lag, small_commits)
 
 
@@ -503,6 +503,45 @@ def test_a_damaged_checkpoint_is_stepped_over(tmp_path, path):
     assert log.dropped is None
     assert [offset for offset, _reason in log.skipped] == [spans[3][0]]
     log.close()
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "magic", "tid", "crc"])
+def test_a_checkpoint_header_lost_before_a_valid_record_is_stepped_over(tmp_path, path, damage):
+    # A checkpoint's header is written last and covers nothing later
+    # records need: losing it must not cut the commits after it.
+    spans = checkpoint_file(tmp_path, path)
+    checkpoint = spans[3][0]
+    data = bytearray(read_file(path))
+    if damage == "zeroed":
+        data[checkpoint:checkpoint + TX_HEADER_SIZE] = bytes(TX_HEADER_SIZE)
+    else:
+        data[checkpoint + {"magic": 0, "tid": H_TID, "crc": H_CRC}[damage]] ^= 0x01
+    with open(path, "wb") as f:
+        f.write(data)
+    reader = Log(path, read_only=True)
+    assert [record.tid for record in reader.follow()] == [1, 2, 3, 4, 5]
+    assert [offset for offset, _reason in reader.skipped] == [checkpoint]
+    reader.close()
+    log = Log(path, durability="none")
+    assert [record.tid for record in log.recover()] == [1, 2, 3, 4, 5]
+    assert log.dropped is None
+    assert [offset for offset, _reason in log.skipped] == [checkpoint]
+    log.close()
+
+
+def test_a_checkpoint_without_header_and_with_a_damaged_body_is_not_stepped_over(tmp_path,
+                                                                                  path):
+    spans = checkpoint_file(tmp_path, path)
+    checkpoint = spans[3][0]
+    data = bytearray(read_file(path))
+    data[checkpoint:checkpoint + TX_HEADER_SIZE] = bytes(TX_HEADER_SIZE)
+    data[checkpoint + TX_HEADER_SIZE + ENTRY_SIZE + 9] ^= 0x01  # the index itself
+    with open(path, "wb") as f:
+        f.write(data)
+    # Nothing shows that the records after it follow a checkpoint: the
+    # damage is that of any record, and records 4 and 5 vouch for it.
+    with pytest.raises(CorruptionError, match="a valid record follows"):
+        recover(path)
 
 
 def test_a_damaged_last_checkpoint_before_reserved_space_is_stepped_over(path):

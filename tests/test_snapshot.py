@@ -96,6 +96,36 @@ def test_verify_calls_a_tail_torn_after_staging_incomplete_not_damage(tmp_path):
         assert db.root.n == 1 and db.verify()["ok"]
 
 
+def test_a_checkpoint_header_lost_under_a_later_commit_keeps_the_commit_and_is_reported(
+        tmp_path):
+    # The commit after the checkpoint was cut as a torn tail, and verify
+    # said the file was sound.
+    path = str(tmp_path / "db")
+    with Database(path) as db:
+        db.elect(PersistentDict(n=0))
+        transaction.commit()
+        while not db._log.checkpoint:
+            checkout(db.root)
+            db.root["n"] += 1
+            db.root["pad%d" % db.root["n"]] = "x" * 2000
+            transaction.commit()
+        checkpoint = db._log.checkpoint
+        checkout(db.root)
+        db.root["last"] = "after the checkpoint"
+        transaction.commit()
+        last_tid = db.last_tid
+    with open(path, "r+b") as f:
+        f.seek(checkpoint)
+        f.write(bytes(TX_HEADER_SIZE))
+    with Database(path, read_only=True) as db:
+        report = db.verify()
+    assert not report["ok"] and "damaged index checkpoint at offset %d" % checkpoint in (
+        report["errors"][0])
+    with Database(path) as db:
+        assert db.recovery is None and db.last_tid == last_tid
+        assert db.root["last"] == "after the checkpoint"
+
+
 def test_a_snapshot_copies_what_the_root_reaches_then_and_keeps_the_oid_counter(open_db,
                                                                                  tmp_path):
     db = open_db(durability="none")
