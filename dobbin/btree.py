@@ -118,6 +118,12 @@ def _incomparable(key, exc):
                      "in this OOBTree: %s" % (key, type(key).__name__, exc))
 
 
+def _changed_size():
+    # As a dict says it: going on would skip keys or repeat them.
+    return RuntimeError("OOBTree changed size during iteration (iterate over list(tree) "
+                        "to change it as you go)")
+
+
 def _bisect(function, keys, bound):
     try:
         return function(keys, bound)
@@ -151,8 +157,8 @@ class OOBTree(TreePart):
 
     Mutating methods check out only the objects they change: an insert
     rewrites one bucket and the `Length` counter, a split also the parent
-    node.  Do not mutate the tree while iterating over it: iterate over a
-    ``list(...)`` copy instead.
+    node.  Do not mutate the tree while iterating over it (a change of
+    size raises RuntimeError): iterate over a ``list(...)`` copy instead.
     """
 
     #: A bucket holding more items than this is split in two.
@@ -338,9 +344,12 @@ class OOBTree(TreePart):
             end = len(keys) if max is None else _bisect(end_of, keys, max)
             if jar is not None and end > start:
                 jar.prefetch(values[start:end])
+            size = len(keys)
             for at in range(start, end):
                 yield keys[at], values[at]
-            if end < len(keys) or next is None:
+                if len(keys) != size:
+                    raise _changed_size()
+            if end < size or next is None:
                 return
             if end > start:
                 after, exclusive, restarts = keys[end - 1], True, 0
@@ -409,7 +418,10 @@ class OOBTree(TreePart):
         found = self._largest(max, not excludemax)
         while found is not _MISSING:
             _, _, (keys, values, _, _, _) = type(self)._find(self, found)
+            size = len(keys)
             for at in range(bisect_right(keys, found) - 1, -1, -1):
+                if len(keys) != size:
+                    raise _changed_size()
                 key = keys[at]
                 try:
                     if min is not None and (key < min or excludemin and not min < key):

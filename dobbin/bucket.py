@@ -416,10 +416,23 @@ class RangeView:
         self._bounds = (min, max, excludemin, excludemax)
 
     def __iter__(self):
-        return self._shaped(self._tree._iter_range(*self._bounds, prefetch=self._kind != 0))
+        return self._shaped(self._tree._iter_range(*self._current_bounds(),
+                                                   prefetch=self._kind != 0))
 
     def __reversed__(self):
-        return self._shaped(self._tree._iter_backwards(*self._bounds))
+        return self._shaped(self._tree._iter_backwards(*self._current_bounds()))
+
+    def _current_bounds(self):
+        """The bounds, where an excluded bound of None means, as in BTrees,
+        "leave out the smallest (largest) key": that key, as of now."""
+        min, max, excludemin, excludemax = self._bounds
+        if min is None and excludemin:
+            for min, _ in self._tree._iter_range(None, None, False, False):
+                break
+        if max is None and excludemax:
+            for max, _ in self._tree._iter_backwards(None, None, False, False):
+                break
+        return min, max, excludemin, excludemax
 
     def _shaped(self, pairs):
         """The view's kind of items from (key, value) pairs."""
@@ -430,13 +443,14 @@ class RangeView:
         return pairs
 
     def __len__(self):
-        if self._bounds[:2] == (None, None):
+        bounds = self._current_bounds()
+        if bounds[:2] == (None, None):
             return len(self._tree)
-        return sum(1 for _ in self._tree._iter_range(*self._bounds))
+        return sum(1 for _ in self._tree._iter_range(*bounds))
 
     def __contains__(self, item):
         if self._kind == 0:
-            min, max, excludemin, excludemax = self._bounds
+            min, max, excludemin, excludemax = self._current_bounds()
             _check_key(item)
             try:
                 if min is not None and (item < min or excludemin

@@ -127,6 +127,37 @@ def test_ranges():
     assert len(tree.keys()) == len(tree) == 50
 
 
+def test_an_excluded_bound_of_none_leaves_the_smallest_or_largest_key_out():
+    tree = SmallTree((k, -k) for k in range(0, 100, 2))
+    assert list(tree.keys(excludemin=True))[:2] == [2, 4]
+    assert list(tree.keys(excludemax=True))[-2:] == [94, 96]
+    assert list(tree.keys(max=6, excludemin=True)) == [2, 4, 6]
+    assert list(reversed(tree.keys(excludemin=True, excludemax=True)))[::47] == [96, 2]
+    assert len(tree.keys(excludemin=True, excludemax=True)) == 48
+    assert 0 not in tree.keys(excludemin=True) and 98 not in tree.items(excludemax=True)
+    view = tree.keys(excludemin=True)
+    tree[-2] = 2  # a view reflects the tree as it is when read
+    assert list(view)[:2] == [0, 2]
+    assert list(SmallTree().keys(excludemin=True, excludemax=True)) == []
+
+
+@pytest.mark.parametrize("change", ["insert", "delete"])
+@pytest.mark.parametrize("backwards", [False, True])
+def test_changing_the_size_while_iterating_raises_instead_of_skipping(change, backwards):
+    tree = OOBTree((k, k) for k in range(0, 40, 2))  # one bucket, and no split below
+    tree[0] = "changed"  # iterated, the bucket is this transaction's copy: changed in place
+    seen = []
+    with pytest.raises(RuntimeError, match="changed size during iteration"):
+        for key in reversed(tree) if backwards else tree:
+            seen.append(key)
+            if change == "insert":  # a key not yet reached: it would shift the rest
+                tree[key + (-1 if backwards else 1)] = "new"
+            else:
+                del tree[key]
+    assert len(seen) == len(set(seen)) == 1
+    transaction.abort()
+
+
 def test_min_and_max_key():
     tree = SmallTree((k, k) for k in range(10, 50, 5))
     assert tree.minKey() == 10 and tree.maxKey() == 45
@@ -277,8 +308,17 @@ class TreeMachine(RuleBasedStateMachine):
             (k, v) for k, v in sorted(self.model.items())
             if (low is None or k > low or (k == low and not excludemin))
             and (high is None or k < high or (k == high and not excludemax))]
+        # As in BTrees: an excluded bound of None leaves the smallest
+        # (largest) key out.
+        left_out = set()
+        if low is None and excludemin and self.model:
+            left_out.add(min(self.model))
+        if high is None and excludemax and self.model:
+            left_out.add(max(self.model))
+        expected = [(k, v) for k, v in expected if k not in left_out]
         view = self.tree.items(low, high, excludemin, excludemax)
         assert list(view) == expected
+        assert len(view) == len(expected)
         assert list(reversed(view)) == expected[::-1]
         assert list(reversed(self.tree.keys(low, high, excludemin, excludemax))) \
             == [k for k, _ in reversed(expected)]
