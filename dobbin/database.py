@@ -420,10 +420,12 @@ class Database:
             # are refused (the log is marked broken).
             logger.exception("could not write an index checkpoint to %s", self.path)
 
-    def _apply(self, record, reload=True, durable_at=0):
+    def _apply(self, record, reload=True, durable_at=None):
         """Take a record into the index; caller holds the state lock.
 
-        Subscribers hear of it once the file is durable up to `durable_at`.
+        Subscribers hear of it once the file is durable up to `durable_at`
+        (given for our own commit, whose writer syncs it), or up to its
+        end (another writer's record, or one already durable).
         """
         if record.status != COMMITTED:
             self._applied_tid = record.tid
@@ -439,7 +441,11 @@ class Database:
                         self._reload(obj, entry, record.tid)
             elif entry.kind == KIND_ROOT:
                 self._index.roots.append((record.tid, entry.oid))
-        self._notifier.note(durable_at, record.tid, frozenset(changed))
+        if durable_at is None:
+            self._notifier.note(record.offset + record.length, record.tid, frozenset(changed),
+                                ours=False)
+        else:
+            self._notifier.note(durable_at, record.tid, frozenset(changed))
         self._applied_tid = record.tid
 
     def _check_caught_up(self):

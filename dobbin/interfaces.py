@@ -364,11 +364,14 @@ class INotifier(Interface):
     def unsubscribe(callback):
         """Stop calling `callback`; ValueError if it was not subscribed."""
 
-    def note(durable_at, tid, oids):
+    def note(durable_at, tid, oids, ours=True):
         """Queue the news of transaction `tid`, which changed `oids`, to be
         told once the file is durable up to `durable_at`, or once the log
         is broken (no fsync will tell; the database shows the change
-        all the same).  Notes come in tid order."""
+        all the same).  Notes come in tid order.  A note not `ours` (a
+        record another writer wrote, which this database caught up with)
+        is made durable by `flush` itself, if a subscriber is to hear of
+        it: its writer's fsync may not have returned yet."""
 
     def clear():
         """Drop the notes not yet told."""

@@ -14,6 +14,7 @@ import threading
 
 from zope.interface import implementer
 
+from dobbin.exc import DobbinError
 from dobbin.interfaces import INotifier
 
 logger = logging.getLogger("dobbin")
@@ -39,8 +40,8 @@ class Notifier:
     def unsubscribe(self, callback):
         self._subscribers.remove(callback)
 
-    def note(self, durable_at, tid, oids):
-        self._notes.append((durable_at, tid, oids))
+    def note(self, durable_at, tid, oids, ours=True):
+        self._notes.append((durable_at, tid, oids, ours))
 
     def clear(self):
         self._notes.clear()
@@ -55,13 +56,15 @@ class Notifier:
         with self.lock:
             while self._notes:
                 try:
-                    durable_at, tid, oids = self._notes[0]
+                    durable_at, tid, oids, ours = self._notes[0]
                     log = self._log
                     if (durable_at > log.synced_end and log.durability == "fsync"
-                            and log.broken is None):
-                        # Its writer will flush it once the fsync is done.  (Once
-                        # one failed, none is; the database shows the change.)
-                        break
+                            and log.broken is None and self._subscribers):
+                        if ours:
+                            # Its writer will flush it once the fsync is done.  (Once
+                            # one failed, none is; the database shows the change.)
+                            break
+                        _make_durable(log, durable_at)
                     self._notes.popleft()
                 except IndexError:
                     break
@@ -75,3 +78,15 @@ class Notifier:
                                              callback, tid)
                 finally:
                     self._threads.notifying = False
+
+
+def _make_durable(log, end):
+    """fdatasync the file up to `end`: another writer's record, which it
+    may not have synced yet (its fsync covers our descriptor too, and ours
+    its).  A failure leaves the log broken, and then it is told anyway,
+    as a failed fsync of our own is."""
+    try:
+        log.flush(end)
+    except DobbinError as error:
+        logger.warning("%s: could not make transactions up to offset %d durable before "
+                       "telling subscribers: %s", log.path, end, error)

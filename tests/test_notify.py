@@ -2,10 +2,12 @@
 
 import logging
 import threading
+import time
 
 import pytest
 from zope.interface.verify import verifyObject
 
+from dobbin.exc import StorageError
 from dobbin.interfaces import INotifier
 from dobbin.notify import Notifier
 
@@ -17,6 +19,12 @@ class FakeLog:
         self.durability = durability
         self.synced_end = 0
         self.broken = None
+        self.path = "fake.dobbin"
+        self.flushed = []
+
+    def flush(self, end):
+        self.flushed.append(end)
+        self.synced_end = max(self.synced_end, end)
 
 
 def test_implements_interface():
@@ -55,6 +63,38 @@ def test_notes_are_told_in_order_once_durable():
     log.synced_end = 200
     notifier.flush()
     assert told == [(1, frozenset({5})), (2, frozenset({6}))]
+
+
+def test_another_writers_record_is_made_durable_before_subscribers_hear_of_it():
+    log = FakeLog()
+    notifier = Notifier(log)
+    notifier.note(100, 1, frozenset({5}), ours=False)
+    notifier.flush()
+    assert log.flushed == [], "no subscriber: no fsync for nobody"
+    told = []
+    notifier.subscribe(lambda tid, oids: told.append((tid, log.synced_end)))
+    notifier.note(200, 2, frozenset({6}), ours=False)
+    notifier.note(300, 3, frozenset({7}))  # ours: our writer syncs it, then flushes
+    notifier.flush()
+    assert log.flushed == [200] and told == [(2, 200)]
+
+
+def test_a_failed_fsync_of_another_writers_record_is_logged_and_told(caplog):
+    log = FakeLog()
+
+    def failing_flush(end):
+        log.broken = OSError(5, "Input/output error")
+        raise StorageError("fsync of fake.dobbin failed")
+
+    log.flush = failing_flush
+    notifier = Notifier(log)
+    told = []
+    notifier.subscribe(lambda tid, oids: told.append(tid))
+    notifier.note(100, 1, frozenset(), ours=False)
+    with caplog.at_level(logging.WARNING, logger="dobbin"):
+        notifier.flush()
+    assert told == [1], "as after a failed fsync of our own: the database shows the change"
+    assert "could not make transactions up to offset 100 durable" in caplog.text
 
 
 def test_without_fsync_notes_are_told_at_once_and_clear_drops_them():
@@ -116,3 +156,59 @@ def test_holding_the_lock_keeps_subscribers_from_being_told():
         assert not told.wait(0.2)
     flusher.join(10)
     assert told.is_set()
+
+
+def test_a_second_database_tells_of_a_commit_only_once_it_is_durable(tmp_path, monkeypatch):
+    # It told its subscribers as soon as it caught up, while the writer's
+    # fsync had not even started: a broker on it broadcast a transaction
+    # that a power cut could still take back.
+    import transaction
+
+    import dobbin.log
+    from dobbin.database import Database
+    from dobbin.persistent import PersistentDict, checkout
+
+    path = str(tmp_path / "db")
+    writer = Database(path)
+    writer.elect(PersistentDict())
+    transaction.commit()
+    reader = Database(path)
+    syncs = []
+    real_fdatasync = dobbin.log._fdatasync
+    monkeypatch.setattr(dobbin.log, "_fdatasync", lambda fd: (real_fdatasync(fd),
+                                                             syncs.append(fd)))
+    writer_synced = threading.Event()
+    release = threading.Event()
+    real_flush = writer._log.flush
+
+    def slow_flush(end):  # a busy disk: the writer's fsync has not started
+        release.wait(10)
+        real_flush(end)
+        writer_synced.set()
+
+    monkeypatch.setattr(writer._log, "flush", slow_flush)
+    told = []
+    reader.subscribe(lambda tid, oids: told.append((tid, writer_synced.is_set(), list(syncs))))
+
+    def commit():
+        checkout(writer.root)
+        writer.root["x"] = 1
+        transaction.commit()
+
+    thread = threading.Thread(target=commit)
+    thread.start()
+    try:
+        for _ in range(500):
+            reader.sync()
+            if told:
+                break
+            time.sleep(0.01)
+    finally:
+        release.set()
+        thread.join(10)
+    assert told, "the reader never caught up"
+    tid, writer_done, synced_before = told[0]
+    assert tid == writer.last_tid
+    assert writer_done or reader._log.fd in synced_before, "told before any fsync covered it"
+    writer.close()
+    reader.close()
