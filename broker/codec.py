@@ -125,6 +125,10 @@ class Codec:
             data = _pack(converted)
         except (OverflowError, ValueError, TypeError) as e:
             raise EncodeError("cannot encode message: %s" % e) from None
+        except RuntimeError as e:
+            # A dict or set another thread changed as it was read.
+            raise EncodeError("cannot encode message: a value changed while it was being "
+                              "encoded (%s)" % e) from None
         if len(data) > self.max_message:
             raise EncodeError("message of %d bytes exceeds the limit of %d"
                               % (len(data), self.max_message))

@@ -117,6 +117,22 @@ def test_unsupported_values_raise_encode_error(value, message):
         codec.encode({"v": value})
 
 
+def test_a_value_changed_while_it_is_encoded_raises_encode_error():
+    # What another thread does to a dict a client is sending, done here
+    # by the hook that converts a value of an unknown type.
+    message = {}
+    marker = object()
+
+    def grow(value):
+        message["more"] = 1
+        return Key("n", 9)
+
+    message["first"] = marker
+    message["second"] = [marker]
+    with pytest.raises(EncodeError, match="changed while it was being encoded"):
+        Codec(default=grow).encode({"shared": message, "again": message})
+
+
 def test_depth_limit_when_encoding():
     value = []
     for _ in range(10):
