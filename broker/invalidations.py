@@ -203,7 +203,10 @@ class Invalidations:
                 if proxy is not None:
                     proxy._ghostify()
         self._statics = set()
-        self.tid = self.known = tid
+        if self.gap or self.known is None or self.known < tid:
+            self.known = tid
+        # Else broadcasts after `tid` are pending, received in order: still known.
+        self.tid = tid
         self.gap = self.flush_needed = False
         for token, data in states:
             proxy = self._cache.get(token)

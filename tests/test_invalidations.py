@@ -154,6 +154,23 @@ def test_a_broadcast_state_is_taken_only_when_it_is_the_newest_at_the_snapshot()
     assert other._state is None
 
 
+def test_broadcasts_kept_past_a_boundary_still_count_as_received():
+    # Advancing to tid 11 with broadcast 12 kept for later set `known` back
+    # to 11: broadcast 13 (prev 12) then looked like a gap, and a sync
+    # was needed, and the states it pushed were lost.
+    client = Client()
+    item = client.loaded("o", 3, name="before")
+    client.view.receive(changed(1, 11, [1]))
+    client.view.receive(changed(2, 12, [2]))
+    client.view.committed(11, [1], [])  # our commit, whose reply came after 12's broadcast
+    assert client.view.tid == 11 and client.view.known == 12
+    sealed = seal(MAC, SERVER, 13, data(13, name="pushed"))
+    client.view.receive(changed(3, 13, [3], [[3, sealed]]))
+    assert not client.view.gap
+    client.view.aborted()
+    assert client.view.tid == 13 and item._state == {"name": "pushed"}
+
+
 def test_a_commit_takes_the_states_its_reply_carries():
     client = Client()
     item = client.loaded("o", 1, name="before")
