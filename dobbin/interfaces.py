@@ -204,8 +204,11 @@ class IDatabase(Interface):
 
         Called once per transaction, in order, after its changes are
         visible, for this database's commits and for other writers'
-        commits found while catching up; ``oids`` is a frozenset of the
-        objects whose state changed.  It runs in the thread that
+        commits found while catching up, once durable (another writer's,
+        by an fdatasync of this database's own if its writer's has not
+        returned yet); ``oids`` is a frozenset of the objects whose state
+        changed.  A callback subscribed twice is called twice.  It runs
+        in the thread that
         committed or caught up, never while the write lock is held, must
         be quick, and must not raise (errors are logged and dropped).
 
@@ -222,7 +225,8 @@ class IDatabase(Interface):
         """
 
     def unsubscribe(callback):
-        """Stop calling `callback`."""
+        """Stop calling `callback` (once, if subscribed twice); ValueError
+        if it is not subscribed."""
 
     def load_state(oid, tid=None):
         """Return ``(serial, state)`` of `oid` as of transaction `tid`.
