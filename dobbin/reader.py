@@ -202,10 +202,18 @@ def checkpoint_without_header(fd, offset):
     its I entry after it, whose index starts with `offset`, as every one
     does?  (Checkpoints are written header last, see docs/format.txt.)"""
     block = os.pread(fd, TX_HEADER_SIZE + ENTRY_SIZE + 8, offset)
-    return (len(block) == TX_HEADER_SIZE + ENTRY_SIZE + 8
-            and block[:TX_HEADER_SIZE] == ZERO_HEADER
-            and block[TX_HEADER_SIZE:TX_HEADER_SIZE + 1] == KIND_INDEX
-            and int.from_bytes(block[-8:], "little") == offset)
+    return (block[:TX_HEADER_SIZE] == ZERO_HEADER
+            and _checkpoint_entry(block[TX_HEADER_SIZE:], offset) is not None)
+
+
+def _checkpoint_entry(head, offset):
+    """The fields of the I entry whose header (and the 8 bytes after it)
+    `head` holds, if it is the one of a checkpoint at `offset`: its index
+    starts with that offset, as every one does.  Else None."""
+    if (len(head) < ENTRY_SIZE + 8 or head[:1] != KIND_INDEX
+            or int.from_bytes(head[ENTRY_SIZE:ENTRY_SIZE + 8], "little") != offset):
+        return None
+    return ENTRY.unpack_from(head)
 
 
 def _sound_header(fd, offset):
@@ -449,12 +457,12 @@ def _checkpoint_end_past_header(fd, offset, expected_tid, file_size):
     the tail is torn, and not stepped over.
     """
     head = os.pread(fd, ENTRY_SIZE + 8, offset + TX_HEADER_SIZE)
-    if len(head) < ENTRY_SIZE + 8 or head[:1] != KIND_INDEX:
+    entry = _checkpoint_entry(head, offset)
+    if entry is None:
         return None
-    _kind, _res, crc, _oid, tid, _previous, length = ENTRY.unpack_from(head)
+    _kind, _res, crc, _oid, tid, _previous, length = entry
     end = offset + TX_HEADER_SIZE + ENTRY_SIZE + length + TRAILER_SIZE
-    if (expected_tid is not None and tid != expected_tid - 1
-            or int.from_bytes(head[ENTRY_SIZE:], "little") != offset or end > file_size):
+    if expected_tid is not None and tid != expected_tid - 1 or end > file_size:
         return None
     binding = _crc(head[8:ENTRY_SIZE])
     position, data_end = offset + TX_HEADER_SIZE + ENTRY_SIZE, end - TRAILER_SIZE
