@@ -21,7 +21,7 @@ from broker.exc import (AccessDenied, ConflictError, EncodeError, MultipleResult
                         NoResultError, ProtocolError, ReadConflictError, ResultLost)
 from broker.export import class_name, hidden_item, visible_instances, visible_items
 from broker.keys import Key
-from broker.outcomes import (COMMIT_MARK, check_created, commit_mark, commit_reply,
+from broker.outcomes import (COMMIT_MARK, Recorded, check_created, commit_mark, commit_reply,
                              ok_value, page_value)
 from broker.protocol import VERSION
 from broker.snapshots import Snapshot, tree_lookup
@@ -293,20 +293,22 @@ class Handlers:
     def op_commit(self, f):
         """Apply a commit request.  The server adds to its fields the request's
         "rid" and, for a copy of a commit an earlier server ran, that one's
-        "recorded" outcome (see broker.outcomes); this sets "committed" once
-        the transaction is.  Once it is, the reply cannot fail for its size."""
+        "recorded" outcome (see broker.outcomes); this sets "committed" (to
+        its `Recorded` form) once the transaction is.  Once it is, the reply
+        cannot fail for its size."""
         if f["recorded"] is not None:
             return self.recorded_commit(f, f["recorded"])
         check_created(len(f["new"]), self.server._codec)
         for _attempt in range(COMMIT_ATTEMPTS):
             txn = transaction.begin()
+            before = self.db.committed_tid
             try:
                 touched = self.apply_commit(f)
                 check_sendable(touched, self.exports, self.sizing_codec)
                 mark = commit_mark(f["token"], f["rid"], touched.created)
                 txn.setExtendedInfo(COMMIT_MARK, mark)
                 transaction.commit()
-                f["committed"] = True
+                f["committed"] = self._recorded(before, touched.created)
             except StoreConflictError:
                 transaction.abort()
                 continue
@@ -332,6 +334,14 @@ class Handlers:
             {"tid": tid, "created": created, "root": self.root_key(), "states": [],
              "changed": self.server.history.changes(f["since"], tid)},
             self.states_at(touched, tid), self.server._codec))
+
+    def _recorded(self, before, created):
+        """The `Recorded` form of the transaction this thread just committed
+        (the thread's committed tid was `before`), which made `created`."""
+        tid = self.db.committed_tid
+        return Recorded(None if tid == before else tid,
+                        [(num, obj._p_oid) for num, obj in created.items()
+                         if obj._p_oid is not None])
 
     def recorded_commit(self, f, recorded):
         """The reply to a commit that ran before a restart: as its own server
@@ -487,13 +497,16 @@ class Handlers:
     def _run_in_transaction(self, f, func, args, kwargs):
         """Run an application method for call/invoke request `f` in a
         transaction marked, as a commit's is, with the request's token; set
-        f["committed"] once it is, and return its result encoded (a Record).
+        f["committed"] (see op_commit) once it is, and return its result
+        encoded (a Record).
         A result that cannot be sent is ResultLost: the method ran."""
         name = f.get("method", f.get("name"))
         if f["recorded"] is not None:
-            raise ResultLost("%r ran before the server restarted (transaction %d); its "
-                             "result was not kept" % (name, f["recorded"].tid))
+            raise ResultLost("%r ran already (transaction %s), before the server restarted "
+                             "or while many others finished; its result was not kept"
+                             % (name, f["recorded"].tid))
         txn = transaction.begin()
+        before = self.db.committed_tid
         self.server._in_request(txn)  # the server's obj_update etc. join it
         try:
             txn.setExtendedInfo(COMMIT_MARK, commit_mark(f["token"], f["rid"], {}))
@@ -507,7 +520,7 @@ class Handlers:
             raise
         finally:
             self.server._in_request(None)
-        f["committed"] = True
+        f["committed"] = self._recorded(before, {})
         try:
             return Record(ok_value(self.server._codec, result))
         except EncodeError as error:

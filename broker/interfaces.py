@@ -162,12 +162,14 @@ class ICommitOutcomes(Interface):
         `broker.outcomes.Recorded` commit that an earlier server ran, which
         the caller answers (and `finish`es) as if it had run it."""
 
-    def finish(key, reply, remember=True):
-        """Remember the encoded `reply` of a request that ran (unless not
-        `remember`: it did not commit, and a copy may run again); return the
-        routing ids of the copies that waited for it.  An outcome is kept
-        while a client may still resend its request, however many others
-        finish meanwhile (up to a hard bound in bytes)."""
+    def finish(key, reply, recorded=None):
+        """Remember the encoded `reply` of a request that committed, whose
+        `broker.outcomes.Recorded` form is `recorded` (None: it did not
+        commit, and a copy may run again); return the routing ids of the
+        copies that waited for it.  An outcome is kept while a client may
+        still resend its request, however many others finish meanwhile;
+        past a hard bound in bytes only its record is kept, and `start`
+        hands that out as it does a recalled commit."""
 
     def abandon(key, recorded=None):
         """Forget a started request that will not run here (the server is

@@ -10,9 +10,11 @@ answers every copy with that one outcome.
 
 Outcomes live in memory, for the last `max_entries` commits and at most
 `max_bytes` of replies, and each for at least `keep_seconds`, the longest
-a client goes on resending (`hard_max_bytes` bounds that floor): so
-that one client's burst of harmless writes cannot push out the outcome of
-another client's commit while that client may still be retrying it.  A server may
+a client goes on resending: so that one client's burst of writes cannot
+push out the outcome of another client's commit while that client may
+still be retrying it.  Past `hard_max_bytes` the replies of those young
+outcomes give way, oldest first, to their `Recorded` form (tid and new
+oids): a copy is then answered as a recalled one is, never run again.  A server may
 die after its commit is durable and before its reply is sent; the copy
 then reaches the next server on the address.  So each commit's record
 also carries its token (in the transaction's extension, under
@@ -44,8 +46,16 @@ COMMIT_MARK = "dobbin.broker.commit"
 #: counted, so that many small replies are bounded in memory too.
 ENTRY_COST = 300
 
-#: A commit found in the log (`recall`): its tid, and [new object number, oid] pairs.
+#: A commit found in the log (`recall`), or one whose reply gave way to
+#: others: its tid (None if it wrote nothing), and (new object number, oid) pairs.
 Recorded = collections.namedtuple("Recorded", "tid created")
+
+#: Bytes a `Recorded` outcome costs besides ENTRY_COST, per new object.
+CREATED_PAIR_COST = 120
+
+#: An outcome kept: the encoded reply (None once it gave way to
+#: `recorded`), and when it finished.
+_Done = collections.namedtuple("_Done", "reply finished recorded")
 
 #: Bytes a reply adds to its ok value spliced in (id, srv), at most.
 REPLY_HEAD = 32
@@ -188,7 +198,14 @@ class CommitOutcomes:
         with self._lock:
             done = self._done.get(key)
             if done is not None:
-                return done[0]
+                if done.reply is not None:
+                    return done.reply
+                # Only its record is left: answered as a recalled commit,
+                # which finish() remembers anew.
+                del self._done[key]
+                self._bytes -= _cost(done)
+                self._running[key] = []
+                return done.recorded
             waiting = self._running.get(key)
             if waiting is not None:
                 waiting.append(routing)
@@ -196,25 +213,39 @@ class CommitOutcomes:
             self._running[key] = []
             return self._recorded.pop(key, RUN)
 
-    def finish(self, key, reply, remember=True):
-        """Remember the encoded `reply` (unless not `remember`); return the
-        routing ids of the copies to answer."""
+    def finish(self, key, reply, recorded=None):
+        """Remember the encoded `reply` of a request that committed
+        (`recorded`, its `Recorded` form; None: it did not, and a copy may
+        run); return the routing ids of the copies to answer."""
         with self._lock:
             waiting = self._running.pop(key, [])
-            if not remember:
+            if recorded is None:
                 return waiting
             done = self._done
             now = self._clock()
-            done[key] = (reply, now)
-            self._bytes += len(reply) + ENTRY_COST
+            done[key] = _Done(reply, now, recorded)
+            self._bytes += _cost(done[key])
+            if self._bytes > self.hard_max_bytes:
+                self._keep_records_only()
             kept_since = now - self.keep_seconds
             while done and (len(done) > self.max_entries or self._bytes > self.max_bytes):
-                oldest_reply, finished = next(iter(done.values()))
-                if finished > kept_since and self._bytes <= self.hard_max_bytes:
+                oldest = next(iter(done.values()))
+                if oldest.finished > kept_since and self._bytes <= self.hard_max_bytes:
                     break  # its client may still be resending it
                 done.popitem(last=False)
-                self._bytes -= len(oldest_reply) + ENTRY_COST
+                self._bytes -= _cost(oldest)
             return waiting
+
+    def _keep_records_only(self):
+        """Past the hard bound: replies give way to their records, oldest
+        first, until half the bound is used (not again at every finish)."""
+        done = self._done
+        for key, outcome in done.items():
+            if self._bytes <= self.hard_max_bytes // 2:
+                return
+            if outcome.reply is not None:
+                self._bytes -= len(outcome.reply)
+                done[key] = outcome._replace(reply=None)
 
     def abandon(self, key, recorded=None):
         """The request will not run here (the server is stopping, or too
@@ -224,3 +255,9 @@ class CommitOutcomes:
             self._running.pop(key, None)
             if recorded is not None:
                 self._recorded[key] = recorded
+
+
+def _cost(outcome):
+    """Bytes an outcome is counted for."""
+    reply = 0 if outcome.reply is None else len(outcome.reply)
+    return reply + ENTRY_COST + CREATED_PAIR_COST * len(outcome.recorded.created)

@@ -375,7 +375,7 @@ class BrokerServer(ServerSideChanges):
             if type(outcome) is bytes:
                 return [routing, b"", protocol.MAGIC, outcome]
             # For the handler (clients cannot set these); it sets "committed".
-            fields.update(rid=rid, committed=False,
+            fields.update(rid=rid, committed=None,
                           recorded=outcome if type(outcome) is Recorded else None)
             if (op == "commit" and len(data) <= INLINE_COMMIT
                     and self._commit_seconds <= INLINE_SECONDS
@@ -499,8 +499,8 @@ class BrokerServer(ServerSideChanges):
         # What committed is remembered whatever its reply, so no copy runs it
         # again (a recorded one's answer too); what did not changed nothing,
         # and such failures (cheap to cause) cannot push others' outcomes out.
-        remember = fields["committed"] or fields["recorded"] is not None
-        return [routing, b"", protocol.MAGIC, data], self._outcomes.finish(key, data, remember)
+        recorded = fields["committed"] or fields["recorded"]
+        return [routing, b"", protocol.MAGIC, data], self._outcomes.finish(key, data, recorded)
 
     # -- invalidations -------------------------------------------------------------------
 

@@ -19,6 +19,10 @@ from broker.outcomes import (COMMIT_MARK, ENTRY_COST, REPLY_HEAD, RUN, WAIT, Com
 from dobbin.meta import TransactionInfo
 
 
+#: The record of a request that committed: finish() remembers its outcome.
+DONE = Recorded(7, [])
+
+
 def info(tid, extension):
     return TransactionInfo(tid, 0.0, "", "", extension)
 
@@ -33,7 +37,7 @@ def test_the_first_copy_runs_later_ones_wait_then_get_its_reply():
     assert outcomes.start(key, b"first") is RUN
     assert outcomes.start(key, b"second") is WAIT
     assert outcomes.start(key, b"third") is WAIT
-    assert outcomes.finish(key, b"reply") == [b"second", b"third"]
+    assert outcomes.finish(key, b"reply", DONE) == [b"second", b"third"]
     assert outcomes.start(key, b"fourth") == b"reply"
     assert outcomes.start((b"t" * 16, 8), b"other id") is RUN
 
@@ -43,7 +47,7 @@ def test_an_outcome_not_remembered_still_answers_the_waiting_copies():
     key = (b"f" * 16, 1)
     assert outcomes.start(key, b"first") is RUN
     assert outcomes.start(key, b"second") is WAIT
-    assert outcomes.finish(key, b"error reply", remember=False) == [b"second"]
+    assert outcomes.finish(key, b"error reply") == [b"second"]
     assert outcomes.start(key, b"later copy") is RUN
 
 
@@ -52,11 +56,11 @@ def test_old_outcomes_go_by_count_and_by_bytes(monkeypatch):
     outcomes = CommitOutcomes(max_entries=3, max_bytes=100, keep_seconds=0)
     for n in range(5):
         assert outcomes.start(n, b"r") is RUN
-        outcomes.finish(n, b"x" * 10)
+        outcomes.finish(n, b"x" * 10, DONE)
     assert [outcomes.start(n, b"r") for n in range(5)][2:] == [b"x" * 10] * 3
     assert outcomes.start(0, b"r") is WAIT  # forgotten, so started again just above
-    outcomes.finish(0, b"y" * 60)
-    outcomes.finish(1, b"z" * 60)  # 120 bytes: the older one goes
+    outcomes.finish(0, b"y" * 60, DONE)
+    outcomes.finish(1, b"z" * 60, DONE)  # 120 bytes: the older one goes
     assert outcomes.start(1, b"r") == b"z" * 60
     assert outcomes.start(0, b"r") is RUN
 
@@ -75,21 +79,62 @@ def test_recent_outcomes_stay_past_the_count_and_bytes_up_to_the_hard_bound(monk
                               hard_max_bytes=100, clock=clock)
     for n in range(6):
         outcomes.start(n, b"r")
-        outcomes.finish(n, b"x" * 10)
+        outcomes.finish(n, b"x" * 10, DONE)
         clock.now += 1
     # 6 entries, 60 bytes: over the count and the bytes, all younger than 10 s.
     assert [outcomes.start(n, b"r") for n in range(6)] == [b"x" * 10] * 6
     clock.now = 14.5  # entries 0..4 are older than 10 s now
     outcomes.start(6, b"r")
-    outcomes.finish(6, b"y")
+    outcomes.finish(6, b"y", DONE)
     assert [outcomes.start(n, b"r") for n in range(4)] == [RUN] * 4
     assert outcomes.start(5, b"r") == b"x" * 10
     for n in range(4):
         outcomes.abandon(n)
-    # Past the hard bound, even young outcomes go, oldest first.
+    # Past the hard bound, young outcomes keep only their records, oldest
+    # first: a copy is handed the record to answer, as a recalled one.
     outcomes.start(7, b"r")
-    outcomes.finish(7, b"z" * 95)
-    assert outcomes.start(5, b"r") is RUN and outcomes.start(7, b"r") == b"z" * 95
+    outcomes.finish(7, b"z" * 95, Recorded(9, []))
+    assert outcomes.start(5, b"r") == DONE
+    assert outcomes.start(5, b"copy") is WAIT
+    assert outcomes.finish(5, b"answer", DONE) == [b"copy"]
+    assert outcomes.start(5, b"r") == b"answer"
+
+
+def test_young_outcomes_go_only_when_their_records_pass_the_hard_bound(monkeypatch):
+    monkeypatch.setattr(outcomes_module, "ENTRY_COST", 10)
+    monkeypatch.setattr(outcomes_module, "CREATED_PAIR_COST", 0)
+
+    def finished(count):
+        outcomes = CommitOutcomes(max_entries=1, max_bytes=0, keep_seconds=10,
+                                  hard_max_bytes=100, clock=Clock())
+        for n in range(count):
+            outcomes.start(n, b"r")
+            outcomes.finish(n, b"x" * 40, Recorded(n, []))
+        return outcomes
+
+    # 50 bytes each: the third passed the bound, and replies gave way,
+    # oldest first, until half the bound was used.
+    outcomes = finished(4)
+    assert outcomes.start(3, b"r") == b"x" * 40
+    assert outcomes.start(0, b"r") == Recorded(0, [])
+    # Records of 10 bytes: the eleventh passed the bound, and the oldest went.
+    outcomes = finished(12)
+    assert [outcomes.start(n, b"r") for n in range(3)] == [RUN, RUN, Recorded(2, [])]
+
+
+def test_a_commit_whose_reply_gave_way_is_never_run_again(monkeypatch):
+    # Another client's big commits pushed a small outcome out within a
+    # second: its copy ran again and was answered ConflictError.
+    clock = Clock()
+    outcomes = CommitOutcomes(keep_seconds=60, hard_max_bytes=10 * 1024 * 1024, clock=clock)
+    small = (b"s" * 16, 1)
+    outcomes.start(small, b"a")
+    outcomes.finish(small, b"ok", Recorded(3, [(1, 8)]))
+    for n in range(20):
+        clock.now += 0.04
+        outcomes.start((b"b" * 16, n), b"b")
+        outcomes.finish((b"b" * 16, n), b"q" * 1024 * 1024, Recorded(4 + n, []))
+    assert outcomes.start(small, b"copy") == Recorded(3, [(1, 8)])
 
 
 def test_each_outcome_costs_more_than_its_reply():
@@ -98,7 +143,7 @@ def test_each_outcome_costs_more_than_its_reply():
     outcomes = CommitOutcomes(max_bytes=10 * ENTRY_COST, keep_seconds=0)
     for n in range(100):
         outcomes.start(n, b"r")
-        outcomes.finish(n, b"x")
+        outcomes.finish(n, b"x", DONE)
     kept = [n for n in range(100) if outcomes.start(n, b"r") == b"x"]
     assert kept == list(range(91, 100))
 
@@ -142,7 +187,7 @@ def test_a_recalled_commit_is_handed_out_once_then_answered_as_finished():
     assert outcomes.start((token, 6), b"another request id") is RUN
     assert outcomes.start((token, 5), b"copy") == Recorded(40, [(1, 9), (2, 12)])
     assert outcomes.start((token, 5), b"second copy") is WAIT
-    assert outcomes.finish((token, 5), b"reply") == [b"second copy"]
+    assert outcomes.finish((token, 5), b"reply", DONE) == [b"second copy"]
     assert outcomes.start((token, 5), b"third copy") == b"reply"
 
 

@@ -195,6 +195,35 @@ def test_a_commit_sent_twice_runs_once_and_both_copies_get_its_reply(peer, broke
     assert db.sync() == tid + 1 and db.root.item.name == "second"
 
 
+def test_a_write_whose_reply_gave_way_to_others_is_not_run_again(peer, broker):
+    # Another client's big commits pushed a small outcome out within a
+    # second; its copy (sent after a lost reply) ran again: a commit was
+    # answered ConflictError though it was stored, and a call ran twice.
+    db, server, _connect = broker
+    hello = peer.request({"id": 1, "op": "hello"})["ok"]
+    tid = hello["tid"]
+    root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": tid})["ok"]
+    commit = codec.encode({"id": 3, "op": "commit", "tx": tid, "since": tid,
+                           "token": b"k" * 16, "new": [], "del": [], "setitem": [],
+                           "delitem": [], "set": [[root["state"]["item"], "name", "first",
+                                                   "second"]]})
+    call = codec.encode({"id": 4, "op": "call", "name": "rename", "args": ["third"],
+                         "kwargs": {}, "token": b"c" * 16})
+    assert peer.request(commit)["ok"]["tid"] == tid + 1
+    assert peer.request(call)["ok"] == "third"
+    server._outcomes.hard_max_bytes = 0  # the next outcome is past it
+    assert peer.request({"id": 5, "op": "call", "name": "rename", "args": ["fourth"],
+                         "kwargs": {}, "token": b"o" * 16})["ok"] == "fourth"
+    again = peer.request(commit)
+    assert again["ok"]["tid"] >= tid + 3 and again["ok"]["states"] == []
+    error_type, message = error_of(peer.request(call))
+    assert error_type == "ResultLost" and "'rename' ran already (transaction %d)" % (tid + 2) \
+        in message
+    transaction.begin()
+    assert db.sync() == tid + 3
+    assert db.root.item.name == "fourth" and db.root.item.renames == 2
+
+
 @pytest.mark.parametrize("write", ["commit", "invoke"])
 def test_a_write_whose_reply_is_late_is_sent_again_and_runs_once(tmp_path, write):
     # The client gives up waiting and sends it again.  The server once ran
