@@ -219,8 +219,10 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
     entry_headers = []
     laid_out = []
     count = 0
+    staged = False
     for entry in entries:
         if type(entry) is StagedObjects:
+            staged = True
             entry_headers.append(entry.headers)
             laid_out.append(entry)
             count += len(entry)
@@ -270,7 +272,7 @@ def build_record(status, tid, oid_high, offset, checkpoint, lag, entries, stamp)
     segments[0][1][0] = header
     binding = zlib.crc32(b"".join(entry_headers), zlib.crc32(header))
     parts.append(TRAILER.pack(binding, TRAILER_MAGIC, length))
-    if count != len(laid_out):
+    if staged:
         laid_out = LaidOutEntries(laid_out, tid)
     return [(at, _coalesce(chunk)) for at, chunk in segments if chunk], length, laid_out
 

@@ -28,8 +28,16 @@ from dobbin.stream import PersistentStream, StreamSpan, copy_source
 # rest block by block like big ones (each staging costs a sync).
 HELD_STREAM_BYTES = 16 << 20
 # Pickled states a snapshot holds from measuring them to writing them, at
-# most; it reads and pickles the others again (see _Copier).
+# most; it reads and pickles the others again (see _Copier).  Each held
+# state is counted with what holding it costs besides its bytes (a bytes
+# object's header, its place in a dict): a million small states cost
+# twice their size.
 HELD_STATE_BYTES = 32 << 20
+HELD_STATE_OVERHEAD = 100
+# Objects a snapshot writes as an ordinary record, at most: laying one out
+# in memory costs some 500 bytes an object besides its state (its entry
+# read back, its header, the joined buffer), staging about 150.
+UNSTAGED_OBJECTS = 10000
 
 # How long verify() waits for a writer to finish the record it is writing.
 TAIL_WAIT = 1.0
@@ -158,9 +166,10 @@ class _Copier:
                 continue  # a dangling reference (only in a damaged file): it stays one
             self.oids.append(oid)
             self.lengths.append(len(data))
-            if self.held_bytes + len(data) <= HELD_STATE_BYTES:
+            cost = len(data) + HELD_STATE_OVERHEAD
+            if self.held_bytes + cost <= HELD_STATE_BYTES:
                 self.held[oid] = data
-                self.held_bytes += len(data)
+                self.held_bytes += cost
         self._reached = self._seen = None
 
     def states(self):
@@ -239,7 +248,7 @@ def _write_snapshot(target, copier):
             for number, data in enumerate(copier.streams):
                 commit.add_stream(number, data, None, log)
             root = [] if copier.root is None else [RootEntry(copier.root)]
-            if copier.all_held():
+            if copier.all_held() and len(copier.oids) <= UNSTAGED_OBJECTS:
                 objects = [ObjectEntry(oid, 0, data) for oid, data in copier.states()]
             else:
                 commit.staged = True
