@@ -76,6 +76,10 @@ RECALLED_COMMITS = 1000
 # Bytes of requests waiting for the workers, past which more are refused
 # (Busy) rather than queued: decoded, a request may take 20 times its size.
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
+# Requests ZeroMQ takes in from one connection before the front thread
+# reads them: a client has one out at a time, and its copies come on
+# fresh connections.
+REQUEST_QUEUE = 8
 
 
 @implementer(IBrokerServer)
@@ -144,7 +148,6 @@ class BrokerServer(ServerSideChanges):
         self._running = False
         self._auth = None
         self._commit_seconds = 0.0  # moving average of commit durations
-        self._queued_bytes = 0      # of the requests waiting for the workers
         self._queued_lock = threading.Lock()
 
     # -- configuration -----------------------------------------------------------
@@ -181,6 +184,9 @@ class BrokerServer(ServerSideChanges):
             router.setsockopt(zmq.MAXMSGSIZE, self.max_message + 4096)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             router.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
+            # ZeroMQ's default (1000 a connection, 16 GiB at max_message)
+            # let one peer that sends without reading fill memory.
+            router.setsockopt(zmq.RCVHWM, REQUEST_QUEUE)
             self.address = self._bind(router, self.requested_address)
             router.bind(self._front_endpoint)
             pub = self._socket(zmq.PUB)
@@ -216,6 +222,7 @@ class BrokerServer(ServerSideChanges):
         self._running = True
         self._stopping = threading.Event()
         self._work = queue.Queue()  # nothing queued before a stop runs after it
+        self._queued_bytes = 0      # of the requests waiting for the workers
         self._outcomes = CommitOutcomes()
         self._backlog = ReplyBacklog()
         try:
@@ -256,7 +263,8 @@ class BrokerServer(ServerSideChanges):
             threading.Thread(target=self.stop, name="broker-stop").start()
             return
         self._running = False
-        self._stopping.set()
+        with self._queued_lock:
+            self._stopping.set()
         # Workers first, while the front thread still forwards their
         # replies: a reply sent after it had gone would wait for ever.
         for _ in range(self.workers):
@@ -382,28 +390,31 @@ class BrokerServer(ServerSideChanges):
                     and not self._work.unfinished_tasks and not self.db.write_lock_busy()):
                 # No copy can be waiting: copies register in this thread.
                 return self._run_once(routing, rid, op, fields)[0]
-        # Stopping, it goes unanswered (no worker would take it): the client
-        # retries it, on this address's next server if there is one.
-        refused = None
-        if not self._stopping.is_set():
-            refused = self._queue(routing, rid, op, fields, len(data))
-            if refused is None:
-                return None
+        queued, refused = self._queue(routing, rid, op, fields, len(data))
+        if queued:
+            return None
         if op in protocol.ONCE:
             self._outcomes.abandon((fields["token"], rid), fields["recorded"])
         return refused
 
     def _queue(self, routing, rid, op, fields, size):
-        """Queue a request for the workers; return error frames if too
-        many bytes of requests wait already (one always may)."""
+        """Queue a request for the workers: (True, None) if it was, else
+        (False, error frames) if too many bytes of requests wait already
+        (one always may), or (False, None) if the server is stopping: it
+        goes unanswered, and the client retries it, on this address's
+        next server if there is one."""
         with self._queued_lock:
+            # stop() sets the flag under this lock, then queues the workers'
+            # ends: nothing is queued after them, where no worker takes it.
+            if self._stopping.is_set():
+                return False, None
             if self._queued_bytes and self._queued_bytes + size > MAX_QUEUED_BYTES:
-                return self._error_frames(routing, rid, exc.Busy(
+                return False, self._error_frames(routing, rid, exc.Busy(
                     "the server has %d bytes of requests waiting; try again"
                     % self._queued_bytes))
             self._queued_bytes += size
-        self._work.put((routing, rid, op, fields, size))
-        return None
+            self._work.put((routing, rid, op, fields, size))
+        return True, None
 
     def _request_id_of(self, data):
         try:

@@ -24,7 +24,7 @@ from broker.states import Record, unseal
 from broker_fixtures import (TIMEOUT, Folder, Item, Profile, ServerProcess,  # noqa: F401
                              TestServer, broker, configure, make_database, served,
                              wait_until)
-from conftest import append_record, flip_bit
+from conftest import append_record, child_env, flip_bit
 from dobbin.database import Database
 from dobbin.log import COMMITTED, MetaEntry
 from dobbin.btree import OOBTree
@@ -366,6 +366,28 @@ def test_requests_past_the_queued_bytes_bound_are_refused_busy(tmp_path, monkeyp
     db.close()
 
 
+def test_a_request_that_comes_as_the_server_stops_leaves_nothing_queued(tmp_path):
+    # One queued after stop() had queued the workers' ends was never run,
+    # and its bytes stayed counted: the same server object, started again,
+    # refused every request as Busy once such bytes added up.
+    db = make_database(str(tmp_path / "test.dobbin"))
+    search = {"id": 2, "op": "search", "target": "broker_fixtures.Item", "tx": 1,
+              "mode": "count", "query": {"name": "x" * 2000}, "limit": None}
+    with served(db, workers=1) as server:
+        server._stopping.set()  # what stop() does first
+        assert server._queue(b"peer", 1, "search", {}, 100) == (False, None)
+        assert server._queued_bytes == 0 and server._work.qsize() == 0
+        server.stop()
+        server._queued_bytes = server_module.MAX_QUEUED_BYTES  # as if stranded
+        server.start()
+        peer = RawPeer(server.address)
+        try:
+            assert peer.request(search)["ok"]["result"] == 0
+        finally:
+            peer.close()
+    db.close()
+
+
 def rss_mib():
     """This process's resident memory now (the server runs in it)."""
     with open("/proc/self/status") as status:
@@ -406,6 +428,49 @@ def test_replies_a_connection_does_not_read_are_held_only_up_to_a_bound(peer, br
     finally:
         sock.close(0)
         context.term()
+
+
+FLOOD = """
+import sys, time, zmq
+context = zmq.Context()
+sock = context.socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(sys.argv[1])
+for n in range(60):
+    sock.send_multipart([b"", %r, b"\\x00" * (1024 * 1024)])
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+def test_requests_a_connection_sends_unread_are_taken_in_only_up_to_a_bound(broker,
+                                                                           monkeypatch):
+    # ZeroMQ's default of 1,000 messages a connection: one peer sending
+    # 15 MB requests without reading the replies took the server to 1.6 GB
+    # while the front thread decoded the first ones.
+    _db, server, _connect = broker
+    decoding = threading.Event()
+    go_on = threading.Event()
+    decode = server._codec.decode
+
+    def slow_decode(data):
+        decoding.set()
+        go_on.wait(30)
+        return decode(data)
+
+    monkeypatch.setattr(server._codec, "decode", slow_decode)
+    before = rss_mib()
+    flooder = subprocess.Popen([sys.executable, "-c", FLOOD % protocol.MAGIC, server.address],
+                               stdout=subprocess.PIPE, env=child_env())
+    try:
+        assert flooder.stdout.readline() == b"sent\n"
+        assert decoding.wait(TIMEOUT)
+        grown = wait_until(lambda: rss_mib() - before > 30, timeout=3)
+        assert not grown, "%.0f MiB of requests taken in" % (rss_mib() - before)
+    finally:
+        go_on.set()
+        flooder.kill()
+        flooder.wait()
 
 
 def test_big_replies_past_a_connection_s_bound_are_dropped_and_others_served(peer, broker):
