@@ -20,8 +20,10 @@
 
 import argparse
 import code
+import contextlib
 import importlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -83,19 +85,22 @@ def load_app(spec):
     message if there is none."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise SystemExit("--app wants MODULE:FUNCTION, got %r" % spec)
+        raise SystemExit("dobbin serve: --app wants MODULE:FUNCTION, got %r" % spec)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise SystemExit("--app %s: cannot import %s: %s" % (spec, module_name, error)) from None
+        raise SystemExit("dobbin serve: --app %s: cannot import %s: %s"
+                         % (spec, module_name, error)) from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise SystemExit("--app %s: %s has no function %s" % (spec, module_name, function_name))
+        raise SystemExit("dobbin serve: --app %s: %s has no function %s"
+                         % (spec, module_name, function_name))
     return function
 
 
 def serve(args):
     from broker.exc import BrokerError
+    from broker.keys import SECRET_SUFFIX
     from broker.server import BrokerServer
     from broker.endpoints import broadcast_address_for, check_tcp_port
     from dobbin.database import Database
@@ -108,6 +113,8 @@ def serve(args):
 
     # What can be checked before the database file is created, is.
     configure = load_app(args.app) if args.app else None
+    secret_path = args.path + SECRET_SUFFIX
+    new_files = [path for path in (args.path, secret_path) if not os.path.lexists(path)]
     try:
         check_tcp_port(args.bind, "bind")
         if args.broadcast is None:
@@ -119,12 +126,14 @@ def serve(args):
         print("dobbin serve: %s" % error, file=sys.stderr)
         return 1
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    served = False
     try:
         server = BrokerServer(db, address=args.bind, broadcast=args.broadcast, debug=args.debug,
                               workers=args.workers)
         if configure is not None:
             configure(server)
         with server:
+            served = True
             print("serving %s at %s (broadcasts at %s, %d workers)"
                   % (args.path, server.address, server.broadcast_address, server.workers),
                   flush=True)
@@ -134,7 +143,14 @@ def serve(args):
         print("dobbin serve: %s" % error, file=sys.stderr)
         return 1
     finally:
+        unused = not served and db.tx_count == 0
         db.close()
+        if unused:
+            # A database this run created and never served (the address was
+            # taken, say) is not left behind to be mistaken for one.
+            for path in new_files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
@@ -171,7 +187,7 @@ def verify(args):
         with Database(args.path, read_only=True) as db:
             report = db.verify()
     except (DobbinError, OSError) as error:
-        report = {"path": args.path, "ok": False, "errors": [str(error)]}
+        report = {"path": os.path.abspath(args.path), "ok": False, "errors": [str(error)]}
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0 if report["ok"] else 1
 

@@ -122,6 +122,17 @@ def test_verify_reports_a_sound_file_and_a_damaged_one(tmp_path):
     assert main(["verify", str(tmp_path / "missing.dobbin")]) == 1
 
 
+def test_verify_names_the_file_by_its_full_path_whether_it_opens_or_not(tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _two_commits("sound.dobbin", {"a": 1})
+    (tmp_path / "other.txt").write_bytes(b"not a database")
+    for name, code in [("sound.dobbin", 0), ("other.txt", 1), ("missing.dobbin", 1)]:
+        capsys.readouterr()
+        assert main(["verify", name]) == code
+        assert json.loads(capsys.readouterr().out)["path"] == str(tmp_path / name)
+
+
 def test_verify_tells_an_incomplete_last_record_from_damage(tmp_path, capsys):
     path = str(tmp_path / "t.dobbin")
     _two_commits(path, {"a": 1})
@@ -217,7 +228,8 @@ def _failed_run(argv):
 def test_serve_refuses_a_bad_address_or_app_before_making_the_file(tmp_path):
     path = tmp_path / "never.dobbin"
     assert "bogus://x" in _failed_run(["serve", str(path), "--bind", "bogus://x"])
-    assert "cannot import" in _failed_run(["serve", str(path), "--app", "no_such_module:f"])
+    assert "dobbin serve: --app no_such_module:f: cannot import" in _failed_run(
+        ["serve", str(path), "--app", "no_such_module:f"])
     assert "0 to 65535" in _failed_run(["serve", str(path), "--bind", "tcp://127.0.0.1:70000"])
     assert "0 to 65535" in _failed_run(["serve", str(path), "--bind", "tcp://127.0.0.1:*",
                                         "--broadcast", "tcp://127.0.0.1:99999"])
@@ -261,6 +273,12 @@ def test_serve_reports_an_address_in_use_and_shell_a_silent_server(tmp_path):
     try:
         stderr = _failed_run(["serve", str(tmp_path / "other.dobbin"), "--bind", address])
         assert "cannot bind" in stderr and address in stderr
+        # The database it made for the run, and its secret, went with it.
+        assert sorted(os.listdir(tmp_path)) == ["db.dobbin", "db.dobbin.broker-secret"]
+        # One that was there before stays.
+        stderr = _failed_run(["serve", path, "--bind", address])
+        assert "cannot bind" in stderr
+        assert sorted(os.listdir(tmp_path)) == ["db.dobbin", "db.dobbin.broker-secret"]
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
