@@ -373,7 +373,7 @@ class BrokerServer(ServerSideChanges):
         except exc.ProtocolError as error:
             return self._error_frames(routing, protocol.request_id(body), error)
         self.requests[op] += 1
-        if op in protocol.INLINE:
+        if op in protocol.INLINE and not self._reads_back(op, fields):
             return self._answer(routing, rid, op, fields)
         if op in protocol.ONCE:
             # A copy the client sent again, having waited in vain for the reply.
@@ -396,6 +396,16 @@ class BrokerServer(ServerSideChanges):
         if op in protocol.ONCE:
             self._outcomes.abandon((fields["token"], rid), fields["recorded"])
         return refused
+
+    def _reads_back(self, op, fields):
+        """Whether a read may step back through old versions of an object,
+        one record at a time (a client whose transaction began many
+        commits of that object ago): the workers answer it, so that it
+        cannot hold up everyone's quick reads."""
+        if op not in ("load", "item") or fields["tx"] >= self.states.top:
+            return False
+        key = fields["key"]
+        return op == "item" or key.kind == "o" and self.states.get(key.ident, fields["tx"]) is None
 
     def _queue(self, routing, rid, op, fields, size):
         """Queue a request for the workers: (True, None) if it was, else
