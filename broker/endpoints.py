@@ -63,6 +63,25 @@ def bind(sock, address):
     return Binding(sock.getsockopt(zmq.LAST_ENDPOINT).decode(), path, lock_fd)
 
 
+def check_bindable(address):
+    """AddressError, as `bind` raises it, unless `address` can be bound
+    now: asked before anything is made for a server there.  Only a check:
+    another may take the address before the server binds it."""
+    context = zmq.Context()
+    try:
+        sock = context.socket(zmq.ROUTER)
+        binding = None
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            binding = bind(sock, address)
+        finally:
+            sock.close(0)
+            if binding is not None:
+                binding.release()
+    finally:
+        context.term()
+
+
 def check_tcp_port(address, action):
     """AddressError unless a tcp:// `address` ends in a port ZeroMQ takes
     as written: "*", or 0 to 65535.  ZeroMQ itself wraps 70000 to 4464

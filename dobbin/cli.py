@@ -20,7 +20,6 @@
 
 import argparse
 import code
-import contextlib
 import importlib
 import json
 import os
@@ -100,9 +99,8 @@ def load_app(spec):
 
 def serve(args):
     from broker.exc import BrokerError
-    from broker.keys import SECRET_SUFFIX
     from broker.server import BrokerServer
-    from broker.endpoints import broadcast_address_for, check_tcp_port
+    from broker.endpoints import broadcast_address_for, check_bindable
     from dobbin.database import Database
     from dobbin.exc import DobbinError
 
@@ -111,29 +109,24 @@ def serve(args):
     def on_signal(signum, frame):
         stop.set()
 
-    # What can be checked before the database file is created, is.
+    # What can be checked before the database file is created, is: a run
+    # that fails leaves nothing behind (but what another made meanwhile).
     configure = load_app(args.app) if args.app else None
-    secret_path = args.path + SECRET_SUFFIX
-    new_files = [path for path in (args.path, secret_path) if not os.path.lexists(path)]
     try:
-        check_tcp_port(args.bind, "bind")
-        if args.broadcast is None:
-            broadcast_address_for(args.bind)
-        else:
-            check_tcp_port(args.broadcast, "bind")
+        check_bindable(args.bind)
+        check_bindable(broadcast_address_for(args.bind) if args.broadcast is None
+                       else args.broadcast)
         db = Database(args.path, durability=args.durability)
     except (BrokerError, DobbinError, OSError) as error:
         print("dobbin serve: %s" % error, file=sys.stderr)
         return 1
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    served = False
     try:
         server = BrokerServer(db, address=args.bind, broadcast=args.broadcast, debug=args.debug,
                               workers=args.workers)
         if configure is not None:
             configure(server)
         with server:
-            served = True
             print("serving %s at %s (broadcasts at %s, %d workers)"
                   % (args.path, server.address, server.broadcast_address, server.workers),
                   flush=True)
@@ -143,14 +136,7 @@ def serve(args):
         print("dobbin serve: %s" % error, file=sys.stderr)
         return 1
     finally:
-        unused = not served and db.tx_count == 0
         db.close()
-        if unused:
-            # A database this run created and never served (the address was
-            # taken, say) is not left behind to be mistaken for one.
-            for path in new_files:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

@@ -9,7 +9,7 @@ import pytest
 import zmq
 from zope.interface.verify import verifyObject
 
-from broker.endpoints import bind, broadcast_address_for
+from broker.endpoints import bind, broadcast_address_for, check_bindable
 from broker.exc import AddressError
 from broker.interfaces import IBinding
 from broker_fixtures import run_python
@@ -50,6 +50,18 @@ def test_binding_an_address_twice_is_an_address_error(sockets):
     with pytest.raises(AddressError, match="cannot bind .*in use"):
         bind(sockets(), endpoint)
     binding.release()  # nothing to give back for tcp://
+
+
+def test_an_address_is_checked_bindable_and_left_free(tmp_path, sockets):
+    binding = bind(sockets(), "tcp://127.0.0.1:*")
+    with pytest.raises(AddressError, match="cannot bind .*in use"):
+        check_bindable(binding.endpoint)
+    path = tmp_path / "served"
+    check_bindable("ipc://%s" % path)
+    assert os.listdir(tmp_path) == []  # no socket file, no lock file
+    bind(sockets(), "ipc://%s" % path).release()
+    with pytest.raises(AddressError, match="a port from 0 to 65535"):
+        check_bindable("tcp://127.0.0.1:70000")
 
 
 @pytest.mark.parametrize("port", ["70000", "-1", "5555x", "\u0665", ""])
