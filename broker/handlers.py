@@ -308,7 +308,7 @@ class Handlers:
                 mark = commit_mark(f["token"], f["rid"], touched.created)
                 txn.setExtendedInfo(COMMIT_MARK, mark)
                 transaction.commit()
-                f["committed"] = self._recorded(before, touched.created)
+                f["committed"] = self._record_of_commit(before, touched.created)
             except StoreConflictError:
                 transaction.abort()
                 continue
@@ -335,7 +335,7 @@ class Handlers:
              "changed": self.server.history.changes(f["since"], tid)},
             self.states_at(touched, tid), self.server._codec))
 
-    def _recorded(self, before, created):
+    def _record_of_commit(self, before, created):
         """The `Recorded` form of the transaction this thread just committed
         (the thread's committed tid was `before`), which made `created`."""
         tid = self.db.committed_tid
@@ -502,9 +502,10 @@ class Handlers:
         A result that cannot be sent is ResultLost: the method ran."""
         name = f.get("method", f.get("name"))
         if f["recorded"] is not None:
-            raise ResultLost("%r ran already (transaction %s), before the server restarted "
-                             "or while many others finished; its result was not kept"
-                             % (name, f["recorded"].tid))
+            tid = f["recorded"].tid
+            raise ResultLost("%r ran already (%s), before the server restarted or while many "
+                             "others finished; its result was not kept"
+                             % (name, "wrote nothing" if tid is None else "transaction %d" % tid))
         txn = transaction.begin()
         before = self.db.committed_tid
         self.server._in_request(txn)  # the server's obj_update etc. join it
@@ -520,7 +521,7 @@ class Handlers:
             raise
         finally:
             self.server._in_request(None)
-        f["committed"] = self._recorded(before, {})
+        f["committed"] = self._record_of_commit(before, {})
         try:
             return Record(ok_value(self.server._codec, result))
         except EncodeError as error:

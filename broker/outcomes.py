@@ -53,8 +53,8 @@ Recorded = collections.namedtuple("Recorded", "tid created")
 #: Bytes a `Recorded` outcome costs besides ENTRY_COST, per new object.
 CREATED_PAIR_COST = 120
 
-#: An outcome kept: the encoded reply (None once it gave way to
-#: `recorded`), and when it finished.
+#: An outcome kept: the encoded reply (None once it gave way to its
+#: record), when it finished, and its `Recorded` form.
 _Done = collections.namedtuple("_Done", "reply finished recorded")
 
 #: Bytes a reply adds to its ok value spliced in (id, srv), at most.
@@ -142,7 +142,7 @@ def commit_mark(token, rid, created):
             "created": [[number, obj] for number, obj in created.items()]}
 
 
-def _recorded(mark, tid):
+def _recorded_of_mark(mark, tid):
     """((token, rid), Recorded) from a commit mark, or None if it is not one."""
     if type(mark) is not dict:
         return None
@@ -169,7 +169,7 @@ class CommitOutcomes:
                  hard_max_bytes=128 * 1024 * 1024, clock=time.monotonic):
         self._lock = threading.Lock()
         self._running = {}  # key -> routing ids of the copies waiting for it
-        self._done = collections.OrderedDict()  # key -> (encoded reply, when it finished)
+        self._done = collections.OrderedDict()  # key -> _Done, oldest first
         self._recorded = {}  # key -> Recorded, of commits an earlier server ran
         self._bytes = 0
         self.max_entries = max_entries
@@ -184,7 +184,7 @@ class CommitOutcomes:
         for info in transactions:
             if type(info.extension) is not dict:
                 continue  # an earlier version recorded any extension as it was
-            recorded = _recorded(info.extension.get(COMMIT_MARK), info.tid)
+            recorded = _recorded_of_mark(info.extension.get(COMMIT_MARK), info.tid)
             if recorded is not None:
                 found[recorded[0]] = recorded[1]
         with self._lock:
@@ -223,18 +223,26 @@ class CommitOutcomes:
                 return waiting
             done = self._done
             now = self._clock()
-            done[key] = _Done(reply, now, recorded)
-            self._bytes += _cost(done[key])
-            if self._bytes > self.hard_max_bytes:
-                self._keep_records_only()
-            kept_since = now - self.keep_seconds
-            while done and (len(done) > self.max_entries or self._bytes > self.max_bytes):
-                oldest = next(iter(done.values()))
-                if oldest.finished > kept_since and self._bytes <= self.hard_max_bytes:
-                    break  # its client may still be resending it
-                done.popitem(last=False)
-                self._bytes -= _cost(oldest)
+            self._keep(key, _Done(reply, now, recorded))
             return waiting
+
+    def _keep(self, key, outcome):
+        """Add `outcome`; forget old ones past the soft bounds, and past the
+        hard one keep only the records of young ones (lock held)."""
+        done = self._done
+        done[key] = outcome
+        self._bytes += _cost(outcome)
+        kept_since = outcome.finished - self.keep_seconds
+        while done and (len(done) > self.max_entries or self._bytes > self.max_bytes):
+            oldest = next(iter(done.values()))
+            if oldest.finished > kept_since:
+                break  # its client may still be resending it
+            done.popitem(last=False)
+            self._bytes -= _cost(oldest)
+        if self._bytes > self.hard_max_bytes:
+            self._keep_records_only()
+        while done and self._bytes > self.hard_max_bytes:
+            self._bytes -= _cost(done.popitem(last=False)[1])
 
     def _keep_records_only(self):
         """Past the hard bound: replies give way to their records, oldest
@@ -254,7 +262,8 @@ class CommitOutcomes:
         with self._lock:
             self._running.pop(key, None)
             if recorded is not None:
-                self._recorded[key] = recorded
+                # Counted and bounded again, as the outcome start() took out.
+                self._keep(key, _Done(None, self._clock(), recorded))
 
 
 def _cost(outcome):

@@ -398,10 +398,11 @@ class BrokerServer(ServerSideChanges):
         return refused
 
     def _reads_back(self, op, fields):
-        """Whether a read may step back through old versions of an object,
-        one record at a time (a client whose transaction began many
-        commits of that object ago): the workers answer it, so that it
-        cannot hold up everyone's quick reads."""
+        """Whether a read, as of a transaction older than the newest and not
+        in the state cache, may step back through old versions one record
+        at a time (a client whose transaction began many commits of an
+        object ago): the workers answer it, so that it cannot hold up
+        everyone's quick reads."""
         if op not in ("load", "item") or fields["tx"] >= self.states.top:
             return False
         key = fields["key"]
@@ -510,7 +511,7 @@ class BrokerServer(ServerSideChanges):
             data = self._reply(rid, op, fields)
         except Exception:
             logger.exception("request %s failed unanswered", op)
-            self._outcomes.abandon(key, fields["recorded"])
+            self._outcomes.abandon(key, fields["committed"] or fields["recorded"])
             return None, ()
         finally:
             if op == "commit":

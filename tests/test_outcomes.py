@@ -122,6 +122,38 @@ def test_young_outcomes_go_only_when_their_records_pass_the_hard_bound(monkeypat
     assert [outcomes.start(n, b"r") for n in range(3)] == [RUN, RUN, Recorded(2, [])]
 
 
+def test_old_outcomes_go_before_young_replies_give_way(monkeypatch):
+    monkeypatch.setattr(outcomes_module, "ENTRY_COST", 0)
+    clock = Clock()
+    outcomes = CommitOutcomes(max_entries=1, max_bytes=0, keep_seconds=10,
+                              hard_max_bytes=100, clock=clock)
+    outcomes.start("old", b"r")
+    outcomes.finish("old", b"o" * 60, DONE)
+    clock.now = 20
+    outcomes.start("young", b"r")
+    outcomes.finish("young", b"y" * 60, DONE)  # 120 bytes, but "old" may go
+    assert outcomes.start("young", b"r") == b"y" * 60
+    assert outcomes.start("old", b"r") is RUN
+
+
+def test_a_record_handed_out_and_abandoned_is_counted_again(monkeypatch):
+    monkeypatch.setattr(outcomes_module, "ENTRY_COST", 10)
+    monkeypatch.setattr(outcomes_module, "CREATED_PAIR_COST", 0)
+    outcomes = CommitOutcomes(max_entries=1, max_bytes=0, keep_seconds=10,
+                              hard_max_bytes=30, clock=Clock())
+    outcomes.start("a", b"r")
+    outcomes.finish("a", b"x" * 40, Recorded(1, []))  # past the bound: its record only
+    recorded = outcomes.start("a", b"copy")
+    assert recorded == Recorded(1, [])
+    outcomes.abandon("a", recorded)  # refused Busy, say
+    assert outcomes.start("a", b"next copy") == recorded
+    outcomes.abandon("a", recorded)
+    for key in "bcd":  # records of 10 bytes: the fourth passes the bound
+        outcomes.start(key, b"r")
+        outcomes.finish(key, b"", Recorded(2, []))
+    assert outcomes.start("a", b"r") is RUN
+
+
 def test_a_commit_whose_reply_gave_way_is_never_run_again(monkeypatch):
     # Another client's big commits pushed a small outcome out within a
     # second: its copy ran again and was answered ConflictError.
