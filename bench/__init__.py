@@ -10,8 +10,8 @@ One job per module:
 - `spec`: what every system runs (object shape, sizes, clocks, RSS).
 - `workloads_dobbin`, `workloads_zodb`, `workloads_durus`: the same
   workload functions written for each system, to be read side by side.
-- `machine`: the machine's limits (4 KiB append+fsync rate, one big
-  write+fsync) and a description of the machine.
+- `machine`: the machine's limits (4 KiB append+fsync rate, a big
+  write+fdatasync) and a description of the machine.
 - `servers`: ZEO and Durus storage servers as subprocesses on free ports.
 - `child`: runs one workload function in a fresh process.
 - `plan`: which measurements make up each workload, at which durability.

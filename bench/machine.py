@@ -42,22 +42,30 @@ def fsync_rate(directory, count, sync=os.fsync, reserved=False):
     return count / elapsed
 
 
-def write_bandwidth(directory, mib):
-    """MiB/s of one `mib` MiB write to a new file followed by one fsync."""
+def write_bandwidth(directory, mib, tries=3):
+    """MiB/s of writing `mib` MiB to a new file and syncing it, the best of
+    `tries`: the way a big commit writes (space allocated first, 1 MiB
+    writes, one fdatasync).  One try alone swung from 300 to 1,900 MiB/s."""
     path = os.path.join(directory, "limit-write")
     data = memoryview(os.urandom(mib * MIB))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        start = clock()
-        view = data
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        elapsed = clock() - start
-    finally:
-        os.close(fd)
-        os.remove(path)
-    return mib / elapsed
+    best = 0.0
+    for _ in range(tries):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            start = clock()
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, len(data))
+            for offset in range(0, len(data), MIB):
+                piece, at = data[offset:offset + MIB], offset
+                while piece:
+                    written = os.pwrite(fd, piece, at)
+                    piece, at = piece[written:], at + written
+            getattr(os, "fdatasync", os.fsync)(fd)
+            best = max(best, mib / (clock() - start))
+        finally:
+            os.close(fd)
+            os.remove(path)
+    return best
 
 
 def fsync_limits(directory, count):

@@ -53,6 +53,9 @@ SIZES = {
 }
 
 MIB = 1 << 20
+# W7 reads a stored file this much at a time, in every system: Dobbin's
+# stream chunk (dobbin.record.STREAM_CHUNK).
+READ_CHUNK = 64 * 1024
 
 #: One clock for every interval measured inside a process.
 clock = time.perf_counter

@@ -91,6 +91,22 @@ def test_ratios_are_paired_per_run():
     assert judge(lost, results).met is None  # not measured is not "met"
 
 
+def test_a_count_that_must_be_exact_is_judged_by_its_worst_run():
+    # The median of lost updates [0, 7, 0] was 0: "met" with 7 lost.
+    lost = next(check for check in CHECKS if check.measure == "W5-same.lost_updates")
+    results = Results(runs=3)
+    for run, count in enumerate([0, 7, 0]):
+        results.add(run, "dobbin", "", {"W5-same.lost_updates": count})
+    verdict = judge(lost, results)
+    assert verdict.value == 7 and verdict.met is False
+    results = Results(runs=3)
+    for run in (0, 2):  # run 1 failed: nothing recorded
+        results.add(run, "dobbin", "", {"W5-same.lost_updates": 0})
+    assert judge(lost, results).met is False
+    results.add(1, "dobbin", "", {"W5-same.lost_updates": 0})
+    assert judge(lost, results).met is True
+
+
 @pytest.mark.slow
 def test_runner_dobbin_only(tmp_path, capsys):
     """The whole pipeline (fresh processes, W5's writers, tables) for Dobbin."""
