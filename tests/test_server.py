@@ -175,15 +175,20 @@ def test_an_error_too_big_to_send_leaves_the_workers_serving(peer, broker):
     assert connect().call("hello", "you") == "hello you"
 
 
-def test_a_commit_sent_twice_runs_once_and_both_copies_get_its_reply(peer, broker):
-    db, _server, _connect = broker
+def renaming_commit(peer):
+    """(an encoded commit renaming the root item "first" -> "second", its tid)."""
     hello = peer.request({"id": 1, "op": "hello"})["ok"]
     tid = hello["tid"]
     root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": tid})["ok"]
-    commit = codec.encode({"id": 3, "op": "commit", "tx": tid, "since": tid,
-                           "token": b"k" * 16, "new": [], "del": [], "setitem": [],
-                           "delitem": [], "set": [[root["state"]["item"], "name", "first",
-                                                   "second"]]})
+    return codec.encode({"id": 3, "op": "commit", "tx": tid, "since": tid,
+                         "token": b"k" * 16, "new": [], "del": [], "setitem": [],
+                         "delitem": [], "set": [[root["state"]["item"], "name", "first",
+                                                 "second"]]}), tid
+
+
+def test_a_commit_sent_twice_runs_once_and_both_copies_get_its_reply(peer, broker):
+    db, _server, _connect = broker
+    commit, tid = renaming_commit(peer)
     # The second copy comes while the first is queued, running or done.
     peer.send(b"", protocol.MAGIC, commit)
     peer.send(b"", protocol.MAGIC, commit)
@@ -201,13 +206,7 @@ def test_a_write_whose_reply_gave_way_to_others_is_not_run_again(peer, broker):
     # second; its copy (sent after a lost reply) ran again: a commit was
     # answered ConflictError though it was stored, and a call ran twice.
     db, server, _connect = broker
-    hello = peer.request({"id": 1, "op": "hello"})["ok"]
-    tid = hello["tid"]
-    root = peer.request({"id": 2, "op": "load", "key": hello["root"], "tx": tid})["ok"]
-    commit = codec.encode({"id": 3, "op": "commit", "tx": tid, "since": tid,
-                           "token": b"k" * 16, "new": [], "del": [], "setitem": [],
-                           "delitem": [], "set": [[root["state"]["item"], "name", "first",
-                                                   "second"]]})
+    commit, tid = renaming_commit(peer)
     call = codec.encode({"id": 4, "op": "call", "name": "rename", "args": ["third"],
                          "kwargs": {}, "token": b"c" * 16})
     assert peer.request(commit)["ok"]["tid"] == tid + 1
