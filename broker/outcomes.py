@@ -221,9 +221,7 @@ class CommitOutcomes:
             waiting = self._running.pop(key, [])
             if recorded is None:
                 return waiting
-            done = self._done
-            now = self._clock()
-            self._keep(key, _Done(reply, now, recorded))
+            self._keep(key, _Done(reply, self._clock(), recorded))
             return waiting
 
     def _keep(self, key, outcome):

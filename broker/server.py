@@ -406,7 +406,8 @@ class BrokerServer(ServerSideChanges):
         if op not in ("load", "item") or fields["tx"] >= self.states.top:
             return False
         key = fields["key"]
-        return op == "item" or key.kind == "o" and self.states.get(key.ident, fields["tx"]) is None
+        return op == "item" or (key.kind == "o"
+                                and self.states.get(key.ident, fields["tx"]) is None)
 
     def _queue(self, routing, rid, op, fields, size):
         """Queue a request for the workers: (True, None) if it was, else

@@ -11,6 +11,7 @@ import os
 import pathlib
 import struct
 import threading
+import tracemalloc
 import zlib
 
 import pytest
@@ -30,6 +31,16 @@ def child_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")])
     return env
+
+
+def peak_bytes_allocated(action):
+    """Run `action`; return the peak of Python allocations while it ran."""
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ import sys
 import threading
 import time
 import traceback
-import tracemalloc
 import warnings
 
 import pytest
 import transaction
 from transaction.interfaces import TransientError
 
-from conftest import child_env, commit_in_thread, flip_bit, in_commit_order
+from conftest import (child_env, commit_in_thread, flip_bit, in_commit_order,
+                      peak_bytes_allocated)
 from dobbin.commit import Commit
 from dobbin.database import CHECKPOINT_MIN_BYTES, Database, PersistentStream
 from dobbin.exc import (ConflictError, CorruptionError, DobbinError, HistoryError, LoadError,
@@ -783,16 +783,6 @@ def test_snapshot_copies_stream_bytes_into_target(open_db, db_path, tmp_path):
     assert b"".join(leaf.small) == b"abc"
 
 
-def snapshot_peak(db, target):
-    """The most memory `db.snapshot(target)` took at once, in bytes."""
-    tracemalloc.start()
-    try:
-        db.snapshot(target)
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_snapshot_holds_small_streams_in_memory_up_to_a_bound(open_db, tmp_path, monkeypatch):
     # Every stream under the staging size was held whole until the one
     # record was written: memory grew with the database.
@@ -806,7 +796,7 @@ def test_snapshot_holds_small_streams_in_memory_up_to_a_bound(open_db, tmp_path,
     db.elect(root)
     transaction.commit()
     target = open_db(str(tmp_path / "target.dobbin"))
-    assert snapshot_peak(db, target) < 700 << 10
+    assert peak_bytes_allocated(lambda: db.snapshot(target)) < 700 << 10
     target.close()
     target = open_db(target.path)
     assert [b"".join(stream) for stream in target.root.items] == files
@@ -822,7 +812,8 @@ def test_snapshot_copies_a_large_stream_block_by_block(open_db, tmp_path):
     db.elect(root)
     transaction.commit()
     target = open_db(str(tmp_path / "target.dobbin"))
-    assert snapshot_peak(db, target) < BLOCK  # a few chunks, never the whole stream (6 blocks)
+    # A few chunks, never the whole stream (6 blocks).
+    assert peak_bytes_allocated(lambda: db.snapshot(target)) < BLOCK
     target.close()
     target = open_db(target.path)
     assert b"".join(target.root.big) == data and target.verify()["ok"]

@@ -5,12 +5,11 @@ import io
 import os
 import subprocess
 import sys
-import tracemalloc
 
 import pytest
 import transaction
 
-from conftest import child_env
+from conftest import child_env, peak_bytes_allocated
 from dobbin import snapshot as snapshot_module
 from dobbin.database import Database
 from dobbin.exc import CorruptionError, DobbinError
@@ -179,16 +178,6 @@ def _many_objects(db, count=3000, size=1024):
     return {item._p_oid: dict(item) for item in db.root["items"]}
 
 
-def _peak_memory_of(function):
-    """The most bytes Python held at once while `function()` ran."""
-    tracemalloc.start()
-    try:
-        function()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_a_snapshot_holds_a_bounded_amount_of_states_and_stages_the_rest(
         open_db, tmp_path, monkeypatch):
     # Every state was held (twice: entries, then the record laid out)
@@ -198,7 +187,7 @@ def test_a_snapshot_holds_a_bounded_amount_of_states_and_stages_the_rest(
     db = open_db(durability="none")
     expected = _many_objects(db, size=4096)  # 12 MiB of states
     target = open_db(str(tmp_path / "target.dobbin"))
-    peak = _peak_memory_of(lambda: db.snapshot(target))
+    peak = peak_bytes_allocated(lambda: db.snapshot(target))
     assert peak < 4 << 20, "%d bytes held at once" % peak
     target.close()
     target = open_db(target.path)
@@ -217,7 +206,7 @@ def test_many_small_states_held_in_memory_are_still_written_in_place(open_db, tm
     copier.measure()
     assert copier.all_held()
     target = open_db(str(tmp_path / "target.dobbin"))
-    peak = _peak_memory_of(lambda: db.snapshot(target))
+    peak = peak_bytes_allocated(lambda: db.snapshot(target))
     held = sum(copier.lengths) + snapshot_module.HELD_STATE_OVERHEAD * len(copier.oids)
     assert peak < held + 250 * len(copier.oids), "%d bytes held at once" % peak
     assert {item._p_oid: dict(item) for item in target.root["items"]} == expected

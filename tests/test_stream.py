@@ -8,12 +8,11 @@ import random
 import subprocess
 import sys
 import threading
-import tracemalloc
 
 import pytest
 import transaction
 
-from conftest import child_env, flip_bit, in_commit_order, two_databases
+from conftest import child_env, flip_bit, in_commit_order, peak_bytes_allocated, two_databases
 from dobbin import staging
 from dobbin.database import Database
 from dobbin.exc import ConflictError, CorruptionError, ObjectGraphError, StreamError
@@ -551,16 +550,6 @@ def test_verify_while_a_file_is_being_staged_reports_an_incomplete_tail(open_db,
 # -- streams of another database (StreamSpan) -----------------------------------------
 
 BIG = 6 * BLOCK + 5
-
-
-def peak_bytes_allocated(action):
-    """Run `action`; return the peak of Python allocations while it ran."""
-    tracemalloc.start()
-    try:
-        action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def test_a_large_stream_of_another_database_is_copied_block_by_block(open_db, tmp_path):
