@@ -33,6 +33,7 @@ setup(
         "zope.interface",
         "pyzmq",
         "msgpack",
+        "zlib-ng",  # fast crc32 (dobbin.record)
     ],
     extras_require={
         "test": ["pytest", "hypothesis"],

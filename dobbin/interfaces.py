@@ -349,6 +349,9 @@ class ILog(Interface):
     def read_stream_chunk(offset, chunk_crcs, size, index):
         """Return one checked chunk of a stream."""
 
+    def stream_chunks(offset, chunk_crcs, size):
+        """Yield every checked chunk of a stream, in order."""
+
     def close():
         """Close the file descriptor."""
 

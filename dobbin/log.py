@@ -37,6 +37,7 @@ from dobbin.reader import (ZERO_HEADER, Damaged, Incomplete, check_entry_offset,
                            newest_checkpoint, object_entry_in, read_record, records_before,
                            stream_entry_at, zeros_from)
 from dobbin.record import crc as _crc
+from dobbin.record import crc32
 from dobbin.recovery import Recovery
 from dobbin.space import ReservedSpace
 
@@ -562,15 +563,26 @@ class Log(Recovery, ReservedSpace):
         """Return `(size, chunk_crcs)` of the S entry at `offset`, checked."""
         return stream_entry_at(self._reading_fd(), offset, self.end, self.path)
 
-    @_open_log_read
     def read_stream_chunk(self, offset, chunk_crcs, size, index):
-        """Return chunk `index` of the stream whose S entry is at `offset`."""
+        """Return chunk `index` of the stream whose S entry is at `offset`.
+        (`_open_log_read` spelled out: a reader's time goes here.)"""
         start = index * STREAM_CHUNK
         want = min(STREAM_CHUNK, size - start)
-        data = os.pread(self._reading_fd(), want, offset + ENTRY_SIZE + start)
-        if len(data) != want or _crc(data) != chunk_crcs[index]:
+        try:
+            data = os.pread(self._reading_fd(), want, offset + ENTRY_SIZE + start)
+        except _READ_ERRORS:
+            self._check_open()
+            raise
+        if len(data) != want or crc32(data) != chunk_crcs[index]:
+            self._check_open()
             raise CorruptionError("stream chunk %d checksum mismatch" % index, self.path, offset)
+        self._check_open()
         return data
+
+    def stream_chunks(self, offset, chunk_crcs, size):
+        """Yield the chunks of the stream whose S entry is at `offset`, in order."""
+        for index in range(len(chunk_crcs)):
+            yield self.read_stream_chunk(offset, chunk_crcs, size, index)
 
     def close(self):
         if self.fd is None:

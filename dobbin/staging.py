@@ -20,6 +20,7 @@ trailer is written and synced.
 import array
 import contextlib
 import os
+import queue
 import threading
 import time
 
@@ -72,10 +73,10 @@ def stage(log, record_offset, entry_offset, source, oid_high, count):
     staged_end = entry_offset + stream_entry_size(len(source))
     tables = []
     with _staging(log, record_offset, staged_end + TRAILER_SIZE - record_offset, oid_high,
-                  count) as early:
+                  count) as early, ReadAhead(source) as blocks:
         at = entry_offset + ENTRY_SIZE
-        for block in source.blocks():  # whole chunks: each block's crcs are its own
-            tables.append(chunk_table(block))
+        for block, table in blocks:
+            tables.append(table)
             log._write(block, at)
             at += len(block)
             early.wrote(len(block))
@@ -129,6 +130,61 @@ def unstage(log, record_offset):
         log._exclusive_sync()
     except OSError as error:
         log.broken = error
+
+
+class ReadAhead:
+    """The blocks of a stored file with their chunk crc tables, read and
+    computed in a thread up to `DEPTH` blocks ahead of their use, so that
+    reading the next blocks overlaps writing this one (both release the
+    GIL).  Use it as a context manager: leaving stops the thread, and an
+    exception raised reading is raised by the iteration."""
+
+    DEPTH = 2
+
+    def __init__(self, source):
+        # Whole chunks, so each block's crcs are its own; enough buffers
+        # for one being filled, DEPTH waiting and one being written.
+        self._blocks = source.blocks(self.DEPTH + 2)
+        self._ready = queue.Queue(self.DEPTH)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="dobbin-read-ahead",
+                                        daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stopping.set()
+        with contextlib.suppress(queue.Empty):
+            self._ready.get_nowait()  # a reader waiting to hand a block over goes on
+        self._thread.join()
+        self._blocks.close()
+
+    def _read(self):
+        try:
+            for block in self._blocks:
+                if not self._hand_over((block, chunk_table(block), None)):
+                    return
+            self._hand_over((None, None, None))
+        except BaseException as error:  # raised again by the iteration, in the writer
+            self._hand_over((None, None, error))
+
+    def _hand_over(self, item):
+        while not self._stopping.is_set():
+            with contextlib.suppress(queue.Full):
+                self._ready.put(item, timeout=0.05)
+                return True
+        return False
+
+    def __iter__(self):
+        while True:
+            block, table, error = self._ready.get()
+            if error is not None:
+                raise error
+            if block is None:
+                return
+            yield block, table
 
 
 class EarlySync:

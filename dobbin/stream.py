@@ -44,15 +44,18 @@ class FileSpan:
     def __len__(self):
         return self.size
 
-    def blocks(self):
-        """Yield the bytes in blocks of `BLOCK` through one reused buffer (so
-        each block must be used before the next is asked for)."""
-        buffer = memoryview(bytearray(min(BLOCK, self.size)))
+    def blocks(self, buffers=1):
+        """Yield the bytes in blocks of `BLOCK` through `buffers` buffers
+        reused in turn (so each block must be used before the `buffers`-th
+        next one is asked for)."""
+        pool = [memoryview(bytearray(min(BLOCK, self.size))) for _ in range(buffers)]
         remaining = self.size
         try:
             self.source.seek(self.start)
+            turn = 0
             while remaining:
-                block = buffer[:min(BLOCK, remaining)]
+                block = pool[turn % buffers][:min(BLOCK, remaining)]
+                turn += 1
                 filled = 0
                 while filled < len(block):
                     got = self.source.readinto(block[filled:])
@@ -78,10 +81,10 @@ class StreamSpan:
     def __len__(self):
         return self.size
 
-    def blocks(self):
+    def blocks(self, buffers=1):
         """Yield the bytes chunk by chunk, each a whole chunk (the last may
-        be shorter), through the stream's own handle: its file view is
-        untouched."""
+        be shorter) in bytes of its own (whatever `buffers` says), through
+        the stream's own handle: its file view is untouched."""
         try:
             yield from self.stream
         except OSError as error:
@@ -300,9 +303,8 @@ class PersistentStream:
         self._position = None
 
     def __iter__(self):
-        size, _crcs = self._p_info()
-        for index in range(-(-size // STREAM_CHUNK)):
-            yield self._chunk(index)
+        size, crcs = self._p_info()
+        return self._jar._log.stream_chunks(self._offset, crcs, size)
 
     def __deepcopy__(self, memo):
         return self

@@ -5,16 +5,18 @@ import errno
 import io
 import os
 import threading
+import time
 
 import pytest
 import transaction
 
 from dobbin import staging
 from dobbin.database import Database
-from dobbin.exc import StorageError
+from dobbin.exc import StorageError, StreamError
 from dobbin.log import Log
 from dobbin.persistent import Persistent, PersistentFile, checkout
-from dobbin.staging import EarlySync
+from dobbin.record import chunk_table
+from dobbin.staging import EarlySync, ReadAhead
 from dobbin.stream import BLOCK
 
 
@@ -155,3 +157,87 @@ def test_a_full_disk_fails_the_commit_of_a_large_file_before_any_write(database,
     assert not hasattr(database.root, "file")
     store(database, b"x")
     assert b"".join(database.root.file) == b"x"
+
+
+def read_ahead_threads():
+    return [t for t in threading.enumerate() if t.name == "dobbin-read-ahead"]
+
+
+def test_blocks_read_ahead_of_a_slow_writer_reach_the_log_intact(database, monkeypatch):
+    # The reader fills its buffers while the writer still holds older
+    # blocks: a buffer reused too soon would store another block's bytes.
+    real_write = Log._write
+    writes = []
+
+    def slow_write(self, buffers, offset):
+        if len(buffers) == BLOCK:
+            writes.append(offset)
+            time.sleep(0.01)
+        real_write(self, buffers, offset)
+
+    monkeypatch.setattr(Log, "_write", slow_write)
+    data = os.urandom(9 * BLOCK + 123)
+    store(database, data)
+    monkeypatch.undo()
+    assert len(writes) == 9
+    assert b"".join(database.root.file) == data
+    assert not read_ahead_threads()
+
+
+def test_a_failed_write_stops_the_reading_ahead(database, monkeypatch):
+    real_write = Log._write
+
+    def failing_second_block(self, buffers, offset):
+        if len(buffers) == BLOCK and failing_second_block.blocks == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        failing_second_block.blocks += len(buffers) == BLOCK
+        real_write(self, buffers, offset)
+
+    failing_second_block.blocks = 0
+    monkeypatch.setattr(Log, "_write", failing_second_block)
+    with pytest.raises(StorageError, match="Input/output error"):
+        store(database, bytes(64 * BLOCK))
+    transaction.abort()
+    assert not read_ahead_threads()
+
+
+class Blocks:
+    """A stored file's stand-in: `count` blocks, then `error` if any."""
+
+    def __init__(self, count, error=None):
+        self.count = count
+        self.error = error
+        self.given = 0
+
+    def blocks(self, buffers):
+        for _ in range(self.count):
+            self.given += 1
+            yield bytes([self.given]) * BLOCK
+        if self.error is not None:
+            raise self.error
+
+
+def test_read_ahead_gives_each_block_with_its_crc_table():
+    with ReadAhead(Blocks(5)) as blocks:
+        got = list(blocks)
+    assert [block[0] for block, _table in got] == [1, 2, 3, 4, 5]
+    assert all(table == chunk_table(block) for block, table in got)
+    assert not read_ahead_threads()
+
+
+def test_read_ahead_raises_what_reading_raised_after_the_blocks_before_it():
+    got = []
+    with pytest.raises(StreamError, match="ended short"):
+        with ReadAhead(Blocks(3, StreamError("ended short"))) as blocks:
+            for block, _table in blocks:
+                got.append(block[0])
+    assert got == [1, 2, 3]
+    assert not read_ahead_threads()
+
+
+def test_leaving_early_stops_the_reader_a_few_blocks_ahead():
+    source = Blocks(1000)
+    with ReadAhead(source) as blocks:
+        next(iter(blocks))
+    assert not read_ahead_threads()
+    assert source.given <= 2 + ReadAhead.DEPTH

@@ -331,9 +331,9 @@ def test_a_file_that_ends_short_fails_the_commit_in_its_first_phase(
     count_before = db.tx_count
     real_blocks = FileSpan.blocks
 
-    def shrink_first(span):
+    def shrink_first(span, buffers):
         span.source.truncate(BLOCK + 10)  # after its size was taken
-        return real_blocks(span)
+        return real_blocks(span, buffers)
 
     monkeypatch.setattr(FileSpan, "blocks", shrink_first)
     with open(path, "r+b") as source:
