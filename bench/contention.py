@@ -3,8 +3,9 @@
 Dobbin's writers each open the database file themselves; ZODB's go
 through a ZEO server and Durus's through a Durus server, each started
 over a file prepared beforehand and stopped afterwards.  Every commit
-adds 1 to one counter, so after the run the counters must sum to the
-number of commits: any shortfall is a lost update.  The writers start
+adds 1 to one counter, so after the run each counter must hold the
+commits made to it: any shortfall is a lost update (and any excess an
+update applied twice, which fails the run).  The writers start
 together (each says it is ready, then all are released) and the rate is
 all commits over the time from the first start to the last finish.
 """
@@ -13,7 +14,7 @@ import contextlib
 import os
 
 from bench import child, servers
-from bench.spec import WRITERS
+from bench.spec import WRITERS, expect, w5_expected
 
 #: How each system's writers reach the data.
 SERVER = {"dobbin": None, "zodb": "zeo", "durus": "durus"}
@@ -42,8 +43,13 @@ def run(system, directory, commits, shared, profile=False):
                 if process.poll() is None:
                     process.kill()
                     process.wait()
-    total = child.run(module, "w5_total", path=path)["total"]
+    counters = child.run(module, "w5_counters", path=path)["counters"]
+    expected = w5_expected(commits, shared)
+    expect(len(counters) == len(expected), "W5 found %d counters" % len(counters))
+    doubled = [(i, got - want) for i, (got, want) in enumerate(zip(counters, expected))
+               if got > want]
+    expect(not doubled, "W5 applied updates twice (counter, extra): %s" % doubled)
     elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
-    done = WRITERS * commits
-    return {"commits_per_s": done / elapsed, "lost_updates": done - total,
+    return {"commits_per_s": WRITERS * commits / elapsed,
+            "lost_updates": sum(want - got for got, want in zip(counters, expected)),
             "retries": sum(r["retries"] for r in results)}

@@ -85,6 +85,19 @@ def current_rss_mib():
     return resident_pages * resource.getpagesize() / MIB
 
 
+def w5_expected(commits, shared):
+    """What every W5 counter must read after `WRITERS` writers each made
+    `commits` increments: writer w adds 1 to counter i % CONTENDED_OBJECTS
+    of its own block of counters (block 0 for all when `shared`) at its
+    i-th commit."""
+    counters = [0] * (WRITERS * CONTENDED_OBJECTS)
+    for writer in range(WRITERS):
+        first = 0 if shared else writer * CONTENDED_OBJECTS
+        for i in range(commits):
+            counters[first + i % CONTENDED_OBJECTS] += 1
+    return counters
+
+
 def expect(condition, message):
     """Fail the measurement (not with assert: -O must not skip the check)."""
     if not condition:

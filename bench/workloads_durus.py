@@ -172,12 +172,12 @@ def w5_worker(target, writer, commits, shared, go):
     return {"start": start, "end": end, "retries": retries}
 
 
-def w5_total(path):
-    """The sum of all W5 counters."""
+def w5_counters(path):
+    """Every W5 counter's value, in order."""
     conn = _connect(path)
-    total = sum(item.value for item in conn.get_root()["items"])
+    counters = [item.value for item in conn.get_root()["items"]]
     conn.storage.close()
-    return {"total": total}
+    return {"counters": counters}
 
 
 def w7(path, source, mib):

@@ -158,12 +158,12 @@ def w5_worker(target, writer, commits, shared, go):
     return {"start": start, "end": end, "retries": turns - commits}
 
 
-def w5_total(path):
-    """The sum of all W5 counters."""
+def w5_counters(path):
+    """Every W5 counter's value, in order."""
     db, conn = _open_db(path)
-    total = sum(item.value for item in conn.root()["items"])
+    counters = [item.value for item in conn.root()["items"]]
     db.close()
-    return {"total": total}
+    return {"counters": counters}
 
 
 def w7(path, source, mib):

@@ -10,7 +10,7 @@ import pytest
 import transaction
 
 from bench import report, runner
-from bench.spec import CONTENDED_OBJECTS, SIZES
+from bench.spec import CONTENDED_OBJECTS, SIZES, w5_expected
 from bench.targets import CHECKS, Results, judge, paired_ratio
 
 TINY = SIZES["tiny"]
@@ -54,7 +54,13 @@ def test_dobbin_workloads(tmp_path):
     workloads_dobbin.w5_setup(path)
     result = workloads_dobbin.w5_worker(path, 0, CONTENDED_OBJECTS + 3, True, go=lambda: None)
     assert result["retries"] == 0
-    assert workloads_dobbin.w5_total(path)["total"] == CONTENDED_OBJECTS + 3
+    counters = workloads_dobbin.w5_counters(path)["counters"]
+    assert counters == [2] * 3 + [1] * (CONTENDED_OBJECTS - 3) + [0] * CONTENDED_OBJECTS
+
+
+def test_w5_expects_each_writer_s_increments_on_its_own_counters():
+    assert w5_expected(12, shared=False) == [2, 2] + [1] * 8 + [2, 2] + [1] * 8
+    assert w5_expected(12, shared=True) == [4, 4] + [2] * 8 + [0] * 10
 
 
 def test_zodb_workloads(tmp_path):
