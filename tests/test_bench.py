@@ -5,6 +5,7 @@ and Durus's only where they are installed (the "bench" extra).
 """
 
 import os
+import threading
 
 import pytest
 import transaction
@@ -141,3 +142,20 @@ def test_command_line_quick_w1(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "fsyncs_per_s" in out and "W1 durable vs machine fsync rate" in out
+
+
+def test_broker_bench_runs_both_sides_and_stops_its_servers(capsys):
+    pytest.importorskip("ZEO")
+    from bench import bench_broker
+
+    before = {t.name for t in threading.enumerate()}
+    bench_broker.main(["--objects", "120", "--samples", "3", "--commits", "6", "--clients", "2"])
+    out = capsys.readouterr().out
+    for line in ("(a) uncached load, broker", "(a) uncached load, ZEO",
+                 "(b) ... ZEO begin(), server_sync=True", "(c) commits/s, broker (fsync), 2 clients",
+                 "(a) broker load / raw, spinning alike", "(c) broker / ZEO commits/s, 2 clients"):
+        assert line in out
+    figures = [float(word) for line in out.splitlines() if line.startswith(("(a)", "(b)", "(c)"))
+               for word in line.split()[-2:] if word.replace(".", "").isdigit()]
+    assert figures and all(figure > 0 for figure in figures)
+    assert {t.name for t in threading.enumerate() if t.is_alive()} <= before
