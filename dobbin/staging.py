@@ -136,30 +136,58 @@ class ReadAhead:
     """The blocks of a stored file with their chunk crc tables, read and
     computed in a thread up to `DEPTH` blocks ahead of their use, so that
     reading the next blocks overlaps writing this one (both release the
-    GIL).  Use it as a context manager: leaving stops the thread, and an
-    exception raised reading is raised by the iteration."""
+    GIL).  A file of fewer than `THREAD_MIN` bytes is read in line: a
+    thread costs more than it would save.  Use it as a context manager:
+    leaving stops the thread, and an exception raised reading is raised
+    by the iteration."""
 
     DEPTH = 2
+    THREAD_MIN = 4 * 1024 * 1024
 
     def __init__(self, source):
+        self._thread = None
+        if len(source) < self.THREAD_MIN:
+            self._blocks = source.blocks(1)
+            return
         # Whole chunks, so each block's crcs are its own; enough buffers
         # for one being filled, DEPTH waiting and one being written.
         self._blocks = source.blocks(self.DEPTH + 2)
         self._ready = queue.Queue(self.DEPTH)
         self._stopping = threading.Event()
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._read, name="dobbin-read-ahead",
                                         daemon=True)
 
     def __enter__(self):
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc_info):
+        if self._thread is not None:
+            self._stop()
+        self._blocks.close()
+
+    def _stop(self):
+        """Stop the reader and wait for it (it finishes the block it reads),
+        however many interrupts come meanwhile: once the commit is over,
+        nothing of ours may read the user's file.  The first is raised
+        after."""
         self._stopping.set()
         with contextlib.suppress(queue.Empty):
             self._ready.get_nowait()  # a reader waiting to hand a block over goes on
-        self._thread.join()
-        self._blocks.close()
+        interrupted = None
+        while True:
+            try:
+                # Not join(): interrupted, Python 3.11's marks the thread
+                # stopped while it still runs (bpo-45274's fix).
+                self._done.wait()
+                break
+            except KeyboardInterrupt as error:
+                interrupted = interrupted or error
+        self._thread.join()  # at once: the reader is done
+        if interrupted is not None:
+            raise interrupted
 
     def _read(self):
         try:
@@ -169,6 +197,8 @@ class ReadAhead:
             self._hand_over((None, None, None))
         except BaseException as error:  # raised again by the iteration, in the writer
             self._hand_over((None, None, error))
+        finally:
+            self._done.set()
 
     def _hand_over(self, item):
         while not self._stopping.is_set():
@@ -178,6 +208,10 @@ class ReadAhead:
         return False
 
     def __iter__(self):
+        if self._thread is None:
+            for block in self._blocks:
+                yield block, chunk_table(block)
+            return
         while True:
             block, table, error = self._ready.get()
             if error is not None:

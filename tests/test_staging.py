@@ -209,6 +209,9 @@ class Blocks:
         self.error = error
         self.given = 0
 
+    def __len__(self):
+        return self.count * BLOCK
+
     def blocks(self, buffers):
         for _ in range(self.count):
             self.given += 1
@@ -217,21 +220,53 @@ class Blocks:
             raise self.error
 
 
-def test_read_ahead_gives_each_block_with_its_crc_table():
-    with ReadAhead(Blocks(5)) as blocks:
+THREADED = ReadAhead.THREAD_MIN // BLOCK  # blocks: the fewest read in a thread
+
+
+@pytest.mark.parametrize("count", [1, THREADED - 1, THREADED, THREADED + 5])
+def test_read_ahead_gives_each_block_with_its_crc_table(count, monkeypatch):
+    started = []
+    real_start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start",
+                        lambda thread: started.append(thread.name) or real_start(thread))
+    with ReadAhead(Blocks(count)) as blocks:
         got = list(blocks)
-    assert [block[0] for block, _table in got] == [1, 2, 3, 4, 5]
+    assert [block[0] for block, _table in got] == list(range(1, count + 1))
     assert all(table == chunk_table(block) for block, table in got)
+    # A small file is read in line: a thread costs more than it saves.
+    assert started == ([] if count < THREADED else ["dobbin-read-ahead"])
     assert not read_ahead_threads()
 
 
-def test_read_ahead_raises_what_reading_raised_after_the_blocks_before_it():
+@pytest.mark.parametrize("count", [2, THREADED + 2])
+def test_read_ahead_raises_what_reading_raised_after_the_blocks_before_it(count):
     got = []
     with pytest.raises(StreamError, match="ended short"):
-        with ReadAhead(Blocks(3, StreamError("ended short"))) as blocks:
+        with ReadAhead(Blocks(count, StreamError("ended short"))) as blocks:
             for block, _table in blocks:
                 got.append(block[0])
-    assert got == [1, 2, 3]
+    assert got == list(range(1, count + 1))
+    assert not read_ahead_threads()
+
+
+def test_interrupts_while_stopping_wait_for_the_reader_then_raise():
+    # A second Ctrl-C used to end the wait: the commit returned while the
+    # reader went on reading the user's file.
+    ahead = ReadAhead(Blocks(1000))
+    real_wait = ahead._done.wait
+    waits = []
+
+    def interrupted_wait(timeout=None):
+        waits.append(timeout)
+        if len(waits) <= 2:
+            raise KeyboardInterrupt
+        return real_wait(timeout)
+
+    with pytest.raises(KeyboardInterrupt):
+        with ahead as blocks:
+            next(iter(blocks))
+            ahead._done.wait = interrupted_wait
+    assert len(waits) == 3
     assert not read_ahead_threads()
 
 
