@@ -14,7 +14,9 @@ own descriptor of the file: the kernel reports a writeback error to one
 sync of a descriptor only, and the log's own syncs must see every error
 that concerns their records.  An early sync makes nothing durable that
 should not be: the staged bytes mean nothing until their record's
-trailer is written and synced.
+trailer is written and synced.  `ReadAhead` likewise reads a large
+file's next blocks (and computes their crcs) in a thread while this
+one is written.
 """
 
 import array
