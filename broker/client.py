@@ -329,7 +329,7 @@ class BrokerClient:
 
     def _check_mapping(self, proxy):
         if not self._is_mapping(proxy):
-            raise TypeError("%r is not a mapping" % (proxy,))
+            raise exc.InvalidTypeError("%r is not a mapping" % (proxy,))
 
     def _remote_item(self, proxy, item):
         """The item's value at the snapshot, or ABSENT (cached per transaction)."""
@@ -343,7 +343,7 @@ class BrokerClient:
             if item in proxy._items:
                 return proxy._items[item]
         except TypeError:
-            raise TypeError("unhashable mapping key %r" % (item,)) from None
+            raise exc.InvalidTypeError("unhashable mapping key %r" % (item,)) from None
         result = self._call("item", key=proxy._key, tx=self._tid, item=item)
         self._watch_deps(proxy, result["deps"])
         value = result["value"][0] if result["value"] else ABSENT
@@ -391,7 +391,7 @@ class BrokerClient:
             self._check_live(proxy)
             self._check_mapping(proxy)
             if not self._proxy_meta(proxy).get("items_writable"):
-                raise TypeError("items of %r are not writable" % (proxy,))
+                raise exc.InvalidTypeError("items of %r are not writable" % (proxy,))
             self._changes.set_item(proxy, item, value, self._remote_item(proxy, item))
 
     def _delete_item(self, proxy, item):
@@ -399,7 +399,7 @@ class BrokerClient:
             self._check_live(proxy)
             self._get_item(proxy, item)  # KeyError if there is none
             if not self._proxy_meta(proxy).get("items_writable"):
-                raise TypeError("items of %r are not writable" % (proxy,))
+                raise exc.InvalidTypeError("items of %r are not writable" % (proxy,))
             self._changes.set_item(proxy, item, DELETED, self._remote_item(proxy, item))
 
     def _listing(self, proxy):
@@ -470,7 +470,8 @@ class BrokerClient:
             elif isinstance(target, str):
                 wire_target = name = target
             else:
-                raise TypeError("search a mapping proxy or a class name, not %r" % (target,))
+                raise exc.InvalidTypeError("search a mapping proxy or a class name, not %r"
+                                           % (target,))
             entry = (mode, name, self._codec.encode(query), limit)
             hit = self._searches.get(entry)
             if hit is None:
@@ -504,8 +505,9 @@ def _query(where, fields):
     if where is None:
         return fields
     if not isinstance(where, dict):
-        raise TypeError("search fields are a dict or keyword arguments, not %r" % (where,))
+        raise exc.InvalidTypeError("search fields are a dict or keyword arguments, not %r"
+                                   % (where,))
     both = sorted(set(where) & set(fields))
     if both:
-        raise TypeError("search field %s given twice" % ", ".join(map(repr, both)))
+        raise exc.InvalidTypeError("search field %s given twice" % ", ".join(map(repr, both)))
     return {**where, **fields}

@@ -83,6 +83,17 @@ class ResultLost(BrokerError):
     cannot be sent (too big, or not encodable).  It is not run again."""
 
 
+class InvalidTypeError(BrokerError, TypeError):
+    """An argument of a type the client does not take there (a search
+    target that is neither a mapping proxy nor a class name...).  A
+    TypeError too, as Python's own refusals are."""
+
+
+class InvalidValueError(BrokerError, ValueError):
+    """An argument or use the client does not take (reading a closed
+    stream proxy...).  A ValueError too, as Python's own refusals are."""
+
+
 class AddressError(BrokerError):
     """An address is not an endpoint ZeroMQ can bind or connect to
     (malformed, of an unknown transport, already in use)."""

@@ -8,6 +8,7 @@ reach the server.
 
 from zope.interface import implementer
 
+from broker.exc import InvalidTypeError, InvalidValueError
 from broker.interfaces import IProxy, IRemoteStream
 from dobbin.stream import seek_position
 
@@ -165,7 +166,7 @@ class RemoteStream:
 
     def _check_open(self):
         if self.closed:
-            raise ValueError("I/O operation on a closed stream")
+            raise InvalidValueError("I/O operation on a closed stream")
 
     def readable(self):
         return True
@@ -176,7 +177,7 @@ class RemoteStream:
     def read(self, size=-1):
         self._check_open()
         if size is not None and type(size) is not int:
-            raise TypeError("a read size is an int, not %r" % (size,))
+            raise InvalidTypeError("a read size is an int, not %r" % (size,))
         end = self.size if size is None or size < 0 else min(self.size, self._position + size)
         parts = []
         while self._position < end:

@@ -22,7 +22,7 @@ from broker import protocol
 from broker.codec import Codec
 from broker.endpoints import check_tcp_port
 from broker.exc import (AddressError, BrokerTimeout, ClientClosed, CurveKeyError, DecodeError,
-                        ProtocolError)
+                        InvalidTypeError, InvalidValueError, ProtocolError)
 
 
 # Plain ints: pyzmq's enum flags cost microseconds per frame in Python.
@@ -127,18 +127,18 @@ def set_curve_key(sock, option, key):
 def check_duration(name, value):
     """`value`, a positive number of seconds; TypeError or ValueError otherwise."""
     if type(value) not in (int, float):
-        raise TypeError("%s is a number of seconds, not %r" % (name, value))
+        raise InvalidTypeError("%s is a number of seconds, not %r" % (name, value))
     if not 0 < value < float("inf"):
-        raise ValueError("%s must be a positive number of seconds, not %r" % (name, value))
+        raise InvalidValueError("%s must be a positive number of seconds, not %r" % (name, value))
     return value
 
 
 def check_spin(value):
     """`value`, seconds to busy-wait for a quick reply: 0 (never) up to MAX_SPIN."""
     if type(value) not in (int, float):
-        raise TypeError("spin is a number of seconds, not %r" % (value,))
+        raise InvalidTypeError("spin is a number of seconds, not %r" % (value,))
     if not 0 <= value <= MAX_SPIN:
-        raise ValueError("spin must be from 0 to %r seconds, not %r" % (MAX_SPIN, value))
+        raise InvalidValueError("spin must be from 0 to %r seconds, not %r" % (MAX_SPIN, value))
     return value
 
 
@@ -168,8 +168,8 @@ class Connection:
     def __init__(self, address, codec, timeout=2.5, retries=3, curve=None, trace=None,
                  spin=SPIN):
         if type(retries) is not int or retries < 0:
-            raise ValueError("retries is a number of retries (an int >= 0), not %r"
-                             % (retries,))
+            raise InvalidValueError("retries is a number of retries (an int >= 0), not %r"
+                                    % (retries,))
         self.address = address
         self.codec = codec
         self.timeout = check_duration("timeout", timeout)

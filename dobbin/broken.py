@@ -28,7 +28,7 @@ import logging
 
 from zope.interface import implementer
 
-from dobbin.exc import BrokenObjectError
+from dobbin.exc import BrokenObjectError, InvalidTypeError
 from dobbin.interfaces import IBroken
 from dobbin.persistent import Persistent
 
@@ -124,8 +124,8 @@ class BrokenPersistent(Persistent):
 
     def __new__(cls, *args, **kwargs):
         # Its objects come from records only (as ghosts, made without it).
-        raise TypeError("%s is a stand-in for a class that could not be imported (%s): "
-                        "it makes no new objects" % (_class_name(cls), cls._p_broken))
+        raise InvalidTypeError("%s is a stand-in for a class that could not be imported (%s): "
+                               "it makes no new objects" % (_class_name(cls), cls._p_broken))
 
 
 def _class_name(cls):

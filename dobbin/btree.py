@@ -35,7 +35,7 @@ from operator import itemgetter
 from dobbin.bucket import (Bucket, Length, Node, RangeView, TreePart, _bucket_state,
                            _buckets_before, _check_key, _clears, _count, _counter_since, _last_key,
                            _leaves_backwards, _node_state, _walkable_bucket_state)
-from dobbin.exc import ConflictError
+from dobbin.exc import ConflictError, InvalidTypeError, InvalidValueError
 from dobbin.persistent import checked_out, checkout, state_of, working_copy
 from dobbin.reshape import (all_droppable, built, checkout_for_split, checkout_for_unlink,
                             split_bucket, unlink)
@@ -114,8 +114,8 @@ def _await_publication(tree):
 
 
 def _incomparable(key, exc):
-    return TypeError("key %r (%s) cannot be compared with the keys already "
-                     "in this OOBTree: %s" % (key, type(key).__name__, exc))
+    return InvalidTypeError("key %r (%s) cannot be compared with the keys already "
+                            "in this OOBTree: %s" % (key, type(key).__name__, exc))
 
 
 def _changed_size():
@@ -177,7 +177,7 @@ class OOBTree(TreePart):
         try:
             pairs = sorted(latest.items(), key=_first)
         except TypeError as exc:
-            raise TypeError("OOBTree keys must be mutually comparable: %s" % exc) from None
+            raise InvalidTypeError("OOBTree keys must be mutually comparable: %s" % exc) from None
         self._root = built(pairs, type(self).max_bucket_size, type(self).max_node_size)
         self._length = Length(len(pairs))
 
@@ -363,8 +363,8 @@ class OOBTree(TreePart):
         for found, _ in self._iter_range(key, None, False, False):
             return found
         if key is None:
-            raise ValueError("empty OOBTree has no minimum key")
-        raise ValueError("no key in the OOBTree is >= %r" % (key,))
+            raise InvalidValueError("empty OOBTree has no minimum key")
+        raise InvalidValueError("no key in the OOBTree is >= %r" % (key,))
 
     def maxKey(self, key=None):
         """Return the largest key (at most `key`, if given).
@@ -376,8 +376,8 @@ class OOBTree(TreePart):
         found = self._largest(key, True)
         if found is _MISSING:
             if key is None:
-                raise ValueError("empty OOBTree has no maximum key")
-            raise ValueError("no key in the OOBTree is <= %r" % (key,))
+                raise InvalidValueError("empty OOBTree has no maximum key")
+            raise InvalidValueError("no key in the OOBTree is <= %r" % (key,))
         return found
 
     def _largest(self, bound, inclusive):

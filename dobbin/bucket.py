@@ -15,7 +15,7 @@ import pickle
 import struct
 from bisect import bisect_left, bisect_right
 
-from dobbin.exc import ConflictError
+from dobbin.exc import ConflictError, InvalidTypeError
 from dobbin.persistent import Persistent, checkout, committed_state, state_of, working_copy
 from dobbin.serialize import PROTOCOL
 from dobbin.session import checkout_base, serial_at_checkout
@@ -364,22 +364,22 @@ def _check_key(key):
     if type(key) in _PLAIN_KEYS:
         return  # the common case, and fine
     if key is None:
-        raise TypeError("OOBTree keys may not be None")
+        raise InvalidTypeError("OOBTree keys may not be None")
     try:
         hash(key)
     except TypeError:
         # A key changed in place would leave its bucket out of order.
-        raise TypeError("OOBTree keys must be immutable; %r (%s) is not hashable"
-                        % (key, type(key).__name__)) from None
+        raise InvalidTypeError("OOBTree keys must be immutable; %r (%s) is not hashable"
+                               % (key, type(key).__name__)) from None
     try:
         key < key
     except (TypeError, ArithmeticError):  # ArithmeticError: a Decimal NaN
-        raise TypeError("OOBTree keys must be totally ordered; %r (%s) has "
-                        "no ordering" % (key, type(key).__name__)) from None
+        raise InvalidTypeError("OOBTree keys must be totally ordered; %r (%s) has "
+                               "no ordering" % (key, type(key).__name__)) from None
     unordered = _unordered_part(key)
     if unordered is not None:
-        raise TypeError("OOBTree keys must be totally ordered; %r in key %r is not (a NaN, "
-                        "or a set, which is ordered by inclusion)" % (unordered, key))
+        raise InvalidTypeError("OOBTree keys must be totally ordered; %r in key %r is not (a NaN, "
+                               "or a set, which is ordered by inclusion)" % (unordered, key))
 
 
 def _unordered_part(key):
@@ -460,9 +460,9 @@ class RangeView:
                                         and not item < max):
                     return False
             except TypeError as exc:
-                raise TypeError("%r (%s) cannot be compared with the bounds of this range, "
-                                "%r and %r: %s" % (item, type(item).__name__, min, max, exc)
-                                ) from None
+                raise InvalidTypeError("%r (%s) cannot be compared with the bounds of this range, "
+                                       "%r and %r: %s" % (item, type(item).__name__, min, max, exc)
+                                       ) from None
             return item in self._tree
         return any(item == found for found in self)
 

@@ -14,6 +14,7 @@ under the lock before a new object is made.
 
 import weakref
 
+from dobbin.exc import InvalidTypeError, InvalidValueError
 from dobbin.persistent import Persistent, install_state
 
 # The slots read directly: eviction touches every cached object and must
@@ -66,11 +67,11 @@ class ObjectCache:
         # after its record was written.
         if cache_size is not None:
             if not isinstance(cache_size, int) or isinstance(cache_size, bool):
-                raise TypeError("cache_size is a number of bytes (an int) or None, not %r"
-                                % (cache_size,))
+                raise InvalidTypeError("cache_size is a number of bytes (an int) or None, not %r"
+                                       % (cache_size,))
             if cache_size <= 0:
-                raise ValueError("cache_size must be positive (or None for no bound), not %d"
-                                 % cache_size)
+                raise InvalidValueError("cache_size must be positive (or None for no bound), "
+                                        "not %d" % cache_size)
         self.cache_size = cache_size   # bytes, or None for no bound
         self.loaded = {}               # oid -> object with a state, oldest load first
         self.loaded_bytes = 0

@@ -17,8 +17,8 @@ from zope.interface import implementer
 
 from dobbin.broken import BrokenClass, persistent_stand_in
 from dobbin.cache import ObjectCache
-from dobbin.exc import (CorruptionError, DobbinError, LoadError, LockTimeoutError, ReadOnlyError,
-                        StorageError)
+from dobbin.exc import (CorruptionError, DobbinError, InvalidTypeError, InvalidValueError,
+                        LoadError, LockTimeoutError, ReadOnlyError, StorageError)
 from dobbin.index import Index, check_oid
 from dobbin.interfaces import IDatabase
 from dobbin.lock import WriteLock, checked_timeout
@@ -211,7 +211,8 @@ class Database:
 
     def elect(self, obj):
         if not isinstance(obj, Persistent):
-            raise TypeError("the root must be a persistent object, not %r" % type(obj).__name__)
+            raise InvalidTypeError("the root must be a persistent object, not %r"
+                                   % type(obj).__name__)
         if obj._p_jar is not None and obj._p_jar is not self:
             raise DobbinError("%s belongs to another database (%s)" % (named(obj),
                                                                       obj._p_jar.path))
@@ -300,9 +301,9 @@ class Database:
     def load_state(self, oid, tid=None):
         check_oid(oid)
         if tid is not None and type(tid) is not int:
-            raise TypeError("tid is a transaction id (an int) or None, not %r" % (tid,))
+            raise InvalidTypeError("tid is a transaction id (an int) or None, not %r" % (tid,))
         if tid is not None and tid < 0:
-            raise ValueError("a transaction id is never negative, not %d" % tid)
+            raise InvalidValueError("a transaction id is never negative, not %d" % tid)
         self._register_thread()
         with self._state_lock:
             # A loaded state is the newest version, right for any snapshot

@@ -104,6 +104,18 @@ class LoadError(DobbinError):
     """A record passed its checksum but could not be unpickled."""
 
 
+class InvalidTypeError(DobbinError, TypeError):
+    """An argument or value of a type Dobbin does not take there (a
+    `cache_size` that is not an int, a root that is not persistent...).
+    A TypeError too, as Python's own refusals are."""
+
+
+class InvalidValueError(DobbinError, ValueError):
+    """An argument of the right type but a value Dobbin does not take (a
+    negative tid, an unknown durability, a seek before the start, no key
+    in range...).  A ValueError too, as Python's own refusals are."""
+
+
 class UnstorableError(DobbinError, TypeError):
     """A state holds a value that cannot be pickled (a lambda, a class
     defined inside a function, an open file...); the commit fails."""

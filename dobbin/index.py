@@ -9,7 +9,7 @@ import operator
 import struct
 from array import array
 
-from dobbin.exc import CorruptionError
+from dobbin.exc import CorruptionError, InvalidTypeError
 
 _tid_of = operator.itemgetter(0)
 
@@ -22,7 +22,7 @@ _DENSE_SLACK = 1 << 24
 def check_oid(oid):
     """Raise TypeError unless `oid` is an int (a bool is not an oid)."""
     if type(oid) is not int and (not isinstance(oid, int) or isinstance(oid, bool)):
-        raise TypeError("an oid is an int, not %r" % type(oid).__name__)
+        raise InvalidTypeError("an oid is an int, not %r" % type(oid).__name__)
 
 
 class Index:

@@ -23,7 +23,8 @@ import time
 
 from zope.interface import implementer
 
-from dobbin.exc import DobbinError, LockTimeoutError, ReadOnlyError
+from dobbin.exc import (DobbinError, InvalidTypeError, InvalidValueError, LockTimeoutError,
+                        ReadOnlyError)
 from dobbin.interfaces import IWriteLock
 
 # Poll interval bounds while another process holds the lock: short enough
@@ -51,10 +52,10 @@ def checked_timeout(timeout):
     threading.TIMEOUT_MAX (about 292 years: a longer one, a way to say
     "for ever", is cut to it); TypeError or ValueError otherwise."""
     if type(timeout) not in (int, float):
-        raise TypeError("the lock timeout is a number of seconds, not %r" % (timeout,))
+        raise InvalidTypeError("the lock timeout is a number of seconds, not %r" % (timeout,))
     if not 0 <= timeout < float("inf"):
-        raise ValueError("the lock timeout must be from 0 to a finite number of seconds, "
-                         "not %r" % (timeout,))
+        raise InvalidValueError("the lock timeout must be from 0 to a finite number of seconds, "
+                                "not %r" % (timeout,))
     return min(timeout, threading.TIMEOUT_MAX)
 
 

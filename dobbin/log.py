@@ -20,8 +20,8 @@ import weakref
 
 from zope.interface import implementer
 
-from dobbin.exc import (CorruptionError, DamagedHistoryError, DobbinError, ReadOnlyError,
-                        StorageError)
+from dobbin.exc import (CorruptionError, DamagedHistoryError, DobbinError, InvalidValueError,
+                        ReadOnlyError, StorageError)
 from dobbin.fileid import path_identity
 from dobbin.interfaces import ILog
 from dobbin.lock import flock_within
@@ -119,7 +119,8 @@ class Log(Recovery, ReservedSpace):
 
     def __init__(self, path, durability="fsync", read_only=False):
         if durability not in DURABILITY:
-            raise ValueError("durability must be one of %s, not %r" % (DURABILITY, durability))
+            raise InvalidValueError("durability must be one of %s, not %r"
+                                    % (DURABILITY, durability))
         self.path = file_path(path)
         self.durability = durability
         self.read_only = read_only

@@ -18,7 +18,8 @@ text, and an extension value nested deeper than MAX_NESTING.
 import json
 from collections import namedtuple
 
-from dobbin.exc import CorruptionError, DamagedHistoryError, DobbinError, ObjectGraphError
+from dobbin.exc import (CorruptionError, DamagedHistoryError, DobbinError, InvalidTypeError,
+                        InvalidValueError, ObjectGraphError)
 from dobbin.persistent import Persistent
 from dobbin.record import COMMITTED, KIND_META, MetaEntry
 from dobbin.session import named
@@ -69,7 +70,7 @@ def meta_entry(txn, jar, version):
                 return value._p_oid
             # Stored by another database of the same transaction.
             return {"database": value._p_jar.path, "oid": value._p_oid}
-        raise TypeError("%r is not JSON" % (value,))
+        raise InvalidTypeError("%r is not JSON" % (value,))
 
     try:
         data = json.dumps(info, default=stored_oid, allow_nan=False, sort_keys=True)
@@ -116,7 +117,8 @@ def transaction_info(record, path):
 def recent_transactions(log, limit):
     """The `TransactionInfo` of the latest `limit` committed records of `log`, newest first."""
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise ValueError("limit is a number of transactions (an int >= 0), not %r" % (limit,))
+        raise InvalidValueError("limit is a number of transactions (an int >= 0), not %r"
+                                % (limit,))
     found = []
     try:
         for record in log.records_before(log.end, RECENT_BYTES):

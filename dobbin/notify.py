@@ -14,7 +14,7 @@ import threading
 
 from zope.interface import implementer
 
-from dobbin.exc import DobbinError
+from dobbin.exc import DobbinError, InvalidTypeError
 from dobbin.interfaces import INotifier
 
 logger = logging.getLogger("dobbin")
@@ -34,7 +34,7 @@ class Notifier:
 
     def subscribe(self, callback):
         if not callable(callback):
-            raise TypeError("a subscriber is called with (tid, oids), not %r" % (callback,))
+            raise InvalidTypeError("a subscriber is called with (tid, oids), not %r" % (callback,))
         self._subscribers.append(callback)
 
     def unsubscribe(self, callback):

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from dobbin.classes import (MISSING, class_attribute, class_dunders, data_descriptor_names,
                             descriptor_names, dunders_of, is_data_descriptor)
-from dobbin.exc import BrokenObjectError, DobbinError, ReadOnlyError
+from dobbin.exc import BrokenObjectError, DobbinError, InvalidTypeError, ReadOnlyError
 from dobbin.interfaces import IPersistent, IPersistentDict
 from dobbin.session import (KeepPersistent, _threads, committing_threads, copy_state,
                             current_session, current_thread_key, named, thread_key)
@@ -62,7 +62,8 @@ def _replace_state(obj, value):
     items of `value` (the slot itself holds the state every thread shares,
     and no commit would have stored what was put there)."""
     if not isinstance(value, dict):
-        raise TypeError("__dict__ must be set to a dictionary, not a '%s'" % type(value).__name__)
+        raise InvalidTypeError("__dict__ must be set to a dictionary, not a '%s'"
+                               % type(value).__name__)
     state = _writable_state(obj)
     items = dict(value)  # before clearing: `value` may be the state itself
     state.clear()
@@ -144,17 +145,17 @@ class Persistent:
         if slots:
             # A slot lives on the shared instance: it could be neither a
             # thread's private copy nor part of the stored state.
-            raise TypeError("persistent class %s may not declare __slots__ (%r): its "
-                            "attributes must live in its state" % (cls.__name__, slots))
+            raise InvalidTypeError("persistent class %s may not declare __slots__ (%r): its "
+                                   "attributes must live in its state" % (cls.__name__, slots))
         for name in ("__getstate__", "__setstate__"):
             owner = next((klass for klass in cls.__mro__
                           if klass is not object and name in vars(klass)), None)
             if owner is not None:
                 # It would be ignored: a state is the instance dict, stored
                 # and loaded as it is (and shared by every thread).
-                raise TypeError("persistent class %s may not have %s (from %s): its state is "
-                                "its instance dict, stored and loaded as it is"
-                                % (cls.__name__, name, owner.__name__))
+                raise InvalidTypeError("persistent class %s may not have %s (from %s): its state "
+                                       "is its instance dict, stored and loaded as it is"
+                                       % (cls.__name__, name, owner.__name__))
         _check_init(cls)  # checked again when first instantiated, see __new__
 
     def __getattribute__(self, name):
@@ -267,15 +268,16 @@ class Persistent:
             return self
         # Anyone else's copy would have been the object itself, silently:
         # "clone a template, change the clone" changed the template.
-        raise TypeError("a persistent object is not copied by copy.deepcopy (the copy would "
-                        "be the same object): make a new %s" % type(self).__name__)
+        raise InvalidTypeError("a persistent object is not copied by copy.deepcopy (the copy "
+                               "would be the same object): make a new %s" % type(self).__name__)
 
     def __copy__(self):
-        raise TypeError("a persistent object is not copied by copy.copy: make a new %s"
-                        % type(self).__name__)
+        raise InvalidTypeError("a persistent object is not copied by copy.copy: make a new %s"
+                               % type(self).__name__)
 
     def __reduce__(self):
-        raise TypeError("persistent objects are stored by the database, not pickled directly")
+        raise InvalidTypeError("persistent objects are stored by the database, not pickled "
+                               "directly")
 
 
 # The _p_ slots: Dobbin's code sets them through their setters (below).
@@ -328,7 +330,7 @@ def new_ghost(cls, oid, jar):
     was built once already, when it was first created.
     """
     if not (isinstance(cls, type) and issubclass(cls, Persistent)):
-        raise TypeError("%r is not a persistent class" % (cls,))
+        raise InvalidTypeError("%r is not a persistent class" % (cls,))
     return _new_instance(cls, oid, jar, True)
 
 
@@ -377,8 +379,8 @@ def checkout(obj):
     database is closed: its commit could not be.
     """
     if not isinstance(obj, Persistent):
-        raise TypeError("only persistent objects can be checked out, not %r"
-                        % type(obj).__name__)
+        raise InvalidTypeError("only persistent objects can be checked out, not %r"
+                               % type(obj).__name__)
     if type(obj)._p_broken is not None:
         raise BrokenObjectError("%s.%s oid %s can't be checked out: its class could not be "
                                 "imported (%s); restore the class under that name, and reopen"
@@ -435,7 +437,7 @@ def state_of(obj):
     try:
         table = _get_local(obj)
     except (AttributeError, TypeError):
-        raise TypeError("%r is not a persistent object" % (obj,)) from None
+        raise InvalidTypeError("%r is not a persistent object" % (obj,)) from None
     if table:
         state = table.get(getattr(_threads, "key", None))
         if state is not None:

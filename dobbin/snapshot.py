@@ -13,7 +13,8 @@ import array
 import os
 
 from dobbin.commit import Commit
-from dobbin.exc import CorruptionError, DobbinError, HistoryError, LoadError, LockTimeoutError
+from dobbin.exc import (CorruptionError, DobbinError, HistoryError, InvalidTypeError,
+                        InvalidValueError, LoadError, LockTimeoutError)
 from dobbin.log import Log
 from dobbin.record import (CHECKPOINT, COMMITTED, ENTRY_SIZE, FAILED, FILE_HEADER_SIZE,
                            KIND_META, KIND_OBJECT, KIND_STREAM, TRAILER_SIZE, TX_HEADER_SIZE,
@@ -84,7 +85,7 @@ def version_data(db, oid, tid):
 def snapshot(source, target, until=None):
     """Write `source`'s state as of `until` into the empty database `target`."""
     if type(target) is not type(source) or target is source:
-        raise TypeError("snapshot() needs another, empty Database as its target")
+        raise InvalidTypeError("snapshot() needs another, empty Database as its target")
     if source._log.identity() == target._log.identity():  # ReadOnlyError if one is closed
         raise DobbinError("the snapshot target %s is the source's own file" % target.path)
     source.sync()
@@ -93,8 +94,8 @@ def snapshot(source, target, until=None):
     if until is None:
         until = source.last_tid
     if type(until) is not int or not 0 <= until <= source.last_tid:
-        raise ValueError("until must be a transaction id from 0 to %d, not %r"
-                         % (source.last_tid, until))
+        raise InvalidValueError("until must be a transaction id from 0 to %d, not %r"
+                                % (source.last_tid, until))
     copier = _Copier(source, until)
     copier.measure()
     _write_snapshot(target, copier)

@@ -3,8 +3,8 @@ new file size to make durable (see docs/format.txt, "Reserved space after the re
 
 `ReservedSpace` is the part of `dobbin.log.Log` that allocates that space
 and gives it back; it uses the log's `fd`, `path`, `end`, `read_only`,
-`broken`, `size()`, `_peek()`, `_records_kept()` and `_check_writable()`.  Readers treat the zeros after the
-records as the end of the file.
+`broken`, `size()`, `_peek()`, `_records_kept()` and `_check_writable()`.
+Readers treat the zeros after the records as the end of the file.
 """
 
 import errno

@@ -19,7 +19,7 @@ import weakref
 
 from zope.interface import implementer
 
-from dobbin.exc import ConflictError, StreamError
+from dobbin.exc import ConflictError, InvalidTypeError, InvalidValueError, StreamError
 from dobbin.interfaces import IPersistentFile, IPersistentStream
 from dobbin.log import STREAM_CHUNK
 
@@ -107,8 +107,8 @@ class PersistentFile:
 
     def __init__(self, stream):
         if not hasattr(stream, "read"):
-            raise TypeError("PersistentFile wraps an object with a read() method, not %r"
-                            % type(stream).__name__)
+            raise InvalidTypeError("PersistentFile wraps an object with a read() method, not %r"
+                                   % type(stream).__name__)
         self._source = stream
         self._data = None
         self._start = _span_start(stream)
@@ -137,8 +137,8 @@ class PersistentFile:
             if isinstance(data, str):
                 data = data.encode("utf-8")
             if not isinstance(data, (bytes, bytearray)):
-                raise TypeError("the wrapped file's read() returned %r, not bytes"
-                                % type(data).__name__)
+                raise InvalidTypeError("the wrapped file's read() returned %r, not bytes"
+                                       % type(data).__name__)
             self._data = bytes(data)
             self._source = None
         return self._data
@@ -196,7 +196,7 @@ def seek_position(offset, whence, position, size):
     """The position `seek(offset, whence)` moves to from `position`, as
     `io.IOBase.seek` computes it; `size()` gives the stream's size."""
     if type(offset) is not int:
-        raise TypeError("a seek offset is an int, not %r" % (offset,))
+        raise InvalidTypeError("a seek offset is an int, not %r" % (offset,))
     if whence == io.SEEK_SET:
         new = offset
     elif whence == io.SEEK_CUR:
@@ -204,9 +204,9 @@ def seek_position(offset, whence, position, size):
     elif whence == io.SEEK_END:
         new = size() + offset
     else:
-        raise ValueError("invalid whence (%r, should be 0, 1 or 2)" % (whence,))
+        raise InvalidValueError("invalid whence (%r, should be 0, 1 or 2)" % (whence,))
     if new < 0:
-        raise ValueError("negative seek position %d" % new)
+        raise InvalidValueError("negative seek position %d" % new)
     return new
 
 
@@ -272,9 +272,9 @@ class PersistentStream:
         """Read up to `size` bytes from `offset` (all that remain if negative),
         leaving the position alone: safe from several threads at once."""
         if type(offset) is not int or type(size) is not int:
-            raise TypeError("offset and size are ints, not %r and %r" % (offset, size))
+            raise InvalidTypeError("offset and size are ints, not %r and %r" % (offset, size))
         if offset < 0:
-            raise ValueError("negative offset %d" % offset)
+            raise InvalidValueError("negative offset %d" % offset)
         total = self.size
         end = total if size < 0 else min(total, offset + size)
         parts = []

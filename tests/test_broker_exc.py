@@ -54,3 +54,15 @@ def test_to_wire_bounds_what_a_request_put_into_an_error():
     assert len(exc.to_wire(KeyError(b"\0" * 100_000))["message"]) < 1100
     small = exc.to_wire(exc.ConflictError(key="oid 3", field="name"))
     assert small["info"] == {"key": "oid 3", "field": "name"}
+
+
+def test_wrong_use_of_the_client_raises_ours_and_the_builtin_error():
+    from broker.client import BrokerClient
+
+    for kwargs, ours, builtin in [({"spin": "fast"}, exc.InvalidTypeError, TypeError),
+                                  ({"spin": -1}, exc.InvalidValueError, ValueError),
+                                  ({"timeout": 0}, exc.InvalidValueError, ValueError),
+                                  ({"retries": -1}, exc.InvalidValueError, ValueError)]:
+        with pytest.raises(ours) as info:
+            BrokerClient("tcp://127.0.0.1:1", **kwargs)
+        assert isinstance(info.value, builtin) and isinstance(info.value, exc.BrokerError)
