@@ -94,6 +94,9 @@ class BrokerServer(ServerSideChanges):
     that are large or come while commits are slow: see _receive);
     raise it when exported methods wait on slow things, as each running
     call holds a worker.
+    `curve_secret_key` (32 bytes or 40 Z85 characters) turns on CURVE;
+    `curve_allow`, the client public keys let in (any form; needs a
+    secret key), else any client with the server's public key gets in.
     Subclass it and add do_NAME methods to serve client.call("NAME", ...).
     """
 
@@ -174,6 +177,7 @@ class BrokerServer(ServerSideChanges):
     def start(self):
         if self._running:
             return self
+        self._check_curve()
         self._context = zmq.Context()
         router = pub = None
         self._bindings = []
@@ -304,14 +308,24 @@ class BrokerServer(ServerSideChanges):
 
     def _socket(self, kind):
         sock = self._context.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self.curve_secret_key is not None:
-            sock.curve_server = True
-            set_curve_key(sock, zmq.CURVE_SECRETKEY, self.curve_secret_key)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            if self.curve_secret_key is not None:
+                sock.curve_server = True
+                set_curve_key(sock, zmq.CURVE_SECRETKEY, self.curve_secret_key)
+        except BaseException:
+            sock.close(0)  # an open socket would hold the context's term() for ever
+            raise
         return sock
 
     def _start_curve(self):
         self._auth = curve_authenticator(self._context, self.curve_allow)
+
+    def _check_curve(self):
+        if self.curve_allow is not None and self.curve_secret_key is None:
+            # An allow-list that lets everyone in, in plain text.
+            raise exc.CurveKeyError("curve_allow needs curve_secret_key: without it the "
+                                    "server would serve any client, unencrypted")
 
     def _stop_curve(self):
         if self._auth is not None:

@@ -17,6 +17,7 @@ import time
 import weakref
 
 import zmq
+import zmq.utils.z85
 
 from broker import protocol
 from broker.codec import Codec
@@ -105,19 +106,33 @@ class _AllowList:
     """CURVE credentials provider: only the listed client public keys get in."""
 
     def __init__(self, keys):
-        self.keys = {k if isinstance(k, bytes) else k.encode() for k in keys}
+        # ZeroMQ hands the callback the client's key in Z85, whatever form
+        # the list gave it in.
+        self.keys = {z85_key(key) for key in keys}
 
     def callback(self, domain, key):
         return key in self.keys
 
 
-def set_curve_key(sock, option, key):
-    """Set CURVE key `option` of `sock` to `key`: 32 bytes, or 40
-    characters of Z85 (bytes or str)."""
+def _checked_key(key):
+    """`key` as bytes: 32 of them, or 40 characters of Z85 (bytes or str)."""
     if isinstance(key, str):
         key = key.encode("ascii", "replace")
     if not isinstance(key, bytes) or len(key) not in (32, 40):
         raise CurveKeyError("a CURVE key is 32 bytes or 40 Z85 characters, not %r" % (key,))
+    return key
+
+
+def z85_key(key):
+    """CURVE key `key` (see `_checked_key`) in its 40 Z85 characters."""
+    key = _checked_key(key)
+    return zmq.utils.z85.encode(key) if len(key) == 32 else key
+
+
+def set_curve_key(sock, option, key):
+    """Set CURVE key `option` of `sock` to `key`: 32 bytes, or 40
+    characters of Z85 (bytes or str)."""
+    key = _checked_key(key)
     try:
         sock.setsockopt(option, key)
     except zmq.ZMQError as error:

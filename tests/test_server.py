@@ -10,6 +10,7 @@ import msgpack
 import pytest
 import transaction
 import zmq
+import zmq.utils.z85
 from zope.interface.verify import verifyObject
 
 from broker import endpoints, exc, protocol
@@ -1625,6 +1626,56 @@ def test_curve_server_answers_worker_requests(tmp_path):
             assert client.commit() == db.last_tid
             assert client.call("hello", "you") == "hello you"
     db.close()
+
+
+def test_curve_allow_list_takes_binary_keys_as_well_as_z85(tmp_path):
+    # ZeroMQ asks the allow-list in Z85: a binary key listed let nobody in.
+    db = make_database(str(tmp_path / "d.dobbin"))
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    allowed = [zmq.utils.z85.decode(client_public)]
+    with served(db, curve_secret_key=zmq.utils.z85.decode(server_secret),
+                curve_allow=allowed) as server:
+        curve = (server_public, client_public, client_secret)
+        with BrokerClient(server.address, timeout=TIMEOUT, curve=curve) as client:
+            assert client.root.item.name == db.root.item.name
+    db.close()
+
+
+def test_curve_allow_without_a_server_key_refuses_to_start(tmp_path):
+    # It started in plain text and served any client.
+    db = make_database(str(tmp_path / "d.dobbin"))
+    client_public, _client_secret = zmq.curve_keypair()
+    server = TestServer(db, address="tcp://127.0.0.1:*", curve_allow=[client_public])
+    with pytest.raises(exc.CurveKeyError, match="needs curve_secret_key"):
+        server.start()
+    assert server.address is None or not server._running
+    db.close()
+
+
+def test_a_malformed_server_key_fails_start_at_once(tmp_path):
+    # start() hung for ever: the half-made socket held the context open.
+    db = make_database(str(tmp_path / "d.dobbin"))
+    server = TestServer(db, address="tcp://127.0.0.1:*", curve_secret_key=b"short")
+    outcome = []
+    starting = threading.Thread(target=lambda: outcome.append(_start_error(server)),
+                                daemon=True)
+    starting.start()
+    starting.join(10)
+    assert not starting.is_alive(), "start() hung"
+    assert isinstance(outcome[0], exc.CurveKeyError)
+    assert not [t for t in threading.enumerate() if "auth" in t.name.lower() and t.is_alive()
+                and t is not threading.current_thread()]
+    db.close()
+
+
+def _start_error(server):
+    try:
+        server.start()
+    except exc.BrokerError as error:
+        return error
+    server.stop()
+    return None
 
 
 def rename_call(token):
